@@ -1,0 +1,14 @@
+//! Generated gRPC types and services of the image fleet. The `.proto` files in
+//! the workspace's `proto/` directory are the one source of the protocol.
+
+#![allow(unreachable_pub, clippy::all, clippy::pedantic)]
+
+/// The imageserver protocol.
+pub mod imageserver {
+    tonic::include_proto!("fleet.imageserver.v1");
+}
+
+/// Largest gRPC message either side accepts: a chunk is at most
+/// `image_format::MAX_CHUNK_SIZE` plus framing, and manifests of large disks
+/// run to a few MiB.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

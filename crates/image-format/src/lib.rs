@@ -1,0 +1,27 @@
+//! The image format: a raw disk cut into fixed-size chunks, described by a
+//! canonical manifest whose BLAKE3 digest is the image id.
+//!
+//! **Architecture invariants:** a manifest from the network is untrusted until
+//! [`Manifest::decode`] accepted it, and decoding never allocates more than the
+//! input's size justifies; an all-zero chunk is recorded as [`ChunkRef::Zero`]
+//! and never stored, sent or written to a fresh volume.
+
+#![forbid(unsafe_code)]
+
+mod chunker;
+mod manifest;
+mod name;
+
+pub use chunker::{ChunkReader, hash_file, is_zero};
+pub use manifest::{ChunkRef, Diff, Digest, Manifest, ManifestError};
+pub use name::{ImageName, NameError, validate_leaf, validate_stream};
+
+/// Default chunk size: 512 KiB, the EBS snapshot block size, so a changed
+/// chunk is a changed snapshot block.
+pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
+/// Smallest chunk size a manifest may declare.
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+/// Largest chunk size a manifest may declare.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Largest disk an image may describe: 64 TiB, the EBS volume limit.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 40;

@@ -1,0 +1,348 @@
+//! Manifests: canonical encoding, validation, image ids and diffs.
+
+use std::fmt;
+
+use crate::{MAX_CHUNK_SIZE, MAX_IMAGE_BYTES, MIN_CHUNK_SIZE};
+
+const MAGIC: &[u8; 8] = b"FLEETIMG";
+const VERSION: u16 = 1;
+const HEADER_LEN: usize = 8 + 2 + 4 + 8 + 8;
+const TAG_ZERO: u8 = 0;
+const TAG_DATA: u8 = 1;
+
+/// A BLAKE3 digest of a chunk's plain bytes or of a manifest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Lower-case hex form.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parse 64 hex digits.
+    pub fn from_hex(s: &str) -> Result<Digest, ManifestError> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| ManifestError::BadDigest(s.chars().take(80).collect()))?;
+        Ok(Digest(out))
+    }
+
+    /// From raw bytes off the wire: exactly 32 of them.
+    pub fn from_slice(b: &[u8]) -> Result<Digest, ManifestError> {
+        <[u8; 32]>::try_from(b).map(Digest).map_err(|_| ManifestError::BadDigest(format!("{} bytes, want 32", b.len())))
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", &self.to_hex()[..16])
+    }
+}
+
+/// What one chunk of the disk holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChunkRef {
+    /// Every byte is zero: never stored, sent or written to a fresh volume.
+    Zero,
+    /// Plain bytes with this digest.
+    Data(Digest),
+}
+
+/// Problems with a manifest or digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is {0} bytes, too short for a header")]
+    Truncated(usize),
+    #[error("not a manifest (bad magic)")]
+    BadMagic,
+    #[error("manifest format version {0} is not supported (this build reads version 1)")]
+    Version(u16),
+    #[error("chunk size {0} is not a power of two between 4 KiB and 16 MiB")]
+    ChunkSize(u32),
+    #[error("image size {0} bytes exceeds the 64 TiB limit")]
+    TooLarge(u64),
+    #[error("manifest lists {listed} chunks but an image of {size} bytes has {expected}")]
+    ChunkCount { listed: u64, expected: u64, size: u64 },
+    #[error("manifest chunk {index} has unknown tag {tag}")]
+    BadTag { index: u64, tag: u8 },
+    #[error("manifest ends inside chunk {0}")]
+    ShortBody(u64),
+    #[error("manifest has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("'{0}' is not a 32-byte hex digest")]
+    BadDigest(String),
+}
+
+/// A disk image's description: chunk size, byte size and one [`ChunkRef`]
+/// per chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    chunk_size: u32,
+    size: u64,
+    chunks: Vec<ChunkRef>,
+}
+
+/// What it takes to bring a device that holds one image to another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Chunks to fetch and write: (index, digest).
+    pub fetch: Vec<(u64, Digest)>,
+    /// Chunks to zero (or discard).
+    pub zero: Vec<u64>,
+}
+
+impl Diff {
+    /// Distinct digests among the chunks to fetch, in first-use order.
+    pub fn distinct_digests(&self) -> Vec<Digest> {
+        let mut seen = std::collections::HashSet::new();
+        self.fetch.iter().filter(|(_, d)| seen.insert(*d)).map(|(_, d)| *d).collect()
+    }
+}
+
+impl Manifest {
+    /// A manifest from its parts, checked as [`Manifest::decode`] would.
+    pub fn new(chunk_size: u32, size: u64, chunks: Vec<ChunkRef>) -> Result<Manifest, ManifestError> {
+        check_header(chunk_size, size, chunks.len() as u64)?;
+        Ok(Manifest { chunk_size, size, chunks })
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn chunks(&self) -> &[ChunkRef] {
+        &self.chunks
+    }
+
+    /// Byte offset of chunk `index`.
+    pub fn offset(&self, index: u64) -> u64 {
+        index * u64::from(self.chunk_size)
+    }
+
+    /// Length of chunk `index` (the last one may be short).
+    pub fn chunk_len(&self, index: u64) -> usize {
+        let start = self.offset(index);
+        let len = (self.size - start).min(u64::from(self.chunk_size));
+        usize::try_from(len).expect("chunk length fits usize")
+    }
+
+    /// Number of zero chunks.
+    pub fn zero_chunks(&self) -> u64 {
+        self.chunks.iter().filter(|c| matches!(c, ChunkRef::Zero)).count() as u64
+    }
+
+    /// Bytes of distinct non-zero chunks: what a store holds for the image.
+    pub fn stored_bytes(&self) -> u64 {
+        let mut seen = std::collections::HashSet::new();
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c {
+                ChunkRef::Data(d) if seen.insert(*d) => Some(self.chunk_len(i as u64) as u64),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// Distinct digests of non-zero chunks, in first-use order.
+    pub fn distinct_digests(&self) -> Vec<Digest> {
+        let mut seen = std::collections::HashSet::new();
+        self.chunks
+            .iter()
+            .filter_map(|c| match c {
+                ChunkRef::Data(d) if seen.insert(*d) => Some(*d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The canonical encoding: magic, version, chunk size, byte size, chunk
+    /// count, then per chunk a tag byte and, for data, the 32-byte digest.
+    pub fn encode(&self) -> Vec<u8> {
+        let data = self.chunks.len() - self.zero_chunks() as usize;
+        let mut out = Vec::with_capacity(HEADER_LEN + self.chunks.len() + 32 * data);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.chunk_size.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        for c in &self.chunks {
+            match c {
+                ChunkRef::Zero => out.push(TAG_ZERO),
+                ChunkRef::Data(d) => {
+                    out.push(TAG_DATA);
+                    out.extend_from_slice(&d.0);
+                }
+            }
+        }
+        out
+    }
+
+    /// The image id: digest of the canonical encoding.
+    pub fn image_id(&self) -> Digest {
+        Digest::of(&self.encode())
+    }
+
+    /// Parse and validate an untrusted manifest. Sizes and counts are checked
+    /// against the input's length before anything is allocated.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(ManifestError::Truncated(bytes.len()));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(ManifestError::BadMagic);
+        }
+        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+        if version != VERSION {
+            return Err(ManifestError::Version(version));
+        }
+        let chunk_size = u32::from_le_bytes(bytes[10..14].try_into().expect("4 bytes"));
+        let size = u64::from_le_bytes(bytes[14..22].try_into().expect("8 bytes"));
+        let count = u64::from_le_bytes(bytes[22..30].try_into().expect("8 bytes"));
+        check_header(chunk_size, size, count)?;
+        let body = &bytes[HEADER_LEN..];
+        // Every chunk takes at least one byte, so `count` is bounded by the
+        // input before we allocate for it.
+        if count > body.len() as u64 {
+            return Err(ManifestError::ShortBody(body.len() as u64));
+        }
+        let mut chunks = Vec::with_capacity(usize::try_from(count).map_err(|_| ManifestError::ShortBody(0))?);
+        let mut pos = 0usize;
+        for index in 0..count {
+            let tag = *body.get(pos).ok_or(ManifestError::ShortBody(index))?;
+            pos += 1;
+            match tag {
+                TAG_ZERO => chunks.push(ChunkRef::Zero),
+                TAG_DATA => {
+                    let d = body.get(pos..pos + 32).ok_or(ManifestError::ShortBody(index))?;
+                    chunks.push(ChunkRef::Data(Digest(d.try_into().expect("32 bytes"))));
+                    pos += 32;
+                }
+                tag => return Err(ManifestError::BadTag { index, tag }),
+            }
+        }
+        if pos != body.len() {
+            return Err(ManifestError::Trailing(body.len() - pos));
+        }
+        Ok(Manifest { chunk_size, size, chunks })
+    }
+
+    /// What to fetch and zero to turn a device holding `from` into `self`.
+    /// `None` means a fresh (all-zero) device: nothing is zeroed. A device
+    /// whose content is unknown must be scanned first, never passed as fresh.
+    pub fn diff_from(&self, from: Option<&Manifest>) -> Diff {
+        let mut diff = Diff::default();
+        let comparable = from.filter(|f| f.chunk_size == self.chunk_size);
+        for (i, c) in self.chunks.iter().enumerate() {
+            let i = i as u64;
+            let old = match (from, comparable) {
+                (None, _) => Some(ChunkRef::Zero),
+                (Some(_), Some(f)) => f.chunks.get(i as usize).copied(),
+                (Some(_), None) => None,
+            };
+            match (c, old) {
+                (ChunkRef::Zero, Some(ChunkRef::Zero)) => {}
+                (ChunkRef::Zero, _) => diff.zero.push(i),
+                (ChunkRef::Data(d), Some(ChunkRef::Data(o))) if *d == o => {}
+                (ChunkRef::Data(d), _) => diff.fetch.push((i, *d)),
+            }
+        }
+        diff
+    }
+}
+
+fn check_header(chunk_size: u32, size: u64, count: u64) -> Result<(), ManifestError> {
+    if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(ManifestError::ChunkSize(chunk_size));
+    }
+    if size > MAX_IMAGE_BYTES {
+        return Err(ManifestError::TooLarge(size));
+    }
+    let expected = size.div_ceil(u64::from(chunk_size));
+    if count != expected {
+        return Err(ManifestError::ChunkCount { listed: count, expected, size });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u8) -> ChunkRef {
+        ChunkRef::Data(Digest([n; 32]))
+    }
+
+    fn m(chunks: Vec<ChunkRef>) -> Manifest {
+        let size = chunks.len() as u64 * 4096 - 100;
+        Manifest::new(4096, size, chunks).unwrap()
+    }
+
+    #[test]
+    fn encoding_round_trips_and_id_is_stable() {
+        let a = m(vec![d(1), ChunkRef::Zero, d(2), d(1)]);
+        let bytes = a.encode();
+        assert_eq!(Manifest::decode(&bytes).unwrap(), a);
+        assert_eq!(a.image_id(), Digest::of(&bytes));
+        assert_ne!(a.image_id(), m(vec![d(1), ChunkRef::Zero, d(2), d(2)]).image_id());
+        assert_eq!(a.chunk_len(3), 4096 - 100);
+        assert_eq!(a.stored_bytes(), 4096 * 2);
+    }
+
+    #[test]
+    fn bad_manifests_are_clear_errors() {
+        let good = m(vec![d(1), ChunkRef::Zero]).encode();
+        assert_eq!(Manifest::decode(&good[..10]), Err(ManifestError::Truncated(10)));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(Manifest::decode(&bad), Err(ManifestError::BadMagic));
+        let mut bad = good.clone();
+        bad[10..14].copy_from_slice(&3000u32.to_le_bytes());
+        assert_eq!(Manifest::decode(&bad), Err(ManifestError::ChunkSize(3000)));
+        // A claimed count of 2^40 chunks must fail before allocating.
+        let mut bad = good.clone();
+        bad[14..22].copy_from_slice(&(4096u64 << 40).to_le_bytes());
+        assert!(matches!(Manifest::decode(&bad), Err(ManifestError::TooLarge(_))));
+        let mut bad = good.clone();
+        bad[14..22].copy_from_slice(&(4096u64 << 20).to_le_bytes());
+        bad[22..30].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        assert!(matches!(Manifest::decode(&bad), Err(ManifestError::ShortBody(_))));
+        let mut bad = good.clone();
+        bad[HEADER_LEN] = 7;
+        assert_eq!(Manifest::decode(&bad), Err(ManifestError::BadTag { index: 0, tag: 7 }));
+        let mut bad = good.clone();
+        bad.push(0);
+        assert_eq!(Manifest::decode(&bad), Err(ManifestError::Trailing(1)));
+        assert_eq!(Manifest::decode(&good[..good.len() - 1]), Err(ManifestError::ShortBody(1)));
+    }
+
+    #[test]
+    fn diff_fetches_changed_and_zeroes_newly_zero() {
+        let a = m(vec![d(1), d(2), d(3), ChunkRef::Zero]);
+        let b = m(vec![d(1), ChunkRef::Zero, d(4), d(5)]);
+        let diff = b.diff_from(Some(&a));
+        assert_eq!(diff.fetch, vec![(2, Digest([4; 32])), (3, Digest([5; 32]))]);
+        assert_eq!(diff.zero, vec![1]);
+        // A fresh device gets no zero writes.
+        let fresh = b.diff_from(None);
+        assert!(fresh.zero.is_empty());
+        assert_eq!(fresh.fetch.len(), 3);
+        assert!(b.diff_from(Some(&b)).fetch.is_empty());
+    }
+}
