@@ -52,7 +52,9 @@ pub enum StoreError {
     MissingChunk(Digest),
     #[error("image {0} does not exist")]
     NoSuchImage(String),
-    #[error("image {name} was already committed with other contents (image id {existing}); committed leaves are immutable")]
+    #[error(
+        "image {name} was already committed with other contents (image id {existing}); committed leaves are immutable"
+    )]
     LeafExists { name: String, existing: Digest },
     #[error("cannot commit {name}: {missing} chunks are missing, first {first}")]
     ChunksMissing { name: String, missing: usize, first: Digest },

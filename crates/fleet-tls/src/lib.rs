@@ -173,13 +173,7 @@ pub fn peer_from_der(der: &[u8]) -> Peer {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Peer::default();
     };
-    let name = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or("").to_owned();
     let mut rights = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for gn in &san.value.general_names {
@@ -206,10 +200,7 @@ pub fn peer_from_pem(pem: &[u8]) -> Peer {
 
 /// The verified peer of a gRPC request (its leaf certificate).
 pub fn peer_of<T>(request: &tonic::Request<T>) -> Peer {
-    request
-        .peer_certs()
-        .and_then(|certs| certs.first().map(|c| peer_from_der(c.as_ref())))
-        .unwrap_or_default()
+    request.peer_certs().and_then(|certs| certs.first().map(|c| peer_from_der(c.as_ref()))).unwrap_or_default()
 }
 
 /// Refuse a request whose certificate lacks `right`, with
@@ -219,7 +210,11 @@ pub fn require<T>(request: &tonic::Request<T>, right: Right) -> Result<Peer, ton
     if peer.has(right) {
         Ok(peer)
     } else {
-        let who = if peer.name.is_empty() { "the client certificate".to_owned() } else { format!("certificate '{}'", peer.name) };
+        let who = if peer.name.is_empty() {
+            "the client certificate".to_owned()
+        } else {
+            format!("certificate '{}'", peer.name)
+        };
         Err(tonic::Status::permission_denied(format!("{who} lacks the '{right}' right")))
     }
 }

@@ -40,7 +40,11 @@ fn check_component(what: &'static str, whole: &str, c: &str) -> Result<(), NameE
 /// Check a stream name.
 pub fn validate_stream(stream: &str) -> Result<(), NameError> {
     if stream.len() > MAX_NAME {
-        return Err(NameError { what: "stream", name: stream.chars().take(100).collect(), why: "longer than 512 bytes" });
+        return Err(NameError {
+            what: "stream",
+            name: stream.chars().take(100).collect(),
+            why: "longer than 512 bytes",
+        });
     }
     if stream.split('/').count() > MAX_COMPONENTS {
         return Err(NameError { what: "stream", name: stream.to_owned(), why: "more than 16 components" });

@@ -1,0 +1,206 @@
+//! Client side of the imageserver protocol, shared by imagetool, replicas and
+//! the image-unpacker.
+//!
+//! **Architecture invariant:** nothing leaves this module unverified: a
+//! manifest's id is recomputed, and every fetched chunk is decompressed (with
+//! a size limit) and hashed before it is handed on.
+
+#![forbid(unsafe_code)]
+
+use std::{error::Error as _, time::Duration};
+
+use fleet_proto::imageserver::{FetchChunksRequest, GetManifestRequest, ImageInfo, image_server_client};
+use fleet_tls::{IMAGESERVER_TLS_NAME, TlsFiles};
+use futures::{Stream, StreamExt};
+use image_format::{Digest, ImageName, Manifest, ManifestError};
+use tonic::transport::{Channel, Endpoint};
+
+pub use fleet_proto::imageserver;
+
+/// A connected imageserver client.
+pub type Client = image_server_client::ImageServerClient<Channel>;
+
+/// How many chunks a fetch keeps being verified at once.
+pub const VERIFY_PARALLELISM: usize = 2;
+/// Digests per FetchChunks request: bounds request size, not memory.
+pub const FETCH_BATCH: usize = 16 * 1024;
+/// HTTP/2 windows: large enough that one stream fills a fast link.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors talking to an imageserver.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach imageserver at {addr}: {detail}")]
+    Connect { addr: String, detail: String },
+    #[error(transparent)]
+    Tls(#[from] fleet_tls::TlsError),
+    #[error("{what}: {} ({:?})", .status.message(), .status.code())]
+    Rpc { what: String, status: tonic::Status },
+    #[error("manifest of {name} from the server is invalid: {source}")]
+    BadManifest { name: String, source: ManifestError },
+    #[error("manifest of {name} has id {got} but the server said {claimed}")]
+    IdMismatch { name: String, got: Digest, claimed: String },
+    #[error("chunk {0} from the server does not match its digest; refused")]
+    DigestMismatch(Digest),
+    #[error("chunk {expected} expected but the server sent {got}")]
+    OutOfOrder { expected: Digest, got: String },
+    #[error("chunk {digest} from the server is not a valid zstd frame: {why}")]
+    BadChunk { digest: Digest, why: String },
+    #[error("the server ended the chunk stream early ({received} of {wanted} chunks)")]
+    ShortStream { received: usize, wanted: usize },
+}
+
+/// A short form of an error and all its sources, for messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// An RPC error with what was being done.
+pub fn rpc(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ClientError {
+    let what = what.into();
+    move |status| ClientError::Rpc { what, status }
+}
+
+/// Connect to `addr` (`HOST:PORT`) over mutual TLS, expecting the server's
+/// certificate to name `server_name`.
+pub async fn connect_channel(addr: &str, tls: &TlsFiles, server_name: &str) -> Result<Channel, ClientError> {
+    let cfg = tls.client_config(server_name)?;
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| ClientError::Connect { addr: addr.to_owned(), detail: format!("bad address: {e}") })?
+        .tls_config(cfg)
+        .map_err(|e| ClientError::Connect { addr: addr.to_owned(), detail: error_chain(&e) })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    endpoint.connect().await.map_err(|e| {
+        let detail = e.source().map(|s| error_chain(s)).unwrap_or_else(|| e.to_string());
+        ClientError::Connect { addr: addr.to_owned(), detail }
+    })
+}
+
+/// Connect to an imageserver.
+pub async fn connect(addr: &str, tls: &TlsFiles) -> Result<Client, ClientError> {
+    let channel = connect_channel(addr, tls, IMAGESERVER_TLS_NAME).await?;
+    Ok(Client::new(channel)
+        .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES))
+}
+
+/// An image's manifest, with its id checked against what the server claims.
+pub async fn get_manifest(client: &mut Client, name: &ImageName) -> Result<(ImageInfo, Manifest), ClientError> {
+    let resp = client
+        .get_manifest(GetManifestRequest { stream: name.stream().to_owned(), leaf: name.leaf().to_owned() })
+        .await
+        .map_err(rpc(format!("get manifest of {name}")))?
+        .into_inner();
+    let manifest = Manifest::decode(&resp.manifest)
+        .map_err(|source| ClientError::BadManifest { name: name.to_string(), source })?;
+    let info = resp.info.unwrap_or_default();
+    let id = manifest.image_id();
+    if id.to_hex() != info.image_id {
+        return Err(ClientError::IdMismatch { name: name.to_string(), got: id, claimed: info.image_id });
+    }
+    Ok((info, manifest))
+}
+
+/// Decompress a chunk (never beyond the largest chunk size) and check it.
+pub fn verify_chunk(digest: &Digest, zstd_data: &[u8]) -> Result<Vec<u8>, ClientError> {
+    let plain = zstd::bulk::decompress(zstd_data, image_format::MAX_CHUNK_SIZE as usize)
+        .map_err(|e| ClientError::BadChunk { digest: *digest, why: e.to_string() })?;
+    if Digest::of(&plain) != *digest {
+        return Err(ClientError::DigestMismatch(*digest));
+    }
+    Ok(plain)
+}
+
+/// Fetched chunk: digest, plain bytes (verified) and its wire size.
+#[derive(Debug)]
+pub struct FetchedChunk {
+    pub digest: Digest,
+    pub plain: Vec<u8>,
+    pub zstd: Vec<u8>,
+}
+
+/// Fetch `digests` in order. The server reads ahead; here chunks are
+/// verified on blocking threads a few at a time, so memory stays bounded by
+/// the HTTP/2 windows and [`VERIFY_PARALLELISM`].
+pub fn fetch_chunks(
+    client: Client,
+    digests: Vec<Digest>,
+) -> futures::stream::BoxStream<'static, Result<FetchedChunk, ClientError>> {
+    let batches: Vec<Vec<Digest>> = digests.chunks(FETCH_BATCH).map(<[Digest]>::to_vec).collect();
+    futures::stream::iter(batches)
+        .map(move |batch| fetch_batch(client.clone(), batch))
+        .flatten()
+        .map(|item| async move {
+            let (digest, zstd) = item?;
+            tokio::task::spawn_blocking(move || {
+                let plain = verify_chunk(&digest, &zstd)?;
+                Ok(FetchedChunk { digest, plain, zstd })
+            })
+            .await
+            .expect("chunk verification does not panic")
+        })
+        .buffered(VERIFY_PARALLELISM)
+        .boxed()
+}
+
+enum FetchState {
+    Start(Client, Vec<Digest>),
+    Running(tonic::Streaming<imageserver::Chunk>, Vec<Digest>, usize),
+    Done,
+}
+
+/// One FetchChunks call as a stream of (digest, zstd frame), checking that
+/// chunks come in request order and that none is left out.
+fn fetch_batch(
+    client: Client,
+    batch: Vec<Digest>,
+) -> impl Stream<Item = Result<(Digest, Vec<u8>), ClientError>> + Send {
+    futures::stream::unfold(FetchState::Start(client, batch), |state| async move {
+        let (mut inner, batch, n) = match state {
+            FetchState::Done => return None,
+            FetchState::Running(inner, batch, n) => (inner, batch, n),
+            FetchState::Start(mut client, batch) => {
+                let req = FetchChunksRequest { digests: batch.iter().map(|d| d.0.to_vec().into()).collect() };
+                match client.fetch_chunks(req).await {
+                    Ok(resp) => (resp.into_inner(), batch, 0),
+                    Err(status) => return Some((Err(rpc("fetch chunks")(status)), FetchState::Done)),
+                }
+            }
+        };
+        if n == batch.len() {
+            return None;
+        }
+        match inner.message().await {
+            Ok(Some(chunk)) if chunk.digest.as_ref() == batch[n].0 => {
+                let d = batch[n];
+                Some((Ok((d, chunk.zstd_data.to_vec())), FetchState::Running(inner, batch, n + 1)))
+            }
+            Ok(Some(chunk)) => {
+                let got = chunk.digest.iter().take(8).map(|x| format!("{x:02x}")).collect();
+                Some((Err(ClientError::OutOfOrder { expected: batch[n], got }), FetchState::Done))
+            }
+            Ok(None) => Some((Err(ClientError::ShortStream { received: n, wanted: batch.len() }), FetchState::Done)),
+            Err(status) => Some((Err(rpc("fetch chunks")(status)), FetchState::Done)),
+        }
+    })
+}
+
+/// Compress a chunk for upload.
+pub fn compress(plain: &[u8]) -> Vec<u8> {
+    chunk_store::compress(plain)
+}

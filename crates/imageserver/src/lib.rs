@@ -1,0 +1,125 @@
+//! The imageserver: image streams over mutual-TLS gRPC.
+//!
+//! Entry points: [`run`] (the daemon) and [`start`] (bind, then serve in the
+//! background: used by tests, benchmarks and the demo). The gRPC service is in
+//! `service`, replication in `replica`, plain-HTTP status and metrics in
+//! `metrics`.
+//!
+//! **Architecture invariants:** the server knows nothing of AWS or block
+//! devices; configuration and certificates are checked before any port is
+//! bound; a replica never accepts writes.
+
+#![forbid(unsafe_code)]
+
+mod metrics;
+mod replica;
+mod service;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use chunk_store::ChunkStore;
+use fleet_proto::imageserver::image_server_server::ImageServerServer;
+use fleet_tls::TlsFiles;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+pub use metrics::Metrics;
+pub use service::ImageService;
+
+/// Everything the daemon needs, validated before any port is bound.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub replicate_from: Option<String>,
+}
+
+/// A server running in the background.
+pub struct Running {
+    /// Where gRPC listens.
+    pub addr: SocketAddr,
+    /// Where /status and /metrics listen.
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stop serving and wait for the server to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await.context("server task panicked")?
+    }
+
+    /// Wait until the server fails or is stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+}
+
+/// Install the tracing subscriber for the daemon (RUST_LOG, default info).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+/// Bind the ports and serve in the background.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let tls = config.tls.server_config().context("loading the server's TLS files")?;
+    let store = Arc::new(
+        ChunkStore::open(&config.data_dir)
+            .with_context(|| format!("opening the data directory '{}'", config.data_dir.display()))?,
+    );
+    let metrics = Arc::new(Metrics::default());
+    let service = ImageService::new(store.clone(), metrics.clone(), config.replicate_from.clone());
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let metrics_addr = match config.metrics_listen {
+        Some(a) => Some(metrics::serve(a, store.clone(), metrics.clone(), config.replicate_from.clone()).await?),
+        None => None,
+    };
+    if let Some(master) = &config.replicate_from {
+        replica::spawn(master.clone(), config.tls.clone(), service.clone());
+    }
+    let (shutdown, mut rx) = watch::channel(false);
+    let grpc = ImageServerServer::new(service)
+        .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES);
+    let task = tokio::spawn(async move {
+        Server::builder()
+            .tls_config(tls)?
+            .initial_stream_window_size(image_client::STREAM_WINDOW)
+            .initial_connection_window_size(image_client::CONNECTION_WINDOW)
+            .tcp_nodelay(true)
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+            .context("gRPC server failed")
+    });
+    tracing::info!(%addr, ?metrics_addr, data_dir = %config.data_dir.display(), replica_of = ?config.replicate_from, "imageserver listening");
+    Ok(Running { addr, metrics_addr, metrics, shutdown, task })
+}
+
+/// Run the daemon until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    }
+    running.stop().await
+}

@@ -1,0 +1,69 @@
+//! `imageserver`: serves image streams over mutual-TLS gRPC.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use fleet_tls::TlsFiles;
+
+/// Serve disk-image streams (manifests and content-addressed chunks) to
+/// clients holding a certificate from the configured CA. What a client may do
+/// (read, write, replicate) comes from rights in its certificate.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Address for gRPC over mutual TLS.
+    #[arg(long, default_value = "0.0.0.0:6971")]
+    listen: SocketAddr,
+    /// Address for plain-HTTP /status and /metrics (Prometheus); "off" disables.
+    #[arg(long, default_value = "127.0.0.1:6972")]
+    metrics_listen: String,
+    /// Where chunks and image records live.
+    #[arg(long, default_value = "/var/lib/imageserver")]
+    data_dir: PathBuf,
+    /// CA certificate that signs every client (and the master, for replicas).
+    #[arg(long, default_value = "/etc/ssl/CA.pem")]
+    ca: PathBuf,
+    /// This server's certificate.
+    #[arg(long, default_value = "/etc/ssl/imageserver/cert.pem")]
+    cert: PathBuf,
+    /// This server's private key.
+    #[arg(long, default_value = "/etc/ssl/imageserver/key.pem")]
+    key: PathBuf,
+    /// Run as a replica of this master (HOST:PORT): copy every image it has,
+    /// keep following it, and refuse writes.
+    #[arg(long, value_name = "HOST:PORT")]
+    replicate_from: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    imageserver::init_tracing(args.log_json);
+    let metrics_listen = match args.metrics_listen.as_str() {
+        "off" | "" => None,
+        s => match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("error: --metrics-listen '{s}': {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let config = imageserver::Config {
+        listen: args.listen,
+        metrics_listen,
+        data_dir: args.data_dir,
+        tls: TlsFiles { ca: args.ca, cert: args.cert, key: args.key },
+        replicate_from: args.replicate_from,
+    };
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(imageserver::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The imageserver and imagetool on loopback with real mutual TLS.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use fleet_pki::{Ca, Issued, LeafSpec, Role};
+use fleet_proto::imageserver::{
+    CommitImageRequest, FindMissingChunksRequest, GetManifestRequest, ListImagesRequest, ListStreamsRequest,
+    UploadChunk, image_server_client::ImageServerClient,
+};
+use fleet_tls::TlsFiles;
+use image_format::{Digest, ImageName};
+use imagetool::{Progress, client::Client};
+use tonic::{
+    Code,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
+};
+
+/// Test chunk size: small, so that modest files have many chunks.
+const CHUNK: u32 = 64 * 1024;
+
+struct World {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    server: Option<imageserver::Running>,
+}
+
+impl World {
+    async fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = World { dir, ca: Ca::new("test CA").unwrap(), server: None };
+        let issued = w.ca.issue(&LeafSpec::for_role(Role::Imageserver)).unwrap();
+        let tls = w.write_identity("server", &issued);
+        let config = imageserver::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: w.dir.path().join("data"),
+            tls,
+            replicate_from: None,
+        };
+        w.server = Some(imageserver::start(config).await.unwrap());
+        w
+    }
+
+    fn addr(&self) -> String {
+        self.server.as_ref().unwrap().addr.to_string()
+    }
+
+    fn write_identity(&self, name: &str, issued: &Issued) -> TlsFiles {
+        let d = self.dir.path().join("pki").join(name);
+        fleet_pki::write_ssl_dir(&d, &self.ca, issued).unwrap();
+        TlsFiles::from_ssl_dir(&d)
+    }
+
+    async fn client(&self, role: Role) -> Client {
+        let issued = self.ca.issue(&LeafSpec::for_role(role)).unwrap();
+        let tls = self.write_identity(role.name(), &issued);
+        imagetool::client::connect(&self.addr(), &tls).await.unwrap()
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
+/// Deterministic bytes that do not compress much.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A disk-like image: data, a long zero run, more data, and a size that is
+/// not a multiple of the chunk size.
+fn disk(seed: u64) -> Vec<u8> {
+    let mut d = noise(40 * CHUNK as usize + 12_345, seed);
+    d[3 * CHUNK as usize..20 * CHUNK as usize].fill(0);
+    d
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[tokio::test]
+async fn round_trip_is_bit_for_bit_with_zero_regions_and_a_short_tail() {
+    let w = World::new().await;
+    let mut builder = w.client(Role::ImageBuilder).await;
+    let data = disk(1);
+    let src = w.file("disk.raw", &data);
+    let name = ImageName::parse("base/debian-12/1").unwrap();
+    let added = imagetool::add(&mut builder, &name, &src, CHUNK, Progress::Hidden).await.unwrap();
+    assert_eq!(added.zero_chunks, 17);
+    assert_eq!(added.chunks_uploaded, 41 - 17);
+    let local = image_format::hash_file(&src, CHUNK, |_| {}).unwrap();
+    assert_eq!(added.image_id, local.image_id().to_hex());
+
+    // A reader (the unpacker role) gets the same bytes back.
+    let mut reader = w.client(Role::ImageUnpacker).await;
+    let out = w.dir.path().join("out.raw");
+    let got = imagetool::get(&mut reader, &name, &out, Progress::Hidden).await.unwrap();
+    assert_eq!(read(&out), data);
+    assert_eq!(got.image_id, added.image_id);
+    assert_eq!(got.chunks_fetched, 24);
+    let (info, checked) = imagetool::verify(&mut reader, &name, Progress::Hidden).await.unwrap();
+    assert_eq!(checked, 24);
+    assert_eq!(info.size_bytes, data.len() as u64);
+
+    let streams = reader.list_streams(ListStreamsRequest {}).await.unwrap().into_inner().streams;
+    assert_eq!(streams, vec!["base/debian-12".to_owned()]);
+}
+
+#[tokio::test]
+async fn re_adding_a_changed_leaf_sends_only_changed_chunks() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let v1 = disk(2);
+    let mut v2 = v1.clone();
+    // Change three chunks (one of them previously zero).
+    for chunk in [1usize, 5, 30] {
+        let at = chunk * CHUNK as usize + 100;
+        v2[at..at + 10].copy_from_slice(b"0123456789");
+    }
+    let f1 = w.file("v1.raw", &v1);
+    let f2 = w.file("v2.raw", &v2);
+    let n1 = ImageName::parse("app/1").unwrap();
+    let n2 = ImageName::parse("app/2").unwrap();
+    let first = imagetool::add(&mut c, &n1, &f1, CHUNK, Progress::Hidden).await.unwrap();
+    let second = imagetool::add(&mut c, &n2, &f2, CHUNK, Progress::Hidden).await.unwrap();
+    assert_eq!(second.chunks_uploaded, 3);
+    assert_eq!(second.bytes_uploaded_plain, 3 * u64::from(CHUNK));
+    assert!(second.bytes_sent < first.bytes_sent / 5, "{second:?}");
+
+    // Same leaf, same bytes: accepted, nothing sent.
+    let again = imagetool::add(&mut c, &n1, &f1, CHUNK, Progress::Hidden).await.unwrap();
+    assert_eq!(again.chunks_uploaded, 0);
+    // Same leaf, other bytes: refused, and the leaf keeps its bytes.
+    let err = imagetool::add(&mut c, &n1, &f2, CHUNK, Progress::Hidden).await.unwrap_err();
+    assert!(format!("{err:#}").contains("immutable"), "{err:#}");
+    let out = w.dir.path().join("back.raw");
+    imagetool::get(&mut c, &n1, &out, Progress::Hidden).await.unwrap();
+    assert_eq!(read(&out), v1);
+}
+
+async fn raw_client(addr: &str, ca_pem: &str, identity: Option<&Issued>) -> Result<Client, String> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)).domain_name("imageserver");
+    if let Some(i) = identity {
+        tls = tls.identity(Identity::from_pem(&i.cert_pem, &i.key_pem));
+    }
+    let ch = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(ImageServerClient::new(ch))
+}
+
+/// The request must fail: at the handshake, or at the first RPC (TLS 1.3
+/// clients learn of a refused certificate only then).
+async fn assert_refused(addr: &str, ca_pem: &str, identity: Option<&Issued>, what: &str) {
+    match raw_client(addr, ca_pem, identity).await {
+        Err(_) => {}
+        Ok(mut c) => {
+            let r = c.list_streams(ListStreamsRequest {}).await;
+            assert!(r.is_err(), "{what}: request was served");
+        }
+    }
+}
+
+#[tokio::test]
+async fn clients_without_a_valid_certificate_or_right_are_refused() {
+    let w = World::new().await;
+    let addr = w.addr();
+    let ca_pem = w.ca.cert_pem().to_owned();
+    // Sanity: a proper reader is served.
+    let reader = w.ca.issue(&LeafSpec::for_role(Role::ImageUnpacker)).unwrap();
+    let mut ok = raw_client(&addr, &ca_pem, Some(&reader)).await.unwrap();
+    ok.list_streams(ListStreamsRequest {}).await.unwrap();
+
+    assert_refused(&addr, &ca_pem, None, "no certificate").await;
+    let other = Ca::new("someone else").unwrap();
+    let foreign = other.issue(&LeafSpec::for_role(Role::ImageBuilder)).unwrap();
+    assert_refused(&addr, &ca_pem, Some(&foreign), "certificate from another CA").await;
+    let mut spec = LeafSpec::for_role(Role::ImageBuilder);
+    spec.valid_from = time_days(-30);
+    spec.valid_until = time_days(-1);
+    let expired = w.ca.issue(&spec).unwrap();
+    assert_refused(&addr, &ca_pem, Some(&expired), "expired certificate").await;
+
+    // A reader may not write or replicate.
+    let err = ok.find_missing_chunks(FindMissingChunksRequest { digests: vec![] }).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("lacks the 'write' right"), "{}", err.message());
+    let err = ok.replicate(fleet_proto::imageserver::ReplicateRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("'replicate'"), "{}", err.message());
+    // A certificate with no rights may not even read.
+    let mut spec = LeafSpec::for_role(Role::ImageBuilder);
+    spec.rights = vec![];
+    let nobody = w.ca.issue(&spec).unwrap();
+    let mut c = raw_client(&addr, &ca_pem, Some(&nobody)).await.unwrap();
+    let err = c.list_streams(ListStreamsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("'read'"), "{}", err.message());
+}
+
+fn time_days(d: i64) -> time::Duration {
+    time::Duration::days(d)
+}
+
+#[tokio::test]
+async fn a_corrupted_chunk_upload_is_refused_and_not_stored() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let real = noise(CHUNK as usize, 7);
+    let claimed = Digest::of(&real);
+    let mut tampered = real.clone();
+    tampered[10] ^= 0xff;
+    let upload = futures::stream::iter(vec![UploadChunk {
+        digest: claimed.0.to_vec().into(),
+        zstd_data: chunk_store::compress(&tampered).into(),
+    }]);
+    let err = c.upload_chunks(upload).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("does not match its digest"), "{}", err.message());
+    let missing = c
+        .find_missing_chunks(FindMissingChunksRequest { digests: vec![claimed.0.to_vec().into()] })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing;
+    assert_eq!(missing.len(), 1, "the bad chunk was stored");
+    // And an image that needs it cannot be committed.
+    let m = image_format::Manifest::new(CHUNK, u64::from(CHUNK), vec![image_format::ChunkRef::Data(claimed)]).unwrap();
+    let err = c
+        .commit_image(CommitImageRequest { stream: "s".into(), leaf: "1".into(), manifest: m.encode().into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("missing"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn bad_names_and_manifests_are_refused() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    for (stream, leaf) in [("../etc", "passwd"), ("/abs", "1"), ("ok", "a/b"), ("ok", ".."), ("a//b", "1")] {
+        let err = c.get_manifest(GetManifestRequest { stream: stream.into(), leaf: leaf.into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{stream}/{leaf}");
+        assert!(err.message().contains("invalid"), "{}", err.message());
+    }
+    let err = c.list_images(ListImagesRequest { stream: "x/../y".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .commit_image(CommitImageRequest { stream: "s".into(), leaf: "1".into(), manifest: b"garbage".to_vec().into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("manifest"), "{}", err.message());
+    let err = c.get_manifest(GetManifestRequest { stream: "s".into(), leaf: "404".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_replica_catches_up_and_follows_the_master() {
+    let master = World::new().await;
+    let mut writer = master.client(Role::ImageBuilder).await;
+    let v1 = disk(3);
+    let n1 = ImageName::parse("base/os/1").unwrap();
+    let a1 = imagetool::add(&mut writer, &n1, &master.file("v1.raw", &v1), CHUNK, Progress::Hidden).await.unwrap();
+
+    // The replica's certificate comes from the master's CA.
+    let rdir = tempfile::tempdir().unwrap();
+    let rissued = master.ca.issue(&LeafSpec::for_role(Role::Imageserver)).unwrap();
+    fleet_pki::write_ssl_dir(&rdir.path().join("pki"), &master.ca, &rissued).unwrap();
+    let replica = imageserver::start(imageserver::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        data_dir: rdir.path().join("data"),
+        tls: TlsFiles::from_ssl_dir(&rdir.path().join("pki")),
+        replicate_from: Some(master.addr()),
+    })
+    .await
+    .unwrap();
+    let reader_issued = master.ca.issue(&LeafSpec::for_role(Role::ImageUnpacker)).unwrap();
+    fleet_pki::write_ssl_dir(&rdir.path().join("reader"), &master.ca, &reader_issued).unwrap();
+    let mut reader =
+        imagetool::client::connect(&replica.addr.to_string(), &TlsFiles::from_ssl_dir(&rdir.path().join("reader")))
+            .await
+            .unwrap();
+
+    let info = wait_for_image(&mut reader, &n1).await;
+    assert_eq!(info, a1.image_id);
+
+    // A new commit on the master reaches the replica within seconds, moving
+    // only the chunks it lacks.
+    let mut v2 = v1.clone();
+    v2[100..120].fill(0xAB);
+    let n2 = ImageName::parse("base/os/2").unwrap();
+    let a2 = imagetool::add(&mut writer, &n2, &master.file("v2.raw", &v2), CHUNK, Progress::Hidden).await.unwrap();
+    let t = Instant::now();
+    assert_eq!(wait_for_image(&mut reader, &n2).await, a2.image_id);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let out = rdir.path().join("out.raw");
+    imagetool::get(&mut reader, &n2, &out, Progress::Hidden).await.unwrap();
+    assert_eq!(read(&out), v2);
+    assert_eq!(replica.metrics.images_replicated.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+    // The replica refuses writes.
+    let rw = master.ca.issue(&LeafSpec::for_role(Role::ImageBuilder)).unwrap();
+    fleet_pki::write_ssl_dir(&rdir.path().join("writer"), &master.ca, &rw).unwrap();
+    let mut rwc =
+        imagetool::client::connect(&replica.addr.to_string(), &TlsFiles::from_ssl_dir(&rdir.path().join("writer")))
+            .await
+            .unwrap();
+    let err =
+        imagetool::add(&mut rwc, &ImageName::parse("x/1").unwrap(), &out, CHUNK, Progress::Hidden).await.unwrap_err();
+    assert!(format!("{err:#}").contains("read-only replica"), "{err:#}");
+}
+
+async fn wait_for_image(c: &mut Client, name: &ImageName) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(resp) =
+            c.get_manifest(GetManifestRequest { stream: name.stream().into(), leaf: name.leaf().into() }).await
+        {
+            return resp.into_inner().info.unwrap().image_id;
+        }
+        assert!(Instant::now() < deadline, "{name} did not reach the replica within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_and_status_are_served_over_plain_http() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let name = ImageName::parse("m/1").unwrap();
+    imagetool::add(&mut c, &name, &w.file("d.raw", &disk(4)), CHUNK, Progress::Hidden).await.unwrap();
+    let addr = w.server.as_ref().unwrap().metrics_addr.unwrap();
+    let metrics =
+        tokio::task::spawn_blocking(move || (http_get(addr, "/metrics"), http_get(addr, "/status"))).await.unwrap();
+    assert!(metrics.0.contains("imageserver_images_committed_total 1"), "{}", metrics.0);
+    assert!(metrics.0.contains("imageserver_chunks_stored_total 24"), "{}", metrics.0);
+    assert!(metrics.1.contains("\"images\":1"), "{}", metrics.1);
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

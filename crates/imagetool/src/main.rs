@@ -1,0 +1,281 @@
+//! `imagetool`: the build pipeline's client of the imageserver.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use fleet_proto::imageserver::{
+    CollectGarbageRequest, DeleteImageRequest, FindLatestImageRequest, ImageInfo, ListImagesRequest, ListStreamsRequest,
+};
+use fleet_tls::TlsFiles;
+use image_format::ImageName;
+use imagetool::{Progress, client::rpc};
+
+/// Put disk images into an imageserver and read them back.
+///
+/// Images are named STREAM/LEAF (for example base/debian-12/2026.11.23.1).
+/// `add` hashes the file locally and uploads only chunks the server lacks, so
+/// re-adding a slightly changed build is cheap. Certificates come from
+/// --ssl-dir (CA.pem, cert.pem, key.pem) unless --ca/--cert/--key are given.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// imageserver to talk to.
+    #[arg(long, global = true, env = "IMAGESERVER", default_value = "localhost:6971", value_name = "HOST:PORT")]
+    server: String,
+    /// Directory holding CA.pem, cert.pem and key.pem [default: ~/.ssl].
+    #[arg(long, global = true, value_name = "DIR")]
+    ssl_dir: Option<PathBuf>,
+    /// CA certificate (overrides --ssl-dir).
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Client certificate (overrides --ssl-dir).
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// Client key (overrides --ssl-dir).
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
+    /// Print results as JSON on stdout (no progress bars).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Add FILE (raw, or qcow2/vmdk/vhd converted with qemu-img) as STREAM/LEAF.
+    Add {
+        image: String,
+        file: PathBuf,
+        /// Chunk size in bytes (a power of two, 4 KiB to 16 MiB).
+        #[arg(long, default_value_t = image_format::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+    },
+    /// Write STREAM/LEAF to OUT (appears only when complete and verified).
+    Get { image: String, out: PathBuf },
+    /// List streams, or the images of STREAM.
+    List { stream: Option<String> },
+    /// Show an image's details; STREAM alone shows its latest image.
+    Show { image: String },
+    /// Fetch every chunk of an image and check its digest.
+    Verify { image: String },
+    /// Delete an image (chunks go at the next gc).
+    Delete { image: String },
+    /// Remove chunks no image references.
+    Gc {
+        /// Keep chunks written within this time (uploads in progress).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        /// Report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imagetool: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tls_files(cli: &Cli) -> TlsFiles {
+    let dir = cli.ssl_dir.clone().unwrap_or_else(TlsFiles::default_ssl_dir);
+    let base = TlsFiles::from_ssl_dir(&dir);
+    TlsFiles {
+        ca: cli.ca.clone().unwrap_or(base.ca),
+        cert: cli.cert.clone().unwrap_or(base.cert),
+        key: cli.key.clone().unwrap_or(base.key),
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct InfoJson {
+    image: String,
+    image_id: String,
+    size_bytes: u64,
+    chunk_size: u32,
+    chunk_count: u64,
+    zero_chunks: u64,
+    stored_bytes: u64,
+    committed: String,
+}
+
+fn info_json(i: &ImageInfo) -> InfoJson {
+    let committed = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(i.committed_unix_ms).unwrap_or(0));
+    InfoJson {
+        image: format!("{}/{}", i.stream, i.leaf),
+        image_id: i.image_id.clone(),
+        size_bytes: i.size_bytes,
+        chunk_size: i.chunk_size,
+        chunk_count: i.chunk_count,
+        zero_chunks: i.zero_chunks,
+        stored_bytes: i.stored_bytes,
+        committed: humantime::format_rfc3339_seconds(committed).to_string(),
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let progress = if cli.json { Progress::Hidden } else { Progress::Bars };
+    // Names are checked before anything touches the network.
+    let name = match &cli.command {
+        Cmd::Add { image, .. } | Cmd::Get { image, .. } | Cmd::Verify { image } | Cmd::Delete { image } => {
+            Some(ImageName::parse(image)?)
+        }
+        Cmd::Show { image } if image.contains('/') && ImageName::parse(image).is_ok() => Some(ImageName::parse(image)?),
+        _ => None,
+    };
+    let tls = tls_files(&cli);
+    let mut client = imagetool::client::connect(&cli.server, &tls).await?;
+    match cli.command {
+        Cmd::Add { file, chunk_size, .. } => {
+            let name = name.expect("parsed above");
+            let t = std::time::Instant::now();
+            let r = imagetool::add(&mut client, &name, &file, chunk_size, progress).await?;
+            if cli.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "added {} ({})\n  image id {}\n  hashed {} in {:.1?}; {} of {} distinct chunks reused; uploaded {} chunks, {} sent ({} plain)",
+                    r.image,
+                    mib(r.size_bytes),
+                    r.image_id,
+                    mib(r.bytes_hashed),
+                    t.elapsed(),
+                    r.chunks_reused,
+                    r.distinct_chunks,
+                    r.chunks_uploaded,
+                    mib(r.bytes_sent),
+                    mib(r.bytes_uploaded_plain)
+                );
+            }
+        }
+        Cmd::Get { out, .. } => {
+            let name = name.expect("parsed above");
+            let r = imagetool::get(&mut client, &name, &out, progress).await?;
+            if cli.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "wrote {} to '{}' ({}; {} chunks fetched, {} received)",
+                    r.image,
+                    out.display(),
+                    mib(r.size_bytes),
+                    r.chunks_fetched,
+                    mib(r.bytes_received)
+                );
+            }
+        }
+        Cmd::List { stream: None } => {
+            let r = client.list_streams(ListStreamsRequest {}).await.map_err(rpc("list streams"))?.into_inner();
+            if cli.json {
+                print_json(&r.streams)?;
+            } else {
+                r.streams.iter().for_each(|s| println!("{s}"));
+            }
+        }
+        Cmd::List { stream: Some(stream) } => {
+            image_format::validate_stream(&stream)?;
+            let r = client
+                .list_images(ListImagesRequest { stream: stream.clone() })
+                .await
+                .map_err(rpc(format!("list images of {stream}")))?
+                .into_inner();
+            let rows: Vec<InfoJson> = r.images.iter().map(info_json).collect();
+            if cli.json {
+                print_json(&rows)?;
+            } else {
+                println!("{:<40} {:>12} {:<20} {}", "IMAGE", "SIZE", "COMMITTED", "IMAGE ID");
+                for i in rows {
+                    println!("{:<40} {:>12} {:<20} {}", i.image, mib(i.size_bytes), i.committed, &i.image_id[..16]);
+                }
+            }
+        }
+        Cmd::Show { image } => {
+            let info = match name {
+                Some(n) => imagetool::client::get_manifest(&mut client, &n).await?.0,
+                None => {
+                    image_format::validate_stream(&image)?;
+                    client
+                        .find_latest_image(FindLatestImageRequest { stream: image.clone() })
+                        .await
+                        .map_err(rpc(format!("find the latest image of {image}")))?
+                        .into_inner()
+                }
+            };
+            let j = info_json(&info);
+            if cli.json {
+                print_json(&j)?;
+            } else {
+                println!(
+                    "image:        {}\nimage id:     {}\nsize:         {} ({} bytes)\nchunks:       {} of {} bytes, {} zero\nstored bytes: {}\ncommitted:    {}",
+                    j.image,
+                    j.image_id,
+                    mib(j.size_bytes),
+                    j.size_bytes,
+                    j.chunk_count,
+                    j.chunk_size,
+                    j.zero_chunks,
+                    mib(j.stored_bytes),
+                    j.committed
+                );
+            }
+        }
+        Cmd::Verify { .. } => {
+            let name = name.expect("parsed above");
+            let (info, n) = imagetool::verify(&mut client, &name, progress).await?;
+            if cli.json {
+                print_json(
+                    &serde_json::json!({"image": name.to_string(), "image_id": info.image_id, "chunks_verified": n, "ok": true}),
+                )?;
+            } else {
+                println!("{name}: all {n} chunks match their digests (image id {})", info.image_id);
+            }
+        }
+        Cmd::Delete { .. } => {
+            let name = name.expect("parsed above");
+            client
+                .delete_image(DeleteImageRequest { stream: name.stream().to_owned(), leaf: name.leaf().to_owned() })
+                .await
+                .map_err(rpc(format!("delete {name}")))?;
+            if cli.json {
+                print_json(&serde_json::json!({"deleted": name.to_string()}))?;
+            } else {
+                println!("deleted {name}");
+            }
+        }
+        Cmd::Gc { grace, dry_run } => {
+            let r = client
+                .collect_garbage(CollectGarbageRequest { grace_seconds: grace.as_secs(), dry_run })
+                .await
+                .map_err(rpc("collect garbage"))?
+                .into_inner();
+            if cli.json {
+                print_json(
+                    &serde_json::json!({"chunks_removed": r.chunks_removed, "bytes_removed": r.bytes_removed, "chunks_kept": r.chunks_kept, "dry_run": dry_run}),
+                )?;
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                println!("{verb} {} chunks ({}); kept {}", r.chunks_removed, mib(r.bytes_removed), r.chunks_kept);
+            }
+        }
+    }
+    Ok(())
+}
