@@ -1,0 +1,176 @@
+//! `cargo xtask bench`: release builds of the binaries, measured as users run
+//! them, figures written to docs/benchmarks.md. Every speed figure is a ratio
+//! to a baseline measured in the same run, because the machine is shared.
+
+use std::{
+    fmt::Write as _,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{self, mib};
+
+const GIB: u64 = 1 << 30;
+
+struct Row {
+    what: String,
+    figure: String,
+    goal: String,
+    met: Option<bool>,
+}
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let (add_size, rss_size) = if quick { (256 << 20, GIB) } else { (GIB, 4 * GIB) };
+    let work = util::root().join("target/bench");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    println!("== building release binaries");
+    let bins = util::build(&["imageserver", "imagetool"], true)?;
+    let pki = work.join("pki");
+    fleet_pki::write_pki(&pki)?;
+    let ssl = work.join("ssl");
+    util::ssl_dir(&pki, "image-builder", &ssl)?;
+    let (server, addr) = util::start_imageserver(&bins, &pki, &work.join("data"), &work.join("imageserver.log"))?;
+    let mut rows = Vec::new();
+
+    // 1. add throughput, against a local copy of the same file.
+    let img = work.join("a.raw");
+    util::write_noise(&img, add_size, 1)?;
+    let copy_secs = timed_copy(&img, &work.join("copy.raw"))?;
+    std::fs::remove_file(work.join("copy.raw"))?;
+    let t = Instant::now();
+    let r = util::imagetool(&bins, addr, &ssl, &["add", "bench/a/1", img.to_str().context("utf-8")?])?;
+    let add_secs = t.elapsed().as_secs_f64();
+    rows.push(Row {
+        what: format!("imagetool add, {} of incompressible data (new to the server)", mib(add_size)),
+        figure: format!(
+            "{:.0} MiB/s ({:.2} s; local copy with fsync {:.2} s, ratio {:.2})",
+            add_size as f64 / 1048576.0 / add_secs,
+            add_secs,
+            copy_secs,
+            copy_secs / add_secs
+        ),
+        goal: "reported".into(),
+        met: None,
+    });
+    let _ = r;
+
+    // 2. a 2%-changed leaf: bytes sent over bytes changed.
+    let img2 = work.join("a2.raw");
+    std::fs::copy(&img, &img2)?;
+    let changed = util::change_chunks(&img2, 0.02, 7)?;
+    let r = util::imagetool(&bins, addr, &ssl, &["add", "bench/a/2", img2.to_str().context("utf-8")?])?;
+    let sent = r["bytes_sent"].as_u64().context("bytes_sent")?;
+    let ratio = sent as f64 / changed as f64;
+    rows.push(Row {
+        what: "re-add of a 2%-changed leaf: bytes sent / bytes changed".into(),
+        figure: format!("{ratio:.3} ({} sent for {} changed)", mib(sent), mib(changed)),
+        goal: "<= 1.05".into(),
+        met: Some(ratio <= 1.05),
+    });
+
+    // 3. get throughput over mTLS on loopback, against a local copy.
+    let out = work.join("get.raw");
+    let copy_secs = timed_copy(&img2, &work.join("copy.raw"))?;
+    std::fs::remove_file(work.join("copy.raw"))?;
+    let t = Instant::now();
+    util::imagetool(&bins, addr, &ssl, &["get", "bench/a/2", out.to_str().context("utf-8")?])?;
+    let get_secs = t.elapsed().as_secs_f64();
+    if !util::same_bytes(&img2, &out)? {
+        bail!("bytes read back differ");
+    }
+    std::fs::remove_file(&out)?;
+    let ratio = copy_secs / get_secs;
+    rows.push(Row {
+        what: format!("imagetool get of {} over mTLS on loopback, as a ratio to a local copy (with fsync)", mib(add_size)),
+        figure: format!("{ratio:.2} (get {:.2} s = {:.0} MiB/s; copy {:.2} s)", get_secs, add_size as f64 / 1048576.0 / get_secs, copy_secs),
+        goal: ">= 0.8".into(),
+        met: Some(ratio >= 0.8),
+    });
+    std::fs::remove_file(&img2)?;
+    std::fs::remove_file(&img)?;
+
+    // 4. imageserver peak RSS while 4 clients fetch a large image at once.
+    let big = work.join("big.raw");
+    util::write_noise(&big, rss_size, 3)?;
+    util::imagetool(&bins, addr, &ssl, &["add", "bench/big/1", big.to_str().context("utf-8")?])?;
+    std::fs::remove_file(&big)?;
+    let before = server.peak_rss()?;
+    let t = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(bins.join("imagetool"))
+                .arg("--server")
+                .arg(addr.to_string())
+                .arg("--ssl-dir")
+                .arg(&ssl)
+                .args(["--json", "verify", "bench/big/1"])
+                .stdout(Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    for mut c in clients {
+        let s = c.wait()?;
+        if !s.success() {
+            bail!("a fetching client failed ({s})");
+        }
+    }
+    let fetch_secs = t.elapsed().as_secs_f64();
+    let peak = server.peak_rss()?;
+    rows.push(Row {
+        what: format!("imageserver peak RSS while 4 clients fetch a {} image at once", mib(rss_size)),
+        figure: format!(
+            "{} (before the fetches {}; 4 x {} served in {:.1} s, {:.0} MiB/s in total)",
+            mib(peak),
+            mib(before),
+            mib(rss_size),
+            fetch_secs,
+            4.0 * rss_size as f64 / 1048576.0 / fetch_secs
+        ),
+        goal: "< 128 MiB".into(),
+        met: Some(peak < 128 << 20),
+    });
+    drop(server);
+
+    let mut md = String::from(
+        "# Benchmarks\n\nWritten by `cargo xtask bench` (release builds, loopback, this 2-core shared machine). \
+         Speeds are ratios to a baseline measured in the same run; absolute figures are for orientation only.\n\n",
+    );
+    let _ = writeln!(md, "Run: {}{}\n", humantime_now(), if quick { " (--quick: smaller sizes)" } else { "" });
+    md.push_str("## imageserver and imagetool\n\n| what | figure | goal | met |\n|---|---|---|---|\n");
+    for r in &rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        let _ = writeln!(md, "| {} | {} | {} | {} |", r.what, r.figure, r.goal, met);
+    }
+    let doc = util::root().join("docs/benchmarks.md");
+    let old = std::fs::read_to_string(&doc).unwrap_or_default();
+    // Keep sections other commands own (the unpacker's) below ours.
+    let rest = old.find("\n## image-unpacker").map(|i| &old[i..]).unwrap_or("");
+    md.push_str(rest);
+    std::fs::write(&doc, &md)?;
+    println!("{md}");
+    println!("written to {}", doc.display());
+    Ok(())
+}
+
+/// Seconds to copy `from` to `to` and fsync the copy: the local baseline.
+fn timed_copy(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    std::fs::copy(from, to)?;
+    std::fs::File::open(to)?.sync_all()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn humantime_now() -> String {
+    let out = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output();
+    out.ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+}

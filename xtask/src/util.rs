@@ -1,0 +1,219 @@
+//! Helpers shared by the demo and the benchmarks: building and starting the
+//! workspace's binaries, generating disk images.
+
+use std::{
+    fs::File,
+    io::{BufWriter, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace root (xtask lives one level below it).
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+}
+
+/// Build the named binaries and return the directory holding them.
+pub(crate) fn build(bins: &[&str], release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.arg("build").current_dir(root());
+    if release {
+        cmd.arg("--release");
+    }
+    for b in bins {
+        cmd.args(["-p", b]);
+    }
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }))
+}
+
+/// A free loopback port (the kernel picks one; we release it for the child).
+pub(crate) fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// A child process that is killed when dropped.
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) name: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Peak resident memory of the process so far (VmHWM), in bytes.
+    pub(crate) fn peak_rss(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc status")?;
+        let kib: u64 = line.split_whitespace().nth(1).context("bad VmHWM line")?.parse()?;
+        Ok(kib * 1024)
+    }
+}
+
+/// Start an imageserver and wait until it accepts connections.
+pub(crate) fn start_imageserver(bin_dir: &Path, pki: &Path, data: &Path, log: &Path) -> anyhow::Result<(Daemon, SocketAddr)> {
+    let addr = free_addr()?;
+    let child = Command::new(bin_dir.join("imageserver"))
+        .arg("--listen")
+        .arg(addr.to_string())
+        .args(["--metrics-listen", "off"])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--ca")
+        .arg(pki.join("CA.pem"))
+        .arg("--cert")
+        .arg(pki.join("imageserver/cert.pem"))
+        .arg("--key")
+        .arg(pki.join("imageserver/key.pem"))
+        .stdout(Stdio::null())
+        .stderr(File::create(log)?)
+        .spawn()
+        .context("starting imageserver")?;
+    let mut d = Daemon { child, name: "imageserver".into() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        if let Some(status) = d.child.try_wait()? {
+            bail!("{} exited ({status}); see {}", d.name, log.display());
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not listen on {addr} within 20 s; see {}", d.name, log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((d, addr))
+}
+
+/// Make `DIR` hold CA.pem, cert.pem and key.pem of `role` (the ~/.ssl layout).
+pub(crate) fn ssl_dir(pki: &Path, role: &str, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(pki.join("CA.pem"), dir.join("CA.pem"))?;
+    std::fs::copy(pki.join(role).join("cert.pem"), dir.join("cert.pem"))?;
+    std::fs::copy(pki.join(role).join("key.pem"), dir.join("key.pem"))?;
+    Ok(())
+}
+
+/// Run imagetool with `--json` and parse its output.
+pub(crate) fn imagetool(bin_dir: &Path, server: SocketAddr, ssl: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(bin_dir.join("imagetool"))
+        .arg("--server")
+        .arg(server.to_string())
+        .arg("--ssl-dir")
+        .arg(ssl)
+        .arg("--json")
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running imagetool")?;
+    if !out.status.success() {
+        bail!("imagetool {} failed ({})", args.join(" "), out.status);
+    }
+    serde_json::from_slice(&out.stdout).context("parsing imagetool --json output")
+}
+
+/// Fast deterministic noise (xorshift64), written in 1 MiB pieces.
+pub(crate) struct Noise(u64);
+
+impl Noise {
+    pub(crate) fn new(seed: u64) -> Noise {
+        Noise(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
+        for word in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
+        }
+    }
+}
+
+/// Write `len` bytes of noise to `path`.
+pub(crate) fn write_noise(path: &Path, len: u64, seed: u64) -> anyhow::Result<()> {
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut n = Noise::new(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let take = usize::try_from(left.min(buf.len() as u64)).expect("at most 1 MiB");
+        n.fill(&mut buf[..take]);
+        w.write_all(&buf[..take])?;
+        left -= take as u64;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Overwrite `count` evenly spread 512 KiB chunks of `path` with new noise,
+/// skipping all-zero chunks when `only_data` is set. Returns bytes changed.
+pub(crate) fn change_chunks(path: &Path, fraction: f64, seed: u64) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 512 * 1024;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let chunks = f.metadata()?.len() / CHUNK;
+    let want = ((chunks as f64 * fraction).ceil() as u64).max(1);
+    let step = (chunks / want).max(1);
+    let mut n = Noise::new(seed);
+    let mut buf = vec![0u8; usize::try_from(CHUNK)?];
+    let mut changed = 0;
+    for i in (0..chunks).step_by(usize::try_from(step)?).take(usize::try_from(want)?) {
+        n.fill(&mut buf);
+        f.write_all_at(&buf, i * CHUNK)?;
+        changed += CHUNK;
+    }
+    f.sync_all()?;
+    Ok(changed)
+}
+
+/// Whether two files hold the same bytes.
+pub(crate) fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = read_full(&mut fa, &mut ba)?;
+        let m = read_full(&mut fb, &mut bb)?;
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+    fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read(&mut buf[got..])? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        Ok(got)
+    }
+}
+
+pub(crate) fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+pub(crate) fn have(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}

@@ -1,0 +1,105 @@
+//! Checks on the codebase itself: architecture invariants that a compiler
+//! does not enforce.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n != "target") {
+                rust_files(&p, out);
+            }
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+fn crate_dirs() -> Vec<PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(root().join("crates")).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
+}
+
+/// The daemons that run near data and devices know nothing of AWS.
+#[test]
+fn no_aws_crate_in_the_daemons_dependency_graphs() {
+    for krate in ["imageserver", "image-unpacker", "imagetool", "unpacker-tool"] {
+        if !root().join("crates").join(krate).exists() {
+            continue;
+        }
+        let out = Command::new(env!("CARGO"))
+            .args(["tree", "--offline", "-e", "normal", "--prefix", "none", "-p", krate])
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cargo tree -p {krate}: {}", String::from_utf8_lossy(&out.stderr));
+        let tree = String::from_utf8_lossy(&out.stdout);
+        let aws: Vec<_> = tree.lines().filter(|l| l.starts_with("aws-")).collect();
+        assert!(aws.is_empty(), "{krate} depends on {aws:?}");
+        assert!(tree.lines().count() > 10, "cargo tree printed too little for {krate}");
+    }
+}
+
+/// Every module says what it is for.
+#[test]
+fn every_source_file_starts_with_a_module_doc() {
+    let mut files = Vec::new();
+    for c in crate_dirs() {
+        rust_files(&c.join("src"), &mut files);
+    }
+    rust_files(&root().join("xtask/src"), &mut files);
+    assert!(files.len() > 10);
+    let missing: Vec<_> = files
+        .iter()
+        .filter(|f| !fs::read_to_string(f).unwrap().trim_start().starts_with("//!"))
+        .map(|f| f.strip_prefix(root()).unwrap().display().to_string())
+        .collect();
+    assert!(missing.is_empty(), "files without a //! module doc: {missing:?}");
+}
+
+/// Every unsafe block explains why it is sound.
+#[test]
+fn every_unsafe_block_has_a_safety_comment() {
+    let mut files = Vec::new();
+    for c in crate_dirs() {
+        rust_files(&c.join("src"), &mut files);
+    }
+    let mut bad = Vec::new();
+    for f in &files {
+        let text = fs::read_to_string(f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let code = l.split("//").next().unwrap_or("");
+            if code.contains("unsafe {") || code.trim_start().starts_with("unsafe {") {
+                let window = &lines[i.saturating_sub(4)..i];
+                if !window.iter().any(|w| w.contains("SAFETY:")) {
+                    bad.push(format!("{}:{}", f.strip_prefix(root()).unwrap().display(), i + 1));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "unsafe blocks without a // SAFETY: comment: {bad:?}");
+}
+
+/// The README's two set-up commands are the ones CI runs.
+#[test]
+fn readme_commands_are_what_ci_runs() {
+    let readme = fs::read_to_string(root().join("README.md")).unwrap();
+    let ci = fs::read_to_string(root().join(".ci/run")).unwrap();
+    let block = readme.split("```sh").nth(1).unwrap().split("```").next().unwrap();
+    let cmds: Vec<&str> = block.lines().map(|l| l.split('#').next().unwrap().trim()).filter(|l| !l.is_empty()).collect();
+    assert_eq!(cmds, ["cargo xtask demo", "cargo nextest run --workspace"]);
+    for c in cmds {
+        assert!(ci.contains(c), ".ci/run does not run '{c}'");
+    }
+}
