@@ -87,8 +87,16 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     std::fs::remove_file(&out)?;
     let ratio = copy_secs / get_secs;
     rows.push(Row {
-        what: format!("imagetool get of {} over mTLS on loopback, as a ratio to a local copy (with fsync)", mib(add_size)),
-        figure: format!("{ratio:.2} (get {:.2} s = {:.0} MiB/s; copy {:.2} s)", get_secs, add_size as f64 / 1048576.0 / get_secs, copy_secs),
+        what: format!(
+            "imagetool get of {} over mTLS on loopback, as a ratio to a local copy (with fsync)",
+            mib(add_size)
+        ),
+        figure: format!(
+            "{ratio:.2} (get {:.2} s = {:.0} MiB/s; copy {:.2} s)",
+            get_secs,
+            add_size as f64 / 1048576.0 / get_secs,
+            copy_secs
+        ),
         goal: ">= 0.8".into(),
         met: Some(ratio >= 0.8),
     });

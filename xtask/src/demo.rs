@@ -3,12 +3,7 @@
 //! generated disk image and a next leaf that differs in a few percent, reads
 //! both back, verifies them and prints what moved.
 
-use std::{
-    os::unix::fs::FileExt,
-    path::Path,
-    process::Command,
-    time::Instant,
-};
+use std::{os::unix::fs::FileExt, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
@@ -48,7 +43,11 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let disk2 = work.join("leaf2.raw");
     std::fs::copy(&disk1, &disk2)?;
     let changed = util::change_chunks(&disk2, CHANGE, 99)?;
-    println!("== generated leaf 2: leaf 1 with {} rewritten ({:.1}% of the disk)", mib(changed), 100.0 * changed as f64 / (DISK_MIB << 20) as f64);
+    println!(
+        "== generated leaf 2: leaf 1 with {} rewritten ({:.1}% of the disk)",
+        mib(changed),
+        100.0 * changed as f64 / (DISK_MIB << 20) as f64
+    );
 
     let mut rows = Vec::new();
     for (leaf, disk) in [("1", &disk1), ("2", &disk2)] {
@@ -69,7 +68,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
         rows.push((image, r, add_secs, g, get_secs));
     }
 
-    println!("\n{:<20} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8}", "IMAGE", "SIZE", "UPLOADED", "REUSED", "BYTES SENT", "ADD", "GET");
+    println!(
+        "\n{:<20} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8}",
+        "IMAGE", "SIZE", "UPLOADED", "REUSED", "BYTES SENT", "ADD", "GET"
+    );
     for (image, r, add_secs, _g, get_secs) in &rows {
         println!(
             "{:<20} {:>10} {:>9} {:>9} {:>12} {:>7.1}s {:>7.1}s",
@@ -175,7 +177,8 @@ fn populate(tree: &Path) -> anyhow::Result<()> {
     for i in 0..16u64 {
         util::write_noise(&tree.join(format!("usr/bin/tool{i}")), (1 + i % 3) << 20, 100 + i)?;
     }
-    let text: String = (0..200_000).map(|i| format!("line {i}: the quick brown fox jumps over the lazy dog\n")).collect();
+    let text: String =
+        (0..200_000).map(|i| format!("line {i}: the quick brown fox jumps over the lazy dog\n")).collect();
     for i in 0..4 {
         std::fs::write(tree.join(format!("usr/share/doc/manual{i}.txt")), &text)?;
     }

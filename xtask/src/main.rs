@@ -53,6 +53,9 @@ fn pki(args: &[String]) -> anyhow::Result<()> {
         _ => anyhow::bail!("usage: cargo xtask pki --out DIR"),
     };
     fleet_pki::write_pki(&out)?;
-    println!("wrote {}/CA.pem and certificates for imageserver, image-unpacker, ami-publisher, image-builder", out.display());
+    println!(
+        "wrote {}/CA.pem and certificates for imageserver, image-unpacker, ami-publisher, image-builder",
+        out.display()
+    );
     Ok(())
 }

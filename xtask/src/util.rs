@@ -64,7 +64,12 @@ impl Daemon {
 }
 
 /// Start an imageserver and wait until it accepts connections.
-pub(crate) fn start_imageserver(bin_dir: &Path, pki: &Path, data: &Path, log: &Path) -> anyhow::Result<(Daemon, SocketAddr)> {
+pub(crate) fn start_imageserver(
+    bin_dir: &Path,
+    pki: &Path,
+    data: &Path,
+    log: &Path,
+) -> anyhow::Result<(Daemon, SocketAddr)> {
     let addr = free_addr()?;
     let child = Command::new(bin_dir.join("imageserver"))
         .arg("--listen")
@@ -106,7 +111,12 @@ pub(crate) fn ssl_dir(pki: &Path, role: &str, dir: &Path) -> anyhow::Result<()> 
 }
 
 /// Run imagetool with `--json` and parse its output.
-pub(crate) fn imagetool(bin_dir: &Path, server: SocketAddr, ssl: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn imagetool(
+    bin_dir: &Path,
+    server: SocketAddr,
+    ssl: &Path,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
     let out = Command::new(bin_dir.join("imagetool"))
         .arg("--server")
         .arg(server.to_string())
@@ -215,5 +225,10 @@ pub(crate) fn mib(b: u64) -> String {
 }
 
 pub(crate) fn have(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }

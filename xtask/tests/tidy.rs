@@ -97,7 +97,8 @@ fn readme_commands_are_what_ci_runs() {
     let readme = fs::read_to_string(root().join("README.md")).unwrap();
     let ci = fs::read_to_string(root().join(".ci/run")).unwrap();
     let block = readme.split("```sh").nth(1).unwrap().split("```").next().unwrap();
-    let cmds: Vec<&str> = block.lines().map(|l| l.split('#').next().unwrap().trim()).filter(|l| !l.is_empty()).collect();
+    let cmds: Vec<&str> =
+        block.lines().map(|l| l.split('#').next().unwrap().trim()).filter(|l| !l.is_empty()).collect();
     assert_eq!(cmds, ["cargo xtask demo", "cargo nextest run --workspace"]);
     for c in cmds {
         assert!(ci.contains(c), ".ci/run does not run '{c}'");

@@ -366,3 +366,66 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+#[tokio::test]
+async fn watchers_hear_of_new_commits_in_their_stream() {
+    let w = World::new().await;
+    let mut reader = w.client(Role::ImageUnpacker).await;
+    let mut events = reader
+        .watch_images(fleet_proto::imageserver::WatchImagesRequest { stream: "watched".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = w.client(Role::ImageBuilder).await;
+    let f = w.file("d.raw", &disk(5));
+    imagetool::add(&mut c, &ImageName::parse("other/1").unwrap(), &f, CHUNK, Progress::Hidden).await.unwrap();
+    let added =
+        imagetool::add(&mut c, &ImageName::parse("watched/7").unwrap(), &f, CHUNK, Progress::Hidden).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.message()).await.unwrap().unwrap().unwrap();
+    let info = ev.info.unwrap();
+    assert_eq!((info.stream.as_str(), info.leaf.as_str()), ("watched", "7"), "the other stream's commit leaked");
+    assert_eq!(info.image_id, added.image_id);
+}
+
+#[tokio::test]
+async fn qcow2_input_is_converted_and_gives_the_same_image_as_raw() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    // qcow2 sizes are whole 512-byte sectors.
+    let mut data = disk(6);
+    data.truncate(data.len() / 512 * 512);
+    let raw = w.file("d.raw", &data);
+    let qcow = w.dir.path().join("d.qcow2");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .status()
+        .expect("qemu-img is needed for this test (Debian package qemu-utils)");
+    assert!(status.success());
+    let from_qcow =
+        imagetool::add(&mut c, &ImageName::parse("q/1").unwrap(), &qcow, CHUNK, Progress::Hidden).await.unwrap();
+    assert_eq!(from_qcow.converted_from.as_deref(), Some("qcow2"));
+    let local = image_format::hash_file(&raw, CHUNK, |_| {}).unwrap();
+    assert_eq!(from_qcow.image_id, local.image_id().to_hex());
+    let out = w.dir.path().join("back.raw");
+    imagetool::get(&mut c, &ImageName::parse("q/1").unwrap(), &out, Progress::Hidden).await.unwrap();
+    assert_eq!(read(&out), data);
+}
+
+#[tokio::test]
+async fn deleted_images_vanish_and_gc_frees_their_chunks() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let name = ImageName::parse("tmp/1").unwrap();
+    imagetool::add(&mut c, &name, &w.file("d.raw", &disk(8)), CHUNK, Progress::Hidden).await.unwrap();
+    c.delete_image(fleet_proto::imageserver::DeleteImageRequest { stream: "tmp".into(), leaf: "1".into() })
+        .await
+        .unwrap();
+    let err = c.get_manifest(GetManifestRequest { stream: "tmp".into(), leaf: "1".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let gc = fleet_proto::imageserver::CollectGarbageRequest { grace_seconds: 0, dry_run: false };
+    let r = c.collect_garbage(gc).await.unwrap().into_inner();
+    assert_eq!(r.chunks_removed, 24);
+    assert_eq!(r.chunks_kept, 0);
+}
