@@ -94,8 +94,8 @@ impl Peer {
 /// Errors while loading certificates or reading rights.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// Failed to read '{path}': {source}
-    #[error("failed to read '{path}': {source}")]
+    /// A file could not be read (the cause is the error's source).
+    #[error("failed to read '{path}'")]
     Read {
         path: PathBuf,
         #[source]

@@ -45,22 +45,41 @@ struct Cli {
 enum Cmd {
     /// Add FILE (raw, or qcow2/vmdk/vhd converted with qemu-img) as STREAM/LEAF.
     Add {
+        /// Image name: STREAM/LEAF.
         image: String,
+        /// Disk image file.
         file: PathBuf,
         /// Chunk size in bytes (a power of two, 4 KiB to 16 MiB).
         #[arg(long, default_value_t = image_format::DEFAULT_CHUNK_SIZE)]
         chunk_size: u32,
     },
     /// Write STREAM/LEAF to OUT (appears only when complete and verified).
-    Get { image: String, out: PathBuf },
+    Get {
+        /// Image name: STREAM/LEAF.
+        image: String,
+        /// Output file (replaced atomically if it exists).
+        out: PathBuf,
+    },
     /// List streams, or the images of STREAM.
-    List { stream: Option<String> },
+    List {
+        /// Stream whose images to list; without it, list streams.
+        stream: Option<String>,
+    },
     /// Show an image's details; STREAM alone shows its latest image.
-    Show { image: String },
+    Show {
+        /// STREAM/LEAF, or STREAM for its latest image.
+        image: String,
+    },
     /// Fetch every chunk of an image and check its digest.
-    Verify { image: String },
+    Verify {
+        /// Image name: STREAM/LEAF.
+        image: String,
+    },
     /// Delete an image (chunks go at the next gc).
-    Delete { image: String },
+    Delete {
+        /// Image name: STREAM/LEAF.
+        image: String,
+    },
     /// Remove chunks no image references.
     Gc {
         /// Keep chunks written within this time (uploads in progress).
@@ -209,14 +228,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Show { image } => {
-            let info = match name {
-                Some(n) => imagetool::client::get_manifest(&mut client, &n).await?.0,
+            // STREAM/LEAF first; if no such image, the name may be a stream
+            // whose latest image is wanted.
+            let exact = match &name {
+                Some(n) => match imagetool::client::get_manifest(&mut client, n).await {
+                    Ok((info, _)) => Some(info),
+                    Err(imagetool::client::ClientError::Rpc { status, .. })
+                        if status.code() == tonic::Code::NotFound =>
+                    {
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                None => None,
+            };
+            let info = match exact {
+                Some(info) => info,
                 None => {
                     image_format::validate_stream(&image)?;
                     client
                         .find_latest_image(FindLatestImageRequest { stream: image.clone() })
                         .await
-                        .map_err(rpc(format!("find the latest image of {image}")))?
+                        .map_err(rpc(format!("find {image} (as an image, or the latest image of that stream)")))?
                         .into_inner()
                 }
             };
