@@ -38,6 +38,9 @@ struct Args {
     log_json: bool,
 }
 
+/// Threads for blocking chunk reads and writes.
+const MAX_BLOCKING_THREADS: usize = 32;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     imageserver::init_tracing(args.log_json);
@@ -58,7 +61,13 @@ fn main() -> ExitCode {
         tls: TlsFiles { ca: args.ca, cert: args.cert, key: args.key },
         replicate_from: args.replicate_from,
     };
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // Blocking threads do chunk I/O; a modest cap bounds the memory their
+    // allocator arenas keep, without starving the read-ahead.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(imageserver::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
