@@ -8,6 +8,11 @@ pub mod imageserver {
     tonic::include_proto!("fleet.imageserver.v1");
 }
 
+/// The image-unpacker protocol.
+pub mod unpacker {
+    tonic::include_proto!("fleet.unpacker.v1");
+}
+
 /// Largest gRPC message either side accepts: a chunk is at most
 /// `image_format::MAX_CHUNK_SIZE` plus framing, and manifests of large disks
 /// run to a few MiB.

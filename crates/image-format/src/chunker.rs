@@ -48,10 +48,12 @@ impl<R: Read> ChunkReader<R> {
 }
 
 /// Hash a raw disk file into a manifest. `progress` is called with the bytes
-/// hashed so far after every chunk.
+/// hashed so far after every chunk. `path` may be a block device.
 pub fn hash_file(path: &Path, chunk_size: u32, mut progress: impl FnMut(u64)) -> io::Result<Manifest> {
-    let file = File::open(path)?;
-    let size = file.metadata()?.len();
+    let mut file = File::open(path)?;
+    // A seek to the end gives the length of files and block devices alike.
+    let size = io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
+    io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
     let mut reader = ChunkReader::new(io::BufReader::with_capacity(chunk_size as usize, file), chunk_size);
     let mut chunks = Vec::with_capacity(usize::try_from(size.div_ceil(u64::from(chunk_size))).unwrap_or(0));
     let mut done = 0u64;

@@ -22,18 +22,8 @@ struct Cli {
     /// imageserver to talk to.
     #[arg(long, global = true, env = "IMAGESERVER", default_value = "localhost:6971", value_name = "HOST:PORT")]
     server: String,
-    /// Directory holding CA.pem, cert.pem and key.pem [default: ~/.ssl].
-    #[arg(long, global = true, value_name = "DIR")]
-    ssl_dir: Option<PathBuf>,
-    /// CA certificate (overrides --ssl-dir).
-    #[arg(long, global = true)]
-    ca: Option<PathBuf>,
-    /// Client certificate (overrides --ssl-dir).
-    #[arg(long, global = true)]
-    cert: Option<PathBuf>,
-    /// Client key (overrides --ssl-dir).
-    #[arg(long, global = true)]
-    key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: image_client::cli::TlsArgs,
     /// Print results as JSON on stdout (no progress bars).
     #[arg(long, global = true)]
     json: bool,
@@ -93,9 +83,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    image_client::cli::init_tracing("warn", false);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,16 +91,6 @@ fn main() -> ExitCode {
             eprintln!("imagetool: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn tls_files(cli: &Cli) -> TlsFiles {
-    let dir = cli.ssl_dir.clone().unwrap_or_else(TlsFiles::default_ssl_dir);
-    let base = TlsFiles::from_ssl_dir(&dir);
-    TlsFiles {
-        ca: cli.ca.clone().unwrap_or(base.ca),
-        cert: cli.cert.clone().unwrap_or(base.cert),
-        key: cli.key.clone().unwrap_or(base.key),
     }
 }
 
@@ -161,7 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Show { image } if image.contains('/') && ImageName::parse(image).is_ok() => Some(ImageName::parse(image)?),
         _ => None,
     };
-    let tls = tls_files(&cli);
+    let tls = cli.tls.files();
     let mut client = imagetool::client::connect(&cli.server, &tls).await?;
     match cli.command {
         Cmd::Add { file, chunk_size, .. } => {

@@ -1,0 +1,228 @@
+//! The work behind the long RPCs: scanning a device, writing a diff onto it,
+//! reading it back for capture, and streaming its bytes.
+//!
+//! **Invariants:** a chunk reaches the device only after its digest was
+//! checked (by `image_client::fetch_chunks`); writes go through the handle
+//! from `blockdev::open_for_write`; memory is bounded by [`WRITE_QUEUE`]
+//! chunks whatever the image size.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::Read as _,
+    os::unix::fs::FileExt,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use fleet_proto::unpacker::UnpackStats;
+use futures::StreamExt as _;
+use image_client::{Client, ClientError};
+use image_format::{ChunkReader, ChunkRef, Diff, Digest, Manifest, is_zero};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// Verified chunks waiting for the writer. With the fetch pipeline's own
+/// read-ahead this keeps network and disk busy at once.
+pub const WRITE_QUEUE: usize = 8;
+/// How often progress is reported.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Size of the pieces GetRaw sends.
+pub const RAW_PIECE: usize = 1 << 20;
+
+/// Why an unpack failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error(transparent)]
+    Fetch(#[from] ClientError),
+    #[error("writing the device failed: {0}")]
+    Write(std::io::Error),
+}
+
+/// Counters shared between the writer and the reporter.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub done_bytes: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub fetched_chunks: AtomicU64,
+}
+
+/// Hash what a device holds, `chunk_size` at a time, over its whole length.
+pub fn scan(path: &Path, chunk_size: u32, done: &AtomicU64) -> std::io::Result<Manifest> {
+    image_format::hash_file(path, chunk_size, |n| done.store(n, Ordering::Relaxed))
+}
+
+/// Bytes an unpack of `diff` writes.
+pub fn bytes_to_write(target: &Manifest, diff: &Diff) -> u64 {
+    diff.fetch.iter().map(|(i, _)| *i).chain(diff.zero.iter().copied()).map(|i| target.chunk_len(i) as u64).sum()
+}
+
+/// Write `diff` onto `file` so that it holds `target`: zero chunks first
+/// (local work while the first fetches travel), then fetched chunks as they
+/// arrive. Flushes the device before returning.
+pub async fn apply(
+    file: File,
+    client: Client,
+    target: &Manifest,
+    diff: &Diff,
+    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
+    mut tick: impl FnMut(),
+) -> Result<UnpackStats, UnpackError> {
+    let started = Instant::now();
+    let chunk_size = target.chunk_size() as usize;
+    let mut wanted: HashMap<Digest, Vec<u64>> = HashMap::new();
+    for (i, d) in &diff.fetch {
+        wanted.entry(*d).or_default().push(*i);
+    }
+    let zero: Vec<(u64, usize)> = diff.zero.iter().map(|&i| (target.offset(i), target.chunk_len(i))).collect();
+    let offsets: HashMap<u64, u64> = diff.fetch.iter().map(|(i, _)| (*i, target.offset(*i))).collect();
+
+    let (tx, mut rx) = mpsc::channel::<(Vec<u64>, Vec<u8>)>(WRITE_QUEUE);
+    let writer_counters = counters.clone();
+    let writer_metrics = metrics.clone();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
+        let zeros = vec![0u8; chunk_size];
+        let mut written = 0u64;
+        for (offset, len) in &zero {
+            file.write_all_at(&zeros[..*len], *offset)?;
+            writer_counters.done_bytes.fetch_add(*len as u64, Ordering::Relaxed);
+        }
+        Metrics::add(&writer_metrics.chunks_zeroed, zero.len() as u64);
+        while let Some((indices, plain)) = rx.blocking_recv() {
+            for i in indices {
+                file.write_all_at(&plain, offsets[&i])?;
+                written += 1;
+                writer_counters.done_bytes.fetch_add(plain.len() as u64, Ordering::Relaxed);
+                Metrics::add(&writer_metrics.bytes_written, plain.len() as u64);
+                Metrics::add(&writer_metrics.chunks_written, 1);
+            }
+        }
+        file.sync_all()?;
+        Ok((written, zero.len() as u64))
+    });
+
+    let mut fetched = image_client::fetch_chunks(client, diff.distinct_digests());
+    let mut last = Instant::now();
+    let mut fetch_error = None;
+    while let Some(item) = fetched.next().await {
+        let chunk = match item {
+            Ok(c) => c,
+            Err(e) => {
+                fetch_error = Some(e);
+                break;
+            }
+        };
+        counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+        counters.fetched_bytes.fetch_add(chunk.zstd.len() as u64, Ordering::Relaxed);
+        Metrics::add(&metrics.chunks_fetched, 1);
+        Metrics::add(&metrics.bytes_fetched, chunk.zstd.len() as u64);
+        let indices = wanted.remove(&chunk.digest).unwrap_or_default();
+        if tx.send((indices, chunk.plain)).await.is_err() {
+            break; // the writer failed; its error is reported below
+        }
+        if last.elapsed() >= PROGRESS_EVERY {
+            last = Instant::now();
+            tick();
+        }
+    }
+    drop(tx);
+    drop(fetched);
+    let written = writer.await.expect("the device writer does not panic");
+    if let Some(e) = fetch_error {
+        return Err(e.into());
+    }
+    let (chunks_written, chunks_zeroed) = written.map_err(UnpackError::Write)?;
+    let total = target.chunks().len() as u64;
+    Ok(UnpackStats {
+        chunks_fetched: counters.fetched_chunks.load(Ordering::Relaxed),
+        bytes_fetched: counters.fetched_bytes.load(Ordering::Relaxed),
+        chunks_written,
+        bytes_written: counters.done_bytes.load(Ordering::Relaxed),
+        chunks_zeroed,
+        chunks_unchanged: total - chunks_written - chunks_zeroed,
+        chunks_total: total,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What reading a device back found.
+#[derive(Debug)]
+pub enum ReadBack {
+    /// Every chunk matched; BLAKE3 of all `size` bytes.
+    Matches(blake3::Hash),
+    /// The first chunk that differs.
+    Differs { index: u64, offset: u64 },
+}
+
+/// Flush, drop the cache, and read the device's first `m.size()` bytes,
+/// checking each chunk against the manifest.
+pub fn read_back(path: &Path, m: &Manifest, done: &AtomicU64) -> std::io::Result<ReadBack> {
+    let file = File::open(path)?;
+    file.sync_all()?;
+    crate::blockdev::drop_cache(&file);
+    let mut reader = ChunkReader::new(std::io::BufReader::with_capacity(1 << 20, file.take(m.size())), m.chunk_size());
+    let mut whole = blake3::Hasher::new();
+    let mut count = 0u64;
+    while let Some((index, buf)) = reader.next_chunk()? {
+        let ok = match m.chunks().get(usize::try_from(index).unwrap_or(usize::MAX)) {
+            Some(ChunkRef::Zero) => is_zero(buf),
+            Some(ChunkRef::Data(d)) => Digest::of(buf) == *d,
+            None => false,
+        };
+        if !ok || buf.len() != m.chunk_len(index) {
+            return Ok(ReadBack::Differs { index, offset: m.offset(index) });
+        }
+        whole.update(buf);
+        count += 1;
+        done.fetch_add(buf.len() as u64, Ordering::Relaxed);
+    }
+    if count != m.chunks().len() as u64 {
+        return Ok(ReadBack::Differs { index: count, offset: m.offset(count.min(m.chunks().len() as u64)) });
+    }
+    Ok(ReadBack::Matches(whole.finalize()))
+}
+
+/// Send the device's first `size` bytes in [`RAW_PIECE`] pieces.
+pub fn send_raw(
+    path: &Path,
+    size: u64,
+    tx: &mpsc::Sender<Result<fleet_proto::unpacker::RawData, tonic::Status>>,
+) -> std::io::Result<()> {
+    let mut file = File::open(path)?.take(size);
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; RAW_PIECE];
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        let msg = fleet_proto::unpacker::RawData {
+            offset,
+            data: buf[..filled].to_vec().into(),
+            total: if offset == 0 { size } else { 0 },
+        };
+        if tx.blocking_send(Ok(msg)).is_err() {
+            break; // the caller went away
+        }
+        offset += filled as u64;
+    }
+    if offset != size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the device ended after {offset} of {size} bytes"),
+        ));
+    }
+    Ok(())
+}

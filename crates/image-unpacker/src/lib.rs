@@ -1,0 +1,122 @@
+//! The image-unpacker: an agent on an EC2 instance that brings attached
+//! volumes to any leaf of an image stream, writing only what changed.
+//!
+//! Entry points: [`run`] (the daemon) and [`start`] (bind, then serve in the
+//! background: used by tests, benchmarks and the local world). The gRPC
+//! service is in `service`, the work behind it in `engine`, the device
+//! safety checks in `blockdev`, volume discovery in `devices`, the persisted
+//! record in `state`; [`client`] is what unpacker-tool and ami-publisher use.
+//!
+//! **Architecture invariants:** the unpacker knows nothing of AWS; only a
+//! certificate with the drive-unpacker right may call it; a device is written
+//! only while bound to a stream and free (see `blockdev`); a chunk is written
+//! only after its digest was checked.
+
+#![forbid(unsafe_code)]
+
+pub mod blockdev;
+pub mod client;
+pub mod devices;
+pub mod engine;
+mod metrics;
+mod service;
+pub mod state;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use fleet_proto::unpacker::image_unpacker_server::ImageUnpackerServer;
+use fleet_tls::TlsFiles;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+pub use metrics::Metrics;
+pub use service::{ServiceConfig, Unpacker, stats_line};
+
+/// Default gRPC port.
+pub const DEFAULT_PORT: u16 = 6974;
+
+/// Everything the daemon needs, validated before any port is bound.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    pub device_dir: PathBuf,
+    pub image_server: String,
+    pub tls: TlsFiles,
+}
+
+/// An unpacker running in the background.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub unpacker: Unpacker,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stop serving and wait for the server to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await.context("server task panicked")?
+    }
+
+    /// Wait until the server fails or is stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+}
+
+/// Bind the ports and serve in the background.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let tls = config.tls.server_config().context("loading the unpacker's TLS files")?;
+    // The client side is checked now too: a bad file should stop the start,
+    // not the first unpack.
+    config.tls.client_config(fleet_tls::IMAGESERVER_TLS_NAME).context("loading the unpacker's TLS files")?;
+    let metrics = Arc::new(Metrics::default());
+    let service_config = ServiceConfig {
+        device_dir: config.device_dir.clone(),
+        image_server: config.image_server.clone(),
+        tls: config.tls.clone(),
+    };
+    let unpacker = Unpacker::new(&config.state_dir, service_config, metrics)
+        .with_context(|| format!("opening the state directory '{}'", config.state_dir.display()))?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let metrics_addr = match config.metrics_listen {
+        Some(a) => Some(metrics::serve(a, unpacker.clone()).await?),
+        None => None,
+    };
+    let (shutdown, mut rx) = watch::channel(false);
+    let grpc = ImageUnpackerServer::new(unpacker.clone())
+        .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES);
+    let task = tokio::spawn(async move {
+        Server::builder()
+            .tls_config(tls)?
+            .tcp_nodelay(true)
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+            .context("gRPC server failed")
+    });
+    tracing::info!(%addr, ?metrics_addr, state_dir = %config.state_dir.display(),
+        device_dir = %config.device_dir.display(), image_server = %config.image_server, "image-unpacker listening");
+    Ok(Running { addr, metrics_addr, unpacker, shutdown, task })
+}
+
+/// Run the daemon until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    }
+    running.stop().await
+}

@@ -1,0 +1,489 @@
+//! The image-unpacker against a real imageserver, over real mutual TLS, on
+//! loop block devices when this machine allows (root and /dev/loop-control),
+//! else on sparse files; each test prints which it used.
+
+use std::{path::PathBuf, pin::Pin, time::Duration};
+
+use fleet_pki::{LeafSpec, Role};
+use fleet_proto::imageserver::{self as is, image_server_server::ImageServer};
+use fleet_tls::TlsFiles;
+use futures::Stream;
+use image_format::{ImageName, Manifest};
+use image_unpacker::client::{
+    AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Client, ForgetStreamRequest, GetRawRequest,
+    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, RemoveDeviceRequest, StreamState,
+    UnpackImageRequest, UnpackStats,
+};
+use imagetool::Progress as AddProgress;
+use test_support::{Pki, ScratchDevice, noise};
+use tonic::{Code, Request, Response, Status};
+
+const CHUNK: u32 = 64 * 1024;
+const STREAM: &str = "base/test";
+
+struct Rig {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    server: imageserver::Running,
+    unpacker: Option<image_unpacker::Running>,
+    publisher: TlsFiles,
+}
+
+impl Rig {
+    async fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(&dir.path().join("pki")).unwrap();
+        let server = test_support::imageserver(&pki, &dir.path().join("data")).await.unwrap();
+        let publisher = pki.role(Role::AmiPublisher).unwrap();
+        let mut rig = Rig { dir, pki, server, unpacker: None, publisher };
+        rig.start_unpacker().await;
+        rig
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn start_unpacker_for(&mut self, image_server: &str) {
+        let u = test_support::unpacker(
+            &self.pki,
+            "127.0.0.1:0".parse().unwrap(),
+            &self.path("state"),
+            &self.path("by-id"),
+            image_server,
+        )
+        .await
+        .unwrap();
+        self.unpacker = Some(u);
+    }
+
+    async fn start_unpacker(&mut self) {
+        let addr = self.server.addr.to_string();
+        self.start_unpacker_for(&addr).await;
+    }
+
+    async fn stop_unpacker(&mut self) {
+        self.unpacker.take().unwrap().stop().await.unwrap();
+    }
+
+    fn unpacker_addr(&self) -> String {
+        self.unpacker.as_ref().unwrap().addr.to_string()
+    }
+
+    async fn client(&self) -> Client {
+        image_unpacker::client::connect(&self.unpacker_addr(), &self.publisher).await.unwrap()
+    }
+
+    /// Add `bytes` as STREAM/leaf; returns its manifest.
+    async fn add(&self, leaf: &str, bytes: &[u8]) -> Manifest {
+        let file = self.path(&format!("{leaf}.raw"));
+        std::fs::write(&file, bytes).unwrap();
+        let builder = self.pki.role(Role::ImageBuilder).unwrap();
+        let mut c = imagetool::client::connect(&self.server.addr.to_string(), &builder).await.unwrap();
+        let name = ImageName::new(STREAM, leaf).unwrap();
+        imagetool::add(&mut c, &name, &file, CHUNK, AddProgress::Hidden).await.unwrap();
+        image_format::hash_file(&file, CHUNK, |_| {}).unwrap()
+    }
+
+    /// A scratch device claimed as `vol` and bound to STREAM.
+    async fn bound_device(&self, c: &mut Client, vol: &str, size: u64, fresh: bool) -> ScratchDevice {
+        let dev = ScratchDevice::new(&self.path(&format!("{vol}.img")), size).unwrap();
+        eprintln!("device: {}", dev.describe());
+        let req = ClaimDeviceRequest { volume_id: vol.into(), path: dev.path.display().to_string(), fresh };
+        c.claim_device(req).await.unwrap();
+        c.associate_stream_with_device(AssociateRequest { stream: STREAM.into(), volume_id: vol.into() })
+            .await
+            .unwrap();
+        dev
+    }
+}
+
+async fn unpack(c: &mut Client, leaf: &str) -> Result<UnpackStats, Status> {
+    let s = c.unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: leaf.into() }).await?.into_inner();
+    let last = image_unpacker::client::follow(s, |_| {}).await?;
+    Ok(last.stats.expect("the last message carries stats"))
+}
+
+async fn capture(c: &mut Client) -> Result<image_unpacker::client::Capture, Status> {
+    Ok(c.prepare_for_capture(PrepareForCaptureRequest { stream: STREAM.into() }).await?.into_inner())
+}
+
+/// A disk-like image: data, a zero run, more data, a short tail.
+fn disk(seed: u64) -> Vec<u8> {
+    let mut d = noise(48 * CHUNK as usize + 4321, seed);
+    d[4 * CHUNK as usize..12 * CHUNK as usize].fill(0);
+    d
+}
+
+fn chunk_range(i: usize) -> std::ops::Range<usize> {
+    i * CHUNK as usize..(i + 1) * CHUNK as usize
+}
+
+#[tokio::test]
+async fn unpacks_bit_for_bit_then_writes_only_what_changed() {
+    let rig = Rig::new().await;
+    let a = disk(1);
+    let ma = rig.add("1", &a).await;
+    let mut c = rig.client().await;
+    // Not fresh: the unpacker must scan to learn the device is empty.
+    let dev = rig.bound_device(&mut c, "vol-0000000000000001", 64 * CHUNK as u64, false).await;
+
+    let s = unpack(&mut c, "1").await.unwrap();
+    let data_chunks = ma.chunks().len() as u64 - ma.zero_chunks();
+    assert_eq!(s.chunks_total, 49);
+    assert_eq!(s.chunks_written, data_chunks, "every data chunk written once");
+    assert_eq!(s.chunks_zeroed, 0, "a device that reads as zero gets no zero writes");
+    assert_eq!(dev.read(a.len()).unwrap(), a, "device holds leaf 1 bit for bit");
+    let cap = capture(&mut c).await.unwrap();
+    assert_eq!(cap.image_id, ma.image_id().to_hex());
+    assert_eq!(cap.device_digest, blake3::hash(&a).to_hex().to_string());
+    assert_eq!(cap.leaf, "1");
+
+    // Leaf 2: three chunks rewritten, two newly zero, one zero run filled.
+    let mut b = a.clone();
+    for i in [1, 20, 47] {
+        b[chunk_range(i)].copy_from_slice(&noise(CHUNK as usize, 100 + i as u64));
+    }
+    for i in [30, 31] {
+        b[chunk_range(i)].fill(0);
+    }
+    b[chunk_range(5)].copy_from_slice(&noise(CHUNK as usize, 7));
+    rig.add("2", &b).await;
+    let s = unpack(&mut c, "2").await.unwrap();
+    assert_eq!(s.chunks_written, 4, "only the changed chunks are written");
+    assert_eq!(s.chunks_zeroed, 2, "newly zero chunks are zeroed");
+    assert_eq!(s.chunks_fetched, 4);
+    let changed = 4 * u64::from(CHUNK);
+    assert!(s.bytes_fetched <= changed * 105 / 100, "fetched {} for {changed} changed bytes", s.bytes_fetched);
+    assert_eq!(s.chunks_unchanged, 49 - 6);
+    assert_eq!(dev.read(b.len()).unwrap(), b, "device holds leaf 2 bit for bit");
+    let cap = capture(&mut c).await.unwrap();
+    assert_eq!(cap.device_digest, blake3::hash(&b).to_hex().to_string());
+
+    // Back to leaf 1: the same delta in reverse.
+    let s = unpack(&mut c, "1").await.unwrap();
+    assert_eq!((s.chunks_written, s.chunks_zeroed), (5, 1), "chunks 1,20,30,31,47 rewritten; chunk 5 zero again");
+    assert_eq!(dev.read(a.len()).unwrap(), a);
+
+    // GetRaw streams exactly the image bytes.
+    let mut raw = c.get_raw(GetRawRequest { stream: STREAM.into() }).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(p) = raw.message().await.unwrap() {
+        assert_eq!(p.offset, got.len() as u64);
+        got.extend_from_slice(&p.data);
+    }
+    assert_eq!(got, a);
+}
+
+#[tokio::test]
+async fn a_fresh_volume_is_not_scanned_and_gets_no_zero_writes() {
+    let rig = Rig::new().await;
+    let a = disk(2);
+    rig.add("1", &a).await;
+    let mut c = rig.client().await;
+    let _dev = rig.bound_device(&mut c, "vol-0000000000000002", 64 * CHUNK as u64, true).await;
+    let st = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.streams[0].state(), StreamState::Prepared, "a fresh device needs no prepare");
+    let s = unpack(&mut c, "1").await.unwrap();
+    assert_eq!(s.chunks_zeroed, 0);
+    let metrics = http_get(rig.unpacker.as_ref().unwrap().metrics_addr.unwrap(), "/metrics").await;
+    assert!(metrics.contains("unpacker_scans_total 0"), "{metrics}");
+    assert!(metrics.contains("unpacker_unpacks_total 1"), "{metrics}");
+    let status = http_get(rig.unpacker.as_ref().unwrap().metrics_addr.unwrap(), "/status").await;
+    assert!(status.contains("vol-0000000000000002") && status.contains("STREAM_STATE_UNPACKED"), "{status}");
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let mut rig = Rig::new().await;
+    let a = disk(3);
+    let ma = rig.add("1", &a).await;
+    let mut c = rig.client().await;
+    let dev = rig.bound_device(&mut c, "vol-0000000000000003", 64 * CHUNK as u64, true).await;
+    unpack(&mut c, "1").await.unwrap();
+    capture(&mut c).await.unwrap();
+    rig.stop_unpacker().await;
+    rig.start_unpacker().await;
+
+    let mut c = rig.client().await;
+    let st = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.devices.len(), 1);
+    assert_eq!(st.devices[0].stream, STREAM);
+    let s = &st.streams[0];
+    assert_eq!((s.state(), s.leaf.as_str(), s.image_id.clone()), (StreamState::Verified, "1", ma.image_id().to_hex()));
+    // Prepared from the record: no scan.
+    let p = c
+        .prepare_for_unpack(PrepareForUnpackRequest {
+            stream: STREAM.into(),
+            skip_if_prepared: true,
+            do_not_wait: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    image_unpacker::client::follow(p, |_| {}).await.unwrap();
+    let mut b = a.clone();
+    b[chunk_range(0)].copy_from_slice(&noise(CHUNK as usize, 9));
+    rig.add("2", &b).await;
+    let s = unpack(&mut c, "2").await.unwrap();
+    assert_eq!(s.chunks_written, 1, "the delta after a restart is still just the change");
+    assert_eq!(dev.read(b.len()).unwrap(), b);
+    let metrics = http_get(rig.unpacker.as_ref().unwrap().metrics_addr.unwrap(), "/metrics").await;
+    assert!(metrics.contains("unpacker_scans_total 0"), "{metrics}");
+}
+
+#[tokio::test]
+async fn devices_are_found_by_volume_id_and_bindings_are_enforced() {
+    let rig = Rig::new().await;
+    let mut c = rig.client().await;
+    let vol = "vol-0abcdef012345678";
+    let dev = ScratchDevice::new(&rig.path("late.img"), 8 * CHUNK as u64).unwrap();
+    // The volume appears a little after the request, as an attach does.
+    let link = rig.path("by-id").join(image_unpacker::devices::nitro_name(vol));
+    let target = dev.path.clone();
+    let appear = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        std::os::unix::fs::symlink(target, link).unwrap();
+    });
+    let d = c
+        .add_device(AddDeviceRequest { volume_id: vol.into(), timeout_seconds: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    appear.await.unwrap();
+    assert_eq!(d.path, std::fs::canonicalize(&dev.path).unwrap().display().to_string());
+    assert_eq!(d.size_bytes, 8 * u64::from(CHUNK));
+
+    let e = c
+        .add_device(AddDeviceRequest {
+            volume_id: "vol-0fff00000000000f".into(),
+            timeout_seconds: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded);
+    assert!(e.message().contains("vol-0fff00000000000f") && e.message().contains("within 1s"), "{}", e.message());
+    let e = c.add_device(AddDeviceRequest { volume_id: "vol-../../x".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // Unbound: unpack is refused and names what to do.
+    let e = unpack(&mut c, "1").await.unwrap_err();
+    assert!(e.message().contains("not associated"), "{}", e.message());
+    c.associate_stream_with_device(AssociateRequest { stream: STREAM.into(), volume_id: vol.into() }).await.unwrap();
+    let e = c
+        .associate_stream_with_device(AssociateRequest { stream: "other/stream".into(), volume_id: vol.into() })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("bound to stream base/test"), "{}", e.message());
+    let e = c.remove_device(RemoveDeviceRequest { volume_id: vol.into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    c.forget_stream(ForgetStreamRequest { stream: STREAM.into() }).await.unwrap();
+    c.remove_device(RemoveDeviceRequest { volume_id: vol.into() }).await.unwrap();
+    let st = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(st.devices.is_empty() && st.streams.is_empty());
+    // An image larger than the device is refused before anything is written.
+    rig.add("big", &noise(9 * CHUNK as usize, 4)).await;
+    let _small = rig.bound_device(&mut c, "vol-0000000000000009", 8 * CHUNK as u64, true).await;
+    let e = unpack(&mut c, "big").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("holds only"), "{}", e.message());
+}
+
+#[tokio::test]
+async fn unauthorized_clients_are_refused() {
+    let rig = Rig::new().await;
+    // The builder role may read and write images but not drive unpackers.
+    let builder = rig.pki.role(Role::ImageBuilder).unwrap();
+    let mut c = image_unpacker::client::connect(&rig.unpacker_addr(), &builder).await.unwrap();
+    let e = c.get_status(GetStatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("drive-unpacker"), "{}", e.message());
+    // A certificate from another CA fails the handshake.
+    let other = Pki::new(&rig.path("other-pki")).unwrap();
+    let stranger = other.role(Role::AmiPublisher).unwrap();
+    let mixed = TlsFiles { ca: rig.publisher.ca.clone(), ..stranger };
+    let refused = match image_unpacker::client::connect(&rig.unpacker_addr(), &mixed).await {
+        Err(_) => true,
+        Ok(mut c) => c.get_status(GetStatusRequest {}).await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA must be refused");
+    // An expired publisher certificate is refused too.
+    let mut spec = LeafSpec::for_role(Role::AmiPublisher);
+    spec.valid_from = time_days(-30);
+    spec.valid_until = time_days(-1);
+    let expired = rig.pki.issue("expired", &spec).unwrap();
+    let refused = match image_unpacker::client::connect(&rig.unpacker_addr(), &expired).await {
+        Err(_) => true,
+        Ok(mut c) => c.get_status(GetStatusRequest {}).await.is_err(),
+    };
+    assert!(refused, "an expired certificate must be refused");
+}
+
+fn time_days(d: i64) -> time::Duration {
+    time::Duration::days(d)
+}
+
+#[tokio::test]
+async fn a_corrupt_chunk_from_a_misbehaving_server_is_never_written() {
+    let mut rig = Rig::new().await;
+    let a = disk(5);
+    let ma = rig.add("1", &a).await;
+    // A server with the right certificate that serves the real manifest but
+    // flips a bit in every chunk it sends.
+    let liar = Liar { manifest: ma.clone() };
+    let tls = rig.pki.role(Role::Imageserver).unwrap().server_config().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar_addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(is::image_server_server::ImageServerServer::new(liar))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    rig.stop_unpacker().await;
+    rig.start_unpacker_for(&liar_addr.to_string()).await;
+    let mut c = rig.client().await;
+    let dev = rig.bound_device(&mut c, "vol-0000000000000005", 64 * CHUNK as u64, true).await;
+    let e = unpack(&mut c, "1").await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("does not match its digest"), "{}", e.message());
+    assert!(dev.read(64 * CHUNK as usize).unwrap().iter().all(|&b| b == 0), "nothing was written");
+    let st = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.streams[0].state(), StreamState::Dirty);
+    let e = capture(&mut c).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_mounted_device_is_never_touched() {
+    if !test_support::loop_devices_available() {
+        eprintln!("SKIPPED: mounting needs root and loop devices; the lock check below still runs");
+        let rig = Rig::new().await;
+        rig.add("1", &disk(6)).await;
+        let mut c = rig.client().await;
+        let dev = rig.bound_device(&mut c, "vol-0000000000000006", 64 * CHUNK as u64, true).await;
+        let held = std::fs::OpenOptions::new().write(true).open(&dev.path).unwrap();
+        held.lock().unwrap();
+        let e = unpack(&mut c, "1").await.unwrap_err();
+        assert!(e.message().contains("in use"), "{}", e.message());
+        return;
+    }
+    let rig = Rig::new().await;
+    rig.add("1", &disk(6)).await;
+    let mut c = rig.client().await;
+    let dev = rig.bound_device(&mut c, "vol-0000000000000006", 64 * CHUNK as u64, true).await;
+    assert!(std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev.path).status().unwrap().success());
+    let mnt = rig.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    assert!(std::process::Command::new("mount").arg(&dev.path).arg(&mnt).status().unwrap().success());
+    let before = blake3::hash(&dev.read(64 * CHUNK as usize).unwrap());
+    let e = unpack(&mut c, "1").await.unwrap_err();
+    let after = blake3::hash(&dev.read(64 * CHUNK as usize).unwrap());
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("is mounted on"), "{}", e.message());
+    assert_eq!(before, after, "the mounted device's bytes are unchanged");
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// An imageserver that serves a real manifest and corrupted chunks.
+struct Liar {
+    manifest: Manifest,
+}
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn no<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented("not in this test server"))
+}
+
+#[tonic::async_trait]
+impl ImageServer for Liar {
+    async fn list_streams(
+        &self,
+        _: Request<is::ListStreamsRequest>,
+    ) -> Result<Response<is::ListStreamsResponse>, Status> {
+        no()
+    }
+    async fn list_images(&self, _: Request<is::ListImagesRequest>) -> Result<Response<is::ListImagesResponse>, Status> {
+        no()
+    }
+    async fn find_latest_image(
+        &self,
+        _: Request<is::FindLatestImageRequest>,
+    ) -> Result<Response<is::ImageInfo>, Status> {
+        no()
+    }
+    async fn get_manifest(
+        &self,
+        _: Request<is::GetManifestRequest>,
+    ) -> Result<Response<is::GetManifestResponse>, Status> {
+        let info = is::ImageInfo { image_id: self.manifest.image_id().to_hex(), ..Default::default() };
+        Ok(Response::new(is::GetManifestResponse { info: Some(info), manifest: self.manifest.encode().into() }))
+    }
+    async fn find_missing_chunks(
+        &self,
+        _: Request<is::FindMissingChunksRequest>,
+    ) -> Result<Response<is::FindMissingChunksResponse>, Status> {
+        no()
+    }
+    async fn upload_chunks(
+        &self,
+        _: Request<tonic::Streaming<is::UploadChunk>>,
+    ) -> Result<Response<is::UploadChunksResponse>, Status> {
+        no()
+    }
+    async fn commit_image(&self, _: Request<is::CommitImageRequest>) -> Result<Response<is::ImageInfo>, Status> {
+        no()
+    }
+    async fn delete_image(
+        &self,
+        _: Request<is::DeleteImageRequest>,
+    ) -> Result<Response<is::DeleteImageResponse>, Status> {
+        no()
+    }
+    async fn collect_garbage(
+        &self,
+        _: Request<is::CollectGarbageRequest>,
+    ) -> Result<Response<is::CollectGarbageResponse>, Status> {
+        no()
+    }
+    type FetchChunksStream = Boxed<is::Chunk>;
+    async fn fetch_chunks(
+        &self,
+        req: Request<is::FetchChunksRequest>,
+    ) -> Result<Response<Self::FetchChunksStream>, Status> {
+        let chunks: Vec<Result<is::Chunk, Status>> = req
+            .into_inner()
+            .digests
+            .into_iter()
+            .map(|d| {
+                let mut bad = noise(CHUNK as usize, 99);
+                bad[0] ^= 1;
+                Ok(is::Chunk { digest: d, zstd_data: image_client::compress(&bad).into() })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+    type WatchImagesStream = Boxed<is::ImageEvent>;
+    async fn watch_images(
+        &self,
+        _: Request<is::WatchImagesRequest>,
+    ) -> Result<Response<Self::WatchImagesStream>, Status> {
+        no()
+    }
+    type ReplicateStream = Boxed<is::ImageEvent>;
+    async fn replicate(&self, _: Request<is::ReplicateRequest>) -> Result<Response<Self::ReplicateStream>, Status> {
+        no()
+    }
+}

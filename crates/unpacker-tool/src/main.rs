@@ -1,0 +1,274 @@
+//! `unpacker-tool`: every image-unpacker RPC from the command line.
+
+use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use image_unpacker::client::{
+    AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Device, ForgetStreamRequest, GetRawRequest,
+    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, RemoveDeviceRequest, StreamStatus,
+    UnpackImageRequest,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+/// Drive an image-unpacker by hand.
+///
+/// The usual sequence for a new volume: add-device (or claim-device), associate
+/// STREAM VOL, prepare-for-unpack STREAM, unpack-image STREAM LEAF,
+/// prepare-for-capture STREAM. The client certificate must carry the
+/// drive-unpacker right (the ami-publisher role); it is read from --ssl-dir
+/// (CA.pem, cert.pem, key.pem) unless --ca/--cert/--key are given.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// The unpacker to drive.
+    #[arg(long, global = true, env = "IMAGE_UNPACKER", default_value = "localhost:6974", value_name = "HOST:PORT")]
+    unpacker: String,
+    #[command(flatten)]
+    tls: image_client::cli::TlsArgs,
+    /// Print results as JSON on stdout (no progress bars).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Devices, streams, and how long the unpacker has been idle.
+    GetStatus,
+    /// Wait for an attached volume to appear, then record it.
+    AddDevice {
+        /// EBS volume id (vol-…).
+        volume_id: String,
+        /// Device name given at attach time (e.g. /dev/sdf), for Xen instances.
+        #[arg(long)]
+        attach_name: Option<String>,
+        /// How long to wait for the volume to appear.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The volume was just created empty: skip the scan, write no zeros.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Forget a device (do this before detaching it).
+    RemoveDevice { volume_id: String },
+    /// Record the device at PATH as volume VOLUME_ID.
+    ClaimDevice {
+        volume_id: String,
+        path: PathBuf,
+        /// The device is empty: skip the scan, write no zeros.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Bind STREAM to a device; only that stream may write it.
+    Associate { stream: String, volume_id: String },
+    /// Learn what the stream's device holds (scan unless known).
+    PrepareForUnpack {
+        stream: String,
+        /// Do nothing if the device's content is already known.
+        #[arg(long)]
+        skip_if_prepared: bool,
+        /// Start the scan and return at once.
+        #[arg(long)]
+        do_not_wait: bool,
+    },
+    /// Bring the stream's device to LEAF, writing only what differs.
+    UnpackImage { stream: String, leaf: String },
+    /// Flush and read the device back; prints the image id and device digest.
+    PrepareForCapture { stream: String },
+    /// Unbind a stream from its device.
+    ForgetStream { stream: String },
+    /// Copy the image bytes on the stream's device to OUT (written atomically).
+    GetRaw { stream: String, out: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    image_client::cli::init_tracing("warn", false);
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("unpacker-tool: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn device_json(d: &Device) -> serde_json::Value {
+    json!({"volume_id": d.volume_id, "path": d.path, "size_bytes": d.size_bytes, "kind": d.kind, "stream": d.stream})
+}
+
+fn stream_json(s: &StreamStatus) -> serde_json::Value {
+    json!({"stream": s.stream, "volume_id": s.volume_id, "device_path": s.device_path,
+        "state": s.state().as_str_name().trim_start_matches("STREAM_STATE_").to_lowercase(),
+        "leaf": s.leaf, "image_id": s.image_id, "image_size": s.image_size})
+}
+
+fn bar(json: bool) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{msg:10} [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    b
+}
+
+fn show_progress(b: &ProgressBar) -> impl FnMut(&Progress) + '_ {
+    |p| {
+        b.set_message(p.phase.clone());
+        b.set_length(p.total_bytes);
+        b.set_position(p.done_bytes);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = cli.tls.files();
+    let mut c = image_unpacker::client::connect(&cli.unpacker, &tls).await?;
+    let out = |v: serde_json::Value, text: String| {
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        } else {
+            println!("{text}");
+        }
+    };
+    match cli.command {
+        Cmd::GetStatus => {
+            let s = c.get_status(GetStatusRequest {}).await?.into_inner();
+            let v = json!({"version": s.version, "image_server": s.image_server, "idle_seconds": s.idle_seconds,
+                "busy": s.busy, "devices": s.devices.iter().map(device_json).collect::<Vec<_>>(),
+                "streams": s.streams.iter().map(stream_json).collect::<Vec<_>>()});
+            let mut t = format!(
+                "image-unpacker {} (imageserver {}); idle {}s{}\nDEVICES\n",
+                s.version,
+                s.image_server,
+                s.idle_seconds,
+                if s.busy { "; busy" } else { "" }
+            );
+            for d in &s.devices {
+                t += &format!("  {:24} {:40} {:>14} {:5} {}\n", d.volume_id, d.path, d.size_bytes, d.kind, d.stream);
+            }
+            t += "STREAMS\n";
+            for st in &s.streams {
+                let j = stream_json(st);
+                t += &format!(
+                    "  {:30} {:24} {:10} {} {}\n",
+                    st.stream,
+                    st.volume_id,
+                    j["state"].as_str().unwrap_or(""),
+                    st.leaf,
+                    st.image_id
+                );
+            }
+            out(v, t.trim_end().to_owned());
+        }
+        Cmd::AddDevice { volume_id, attach_name, timeout, fresh } => {
+            let req = AddDeviceRequest {
+                volume_id,
+                attach_name: attach_name.unwrap_or_default(),
+                timeout_seconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+                fresh,
+            };
+            let d = c.add_device(req).await?.into_inner();
+            out(device_json(&d), format!("added {} at {} ({} bytes)", d.volume_id, d.path, d.size_bytes));
+        }
+        Cmd::RemoveDevice { volume_id } => {
+            c.remove_device(RemoveDeviceRequest { volume_id: volume_id.clone() }).await?;
+            out(json!({"removed": volume_id}), format!("removed {volume_id}"));
+        }
+        Cmd::ClaimDevice { volume_id, path, fresh } => {
+            let req = ClaimDeviceRequest { volume_id, path: path.display().to_string(), fresh };
+            let d = c.claim_device(req).await?.into_inner();
+            out(device_json(&d), format!("claimed {} at {} ({} bytes)", d.volume_id, d.path, d.size_bytes));
+        }
+        Cmd::Associate { stream, volume_id } => {
+            let s = c.associate_stream_with_device(AssociateRequest { stream, volume_id }).await?.into_inner();
+            let j = stream_json(&s);
+            out(j.clone(), format!("{} bound to {} ({})", s.stream, s.volume_id, j["state"].as_str().unwrap_or("")));
+        }
+        Cmd::PrepareForUnpack { stream, skip_if_prepared, do_not_wait } => {
+            let req = PrepareForUnpackRequest { stream, skip_if_prepared, do_not_wait };
+            let b = bar(cli.json);
+            let last = image_unpacker::client::follow(c.prepare_for_unpack(req).await?.into_inner(), show_progress(&b))
+                .await?;
+            b.finish_and_clear();
+            match last.result {
+                Some(s) => {
+                    let j = stream_json(&s);
+                    out(j.clone(), format!("{} on {}: {}", s.stream, s.volume_id, j["state"].as_str().unwrap_or("")));
+                }
+                None => out(json!({"phase": last.phase}), format!("{} (not waiting)", last.phase)),
+            }
+        }
+        Cmd::UnpackImage { stream, leaf } => {
+            let b = bar(cli.json);
+            let last = image_unpacker::client::follow(
+                c.unpack_image(UnpackImageRequest { stream, leaf }).await?.into_inner(),
+                show_progress(&b),
+            )
+            .await?;
+            b.finish_and_clear();
+            let stats = last.stats.unwrap_or_default();
+            let s = last.result.unwrap_or_default();
+            let v = json!({"stream": s.stream, "leaf": s.leaf, "image_id": s.image_id, "volume_id": s.volume_id,
+                "chunks_total": stats.chunks_total, "chunks_written": stats.chunks_written,
+                "chunks_zeroed": stats.chunks_zeroed, "chunks_unchanged": stats.chunks_unchanged,
+                "chunks_fetched": stats.chunks_fetched, "bytes_fetched": stats.bytes_fetched,
+                "bytes_written": stats.bytes_written, "seconds": stats.seconds});
+            out(v, format!("{}/{} on {}: {}", s.stream, s.leaf, s.volume_id, image_unpacker::stats_line(&stats)));
+        }
+        Cmd::PrepareForCapture { stream } => {
+            let cap = c.prepare_for_capture(PrepareForCaptureRequest { stream }).await?.into_inner();
+            let v = json!({"stream": cap.stream, "leaf": cap.leaf, "image_id": cap.image_id,
+                "image_size": cap.image_size, "device_digest": cap.device_digest, "volume_id": cap.volume_id});
+            out(
+                v,
+                format!(
+                    "{}/{} on {} verified\n  image id {}\n  device digest {}",
+                    cap.stream, cap.leaf, cap.volume_id, cap.image_id, cap.device_digest
+                ),
+            );
+        }
+        Cmd::ForgetStream { stream } => {
+            c.forget_stream(ForgetStreamRequest { stream: stream.clone() }).await?;
+            out(json!({"forgotten": stream}), format!("forgot {stream}"));
+        }
+        Cmd::GetRaw { stream, out: path } => {
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            let mut s = c.get_raw(GetRawRequest { stream }).await?.into_inner();
+            let b = bar(cli.json);
+            b.set_message("reading");
+            let mut total = 0u64;
+            let mut expected = None;
+            while let Some(piece) = s.message().await? {
+                if piece.offset == 0 {
+                    expected = Some(piece.total);
+                    b.set_length(piece.total);
+                }
+                anyhow::ensure!(
+                    piece.offset == total,
+                    "the unpacker sent offset {} where {total} was due",
+                    piece.offset
+                );
+                tmp.write_all(&piece.data)?;
+                total += piece.data.len() as u64;
+                b.set_position(total);
+            }
+            b.finish_and_clear();
+            anyhow::ensure!(expected.unwrap_or(0) == total, "the unpacker sent {total} of {expected:?} bytes");
+            tmp.as_file().sync_all()?;
+            tmp.persist(&path)?;
+            chunk_store::sync_dir(dir)?;
+            out(json!({"out": path, "bytes": total}), format!("wrote {total} bytes to '{}'", path.display()));
+        }
+    }
+    Ok(())
+}
