@@ -104,3 +104,38 @@ fn readme_commands_are_what_ci_runs() {
         assert!(ci.contains(c), ".ci/run does not run '{c}'");
     }
 }
+
+/// The systemd units in deploy/ pass `systemd-analyze verify` (with the
+/// binaries swapped for /bin/true, since they are not installed here), and
+/// every flag they pass exists in the daemon's CLI.
+#[test]
+fn deploy_units_verify() {
+    let deploy = root().join("deploy");
+    let tmp = std::env::temp_dir().join(format!("units-{}", std::process::id()));
+    fs::create_dir_all(&tmp).unwrap();
+    let mut units = Vec::new();
+    for e in fs::read_dir(&deploy).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "service") {
+            let text = fs::read_to_string(&p).unwrap();
+            let exec = text.lines().find(|l| l.starts_with("ExecStart=")).expect("an ExecStart line");
+            let src = fs::read_to_string(root().join("crates").join(p.file_stem().unwrap()).join("src/main.rs")).unwrap();
+            for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+                let field = flag.trim_start_matches("--").replace('-', "_");
+                assert!(src.contains(&format!("    {field}: ")), "{}: {flag} is not a flag of the daemon", p.display());
+            }
+            let bin = exec.trim_start_matches("ExecStart=").split_whitespace().next().unwrap();
+            let out = tmp.join(p.file_name().unwrap());
+            fs::write(&out, text.replace(bin, "/bin/true")).unwrap();
+            units.push(out);
+        }
+    }
+    assert!(units.len() >= 2, "deploy/ holds the imageserver and image-unpacker units");
+    let Ok(out) = Command::new("systemd-analyze").arg("verify").args(&units).output() else {
+        eprintln!("systemd-analyze is not installed; only the flags were checked");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+    let _ = fs::remove_dir_all(&tmp);
+}

@@ -6,7 +6,6 @@ use clap::{Parser, Subcommand};
 use fleet_proto::imageserver::{
     CollectGarbageRequest, DeleteImageRequest, FindLatestImageRequest, ImageInfo, ListImagesRequest, ListStreamsRequest,
 };
-use fleet_tls::TlsFiles;
 use image_format::ImageName;
 use imagetool::{Progress, client::rpc};
 

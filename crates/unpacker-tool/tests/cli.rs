@@ -1,0 +1,83 @@
+//! unpacker-tool as a user runs it: the binary against a real unpacker and
+//! imageserver, JSON output checked.
+
+use std::process::Command;
+
+use fleet_pki::Role;
+use test_support::{Pki, ScratchDevice, noise};
+
+fn tool(addr: &str, ssl: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_unpacker-tool"))
+        .args(["--unpacker", addr, "--json", "--ssl-dir"])
+        .arg(ssl)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "unpacker-tool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drives_an_unpacker_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki")).unwrap();
+    let server = test_support::imageserver(&pki, &dir.path().join("data")).await.unwrap();
+    let u = test_support::unpacker(
+        &pki,
+        "127.0.0.1:0".parse().unwrap(),
+        &dir.path().join("state"),
+        &dir.path().join("by-id"),
+        &server.addr.to_string(),
+    )
+    .await
+    .unwrap();
+    let addr = u.addr.to_string();
+    let image = noise(3 << 20, 5);
+    let file = dir.path().join("a.raw");
+    std::fs::write(&file, &image).unwrap();
+    let builder = pki.role(Role::ImageBuilder).unwrap();
+    let mut b = imagetool::client::connect(&server.addr.to_string(), &builder).await.unwrap();
+    let name = image_format::ImageName::parse("apps/web/7").unwrap();
+    let added = imagetool::add(&mut b, &name, &file, 1 << 19, imagetool::Progress::Hidden).await.unwrap();
+    pki.role(Role::AmiPublisher).unwrap();
+    let ssl = dir.path().join("pki").join("ami-publisher");
+    let dev = ScratchDevice::new(&dir.path().join("vol.img"), 4 << 20).unwrap();
+    let devpath = dev.path.display().to_string();
+
+    let run = |args: &[&str]| {
+        let addr = addr.clone();
+        let ssl = ssl.clone();
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            tool(&addr, &ssl, &a)
+        })
+    };
+    let d = run(&["claim-device", "vol-0000000000000a01", &devpath]).await.unwrap();
+    assert_eq!(d["size_bytes"], 4 << 20);
+    let s = run(&["associate", "apps/web", "vol-0000000000000a01"]).await.unwrap();
+    assert_eq!(s["state"], "unprepared");
+    let s = run(&["prepare-for-unpack", "apps/web"]).await.unwrap();
+    assert_eq!(s["state"], "prepared");
+    let r = run(&["unpack-image", "apps/web", "7"]).await.unwrap();
+    assert_eq!(r["chunks_written"], 6);
+    assert_eq!(r["image_id"], added.image_id.as_str());
+    let cap = run(&["prepare-for-capture", "apps/web"]).await.unwrap();
+    assert_eq!(cap["device_digest"], blake3::hash(&image).to_hex().as_str());
+    let out = dir.path().join("back.raw");
+    run(&["get-raw", "apps/web", &out.display().to_string()]).await.unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), image);
+    let st = run(&["get-status"]).await.unwrap();
+    assert_eq!(st["streams"][0]["state"], "verified");
+    assert_eq!(st["devices"][0]["stream"], "apps/web");
+
+    // A clear error, and a non-zero exit, for a stream that is not bound.
+    let out = Command::new(env!("CARGO_BIN_EXE_unpacker-tool"))
+        .args(["--unpacker", &addr, "--ssl-dir"])
+        .arg(&ssl)
+        .args(["unpack-image", "other/stream", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not associated"), "{}", String::from_utf8_lossy(&out.stderr));
+}
