@@ -14,11 +14,11 @@ use crate::util::{self, mib};
 
 const GIB: u64 = 1 << 30;
 
-struct Row {
-    what: String,
-    figure: String,
-    goal: String,
-    met: Option<bool>,
+pub(crate) struct Row {
+    pub(crate) what: String,
+    pub(crate) figure: String,
+    pub(crate) goal: String,
+    pub(crate) met: Option<bool>,
 }
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
@@ -30,7 +30,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&work)?;
     println!("== building release binaries");
-    let bins = util::build(&["imageserver", "imagetool"], true)?;
+    let bins = util::build(&["imageserver", "imagetool", "image-unpacker", "unpacker-tool"], true)?;
     let pki = work.join("pki");
     fleet_pki::write_pki(&pki)?;
     let ssl = work.join("ssl");
@@ -143,6 +143,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         goal: "< 128 MiB".into(),
         met: Some(peak < 128 << 20),
     });
+    let (unpacker_rows, _) = crate::bench_unpacker::run(&bins, &pki, &work, addr, add_size, rss_size)?;
     drop(server);
 
     let mut md = String::from(
@@ -150,8 +151,22 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
          Speeds are ratios to a baseline measured in the same run; absolute figures are for orientation only.\n\n",
     );
     let _ = writeln!(md, "Run: {}{}\n", humantime_now(), if quick { " (--quick: smaller sizes)" } else { "" });
-    md.push_str("## imageserver and imagetool\n\n| what | figure | goal | met |\n|---|---|---|---|\n");
-    for r in &rows {
+    table(&mut md, "imageserver and imagetool", &rows);
+    table(&mut md, "image-unpacker", &unpacker_rows);
+    let doc = util::root().join("docs/benchmarks.md");
+    let old = std::fs::read_to_string(&doc).unwrap_or_default();
+    // Keep sections other commands own (the publisher's) below ours.
+    let rest = old.find("\n## ami-publisher").map(|i| &old[i..]).unwrap_or("");
+    md.push_str(rest);
+    std::fs::write(&doc, &md)?;
+    println!("{md}");
+    println!("written to {}", doc.display());
+    Ok(())
+}
+
+fn table(md: &mut String, title: &str, rows: &[Row]) {
+    let _ = writeln!(md, "## {title}\n\n| what | figure | goal | met |\n|---|---|---|---|");
+    for r in rows {
         let met = match r.met {
             Some(true) => "yes",
             Some(false) => "**no**",
@@ -159,15 +174,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         };
         let _ = writeln!(md, "| {} | {} | {} | {} |", r.what, r.figure, r.goal, met);
     }
-    let doc = util::root().join("docs/benchmarks.md");
-    let old = std::fs::read_to_string(&doc).unwrap_or_default();
-    // Keep sections other commands own (the unpacker's) below ours.
-    let rest = old.find("\n## image-unpacker").map(|i| &old[i..]).unwrap_or("");
-    md.push_str(rest);
-    std::fs::write(&doc, &md)?;
-    println!("{md}");
-    println!("written to {}", doc.display());
-    Ok(())
+    md.push('\n');
 }
 
 /// Seconds to copy `from` to `to` and fsync the copy: the local baseline.

@@ -4,6 +4,7 @@
 //! would run them; nothing here reaches into their internals.
 
 mod bench;
+mod bench_unpacker;
 mod demo;
 mod util;
 

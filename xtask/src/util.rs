@@ -87,7 +87,12 @@ pub(crate) fn start_imageserver(
         .stderr(File::create(log)?)
         .spawn()
         .context("starting imageserver")?;
-    let mut d = Daemon { child, name: "imageserver".into() };
+    let d = Daemon { child, name: "imageserver".into() };
+    wait_listening(d, addr, log)
+}
+
+/// Wait until a freshly started daemon accepts connections on `addr`.
+pub(crate) fn wait_listening(mut d: Daemon, addr: SocketAddr, log: &Path) -> anyhow::Result<(Daemon, SocketAddr)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).is_err() {
         if let Some(status) = d.child.try_wait()? {
