@@ -34,7 +34,12 @@ fn tool(bins: &Path, unpacker: SocketAddr, ssl: &Path, args: &[&str]) -> anyhow:
     serde_json::from_slice(&out.stdout).context("parsing unpacker-tool --json output")
 }
 
-fn start_unpacker(bins: &Path, pki: &Path, work: &Path, image_server: SocketAddr) -> anyhow::Result<(Daemon, SocketAddr)> {
+fn start_unpacker(
+    bins: &Path,
+    pki: &Path,
+    work: &Path,
+    image_server: SocketAddr,
+) -> anyhow::Result<(Daemon, SocketAddr)> {
     let addr = util::free_addr()?;
     let log = work.join("unpacker.log");
     let child = Command::new(bins.join("image-unpacker"))
@@ -73,7 +78,13 @@ fn dd(src: &Path, dev: &Path) -> anyhow::Result<f64> {
 }
 
 /// Unpack `leaf` of `stream`; returns (seconds, unpacker-tool's JSON).
-fn unpack(bins: &Path, u: SocketAddr, ssl: &Path, stream: &str, leaf: &str) -> anyhow::Result<(f64, serde_json::Value)> {
+fn unpack(
+    bins: &Path,
+    u: SocketAddr,
+    ssl: &Path,
+    stream: &str,
+    leaf: &str,
+) -> anyhow::Result<(f64, serde_json::Value)> {
     let t = Instant::now();
     let r = tool(bins, u, ssl, &["unpack-image", stream, leaf])?;
     Ok((t.elapsed().as_secs_f64(), r))
@@ -140,7 +151,12 @@ pub(crate) fn run(
     let ratio = fetched as f64 / changed as f64;
     rows.push(Row {
         what: "unpack of a 2%-changed leaf: bytes fetched / bytes changed".into(),
-        figure: format!("{ratio:.3} ({} fetched for {} changed; {} chunks written)", mib(fetched), mib(changed), r["chunks_written"]),
+        figure: format!(
+            "{ratio:.3} ({} fetched for {} changed; {} chunks written)",
+            mib(fetched),
+            mib(changed),
+            r["chunks_written"]
+        ),
         goal: "<= 1.05".into(),
         met: Some(ratio <= 1.05),
     });

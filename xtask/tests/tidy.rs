@@ -119,7 +119,8 @@ fn deploy_units_verify() {
         if p.extension().is_some_and(|x| x == "service") {
             let text = fs::read_to_string(&p).unwrap();
             let exec = text.lines().find(|l| l.starts_with("ExecStart=")).expect("an ExecStart line");
-            let src = fs::read_to_string(root().join("crates").join(p.file_stem().unwrap()).join("src/main.rs")).unwrap();
+            let src =
+                fs::read_to_string(root().join("crates").join(p.file_stem().unwrap()).join("src/main.rs")).unwrap();
             for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
                 let field = flag.trim_start_matches("--").replace('-', "_");
                 assert!(src.contains(&format!("    {field}: ")), "{}: {flag} is not a flag of the daemon", p.display());

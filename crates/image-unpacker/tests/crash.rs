@@ -83,11 +83,18 @@ async fn kill_mid_unpack_then_prepare_and_unpack_recover_exact_bytes() {
     let mut c = connect(port, &pki).await;
     let dev = ScratchDevice::new(&dir.path().join("vol.img"), SIZE as u64 + (8 << 20)).unwrap();
     eprintln!("device: {}", dev.describe());
-    let claim = ClaimDeviceRequest { volume_id: "vol-00000000000000c1".into(), path: dev.path.display().to_string(), fresh: true };
+    let claim = ClaimDeviceRequest {
+        volume_id: "vol-00000000000000c1".into(),
+        path: dev.path.display().to_string(),
+        fresh: true,
+    };
     c.claim_device(claim).await.unwrap();
-    c.associate_stream_with_device(AssociateRequest { stream: STREAM.into(), volume_id: "vol-00000000000000c1".into() })
-        .await
-        .unwrap();
+    c.associate_stream_with_device(AssociateRequest {
+        stream: STREAM.into(),
+        volume_id: "vol-00000000000000c1".into(),
+    })
+    .await
+    .unwrap();
     let mut progress =
         c.unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into() }).await.unwrap().into_inner();
     // Kill at the first progress report that shows bytes written.
@@ -111,7 +118,11 @@ async fn kill_mid_unpack_then_prepare_and_unpack_recover_exact_bytes() {
     assert_ne!(dev.read(SIZE).unwrap(), image, "the kill really cut the unpack short");
 
     let p = c
-        .prepare_for_unpack(PrepareForUnpackRequest { stream: STREAM.into(), skip_if_prepared: true, do_not_wait: false })
+        .prepare_for_unpack(PrepareForUnpackRequest {
+            stream: STREAM.into(),
+            skip_if_prepared: true,
+            do_not_wait: false,
+        })
         .await
         .unwrap()
         .into_inner();

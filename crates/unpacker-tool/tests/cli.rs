@@ -79,5 +79,9 @@ async fn drives_an_unpacker_from_the_command_line() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not associated"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not associated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

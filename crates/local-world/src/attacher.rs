@@ -1,0 +1,154 @@
+//! The EBS attacher: the one simulated piece of the world.
+//!
+//! Every 200 ms, per target, it asks the emulator which volumes are attached
+//! to the unpacker instance. A newly attached volume gets a scratch device
+//! (a loop device when possible, else a sparse file) of the volume's size,
+//! kept for as long as the volume exists so that its bytes survive detach and
+//! re-attach, and a Nitro-style link `nvme-Amazon_Elastic_Block_Store_vol…` in
+//! the instance's device directory. A detached volume's link goes away. When
+//! a snapshot of a known volume appears, the volume's bytes are copied
+//! (sparsely) so tests can check what is behind an AMI.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aws_sdk_ec2::types::Filter;
+use test_support::ScratchDevice;
+
+use crate::{SnapshotCopy, World};
+
+struct Watched {
+    account: String,
+    region: String,
+    instance_id: String,
+    root_volumes: Vec<String>,
+    device_dir: PathBuf,
+}
+
+pub(crate) fn spawn(world: &World) -> tokio::task::JoinHandle<()> {
+    let watched: Vec<Watched> = world
+        .targets
+        .iter()
+        .map(|t| Watched {
+            account: t.account.clone(),
+            region: t.region.clone(),
+            instance_id: t.instance_id.clone(),
+            root_volumes: t.root_volumes.clone(),
+            device_dir: t.device_dir.clone(),
+        })
+        .collect();
+    let (config, credentials) = (world.config_file.clone(), world.credentials_file.clone());
+    let volumes_dir = world.dir.path().join("volumes");
+    let snapshots_dir = world.dir.path().join("snapshots");
+    let snapshots = world.snapshots.clone();
+    tokio::spawn(async move {
+        let _ = std::fs::create_dir_all(&volumes_dir);
+        let _ = std::fs::create_dir_all(&snapshots_dir);
+        let mut clients = Vec::new();
+        for w in &watched {
+            let cfg = crate::sdk_config(&config, &credentials, &w.account, &w.region).await;
+            clients.push(aws_sdk_ec2::Client::new(&cfg));
+        }
+        let mut state = AttachState { devices: HashMap::new(), volumes_dir, snapshots_dir, snapshots };
+        loop {
+            for (i, (w, ec2)) in watched.iter().zip(&clients).enumerate() {
+                if let Err(e) = state.sync(i, w, ec2).await {
+                    tracing::debug!(error = %e, region = %w.region, "attacher poll failed");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+struct AttachState {
+    /// Volume id -> (target index, its scratch device).
+    devices: HashMap<String, (usize, ScratchDevice)>,
+    volumes_dir: PathBuf,
+    snapshots_dir: PathBuf,
+    snapshots: Arc<Mutex<HashMap<String, SnapshotCopy>>>,
+}
+
+impl AttachState {
+    async fn sync(&mut self, target: usize, w: &Watched, ec2: &aws_sdk_ec2::Client) -> anyhow::Result<()> {
+        let attached = ec2
+            .describe_volumes()
+            .filters(Filter::builder().name("attachment.instance-id").values(&w.instance_id).build())
+            .send()
+            .await?;
+        let mut present = HashSet::new();
+        for v in attached.volumes() {
+            let Some(id) = v.volume_id() else { continue };
+            let attached_here = v.attachments().iter().any(|a| {
+                a.instance_id() == Some(w.instance_id.as_str()) && a.state().is_some_and(|s| s.as_str() != "detached")
+            });
+            if w.root_volumes.iter().any(|r| r == id) || !attached_here {
+                continue;
+            }
+            present.insert(id.to_owned());
+            if !self.devices.contains_key(id) {
+                let size = u64::try_from(v.size().unwrap_or(1)).unwrap_or(1) << 30;
+                let dev = ScratchDevice::new(&self.volumes_dir.join(format!("{id}.img")), size)?;
+                tracing::info!(volume = id, device = %dev.describe(), "attacher: new volume");
+                self.devices.insert(id.to_owned(), (target, dev));
+            }
+            let link = w.device_dir.join(image_unpacker::devices::nitro_name(id));
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::fs::create_dir_all(&w.device_dir)?;
+                std::os::unix::fs::symlink(&self.devices[id].1.path, &link)?;
+            }
+        }
+        // Links of volumes no longer attached here go away.
+        if let Ok(entries) = std::fs::read_dir(&w.device_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(raw) = name.strip_prefix(image_unpacker::devices::NITRO_PREFIX) else { continue };
+                let id = raw.replacen("vol", "vol-", 1);
+                if !present.contains(&id) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        // Volumes deleted from the emulator lose their scratch devices.
+        let all: HashSet<String> = ec2
+            .describe_volumes()
+            .send()
+            .await?
+            .volumes()
+            .iter()
+            .filter_map(|v| v.volume_id().map(str::to_owned))
+            .collect();
+        let gone: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(k, (t, _))| *t == target && !all.contains(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.devices.remove(&k);
+        }
+        // Snapshots of volumes we hold: copy the bytes once.
+        let snaps = ec2.describe_snapshots().owner_ids("self").send().await?;
+        for s in snaps.snapshots() {
+            let (Some(sid), Some(vid)) = (s.snapshot_id(), s.volume_id()) else { continue };
+            if self.snapshots.lock().expect("snapshots lock").contains_key(sid) {
+                continue;
+            }
+            let Some((_, dev)) = self.devices.get(vid) else { continue };
+            let copy = self.snapshots_dir.join(format!("{sid}.img"));
+            let status = std::process::Command::new("cp").arg("--sparse=always").arg(&dev.path).arg(&copy).status()?;
+            if status.success() {
+                tracing::info!(snapshot = sid, volume = vid, "attacher: snapshot bytes kept");
+                self.snapshots
+                    .lock()
+                    .expect("snapshots lock")
+                    .insert(sid.to_owned(), SnapshotCopy { volume_id: vid.to_owned(), path: copy });
+            }
+        }
+        Ok(())
+    }
+}

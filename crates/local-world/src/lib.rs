@@ -1,0 +1,450 @@
+//! The local world: everything the publisher meets in AWS, on one machine.
+//!
+//! - [`ensure_moto`] installs the moto server (pinned [`MOTO_VERSION`]) from
+//!   PyPI into a venv under `target/`, once per machine;
+//! - [`World::start`] starts moto on loopback, writes AWS profile files for
+//!   two accounts (`first` with static keys, `second` reached by assume-role
+//!   from `first`), an imageserver, and per (account, region) target a VPC
+//!   and subnet in 127.0.0.0/8, an instance tagged `Name=ImageUnpacker` with a
+//!   loopback private IP, and a real image-unpacker listening on that IP;
+//! - the attacher (a background task) makes every volume attached to an
+//!   unpacker instance appear in that unpacker's device directory as Nitro
+//!   shows it, backed by a loop device when possible, else a sparse file, and
+//!   copies a volume's bytes when a snapshot of it is taken.
+//!
+//! The SDK is pointed at moto only through standard settings: the profile
+//! files carry `endpoint_url`, and child processes get `AWS_ENDPOINT_URL`,
+//! `AWS_CONFIG_FILE` and `AWS_SHARED_CREDENTIALS_FILE` ([`World::aws_env`]).
+//! Everything is torn down on drop, also when a test fails.
+
+mod attacher;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+use fleet_pki::Role;
+use test_support::Pki;
+
+/// The moto release the world installs.
+pub const MOTO_VERSION: &str = "5.1.22";
+/// moto's default account: what static keys map to.
+pub const FIRST_ACCOUNT_ID: &str = "123456789012";
+/// The account `second` assumes a role in.
+pub const SECOND_ACCOUNT_ID: &str = "111111111111";
+/// The profiles the world writes.
+pub const ACCOUNTS: [&str; 2] = ["first", "second"];
+/// The port unpackers listen on (as in production).
+pub const UNPACKER_PORT: u16 = image_unpacker::DEFAULT_PORT;
+
+fn workspace_target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+/// Install moto into `target/moto-venv-VERSION` unless it is there; returns
+/// the path of `moto_server`. Safe to call from concurrent test processes.
+pub fn ensure_moto() -> anyhow::Result<PathBuf> {
+    let target = workspace_target();
+    std::fs::create_dir_all(&target)?;
+    let venv = target.join(format!("moto-venv-{MOTO_VERSION}"));
+    let server = venv.join("bin/moto_server");
+    let marker = venv.join(".installed");
+    let lock = std::fs::File::create(target.join("moto-venv.lock"))?;
+    lock.lock()?;
+    if marker.exists() && server.exists() {
+        return Ok(server);
+    }
+    eprintln!("local-world: installing moto {MOTO_VERSION} into {} (once)", venv.display());
+    let _ = std::fs::remove_dir_all(&venv);
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .context("python3 is needed to run the moto EC2 emulator")?;
+    let ok = Command::new(python).args(["-m", "venv"]).arg(&venv).status()?.success();
+    if !ok {
+        bail!("python3 -m venv {} failed", venv.display());
+    }
+    let out = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("moto[server]=={MOTO_VERSION}"))
+        .output()?;
+    if !out.status.success() {
+        bail!("pip install moto[server]=={MOTO_VERSION} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::fs::write(&marker, MOTO_VERSION)?;
+    Ok(server)
+}
+
+/// A moto server process; killed on drop.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_moto(dir: &Path) -> anyhow::Result<Moto> {
+    let server = ensure_moto()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let log = std::fs::File::create(dir.join("moto.log"))?;
+    let child = Command::new(server)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting moto_server")?;
+    let mut moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(s) = moto.child.try_wait()? {
+            bail!("moto_server exited ({s}); see {}", dir.join("moto.log").display());
+        }
+        if Instant::now() > deadline {
+            bail!("moto_server did not listen within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(moto)
+}
+
+/// One (account, region) with its unpacker instance.
+pub struct Target {
+    /// Profile name.
+    pub account: String,
+    pub account_id: String,
+    pub region: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub availability_zone: String,
+    pub instance_id: String,
+    pub ip: Ipv4Addr,
+    /// Volumes the instance booted with (never shown to the unpacker).
+    pub root_volumes: Vec<String>,
+    /// Where the attacher puts device links for this instance.
+    pub device_dir: PathBuf,
+    pub state_dir: PathBuf,
+    unpacker: Option<image_unpacker::Running>,
+}
+
+impl Target {
+    /// `HOST:PORT` of this target's unpacker.
+    pub fn unpacker_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip), UNPACKER_PORT)
+    }
+}
+
+/// What the attacher recorded of a snapshot: a copy of its volume's bytes.
+#[derive(Debug, Clone)]
+pub struct SnapshotCopy {
+    pub volume_id: String,
+    pub path: PathBuf,
+}
+
+/// The world. Drop it to tear everything down.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub imageserver: imageserver::Running,
+    pub targets: Vec<Target>,
+    pub config_file: PathBuf,
+    pub credentials_file: PathBuf,
+    /// Snapshot id -> copy of the bytes behind it.
+    pub snapshots: Arc<Mutex<HashMap<String, SnapshotCopy>>>,
+    attacher: tokio::task::JoinHandle<()>,
+    moto: Moto,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.attacher.abort();
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub accounts: Vec<String>,
+    pub regions: Vec<String>,
+}
+
+impl Plan {
+    /// Both accounts in `regions`.
+    pub fn new(regions: &[&str]) -> Plan {
+        Plan {
+            accounts: ACCOUNTS.iter().map(|s| (*s).to_owned()).collect(),
+            regions: regions.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+}
+
+fn write_profiles(dir: &Path, endpoint: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let aws = dir.join("aws");
+    std::fs::create_dir_all(&aws)?;
+    let config = aws.join("config");
+    let credentials = aws.join("credentials");
+    std::fs::write(
+        &config,
+        format!(
+            "[default]\nregion = us-east-1\nendpoint_url = {endpoint}\n\n\
+             [profile first]\nregion = us-east-1\nendpoint_url = {endpoint}\n\n\
+             [profile second]\nregion = us-east-1\nendpoint_url = {endpoint}\n\
+             role_arn = arn:aws:iam::{SECOND_ACCOUNT_ID}:role/AmiPublisher\nsource_profile = first\n"
+        ),
+    )?;
+    std::fs::write(
+        &credentials,
+        "[default]\naws_access_key_id = AKIALOCALWORLD000001\naws_secret_access_key = local-world-secret\n\n\
+         [first]\naws_access_key_id = AKIALOCALWORLD000001\naws_secret_access_key = local-world-secret\n",
+    )?;
+    Ok((config, credentials))
+}
+
+impl World {
+    /// Bring the world up: moto, profiles, an imageserver, and per target a
+    /// VPC, subnet, unpacker instance and unpacker process; then the attacher.
+    pub async fn start(plan: &Plan) -> anyhow::Result<World> {
+        let dir = tempfile::Builder::new().prefix("local-world-").tempdir()?;
+        let moto = start_moto(dir.path())?;
+        let (config_file, credentials_file) = write_profiles(dir.path(), &moto.endpoint)?;
+        let pki = Pki::new(&dir.path().join("pki"))?;
+        let imageserver = test_support::imageserver(&pki, &dir.path().join("images")).await?;
+        let mut world = World {
+            pki,
+            imageserver,
+            targets: Vec::new(),
+            config_file,
+            credentials_file,
+            snapshots: Arc::default(),
+            attacher: tokio::spawn(async {}),
+            moto,
+            dir,
+        };
+        // A random second octet keeps concurrent worlds' addresses apart.
+        let base = 2 + u8::try_from(std::process::id() % 200).unwrap_or(0);
+        let mut n = 0u8;
+        for account in &plan.accounts {
+            for region in &plan.regions {
+                n += 1;
+                let t = world
+                    .add_target(account, region, base, n)
+                    .await
+                    .with_context(|| format!("target {account},{region}"))?;
+                world.targets.push(t);
+            }
+        }
+        world.attacher = attacher::spawn(&world);
+        Ok(world)
+    }
+
+    /// The moto endpoint URL.
+    pub fn endpoint(&self) -> &str {
+        &self.moto.endpoint
+    }
+
+    /// SDK configuration for a profile and region, through the profile files.
+    pub async fn sdk_config(&self, profile: &str, region: &str) -> aws_config::SdkConfig {
+        sdk_config(&self.config_file, &self.credentials_file, profile, region).await
+    }
+
+    /// An EC2 client for a profile and region.
+    pub async fn ec2(&self, profile: &str, region: &str) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.sdk_config(profile, region).await)
+    }
+
+    /// Environment for a child process (ami-publisher) to reach this world.
+    pub fn aws_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.moto.endpoint.clone()),
+            ("AWS_CONFIG_FILE".into(), self.config_file.display().to_string()),
+            ("AWS_SHARED_CREDENTIALS_FILE".into(), self.credentials_file.display().to_string()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ]
+    }
+
+    async fn add_target(&self, account: &str, region: &str, base: u8, n: u8) -> anyhow::Result<Target> {
+        let ec2 = self.ec2(account, region).await;
+        let sts = aws_sdk_sts::Client::new(&self.sdk_config(account, region).await);
+        let account_id =
+            sts.get_caller_identity().send().await.context("sts get-caller-identity")?.account.unwrap_or_default();
+        let vpc = ec2.create_vpc().cidr_block(format!("127.{base}.0.0/16")).send().await.context("create vpc")?;
+        let vpc_id = vpc.vpc.and_then(|v| v.vpc_id).context("no vpc id")?;
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc_id)
+            .cidr_block(format!("127.{base}.{n}.0/24"))
+            .send()
+            .await
+            .context("create subnet")?
+            .subnet
+            .context("no subnet")?;
+        let ami = ec2
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await
+            .context("describe images")?
+            .images
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|i| i.image_id)
+            .context("moto offers no base image in this region")?;
+        let ip = Ipv4Addr::new(127, base, n, 10);
+        let run = ec2
+            .run_instances()
+            .image_id(ami)
+            .min_count(1)
+            .max_count(1)
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
+            .subnet_id(subnet.subnet_id().unwrap_or_default())
+            .private_ip_address(ip.to_string())
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .tags(Tag::builder().key("Name").value("ImageUnpacker").build())
+                    .build(),
+            )
+            .send()
+            .await
+            .context("run instances")?;
+        let instance_id = run.instances().first().and_then(|i| i.instance_id.clone()).context("no instance")?;
+        let root_volumes = ec2
+            .describe_volumes()
+            .filters(aws_sdk_ec2::types::Filter::builder().name("attachment.instance-id").values(&instance_id).build())
+            .send()
+            .await?
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| v.volume_id)
+            .collect();
+        let tdir = self.dir.path().join("targets").join(format!("{account}-{region}"));
+        let mut t = Target {
+            account: account.to_owned(),
+            account_id,
+            region: region.to_owned(),
+            vpc_id,
+            subnet_id: subnet.subnet_id.clone().unwrap_or_default(),
+            availability_zone: subnet.availability_zone.clone().unwrap_or_default(),
+            instance_id,
+            ip,
+            root_volumes,
+            device_dir: tdir.join("by-id"),
+            state_dir: tdir.join("state"),
+            unpacker: None,
+        };
+        self.start_unpacker(&mut t).await?;
+        Ok(t)
+    }
+
+    async fn start_unpacker(&self, t: &mut Target) -> anyhow::Result<()> {
+        let u = test_support::unpacker(
+            &self.pki,
+            t.unpacker_addr(),
+            &t.state_dir,
+            &t.device_dir,
+            &self.imageserver.addr.to_string(),
+        )
+        .await?;
+        t.unpacker = Some(u);
+        Ok(())
+    }
+
+    /// Stop target `i`'s unpacker process (its instance stays "running").
+    pub async fn stop_unpacker(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(u) = self.targets[i].unpacker.take() {
+            u.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// Start target `i`'s unpacker process again (same state and devices).
+    pub async fn restart_unpacker(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut t = std::mem::replace(&mut self.targets[i], placeholder());
+        let r = self.start_unpacker(&mut t).await;
+        self.targets[i] = t;
+        r
+    }
+
+    /// Certificates of `role` as an ssl dir (`CA.pem`, `cert.pem`, `key.pem`).
+    pub fn ssl_dir(&self, role: Role) -> anyhow::Result<PathBuf> {
+        self.pki.role(role)?;
+        Ok(self.pki.dir.join(role.name()))
+    }
+
+    /// The imageserver's `HOST:PORT`.
+    pub fn imageserver_addr(&self) -> String {
+        self.imageserver.addr.to_string()
+    }
+
+    /// The copy of the bytes behind a snapshot, once the attacher made it.
+    pub async fn snapshot_bytes(&self, snapshot_id: &str, timeout: Duration) -> anyhow::Result<PathBuf> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.snapshots.lock().expect("snapshots lock").get(snapshot_id) {
+                return Ok(c.path.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("the attacher made no copy of {snapshot_id} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Directory for scratch files that live as long as the world.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn placeholder() -> Target {
+    Target {
+        account: String::new(),
+        account_id: String::new(),
+        region: String::new(),
+        vpc_id: String::new(),
+        subnet_id: String::new(),
+        availability_zone: String::new(),
+        instance_id: String::new(),
+        ip: Ipv4Addr::LOCALHOST,
+        root_volumes: Vec::new(),
+        device_dir: PathBuf::new(),
+        state_dir: PathBuf::new(),
+        unpacker: None,
+    }
+}
+
+/// SDK configuration from explicit profile files (the world's own clients).
+pub async fn sdk_config(config: &Path, credentials: &Path, profile: &str, region: &str) -> aws_config::SdkConfig {
+    use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
+    let files = ProfileFiles::builder()
+        .with_file(ProfileFileKind::Config, config)
+        .with_file(ProfileFileKind::Credentials, credentials)
+        .build();
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .profile_files(files)
+        .profile_name(profile)
+        .region(Region::new(region.to_owned()))
+        .load()
+        .await
+}
