@@ -23,7 +23,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -430,10 +430,10 @@ fn placeholder() -> Target {
 
 /// SDK configuration from explicit profile files (the world's own clients).
 pub async fn sdk_config(config: &Path, credentials: &Path, profile: &str, region: &str) -> aws_config::SdkConfig {
-    use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
-    let files = ProfileFiles::builder()
-        .with_file(ProfileFileKind::Config, config)
-        .with_file(ProfileFileKind::Credentials, credentials)
+    use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
+    let files = EnvConfigFiles::builder()
+        .with_file(EnvConfigFileKind::Config, config)
+        .with_file(EnvConfigFileKind::Credentials, credentials)
         .build();
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(

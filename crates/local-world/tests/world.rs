@@ -1,0 +1,81 @@
+//! The local world comes up, looks like AWS to the real SDK, and its
+//! attacher behaves like EBS on Nitro.
+
+use std::{io::Write as _, time::Duration};
+
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+use fleet_pki::Role;
+use image_unpacker::client::{AddDeviceRequest, GetStatusRequest};
+use local_world::{FIRST_ACCOUNT_ID, Plan, SECOND_ACCOUNT_ID, World};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn world_starts_with_two_accounts_and_attaches_volumes_like_nitro() {
+    let t = std::time::Instant::now();
+    let world = World::start(&Plan::new(&["us-east-1", "eu-west-1"])).await.unwrap();
+    eprintln!("world up in {:.1?} with {} targets", t.elapsed(), world.targets.len());
+    assert_eq!(world.targets.len(), 4);
+
+    // Accounts: static keys land in moto's default account; `second` is
+    // reached by assuming a role, through the profile files alone.
+    let ids: Vec<(&str, &str)> = world.targets.iter().map(|t| (t.account.as_str(), t.account_id.as_str())).collect();
+    assert!(ids.contains(&("first", FIRST_ACCOUNT_ID)), "{ids:?}");
+    assert!(ids.contains(&("second", SECOND_ACCOUNT_ID)), "{ids:?}");
+
+    // Each unpacker instance answers on its loopback private IP.
+    let publisher = fleet_tls::TlsFiles::from_ssl_dir(&world.ssl_dir(Role::AmiPublisher).unwrap());
+    for t in &world.targets {
+        let ec2 = world.ec2(&t.account, &t.region).await;
+        let d = ec2.describe_instances().instance_ids(&t.instance_id).send().await.unwrap();
+        let inst = &d.reservations()[0].instances()[0];
+        assert_eq!(inst.private_ip_address(), Some(t.ip.to_string().as_str()));
+        let mut c = image_unpacker::client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
+        c.get_status(GetStatusRequest {}).await.unwrap();
+    }
+
+    // A volume attached to the instance appears to its unpacker, Nitro-style.
+    let t = &world.targets[1];
+    let ec2 = world.ec2(&t.account, &t.region).await;
+    let vol = ec2
+        .create_volume()
+        .size(1)
+        .encrypted(true)
+        .availability_zone(&t.availability_zone)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Volume)
+                .tags(Tag::builder().key("Purpose").value("world-test").build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let vol_id = vol.volume_id().unwrap().to_owned();
+    ec2.attach_volume().volume_id(&vol_id).instance_id(&t.instance_id).device("/dev/sdf").send().await.unwrap();
+    let mut c = image_unpacker::client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
+    let dev = c
+        .add_device(AddDeviceRequest { volume_id: vol_id.clone(), timeout_seconds: 20, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dev.size_bytes, 1 << 30);
+    eprintln!("volume {vol_id} appeared as {} ({})", dev.path, dev.kind);
+
+    // A snapshot keeps the bytes the volume held.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&dev.path).unwrap();
+    f.write_all(b"bytes behind the snapshot").unwrap();
+    f.sync_all().unwrap();
+    let snap = ec2.create_snapshot().volume_id(&vol_id).send().await.unwrap();
+    let copy = world.snapshot_bytes(snap.snapshot_id().unwrap(), Duration::from_secs(20)).await.unwrap();
+    let bytes = std::fs::read(&copy).unwrap();
+    assert_eq!(bytes.len(), 1 << 30);
+    assert!(bytes.starts_with(b"bytes behind the snapshot"));
+
+    // Detach: the device link goes away.
+    ec2.detach_volume().volume_id(&vol_id).instance_id(&t.instance_id).send().await.unwrap();
+    let link = t.device_dir.join(image_unpacker::devices::nitro_name(&vol_id));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while link.exists() {
+        assert!(std::time::Instant::now() < deadline, "the device link outlived the detach");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
