@@ -34,7 +34,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors talking to an imageserver.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach imageserver at {addr}: {detail}")]
+    #[error("cannot reach {addr}: {detail}")]
     Connect { addr: String, detail: String },
     #[error(transparent)]
     Tls(#[from] fleet_tls::TlsError),

@@ -140,7 +140,10 @@ impl AttachState {
             }
             let Some((_, dev)) = self.devices.get(vid) else { continue };
             let copy = self.snapshots_dir.join(format!("{sid}.img"));
-            let status = std::process::Command::new("cp").arg("--sparse=always").arg(&dev.path).arg(&copy).status()?;
+            // The backing file, not the loop device: it is sparse, so the
+            // copy skips holes (the unpacker has synced the device by now).
+            let status =
+                std::process::Command::new("cp").arg("--sparse=always").arg(&dev.backing).arg(&copy).status()?;
             if status.success() {
                 tracing::info!(snapshot = sid, volume = vid, "attacher: snapshot bytes kept");
                 self.snapshots

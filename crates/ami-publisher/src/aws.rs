@@ -1,0 +1,124 @@
+//! AWS access: profiles from the standard profile files, one SDK
+//! configuration (and so one credentials cache) per profile, one EC2 client
+//! per target. Endpoints, roles (`role_arn` + `source_profile`), SSO and
+//! credential processes are aws-config's business; retries use the SDK's
+//! standard retry mode.
+
+use std::{collections::HashMap, time::Duration};
+
+use anyhow::Context as _;
+use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig};
+use aws_sdk_ec2::Client;
+use tokio::sync::Mutex;
+
+use crate::targets::Target;
+
+/// How API calls are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// First back-off; it grows exponentially (with jitter) up to 20 s.
+    pub wait: Duration,
+}
+
+/// Shared AWS state for one run.
+pub struct Aws {
+    profiles: Vec<String>,
+    profile_regions: HashMap<String, String>,
+    retry: Retry,
+    http: aws_types::sdk_config::SharedHttpClient,
+    configs: Mutex<HashMap<String, SdkConfig>>,
+}
+
+/// Profile names (and their configured regions) from the standard profile
+/// files (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`, or `~/.aws/...`).
+pub async fn load_profiles() -> anyhow::Result<(Vec<String>, HashMap<String, String>)> {
+    use aws_types::os_shim_internal::{Env, Fs};
+    let set = aws_config::profile::load(
+        &Fs::real(),
+        &Env::real(),
+        &aws_runtime::env_config::file::EnvConfigFiles::default(),
+        None,
+    )
+    .await
+    .context("reading the AWS profile files")?;
+    let mut names: Vec<String> = set.profiles().map(str::to_owned).collect();
+    names.sort();
+    let regions = names
+        .iter()
+        .filter_map(|n| set.get_profile(n).and_then(|p| p.get("region")).map(|r| (n.clone(), r.to_owned())))
+        .collect();
+    Ok((names, regions))
+}
+
+impl Aws {
+    pub async fn new(retry: Retry) -> anyhow::Result<Aws> {
+        let (profiles, profile_regions) = load_profiles().await?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        Ok(Aws { profiles, profile_regions, retry, http, configs: Mutex::default() })
+    }
+
+    /// Known profile names.
+    pub fn profiles(&self) -> &[String] {
+        &self.profiles
+    }
+
+    async fn config(&self, profile: &str) -> SdkConfig {
+        let mut configs = self.configs.lock().await;
+        if let Some(c) = configs.get(profile) {
+            return c.clone();
+        }
+        let retry = RetryConfig::standard()
+            .with_max_attempts(self.retry.max_retries.saturating_add(1))
+            .with_initial_backoff(self.retry.wait);
+        let home = self.profile_regions.get(profile).cloned().unwrap_or_else(|| "us-east-1".to_owned());
+        let c = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(self.http.clone())
+            .profile_name(profile)
+            .region(Region::new(home))
+            .retry_config(retry)
+            .load()
+            .await;
+        configs.insert(profile.to_owned(), c.clone());
+        c
+    }
+
+    /// An EC2 client for a target.
+    pub async fn ec2(&self, target: &Target) -> Client {
+        let c = self.config(&target.account).await;
+        let conf = aws_sdk_ec2::config::Builder::from(&c).region(Region::new(target.region.clone())).build();
+        Client::from_conf(conf)
+    }
+
+    /// Regions enabled in an account (asked in the profile's own region).
+    pub async fn enabled_regions(&self, profile: &str) -> anyhow::Result<Vec<String>> {
+        let c = self.config(profile).await;
+        let out = Client::new(&c).describe_regions().send().await.context("DescribeRegions")?;
+        let mut regions: Vec<String> = out
+            .regions()
+            .iter()
+            .filter(|r| r.opt_in_status().is_none_or(|s| s != "not-opted-in"))
+            .filter_map(|r| r.region_name().map(str::to_owned))
+            .collect();
+        regions.sort();
+        Ok(regions)
+    }
+}
+
+/// The error of an SDK call as one line: code, message, and what was asked.
+pub fn sdk_error<E, R>(what: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> anyhow::Error
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let detail = match e.as_service_error() {
+        Some(s) => format!("{}: {}", s.code().unwrap_or("error"), s.message().unwrap_or("")),
+        None => image_client::error_chain(&e),
+    };
+    anyhow::anyhow!("{what}: {detail}")
+}

@@ -1,0 +1,462 @@
+//! The command line: global flags (also settable in a config file), the
+//! subcommands, and what they print.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues, ImdsSupportValues, VolumeType};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
+
+use crate::{
+    aws::{Aws, Retry},
+    progress::Board,
+    publish::{self, Options, Timeouts},
+    results::{PublishResults, write_json_atomic},
+    targets::{self, TargetSpec},
+};
+
+/// Publish images from the imageserver as identical, encrypted AMIs in many
+/// AWS accounts and regions, through image-unpacker instances.
+///
+/// A target is ACCOUNT,REGION where ACCOUNT is an AWS profile (from
+/// ~/.aws/config and ~/.aws/credentials, or AWS_CONFIG_FILE and
+/// AWS_SHARED_CREDENTIALS_FILE; roles, SSO and endpoints as the AWS CLI has
+/// them). An empty or '*' part means all: every profile, or every region
+/// enabled in the account. Repeat --targets, or give several in one quoted
+/// argument separated by spaces.
+///
+/// Each target needs an instance tagged Name=ImageUnpacker (--instance-name)
+/// running image-unpacker; a stopped one is started. The publisher dials its
+/// private IP with the certificate in ~/.ssl (--ssl-dir), which must carry the
+/// read and drive-unpacker rights.
+///
+/// Every global flag can also be set in a TOML config file (--config, default
+/// ~/.config/ami-publisher/config.toml when it exists) by its long name, e.g.
+/// `targets = ["prod,us-east-1", "staging,"]` or `image-server = "images:6971"`;
+/// the command line wins.
+///
+/// Exit status: 0 when every target succeeded, 1 when any target failed (the
+/// results file says which), 2 when the arguments were refused before
+/// anything was done.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, max_term_width = 100)]
+pub struct Cli {
+    /// Config file with defaults for the global flags.
+    #[arg(long, global = true, env = "AMI_PUBLISHER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Targets: ACCOUNT,REGION (empty or '*' = all).
+    #[arg(long, global = true, value_name = "ACCOUNT,REGION", value_delimiter = ' ')]
+    pub targets: Vec<TargetSpec>,
+    /// Targets to leave out (same syntax).
+    #[arg(long, global = true, value_name = "ACCOUNT,REGION", value_delimiter = ' ')]
+    pub skip_targets: Vec<TargetSpec>,
+    /// The imageserver to read image manifests from (the unpackers use their own setting).
+    #[arg(long, global = true, env = "IMAGE_SERVER", default_value = "localhost:6971", value_name = "HOST:PORT")]
+    pub image_server: String,
+    /// Value of the Name tag of unpacker instances.
+    #[arg(long, global = true, default_value = "ImageUnpacker", value_name = "NAME")]
+    pub instance_name: String,
+    /// Port image-unpacker listens on.
+    #[arg(long, global = true, default_value_t = 6974, value_name = "PORT")]
+    pub unpacker_port: u16,
+    /// Extra tags for AMIs and snapshots: KEY=VALUE,KEY=VALUE.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub tags: Vec<(String, String)>,
+    /// Tag AMIs and snapshots with ExpiresAt = now + DURATION (e.g. 30d), for `expire`.
+    #[arg(long, global = true, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub expires_in: Option<Duration>,
+    /// AMI name; {stream}, {leaf} and {image_id} are replaced.
+    #[arg(long, global = true, default_value = "{stream}/{leaf}", value_name = "TEMPLATE")]
+    pub ami_name: String,
+    /// Mark AMIs as supporting ENA (enhanced networking).
+    #[arg(long, global = true)]
+    pub ena_support: bool,
+    /// AMI architecture: x86_64 or arm64.
+    #[arg(long, global = true, default_value = "x86_64", value_parser = ["x86_64", "arm64", "i386"])]
+    pub architecture: String,
+    /// AMI boot mode: legacy-bios, uefi or uefi-preferred (default: EC2's).
+    #[arg(long, global = true, value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
+    pub boot_mode: Option<String>,
+    /// Instances from the AMI require IMDSv2 ("v2.0"); "none" leaves EC2's default.
+    #[arg(long, global = true, default_value = "v2.0", value_parser = ["v2.0", "none"])]
+    pub imds_support: String,
+    /// Root device name of the AMI.
+    #[arg(long, global = true, default_value = "/dev/xvda", value_name = "DEVICE")]
+    pub root_device_name: String,
+    /// EBS type of unpacker volumes and of the AMI's root volume.
+    #[arg(long, global = true, default_value = "gp3", value_name = "TYPE")]
+    pub volume_type: String,
+    /// KMS key for new volumes (default: the account's EBS default key).
+    #[arg(long, global = true, value_name = "KEY")]
+    pub kms_key_id: Option<String>,
+    /// Free space a stream's volume keeps beyond the image (e.g. 256MiB, 2GiB).
+    #[arg(long, global = true, default_value = "256MiB", value_parser = parse_size, value_name = "BYTES")]
+    pub min_free_bytes: u64,
+    /// Skip targets that have no unpacker instance instead of failing them.
+    #[arg(long, global = true)]
+    pub ignore_missing_unpackers: bool,
+    /// Targets worked on at once.
+    #[arg(long, global = true, default_value_t = 32, value_name = "N")]
+    pub max_concurrency: usize,
+    /// Write the results (JSON, one entry per target) to FILE, atomically.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub results: Option<PathBuf>,
+    /// Print the results as JSON on stdout (no progress, no table).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Retries of a throttled or failed AWS call (SDK standard retry mode).
+    #[arg(long, global = true, default_value_t = 4, value_name = "N")]
+    pub max_retries: u32,
+    /// First back-off before a retry; it grows exponentially up to 20 s.
+    #[arg(long, global = true, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub retry_wait: Duration,
+    /// How long to wait for an unpacker instance to run and answer.
+    #[arg(long, global = true, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub unpacker_timeout: Duration,
+    /// How long to wait for a volume to be created, attached and seen.
+    #[arg(long, global = true, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub volume_timeout: Duration,
+    /// How long to wait for a snapshot to complete.
+    #[arg(long, global = true, default_value = "2h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub snapshot_timeout: Duration,
+    /// How long to wait for an AMI to become available.
+    #[arg(long, global = true, default_value = "30m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub image_timeout: Duration,
+    #[command(flatten)]
+    pub tls: image_client::cli::TlsArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Publish STREAM/LEAF as an AMI in every target.
+    ///
+    /// Per target: an AMI of this leaf that is already there is reported, not
+    /// remade (--force remakes it); otherwise the unpacker brings the
+    /// stream's volume to the leaf (writing only changed chunks), reads it
+    /// back, and the volume is snapshotted and registered. A run that was
+    /// interrupted is finished by running it again.
+    Publish {
+        /// Image stream, e.g. base/debian-12.
+        stream: String,
+        /// Leaf (version) of the stream.
+        leaf: String,
+        /// Make a new AMI even if one of this leaf exists (dated name).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Parse a byte count: a number with an optional K/M/G/T (powers of 1000)
+/// or KiB/MiB/GiB/TiB suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 1073741824, 512MiB, 2G)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000 * 1000,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use K, M, G, T, KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("ami-publisher/config.toml"))
+}
+
+/// Parse the command line, filling global flags the command line and
+/// environment leave unset from the config file.
+pub fn parse_args(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+    let cmd = Cli::command();
+    let m = cmd.clone().try_get_matches_from(&args)?;
+    let explicit = m.get_one::<PathBuf>("config").cloned();
+    let path = match explicit.clone().or_else(default_config_path) {
+        Some(p) if explicit.is_some() || p.exists() => p,
+        _ => return Cli::from_arg_matches(&m),
+    };
+    let fail = |msg: String| cmd.clone().error(clap::error::ErrorKind::InvalidValue, msg);
+    let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("config file {}: {e}", path.display())))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| fail(format!("config file {}: {e}", path.display())))?;
+    let mut extra: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        let Some(arg) =
+            cmd.get_arguments().find(|a| a.is_global_set() && a.get_long() == Some(key.as_str()) && key != "config")
+        else {
+            return Err(fail(format!(
+                "config file {}: unknown setting '{key}' (settings are the global flags' long names, e.g. targets, image-server)",
+                path.display()
+            )));
+        };
+        let id = arg.get_id().as_str();
+        if matches!(m.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            continue;
+        }
+        let flag = OsString::from(format!("--{key}"));
+        let takes_value = arg.get_action().takes_values();
+        let scalar = |v: &toml::Value| -> Result<String, clap::Error> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => Err(fail(format!("config file {}: '{key}' must be a string or number", path.display()))),
+            }
+        };
+        match value {
+            toml::Value::Boolean(b) if !takes_value => {
+                if *b {
+                    extra.push(flag);
+                }
+            }
+            toml::Value::Array(items) => {
+                for v in items {
+                    extra.push(flag.clone());
+                    extra.push(scalar(v)?.into());
+                }
+            }
+            v if takes_value => {
+                extra.push(flag);
+                extra.push(scalar(v)?.into());
+            }
+            _ => return Err(fail(format!("config file {}: '{key}' is a switch: true or false", path.display()))),
+        }
+    }
+    let mut all = vec![args.first().cloned().unwrap_or_else(|| "ami-publisher".into())];
+    all.extend(extra);
+    all.extend(args.into_iter().skip(1));
+    Cli::try_parse_from(all)
+}
+
+/// How a run ended, for the exit status.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    AllSucceeded,
+    SomeFailed,
+}
+
+/// An error before anything was done (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct Refused(pub anyhow::Error);
+
+fn refuse<T>(r: anyhow::Result<T>) -> anyhow::Result<T> {
+    r.map_err(|e| Refused(e).into())
+}
+
+/// Run a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    match &cli.command {
+        Command::Publish { stream, leaf, force } => run_publish(&cli, stream, leaf, *force).await,
+    }
+}
+
+fn render_name(template: &str, stream: &str, leaf: &str, image_id: &str) -> anyhow::Result<String> {
+    let raw = template.replace("{stream}", stream).replace("{leaf}", leaf).replace("{image_id}", image_id);
+    let name = crate::ami_name_chars(&raw);
+    if !(3..=128).contains(&name.len()) {
+        bail!("AMI name '{name}' (from --ami-name '{template}') must be 3 to 128 characters");
+    }
+    Ok(name)
+}
+
+/// Check that FILE can be written, before a long run (and leave no trace).
+fn check_writable(path: &Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".results-check-")
+        .tempfile_in(dir)
+        .with_context(|| format!("the results file {} cannot be written in {}", path.display(), dir.display()))?;
+    Ok(())
+}
+
+async fn run_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> anyhow::Result<Outcome> {
+    // Everything that can be refused is refused before any AWS resource is made.
+    let (opts, targets, aws) = refuse(prepare_publish(cli, stream, leaf, force).await)?;
+    let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
+    let board = Board::new(!cli.json, &names);
+    tracing::info!(targets = targets.len(), stream, leaf, image_id = %opts.image_id, "publishing");
+    let results = publish::publish(&aws, &targets, &opts, cli.max_concurrency, &board).await;
+    if let Some(path) = &cli.results {
+        write_json_atomic(path, &results)?;
+    }
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", table(&results));
+    }
+    Ok(if results.targets.iter().all(|t| t.ok()) { Outcome::AllSucceeded } else { Outcome::SomeFailed })
+}
+
+async fn prepare_publish(
+    cli: &Cli,
+    stream: &str,
+    leaf: &str,
+    force: bool,
+) -> anyhow::Result<(Options, Vec<targets::Target>, Aws)> {
+    let name = image_format::ImageName::new(stream, leaf).context("bad image name")?;
+    if cli.targets.is_empty() {
+        bail!("no targets: give --targets ACCOUNT,REGION (or `targets` in the config file)");
+    }
+    if let Some(p) = &cli.results {
+        check_writable(p)?;
+    }
+    let tls = cli.tls.files();
+    let mut images = image_client::connect(&cli.image_server, &tls).await.context("connecting to the imageserver")?;
+    let (info, manifest) = image_client::get_manifest(&mut images, &name).await.map_err(|e| match &e {
+        image_client::ClientError::Rpc { status, .. } if status.code() == tonic::Code::NotFound => {
+            anyhow::anyhow!("image {name} is not on the imageserver at {}", cli.image_server)
+        }
+        _ => anyhow::Error::new(e),
+    })?;
+    let image_id = manifest.image_id().to_hex();
+    let ami_name = render_name(&cli.ami_name, stream, leaf, &image_id)?;
+    let aws = Aws::new(Retry { max_retries: cli.max_retries, wait: cli.retry_wait }).await?;
+    let targets = targets::expand(&cli.targets, &cli.skip_targets, aws.profiles(), |a| {
+        let aws = &aws;
+        async move { aws.enabled_regions(&a).await }
+    })
+    .await?;
+    if targets.is_empty() {
+        bail!("the --targets given, minus --skip-targets, leave no target");
+    }
+    let opts = Options {
+        stream: stream.to_owned(),
+        leaf: leaf.to_owned(),
+        image_id: image_id.clone(),
+        image_size: info.size_bytes,
+        instance_name: cli.instance_name.clone(),
+        unpacker_port: cli.unpacker_port,
+        tls,
+        tags: cli.tags.clone(),
+        expires_at: cli.expires_in.map(|d| crate::tags::rfc3339(SystemTime::now() + d)),
+        description: format!("{stream}/{leaf} (image {}), published by ami-publisher", &image_id[..16]),
+        ami_name,
+        force,
+        ena_support: cli.ena_support,
+        architecture: ArchitectureValues::from(cli.architecture.as_str()),
+        boot_mode: cli.boot_mode.as_deref().map(BootModeValues::from),
+        imds_support: (cli.imds_support != "none").then(|| ImdsSupportValues::from(cli.imds_support.as_str())),
+        root_device_name: cli.root_device_name.clone(),
+        volume_type: VolumeType::from(cli.volume_type.as_str()),
+        kms_key_id: cli.kms_key_id.clone(),
+        min_free_bytes: cli.min_free_bytes,
+        ignore_missing_unpackers: cli.ignore_missing_unpackers,
+        timeouts: Timeouts {
+            unpacker: cli.unpacker_timeout,
+            volume: cli.volume_timeout,
+            snapshot: cli.snapshot_timeout,
+            image: cli.image_timeout,
+        },
+    };
+    Ok((opts, targets, aws))
+}
+
+fn human_bytes(n: u64) -> String {
+    indicatif::BinaryBytes(n).to_string()
+}
+
+/// The final table of a publish.
+pub fn table(r: &PublishResults) -> String {
+    let mut s = format!(
+        "{}/{} (image {}, {})\n{:<28} {:<13} {:<22} {:<24} {:>10} {:>8}  {}\n",
+        r.stream,
+        r.leaf,
+        &r.image_id[..r.image_id.len().min(16)],
+        human_bytes(r.size_bytes),
+        "TARGET",
+        "ACCOUNT ID",
+        "AMI",
+        "SNAPSHOT",
+        "FETCHED",
+        "TIME",
+        "STATUS"
+    );
+    for t in &r.targets {
+        let status = match (&t.error, t.reused, t.skipped) {
+            (Some(e), _, _) => format!("FAILED: {e}"),
+            (None, _, true) => "skipped (no unpacker)".to_owned(),
+            (None, true, _) => "already published".to_owned(),
+            (None, false, false) => "published".to_owned(),
+        };
+        s += &format!(
+            "{:<28} {:<13} {:<22} {:<24} {:>10} {:>7.1}s  {}\n",
+            format!("{},{}", t.account, t.region),
+            t.account_id.as_deref().unwrap_or("-"),
+            t.ami_id.as_deref().unwrap_or("-"),
+            t.snapshot_id.as_deref().unwrap_or("-"),
+            t.bytes_fetched.map_or("-".to_owned(), human_bytes),
+            t.seconds,
+            status
+        );
+    }
+    let failed = r.targets.iter().filter(|t| !t.ok()).count();
+    s += &format!("{} targets, {} failed\n", r.targets.len(), failed);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2_000_000_000);
+        assert!(parse_size("2 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn names_render_and_are_checked() {
+        assert_eq!(render_name("{stream}/{leaf}", "base/deb", "7", "ab").unwrap(), "base/deb/7");
+        assert_eq!(render_name("x:{leaf}", "s", "1", "ab").unwrap(), "x_1");
+        assert!(render_name("{leaf}", "s", "1", "ab").unwrap_err().to_string().contains("3 to 128"));
+    }
+
+    #[test]
+    fn config_file_fills_unset_flags_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            "targets = [\"a,r-1\", \"b,\"]\nimage-server = \"img:1\"\nena-support = true\nmax-concurrency = 3\n",
+        )
+        .unwrap();
+        let args = |extra: &[&str]| {
+            let mut v: Vec<OsString> = vec!["ami-publisher".into(), "--config".into(), cfg.clone().into()];
+            v.extend(extra.iter().map(OsString::from));
+            v
+        };
+        let cli = parse_args(args(&["publish", "s", "1"])).unwrap();
+        assert_eq!(cli.targets.len(), 2);
+        assert_eq!(cli.image_server, "img:1");
+        assert!(cli.ena_support);
+        assert_eq!(cli.max_concurrency, 3);
+        let cli = parse_args(args(&["--targets", "c,r-2", "publish", "s", "1", "--image-server", "other:2"])).unwrap();
+        assert_eq!(cli.targets, vec!["c,r-2".parse::<TargetSpec>().unwrap()]);
+        assert_eq!(cli.image_server, "other:2");
+        std::fs::write(&cfg, "no-such-flag = 1\n").unwrap();
+        let e = parse_args(args(&["publish", "s", "1"])).unwrap_err().to_string();
+        assert!(e.contains("unknown setting 'no-such-flag'"), "{e}");
+    }
+}

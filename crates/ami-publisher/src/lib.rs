@@ -1,0 +1,51 @@
+//! ami-publisher: the controller. It turns an image from the imageserver into
+//! identical, encrypted AMIs in every (account, region) target, through the
+//! image-unpacker instance in each target, and writes results files.
+//!
+//! - [`targets`]: `ACCOUNT,REGION` patterns and their expansion;
+//! - [`aws`]: profiles, SDK configuration, retries;
+//! - [`unpacker`]: finding, starting and dialing unpacker instances;
+//! - [`volumes`]: the stream's volume on an unpacker;
+//! - [`publish`]: the publish of one leaf to one target, and to all;
+//! - [`results`]: results files;
+//! - [`cli`]: the command line, its config file, and the final table.
+
+pub mod aws;
+pub mod cli;
+pub mod progress;
+pub mod publish;
+pub mod results;
+pub mod tags;
+pub mod targets;
+pub mod unpacker;
+pub mod volumes;
+
+use futures::StreamExt as _;
+use tracing::Instrument as _;
+
+use crate::targets::Target;
+
+/// Run `f` for every target, at most `max` at once, each in a tracing span
+/// naming its account and region; results come back in target order.
+pub async fn fanout<'a, T, F, Fut>(targets: &'a [Target], max: usize, f: F) -> Vec<T>
+where
+    F: Fn(Target) -> Fut + 'a,
+    Fut: std::future::Future<Output = T> + 'a,
+{
+    let f = &f;
+    let mut out: Vec<(usize, T)> = futures::stream::iter(targets.iter().cloned().enumerate())
+        .map(|(i, t)| {
+            let span = tracing::info_span!("target", account = %t.account, region = %t.region);
+            async move { (i, f(t).await) }.instrument(span)
+        })
+        .buffer_unordered(max.max(1))
+        .collect()
+        .await;
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Replace characters EC2 does not allow in AMI names with `_`.
+pub fn ami_name_chars(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c) { c } else { '_' }).collect()
+}

@@ -1,0 +1,442 @@
+//! `publish STREAM LEAF`: the image as an AMI in every target.
+//!
+//! Per target: an AMI of this leaf already there is reported, not remade
+//! (unless forced); a snapshot of it left by an interrupted run is
+//! registered; otherwise the unpacker instance is found (and started), the
+//! stream's volume brought to the leaf writing only what changed, read back,
+//! snapshotted, and the snapshot registered as an AMI. AMI and snapshot are
+//! tagged with the stream, leaf and image id.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, bail};
+use aws_sdk_ec2::{
+    Client,
+    types::{
+        ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Image, ImageState, ImdsSupportValues,
+        ResourceType, SnapshotState, VolumeType,
+    },
+};
+use aws_sdk_ec2::{client::Waiters as _, error::ProvideErrorMetadata as _};
+use fleet_tls::TlsFiles;
+use image_unpacker::client::{
+    self as uc, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, UnpackImageRequest,
+};
+
+use crate::{
+    aws::{Aws, sdk_error},
+    progress::{Board, Line},
+    results::{PublishResults, TargetResult},
+    tags::{self, tag_filter},
+    targets::Target,
+    unpacker,
+    volumes::{self, VolumeSpec},
+};
+
+/// How long each kind of wait may last.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Instance running and its image-unpacker answering.
+    pub unpacker: Duration,
+    /// Volume available, attached, and seen by the unpacker.
+    pub volume: Duration,
+    /// Snapshot completed.
+    pub snapshot: Duration,
+    /// AMI available.
+    pub image: Duration,
+}
+
+/// Everything a publish needs to know, settled before any target starts.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub stream: String,
+    pub leaf: String,
+    /// Hex image id (manifest digest), from the imageserver.
+    pub image_id: String,
+    pub image_size: u64,
+    pub instance_name: String,
+    pub unpacker_port: u16,
+    pub tls: TlsFiles,
+    /// Extra tags for AMI and snapshot (`--tags`).
+    pub tags: Vec<(String, String)>,
+    /// `ExpiresAt` value, RFC 3339.
+    pub expires_at: Option<String>,
+    pub ami_name: String,
+    pub description: String,
+    pub force: bool,
+    pub ena_support: bool,
+    pub architecture: ArchitectureValues,
+    pub boot_mode: Option<BootModeValues>,
+    pub imds_support: Option<ImdsSupportValues>,
+    pub root_device_name: String,
+    pub volume_type: VolumeType,
+    pub kms_key_id: Option<String>,
+    pub min_free_bytes: u64,
+    pub ignore_missing_unpackers: bool,
+    pub timeouts: Timeouts,
+}
+
+impl Options {
+    /// Tags that identify this leaf's AMI and snapshot.
+    fn identity_tags(&self) -> Vec<(String, String)> {
+        let mut t = vec![
+            (tags::STREAM.to_owned(), self.stream.clone()),
+            (tags::LEAF.to_owned(), self.leaf.clone()),
+            (tags::DIGEST.to_owned(), self.image_id.clone()),
+        ];
+        t.extend(self.tags.iter().cloned());
+        t
+    }
+
+    /// All tags of the finished AMI and snapshot.
+    fn final_tags(&self, name: &str) -> Vec<(String, String)> {
+        let mut t = vec![(tags::NAME.to_owned(), name.to_owned())];
+        t.extend(self.identity_tags());
+        if let Some(e) = &self.expires_at {
+            t.push((tags::EXPIRES_AT.to_owned(), e.clone()));
+        }
+        t
+    }
+}
+
+/// Publish to every target, at most `max_concurrency` at once.
+pub async fn publish(
+    aws: &Aws,
+    targets: &[Target],
+    opts: &Options,
+    max_concurrency: usize,
+    board: &Board,
+) -> PublishResults {
+    let started = SystemTime::now();
+    let results = crate::fanout(targets, max_concurrency, |t| async move {
+        let line = board.line(&t.to_string());
+        let ec2 = aws.ec2(&t).await;
+        let r = publish_one(&ec2, &t, opts, &line).await;
+        match &r.error {
+            None if r.skipped => line.finish("skipped: no unpacker"),
+            None => line.finish(format!(
+                "{} {}",
+                r.ami_id.as_deref().unwrap_or("?"),
+                if r.reused { "(already there)" } else { "done" }
+            )),
+            Some(e) => {
+                tracing::error!(error = %e, "target failed");
+                line.finish(format!("FAILED: {e}"));
+            }
+        }
+        r
+    })
+    .await;
+    PublishResults {
+        stream: opts.stream.clone(),
+        leaf: opts.leaf.clone(),
+        image_id: opts.image_id.clone(),
+        size_bytes: opts.image_size,
+        started_at: tags::rfc3339(started),
+        finished_at: tags::rfc3339(SystemTime::now()),
+        targets: results,
+    }
+}
+
+/// One target; never fails, the error goes into the result.
+pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> TargetResult {
+    let start = Instant::now();
+    let mut r = TargetResult {
+        account: t.account.clone(),
+        region: t.region.clone(),
+        size_bytes: o.image_size,
+        image_id: o.image_id.clone(),
+        ..TargetResult::default()
+    };
+    if let Err(e) = run(ec2, t, o, line, &mut r).await {
+        r.error = Some(format!("{e:#}"));
+    }
+    r.seconds = start.elapsed().as_secs_f64();
+    r
+}
+
+async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetResult) -> anyhow::Result<()> {
+    if !o.force {
+        line.step("looking for an existing AMI");
+        if let Some(img) = find_ami(ec2, o).await? {
+            let id = img.image_id().unwrap_or_default().to_owned();
+            if img.state() == Some(&ImageState::Pending) {
+                wait_image(ec2, &id, o.timeouts.image, line).await?;
+            }
+            r.reused = true;
+            r.ami_id = Some(id);
+            r.ami_name = img.name().map(str::to_owned);
+            r.account_id = img.owner_id().map(str::to_owned);
+            r.snapshot_id = find_snapshot(ec2, o).await?.map(|(s, _)| s);
+            tracing::info!(ami = ?r.ami_id, "an AMI of this leaf is already there");
+            return Ok(());
+        }
+    }
+    let left_over = if o.force { None } else { find_snapshot(ec2, o).await? };
+    let (snapshot, volume_gib) = match left_over {
+        Some((snap, gib)) => {
+            tracing::info!(snapshot = %snap, "registering a snapshot left by an earlier run");
+            (snap, gib)
+        }
+        None => {
+            let Some(snap) = unpack_and_snapshot(ec2, t, o, line, r).await? else {
+                return Ok(());
+            };
+            snap
+        }
+    };
+    r.snapshot_id = Some(snapshot.clone());
+    line.step(format!("waiting for {snapshot}"));
+    ec2.wait_until_snapshot_completed().snapshot_ids(&snapshot).wait(o.timeouts.snapshot).await.map_err(|e| {
+        anyhow::anyhow!("waiting for snapshot {snapshot} to complete (timeout {:?}): {e}", o.timeouts.snapshot)
+    })?;
+    line.step("registering the AMI");
+    let (ami, name, owner) = register(ec2, o, &snapshot, volume_gib).await?;
+    r.ami_id = Some(ami.clone());
+    r.ami_name = Some(name.clone());
+    if r.account_id.is_none() {
+        r.account_id = owner;
+    }
+    wait_image(ec2, &ami, o.timeouts.image, line).await?;
+    line.step("tagging");
+    let final_tags = o.final_tags(&name);
+    ec2.create_tags()
+        .resources(&ami)
+        .resources(&snapshot)
+        .set_tags(Some(final_tags.iter().map(|(k, v)| tags::tag(k, v)).collect()))
+        .send()
+        .await
+        .map_err(|e| sdk_error(&format!("CreateTags on {ami} and {snapshot}"), e))?;
+    if o.expires_at.is_none() {
+        // The snapshot's pending-expiry marker goes: it now backs an AMI.
+        ec2.delete_tags()
+            .resources(&snapshot)
+            .tags(aws_sdk_ec2::types::Tag::builder().key(tags::EXPIRES_AT).build())
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("DeleteTags ExpiresAt on {snapshot}"), e))?;
+    }
+    tracing::info!(%ami, %snapshot, "published");
+    Ok(())
+}
+
+/// An AMI (available or on its way) tagged with this leaf and image id.
+async fn find_ami(ec2: &Client, o: &Options) -> anyhow::Result<Option<Image>> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(tag_filter(tags::STREAM, &o.stream))
+        .filters(tag_filter(tags::LEAF, &o.leaf))
+        .filters(tag_filter(tags::DIGEST, &o.image_id))
+        .send()
+        .await
+        .map_err(|e| sdk_error("DescribeImages", e))?;
+    let mut found: Vec<Image> = out
+        .images()
+        .iter()
+        .filter(|i| matches!(i.state(), Some(ImageState::Available | ImageState::Pending)))
+        .cloned()
+        .collect();
+    found.sort_by(|a, b| b.creation_date().cmp(&a.creation_date()));
+    Ok(found.into_iter().next())
+}
+
+/// A snapshot of this leaf (completed or pending) and its size in GiB.
+async fn find_snapshot(ec2: &Client, o: &Options) -> anyhow::Result<Option<(String, i32)>> {
+    let out = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(tag_filter(tags::STREAM, &o.stream))
+        .filters(tag_filter(tags::LEAF, &o.leaf))
+        .filters(tag_filter(tags::DIGEST, &o.image_id))
+        .send()
+        .await
+        .map_err(|e| sdk_error("DescribeSnapshots", e))?;
+    Ok(out
+        .snapshots()
+        .iter()
+        .filter(|s| matches!(s.state(), Some(SnapshotState::Completed | SnapshotState::Pending)))
+        .max_by(|a, b| a.start_time().map(|t| t.secs()).cmp(&b.start_time().map(|t| t.secs())))
+        .and_then(|s| Some((s.snapshot_id()?.to_owned(), s.volume_size().unwrap_or(1)))))
+}
+
+fn show(line: &Line) -> impl FnMut(&Progress) + '_ {
+    |p| line.bytes(&p.phase, p.done_bytes, p.total_bytes)
+}
+
+/// The unpacker part: returns the new snapshot and its size in GiB, or
+/// `None` when the target has no unpacker and that is allowed.
+async fn unpack_and_snapshot(
+    ec2: &Client,
+    t: &Target,
+    o: &Options,
+    line: &Line,
+    r: &mut TargetResult,
+) -> anyhow::Result<Option<(String, i32)>> {
+    line.step("finding the unpacker");
+    let found = unpacker::find_all(ec2, &o.instance_name).await?;
+    let Some(inst) = found.first() else {
+        if o.ignore_missing_unpackers {
+            r.skipped = true;
+            tracing::warn!("no unpacker instance; skipped");
+            return Ok(None);
+        }
+        bail!(
+            "no instance tagged Name={} in {t} (launch one, or pass --ignore-missing-unpackers to skip such targets)",
+            o.instance_name
+        );
+    };
+    if found.len() > 1 {
+        tracing::warn!(count = found.len(), using = %inst.instance_id, "several unpacker instances; using the first");
+    }
+    let inst = unpacker::ensure_running(ec2, inst, o.timeouts.unpacker, |s| line.step(s)).await?;
+    r.account_id = inst.account_id.clone();
+    let ip = inst.private_ip.as_deref().with_context(|| format!("instance {} has no private IP", inst.instance_id))?;
+    let addr = format!("{ip}:{}", o.unpacker_port);
+    line.step(format!("connecting to {addr}"));
+    let mut c = unpacker::dial(&addr, &o.tls, o.timeouts.unpacker)
+        .await
+        .with_context(|| format!("unpacker instance {}", inst.instance_id))?;
+    let spec = VolumeSpec {
+        stream: o.stream.clone(),
+        need_bytes: o.image_size.saturating_add(o.min_free_bytes),
+        volume_type: o.volume_type.clone(),
+        kms_key_id: o.kms_key_id.clone(),
+        instance_name: o.instance_name.clone(),
+        timeout: o.timeouts.volume,
+    };
+    let volume = volumes::ensure(ec2, &mut c, &inst, &spec, line).await?;
+    r.volume_id = Some(volume.clone());
+
+    line.step("preparing");
+    let req = PrepareForUnpackRequest { stream: o.stream.clone(), skip_if_prepared: true, do_not_wait: false };
+    let s = c.prepare_for_unpack(req).await.context("PrepareForUnpack")?.into_inner();
+    uc::follow(s, show(line)).await.context("PrepareForUnpack")?;
+    let req = UnpackImageRequest { stream: o.stream.clone(), leaf: o.leaf.clone() };
+    let s = c.unpack_image(req).await.context("UnpackImage")?.into_inner();
+    let last = uc::follow(s, show(line)).await.with_context(|| format!("unpacking {}/{}", o.stream, o.leaf))?;
+    if let Some(st) = last.stats {
+        r.bytes_fetched = Some(st.bytes_fetched);
+        r.bytes_written = Some(st.bytes_written);
+        tracing::info!(fetched = st.bytes_fetched, written = st.bytes_written, seconds = st.seconds, "unpacked");
+    }
+    line.step("reading back");
+    let cap = c
+        .prepare_for_capture(PrepareForCaptureRequest { stream: o.stream.clone() })
+        .await
+        .context("PrepareForCapture")?
+        .into_inner();
+    if cap.image_id != o.image_id || cap.leaf != o.leaf {
+        bail!(
+            "the unpacker's volume holds {}/{} (image {}), not {}/{} (image {}); not snapshotting it",
+            cap.stream,
+            cap.leaf,
+            cap.image_id,
+            o.stream,
+            o.leaf,
+            o.image_id
+        );
+    }
+    line.step(format!("snapshotting {volume}"));
+    let mut snap_tags = vec![(tags::NAME.to_owned(), o.ami_name.clone())];
+    snap_tags.extend(o.identity_tags());
+    // Until an AMI uses it, the snapshot expires: an interrupted run that is
+    // never repeated leaves nothing behind for good.
+    snap_tags.push((tags::EXPIRES_AT.to_owned(), tags::rfc3339(SystemTime::now() + tags::PENDING_SNAPSHOT_LIFETIME)));
+    let out = ec2
+        .create_snapshot()
+        .volume_id(&volume)
+        .description(&o.description)
+        .tag_specifications(tags::spec(ResourceType::Snapshot, &snap_tags))
+        .send()
+        .await
+        .map_err(|e| sdk_error(&format!("CreateSnapshot of {volume}"), e))?;
+    let snap = out.snapshot_id().context("CreateSnapshot returned no snapshot id")?.to_owned();
+    tracing::info!(snapshot = %snap, %volume, device_digest = %cap.device_digest, "snapshot started");
+    Ok(Some((snap, out.volume_size().unwrap_or(1))))
+}
+
+async fn wait_image(ec2: &Client, ami: &str, timeout: Duration, line: &Line) -> anyhow::Result<()> {
+    line.step(format!("waiting for {ami}"));
+    ec2.wait_until_image_available()
+        .image_ids(ami)
+        .wait(timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("waiting for AMI {ami} to be available (timeout {timeout:?}): {e}"))?;
+    Ok(())
+}
+
+/// RegisterImage; returns (AMI id, name, owner). When the name is taken by an
+/// AMI of this very leaf (a run interrupted before tagging), that AMI is
+/// adopted; when it is taken by anything else, the error says so.
+async fn register(
+    ec2: &Client,
+    o: &Options,
+    snapshot: &str,
+    gib: i32,
+) -> anyhow::Result<(String, String, Option<String>)> {
+    let name = if o.force {
+        // Names are unique per account and region: a forced remake is told
+        // apart by the time.
+        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        crate::ami_name_chars(&format!("{} {}", o.ami_name, now.trim_end_matches('Z').replace(':', ".")))
+    } else {
+        o.ami_name.clone()
+    };
+    let root = BlockDeviceMapping::builder()
+        .device_name(&o.root_device_name)
+        .ebs(
+            EbsBlockDevice::builder()
+                .snapshot_id(snapshot)
+                .volume_size(gib)
+                .volume_type(o.volume_type.clone())
+                .delete_on_termination(true)
+                .build(),
+        )
+        .build();
+    let req = ec2
+        .register_image()
+        .name(&name)
+        .description(&o.description)
+        .architecture(o.architecture.clone())
+        .root_device_name(&o.root_device_name)
+        .block_device_mappings(root)
+        .virtualization_type("hvm")
+        .ena_support(o.ena_support)
+        .set_boot_mode(o.boot_mode.clone())
+        .set_imds_support(o.imds_support.clone())
+        .tag_specifications(tags::spec(ResourceType::Image, &o.final_tags(&name)));
+    match req.send().await {
+        Ok(out) => {
+            let id = out.image_id().context("RegisterImage returned no image id")?.to_owned();
+            tracing::info!(ami = %id, %name, "registered");
+            Ok((id, name, None))
+        }
+        Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidAMIName.Duplicate") => {
+            let out = ec2
+                .describe_images()
+                .owners("self")
+                .filters(tags::filter("name", &name))
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeImages by name", e))?;
+            let Some(img) = out.images().first() else {
+                return Err(sdk_error("RegisterImage", e));
+            };
+            let ours = tags::value(img.tags(), tags::DIGEST) == Some(o.image_id.as_str())
+                || img.block_device_mappings().iter().any(|m| m.ebs().and_then(|e| e.snapshot_id()) == Some(snapshot));
+            let id = img.image_id().unwrap_or_default().to_owned();
+            if !ours {
+                bail!(
+                    "the AMI name '{name}' is already used by {id}, which is not an AMI of {}/{}; \
+                     choose another --ami-name, or --force to make a new AMI with a dated name",
+                    o.stream,
+                    o.leaf
+                );
+            }
+            tracing::info!(ami = %id, "adopting the AMI an interrupted run registered");
+            Ok((id, name, img.owner_id().map(str::to_owned)))
+        }
+        Err(e) => Err(sdk_error(&format!("RegisterImage {name}"), e)),
+    }
+}

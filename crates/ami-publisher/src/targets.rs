@@ -1,0 +1,191 @@
+//! Targets: (account, region) pairs. An account is an AWS profile name.
+//!
+//! `--targets ACCOUNT,REGION`: an empty (or `*`) account means every profile
+//! in the profile files; an empty (or `*`) region means every region enabled
+//! in that account (DescribeRegions). `--skip-targets` takes the same syntax
+//! and removes what it matches from the expanded list.
+
+use std::{collections::BTreeSet, fmt, str::FromStr};
+
+use anyhow::Context as _;
+
+/// One `ACCOUNT,REGION` pattern from the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// `None`: every account.
+    pub account: Option<String>,
+    /// `None`: every enabled region.
+    pub region: Option<String>,
+}
+
+/// Why a target pattern was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("'{0}': a target is ACCOUNT,REGION (either part may be empty or '*' for all)")]
+    Syntax(String),
+    #[error("'{spec}': '{part}' is not a valid {what}")]
+    BadPart { spec: String, part: String, what: &'static str },
+}
+
+fn wildcard(s: &str) -> bool {
+    s.is_empty() || s == "*"
+}
+
+fn valid_profile(s: &str) -> bool {
+    s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@+=/".contains(c))
+}
+
+fn valid_region(s: &str) -> bool {
+    s.len() <= 32
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.contains('-')
+        && !s.starts_with('-')
+}
+
+impl FromStr for TargetSpec {
+    type Err = SpecError;
+
+    fn from_str(spec: &str) -> Result<TargetSpec, SpecError> {
+        let mut parts = spec.split(',');
+        let (Some(account), region, None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(SpecError::Syntax(spec.to_owned()));
+        };
+        let region = region.unwrap_or("").trim();
+        let account = account.trim();
+        if !wildcard(account) && !valid_profile(account) {
+            return Err(SpecError::BadPart { spec: spec.into(), part: account.into(), what: "profile name" });
+        }
+        if !wildcard(region) && !valid_region(region) {
+            return Err(SpecError::BadPart { spec: spec.into(), part: region.into(), what: "region name" });
+        }
+        Ok(TargetSpec {
+            account: (!wildcard(account)).then(|| account.to_owned()),
+            region: (!wildcard(region)).then(|| region.to_owned()),
+        })
+    }
+}
+
+impl fmt::Display for TargetSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.account.as_deref().unwrap_or("*"), self.region.as_deref().unwrap_or("*"))
+    }
+}
+
+impl TargetSpec {
+    /// Whether this pattern matches a concrete target.
+    pub fn matches(&self, t: &Target) -> bool {
+        self.account.as_ref().is_none_or(|a| *a == t.account) && self.region.as_ref().is_none_or(|r| *r == t.region)
+    }
+}
+
+/// A concrete target.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Target {
+    pub account: String,
+    pub region: String,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.account, self.region)
+    }
+}
+
+/// Expand patterns into concrete targets, in a stable order, minus the
+/// skipped ones. `profiles` lists the known profiles; `regions_of` answers
+/// "which regions are enabled in this account" (called once per account that
+/// needs it).
+pub async fn expand<F, Fut>(
+    specs: &[TargetSpec],
+    skip: &[TargetSpec],
+    profiles: &[String],
+    mut regions_of: F,
+) -> anyhow::Result<Vec<Target>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<String>>>,
+{
+    for s in specs.iter().chain(skip) {
+        if let Some(a) = &s.account
+            && !profiles.contains(a)
+        {
+            anyhow::bail!(
+                "unknown AWS profile '{a}' in target '{s}' (profiles found: {}; they come from \
+                 AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE or ~/.aws/config and ~/.aws/credentials)",
+                if profiles.is_empty() { "none".to_owned() } else { profiles.join(", ") }
+            );
+        }
+    }
+    // Every profile, but `default` only when it is the only one (it usually
+    // repeats another profile's account).
+    let all_accounts: Vec<String> = if profiles.iter().any(|p| p != "default") {
+        profiles.iter().filter(|p| *p != "default").cloned().collect()
+    } else {
+        profiles.to_vec()
+    };
+    let mut out = BTreeSet::new();
+    let mut regions_cache: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for s in specs {
+        let accounts = match &s.account {
+            Some(a) => vec![a.clone()],
+            None => all_accounts.clone(),
+        };
+        for a in accounts {
+            let regions = match &s.region {
+                Some(r) => vec![r.clone()],
+                None => {
+                    if !regions_cache.contains_key(&a) {
+                        let r = regions_of(a.clone()).await.with_context(|| format!("listing the regions of {a}"))?;
+                        regions_cache.insert(a.clone(), r);
+                    }
+                    regions_cache[&a].clone()
+                }
+            };
+            for r in regions {
+                out.insert(Target { account: a.clone(), region: r });
+            }
+        }
+    }
+    Ok(out.into_iter().filter(|t| !skip.iter().any(|s| s.matches(t))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_parse_and_refuse_nonsense() {
+        let t: TargetSpec = "prod,us-east-1".parse().unwrap();
+        assert_eq!(t.account.as_deref(), Some("prod"));
+        assert_eq!(t.region.as_deref(), Some("us-east-1"));
+        let t: TargetSpec = ",eu-west-1".parse().unwrap();
+        assert_eq!(t.account, None);
+        let t: TargetSpec = "prod,*".parse().unwrap();
+        assert_eq!(t.region, None);
+        let t: TargetSpec = "prod".parse().unwrap();
+        assert_eq!(t.region, None);
+        assert!(matches!("a,b,c".parse::<TargetSpec>(), Err(SpecError::Syntax(_))));
+        assert!(matches!("prod,US_EAST".parse::<TargetSpec>(), Err(SpecError::BadPart { what: "region name", .. })));
+        assert!(matches!("pr od,us-east-1".parse::<TargetSpec>(), Err(SpecError::BadPart { .. })));
+    }
+
+    #[tokio::test]
+    async fn expansion_fills_wildcards_and_skips() {
+        let profiles = vec!["default".to_owned(), "a".to_owned(), "b".to_owned()];
+        let specs: Vec<TargetSpec> = vec!["*,r-1".parse().unwrap(), "a,".parse().unwrap()];
+        let skip: Vec<TargetSpec> = vec!["b,r-1".parse().unwrap()];
+        let mut asked = Vec::new();
+        let got = expand(&specs, &skip, &profiles, |a| {
+            asked.push(a.clone());
+            async move { Ok(vec!["r-1".to_owned(), "r-2".to_owned()]) }
+        })
+        .await
+        .unwrap();
+        let got: Vec<String> = got.iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["a,r-1", "a,r-2"]);
+        assert_eq!(asked, ["a"]);
+        let bad: Vec<TargetSpec> = vec!["nobody,r-1".parse().unwrap()];
+        let e = expand(&bad, &[], &profiles, |_| async { Ok(vec![]) }).await.unwrap_err();
+        assert!(e.to_string().contains("unknown AWS profile 'nobody'"), "{e}");
+    }
+}

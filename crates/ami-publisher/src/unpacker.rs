@@ -1,0 +1,168 @@
+//! Unpacker instances: find the one tagged `Name=<instance name>` in a
+//! target, start it when stopped, and dial its image-unpacker on the private
+//! IP until it answers.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use aws_sdk_ec2::client::Waiters as _;
+use aws_sdk_ec2::{
+    Client,
+    types::{Filter, Instance, InstanceStateName},
+};
+use fleet_tls::TlsFiles;
+use image_unpacker::client::{self as uc, GetStatusRequest};
+
+use crate::aws::sdk_error;
+
+/// An unpacker instance as EC2 describes it.
+#[derive(Debug, Clone)]
+pub struct UnpackerInstance {
+    pub instance_id: String,
+    pub state: String,
+    pub private_ip: Option<String>,
+    pub availability_zone: String,
+    pub account_id: Option<String>,
+    pub root_device_name: Option<String>,
+    /// Device names in use (root and attached volumes).
+    pub device_names: Vec<String>,
+    /// Volumes attached other than the root volume.
+    pub data_volumes: Vec<String>,
+}
+
+fn describe(i: &Instance, owner: Option<&str>) -> UnpackerInstance {
+    let root = i.root_device_name().map(str::to_owned);
+    let mut device_names = Vec::new();
+    let mut data_volumes = Vec::new();
+    for m in i.block_device_mappings() {
+        let name = m.device_name().unwrap_or_default().to_owned();
+        if Some(name.as_str()) != root.as_deref()
+            && let Some(v) = m.ebs().and_then(|e| e.volume_id())
+        {
+            data_volumes.push(v.to_owned());
+        }
+        device_names.push(name);
+    }
+    UnpackerInstance {
+        instance_id: i.instance_id().unwrap_or_default().to_owned(),
+        state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
+        private_ip: i.private_ip_address().map(str::to_owned),
+        availability_zone: i.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_owned(),
+        account_id: owner.map(str::to_owned),
+        root_device_name: root,
+        device_names,
+        data_volumes,
+    }
+}
+
+/// Every instance tagged `Name=<name>` that is not terminated or on its way
+/// out, running ones first.
+pub async fn find_all(ec2: &Client, name: &str) -> anyhow::Result<Vec<UnpackerInstance>> {
+    let mut out = Vec::new();
+    let mut pages = ec2
+        .describe_instances()
+        .filters(Filter::builder().name("tag:Name").values(name).build())
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(
+                    ["pending", "running", "stopping", "stopped"].iter().map(|s| (*s).to_owned()).collect(),
+                ))
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| sdk_error("DescribeInstances", e))?;
+        for r in page.reservations() {
+            for i in r.instances() {
+                out.push(describe(i, r.owner_id()));
+            }
+        }
+    }
+    out.sort_by_key(|u| (u.state != "running", u.instance_id.clone()));
+    Ok(out)
+}
+
+/// Describe one instance again.
+pub async fn refresh(ec2: &Client, instance_id: &str) -> anyhow::Result<UnpackerInstance> {
+    let out = ec2
+        .describe_instances()
+        .instance_ids(instance_id)
+        .send()
+        .await
+        .map_err(|e| sdk_error(&format!("DescribeInstances {instance_id}"), e))?;
+    for r in out.reservations() {
+        if let Some(i) = r.instances().first() {
+            return Ok(describe(i, r.owner_id()));
+        }
+    }
+    bail!("instance {instance_id} has disappeared")
+}
+
+/// Make sure the instance is running (starting it if stopped), within `timeout`.
+pub async fn ensure_running(
+    ec2: &Client,
+    inst: &UnpackerInstance,
+    timeout: Duration,
+    mut note: impl FnMut(&str),
+) -> anyhow::Result<UnpackerInstance> {
+    let id = inst.instance_id.as_str();
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    if inst.state == "running" {
+        return Ok(inst.clone());
+    }
+    if inst.state == InstanceStateName::Stopping.as_str() {
+        note("waiting for the instance to stop");
+        ec2.wait_until_instance_stopped()
+            .instance_ids(id)
+            .wait(left())
+            .await
+            .map_err(|e| anyhow::anyhow!("waiting for unpacker instance {id} to stop (timeout {timeout:?}): {e}"))?;
+    }
+    if inst.state != InstanceStateName::Pending.as_str() {
+        note("starting the instance");
+        tracing::info!(instance = id, "starting stopped unpacker instance");
+        ec2.start_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("StartInstances {id}"), e))?;
+    }
+    note("waiting for the instance to run");
+    ec2.wait_until_instance_running()
+        .instance_ids(id)
+        .wait(left())
+        .await
+        .map_err(|e| anyhow::anyhow!("waiting for unpacker instance {id} to be running (timeout {timeout:?}): {e}"))?;
+    refresh(ec2, id).await
+}
+
+/// Dial the unpacker at `addr` until it answers GetStatus, or `timeout`.
+pub async fn dial(addr: &str, tls: &TlsFiles, timeout: Duration) -> anyhow::Result<uc::Client> {
+    let deadline = Instant::now() + timeout;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let err = match uc::connect(addr, tls).await {
+            Ok(mut c) => match c.get_status(GetStatusRequest {}).await {
+                Ok(_) => return Ok(c),
+                Err(s) if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::Unauthenticated => {
+                    bail!("the image-unpacker at {addr} refused this certificate: {}", s.message())
+                }
+                Err(s) => format!("{}: {}", s.code(), s.message()),
+            },
+            Err(e @ image_client::ClientError::Tls(_)) => {
+                return Err(e).context("loading this publisher's certificates");
+            }
+            Err(e) => image_client::error_chain(&e),
+        };
+        if Instant::now() + wait > deadline {
+            return Err(anyhow::anyhow!("{err}"))
+                .with_context(|| format!("waiting for the image-unpacker at {addr} to answer (timeout {timeout:?})"));
+        }
+        tracing::debug!(addr, error = %err, "unpacker not answering yet");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}

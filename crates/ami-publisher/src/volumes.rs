@@ -1,0 +1,278 @@
+//! The stream's volume on an unpacker: reuse the one bound to the stream,
+//! else a free one, else one of ours left over by an interrupted run, else a
+//! new encrypted volume; a bound volume that is too small is replaced.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, bail};
+use aws_sdk_ec2::{
+    Client,
+    types::{ResourceType, Volume, VolumeAttachmentState, VolumeType},
+};
+use aws_sdk_ec2::{client::Waiters as _, error::ProvideErrorMetadata as _};
+use image_unpacker::client::{
+    self as uc, AddDeviceRequest, AssociateRequest, ForgetStreamRequest, RemoveDeviceRequest,
+};
+
+use crate::{
+    aws::sdk_error,
+    progress::Line,
+    tags::{self, tag_filter},
+    unpacker::{self, UnpackerInstance},
+};
+
+const GIB: u64 = 1 << 30;
+
+/// What a volume must be and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    pub stream: String,
+    /// Bytes the volume must hold: image size plus `--min-free-bytes`.
+    pub need_bytes: u64,
+    pub volume_type: VolumeType,
+    pub kms_key_id: Option<String>,
+    pub instance_name: String,
+    pub timeout: Duration,
+}
+
+impl VolumeSpec {
+    fn gib(&self) -> i32 {
+        i32::try_from(self.need_bytes.div_ceil(GIB).max(1)).unwrap_or(i32::MAX)
+    }
+}
+
+/// Make sure the unpacker has a big enough volume bound to the stream;
+/// returns its id.
+pub async fn ensure(
+    ec2: &Client,
+    c: &mut uc::Client,
+    inst: &UnpackerInstance,
+    spec: &VolumeSpec,
+    line: &Line,
+) -> anyhow::Result<String> {
+    let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+    let size_of = |vol: &str| status.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
+    if let Some(bound) = status.streams.iter().find(|s| s.stream == spec.stream) {
+        let have = size_of(&bound.volume_id);
+        if have >= spec.need_bytes {
+            return Ok(bound.volume_id.clone());
+        }
+        line.step(format!("replacing {} ({} GiB is too small)", bound.volume_id, have / GIB));
+        tracing::info!(volume = %bound.volume_id, have, need = spec.need_bytes, "stream volume too small; replacing it");
+        let new = create_and_add(ec2, c, inst, spec, line).await?;
+        c.forget_stream(ForgetStreamRequest { stream: spec.stream.clone() }).await.context("ForgetStream")?;
+        associate(c, &spec.stream, &new).await?;
+        retire(ec2, c, &inst.instance_id, &bound.volume_id, spec.timeout).await;
+        return Ok(new);
+    }
+    if let Some(free) = status
+        .devices
+        .iter()
+        .filter(|d| d.stream.is_empty() && d.size_bytes >= spec.need_bytes)
+        .min_by_key(|d| d.size_bytes)
+    {
+        line.step(format!("using free volume {}", free.volume_id));
+        associate(c, &spec.stream, &free.volume_id).await?;
+        return Ok(free.volume_id.clone());
+    }
+    if let Some(v) = adopt(ec2, c, inst, spec, line).await? {
+        associate(c, &spec.stream, &v).await?;
+        return Ok(v);
+    }
+    let new = create_and_add(ec2, c, inst, spec, line).await?;
+    associate(c, &spec.stream, &new).await?;
+    Ok(new)
+}
+
+async fn associate(c: &mut uc::Client, stream: &str, volume: &str) -> anyhow::Result<()> {
+    c.associate_stream_with_device(AssociateRequest { stream: stream.to_owned(), volume_id: volume.to_owned() })
+        .await
+        .with_context(|| format!("binding {stream} to {volume} on the unpacker"))?;
+    Ok(())
+}
+
+/// A volume made for this stream and instance by an earlier, interrupted
+/// run: attached but never added to the unpacker, or created but never
+/// attached. Added without `fresh`, so the unpacker scans what it holds.
+async fn adopt(
+    ec2: &Client,
+    c: &mut uc::Client,
+    inst: &UnpackerInstance,
+    spec: &VolumeSpec,
+    line: &Line,
+) -> anyhow::Result<Option<String>> {
+    let out = ec2
+        .describe_volumes()
+        .filters(tag_filter(tags::STREAM, &spec.stream))
+        .filters(tag_filter(tags::UNPACKER_INSTANCE, &inst.instance_id))
+        .send()
+        .await
+        .map_err(|e| sdk_error("DescribeVolumes", e))?;
+    for v in out.volumes() {
+        let Some(id) = v.volume_id() else { continue };
+        let size = u64::try_from(v.size().unwrap_or(0)).unwrap_or(0) * GIB;
+        if size < spec.need_bytes {
+            continue;
+        }
+        let attached = attachment_here(v, &inst.instance_id);
+        let state = v.state().map(|s| s.as_str().to_owned()).unwrap_or_default();
+        let device = match attached {
+            Some(dev) => dev,
+            None if state == "available" => {
+                line.step(format!("attaching left-over volume {id}"));
+                attach(ec2, inst, id, spec.timeout).await?
+            }
+            None => continue,
+        };
+        line.step(format!("adding left-over volume {id}"));
+        add(c, id, &device, false, spec.timeout).await?;
+        tracing::info!(volume = id, "reusing a volume left by an earlier run");
+        return Ok(Some(id.to_owned()));
+    }
+    Ok(None)
+}
+
+fn attachment_here(v: &Volume, instance_id: &str) -> Option<String> {
+    v.attachments()
+        .iter()
+        .find(|a| {
+            a.instance_id() == Some(instance_id)
+                && a.state()
+                    .is_some_and(|s| *s == VolumeAttachmentState::Attached || *s == VolumeAttachmentState::Attaching)
+        })
+        .map(|a| a.device().unwrap_or_default().to_owned())
+}
+
+async fn add(c: &mut uc::Client, volume: &str, device: &str, fresh: bool, timeout: Duration) -> anyhow::Result<()> {
+    let req = AddDeviceRequest {
+        volume_id: volume.to_owned(),
+        attach_name: device.to_owned(),
+        timeout_seconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).min(600),
+        fresh,
+    };
+    c.add_device(req).await.with_context(|| format!("adding {volume} ({device}) to the unpacker"))?;
+    Ok(())
+}
+
+/// Create an encrypted volume in the instance's zone, attach it, and add it
+/// to the unpacker as fresh (no scan, no zero writes).
+async fn create_and_add(
+    ec2: &Client,
+    c: &mut uc::Client,
+    inst: &UnpackerInstance,
+    spec: &VolumeSpec,
+    line: &Line,
+) -> anyhow::Result<String> {
+    line.step(format!("creating a {} GiB encrypted volume", spec.gib()));
+    let labels = [
+        (tags::NAME.to_owned(), format!("{} {}", spec.instance_name, spec.stream)),
+        (tags::STREAM.to_owned(), spec.stream.clone()),
+        (tags::UNPACKER_INSTANCE.to_owned(), inst.instance_id.clone()),
+    ];
+    let out = ec2
+        .create_volume()
+        .availability_zone(&inst.availability_zone)
+        .size(spec.gib())
+        .volume_type(spec.volume_type.clone())
+        .encrypted(true)
+        .set_kms_key_id(spec.kms_key_id.clone())
+        .tag_specifications(tags::spec(ResourceType::Volume, &labels))
+        .send()
+        .await
+        .map_err(|e| sdk_error("CreateVolume", e))?;
+    let id = out.volume_id().context("CreateVolume returned no volume id")?.to_owned();
+    tracing::info!(volume = %id, gib = spec.gib(), "created volume");
+    ec2.wait_until_volume_available().volume_ids(&id).wait(spec.timeout).await.map_err(|e| {
+        anyhow::anyhow!("waiting for new volume {id} to be available (timeout {:?}): {e}", spec.timeout)
+    })?;
+    line.step(format!("attaching {id}"));
+    let device = attach(ec2, inst, &id, spec.timeout).await?;
+    line.step(format!("waiting for {id} to appear"));
+    add(c, &id, &device, true, spec.timeout).await?;
+    Ok(id)
+}
+
+/// Attach `volume` to the instance under a free device name; wait until
+/// EC2 says attached. Returns the device name.
+async fn attach(ec2: &Client, inst: &UnpackerInstance, volume: &str, timeout: Duration) -> anyhow::Result<String> {
+    let fresh = unpacker::refresh(ec2, &inst.instance_id).await?;
+    let mut last_err = None;
+    for letter in 'f'..='z' {
+        let device = format!("/dev/sd{letter}");
+        let xvd = format!("/dev/xvd{letter}");
+        if fresh.device_names.iter().any(|d| *d == device || *d == xvd) {
+            continue;
+        }
+        match ec2.attach_volume().volume_id(volume).instance_id(&inst.instance_id).device(&device).send().await {
+            Ok(_) => {
+                wait_attached(ec2, volume, &inst.instance_id, timeout).await?;
+                return Ok(device);
+            }
+            // Another publish took this name since we looked: try the next.
+            Err(e) if e.as_service_error().and_then(|s| s.message()).is_some_and(|m| m.contains("in use")) => {
+                last_err = Some(sdk_error("AttachVolume", e));
+            }
+            Err(e) => return Err(sdk_error(&format!("AttachVolume {volume} to {}", inst.instance_id), e)),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no free device name /dev/sdf..sdz on {}", inst.instance_id)))
+}
+
+async fn wait_attached(ec2: &Client, volume: &str, instance_id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = ec2
+            .describe_volumes()
+            .volume_ids(volume)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("DescribeVolumes {volume}"), e))?;
+        let attached = out.volumes().iter().any(|v| {
+            v.attachments()
+                .iter()
+                .any(|a| a.instance_id() == Some(instance_id) && a.state() == Some(&VolumeAttachmentState::Attached))
+        });
+        if attached {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("waiting for volume {volume} to be attached to {instance_id} (timeout {timeout:?})");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Take a replaced volume out of service: unpacker forgets it, EC2 detaches
+/// and deletes it. Failure is not the publish's failure: the volume is then
+/// tagged to expire now, so `expire` removes it.
+async fn retire(ec2: &Client, c: &mut uc::Client, instance_id: &str, volume: &str, timeout: Duration) {
+    let r: anyhow::Result<()> = async {
+        c.remove_device(RemoveDeviceRequest { volume_id: volume.to_owned() }).await.context("RemoveDevice")?;
+        ec2.detach_volume()
+            .volume_id(volume)
+            .instance_id(instance_id)
+            .send()
+            .await
+            .map_err(|e| sdk_error("DetachVolume", e))?;
+        ec2.wait_until_volume_available()
+            .volume_ids(volume)
+            .wait(timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!("waiting for {volume} to detach (timeout {timeout:?}): {e}"))?;
+        ec2.delete_volume().volume_id(volume).send().await.map_err(|e| sdk_error("DeleteVolume", e))?;
+        Ok(())
+    }
+    .await;
+    match r {
+        Ok(()) => tracing::info!(volume, "deleted the replaced volume"),
+        Err(e) => {
+            tracing::warn!(volume, error = %format!("{e:#}"), "could not delete the replaced volume; tagging it to expire");
+            let _ = ec2
+                .create_tags()
+                .resources(volume)
+                .tags(tags::tag(tags::EXPIRES_AT, &tags::rfc3339(SystemTime::now())))
+                .send()
+                .await;
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! `ami-publisher publish` end to end on the local world: the real binary,
+//! the real SDK against moto, real unpackers over mutual TLS, real (loop)
+//! devices behind the volumes.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use ami_publisher::results::PublishResults;
+use aws_sdk_ec2::types::Filter;
+use fleet_pki::Role;
+use image_format::ImageName;
+use local_world::{Plan, World};
+
+const MIB: usize = 1 << 20;
+
+/// Runs the publisher binary against a world.
+struct Publisher<'w> {
+    world: &'w World,
+    ssl: PathBuf,
+}
+
+impl<'w> Publisher<'w> {
+    fn new(world: &'w World) -> Publisher<'w> {
+        Publisher { ssl: world.ssl_dir(Role::AmiPublisher).unwrap(), world }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"))
+            .envs(self.world.aws_env())
+            .env_remove("AMI_PUBLISHER_CONFIG")
+            .env("HOME", self.world.path("home"))
+            .arg("--ssl-dir")
+            .arg(&self.ssl)
+            .args(["--image-server", &self.world.imageserver_addr()])
+            .args(args)
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ ami-publisher {}\n-> {} in {:.1?}\n{}{}",
+            args.join(" "),
+            out.status,
+            t.elapsed(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Publish; returns the exit code and the results file.
+    fn publish(&self, stream: &str, leaf: &str, extra: &[&str]) -> (i32, PublishResults) {
+        let results = self.world.path(&format!("results-{}-{leaf}-{}.json", stream.replace('/', "_"), nonce()));
+        let mut args = vec!["publish", stream, leaf, "--results", results.to_str().unwrap()];
+        args.extend(extra);
+        let out = self.run(&args);
+        (out.status.code().unwrap_or(-1), PublishResults::read(&results).unwrap())
+    }
+}
+
+fn nonce() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The result for world target `i` (results are sorted by account, region).
+fn result<'r>(r: &'r PublishResults, world: &World, i: usize) -> &'r ami_publisher::results::TargetResult {
+    let t = &world.targets[i];
+    r.targets.iter().find(|x| x.account == t.account && x.region == t.region).expect("a result for every target")
+}
+
+fn targets_of(world: &World) -> Vec<String> {
+    world.targets.iter().map(|t| format!("{},{}", t.account, t.region)).collect()
+}
+
+fn with_targets<'a>(targets: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = Vec::new();
+    for t in targets {
+        v.push("--targets");
+        v.push(t.as_str());
+    }
+    v.extend(extra);
+    v
+}
+
+/// A disk-like image: noise with zero regions, written to the world's dir and
+/// added to its imageserver. Returns the file.
+async fn add_image(world: &World, stream: &str, leaf: &str, bytes: &[u8]) -> PathBuf {
+    let file = world.path(&format!("{}-{leaf}.raw", stream.replace('/', "_")));
+    std::fs::write(&file, bytes).unwrap();
+    let builder = world.pki.role(Role::ImageBuilder).unwrap();
+    let mut c = imagetool::client::connect(&world.imageserver_addr(), &builder).await.unwrap();
+    let name = ImageName::new(stream, leaf).unwrap();
+    imagetool::add(&mut c, &name, &file, image_format::DEFAULT_CHUNK_SIZE, imagetool::Progress::Hidden).await.unwrap();
+    file
+}
+
+fn disk(len: usize, seed: u64) -> Vec<u8> {
+    let mut d = test_support::noise(len, seed);
+    // Zero regions, as a real disk has.
+    for z in [len / 4..len / 4 + 3 * MIB, len - 2 * MIB..len] {
+        d[z].fill(0);
+    }
+    d
+}
+
+/// The bytes behind a snapshot equal `image` and are zero beyond it.
+async fn assert_snapshot_holds(world: &World, snapshot: &str, image: &Path) {
+    use std::io::{Read as _, Seek as _};
+    let t = std::time::Instant::now();
+    let copy = world.snapshot_bytes(snapshot, Duration::from_secs(30)).await.unwrap();
+    eprintln!("snapshot copy of {snapshot} after {:?}", t.elapsed());
+    let want = std::fs::read(image).unwrap();
+    let mut f = std::fs::File::open(&copy).unwrap();
+    let mut got = vec![0u8; want.len()];
+    f.read_exact(&mut got).unwrap_or_else(|e| panic!("snapshot {snapshot} is smaller than the image: {e}"));
+    assert!(got == want, "the bytes behind {snapshot} differ from {}", image.display());
+    // Beyond the image: only holes, or data that is all zeros. (The copy is
+    // sparse, so look at its data extents rather than reading a GiB.)
+    let mut pos = want.len() as u64;
+    let mut buf = vec![0u8; 4 * MIB];
+    loop {
+        let data = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => panic!("seeking in {}: {e}", copy.display()),
+        };
+        let hole = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(data)).unwrap();
+        f.seek(std::io::SeekFrom::Start(data)).unwrap();
+        let mut left = hole - data;
+        while left > 0 {
+            let n = usize::try_from(left).unwrap().min(buf.len());
+            f.read_exact(&mut buf[..n]).unwrap();
+            assert!(image_format::is_zero(&buf[..n]), "bytes beyond the image behind {snapshot} are not zero");
+            left -= n as u64;
+        }
+        pos = hole;
+    }
+    eprintln!("snapshot {snapshot} checked after {:?}", t.elapsed());
+}
+
+async fn tags_of_image(world: &World, account: &str, region: &str, ami: &str) -> Vec<(String, String)> {
+    let ec2 = world.ec2(account, region).await;
+    let out = ec2.describe_images().image_ids(ami).send().await.unwrap();
+    let img = &out.images()[0];
+    img.tags().iter().map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned())).collect()
+}
+
+async fn own_images(world: &World, account: &str, region: &str) -> usize {
+    let ec2 = world.ec2(account, region).await;
+    ec2.describe_images().owners("self").send().await.unwrap().images().len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() {
+    let t0 = std::time::Instant::now();
+    let world = World::start(&Plan::new(&["us-east-1", "eu-west-1"])).await.unwrap();
+    eprintln!("world up after {:?}", t0.elapsed());
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/debian-12";
+    let leaf1 = disk(40 * MIB, 1);
+    let file1 = add_image(&world, stream, "1", &leaf1).await;
+    eprintln!("image added after {:?}", t0.elapsed());
+
+    let (code, r) =
+        p.publish(stream, "1", &with_targets(&targets, &["--expires-in", "30d", "--tags", "Team=os,Tier=base"]));
+    assert_eq!(code, 0, "{r:#?}");
+    assert_eq!(r.targets.len(), 4);
+    for t in &r.targets {
+        assert!(t.ok() && !t.reused, "{t:#?}");
+        let ami = t.ami_id.as_deref().unwrap();
+        assert_snapshot_holds(&world, t.snapshot_id.as_deref().unwrap(), &file1).await;
+        let tags = tags_of_image(&world, &t.account, &t.region, ami).await;
+        for (k, v) in [
+            ("Name", "base/debian-12/1"),
+            ("ImageStream", stream),
+            ("ImageLeaf", "1"),
+            ("ImageDigest", r.image_id.as_str()),
+            ("Team", "os"),
+            ("Tier", "base"),
+        ] {
+            assert!(tags.contains(&(k.to_owned(), v.to_owned())), "{ami} lacks {k}={v}: {tags:?}");
+        }
+        assert!(tags.iter().any(|(k, _)| k == "ExpiresAt"), "{ami} has no ExpiresAt: {tags:?}");
+        // The unpacker volume is encrypted and stays attached for the next leaf.
+        let ec2 = world.ec2(&t.account, &t.region).await;
+        let v = ec2.describe_volumes().volume_ids(t.volume_id.as_deref().unwrap()).send().await.unwrap();
+        assert_eq!(v.volumes()[0].encrypted(), Some(true));
+        // The fresh volume needed every non-zero chunk and nothing more.
+        assert!(t.bytes_fetched.unwrap() <= leaf1.len() as u64, "{t:#?}");
+    }
+    let ids: std::collections::HashSet<_> = r.targets.iter().map(|t| t.account_id.clone().unwrap()).collect();
+    assert_eq!(ids.len(), 2, "two accounts: {ids:?}");
+
+    // Leaf 2 changes 3 chunks: each target fetches about that much.
+    let mut leaf2 = leaf1.clone();
+    let chunk = image_format::DEFAULT_CHUNK_SIZE as usize;
+    for (i, at) in [3 * MIB, 17 * MIB, 30 * MIB].into_iter().enumerate() {
+        leaf2[at..at + chunk].copy_from_slice(&test_support::noise(chunk, 100 + i as u64));
+    }
+    let changed = (3 * chunk) as u64;
+    let file2 = add_image(&world, stream, "2", &leaf2).await;
+    let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &[]));
+    assert_eq!(code, 0, "{r2:#?}");
+    for (a, b) in r.targets.iter().zip(&r2.targets) {
+        assert!(b.ok() && !b.reused, "{b:#?}");
+        assert_eq!(a.volume_id, b.volume_id, "the stream's volume is reused");
+        let fetched = b.bytes_fetched.unwrap();
+        assert!(fetched as f64 <= changed as f64 * 1.05, "{}: fetched {fetched} for {changed} changed", b.region);
+        assert_snapshot_holds(&world, b.snapshot_id.as_deref().unwrap(), &file2).await;
+    }
+
+    // Again: every target reports the AMI it has; nothing new is made.
+    let before = own_images(&world, "first", "us-east-1").await;
+    let out = p.run(&[&with_targets(&targets, &["--json"])[..], &["publish", stream, "2"]].concat());
+    assert!(out.status.success());
+    let r3: PublishResults = serde_json::from_slice(&out.stdout).unwrap();
+    for (b, c) in r2.targets.iter().zip(&r3.targets) {
+        assert!(c.reused, "{c:#?}");
+        assert_eq!(b.ami_id, c.ami_id);
+        assert_eq!(b.snapshot_id, c.snapshot_id);
+    }
+    assert_eq!(own_images(&world, "first", "us-east-1").await, before);
+
+    // --force makes a new one with a dated name.
+    let (code, r4) = p.publish(stream, "2", &with_targets(&targets[..1], &["--force"]));
+    assert_eq!(code, 0);
+    assert_ne!(r4.targets[0].ami_id, r2.targets[0].ami_id);
+    assert!(r4.targets[0].ami_name.as_deref().unwrap().starts_with("base/debian-12/2 "), "{r4:#?}");
+    eprintln!("done after {:?}", t0.elapsed());
+    drop(world);
+    eprintln!("world down after {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volume_is_replaced() {
+    let mut world = World::start(&Plan {
+        accounts: vec!["first".into()],
+        regions: vec!["us-east-1".into(), "us-west-2".into(), "eu-west-1".into()],
+    })
+    .await
+    .unwrap();
+    let targets = targets_of(&world);
+    let stream = "apps/web";
+    let file1 = add_image(&world, stream, "1", &disk(24 * MIB, 7)).await;
+
+    // Target 0: its unpacker process is down. Target 1: its instance is stopped.
+    world.stop_unpacker(0).await.unwrap();
+    let t1 = &world.targets[1];
+    let ec2_1 = world.ec2(&t1.account, &t1.region).await;
+    ec2_1.stop_instances().instance_ids(&t1.instance_id).send().await.unwrap();
+
+    let p = Publisher::new(&world);
+    let (code, r) =
+        p.publish(stream, "1", &with_targets(&targets, &["--unpacker-timeout", "3s", "--min-free-bytes", "0"]));
+    assert_eq!(code, 1, "one target failed: exit status 1");
+    let down = result(&r, &world, 0);
+    let err = down.error.as_deref().expect("target 0 must fail");
+    assert!(err.contains(&world.targets[0].unpacker_addr().to_string()), "{err}");
+    assert!(err.contains(&world.targets[0].instance_id), "{err}");
+    assert!(down.ami_id.is_none() && down.snapshot_id.is_none());
+    for i in 1..3 {
+        let t = result(&r, &world, i);
+        assert!(t.ok(), "{t:#?}");
+        assert_snapshot_holds(&world, t.snapshot_id.as_deref().unwrap(), &file1).await;
+    }
+    let state = ec2_1.describe_instances().instance_ids(&t1.instance_id).send().await.unwrap();
+    let state = state.reservations()[0].instances()[0].state().unwrap().name().unwrap().as_str().to_owned();
+    assert_eq!(state, "running", "the stopped unpacker instance was started");
+
+    // Target 2's volume (1 GiB) is too small once 2 GiB must stay free: it is
+    // replaced, the old one deleted, and the AMI still holds the image.
+    let t2 = &world.targets[2];
+    let ec2_2 = world.ec2(&t2.account, &t2.region).await;
+    let old = result(&r, &world, 2).volume_id.clone().unwrap();
+    let (code, r2) = p.publish(stream, "1", &with_targets(&targets[2..], &["--min-free-bytes", "2GiB", "--force"]));
+    assert_eq!(code, 0, "{r2:#?}");
+    let new = r2.targets[0].volume_id.clone().unwrap();
+    assert_ne!(new, old);
+    let v = ec2_2.describe_volumes().volume_ids(&new).send().await.unwrap();
+    assert!(v.volumes()[0].size().unwrap() >= 3);
+    let all = ec2_2.describe_volumes().send().await.unwrap();
+    assert!(!all.volumes().iter().any(|v| v.volume_id() == Some(old.as_str())), "the replaced volume was deleted");
+    assert_snapshot_holds(&world, r2.targets[0].snapshot_id.as_deref().unwrap(), &file1).await;
+
+    // The unpacker is back: a re-run finishes target 0 and leaves the rest.
+    world.restart_unpacker(0).await.unwrap();
+    let p = Publisher::new(&world);
+    let (code, r3) = p.publish(stream, "1", &with_targets(&targets, &[]));
+    assert_eq!(code, 0, "{r3:#?}");
+    let reused: Vec<bool> = (0..3).map(|i| result(&r3, &world, i).reused).collect();
+    assert_eq!(reused, [false, true, true], "{r3:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_arguments_are_refused_before_any_resource_is_made() {
+    let world =
+        World::start(&Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into()] }).await.unwrap();
+    add_image(&world, "s/x", "1", &disk(4 * MIB, 3)).await;
+    let p = Publisher::new(&world);
+    let cases: [(&[&str], &str); 6] = [
+        (&["--targets", "nobody,us-east-1", "publish", "s/x", "1"], "unknown AWS profile 'nobody'"),
+        (&["--targets", "first,us-east-1,extra", "publish", "s/x", "1"], "a target is ACCOUNT,REGION"),
+        (&["--targets", "first,US_EAST", "publish", "s/x", "1"], "not a valid region name"),
+        (&["--targets", "first,us-east-1", "publish", "s/x", "9"], "image s/x/9 is not on the imageserver"),
+        (&["publish", "s/x", "1"], "no targets"),
+        (&["--targets", "first,us-east-1", "--tags", "oops", "publish", "s/x", "1"], "a tag is KEY=VALUE"),
+    ];
+    for (args, want) in cases {
+        let out = p.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
+    }
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let vols = ec2.describe_volumes().filters(Filter::builder().name("tag-key").values("ImageStream").build()).send();
+    assert!(vols.await.unwrap().volumes().is_empty(), "no volume was made");
+    assert_eq!(own_images(&world, "first", "us-east-1").await, 0, "no AMI was made");
+    let snaps =
+        ec2.describe_snapshots().filters(Filter::builder().name("tag-key").values("ImageStream").build()).send();
+    assert!(snaps.await.unwrap().snapshots().is_empty(), "no snapshot was made");
+}
