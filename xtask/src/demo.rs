@@ -1,11 +1,21 @@
 //! `cargo xtask demo`: the main job on the local world, as a new user would
-//! run it. Starts an imageserver with generated certificates, adds a
-//! generated disk image and a next leaf that differs in a few percent, reads
-//! both back, verifies them and prints what moved.
+//! run it. Brings the world up (moto with two accounts, three regions each,
+//! an unpacker instance per target), adds a generated disk image to the
+//! world's imageserver with `imagetool`, publishes it everywhere with
+//! `ami-publisher`, checks that the bytes behind every AMI are the image's,
+//! then publishes a next leaf that differs in a few percent and shows how
+//! few bytes moved.
 
-use std::{os::unix::fs::FileExt, path::Path, process::Command, time::Instant};
+use std::{
+    os::unix::fs::FileExt,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
+use fleet_pki::Role;
+use local_world::{Plan, World};
 
 use crate::util::{self, mib};
 
@@ -15,6 +25,9 @@ const DISK_MIB: u64 = 384;
 const PART_START: u64 = 1 << 20;
 /// Fraction of the disk's chunks the second leaf changes.
 const CHANGE: f64 = 0.03;
+/// The regions of the demo world (each account gets all three).
+const REGIONS: [&str; 3] = ["us-east-1", "eu-west-1", "ap-southeast-2"];
+const STREAM: &str = "demo/debian-12";
 
 pub(crate) fn run() -> anyhow::Result<()> {
     let t0 = Instant::now();
@@ -23,19 +36,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
         std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     std::fs::create_dir_all(&work)?;
-    println!("== building imageserver and imagetool");
-    let bins = util::build(&["imageserver", "imagetool"], false)?;
-
-    println!("== generating a CA and role certificates in {}", work.join("pki").display());
-    let pki = work.join("pki");
-    fleet_pki::write_pki(&pki)?;
-    let builder_ssl = work.join("ssl-image-builder");
-    util::ssl_dir(&pki, "image-builder", &builder_ssl)?;
-    let reader_ssl = work.join("ssl-image-unpacker");
-    util::ssl_dir(&pki, "image-unpacker", &reader_ssl)?;
-
-    let (_server, addr) = util::start_imageserver(&bins, &pki, &work.join("data"), &work.join("imageserver.log"))?;
-    println!("== imageserver listening on {addr} (mutual TLS; log in {})", work.join("imageserver.log").display());
+    println!("== building imagetool and ami-publisher");
+    let bins = util::build(&["imagetool", "ami-publisher"], false)?;
 
     let disk1 = work.join("leaf1.raw");
     let how = make_disk(&work, &disk1)?;
@@ -49,55 +51,124 @@ pub(crate) fn run() -> anyhow::Result<()> {
         100.0 * changed as f64 / (DISK_MIB << 20) as f64
     );
 
-    let mut rows = Vec::new();
-    for (leaf, disk) in [("1", &disk1), ("2", &disk2)] {
-        let image = format!("demo/debian-12/{leaf}");
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        println!("== starting the local world (moto EC2/STS emulator, 2 accounts x {} regions)", REGIONS.len());
         let t = Instant::now();
-        let r = util::imagetool(&bins, addr, &builder_ssl, &["add", &image, path(disk)?])?;
-        let add_secs = t.elapsed().as_secs_f64();
-        let out = work.join(format!("readback{leaf}.raw"));
-        let t = Instant::now();
-        let g = util::imagetool(&bins, addr, &reader_ssl, &["get", &image, path(&out)?])?;
-        let get_secs = t.elapsed().as_secs_f64();
-        if !util::same_bytes(disk, &out)? {
-            bail!("{image}: the bytes read back differ from {}", disk.display());
+        let world = World::start(&Plan::new(&REGIONS)).await?;
+        println!("   up in {:.1}s; AWS profiles in {}", t.elapsed().as_secs_f64(), world.config_file.display());
+        println!("   {:<8} {:<13} {:<15} {:<22} {}", "PROFILE", "ACCOUNT ID", "REGION", "UNPACKER INSTANCE", "PRIVATE IP");
+        for t in &world.targets {
+            println!("   {:<8} {:<13} {:<15} {:<22} {}", t.account, t.account_id, t.region, t.instance_id, t.ip);
         }
-        if g["image_id"] != r["image_id"] {
-            bail!("{image}: image id read back {} differs from the one added {}", g["image_id"], r["image_id"]);
+        let demo = Demo { world: &world, bins: &bins, work: &work };
+        demo.add("1", &disk1)?;
+        let r1 = demo.publish("1")?;
+        demo.verify(&r1, &disk1).await?;
+        demo.add("2", &disk2)?;
+        let r2 = demo.publish("2")?;
+        demo.verify(&r2, &disk2).await?;
+
+        println!("\n== what moved for leaf 2 (changed: {}):", mib(changed));
+        println!("   {:<26} {:>12} {:>12} {:>10}", "TARGET", "FETCHED", "WRITTEN", "FETCHED/CHANGED");
+        let mut worst = 0f64;
+        for t in &r2.targets {
+            let fetched = t.bytes_fetched.unwrap_or(0);
+            let ratio = fetched as f64 / changed as f64;
+            worst = worst.max(ratio);
+            println!(
+                "   {:<26} {:>12} {:>12} {:>10.3}",
+                format!("{},{}", t.account, t.region),
+                mib(fetched),
+                mib(t.bytes_written.unwrap_or(0)),
+                ratio
+            );
         }
-        rows.push((image, r, add_secs, g, get_secs));
+        if worst > 1.05 {
+            bail!("a target fetched {worst:.3}x the changed bytes for leaf 2 (should be at most 1.05x)");
+        }
+
+        println!("\n== publishing leaf 2 again: every target should report the AMI it has");
+        let r3 = demo.publish("2")?;
+        for (a, b) in r2.targets.iter().zip(&r3.targets) {
+            if !b.reused || a.ami_id != b.ami_id {
+                bail!("{},{}: the re-run made {:?} instead of reporting {:?}", b.account, b.region, b.ami_id, a.ami_id);
+            }
+        }
+        println!(
+            "\ndemo finished in {:.1}s: {} AMIs per leaf, bytes behind each checked; results in {}",
+            t0.elapsed().as_secs_f64(),
+            r2.targets.len(),
+            work.display()
+        );
+        Ok(())
+    })
+}
+
+struct Demo<'a> {
+    world: &'a World,
+    bins: &'a Path,
+    work: &'a Path,
+}
+
+impl Demo<'_> {
+    fn add(&self, leaf: &str, disk: &Path) -> anyhow::Result<()> {
+        let image = format!("{STREAM}/{leaf}");
+        println!("\n== imagetool add {image} {}", disk.display());
+        let ssl = self.world.ssl_dir(Role::ImageBuilder)?;
+        let addr = self.world.imageserver.addr;
+        let r = util::imagetool(self.bins, addr, &ssl, &["add", &image, path(disk)?])?;
+        println!(
+            "   image {}: {} chunks, {} uploaded, {} already on the server, {} sent",
+            r["image_id"].as_str().unwrap_or("?"),
+            r["chunks"],
+            r["chunks_uploaded"],
+            r["chunks_reused"],
+            mib(r["bytes_sent"].as_u64().unwrap_or(0))
+        );
+        Ok(())
     }
 
-    println!(
-        "\n{:<20} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8}",
-        "IMAGE", "SIZE", "UPLOADED", "REUSED", "BYTES SENT", "ADD", "GET"
-    );
-    for (image, r, add_secs, _g, get_secs) in &rows {
-        println!(
-            "{:<20} {:>10} {:>9} {:>9} {:>12} {:>7.1}s {:>7.1}s",
-            image,
-            mib(r["size_bytes"].as_u64().unwrap_or(0)),
-            r["chunks_uploaded"].as_u64().unwrap_or(0),
-            r["chunks_reused"].as_u64().unwrap_or(0),
-            mib(r["bytes_sent"].as_u64().unwrap_or(0)),
-            add_secs,
-            get_secs
-        );
+    /// Run `ami-publisher publish` to every profile in the demo regions, as a
+    /// pipeline would; returns its results file.
+    fn publish(&self, leaf: &str) -> anyhow::Result<ami_publisher::results::PublishResults> {
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let results = self.work.join(format!("results-{run}-leaf{leaf}.json"));
+        let mut cmd = Command::new(self.bins.join("ami-publisher"));
+        cmd.envs(self.world.aws_env())
+            .arg("--ssl-dir")
+            .arg(self.world.ssl_dir(Role::AmiPublisher)?)
+            .args(["--image-server", &self.world.imageserver_addr()]);
+        // ",REGION": every account (profile) in that region.
+        for r in REGIONS {
+            cmd.args(["--targets", &format!(",{r}")]);
+        }
+        cmd.args(["--expires-in", "7d", "--tags", "Pipeline=demo", "--results", path(&results)?]);
+        cmd.args(["publish", STREAM, leaf]);
+        println!("\n== ami-publisher --targets ,{} publish {STREAM} {leaf}", REGIONS.join(" --targets ,"));
+        let t = Instant::now();
+        let status = cmd.stdin(Stdio::null()).status().context("running ami-publisher")?;
+        let r = ami_publisher::results::PublishResults::read(&results)?;
+        if !status.success() {
+            bail!("ami-publisher publish {STREAM} {leaf} failed ({status}); see {}", results.display());
+        }
+        println!("   {} targets in {:.1}s", r.targets.len(), t.elapsed().as_secs_f64());
+        Ok(r)
     }
-    let second = &rows[1].1;
-    println!(
-        "\nleaf 2 changed {} of the disk; adding it sent {} ({} chunks), {:.2}x the changed bytes.",
-        mib(changed),
-        mib(second["bytes_sent"].as_u64().unwrap_or(0)),
-        second["chunks_uploaded"],
-        second["bytes_sent"].as_u64().unwrap_or(0) as f64 / changed as f64
-    );
-    println!("both leaves read back bit for bit with matching image ids:");
-    for (image, r, ..) in &rows {
-        println!("  {image}  {}", r["image_id"].as_str().unwrap_or("?"));
+
+    /// The bytes behind every snapshot are the image's.
+    async fn verify(&self, r: &ami_publisher::results::PublishResults, disk: &Path) -> anyhow::Result<()> {
+        for t in &r.targets {
+            let snap = t.snapshot_id.as_deref().context("a result without a snapshot")?;
+            self.world
+                .check_snapshot(snap, disk, Duration::from_secs(60))
+                .await
+                .with_context(|| format!("{},{}: {}", t.account, t.region, t.ami_id.as_deref().unwrap_or("?")))?;
+        }
+        println!("   checked: the bytes behind all {} AMIs equal {}", r.targets.len(), disk.display());
+        Ok(())
     }
-    println!("demo finished in {:.1}s; files in {}", t0.elapsed().as_secs_f64(), work.display());
-    Ok(())
 }
 
 fn path(p: &Path) -> anyhow::Result<&str> {

@@ -1,7 +1,9 @@
 //! `cargo xtask`: project automation (see `cargo xtask help`).
 //!
 //! Commands shell out to the workspace's own binaries, exactly as a user
-//! would run them; nothing here reaches into their internals.
+//! would run them; nothing here reaches into their internals. The demo and
+//! the publisher benchmark stand up the local world (crates/local-world) as
+//! the stand-in for AWS.
 
 mod bench;
 mod bench_unpacker;
@@ -17,9 +19,11 @@ Commands:
   pki --out DIR   write a local CA (DIR/CA.pem) and, for each role
                   (imageserver, image-unpacker, ami-publisher, image-builder),
                   DIR/ROLE/cert.pem and DIR/ROLE/key.pem
-  demo            the main job on the local world: start an imageserver, add a
-                  generated disk image and a next leaf differing in a few
-                  percent, read both back, verify them, show what moved
+  demo            the main job on the local world: moto with two accounts and
+                  three regions each, an unpacker per target; add a generated
+                  disk image, publish it everywhere with ami-publisher, check
+                  the bytes behind every AMI, publish a next leaf differing in
+                  a few percent and show how few bytes moved
   bench           build release binaries, run the benchmarks and write the
                   figures to docs/benchmarks.md
 ";

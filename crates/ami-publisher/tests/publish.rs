@@ -109,37 +109,7 @@ fn disk(len: usize, seed: u64) -> Vec<u8> {
 
 /// The bytes behind a snapshot equal `image` and are zero beyond it.
 async fn assert_snapshot_holds(world: &World, snapshot: &str, image: &Path) {
-    use std::io::{Read as _, Seek as _};
-    let t = std::time::Instant::now();
-    let copy = world.snapshot_bytes(snapshot, Duration::from_secs(30)).await.unwrap();
-    eprintln!("snapshot copy of {snapshot} after {:?}", t.elapsed());
-    let want = std::fs::read(image).unwrap();
-    let mut f = std::fs::File::open(&copy).unwrap();
-    let mut got = vec![0u8; want.len()];
-    f.read_exact(&mut got).unwrap_or_else(|e| panic!("snapshot {snapshot} is smaller than the image: {e}"));
-    assert!(got == want, "the bytes behind {snapshot} differ from {}", image.display());
-    // Beyond the image: only holes, or data that is all zeros. (The copy is
-    // sparse, so look at its data extents rather than reading a GiB.)
-    let mut pos = want.len() as u64;
-    let mut buf = vec![0u8; 4 * MIB];
-    loop {
-        let data = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => panic!("seeking in {}: {e}", copy.display()),
-        };
-        let hole = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(data)).unwrap();
-        f.seek(std::io::SeekFrom::Start(data)).unwrap();
-        let mut left = hole - data;
-        while left > 0 {
-            let n = usize::try_from(left).unwrap().min(buf.len());
-            f.read_exact(&mut buf[..n]).unwrap();
-            assert!(image_format::is_zero(&buf[..n]), "bytes beyond the image behind {snapshot} are not zero");
-            left -= n as u64;
-        }
-        pos = hole;
-    }
-    eprintln!("snapshot {snapshot} checked after {:?}", t.elapsed());
+    world.check_snapshot(snapshot, image, Duration::from_secs(30)).await.unwrap();
 }
 
 async fn tags_of_image(world: &World, account: &str, region: &str, ami: &str) -> Vec<(String, String)> {

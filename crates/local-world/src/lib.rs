@@ -405,6 +405,16 @@ impl World {
         }
     }
 
+    /// Check that the bytes behind `snapshot_id` are exactly `image`'s,
+    /// followed by zeros only (the volume is bigger than the image). Waits
+    /// up to `timeout` for the attacher's copy.
+    pub async fn check_snapshot(&self, snapshot_id: &str, image: &Path, timeout: Duration) -> anyhow::Result<()> {
+        let copy = self.snapshot_bytes(snapshot_id, timeout).await?;
+        let image = image.to_owned();
+        let id = snapshot_id.to_owned();
+        tokio::task::spawn_blocking(move || holds_image(&copy, &image).with_context(|| format!("snapshot {id}"))).await?
+    }
+
     /// Directory for scratch files that live as long as the world.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -425,6 +435,48 @@ fn placeholder() -> Target {
         device_dir: PathBuf::new(),
         state_dir: PathBuf::new(),
         unpacker: None,
+    }
+}
+
+/// `copy` starts with the bytes of `image` and holds only zeros after them.
+/// The copy is sparse: past the image only its data extents are read.
+fn holds_image(copy: &Path, image: &Path) -> anyhow::Result<()> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    use rustix::fs::{SeekFrom as Extent, seek};
+    let mut f = std::fs::File::open(copy).with_context(|| format!("opening {}", copy.display()))?;
+    let mut img = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let len = img.metadata()?.len();
+    let (mut a, mut b) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    let mut at = 0u64;
+    while at < len {
+        let n = usize::try_from((len - at).min(a.len() as u64))?;
+        img.read_exact(&mut a[..n])?;
+        f.read_exact(&mut b[..n]).with_context(|| format!("the bytes end before the image does ({len} bytes)"))?;
+        if a[..n] != b[..n] {
+            let first = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap_or(0);
+            bail!("the bytes differ from {} at offset {}", image.display(), at + first as u64);
+        }
+        at += n as u64;
+    }
+    let mut pos = len;
+    loop {
+        let data = match seek(&f, Extent::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("looking for data in {}", copy.display())),
+        };
+        let hole = seek(&f, Extent::Hole(data))?;
+        f.seek(SeekFrom::Start(data))?;
+        let mut left = hole - data;
+        while left > 0 {
+            let n = usize::try_from(left.min(b.len() as u64))?;
+            f.read_exact(&mut b[..n])?;
+            if !image_format::is_zero(&b[..n]) {
+                bail!("non-zero bytes after the image's end, in {data}..{hole}");
+            }
+            left -= n as u64;
+        }
+        pos = hole;
     }
 }
 
