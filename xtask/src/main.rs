@@ -6,6 +6,7 @@
 //! the stand-in for AWS.
 
 mod bench;
+mod bench_publisher;
 mod bench_unpacker;
 mod demo;
 mod util;
@@ -25,7 +26,8 @@ Commands:
                   the bytes behind every AMI, publish a next leaf differing in
                   a few percent and show how few bytes moved
   bench           build release binaries, run the benchmarks and write the
-                  figures to docs/benchmarks.md
+                  figures to docs/benchmarks.md; --quick: smaller sizes;
+                  --only publisher: just the publisher's 1 vs 24 targets
 ";
 
 fn main() -> ExitCode {

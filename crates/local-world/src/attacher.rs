@@ -1,7 +1,8 @@
 //! The EBS attacher: the one simulated piece of the world.
 //!
-//! Every 200 ms, per target, it asks the emulator which volumes are attached
-//! to the unpacker instance. A newly attached volume gets a scratch device
+//! Per target, a task asks the emulator which volumes are attached to the
+//! unpacker instance (every 100 ms while things change, backing off to
+//! 800 ms while idle). A newly attached volume gets a scratch device
 //! (a loop device when possible, else a sparse file) of the volume's size,
 //! kept for as long as the volume exists so that its bytes survive detach and
 //! re-attach, and a Nitro-style link `nvme-Amazon_Elastic_Block_Store_vol…` in
@@ -30,6 +31,11 @@ struct Watched {
 }
 
 pub(crate) fn spawn(world: &World) -> tokio::task::JoinHandle<()> {
+    let (config, credentials) = (world.config_file.clone(), world.credentials_file.clone());
+    let volumes_dir = world.dir.path().join("volumes");
+    let snapshots_dir = world.dir.path().join("snapshots");
+    let _ = std::fs::create_dir_all(&volumes_dir);
+    let _ = std::fs::create_dir_all(&snapshots_dir);
     let watched: Vec<Watched> = world
         .targets
         .iter()
@@ -41,48 +47,58 @@ pub(crate) fn spawn(world: &World) -> tokio::task::JoinHandle<()> {
             device_dir: t.device_dir.clone(),
         })
         .collect();
-    let (config, credentials) = (world.config_file.clone(), world.credentials_file.clone());
-    let volumes_dir = world.dir.path().join("volumes");
-    let snapshots_dir = world.dir.path().join("snapshots");
     let snapshots = world.snapshots.clone();
+    // One task per target; aborting the parent's set aborts them all.
     tokio::spawn(async move {
-        let _ = std::fs::create_dir_all(&volumes_dir);
-        let _ = std::fs::create_dir_all(&snapshots_dir);
-        let mut clients = Vec::new();
-        for w in &watched {
+        let mut set = tokio::task::JoinSet::new();
+        for w in watched {
             let cfg = crate::sdk_config(&config, &credentials, &w.account, &w.region).await;
-            clients.push(aws_sdk_ec2::Client::new(&cfg));
-        }
-        let mut state = AttachState { devices: HashMap::new(), volumes_dir, snapshots_dir, snapshots };
-        loop {
-            for (i, (w, ec2)) in watched.iter().zip(&clients).enumerate() {
-                if let Err(e) = state.sync(i, w, ec2).await {
-                    tracing::debug!(error = %e, region = %w.region, "attacher poll failed");
+            let ec2 = aws_sdk_ec2::Client::new(&cfg);
+            let mut state = AttachState {
+                devices: HashMap::new(),
+                volumes_dir: volumes_dir.clone(),
+                snapshots_dir: snapshots_dir.clone(),
+                snapshots: snapshots.clone(),
+            };
+            set.spawn(async move {
+                // Poll fast while things change, back off to 1 s while idle:
+                // moto is one process serving every target.
+                let mut wait = FAST;
+                loop {
+                    match state.sync(&w, &ec2).await {
+                        Ok(true) => wait = FAST,
+                        Ok(false) => wait = (wait * 2).min(IDLE),
+                        Err(e) => tracing::debug!(error = %e, region = %w.region, "attacher poll failed"),
+                    }
+                    tokio::time::sleep(wait).await;
                 }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            });
         }
+        while set.join_next().await.is_some() {}
     })
 }
 
+const FAST: Duration = Duration::from_millis(100);
+const IDLE: Duration = Duration::from_millis(800);
+
 struct AttachState {
-    /// Volume id -> (target index, its scratch device).
-    devices: HashMap<String, (usize, ScratchDevice)>,
+    /// Volume id -> its scratch device (this target's volumes only).
+    devices: HashMap<String, ScratchDevice>,
     volumes_dir: PathBuf,
     snapshots_dir: PathBuf,
     snapshots: Arc<Mutex<HashMap<String, SnapshotCopy>>>,
 }
 
 impl AttachState {
-    async fn sync(&mut self, target: usize, w: &Watched, ec2: &aws_sdk_ec2::Client) -> anyhow::Result<()> {
-        let attached = ec2
-            .describe_volumes()
-            .filters(Filter::builder().name("attachment.instance-id").values(&w.instance_id).build())
-            .send()
-            .await?;
+    /// One poll; returns whether anything changed.
+    async fn sync(&mut self, w: &Watched, ec2: &aws_sdk_ec2::Client) -> anyhow::Result<bool> {
+        let mut changed = false;
+        let all = ec2.describe_volumes().send().await?;
         let mut present = HashSet::new();
-        for v in attached.volumes() {
+        let mut existing = HashSet::new();
+        for v in all.volumes() {
             let Some(id) = v.volume_id() else { continue };
+            existing.insert(id.to_owned());
             let attached_here = v.attachments().iter().any(|a| {
                 a.instance_id() == Some(w.instance_id.as_str()) && a.state().is_some_and(|s| s.as_str() != "detached")
             });
@@ -94,12 +110,13 @@ impl AttachState {
                 let size = u64::try_from(v.size().unwrap_or(1)).unwrap_or(1) << 30;
                 let dev = ScratchDevice::new(&self.volumes_dir.join(format!("{id}.img")), size)?;
                 tracing::info!(volume = id, device = %dev.describe(), "attacher: new volume");
-                self.devices.insert(id.to_owned(), (target, dev));
+                self.devices.insert(id.to_owned(), dev);
             }
             let link = w.device_dir.join(image_unpacker::devices::nitro_name(id));
             if std::fs::symlink_metadata(&link).is_err() {
                 std::fs::create_dir_all(&w.device_dir)?;
-                std::os::unix::fs::symlink(&self.devices[id].1.path, &link)?;
+                std::os::unix::fs::symlink(&self.devices[id].path, &link)?;
+                changed = true;
             }
         }
         // Links of volumes no longer attached here go away.
@@ -110,48 +127,47 @@ impl AttachState {
                 let id = raw.replacen("vol", "vol-", 1);
                 if !present.contains(&id) {
                     let _ = std::fs::remove_file(e.path());
+                    changed = true;
                 }
             }
         }
         // Volumes deleted from the emulator lose their scratch devices.
-        let all: HashSet<String> = ec2
-            .describe_volumes()
-            .send()
-            .await?
-            .volumes()
-            .iter()
-            .filter_map(|v| v.volume_id().map(str::to_owned))
-            .collect();
-        let gone: Vec<String> = self
-            .devices
-            .iter()
-            .filter(|(k, (t, _))| *t == target && !all.contains(*k))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in gone {
-            self.devices.remove(&k);
+        let before = self.devices.len();
+        self.devices.retain(|k, _| existing.contains(k));
+        changed |= self.devices.len() != before;
+        if self.devices.is_empty() {
+            return Ok(changed);
         }
         // Snapshots of volumes we hold: copy the bytes once.
-        let snaps = ec2.describe_snapshots().owner_ids("self").send().await?;
+        let snaps = ec2
+            .describe_snapshots()
+            .filters(Filter::builder().name("volume-id").set_values(Some(self.devices.keys().cloned().collect())).build())
+            .send()
+            .await?;
         for s in snaps.snapshots() {
             let (Some(sid), Some(vid)) = (s.snapshot_id(), s.volume_id()) else { continue };
             if self.snapshots.lock().expect("snapshots lock").contains_key(sid) {
                 continue;
             }
-            let Some((_, dev)) = self.devices.get(vid) else { continue };
+            let Some(dev) = self.devices.get(vid) else { continue };
             let copy = self.snapshots_dir.join(format!("{sid}.img"));
             // The backing file, not the loop device: it is sparse, so the
             // copy skips holes (the unpacker has synced the device by now).
-            let status =
-                std::process::Command::new("cp").arg("--sparse=always").arg(&dev.backing).arg(&copy).status()?;
+            let status = tokio::process::Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&dev.backing)
+                .arg(&copy)
+                .status()
+                .await?;
             if status.success() {
                 tracing::info!(snapshot = sid, volume = vid, "attacher: snapshot bytes kept");
                 self.snapshots
                     .lock()
                     .expect("snapshots lock")
                     .insert(sid.to_owned(), SnapshotCopy { volume_id: vid.to_owned(), path: copy });
+                changed = true;
             }
         }
-        Ok(())
+        Ok(changed)
     }
 }

@@ -1,0 +1,114 @@
+//! The publisher's benchmark: publish a small image to 1 target and to 24
+//! targets (2 accounts x 12 regions) in the same run, on the local world;
+//! the figure is the wall-time ratio. Every run publishes a stream of its own
+//! so each target does the whole job (new volume, full unpack, snapshot,
+//! register), never a reuse.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use fleet_pki::Role;
+use local_world::{Plan, World};
+
+use crate::{bench::Row, util};
+
+const REGIONS: [&str; 12] = [
+    "us-east-1",
+    "us-east-2",
+    "us-west-1",
+    "us-west-2",
+    "eu-west-1",
+    "eu-west-2",
+    "eu-central-1",
+    "eu-north-1",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-northeast-1",
+    "sa-east-1",
+];
+
+pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
+    println!("== publisher: building ami-publisher and imagetool (dev profile; see docs/benchmarks.md)");
+    let bins = util::build(&["ami-publisher", "imagetool"], false)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let t = Instant::now();
+        let world = World::start(&Plan::new(&REGIONS)).await?;
+        println!("== publisher: world with {} targets up in {:.1} s", world.targets.len(), t.elapsed().as_secs_f64());
+        let img = work.join("p.raw");
+        util::write_noise(&img, image_mib << 20, 31)?;
+        let builder = world.ssl_dir(Role::ImageBuilder)?;
+        let mut rounds = Vec::new();
+        for round in 0..2 {
+            let one_stream = format!("bench/one{round}");
+            let all_stream = format!("bench/all{round}");
+            for s in [&one_stream, &all_stream] {
+                let name = format!("{s}/1");
+                util::imagetool(&bins, world.imageserver.addr, &builder, &["add", &name, path(&img)?])?;
+            }
+            let one = publish(&world, &bins, work, &one_stream, &["first,us-east-1".to_owned()], 1)?;
+            let all_targets: Vec<String> = REGIONS.iter().map(|r| format!(",{r}")).collect();
+            let all = publish(&world, &bins, work, &all_stream, &all_targets, world.targets.len())?;
+            println!("== publisher round {round}: 1 target {one:.2} s, 24 targets {all:.2} s");
+            rounds.push((one, all));
+        }
+        let one = rounds.iter().map(|r| r.0).fold(f64::MAX, f64::min);
+        let all = rounds.iter().map(|r| r.1).fold(f64::MAX, f64::min);
+        let ratio = all / one;
+        Ok(vec![Row {
+            what: format!(
+                "publish of a {image_mib} MiB image to 24 targets (2 accounts x 12 regions) vs to 1 target: wall-time ratio"
+            ),
+            figure: format!(
+                "{ratio:.2} (24 targets {all:.2} s, 1 target {one:.2} s; best of {} rounds; each target: new \
+                 encrypted volume, full unpack, read-back, snapshot, register, tag)",
+                rounds.len()
+            ),
+            goal: "<= 1.5".into(),
+            met: Some(ratio <= 1.5),
+        }])
+    })
+}
+
+/// Run `ami-publisher publish STREAM 1` to `targets`; returns the wall time.
+fn publish(
+    world: &World,
+    bins: &Path,
+    work: &Path,
+    stream: &str,
+    targets: &[String],
+    expect: usize,
+) -> anyhow::Result<f64> {
+    let results = work.join(format!("publish-{}.json", stream.replace('/', "-")));
+    let mut cmd = Command::new(bins.join("ami-publisher"));
+    cmd.envs(world.aws_env())
+        .arg("--ssl-dir")
+        .arg(world.ssl_dir(Role::AmiPublisher)?)
+        .args(["--image-server", &world.imageserver_addr(), "--min-free-bytes", "0", "--results", path(&results)?]);
+    for t in targets {
+        cmd.args(["--targets", t]);
+    }
+    cmd.args(["publish", stream, "1"]).stdout(Stdio::null()).stdin(Stdio::null());
+    let t = Instant::now();
+    let status = cmd.status().context("running ami-publisher")?;
+    let secs = t.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("ami-publisher publish {stream} failed ({status}); see {}", results.display());
+    }
+    let r = ami_publisher::results::PublishResults::read(&results)?;
+    if r.targets.len() != expect {
+        bail!("expected {expect} targets, the publisher worked on {}", r.targets.len());
+    }
+    if r.targets.iter().any(|t| t.reused || !t.ok()) {
+        bail!("a target reused an AMI or failed; see {}", results.display());
+    }
+    Ok(secs)
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
