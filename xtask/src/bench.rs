@@ -37,7 +37,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let old = std::fs::read_to_string(&doc).unwrap_or_default();
     let marker = format!("\n## {PUBLISHER_TITLE}");
     if only_publisher {
-        let rows = crate::bench_publisher::run(&work, 16)?;
+        let rows = crate::bench_publisher::run(&work, 8)?;
         let mut md = old.find(&marker).map_or(old.clone(), |i| old[..i].to_owned());
         md.push('\n');
         publisher_table(&mut md, &rows);
@@ -167,7 +167,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let _ = writeln!(md, "Run: {}{}\n", humantime_now(), if quick { " (--quick: smaller sizes)" } else { "" });
     table(&mut md, "imageserver and imagetool", &rows);
     table(&mut md, "image-unpacker", &unpacker_rows);
-    let publisher_rows = crate::bench_publisher::run(&work, 16)?;
+    let publisher_rows = crate::bench_publisher::run(&work, 8)?;
     publisher_table(&mut md, &publisher_rows);
     write_doc(&doc, &md)
 }

@@ -92,7 +92,12 @@ fn publish(
     for t in targets {
         cmd.args(["--targets", t]);
     }
-    cmd.args(["publish", stream, "1"]).stdout(Stdio::null()).stdin(Stdio::null());
+    let log = std::fs::File::create(work.join(format!("publish-{}.log", stream.replace('/', "-"))))?;
+    cmd.args(["publish", stream, "1"])
+        .env("RUST_LOG", "ami_publisher=info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .stdin(Stdio::null());
     let t = Instant::now();
     let status = cmd.status().context("running ami-publisher")?;
     let secs = t.elapsed().as_secs_f64();

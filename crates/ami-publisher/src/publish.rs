@@ -27,7 +27,7 @@ use crate::{
     aws::{Aws, sdk_error},
     progress::{Board, Line},
     results::{PublishResults, TargetResult},
-    tags::{self, tag_filter},
+    tags,
     targets::Target,
     unpacker,
     volumes::{self, VolumeSpec},
@@ -156,23 +156,26 @@ pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> 
 }
 
 async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetResult) -> anyhow::Result<()> {
-    if !o.force {
+    let tagged = if o.force {
+        Tagged::default()
+    } else {
         line.step("looking for an existing AMI");
-        if let Some(img) = find_ami(ec2, o).await? {
-            let id = img.image_id().unwrap_or_default().to_owned();
-            if img.state() == Some(&ImageState::Pending) {
-                wait_image(ec2, &id, o.timeouts.image, line).await?;
-            }
-            r.reused = true;
-            r.ami_id = Some(id);
-            r.ami_name = img.name().map(str::to_owned);
-            r.account_id = img.owner_id().map(str::to_owned);
-            r.snapshot_id = find_snapshot(ec2, o).await?.map(|(s, _)| s);
-            tracing::info!(ami = ?r.ami_id, "an AMI of this leaf is already there");
-            return Ok(());
+        find_tagged(ec2, o).await?
+    };
+    if let Some(img) = find_ami(ec2, o, &tagged).await? {
+        let id = img.image_id().unwrap_or_default().to_owned();
+        if img.state() == Some(&ImageState::Pending) {
+            wait_image(ec2, &id, o.timeouts.image, line).await?;
         }
+        r.reused = true;
+        r.ami_id = Some(id);
+        r.ami_name = img.name().map(str::to_owned);
+        r.account_id = img.owner_id().map(str::to_owned);
+        r.snapshot_id = find_snapshot(ec2, o, &tagged).await?.map(|(s, _)| s);
+        tracing::info!(ami = ?r.ami_id, "an AMI of this leaf is already there");
+        return Ok(());
     }
-    let left_over = if o.force { None } else { find_snapshot(ec2, o).await? };
+    let left_over = find_snapshot(ec2, o, &tagged).await?;
     let (snapshot, volume_gib) = match left_over {
         Some((snap, gib)) => {
             tracing::info!(snapshot = %snap, "registering a snapshot left by an earlier run");
@@ -220,14 +223,51 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
     Ok(())
 }
 
+/// AMIs and snapshots tagged with this image id, found with one
+/// DescribeTags call (cheap, whatever the number of AMIs in the account).
+#[derive(Default)]
+struct Tagged {
+    images: Vec<String>,
+    snapshots: Vec<String>,
+}
+
+async fn find_tagged(ec2: &Client, o: &Options) -> anyhow::Result<Tagged> {
+    let mut found = Tagged::default();
+    let mut pages = ec2
+        .describe_tags()
+        .filters(tags::filter("key", tags::DIGEST))
+        .filters(tags::filter("value", &o.image_id))
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("resource-type")
+                .values("image")
+                .values("snapshot")
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| sdk_error("DescribeTags", e))?;
+        for t in page.tags() {
+            let Some(id) = t.resource_id() else { continue };
+            match t.resource_type().map(|r| r.as_str()) {
+                Some("image") => found.images.push(id.to_owned()),
+                Some("snapshot") => found.snapshots.push(id.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// An AMI (available or on its way) tagged with this leaf and image id.
-async fn find_ami(ec2: &Client, o: &Options) -> anyhow::Result<Option<Image>> {
+async fn find_ami(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<Option<Image>> {
+    if tagged.images.is_empty() {
+        return Ok(None);
+    }
     let out = ec2
         .describe_images()
-        .owners("self")
-        .filters(tag_filter(tags::STREAM, &o.stream))
-        .filters(tag_filter(tags::LEAF, &o.leaf))
-        .filters(tag_filter(tags::DIGEST, &o.image_id))
+        .set_image_ids(Some(tagged.images.clone()))
         .send()
         .await
         .map_err(|e| sdk_error("DescribeImages", e))?;
@@ -235,6 +275,10 @@ async fn find_ami(ec2: &Client, o: &Options) -> anyhow::Result<Option<Image>> {
         .images()
         .iter()
         .filter(|i| matches!(i.state(), Some(ImageState::Available | ImageState::Pending)))
+        .filter(|i| {
+            tags::value(i.tags(), tags::STREAM) == Some(o.stream.as_str())
+                && tags::value(i.tags(), tags::LEAF) == Some(o.leaf.as_str())
+        })
         .cloned()
         .collect();
     found.sort_by(|a, b| b.creation_date().cmp(&a.creation_date()));
@@ -242,13 +286,13 @@ async fn find_ami(ec2: &Client, o: &Options) -> anyhow::Result<Option<Image>> {
 }
 
 /// A snapshot of this leaf (completed or pending) and its size in GiB.
-async fn find_snapshot(ec2: &Client, o: &Options) -> anyhow::Result<Option<(String, i32)>> {
+async fn find_snapshot(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<Option<(String, i32)>> {
+    if tagged.snapshots.is_empty() {
+        return Ok(None);
+    }
     let out = ec2
         .describe_snapshots()
-        .owner_ids("self")
-        .filters(tag_filter(tags::STREAM, &o.stream))
-        .filters(tag_filter(tags::LEAF, &o.leaf))
-        .filters(tag_filter(tags::DIGEST, &o.image_id))
+        .set_snapshot_ids(Some(tagged.snapshots.clone()))
         .send()
         .await
         .map_err(|e| sdk_error("DescribeSnapshots", e))?;
@@ -256,6 +300,10 @@ async fn find_snapshot(ec2: &Client, o: &Options) -> anyhow::Result<Option<(Stri
         .snapshots()
         .iter()
         .filter(|s| matches!(s.state(), Some(SnapshotState::Completed | SnapshotState::Pending)))
+        .filter(|s| {
+            tags::value(s.tags(), tags::STREAM) == Some(o.stream.as_str())
+                && tags::value(s.tags(), tags::LEAF) == Some(o.leaf.as_str())
+        })
         .max_by(|a, b| a.start_time().map(|t| t.secs()).cmp(&b.start_time().map(|t| t.secs())))
         .and_then(|s| Some((s.snapshot_id()?.to_owned(), s.volume_size().unwrap_or(1)))))
 }

@@ -18,7 +18,7 @@ use crate::{
     aws::sdk_error,
     progress::Line,
     tags::{self, tag_filter},
-    unpacker::{self, UnpackerInstance},
+    unpacker::UnpackerInstance,
 };
 
 const GIB: u64 = 1 << 30;
@@ -195,12 +195,11 @@ async fn create_and_add(
 /// Attach `volume` to the instance under a free device name; wait until
 /// EC2 says attached. Returns the device name.
 async fn attach(ec2: &Client, inst: &UnpackerInstance, volume: &str, timeout: Duration) -> anyhow::Result<String> {
-    let fresh = unpacker::refresh(ec2, &inst.instance_id).await?;
     let mut last_err = None;
     for letter in 'f'..='z' {
         let device = format!("/dev/sd{letter}");
         let xvd = format!("/dev/xvd{letter}");
-        if fresh.device_names.iter().any(|d| *d == device || *d == xvd) {
+        if inst.device_names.iter().any(|d| *d == device || *d == xvd) {
             continue;
         }
         match ec2.attach_volume().volume_id(volume).instance_id(&inst.instance_id).device(&device).send().await {
