@@ -78,8 +78,8 @@ pub(crate) fn spawn(world: &World) -> tokio::task::JoinHandle<()> {
     })
 }
 
-const FAST: Duration = Duration::from_millis(100);
-const IDLE: Duration = Duration::from_millis(800);
+const FAST: Duration = Duration::from_millis(300);
+const IDLE: Duration = Duration::from_millis(1500);
 
 struct AttachState {
     /// Volume id -> its scratch device (this target's volumes only).

@@ -251,6 +251,11 @@ impl World {
         Ok(world)
     }
 
+    /// The moto server's process id (for CPU accounting in benchmarks).
+    pub fn moto_pid(&self) -> u32 {
+        self.moto.child.id()
+    }
+
     /// The moto endpoint URL.
     pub fn endpoint(&self) -> &str {
         &self.moto.endpoint
