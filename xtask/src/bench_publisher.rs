@@ -88,10 +88,14 @@ fn publish(
 ) -> anyhow::Result<f64> {
     let results = work.join(format!("publish-{}.json", stream.replace('/', "-")));
     let mut cmd = Command::new(bins.join("ami-publisher"));
-    cmd.envs(world.aws_env())
-        .arg("--ssl-dir")
-        .arg(world.ssl_dir(Role::AmiPublisher)?)
-        .args(["--image-server", &world.imageserver_addr(), "--min-free-bytes", "0", "--results", path(&results)?]);
+    cmd.envs(world.aws_env()).arg("--ssl-dir").arg(world.ssl_dir(Role::AmiPublisher)?).args([
+        "--image-server",
+        &world.imageserver_addr(),
+        "--min-free-bytes",
+        "0",
+        "--results",
+        path(&results)?,
+    ]);
     for t in targets {
         cmd.args(["--targets", t]);
     }

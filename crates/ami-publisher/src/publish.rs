@@ -237,13 +237,7 @@ async fn find_tagged(ec2: &Client, o: &Options) -> anyhow::Result<Tagged> {
         .describe_tags()
         .filters(tags::filter("key", tags::DIGEST))
         .filters(tags::filter("value", &o.image_id))
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("resource-type")
-                .values("image")
-                .values("snapshot")
-                .build(),
-        )
+        .filters(aws_sdk_ec2::types::Filter::builder().name("resource-type").values("image").values("snapshot").build())
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
@@ -356,6 +350,7 @@ async fn unpack_and_snapshot(
     let volume = volumes::ensure(ec2, &mut c, &inst, &spec, line).await?;
     r.volume_id = Some(volume.clone());
 
+    wait_stream_idle(&mut c, &o.stream, o.timeouts.unpacker, line).await?;
     line.step("preparing");
     let req = PrepareForUnpackRequest { stream: o.stream.clone(), skip_if_prepared: true, do_not_wait: false };
     let s = c.prepare_for_unpack(req).await.context("PrepareForUnpack")?.into_inner();
@@ -402,6 +397,29 @@ async fn unpack_and_snapshot(
     let snap = out.snapshot_id().context("CreateSnapshot returned no snapshot id")?.to_owned();
     tracing::info!(snapshot = %snap, %volume, device_digest = %cap.device_digest, "snapshot started");
     Ok(Some((snap, out.volume_size().unwrap_or(1))))
+}
+
+/// A run that was interrupted may have left the unpacker scanning or
+/// unpacking this stream (the unpacker finishes what it started); wait for it.
+async fn wait_stream_idle(c: &mut uc::Client, stream: &str, timeout: Duration, line: &Line) -> anyhow::Result<()> {
+    use image_unpacker::client::StreamState;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+        let Some(s) = status.streams.iter().find(|s| s.stream == stream) else { return Ok(()) };
+        let state = s.state();
+        if !matches!(state, StreamState::Scanning | StreamState::Unpacking) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("waiting for the unpacker to finish an earlier {state:?} of {stream} (timeout {timeout:?})");
+        }
+        line.step(format!(
+            "waiting for an earlier {} to finish",
+            state.as_str_name().trim_start_matches("STREAM_STATE_").to_lowercase()
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn wait_image(ec2: &Client, ami: &str, timeout: Duration, line: &Line) -> anyhow::Result<()> {

@@ -294,3 +294,60 @@ async fn bad_arguments_are_refused_before_any_resource_is_made() {
         ec2.describe_snapshots().filters(Filter::builder().name("tag-key").values("ImageStream").build()).send();
     assert!(snaps.await.unwrap().snapshots().is_empty(), "no snapshot was made");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_publish_is_finished_by_a_rerun_and_leaks_nothing() {
+    use image_unpacker::client::{GetStatusRequest, StreamState};
+    let world =
+        World::start(&Plan { accounts: vec!["second".into()], regions: vec!["eu-west-1".into()] }).await.unwrap();
+    let stream = "big/image";
+    let file = add_image(&world, stream, "1", &disk(256 * MIB, 11)).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+
+    // Start a publish and kill it (SIGKILL) as soon as the unpack is under way.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"))
+        .envs(world.aws_env())
+        .env("HOME", world.path("home"))
+        .arg("--ssl-dir")
+        .arg(&p.ssl)
+        .args(["--image-server", &world.imageserver_addr(), "--targets", &targets[0], "publish", stream, "1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tls = fleet_tls::TlsFiles::from_ssl_dir(&p.ssl);
+    let mut c = image_unpacker::client::connect(&world.targets[0].unpacker_addr().to_string(), &tls).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        let st = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+        if let Some(s) = st.streams.iter().find(|s| s.stream == stream)
+            && s.state() != StreamState::Unprepared
+        {
+            break s.state();
+        }
+        assert!(std::time::Instant::now() < deadline, "the publish never reached the unpacker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eprintln!("killed the publisher with the stream {seen:?}");
+
+    // The re-run finishes the job with what the first run made.
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
+    assert_eq!(code, 0, "{r:#?}");
+    let t = &r.targets[0];
+    assert_snapshot_holds(&world, t.snapshot_id.as_deref().unwrap(), &file).await;
+
+    // Exactly one volume, one snapshot and one AMI of the stream: nothing leaked.
+    let ec2 = world.ec2("second", "eu-west-1").await;
+    let by_stream = || Filter::builder().name("tag:ImageStream").values(stream).build();
+    let vols = ec2.describe_volumes().filters(by_stream()).send().await.unwrap();
+    assert_eq!(vols.volumes().len(), 1, "{:?}", vols.volumes());
+    let snaps = ec2.describe_snapshots().filters(by_stream()).send().await.unwrap();
+    assert_eq!(snaps.snapshots().len(), 1, "{:?}", snaps.snapshots());
+    let imgs = ec2.describe_images().owners("self").filters(by_stream()).send().await.unwrap();
+    assert_eq!(imgs.images().len(), 1, "{:?}", imgs.images());
+    // The snapshot backs an AMI now: its pending-expiry tag is gone.
+    let snap_tags = snaps.snapshots()[0].tags();
+    assert!(!snap_tags.iter().any(|t| t.key() == Some("ExpiresAt")), "{snap_tags:?}");
+}

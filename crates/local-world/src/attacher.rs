@@ -141,7 +141,9 @@ impl AttachState {
         // Snapshots of volumes we hold: copy the bytes once.
         let snaps = ec2
             .describe_snapshots()
-            .filters(Filter::builder().name("volume-id").set_values(Some(self.devices.keys().cloned().collect())).build())
+            .filters(
+                Filter::builder().name("volume-id").set_values(Some(self.devices.keys().cloned().collect())).build(),
+            )
             .send()
             .await?;
         for s in snaps.snapshots() {
@@ -153,12 +155,8 @@ impl AttachState {
             let copy = self.snapshots_dir.join(format!("{sid}.img"));
             // The backing file, not the loop device: it is sparse, so the
             // copy skips holes (the unpacker has synced the device by now).
-            let status = tokio::process::Command::new("cp")
-                .arg("--sparse=always")
-                .arg(&dev.backing)
-                .arg(&copy)
-                .status()
-                .await?;
+            let status =
+                tokio::process::Command::new("cp").arg("--sparse=always").arg(&dev.backing).arg(&copy).status().await?;
             if status.success() {
                 tracing::info!(snapshot = sid, volume = vid, "attacher: snapshot bytes kept");
                 self.snapshots

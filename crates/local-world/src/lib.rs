@@ -417,7 +417,8 @@ impl World {
         let copy = self.snapshot_bytes(snapshot_id, timeout).await?;
         let image = image.to_owned();
         let id = snapshot_id.to_owned();
-        tokio::task::spawn_blocking(move || holds_image(&copy, &image).with_context(|| format!("snapshot {id}"))).await?
+        tokio::task::spawn_blocking(move || holds_image(&copy, &image).with_context(|| format!("snapshot {id}")))
+            .await?
     }
 
     /// Directory for scratch files that live as long as the world.
@@ -446,8 +447,8 @@ fn placeholder() -> Target {
 /// `copy` starts with the bytes of `image` and holds only zeros after them.
 /// The copy is sparse: past the image only its data extents are read.
 fn holds_image(copy: &Path, image: &Path) -> anyhow::Result<()> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
     use rustix::fs::{SeekFrom as Extent, seek};
+    use std::io::{Read as _, Seek as _, SeekFrom};
     let mut f = std::fs::File::open(copy).with_context(|| format!("opening {}", copy.display()))?;
     let mut img = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let len = img.metadata()?.len();
