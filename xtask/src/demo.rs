@@ -57,10 +57,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         let t = Instant::now();
         let world = World::start(&Plan::new(&REGIONS)).await?;
         println!("   up in {:.1}s; AWS profiles in {}", t.elapsed().as_secs_f64(), world.config_file.display());
-        println!(
-            "   {:<8} {:<13} {:<15} {:<22} {}",
-            "PROFILE", "ACCOUNT ID", "REGION", "UNPACKER INSTANCE", "PRIVATE IP"
-        );
+        println!("   {:<8} {:<13} {:<15} {:<22} PRIVATE IP", "PROFILE", "ACCOUNT ID", "REGION", "UNPACKER INSTANCE");
         for t in &world.targets {
             println!("   {:<8} {:<13} {:<15} {:<22} {}", t.account, t.account_id, t.region, t.instance_id, t.ip);
         }

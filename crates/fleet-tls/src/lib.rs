@@ -177,12 +177,11 @@ pub fn peer_from_der(der: &[u8]) -> Peer {
     let mut rights = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for gn in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::URI(uri) = gn {
-                if let Some(r) = uri.strip_prefix(RIGHT_URI_PREFIX).and_then(|n| n.parse::<Right>().ok()) {
-                    if !rights.contains(&r) {
-                        rights.push(r);
-                    }
-                }
+            if let x509_parser::extensions::GeneralName::URI(uri) = gn
+                && let Some(r) = uri.strip_prefix(RIGHT_URI_PREFIX).and_then(|n| n.parse::<Right>().ok())
+                && !rights.contains(&r)
+            {
+                rights.push(r);
             }
         }
     }

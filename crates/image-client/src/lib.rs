@@ -88,7 +88,7 @@ pub async fn connect_channel(addr: &str, tls: &TlsFiles, server_name: &str) -> R
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
     endpoint.connect().await.map_err(|e| {
-        let detail = e.source().map(|s| error_chain(s)).unwrap_or_else(|| e.to_string());
+        let detail = e.source().map(error_chain).unwrap_or_else(|| e.to_string());
         ClientError::Connect { addr: addr.to_owned(), detail }
     })
 }
