@@ -293,6 +293,22 @@ async fn bad_arguments_are_refused_before_any_resource_is_made() {
     let snaps =
         ec2.describe_snapshots().filters(Filter::builder().name("tag-key").values("ImageStream").build()).send();
     assert!(snaps.await.unwrap().snapshots().is_empty(), "no snapshot was made");
+
+    // `first,*`: every region enabled in the account (DescribeRegions). Only
+    // us-east-1 has an unpacker; the others are skipped when asked to.
+    let (code, r) =
+        p.publish("s/x", "1", &["--targets", "first,*", "--ignore-missing-unpackers", "--max-concurrency", "8"]);
+    assert_eq!(code, 0, "{r:#?}");
+    assert!(r.targets.len() > 10, "all enabled regions: {}", r.targets.len());
+    for t in &r.targets {
+        assert!(t.ok(), "{t:#?}");
+        assert_eq!(t.skipped, t.region != "us-east-1", "{t:#?}");
+    }
+    // Without --ignore-missing-unpackers such a target fails and says why.
+    let (code, r) = p.publish("s/x", "1", &["--targets", "first,eu-north-1"]);
+    assert_eq!(code, 1);
+    let err = r.targets[0].error.as_deref().unwrap();
+    assert!(err.contains("no instance tagged Name=ImageUnpacker"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
