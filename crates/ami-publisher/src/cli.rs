@@ -108,6 +108,9 @@ pub struct Cli {
     /// Print the results as JSON on stdout (no progress, no table).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print what a destructive command would do, and do nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
     /// Retries of a throttled or failed AWS call (SDK standard retry mode).
     #[arg(long, global = true, default_value_t = 4, value_name = "N")]
     pub max_retries: u32,
@@ -150,6 +153,78 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Create and attach an encrypted volume of SIZE_GIB to each unpacker.
+    AddVolumes { size_gib: u64 },
+    /// Deregister the AMIs in results files and delete their snapshots.
+    Delete {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Remove tag KEY from the AMIs in results files.
+    DeleteTags {
+        #[arg(value_name = "KEY")]
+        tag_key: String,
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Remove tag KEY from the unpacker instances.
+    DeleteTagsOnUnpackers {
+        #[arg(value_name = "KEY")]
+        tag_key: String,
+    },
+    /// Delete every AMI, snapshot, volume and instance whose ExpiresAt tag is
+    /// in the past (one "now" for all targets); an AMI's snapshots go with it.
+    Expire,
+    /// Import an SSH public key as key pair NAME into every target.
+    ImportKeyPair { name: String, pubkey_file: PathBuf },
+    /// List this account's AMIs matching --search-tags and not --exclude-search-tags.
+    ListImages {
+        #[command(flatten)]
+        search: SearchArgs,
+    },
+    /// List the image streams the unpackers hold (state, leaf, volume).
+    ListStreams,
+    /// List the unpacker instances (state, IP, streams, devices, idle time).
+    ListUnpackers,
+    /// Start and connect to every unpacker; with STREAM, learn its volume now
+    /// so the next publish skips the scan.
+    PrepareUnpackers { stream: Option<String> },
+    /// Detach and delete the unpackers' volumes that no stream is bound to.
+    RemoveUnusedVolumes,
+    /// Tag the AMIs in results files KEY=VALUE and remove KEY from every other
+    /// AMI of the same stream in their targets (e.g. a "Latest" marker).
+    SetExclusiveTags {
+        #[arg(value_name = "KEY")]
+        tag_key: String,
+        #[arg(value_name = "VALUE")]
+        tag_value: String,
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Put --tags on the unpacker instances.
+    SetTagsOnUnpackers,
+    /// Start stopped unpacker instances and wait until they run.
+    StartInstances,
+    /// Stop running unpackers idle for longer than --max-idle-time; busy ones
+    /// stay up. Quiet unless it acts or fails: meant for cron.
+    StopIdleUnpackers {
+        /// Idle time after which an unpacker is stopped.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        max_idle_time: Duration,
+    },
+    /// Terminate the unpacker instances.
+    TerminateInstances,
+}
+
+/// Image search by tags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SearchArgs {
+    /// Tags an image must carry: KEY=VALUE,...
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub search_tags: Vec<(String, String)>,
+    /// Tags that exclude an image: KEY=VALUE,...
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub exclude_search_tags: Vec<(String, String)>,
 }
 
 /// Parse a byte count: a number with an optional K/M/G/T (powers of 1000)
@@ -261,9 +336,119 @@ fn refuse<T>(r: anyhow::Result<T>) -> anyhow::Result<T> {
 
 /// Run a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    match &cli.command {
-        Command::Publish { stream, leaf, force } => run_publish(&cli, stream, leaf, *force).await,
+    use crate::ops;
+    if let Command::Publish { stream, leaf, force } = &cli.command {
+        return run_publish(&cli, stream, leaf, *force).await;
     }
+    let aws = refuse(Aws::new(Retry { max_retries: cli.max_retries, wait: cli.retry_wait }).await)?;
+    // Commands on results files take their targets from the files.
+    let from_results = match &cli.command {
+        Command::Delete { results_files }
+        | Command::DeleteTags { results_files, .. }
+        | Command::SetExclusiveTags { results_files, .. } => Some(refuse(ops::amis_by_target(results_files))?),
+        _ => None,
+    };
+    let targets = match &from_results {
+        Some(m) => m.keys().cloned().collect(),
+        None => refuse(resolve_targets(&cli, &aws).await)?,
+    };
+    let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
+    let ctx = ops::Ctx {
+        aws: &aws,
+        targets,
+        max_concurrency: cli.max_concurrency,
+        instance_name: cli.instance_name.clone(),
+        unpacker_port: cli.unpacker_port,
+        tls: cli.tls.files(),
+        unpacker_timeout: cli.unpacker_timeout,
+        volume_timeout: cli.volume_timeout,
+        dry_run: cli.dry_run,
+        board: Board::new(!cli.json, &names),
+    };
+    let amis: std::collections::HashMap<_, _> = from_results.unwrap_or_default().into_iter().collect();
+    const ACTIONS: &[&str] = &["action", "resource", "detail"];
+    let (reports, columns, quiet): (Vec<ops::Report>, &[&str], bool) = match &cli.command {
+        Command::Publish { .. } => unreachable!("handled above"),
+        Command::AddVolumes { size_gib } => {
+            if *size_gib == 0 || *size_gib > 16384 {
+                return Err(Refused(anyhow::anyhow!("SIZE_GIB must be 1 to 16384, not {size_gib}")).into());
+            }
+            (ops::add_volumes(&ctx, *size_gib, &cli.volume_type, cli.kms_key_id.as_deref()).await, ACTIONS, false)
+        }
+        Command::Delete { .. } => (ops::delete(&ctx, &amis).await, ACTIONS, false),
+        Command::DeleteTags { tag_key, .. } => (ops::delete_tags(&ctx, tag_key, &amis).await, ACTIONS, false),
+        Command::DeleteTagsOnUnpackers { tag_key } => {
+            (ops::tag_unpackers(&ctx, &[], Some(tag_key)).await, ACTIONS, false)
+        }
+        Command::Expire => (ops::expire(&ctx, SystemTime::now()).await, ACTIONS, false),
+        Command::ImportKeyPair { name, pubkey_file } => {
+            let key = refuse(
+                std::fs::read(pubkey_file).with_context(|| format!("reading public key {}", pubkey_file.display())),
+            )?;
+            if !key.starts_with(b"ssh-") && !key.starts_with(b"ecdsa-") {
+                return Err(Refused(anyhow::anyhow!(
+                    "{} does not look like an OpenSSH public key (ssh-ed25519 ..., ssh-rsa ..., ecdsa-...)",
+                    pubkey_file.display()
+                ))
+                .into());
+            }
+            (ops::import_key_pair(&ctx, name, &key).await, ACTIONS, false)
+        }
+        Command::ListImages { search } => (
+            ops::list_images(&ctx, &search.search_tags, &search.exclude_search_tags).await,
+            &["ami", "name", "state", "stream", "leaf", "created", "expires"][..],
+            false,
+        ),
+        Command::ListStreams => (
+            ops::list_streams(&ctx).await,
+            &["instance", "stream", "state", "leaf", "volume", "volume_bytes"][..],
+            false,
+        ),
+        Command::ListUnpackers => (
+            ops::list_unpackers(&ctx).await,
+            &["instance", "state", "ip", "streams", "devices", "idle", "busy", "unreachable"][..],
+            false,
+        ),
+        Command::PrepareUnpackers { stream } => {
+            (ops::prepare_unpackers(&ctx, stream.as_deref()).await, &["instance", "ready", "stream"][..], false)
+        }
+        Command::RemoveUnusedVolumes => (ops::remove_unused_volumes(&ctx).await, ACTIONS, false),
+        Command::SetExclusiveTags { tag_key, tag_value, .. } => {
+            (ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, ACTIONS, false)
+        }
+        Command::SetTagsOnUnpackers => {
+            if cli.tags.is_empty() {
+                return Err(Refused(anyhow::anyhow!("give the tags to set with --tags K=V,...")).into());
+            }
+            (ops::tag_unpackers(&ctx, &cli.tags, None).await, ACTIONS, false)
+        }
+        Command::StartInstances => (ops::start_instances(&ctx).await, ACTIONS, false),
+        Command::StopIdleUnpackers { max_idle_time } => {
+            (ops::stop_idle_unpackers(&ctx, *max_idle_time).await, ACTIONS, true)
+        }
+        Command::TerminateInstances => (ops::terminate_instances(&ctx).await, ACTIONS, false),
+    };
+    ops::print(&reports, columns, cli.json, quiet);
+    Ok(if reports.iter().all(|r| r.error.is_none()) { Outcome::AllSucceeded } else { Outcome::SomeFailed })
+}
+
+/// Expand --targets / --skip-targets (a refusal when there are none).
+async fn resolve_targets(cli: &Cli, aws: &Aws) -> anyhow::Result<Vec<targets::Target>> {
+    if cli.targets.is_empty() {
+        bail!("no targets: give --targets ACCOUNT,REGION (or `targets` in the config file)");
+    }
+    let targets =
+        targets::expand(
+            &cli.targets,
+            &cli.skip_targets,
+            aws.profiles(),
+            |a| async move { aws.enabled_regions(&a).await },
+        )
+        .await?;
+    if targets.is_empty() {
+        bail!("the --targets given, minus --skip-targets, leave no target");
+    }
+    Ok(targets)
 }
 
 fn render_name(template: &str, stream: &str, leaf: &str, image_id: &str) -> anyhow::Result<String> {
@@ -330,14 +515,7 @@ async fn prepare_publish(
     let image_id = manifest.image_id().to_hex();
     let ami_name = render_name(&cli.ami_name, stream, leaf, &image_id)?;
     let aws = Aws::new(Retry { max_retries: cli.max_retries, wait: cli.retry_wait }).await?;
-    let targets = targets::expand(&cli.targets, &cli.skip_targets, aws.profiles(), |a| {
-        let aws = &aws;
-        async move { aws.enabled_regions(&a).await }
-    })
-    .await?;
-    if targets.is_empty() {
-        bail!("the --targets given, minus --skip-targets, leave no target");
-    }
+    let targets = resolve_targets(cli, &aws).await?;
     let opts = Options {
         stream: stream.to_owned(),
         leaf: leaf.to_owned(),

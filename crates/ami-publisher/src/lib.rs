@@ -8,10 +8,12 @@
 //! - [`volumes`]: the stream's volume on an unpacker;
 //! - [`publish`]: the publish of one leaf to one target, and to all;
 //! - [`results`]: results files;
+//! - [`ops`]: the lifecycle and operations subcommands (expire, lists, tags, ...);
 //! - [`cli`]: the command line, its config file, and the final table.
 
 pub mod aws;
 pub mod cli;
+pub mod ops;
 pub mod progress;
 pub mod publish;
 pub mod results;

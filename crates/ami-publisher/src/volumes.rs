@@ -156,7 +156,7 @@ async fn add(c: &mut uc::Client, volume: &str, device: &str, fresh: bool, timeou
 
 /// Create an encrypted volume in the instance's zone, attach it, and add it
 /// to the unpacker as fresh (no scan, no zero writes).
-async fn create_and_add(
+pub async fn create_and_add(
     ec2: &Client,
     c: &mut uc::Client,
     inst: &UnpackerInstance,
@@ -241,28 +241,40 @@ async fn wait_attached(ec2: &Client, volume: &str, instance_id: &str, timeout: D
     }
 }
 
-/// Take a replaced volume out of service: unpacker forgets it, EC2 detaches
-/// and deletes it. Failure is not the publish's failure: the volume is then
-/// tagged to expire now, so `expire` removes it.
+/// Take a volume out of service: the unpacker forgets it, EC2 detaches and
+/// deletes it.
+pub async fn remove(
+    ec2: &Client,
+    c: &mut uc::Client,
+    instance_id: &str,
+    volume: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    c.remove_device(RemoveDeviceRequest { volume_id: volume.to_owned() }).await.context("RemoveDevice")?;
+    detach_and_delete(ec2, instance_id, volume, timeout).await
+}
+
+/// Detach a volume from an instance (always naming the instance) and delete it.
+pub async fn detach_and_delete(ec2: &Client, instance_id: &str, volume: &str, timeout: Duration) -> anyhow::Result<()> {
+    ec2.detach_volume()
+        .volume_id(volume)
+        .instance_id(instance_id)
+        .send()
+        .await
+        .map_err(|e| sdk_error(&format!("DetachVolume {volume}"), e))?;
+    ec2.wait_until_volume_available()
+        .volume_ids(volume)
+        .wait(timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("waiting for {volume} to detach (timeout {timeout:?}): {e}"))?;
+    ec2.delete_volume().volume_id(volume).send().await.map_err(|e| sdk_error(&format!("DeleteVolume {volume}"), e))?;
+    Ok(())
+}
+
+/// Retire a replaced volume. Failure is not the publish's failure: the
+/// volume is then tagged to expire now, so `expire` removes it.
 async fn retire(ec2: &Client, c: &mut uc::Client, instance_id: &str, volume: &str, timeout: Duration) {
-    let r: anyhow::Result<()> = async {
-        c.remove_device(RemoveDeviceRequest { volume_id: volume.to_owned() }).await.context("RemoveDevice")?;
-        ec2.detach_volume()
-            .volume_id(volume)
-            .instance_id(instance_id)
-            .send()
-            .await
-            .map_err(|e| sdk_error("DetachVolume", e))?;
-        ec2.wait_until_volume_available()
-            .volume_ids(volume)
-            .wait(timeout)
-            .await
-            .map_err(|e| anyhow::anyhow!("waiting for {volume} to detach (timeout {timeout:?}): {e}"))?;
-        ec2.delete_volume().volume_id(volume).send().await.map_err(|e| sdk_error("DeleteVolume", e))?;
-        Ok(())
-    }
-    .await;
-    match r {
+    match remove(ec2, c, instance_id, volume, timeout).await {
         Ok(()) => tracing::info!(volume, "deleted the replaced volume"),
         Err(e) => {
             tracing::warn!(volume, error = %format!("{e:#}"), "could not delete the replaced volume; tagging it to expire");

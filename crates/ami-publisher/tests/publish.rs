@@ -2,115 +2,14 @@
 //! the real SDK against moto, real unpackers over mutual TLS, real (loop)
 //! devices behind the volumes.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Output,
-    time::Duration,
-};
+mod common;
+
+use std::time::Duration;
 
 use ami_publisher::results::PublishResults;
 use aws_sdk_ec2::types::Filter;
-use fleet_pki::Role;
-use image_format::ImageName;
+use common::*;
 use local_world::{Plan, World};
-
-const MIB: usize = 1 << 20;
-
-/// Runs the publisher binary against a world.
-struct Publisher<'w> {
-    world: &'w World,
-    ssl: PathBuf,
-}
-
-impl<'w> Publisher<'w> {
-    fn new(world: &'w World) -> Publisher<'w> {
-        Publisher { ssl: world.ssl_dir(Role::AmiPublisher).unwrap(), world }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let t = std::time::Instant::now();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"))
-            .envs(self.world.aws_env())
-            .env_remove("AMI_PUBLISHER_CONFIG")
-            .env("HOME", self.world.path("home"))
-            .arg("--ssl-dir")
-            .arg(&self.ssl)
-            .args(["--image-server", &self.world.imageserver_addr()])
-            .args(args)
-            .output()
-            .unwrap();
-        eprintln!(
-            "$ ami-publisher {}\n-> {} in {:.1?}\n{}{}",
-            args.join(" "),
-            out.status,
-            t.elapsed(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// Publish; returns the exit code and the results file.
-    fn publish(&self, stream: &str, leaf: &str, extra: &[&str]) -> (i32, PublishResults) {
-        let results = self.world.path(&format!("results-{}-{leaf}-{}.json", stream.replace('/', "_"), nonce()));
-        let mut args = vec!["publish", stream, leaf, "--results", results.to_str().unwrap()];
-        args.extend(extra);
-        let out = self.run(&args);
-        (out.status.code().unwrap_or(-1), PublishResults::read(&results).unwrap())
-    }
-}
-
-fn nonce() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// The result for world target `i` (results are sorted by account, region).
-fn result<'r>(r: &'r PublishResults, world: &World, i: usize) -> &'r ami_publisher::results::TargetResult {
-    let t = &world.targets[i];
-    r.targets.iter().find(|x| x.account == t.account && x.region == t.region).expect("a result for every target")
-}
-
-fn targets_of(world: &World) -> Vec<String> {
-    world.targets.iter().map(|t| format!("{},{}", t.account, t.region)).collect()
-}
-
-fn with_targets<'a>(targets: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = Vec::new();
-    for t in targets {
-        v.push("--targets");
-        v.push(t.as_str());
-    }
-    v.extend(extra);
-    v
-}
-
-/// A disk-like image: noise with zero regions, written to the world's dir and
-/// added to its imageserver. Returns the file.
-async fn add_image(world: &World, stream: &str, leaf: &str, bytes: &[u8]) -> PathBuf {
-    let file = world.path(&format!("{}-{leaf}.raw", stream.replace('/', "_")));
-    std::fs::write(&file, bytes).unwrap();
-    let builder = world.pki.role(Role::ImageBuilder).unwrap();
-    let mut c = imagetool::client::connect(&world.imageserver_addr(), &builder).await.unwrap();
-    let name = ImageName::new(stream, leaf).unwrap();
-    imagetool::add(&mut c, &name, &file, image_format::DEFAULT_CHUNK_SIZE, imagetool::Progress::Hidden).await.unwrap();
-    file
-}
-
-fn disk(len: usize, seed: u64) -> Vec<u8> {
-    let mut d = test_support::noise(len, seed);
-    // Zero regions, as a real disk has.
-    for z in [len / 4..len / 4 + 3 * MIB, len - 2 * MIB..len] {
-        d[z].fill(0);
-    }
-    d
-}
-
-/// The bytes behind a snapshot equal `image` and are zero beyond it.
-async fn assert_snapshot_holds(world: &World, snapshot: &str, image: &Path) {
-    world.check_snapshot(snapshot, image, Duration::from_secs(30)).await.unwrap();
-}
 
 async fn tags_of_image(world: &World, account: &str, region: &str, ami: &str) -> Vec<(String, String)> {
     let ec2 = world.ec2(account, region).await;

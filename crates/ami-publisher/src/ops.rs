@@ -1,0 +1,692 @@
+//! The lifecycle and operations subcommands. Each runs over targets
+//! concurrently; what it finds or does in a target is a list of records
+//! (JSON objects), and a target that fails carries its error instead.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use aws_sdk_ec2::{
+    Client,
+    error::ProvideErrorMetadata as _,
+    types::{Filter, Tag},
+};
+use fleet_tls::TlsFiles;
+use image_unpacker::client::{self as uc, GetStatusRequest, PrepareForUnpackRequest, StreamStatus};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    aws::{Aws, sdk_error},
+    progress::Board,
+    results::PublishResults,
+    tags::{self, tag_filter},
+    targets::Target,
+    unpacker::{self, UnpackerInstance},
+    volumes::{self, VolumeSpec},
+};
+
+/// What one target answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub account: String,
+    pub region: String,
+    pub records: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Shared settings of the operations.
+pub struct Ctx<'a> {
+    pub aws: &'a Aws,
+    pub targets: Vec<Target>,
+    pub max_concurrency: usize,
+    pub instance_name: String,
+    pub unpacker_port: u16,
+    pub tls: TlsFiles,
+    pub unpacker_timeout: Duration,
+    pub volume_timeout: Duration,
+    pub dry_run: bool,
+    pub board: Board,
+}
+
+impl Ctx<'_> {
+    /// Run `f` in every target; its records or error become the report.
+    pub async fn each<F, Fut>(&self, f: F) -> Vec<Report>
+    where
+        F: Fn(Client, Target) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Vec<Value>>>,
+    {
+        let f = &f;
+        crate::fanout(&self.targets, self.max_concurrency, |t| async move {
+            let ec2 = self.aws.ec2(&t).await;
+            let r = f(ec2, t.clone()).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %format!("{e:#}"), "target failed");
+            }
+            Report {
+                account: t.account.clone(),
+                region: t.region.clone(),
+                error: r.as_ref().err().map(|e| format!("{e:#}")),
+                records: r.unwrap_or_default(),
+            }
+        })
+        .await
+    }
+
+    /// What a destructive step says it did (or would do, with --dry-run).
+    fn acted(&self, action: &str, resource: &str, detail: impl Into<String>) -> Value {
+        let action = if self.dry_run { format!("would {action}") } else { action.to_owned() };
+        json!({"action": action, "resource": resource, "detail": detail.into()})
+    }
+
+    async fn unpackers(&self, ec2: &Client) -> anyhow::Result<Vec<UnpackerInstance>> {
+        unpacker::find_all(ec2, &self.instance_name).await
+    }
+
+    async fn dial(&self, inst: &UnpackerInstance, timeout: Duration) -> anyhow::Result<uc::Client> {
+        let ip = inst.private_ip.as_deref().with_context(|| format!("{} has no private IP", inst.instance_id))?;
+        unpacker::dial(&format!("{ip}:{}", self.unpacker_port), &self.tls, timeout)
+            .await
+            .with_context(|| format!("unpacker instance {}", inst.instance_id))
+    }
+}
+
+fn state_name(s: &StreamStatus) -> String {
+    s.state().as_str_name().trim_start_matches("STREAM_STATE_").to_lowercase()
+}
+
+/// `list-unpackers`: instance, state, IP, and for running ones what the
+/// unpacker reports.
+pub async fn list_unpackers(ctx: &Ctx<'_>) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await? {
+            let mut rec = json!({"instance": inst.instance_id, "state": inst.state,
+                "ip": inst.private_ip.clone().unwrap_or_default()});
+            if inst.state == "running" {
+                match ctx.dial(&inst, Duration::from_secs(10)).await {
+                    Ok(mut c) => {
+                        let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+                        rec["streams"] =
+                            json!(s.streams.iter().map(|s| s.stream.clone()).collect::<Vec<_>>().join(" "));
+                        rec["devices"] = json!(s.devices.len());
+                        rec["idle"] =
+                            json!(humantime::format_duration(Duration::from_secs(s.idle_seconds)).to_string());
+                        rec["idle_seconds"] = json!(s.idle_seconds);
+                        rec["busy"] = json!(s.busy);
+                        rec["version"] = json!(s.version);
+                    }
+                    Err(e) => rec["unreachable"] = json!(format!("{e:#}")),
+                }
+            }
+            out.push(rec);
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `list-streams`: the streams each running unpacker knows.
+pub async fn list_streams(ctx: &Ctx<'_>) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await?.into_iter().filter(|i| i.state == "running") {
+            let mut c = ctx.dial(&inst, Duration::from_secs(10)).await?;
+            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+            for st in &s.streams {
+                let size = s.devices.iter().find(|d| d.volume_id == st.volume_id).map_or(0, |d| d.size_bytes);
+                out.push(json!({"instance": inst.instance_id, "stream": st.stream, "state": state_name(st),
+                    "leaf": st.leaf, "volume": st.volume_id, "volume_bytes": size, "image_id": st.image_id}));
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Image filters from `--search-tags` (all must match).
+fn search_filters(search: &[(String, String)]) -> Vec<Filter> {
+    search.iter().map(|(k, v)| tag_filter(k, v)).collect()
+}
+
+fn excluded(tags: &[Tag], exclude: &[(String, String)]) -> bool {
+    exclude.iter().any(|(k, v)| tags::value(tags, k) == Some(v.as_str()))
+}
+
+/// `list-images`: this account's AMIs matching the search tags.
+pub async fn list_images(ctx: &Ctx<'_>, search: &[(String, String)], exclude: &[(String, String)]) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let out = ec2
+            .describe_images()
+            .owners("self")
+            .set_filters(Some(search_filters(search)))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeImages", e))?;
+        let mut recs: Vec<Value> = out
+            .images()
+            .iter()
+            .filter(|i| !excluded(i.tags(), exclude))
+            .map(|i| {
+                json!({"ami": i.image_id(), "name": i.name(), "state": i.state().map(|s| s.as_str()),
+                    "created": i.creation_date(), "stream": tags::value(i.tags(), tags::STREAM),
+                    "leaf": tags::value(i.tags(), tags::LEAF), "expires": tags::value(i.tags(), tags::EXPIRES_AT)})
+            })
+            .collect();
+        recs.sort_by(|a, b| a["created"].as_str().cmp(&b["created"].as_str()));
+        Ok(recs)
+    })
+    .await
+}
+
+fn expired(tags: &[Tag], now: SystemTime) -> Option<bool> {
+    let v = tags::value(tags, tags::EXPIRES_AT)?;
+    match humantime::parse_rfc3339_weak(v) {
+        Ok(t) => Some(t <= now),
+        Err(_) => {
+            tracing::warn!(value = v, "ExpiresAt is not an RFC 3339 time; left alone");
+            Some(false)
+        }
+    }
+}
+
+/// `expire`: delete every AMI, snapshot, volume and instance whose ExpiresAt
+/// is in the past (one `now` for all targets). An AMI's snapshots go with it.
+pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        let has_expiry = || Filter::builder().name("tag-key").values(tags::EXPIRES_AT).build();
+        let images = ec2
+            .describe_images()
+            .owners("self")
+            .filters(has_expiry())
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeImages", e))?;
+        let mut gone_snapshots = Vec::new();
+        for img in images.images() {
+            let Some(id) = img.image_id() else { continue };
+            if expired(img.tags(), now) != Some(true) {
+                continue;
+            }
+            let snaps: Vec<String> = img
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_owned))
+                .collect();
+            out.push(ctx.acted("deregister", id, img.name().unwrap_or_default()));
+            if !ctx.dry_run {
+                ec2.deregister_image()
+                    .image_id(id)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("DeregisterImage {id}"), e))?;
+            }
+            for s in snaps {
+                out.push(ctx.acted("delete", &s, format!("snapshot of {id}")));
+                if !ctx.dry_run {
+                    delete_snapshot(&ec2, &s).await?;
+                }
+                gone_snapshots.push(s);
+            }
+        }
+        let snaps = ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(has_expiry())
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeSnapshots", e))?;
+        for s in snaps.snapshots() {
+            let Some(id) = s.snapshot_id() else { continue };
+            if expired(s.tags(), now) != Some(true) || gone_snapshots.iter().any(|g| g == id) {
+                continue;
+            }
+            if ctx.dry_run {
+                out.push(ctx.acted("delete", id, "snapshot"));
+                continue;
+            }
+            match ec2.delete_snapshot().snapshot_id(id).send().await {
+                Ok(_) => out.push(ctx.acted("delete", id, "snapshot")),
+                // Still backing an AMI that has not expired: keep it.
+                Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidSnapshot.InUse") => {
+                    out.push(json!({"action": "kept", "resource": id, "detail": "in use by an AMI"}));
+                }
+                Err(e) => return Err(sdk_error(&format!("DeleteSnapshot {id}"), e)),
+            }
+        }
+        let vols =
+            ec2.describe_volumes().filters(has_expiry()).send().await.map_err(|e| sdk_error("DescribeVolumes", e))?;
+        for v in vols.volumes() {
+            let Some(id) = v.volume_id() else { continue };
+            if expired(v.tags(), now) != Some(true) {
+                continue;
+            }
+            out.push(ctx.acted("delete", id, "volume"));
+            if ctx.dry_run {
+                continue;
+            }
+            match v.attachments().iter().find_map(|a| a.instance_id()) {
+                Some(inst) => volumes::detach_and_delete(&ec2, inst, id, ctx.volume_timeout).await?,
+                None => {
+                    ec2.delete_volume()
+                        .volume_id(id)
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error(&format!("DeleteVolume {id}"), e))?;
+                }
+            }
+        }
+        let insts = ec2
+            .describe_instances()
+            .filters(has_expiry())
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeInstances", e))?;
+        for i in insts.reservations().iter().flat_map(|r| r.instances()) {
+            let Some(id) = i.instance_id() else { continue };
+            if expired(i.tags(), now) != Some(true) {
+                continue;
+            }
+            out.push(ctx.acted("terminate", id, "instance"));
+            if !ctx.dry_run {
+                ec2.terminate_instances()
+                    .instance_ids(id)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("TerminateInstances {id}"), e))?;
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+async fn delete_snapshot(ec2: &Client, id: &str) -> anyhow::Result<()> {
+    match ec2.delete_snapshot().snapshot_id(id).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidSnapshot.NotFound") => Ok(()),
+        Err(e) => Err(sdk_error(&format!("DeleteSnapshot {id}"), e)),
+    }
+}
+
+/// `stop-idle-unpackers`: stop running unpackers idle longer than `max_idle`;
+/// busy ones, and ones used more recently, stay up.
+pub async fn stop_idle_unpackers(ctx: &Ctx<'_>, max_idle: Duration) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await?.into_iter().filter(|i| i.state == "running") {
+            let mut c = ctx.dial(&inst, Duration::from_secs(30)).await?;
+            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+            let idle = Duration::from_secs(s.idle_seconds);
+            if s.busy || idle < max_idle {
+                tracing::info!(instance = %inst.instance_id, idle_seconds = s.idle_seconds, busy = s.busy, "in use; left running");
+                continue;
+            }
+            out.push(ctx.acted("stop", &inst.instance_id, format!("idle {}", humantime::format_duration(idle))));
+            if !ctx.dry_run {
+                ec2.stop_instances()
+                    .instance_ids(&inst.instance_id)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("StopInstances {}", inst.instance_id), e))?;
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `start-instances`: start stopped unpacker instances and wait for them.
+pub async fn start_instances(ctx: &Ctx<'_>) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await? {
+            if inst.state == "running" {
+                continue;
+            }
+            out.push(ctx.acted("start", &inst.instance_id, inst.state.clone()));
+            if !ctx.dry_run {
+                unpacker::ensure_running(&ec2, &inst, ctx.unpacker_timeout, |_| {}).await?;
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `terminate-instances`: terminate the unpacker instances.
+pub async fn terminate_instances(ctx: &Ctx<'_>) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await? {
+            out.push(ctx.acted("terminate", &inst.instance_id, inst.state.clone()));
+            if !ctx.dry_run {
+                ec2.terminate_instances()
+                    .instance_ids(&inst.instance_id)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("TerminateInstances {}", inst.instance_id), e))?;
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `prepare-unpackers [STREAM]`: start and connect to every unpacker; with a
+/// stream, have each unpacker that holds it learn its volume now (scan), so
+/// the next publish starts unpacking at once.
+pub async fn prepare_unpackers(ctx: &Ctx<'_>, stream: Option<&str>) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await? {
+            let inst = unpacker::ensure_running(&ec2, &inst, ctx.unpacker_timeout, |_| {}).await?;
+            let mut c = ctx.dial(&inst, ctx.unpacker_timeout).await?;
+            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+            let mut rec = json!({"instance": inst.instance_id, "ready": true});
+            if let Some(stream) = stream {
+                if s.streams.iter().any(|st| st.stream == stream) {
+                    let req = PrepareForUnpackRequest {
+                        stream: stream.to_owned(),
+                        skip_if_prepared: true,
+                        do_not_wait: false,
+                    };
+                    let p = c.prepare_for_unpack(req).await.context("PrepareForUnpack")?.into_inner();
+                    uc::follow(p, |_| {}).await.context("PrepareForUnpack")?;
+                    rec["stream"] = json!("prepared");
+                } else {
+                    rec["stream"] = json!("not on this unpacker (the next publish creates its volume)");
+                }
+            }
+            out.push(rec);
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `set-tags-on-unpackers` / `delete-tags-on-unpackers`.
+pub async fn tag_unpackers(ctx: &Ctx<'_>, set: &[(String, String)], delete: Option<&str>) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await? {
+            let id = inst.instance_id.as_str();
+            if let Some(key) = delete {
+                out.push(ctx.acted("delete tag", id, key));
+                if !ctx.dry_run {
+                    ec2.delete_tags()
+                        .resources(id)
+                        .tags(Tag::builder().key(key).build())
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error("DeleteTags", e))?;
+                }
+            } else {
+                let what: Vec<String> = set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                out.push(ctx.acted("tag", id, what.join(",")));
+                if !ctx.dry_run {
+                    ec2.create_tags()
+                        .resources(id)
+                        .set_tags(Some(set.iter().map(|(k, v)| tags::tag(k, v)).collect()))
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error("CreateTags", e))?;
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `add-volumes SIZE_GIB`: a new encrypted volume on every running unpacker.
+pub async fn add_volumes(ctx: &Ctx<'_>, gib: u64, volume_type: &str, kms_key_id: Option<&str>) -> Vec<Report> {
+    ctx.each(|ec2, t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await? {
+            let inst = unpacker::ensure_running(&ec2, &inst, ctx.unpacker_timeout, |_| {}).await?;
+            if ctx.dry_run {
+                out.push(ctx.acted("add", &inst.instance_id, format!("{gib} GiB volume")));
+                continue;
+            }
+            let mut c = ctx.dial(&inst, ctx.unpacker_timeout).await?;
+            let spec = VolumeSpec {
+                stream: String::new(),
+                need_bytes: gib << 30,
+                volume_type: volume_type.into(),
+                kms_key_id: kms_key_id.map(str::to_owned),
+                instance_name: ctx.instance_name.clone(),
+                timeout: ctx.volume_timeout,
+            };
+            let line = ctx.board.line(&t.to_string());
+            let v = volumes::create_and_add(&ec2, &mut c, &inst, &spec, &line).await?;
+            line.finish(format!("added {v}"));
+            out.push(ctx.acted("add", &v, format!("{gib} GiB volume on {}", inst.instance_id)));
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `remove-unused-volumes`: detach and delete every volume an unpacker holds
+/// that no stream is bound to.
+pub async fn remove_unused_volumes(ctx: &Ctx<'_>) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for inst in ctx.unpackers(&ec2).await?.into_iter().filter(|i| i.state == "running") {
+            let mut c = ctx.dial(&inst, Duration::from_secs(30)).await?;
+            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+            for d in s.devices.iter().filter(|d| d.stream.is_empty()) {
+                out.push(ctx.acted("delete", &d.volume_id, format!("unused volume on {}", inst.instance_id)));
+                if !ctx.dry_run {
+                    volumes::remove(&ec2, &mut c, &inst.instance_id, &d.volume_id, ctx.volume_timeout).await?;
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `import-key-pair NAME FILE`: the SSH public key in every target (a key
+/// of that name already there is left as it is).
+pub async fn import_key_pair(ctx: &Ctx<'_>, name: &str, key: &[u8]) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        if ctx.dry_run {
+            return Ok(vec![ctx.acted("import", name, "key pair")]);
+        }
+        let r = ec2
+            .import_key_pair()
+            .key_name(name)
+            .public_key_material(aws_sdk_ec2::primitives::Blob::new(key))
+            .send()
+            .await;
+        match r {
+            Ok(k) => Ok(vec![ctx.acted("import", name, k.key_fingerprint().unwrap_or_default())]),
+            Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidKeyPair.Duplicate") => {
+                Ok(vec![json!({"action": "kept", "resource": name, "detail": "a key pair of this name exists"})])
+            }
+            Err(e) => Err(sdk_error("ImportKeyPair", e)),
+        }
+    })
+    .await
+}
+
+/// AMIs listed in results files, by target.
+pub fn amis_by_target(files: &[PathBuf]) -> anyhow::Result<BTreeMap<Target, Vec<(String, Option<String>, String)>>> {
+    let mut out: BTreeMap<Target, Vec<(String, Option<String>, String)>> = BTreeMap::new();
+    for f in files {
+        let r = PublishResults::read(f)?;
+        for t in r.targets {
+            if let Some(ami) = t.ami_id {
+                out.entry(Target { account: t.account, region: t.region }).or_default().push((
+                    ami,
+                    t.snapshot_id,
+                    r.stream.clone(),
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("the results files list no AMI");
+    }
+    Ok(out)
+}
+
+/// `delete RESULTS...`: deregister the AMIs and delete their snapshots.
+pub async fn delete(ctx: &Ctx<'_>, amis: &HashMap<Target, Vec<(String, Option<String>, String)>>) -> Vec<Report> {
+    ctx.each(|ec2, t| async move {
+        let mut out = Vec::new();
+        for (ami, snap, _) in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
+            out.push(ctx.acted("deregister", ami, ""));
+            if !ctx.dry_run {
+                match ec2.deregister_image().image_id(ami).send().await {
+                    Ok(_) => {}
+                    Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidAMIID.Unavailable") => {}
+                    Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidAMIID.NotFound") => {}
+                    Err(e) => return Err(sdk_error(&format!("DeregisterImage {ami}"), e)),
+                }
+            }
+            if let Some(s) = snap {
+                out.push(ctx.acted("delete", s, format!("snapshot of {ami}")));
+                if !ctx.dry_run {
+                    delete_snapshot(&ec2, s).await?;
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `delete-tags KEY RESULTS...`: remove a tag from the AMIs.
+pub async fn delete_tags(
+    ctx: &Ctx<'_>,
+    key: &str,
+    amis: &HashMap<Target, Vec<(String, Option<String>, String)>>,
+) -> Vec<Report> {
+    ctx.each(|ec2, t| async move {
+        let mut out = Vec::new();
+        for (ami, _, _) in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
+            out.push(ctx.acted("delete tag", ami, key));
+            if !ctx.dry_run {
+                ec2.delete_tags()
+                    .resources(ami)
+                    .tags(Tag::builder().key(key).build())
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("DeleteTags on {ami}"), e))?;
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `set-exclusive-tags KEY VALUE RESULTS...`: tag these AMIs and take KEY off
+/// every other AMI of the same stream in the target.
+pub async fn set_exclusive_tags(
+    ctx: &Ctx<'_>,
+    key: &str,
+    value: &str,
+    amis: &HashMap<Target, Vec<(String, Option<String>, String)>>,
+) -> Vec<Report> {
+    ctx.each(|ec2, t| async move {
+        let mut out = Vec::new();
+        let ours = amis.get(&t).map(Vec::as_slice).unwrap_or_default();
+        let mut streams: Vec<&str> = ours.iter().map(|(_, _, s)| s.as_str()).collect();
+        streams.dedup();
+        for stream in streams {
+            let others = ec2
+                .describe_images()
+                .owners("self")
+                .filters(tag_filter(tags::STREAM, stream))
+                .filters(Filter::builder().name("tag-key").values(key).build())
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeImages", e))?;
+            for img in others.images() {
+                let Some(id) = img.image_id() else { continue };
+                if ours.iter().any(|(a, _, _)| a == id) {
+                    continue;
+                }
+                out.push(ctx.acted("delete tag", id, key));
+                if !ctx.dry_run {
+                    ec2.delete_tags()
+                        .resources(id)
+                        .tags(Tag::builder().key(key).build())
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error(&format!("DeleteTags on {id}"), e))?;
+                }
+            }
+        }
+        for (ami, _, _) in ours {
+            out.push(ctx.acted("tag", ami, format!("{key}={value}")));
+            if !ctx.dry_run {
+                ec2.create_tags()
+                    .resources(ami)
+                    .tags(tags::tag(key, value))
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("CreateTags on {ami}"), e))?;
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Print reports: JSON, or a table with `columns` (after TARGET) and one row
+/// per record; failed targets are listed after. `quiet`: print nothing when
+/// no target has a record or an error (for cron).
+pub fn print(reports: &[Report], columns: &[&str], json: bool, quiet: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(reports).expect("json"));
+        return;
+    }
+    let any = reports.iter().any(|r| !r.records.is_empty() || r.error.is_some());
+    if quiet && !any {
+        return;
+    }
+    let cell = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) if s.is_empty() => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut rows =
+        vec![std::iter::once("TARGET".to_owned()).chain(columns.iter().map(|c| c.to_uppercase())).collect::<Vec<_>>()];
+    for r in reports {
+        for rec in &r.records {
+            let mut row = vec![format!("{},{}", r.account, r.region)];
+            row.extend(columns.iter().map(|c| cell(&rec[*c])));
+            rows.push(row);
+        }
+    }
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    if rows.len() > 1 || !quiet {
+        for row in &rows {
+            let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            println!("{}", line.join("  ").trim_end());
+        }
+    }
+    for r in reports.iter().filter(|r| r.error.is_some()) {
+        println!("{},{}: FAILED: {}", r.account, r.region, r.error.as_deref().unwrap_or(""));
+    }
+}

@@ -1,0 +1,182 @@
+//! The lifecycle and operations subcommands on the local world, checked
+//! against the emulator's state afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_ec2::types::Filter;
+use common::*;
+use local_world::{Plan, World};
+use serde_json::Value;
+
+fn json_of(out: &std::process::Output) -> Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// All records of all targets of a `--json` report.
+fn records(v: &Value) -> Vec<Value> {
+    v.as_array().unwrap().iter().flat_map(|r| r["records"].as_array().unwrap().clone()).collect()
+}
+
+async fn image_tags(world: &World, region: &str, ami: &str) -> Option<Vec<(String, String)>> {
+    let ec2 = world.ec2("first", region).await;
+    let out = ec2.describe_images().owners("self").send().await.unwrap();
+    let img = out.images().iter().find(|i| i.image_id() == Some(ami))?;
+    Some(img.tags().iter().map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned())).collect())
+}
+
+async fn snapshot_exists(world: &World, region: &str, snap: &str) -> bool {
+    let ec2 = world.ec2("first", region).await;
+    let out = ec2.describe_snapshots().owner_ids("self").send().await.unwrap();
+    out.snapshots().iter().any(|s| s.snapshot_id() == Some(snap))
+}
+
+async fn instance_state(world: &World, i: usize) -> String {
+    let t = &world.targets[i];
+    let ec2 = world.ec2(&t.account, &t.region).await;
+    let d = ec2.describe_instances().instance_ids(&t.instance_id).send().await.unwrap();
+    d.reservations()[0].instances()[0].state().unwrap().name().unwrap().as_str().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lifecycle_subcommands_change_exactly_what_they_say() {
+    let world =
+        World::start(&Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into(), "eu-west-1".into()] })
+            .await
+            .unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let all = with_targets(&targets, &[]);
+    let stream = "ops/base";
+    add_image(&world, stream, "1", &disk(8 * MIB, 1)).await;
+    add_image(&world, stream, "2", &disk(8 * MIB, 2)).await;
+    let (code, r1) = p.publish(stream, "1", &with_targets(&targets, &["--expires-in", "1s"]));
+    assert_eq!(code, 0);
+    let (code, r2) = p.publish(stream, "2", &all);
+    assert_eq!(code, 0);
+    let path1 = world.path("r1.json");
+    let path2 = world.path("r2.json");
+    ami_publisher::results::write_json_atomic(&path1, &r1).unwrap();
+    ami_publisher::results::write_json_atomic(&path2, &r2).unwrap();
+    let (p1, p2) = (path1.to_str().unwrap(), path2.to_str().unwrap());
+    let run = |extra: &[&str]| p.run(&[&all[..], extra].concat());
+
+    // Lists.
+    let imgs = records(&json_of(&run(&["--json", "list-images"])));
+    assert_eq!(imgs.len(), 4, "{imgs:?}");
+    let leaf2 = records(&json_of(&run(&["--json", "list-images", "--search-tags", "ImageLeaf=2"])));
+    assert_eq!(leaf2.len(), 2);
+    assert!(leaf2.iter().all(|i| i["leaf"] == "2"));
+    let not1 = records(&json_of(&run(&["--json", "list-images", "--exclude-search-tags", "ImageLeaf=1"])));
+    assert_eq!(not1.len(), 2);
+    let unpackers = records(&json_of(&run(&["--json", "list-unpackers"])));
+    assert_eq!(unpackers.len(), 2);
+    assert!(unpackers.iter().all(|u| u["state"] == "running" && u["streams"] == stream), "{unpackers:?}");
+    let streams = records(&json_of(&run(&["--json", "list-streams"])));
+    assert!(streams.iter().all(|s| s["leaf"] == "2" && s["state"] == "verified"), "{streams:?}");
+    let table = String::from_utf8(run(&["list-unpackers"]).stdout).unwrap();
+    assert!(table.starts_with("TARGET") && table.contains(&world.targets[0].instance_id), "{table}");
+
+    // set-exclusive-tags moves the tag from leaf 1's AMIs to leaf 2's.
+    assert!(run(&["set-exclusive-tags", "Latest", "yes", p1]).status.success());
+    assert!(run(&["set-exclusive-tags", "Latest", "yes", p2]).status.success());
+    for (a, b) in r1.targets.iter().zip(&r2.targets) {
+        let t1 = image_tags(&world, &a.region, a.ami_id.as_deref().unwrap()).await.unwrap();
+        let t2 = image_tags(&world, &b.region, b.ami_id.as_deref().unwrap()).await.unwrap();
+        assert!(!t1.iter().any(|(k, _)| k == "Latest"), "{t1:?}");
+        assert!(t2.contains(&("Latest".into(), "yes".into())), "{t2:?}");
+    }
+    assert!(run(&["delete-tags", "Latest", p2]).status.success());
+    let t2 = image_tags(&world, &r2.targets[0].region, r2.targets[0].ami_id.as_deref().unwrap()).await.unwrap();
+    assert!(!t2.iter().any(|(k, _)| k == "Latest"), "{t2:?}");
+
+    // expire: a dry run changes nothing; then leaf 1 (expired) goes with its
+    // snapshots, leaf 2 (no ExpiresAt) stays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dry = records(&json_of(&run(&["--json", "--dry-run", "expire"])));
+    assert!(dry.iter().any(|a| a["action"] == "would deregister"), "{dry:?}");
+    for a in &r1.targets {
+        assert!(image_tags(&world, &a.region, a.ami_id.as_deref().unwrap()).await.is_some(), "dry run deleted");
+    }
+    let done = records(&json_of(&run(&["--json", "expire"])));
+    assert!(done.iter().any(|a| a["action"] == "deregister"), "{done:?}");
+    for (a, b) in r1.targets.iter().zip(&r2.targets) {
+        assert!(image_tags(&world, &a.region, a.ami_id.as_deref().unwrap()).await.is_none(), "leaf 1 expired");
+        assert!(!snapshot_exists(&world, &a.region, a.snapshot_id.as_deref().unwrap()).await);
+        assert!(image_tags(&world, &b.region, b.ami_id.as_deref().unwrap()).await.is_some(), "leaf 2 kept");
+        assert!(snapshot_exists(&world, &b.region, b.snapshot_id.as_deref().unwrap()).await);
+    }
+
+    // stop-idle-unpackers: target 0 was just used (add-volumes), target 1
+    // has been idle; only target 1 is stopped, and quietly nothing when
+    // nothing is idle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t0 = with_targets(&targets[..1], &[]);
+    let added = records(&json_of(&p.run(&[&t0[..], &["--json", "add-volumes", "1"]].concat())));
+    assert_eq!(added.len(), 1, "{added:?}");
+    let quiet = run(&["stop-idle-unpackers", "--max-idle-time", "1h"]);
+    assert!(quiet.status.success() && quiet.stdout.is_empty(), "{}", String::from_utf8_lossy(&quiet.stdout));
+    let stopped = records(&json_of(&run(&["--json", "stop-idle-unpackers", "--max-idle-time", "3s"])));
+    assert_eq!(stopped.len(), 1, "{stopped:?}");
+    assert_eq!(stopped[0]["resource"], world.targets[1].instance_id);
+    assert_eq!(instance_state(&world, 0).await, "running");
+    assert_eq!(instance_state(&world, 1).await, "stopped");
+    // A later publish starts it again.
+    add_image(&world, stream, "3", &disk(8 * MIB, 3)).await;
+    let (code, r3) = p.publish(stream, "3", &with_targets(&targets[1..], &[]));
+    assert_eq!(code, 0, "{r3:#?}");
+    assert_eq!(instance_state(&world, 1).await, "running");
+
+    // remove-unused-volumes deletes the added volume, not the stream's.
+    let vol = added[0]["resource"].as_str().unwrap().to_owned();
+    let removed = records(&json_of(&p.run(&[&t0[..], &["--json", "remove-unused-volumes"]].concat())));
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    let ec2 = world.ec2("first", &world.targets[0].region).await;
+    let vols = ec2.describe_volumes().send().await.unwrap();
+    assert!(!vols.volumes().iter().any(|v| v.volume_id() == Some(vol.as_str())), "unused volume deleted");
+    let stream_vol = result(&r2, &world, 0).volume_id.as_deref();
+    assert!(vols.volumes().iter().any(|v| v.volume_id() == stream_vol), "stream volume kept");
+
+    // Tags on unpackers.
+    assert!(run(&["--tags", "Owner=ops", "set-tags-on-unpackers"]).status.success());
+    let has_owner = |i: usize| {
+        let w = &world;
+        async move {
+            let t = &w.targets[i];
+            let ec2 = w.ec2(&t.account, &t.region).await;
+            let d = ec2.describe_instances().instance_ids(&t.instance_id).send().await.unwrap();
+            d.reservations()[0].instances()[0].tags().iter().any(|t| t.key() == Some("Owner"))
+        }
+    };
+    assert!(has_owner(0).await && has_owner(1).await);
+    assert!(run(&["delete-tags-on-unpackers", "Owner"]).status.success());
+    assert!(!has_owner(0).await && !has_owner(1).await);
+
+    // import-key-pair, twice.
+    let key = world.path("id.pub");
+    std::fs::write(
+        &key,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC9gjqfkoSvFBNXgqdj0ACD4TpQRPYO0hxKQQCiv0Yrq ops@example\n",
+    )
+    .unwrap();
+    let first = records(&json_of(&run(&["--json", "import-key-pair", "ops", key.to_str().unwrap()])));
+    assert!(first.iter().all(|a| a["action"] == "import"), "{first:?}");
+    let again = records(&json_of(&run(&["--json", "import-key-pair", "ops", key.to_str().unwrap()])));
+    assert!(again.iter().all(|a| a["action"] == "kept"), "{again:?}");
+    let kp = ec2.describe_key_pairs().filters(Filter::builder().name("key-name").values("ops").build()).send();
+    assert_eq!(kp.await.unwrap().key_pairs().len(), 1);
+
+    // delete (dry run, then for real) and terminate-instances --dry-run.
+    assert!(run(&["--dry-run", "delete", p2]).status.success());
+    assert!(image_tags(&world, &r2.targets[0].region, r2.targets[0].ami_id.as_deref().unwrap()).await.is_some());
+    assert!(run(&["delete", p2]).status.success());
+    for b in &r2.targets {
+        assert!(image_tags(&world, &b.region, b.ami_id.as_deref().unwrap()).await.is_none());
+        assert!(!snapshot_exists(&world, &b.region, b.snapshot_id.as_deref().unwrap()).await);
+    }
+    let dry = records(&json_of(&run(&["--json", "--dry-run", "terminate-instances"])));
+    assert_eq!(dry.len(), 2);
+    assert_eq!(instance_state(&world, 0).await, "running");
+}
