@@ -140,3 +140,58 @@ fn deploy_units_verify() {
     assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
     let _ = fs::remove_dir_all(&tmp);
 }
+
+/// EC2 actions the publisher's code calls: `.describe_images()` and the
+/// like, and SDK waiters (which poll a Describe action).
+fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
+    const VERBS: [&str; 14] = [
+        "describe", "create", "delete", "attach", "detach", "start", "stop", "terminate", "register", "deregister",
+        "import", "copy", "modify", "run",
+    ];
+    const NOT_ACTIONS: [&str; 1] = ["start_time"];
+    let mut files = Vec::new();
+    rust_files(&root().join("crates/ami-publisher/src"), &mut files);
+    let mut out = std::collections::BTreeSet::new();
+    let pascal = |snake: &str| -> String {
+        snake.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect::<String>()
+    };
+    for f in files {
+        let text = fs::read_to_string(&f).unwrap();
+        for (i, _) in text.match_indices('.') {
+            let rest = &text[i + 1..];
+            let ident: String = rest.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            if !rest[ident.len()..].starts_with("()") || NOT_ACTIONS.contains(&ident.as_str()) {
+                continue;
+            }
+            if let Some(w) = ident.strip_prefix("wait_until_") {
+                let noun = ["instance", "volume", "snapshot", "image"].into_iter().find(|n| w.starts_with(n));
+                out.insert(format!("ec2:Describe{}s", pascal(noun.unwrap_or_else(|| panic!("unknown waiter {ident}")))));
+            } else if VERBS.iter().any(|v| ident.starts_with(&format!("{v}_"))) {
+                out.insert(format!("ec2:{}", pascal(&ident)));
+            }
+        }
+    }
+    out
+}
+
+/// deploy/ami-publisher-iam-policy.json lists exactly the EC2 actions the
+/// publisher calls: least privilege, kept in step with the code.
+#[test]
+fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
+    let code = ec2_actions_in_code();
+    assert!(code.contains("ec2:RegisterImage") && code.contains("ec2:DescribeInstances"), "{code:?}");
+    let path = root().join("deploy/ami-publisher-iam-policy.json");
+    let policy: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    let mut listed = std::collections::BTreeSet::new();
+    for st in policy["Statement"].as_array().unwrap() {
+        for a in st["Action"].as_array().unwrap() {
+            let a = a.as_str().unwrap();
+            if a.starts_with("ec2:") {
+                listed.insert(a.to_owned());
+            }
+        }
+    }
+    let missing: Vec<_> = code.difference(&listed).collect();
+    let extra: Vec<_> = listed.difference(&code).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "{}: missing {missing:?}, not called {extra:?}", path.display());
+}

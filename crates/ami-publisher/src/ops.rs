@@ -526,18 +526,29 @@ pub async fn import_key_pair(ctx: &Ctx<'_>, name: &str, key: &[u8]) -> Vec<Repor
     .await
 }
 
+/// An AMI named in a results file.
+#[derive(Debug, Clone)]
+pub struct ListedAmi {
+    pub ami: String,
+    pub snapshot: Option<String>,
+    pub stream: String,
+}
+
+/// AMIs of results files, by target.
+pub type AmiMap = HashMap<Target, Vec<ListedAmi>>;
+
 /// AMIs listed in results files, by target.
-pub fn amis_by_target(files: &[PathBuf]) -> anyhow::Result<BTreeMap<Target, Vec<(String, Option<String>, String)>>> {
-    let mut out: BTreeMap<Target, Vec<(String, Option<String>, String)>> = BTreeMap::new();
+pub fn amis_by_target(files: &[PathBuf]) -> anyhow::Result<BTreeMap<Target, Vec<ListedAmi>>> {
+    let mut out: BTreeMap<Target, Vec<ListedAmi>> = BTreeMap::new();
     for f in files {
         let r = PublishResults::read(f)?;
         for t in r.targets {
             if let Some(ami) = t.ami_id {
-                out.entry(Target { account: t.account, region: t.region }).or_default().push((
+                out.entry(Target { account: t.account, region: t.region }).or_default().push(ListedAmi {
                     ami,
-                    t.snapshot_id,
-                    r.stream.clone(),
-                ));
+                    snapshot: t.snapshot_id,
+                    stream: r.stream.clone(),
+                });
             }
         }
     }
@@ -548,10 +559,10 @@ pub fn amis_by_target(files: &[PathBuf]) -> anyhow::Result<BTreeMap<Target, Vec<
 }
 
 /// `delete RESULTS...`: deregister the AMIs and delete their snapshots.
-pub async fn delete(ctx: &Ctx<'_>, amis: &HashMap<Target, Vec<(String, Option<String>, String)>>) -> Vec<Report> {
+pub async fn delete(ctx: &Ctx<'_>, amis: &AmiMap) -> Vec<Report> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
-        for (ami, snap, _) in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
+        for ListedAmi { ami, snapshot: snap, .. } in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
             out.push(ctx.acted("deregister", ami, ""));
             if !ctx.dry_run {
                 match ec2.deregister_image().image_id(ami).send().await {
@@ -577,11 +588,11 @@ pub async fn delete(ctx: &Ctx<'_>, amis: &HashMap<Target, Vec<(String, Option<St
 pub async fn delete_tags(
     ctx: &Ctx<'_>,
     key: &str,
-    amis: &HashMap<Target, Vec<(String, Option<String>, String)>>,
+    amis: &AmiMap,
 ) -> Vec<Report> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
-        for (ami, _, _) in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
+        for ListedAmi { ami, .. } in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
             out.push(ctx.acted("delete tag", ami, key));
             if !ctx.dry_run {
                 ec2.delete_tags()
@@ -603,12 +614,13 @@ pub async fn set_exclusive_tags(
     ctx: &Ctx<'_>,
     key: &str,
     value: &str,
-    amis: &HashMap<Target, Vec<(String, Option<String>, String)>>,
+    amis: &AmiMap,
 ) -> Vec<Report> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
         let ours = amis.get(&t).map(Vec::as_slice).unwrap_or_default();
-        let mut streams: Vec<&str> = ours.iter().map(|(_, _, s)| s.as_str()).collect();
+        let mut streams: Vec<&str> = ours.iter().map(|a| a.stream.as_str()).collect();
+        streams.sort_unstable();
         streams.dedup();
         for stream in streams {
             let others = ec2
@@ -621,7 +633,7 @@ pub async fn set_exclusive_tags(
                 .map_err(|e| sdk_error("DescribeImages", e))?;
             for img in others.images() {
                 let Some(id) = img.image_id() else { continue };
-                if ours.iter().any(|(a, _, _)| a == id) {
+                if ours.iter().any(|a| a.ami == id) {
                     continue;
                 }
                 out.push(ctx.acted("delete tag", id, key));
@@ -635,7 +647,7 @@ pub async fn set_exclusive_tags(
                 }
             }
         }
-        for (ami, _, _) in ours {
+        for ListedAmi { ami, .. } in ours {
             out.push(ctx.acted("tag", ami, format!("{key}={value}")));
             if !ctx.dry_run {
                 ec2.create_tags()
