@@ -9,6 +9,7 @@ mod bench;
 mod bench_publisher;
 mod bench_unpacker;
 mod demo;
+mod dist;
 mod util;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -25,6 +26,9 @@ Commands:
                   disk image, publish it everywhere with ami-publisher, check
                   the bytes behind every AMI, publish a next leaf differing in
                   a few percent and show how few bytes moved
+  dist [--out DIR] shell completions (bash, zsh, fish) and man pages for
+                  ami-publisher, generated from its CLI definition
+                  (default DIR: target/dist)
   bench           build release binaries, run the benchmarks and write the
                   figures to docs/benchmarks.md; --quick: smaller sizes;
                   --only publisher: just the publisher's 1 vs 24 targets
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         Some("pki") => pki(&args[1..]),
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             return ExitCode::SUCCESS;

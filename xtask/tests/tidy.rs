@@ -145,16 +145,27 @@ fn deploy_units_verify() {
 /// like, and SDK waiters (which poll a Describe action).
 fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
     const VERBS: [&str; 14] = [
-        "describe", "create", "delete", "attach", "detach", "start", "stop", "terminate", "register", "deregister",
-        "import", "copy", "modify", "run",
+        "describe",
+        "create",
+        "delete",
+        "attach",
+        "detach",
+        "start",
+        "stop",
+        "terminate",
+        "register",
+        "deregister",
+        "import",
+        "copy",
+        "modify",
+        "run",
     ];
     const NOT_ACTIONS: [&str; 1] = ["start_time"];
     let mut files = Vec::new();
     rust_files(&root().join("crates/ami-publisher/src"), &mut files);
     let mut out = std::collections::BTreeSet::new();
-    let pascal = |snake: &str| -> String {
-        snake.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect::<String>()
-    };
+    let pascal =
+        |snake: &str| -> String { snake.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect::<String>() };
     for f in files {
         let text = fs::read_to_string(&f).unwrap();
         for (i, _) in text.match_indices('.') {
@@ -165,7 +176,10 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
             }
             if let Some(w) = ident.strip_prefix("wait_until_") {
                 let noun = ["instance", "volume", "snapshot", "image"].into_iter().find(|n| w.starts_with(n));
-                out.insert(format!("ec2:Describe{}s", pascal(noun.unwrap_or_else(|| panic!("unknown waiter {ident}")))));
+                out.insert(format!(
+                    "ec2:Describe{}s",
+                    pascal(noun.unwrap_or_else(|| panic!("unknown waiter {ident}")))
+                ));
             } else if VERBS.iter().any(|v| ident.starts_with(&format!("{v}_"))) {
                 out.insert(format!("ec2:{}", pascal(&ident)));
             }
@@ -194,4 +208,21 @@ fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
     let missing: Vec<_> = code.difference(&listed).collect();
     let extra: Vec<_> = listed.difference(&code).collect();
     assert!(missing.is_empty() && extra.is_empty(), "{}: missing {missing:?}, not called {extra:?}", path.display());
+}
+
+/// `cargo xtask dist` writes completions and man pages that know every
+/// subcommand.
+#[test]
+fn dist_writes_completions_and_man_pages() {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["dist", "--out"]).arg(out.path()).status().unwrap();
+    assert!(status.success());
+    let bash = fs::read_to_string(out.path().join("completions/ami-publisher.bash")).unwrap();
+    for sub in ["publish", "expire", "stop-idle-unpackers", "set-exclusive-tags"] {
+        assert!(bash.contains(sub), "bash completion lacks {sub}");
+        let page = out.path().join(format!("man/ami-publisher-{sub}.1"));
+        assert!(fs::read_to_string(&page).unwrap().contains(".SH NAME"), "{}", page.display());
+    }
+    assert!(out.path().join("completions/_ami-publisher").exists());
+    assert!(out.path().join("completions/ami-publisher.fish").exists());
 }

@@ -585,11 +585,7 @@ pub async fn delete(ctx: &Ctx<'_>, amis: &AmiMap) -> Vec<Report> {
 }
 
 /// `delete-tags KEY RESULTS...`: remove a tag from the AMIs.
-pub async fn delete_tags(
-    ctx: &Ctx<'_>,
-    key: &str,
-    amis: &AmiMap,
-) -> Vec<Report> {
+pub async fn delete_tags(ctx: &Ctx<'_>, key: &str, amis: &AmiMap) -> Vec<Report> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
         for ListedAmi { ami, .. } in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
@@ -610,12 +606,7 @@ pub async fn delete_tags(
 
 /// `set-exclusive-tags KEY VALUE RESULTS...`: tag these AMIs and take KEY off
 /// every other AMI of the same stream in the target.
-pub async fn set_exclusive_tags(
-    ctx: &Ctx<'_>,
-    key: &str,
-    value: &str,
-    amis: &AmiMap,
-) -> Vec<Report> {
+pub async fn set_exclusive_tags(ctx: &Ctx<'_>, key: &str, value: &str, amis: &AmiMap) -> Vec<Report> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
         let ours = amis.get(&t).map(Vec::as_slice).unwrap_or_default();
