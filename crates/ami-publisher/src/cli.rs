@@ -177,6 +177,22 @@ pub enum Command {
     Expire,
     /// Import an SSH public key as key pair NAME into every target.
     ImportKeyPair { name: String, pubkey_file: PathBuf },
+    /// Launch an instance from BOOT_IMAGE (an AMI id, or the newest AMI of
+    /// that stream) in every target, tagged Name=--instance-name; with
+    /// --replace-instances, older instances of that name are terminated once
+    /// the new one runs. --results writes the instances (id, private IP).
+    LaunchInstances {
+        boot_image: String,
+        #[command(flatten)]
+        launch: LaunchArgs,
+    },
+    /// Launch an instance from every AMI in the results files.
+    LaunchInstancesForImages {
+        #[command(flatten)]
+        launch: LaunchArgs,
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
     /// List this account's AMIs matching --search-tags and not --exclude-search-tags.
     ListImages {
         #[command(flatten)]
@@ -184,6 +200,24 @@ pub enum Command {
     },
     /// List the image streams the unpackers hold (state, leaf, volume).
     ListStreams,
+    /// List images (matching the search, older than --min-image-age) that
+    /// no instance uses.
+    ListUnusedImages {
+        #[command(flatten)]
+        usage: UsageArgs,
+    },
+    /// List images (matching the search, older than --min-image-age) that
+    /// instances use, with those instances.
+    ListUsedImages {
+        #[command(flatten)]
+        usage: UsageArgs,
+    },
+    /// Deregister images (matching the search, older than --min-image-age)
+    /// that no instance uses, and delete their snapshots.
+    DeleteUnusedImages {
+        #[command(flatten)]
+        usage: UsageArgs,
+    },
     /// List the unpacker instances (state, IP, streams, devices, idle time).
     ListUnpackers,
     /// Start and connect to every unpacker; with STREAM, learn its volume now
@@ -214,6 +248,50 @@ pub enum Command {
     },
     /// Terminate the unpacker instances.
     TerminateInstances,
+}
+
+/// Where and how `launch-instances` starts instances.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LaunchArgs {
+    /// Tags of the VPC to launch in (default: any).
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub vpc_search_tags: Vec<(String, String)>,
+    /// Tags of the subnet (the one with most free addresses wins).
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub subnet_search_tags: Vec<(String, String)>,
+    /// Tags of the security groups to attach (default: the VPC's default group).
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub security_group_search_tags: Vec<(String, String)>,
+    #[arg(long, default_value = "t3.medium")]
+    pub instance_type: String,
+    /// EC2 key pair for SSH (see import-key-pair).
+    #[arg(long)]
+    pub ssh_key_name: Option<String>,
+    /// Root volume size in GiB (default: the image's).
+    #[arg(long)]
+    pub root_volume_size: Option<i32>,
+    /// Terminate older instances of the same name once the new one runs.
+    #[arg(long)]
+    pub replace_instances: bool,
+    /// User data (e.g. cloud-init) for the instances.
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+}
+
+/// Image search by tags and age, with optional CSV reports.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    pub search: SearchArgs,
+    /// Only images created at least this long ago.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub min_image_age: Duration,
+    /// Also write the unused images found as CSV to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub unused_images_csv: Option<PathBuf>,
+    /// Also write the instances running images older than --min-image-age as CSV to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub old_image_instances_csv: Option<PathBuf>,
 }
 
 /// Image search by tags.
@@ -345,7 +423,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let from_results = match &cli.command {
         Command::Delete { results_files }
         | Command::DeleteTags { results_files, .. }
-        | Command::SetExclusiveTags { results_files, .. } => Some(refuse(ops::amis_by_target(results_files))?),
+        | Command::SetExclusiveTags { results_files, .. }
+        | Command::LaunchInstancesForImages { results_files, .. } => Some(refuse(ops::amis_by_target(results_files))?),
         _ => None,
     };
     let targets = match &from_results {
@@ -399,6 +478,66 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             &["ami", "name", "state", "stream", "leaf", "created", "expires"][..],
             false,
         ),
+        Command::ListUnusedImages { usage }
+        | Command::ListUsedImages { usage }
+        | Command::DeleteUnusedImages { usage } => {
+            let kind = match &cli.command {
+                Command::ListUsedImages { .. } => ops::Usage::Used,
+                Command::ListUnusedImages { .. } => ops::Usage::Unused,
+                _ => ops::Usage::DeleteUnused,
+            };
+            let now = SystemTime::now();
+            let (s, x, age) = (&usage.search.search_tags, &usage.search.exclude_search_tags, usage.min_image_age);
+            // The reports are read before anything is deleted.
+            if let Some(path) = &usage.unused_images_csv {
+                let unused = ops::image_usage(&ctx, s, x, age, ops::Usage::Unused, now).await;
+                ops::write_csv(path, &unused, &["ami", "name", "created", "stream"])?;
+            }
+            if let Some(path) = &usage.old_image_instances_csv {
+                let used = ops::image_usage(&ctx, s, x, age, ops::Usage::Used, now).await;
+                ops::write_csv(path, &used, &["ami", "name", "created", "instances"])?;
+            }
+            let reports = ops::image_usage(&ctx, s, x, age, kind, now).await;
+            let columns: &[&str] = match kind {
+                ops::Usage::DeleteUnused => ACTIONS,
+                _ => &["ami", "name", "created", "stream", "instances"],
+            };
+            (reports, columns, false)
+        }
+        Command::LaunchInstances { launch, .. } | Command::LaunchInstancesForImages { launch, .. } => {
+            let user_data = match &launch.user_data {
+                Some(p) => {
+                    let raw = refuse(std::fs::read(p).with_context(|| format!("reading user data {}", p.display())))?;
+                    Some(aws_smithy_types::base64::encode(&raw))
+                }
+                None => None,
+            };
+            let mut tags = vec![(crate::tags::NAME.to_owned(), cli.instance_name.clone())];
+            tags.extend(cli.tags.iter().cloned());
+            if let Some(d) = cli.expires_in {
+                tags.push((crate::tags::EXPIRES_AT.to_owned(), crate::tags::rfc3339(SystemTime::now() + d)));
+            }
+            let spec = ops::LaunchSpec {
+                vpc_search: launch.vpc_search_tags.clone(),
+                subnet_search: launch.subnet_search_tags.clone(),
+                security_group_search: launch.security_group_search_tags.clone(),
+                instance_type: launch.instance_type.clone(),
+                ssh_key_name: launch.ssh_key_name.clone(),
+                root_volume_gib: launch.root_volume_size,
+                replace: launch.replace_instances,
+                user_data,
+                tags,
+            };
+            let boot = match &cli.command {
+                Command::LaunchInstances { boot_image, .. } => ops::BootImage::Named(boot_image),
+                _ => ops::BootImage::Listed(&amis),
+            };
+            let reports = ops::launch_instances(&ctx, &boot, &spec).await;
+            if let Some(path) = &cli.results {
+                write_json_atomic(path, &reports)?;
+            }
+            (reports, &["action", "resource", "private_ip", "detail"][..], false)
+        }
         Command::ListStreams => (
             ops::list_streams(&ctx).await,
             &["instance", "stream", "state", "leaf", "volume", "volume_bytes"][..],

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aws_sdk_ec2::{
     Client,
+    client::Waiters as _,
     error::ProvideErrorMetadata as _,
     types::{Filter, Tag},
 };
@@ -179,6 +180,277 @@ pub async fn list_images(ctx: &Ctx<'_>, search: &[(String, String)], exclude: &[
             .collect();
         recs.sort_by(|a, b| a["created"].as_str().cmp(&b["created"].as_str()));
         Ok(recs)
+    })
+    .await
+}
+
+/// Which images `image_usage` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Used,
+    Unused,
+    DeleteUnused,
+}
+
+/// `list-used-images`, `list-unused-images`, `delete-unused-images`: images
+/// matching the search (and not the exclusions) created more than `min_age`
+/// ago, used or not by any instance (pending, running, stopping, stopped).
+/// Used images' records name the instances using them.
+pub async fn image_usage(
+    ctx: &Ctx<'_>,
+    search: &[(String, String)],
+    exclude: &[(String, String)],
+    min_age: Duration,
+    usage: Usage,
+    now: SystemTime,
+) -> Vec<Report> {
+    ctx.each(|ec2, _t| async move {
+        let imgs = ec2
+            .describe_images()
+            .owners("self")
+            .set_filters(Some(search_filters(search)))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeImages", e))?;
+        let mut users: HashMap<String, Vec<String>> = HashMap::new();
+        let mut pages = ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| sdk_error("DescribeInstances", e))?;
+            for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                if let (Some(img), Some(id)) = (i.image_id(), i.instance_id()) {
+                    users.entry(img.to_owned()).or_default().push(id.to_owned());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for img in imgs.images() {
+            let Some(id) = img.image_id() else { continue };
+            if excluded(img.tags(), exclude) {
+                continue;
+            }
+            let created = img.creation_date().and_then(|d| humantime::parse_rfc3339_weak(d).ok());
+            let old_enough = created.is_some_and(|c| now.duration_since(c).unwrap_or_default() >= min_age);
+            if !old_enough {
+                continue;
+            }
+            let using = users.get(id).cloned().unwrap_or_default();
+            let rec = json!({"ami": id, "name": img.name(), "created": img.creation_date(),
+                "stream": tags::value(img.tags(), tags::STREAM), "instances": using.join(" ")});
+            match (usage, using.is_empty()) {
+                (Usage::Used, false) | (Usage::Unused, true) => out.push(rec),
+                (Usage::DeleteUnused, true) => {
+                    out.push(ctx.acted("deregister", id, img.name().unwrap_or_default()));
+                    if !ctx.dry_run {
+                        ec2.deregister_image()
+                            .image_id(id)
+                            .send()
+                            .await
+                            .map_err(|e| sdk_error(&format!("DeregisterImage {id}"), e))?;
+                    }
+                    for m in img.block_device_mappings() {
+                        if let Some(s) = m.ebs().and_then(|e| e.snapshot_id()) {
+                            out.push(ctx.acted("delete", s, format!("snapshot of {id}")));
+                            if !ctx.dry_run {
+                                delete_snapshot(&ec2, s).await?;
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Write `columns` of every record (after account and region) as CSV, atomically.
+pub fn write_csv(path: &std::path::Path, reports: &[Report], columns: &[&str]) -> anyhow::Result<()> {
+    let quote = |s: &str| {
+        if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_owned() }
+    };
+    let mut text = format!("account,region,{}\n", columns.join(","));
+    for r in reports {
+        for rec in &r.records {
+            let cells: Vec<String> = columns
+                .iter()
+                .map(|c| match &rec[*c] {
+                    Value::String(s) => quote(s),
+                    Value::Null => String::new(),
+                    v => quote(&v.to_string()),
+                })
+                .collect();
+            text += &format!("{},{},{}\n", quote(&r.account), quote(&r.region), cells.join(","));
+        }
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut tmp, text.as_bytes())?;
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// How `launch-instances` places and shapes instances.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchSpec {
+    pub vpc_search: Vec<(String, String)>,
+    pub subnet_search: Vec<(String, String)>,
+    pub security_group_search: Vec<(String, String)>,
+    pub instance_type: String,
+    pub ssh_key_name: Option<String>,
+    pub root_volume_gib: Option<i32>,
+    pub replace: bool,
+    pub user_data: Option<String>,
+    /// Tags for the instances (Name first).
+    pub tags: Vec<(String, String)>,
+}
+
+/// What to boot in each target.
+pub enum BootImage<'a> {
+    /// An AMI id, or the newest AMI tagged with this stream.
+    Named(&'a str),
+    /// The AMIs of results files.
+    Listed(&'a AmiMap),
+}
+
+async fn newest_of_stream(ec2: &Client, stream: &str) -> anyhow::Result<String> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(tag_filter(tags::STREAM, stream))
+        .filters(tags::filter("state", "available"))
+        .send()
+        .await
+        .map_err(|e| sdk_error("DescribeImages", e))?;
+    out.images()
+        .iter()
+        .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+        .and_then(|i| i.image_id().map(str::to_owned))
+        .with_context(|| format!("no available AMI of stream {stream} in this target"))
+}
+
+/// Launch instances (one per image) and report their ids and private IPs.
+pub async fn launch_instances(ctx: &Ctx<'_>, boot: &BootImage<'_>, spec: &LaunchSpec) -> Vec<Report> {
+    ctx.each(|ec2, t| async move {
+        let images: Vec<String> = match boot {
+            BootImage::Named(n) if n.starts_with("ami-") => vec![(*n).to_owned()],
+            BootImage::Named(stream) => vec![newest_of_stream(&ec2, stream).await?],
+            BootImage::Listed(m) => m.get(&t).map(|v| v.iter().map(|a| a.ami.clone()).collect()).unwrap_or_default(),
+        };
+        let vpc = ec2
+            .describe_vpcs()
+            .set_filters(Some(search_filters(&spec.vpc_search)))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeVpcs", e))?;
+        let vpc_ids: Vec<String> = vpc.vpcs().iter().filter_map(|v| v.vpc_id().map(str::to_owned)).collect();
+        let mut subnet_filters = search_filters(&spec.subnet_search);
+        subnet_filters.push(Filter::builder().name("vpc-id").set_values(Some(vpc_ids.clone())).build());
+        let subnets = ec2
+            .describe_subnets()
+            .set_filters(Some(subnet_filters))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeSubnets", e))?;
+        let subnet = subnets
+            .subnets()
+            .iter()
+            .max_by_key(|s| s.available_ip_address_count())
+            .context("no subnet matches --subnet-search-tags in a VPC matching --vpc-search-tags")?;
+        let mut groups = Vec::new();
+        if !spec.security_group_search.is_empty() {
+            let mut f = search_filters(&spec.security_group_search);
+            f.push(tags::filter("vpc-id", subnet.vpc_id().unwrap_or_default()));
+            let sg = ec2
+                .describe_security_groups()
+                .set_filters(Some(f))
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeSecurityGroups", e))?;
+            groups = sg.security_groups().iter().filter_map(|g| g.group_id().map(str::to_owned)).collect();
+            if groups.is_empty() {
+                bail!("no security group matches --security-group-search-tags");
+            }
+        }
+        let name = spec.tags.first().map(|(_, v)| v.clone()).unwrap_or_default();
+        let older: Vec<UnpackerInstance> = if spec.replace { unpacker::find_all(&ec2, &name).await? } else { vec![] };
+        let mut out = Vec::new();
+        for image in images {
+            if ctx.dry_run {
+                out.push(ctx.acted(
+                    "launch",
+                    &image,
+                    format!("{} in {}", spec.instance_type, subnet.subnet_id().unwrap_or_default()),
+                ));
+                continue;
+            }
+            let mut req = ec2
+                .run_instances()
+                .image_id(&image)
+                .min_count(1)
+                .max_count(1)
+                .instance_type(spec.instance_type.as_str().into())
+                .subnet_id(subnet.subnet_id().unwrap_or_default())
+                .set_security_group_ids((!groups.is_empty()).then(|| groups.clone()))
+                .set_key_name(spec.ssh_key_name.clone())
+                .tag_specifications(tags::spec(aws_sdk_ec2::types::ResourceType::Instance, &spec.tags))
+                .metadata_options(
+                    aws_sdk_ec2::types::InstanceMetadataOptionsRequest::builder()
+                        .http_tokens(aws_sdk_ec2::types::HttpTokensState::Required)
+                        .build(),
+                );
+            if let Some(ud) = &spec.user_data {
+                req = req.user_data(ud);
+            }
+            if let Some(gib) = spec.root_volume_gib {
+                let img =
+                    ec2.describe_images().image_ids(&image).send().await.map_err(|e| sdk_error("DescribeImages", e))?;
+                let root = img.images().first().and_then(|i| i.root_device_name()).unwrap_or("/dev/xvda").to_owned();
+                req = req.block_device_mappings(
+                    aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                        .device_name(root)
+                        .ebs(
+                            aws_sdk_ec2::types::EbsBlockDevice::builder()
+                                .volume_size(gib)
+                                .delete_on_termination(true)
+                                .encrypted(true)
+                                .build(),
+                        )
+                        .build(),
+                );
+            }
+            let run = req.send().await.map_err(|e| sdk_error(&format!("RunInstances {image}"), e))?;
+            let inst = run.instances().first().context("RunInstances returned no instance")?;
+            let id = inst.instance_id().unwrap_or_default().to_owned();
+            ec2.wait_until_instance_running().instance_ids(&id).wait(ctx.unpacker_timeout).await.map_err(|e| {
+                anyhow::anyhow!("waiting for instance {id} to run (timeout {:?}): {e}", ctx.unpacker_timeout)
+            })?;
+            out.push(json!({"action": "launched", "resource": id, "detail": image,
+                "image": image, "instance": id, "private_ip": inst.private_ip_address()}));
+        }
+        for old in older {
+            out.push(ctx.acted("terminate", &old.instance_id, "replaced"));
+            if !ctx.dry_run {
+                ec2.terminate_instances()
+                    .instance_ids(&old.instance_id)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("TerminateInstances {}", old.instance_id), e))?;
+            }
+        }
+        Ok(out)
     })
     .await
 }

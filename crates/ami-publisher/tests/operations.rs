@@ -180,3 +180,93 @@ async fn lifecycle_subcommands_change_exactly_what_they_say() {
     assert_eq!(dry.len(), 2);
     assert_eq!(instance_state(&world, 0).await, "running");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_usage_and_launching_instances() {
+    let world =
+        World::start(&Plan { accounts: vec!["second".into()], regions: vec!["us-west-2".into()] }).await.unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "apps/api";
+    add_image(&world, stream, "1", &disk(4 * MIB, 5)).await;
+    let (code, r1) = p.publish(stream, "1", &with_targets(&targets, &[]));
+    assert_eq!(code, 0);
+    let ami = r1.targets[0].ami_id.clone().unwrap();
+    let rpath = world.path("r1.json");
+    ami_publisher::results::write_json_atomic(&rpath, &r1).unwrap();
+    let named = with_targets(&targets, &["--instance-name", "image-test"]);
+    let run = |extra: &[&str]| p.run(&[&named[..], extra].concat());
+
+    let unused = records(&json_of(&run(&["--json", "list-unused-images", "--search-tags", "ImageStream=apps/api"])));
+    assert_eq!(unused.len(), 1);
+    assert_eq!(unused[0]["ami"], ami.as_str());
+    // --min-image-age hides images younger than that.
+    let young = records(&json_of(&run(&["--json", "list-unused-images", "--min-image-age", "1d"])));
+    assert!(young.is_empty(), "{young:?}");
+
+    // Launch an instance from the published AMI in the VPC tagged for it;
+    // its results name it.
+    let ec2 = world.ec2("second", "us-west-2").await;
+    ec2.create_tags()
+        .resources(&world.targets[0].vpc_id)
+        .tags(aws_sdk_ec2::types::Tag::builder().key("Purpose").value("images").build())
+        .send()
+        .await
+        .unwrap();
+    let inst_results = world.path("instances.json");
+    let out = run(&[
+        "--results",
+        inst_results.to_str().unwrap(),
+        "launch-instances-for-images",
+        "--vpc-search-tags",
+        "Purpose=images",
+        rpath.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let launched: Value = serde_json::from_slice(&std::fs::read(&inst_results).unwrap()).unwrap();
+    let launched = records(&launched);
+    assert_eq!(launched.len(), 1, "{launched:?}");
+    let instance = launched[0]["instance"].as_str().unwrap().to_owned();
+    assert!(launched[0]["private_ip"].as_str().is_some_and(|ip| ip.starts_with("127.")), "{launched:?}");
+
+    let csv = world.path("old.csv");
+    let used = records(&json_of(&run(&[
+        "--json",
+        "list-used-images",
+        "--search-tags",
+        "ImageStream=apps/api",
+        "--old-image-instances-csv",
+        csv.to_str().unwrap(),
+    ])));
+    assert_eq!(used.len(), 1);
+    assert!(used[0]["instances"].as_str().unwrap().contains(&instance));
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert!(csv.starts_with("account,region,ami,name,created,instances\n") && csv.contains(&instance), "{csv}");
+    // A used image is not deleted.
+    let none = records(&json_of(&run(&["--json", "delete-unused-images", "--search-tags", "ImageStream=apps/api"])));
+    assert!(none.is_empty(), "{none:?}");
+
+    // launch-instances by stream with --replace-instances: the old one goes.
+    let again = records(&json_of(&run(&["--json", "launch-instances", stream, "--replace-instances"])));
+    assert!(again.iter().any(|a| a["action"] == "terminate" && a["resource"] == instance.as_str()), "{again:?}");
+    let newer = again.iter().find(|a| a["action"] == "launched").unwrap()["instance"].as_str().unwrap().to_owned();
+    assert!(run(&["terminate-instances"]).status.success());
+    let d = ec2.describe_instances().instance_ids(&newer).send().await.unwrap();
+    let state = d.reservations()[0].instances()[0].state().unwrap().name().unwrap().as_str().to_owned();
+    assert!(state == "terminated" || state == "shutting-down", "{state}");
+
+    // Now unused: a dry run keeps it, the real run deletes AMI and snapshot.
+    let dry = records(&json_of(&run(&[
+        "--json",
+        "--dry-run",
+        "delete-unused-images",
+        "--search-tags",
+        "ImageStream=apps/api",
+    ])));
+    assert!(dry.iter().any(|a| a["action"] == "would deregister"), "{dry:?}");
+    let imgs = ec2.describe_images().image_ids(&ami).send().await.unwrap();
+    assert_eq!(imgs.images().len(), 1);
+    assert!(run(&["delete-unused-images", "--search-tags", "ImageStream=apps/api"]).status.success());
+    let imgs = ec2.describe_images().owners("self").send().await.unwrap();
+    assert!(!imgs.images().iter().any(|i| i.image_id() == Some(ami.as_str())), "deleted");
+}
