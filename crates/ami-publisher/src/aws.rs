@@ -95,6 +95,13 @@ impl Aws {
         Client::from_conf(conf)
     }
 
+    /// An STS client for a target (the caller's identity).
+    pub async fn sts(&self, target: &Target) -> aws_sdk_sts::Client {
+        let c = self.config(&target.account).await;
+        let conf = aws_sdk_sts::config::Builder::from(&c).region(Region::new(target.region.clone())).build();
+        aws_sdk_sts::Client::from_conf(conf)
+    }
+
     /// Regions enabled in an account (asked in the profile's own region).
     pub async fn enabled_regions(&self, profile: &str) -> anyhow::Result<Vec<String>> {
         let c = self.config(profile).await;

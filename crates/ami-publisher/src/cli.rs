@@ -153,6 +153,11 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Give every target that lacks an AMI of STREAM a copy of the nearest
+    /// one (same account first, then the same area): CopyImage encrypted
+    /// within an account; across accounts by sharing the root snapshot,
+    /// copying it encrypted and registering it. Re-running is a no-op.
+    CopyBootstrapImage { stream: String },
     /// Create and attach an encrypted volume of SIZE_GIB to each unpacker.
     AddVolumes { size_gib: u64 },
     /// Deregister the AMIs in results files and delete their snapshots.
@@ -453,6 +458,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 return Err(Refused(anyhow::anyhow!("SIZE_GIB must be 1 to 16384, not {size_gib}")).into());
             }
             (ops::add_volumes(&ctx, *size_gib, &cli.volume_type, cli.kms_key_id.as_deref()).await, ACTIONS, false)
+        }
+        Command::CopyBootstrapImage { stream } => {
+            (ops::copy_bootstrap_image(&ctx, stream, cli.kms_key_id.as_deref()).await, ACTIONS, false)
         }
         Command::Delete { .. } => (ops::delete(&ctx, &amis).await, ACTIONS, false),
         Command::DeleteTags { tag_key, .. } => (ops::delete_tags(&ctx, tag_key, &amis).await, ACTIONS, false),

@@ -455,6 +455,210 @@ pub async fn launch_instances(ctx: &Ctx<'_>, boot: &BootImage<'_>, spec: &Launch
     .await
 }
 
+/// An AMI of a stream in some target, a candidate source for bootstrapping.
+#[derive(Debug, Clone)]
+struct SourceAmi {
+    target: Target,
+    image: aws_sdk_ec2::types::Image,
+}
+
+/// The part of a region name that says where it is (us, eu, ap, ...).
+fn area(region: &str) -> &str {
+    region.split('-').next().unwrap_or(region)
+}
+
+/// `copy-bootstrap-image STREAM`: every target without an AMI of the stream
+/// gets a copy of the nearest one (same account first, then the same area
+/// of the world): CopyImage within an account (encrypted), or across
+/// accounts by sharing the root snapshot, copying it encrypted, and
+/// registering it. Targets that have one are skipped.
+pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Option<&str>) -> Vec<Report> {
+    // First, who has one (the newest available AMI of the stream).
+    let found = ctx
+        .each(|ec2, _t| async move {
+            let out = ec2
+                .describe_images()
+                .owners("self")
+                .filters(tag_filter(tags::STREAM, stream))
+                .filters(tags::filter("state", "available"))
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeImages", e))?;
+            let newest = out.images().iter().max_by(|a, b| a.creation_date().cmp(&b.creation_date()));
+            Ok(newest.map(|i| vec![json!({"ami": i.image_id()})]).unwrap_or_default())
+        })
+        .await;
+    let mut sources = Vec::new();
+    for (r, t) in found.iter().zip(&ctx.targets) {
+        if let Some(rec) = r.records.first() {
+            let ec2 = ctx.aws.ec2(t).await;
+            let ami = rec["ami"].as_str().unwrap_or_default();
+            if let Ok(out) = ec2.describe_images().image_ids(ami).send().await
+                && let Some(img) = out.images().first()
+            {
+                sources.push(SourceAmi { target: t.clone(), image: img.clone() });
+            }
+        }
+    }
+    let sources = &sources;
+    let failed: HashMap<Target, String> =
+        found.iter().zip(&ctx.targets).filter_map(|(r, t)| r.error.clone().map(|e| (t.clone(), e))).collect();
+    let failed = &failed;
+    ctx.each(|ec2, t| async move {
+        if let Some(e) = failed.get(&t) {
+            bail!("{e}");
+        }
+        if sources.iter().any(|s| s.target == t) {
+            return Ok(vec![json!({"action": "kept", "resource": "", "detail": "already has an AMI of the stream"})]);
+        }
+        let Some(src) = sources.iter().min_by_key(|s| {
+            (s.target.account != t.account, area(&s.target.region) != area(&t.region), s.target.region.clone())
+        }) else {
+            bail!("no target among --targets has an available AMI of {stream} to copy");
+        };
+        let src_ami = src.image.image_id().unwrap_or_default();
+        let name = src.image.name().unwrap_or(stream).to_owned();
+        let what = format!("{src_ami} from {}", src.target);
+        if ctx.dry_run {
+            return Ok(vec![ctx.acted("copy", &name, what)]);
+        }
+        let new_ami = if src.target.account == t.account {
+            let out = ec2
+                .copy_image()
+                .source_region(&src.target.region)
+                .source_image_id(src_ami)
+                .name(&name)
+                .set_description(src.image.description().map(str::to_owned))
+                .encrypted(true)
+                .set_kms_key_id(kms_key_id.map(str::to_owned))
+                .send()
+                .await
+                .map_err(|e| sdk_error(&format!("CopyImage {what}"), e))?;
+            out.image_id().context("CopyImage returned no image id")?.to_owned()
+        } else {
+            copy_across_accounts(ctx, &ec2, &t, src, &name, kms_key_id).await?
+        };
+        ec2.wait_until_image_available()
+            .image_ids(&new_ami)
+            .wait(ctx.volume_timeout.max(Duration::from_secs(1800)))
+            .await
+            .map_err(|e| anyhow::anyhow!("waiting for copied AMI {new_ami} to be available: {e}"))?;
+        let mut copy_tags: Vec<Tag> = src
+            .image
+            .tags()
+            .iter()
+            .filter(|t| t.key().is_some_and(|k| !k.starts_with("aws:") && k != tags::EXPIRES_AT))
+            .cloned()
+            .collect();
+        copy_tags.push(tags::tag("CopiedFrom", &format!("{}/{src_ami}", src.target.region)));
+        ec2.create_tags()
+            .resources(&new_ami)
+            .set_tags(Some(copy_tags))
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("CreateTags on {new_ami}"), e))?;
+        Ok(vec![ctx.acted("copy", &new_ami, what)])
+    })
+    .await
+}
+
+/// The account id behind a target's profile.
+async fn account_id(ctx: &Ctx<'_>, t: &Target) -> anyhow::Result<String> {
+    let sts = ctx.aws.sts(t).await;
+    let me = sts.get_caller_identity().send().await.map_err(|e| anyhow::anyhow!("GetCallerIdentity: {e}"))?;
+    me.account().map(str::to_owned).context("GetCallerIdentity returned no account")
+}
+
+/// Share the source AMI's root snapshot with the destination account, copy
+/// it there (encrypted, into the destination's region), register it with
+/// the source's attributes, and stop sharing.
+async fn copy_across_accounts(
+    ctx: &Ctx<'_>,
+    ec2: &Client,
+    t: &Target,
+    src: &SourceAmi,
+    name: &str,
+    kms_key_id: Option<&str>,
+) -> anyhow::Result<String> {
+    use aws_sdk_ec2::types::{CreateVolumePermission, CreateVolumePermissionModifications};
+    let dest_account = account_id(ctx, t).await?;
+    let root = src.image.root_device_name().unwrap_or("/dev/xvda");
+    let mapping = src
+        .image
+        .block_device_mappings()
+        .iter()
+        .find(|m| m.device_name() == Some(root))
+        .or_else(|| src.image.block_device_mappings().first())
+        .context("the source AMI has no block device mapping")?;
+    let snap = mapping.ebs().and_then(|e| e.snapshot_id()).context("the source AMI's root has no snapshot")?.to_owned();
+    let src_ec2 = ctx.aws.ec2(&src.target).await;
+    let perm = || CreateVolumePermission::builder().user_id(&dest_account).build();
+    src_ec2
+        .modify_snapshot_attribute()
+        .snapshot_id(&snap)
+        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+        .create_volume_permission(CreateVolumePermissionModifications::builder().add(perm()).build())
+        .send()
+        .await
+        .map_err(|e| sdk_error(&format!("sharing {snap} with {dest_account}"), e))?;
+    let copied = async {
+        let out = ec2
+            .copy_snapshot()
+            .source_region(&src.target.region)
+            .source_snapshot_id(&snap)
+            .encrypted(true)
+            .set_kms_key_id(kms_key_id.map(str::to_owned))
+            .description(format!("{name}, copied from {}/{snap}", src.target))
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("CopySnapshot {snap} from {}", src.target), e))?;
+        let new_snap = out.snapshot_id().context("CopySnapshot returned no snapshot id")?.to_owned();
+        ec2.wait_until_snapshot_completed()
+            .snapshot_ids(&new_snap)
+            .wait(Duration::from_secs(7200))
+            .await
+            .map_err(|e| anyhow::anyhow!("waiting for copied snapshot {new_snap}: {e}"))?;
+        anyhow::Ok(new_snap)
+    }
+    .await;
+    // Stop sharing whatever happened.
+    let _ = src_ec2
+        .modify_snapshot_attribute()
+        .snapshot_id(&snap)
+        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+        .create_volume_permission(CreateVolumePermissionModifications::builder().remove(perm()).build())
+        .send()
+        .await;
+    let new_snap = copied?;
+    let ebs = mapping.ebs().cloned().unwrap_or_else(|| aws_sdk_ec2::types::EbsBlockDevice::builder().build());
+    let bdm = aws_sdk_ec2::types::BlockDeviceMapping::builder()
+        .device_name(root)
+        .ebs(
+            aws_sdk_ec2::types::EbsBlockDevice::builder()
+                .snapshot_id(&new_snap)
+                .set_volume_size(ebs.volume_size())
+                .set_volume_type(ebs.volume_type().cloned())
+                .delete_on_termination(true)
+                .build(),
+        )
+        .build();
+    let out = ec2
+        .register_image()
+        .name(name)
+        .set_description(src.image.description().map(str::to_owned))
+        .set_architecture(src.image.architecture().cloned())
+        .root_device_name(root)
+        .block_device_mappings(bdm)
+        .virtualization_type("hvm")
+        .set_ena_support(src.image.ena_support())
+        .set_boot_mode(src.image.boot_mode().map(|b| b.as_str().into()))
+        .set_imds_support(src.image.imds_support().map(|b| b.as_str().into()))
+        .send()
+        .await
+        .map_err(|e| sdk_error(&format!("RegisterImage {name} from {new_snap}"), e))?;
+    out.image_id().map(str::to_owned).context("RegisterImage returned no image id")
+}
+
 fn expired(tags: &[Tag], now: SystemTime) -> Option<bool> {
     let v = tags::value(tags, tags::EXPIRES_AT)?;
     match humantime::parse_rfc3339_weak(v) {

@@ -270,3 +270,53 @@ async fn image_usage_and_launching_instances() {
     let imgs = ec2.describe_images().owners("self").send().await.unwrap();
     assert!(!imgs.images().iter().any(|i| i.image_id() == Some(ami.as_str())), "deleted");
 }
+
+/// Across a region within an account. (Across accounts the publisher
+/// shares the root snapshot and copies it; moto 5.1.22's CopySnapshot only
+/// looks in the caller's own account, so that path cannot run here.)
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_bootstrap_image_fills_the_targets_without_one() {
+    let world = World::start(&Plan {
+        accounts: vec!["first".into()],
+        regions: vec!["us-east-1".into(), "eu-west-1".into(), "ap-southeast-2".into()],
+    })
+    .await
+    .unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "boot/unpacker";
+    add_image(&world, stream, "1", &disk(4 * MIB, 9)).await;
+    let (code, r) = p.publish(stream, "1", &["--targets", "first,us-east-1"]);
+    assert_eq!(code, 0);
+    let source = r.targets[0].ami_id.clone().unwrap();
+    let all = with_targets(&targets, &[]);
+    let run = |extra: &[&str]| p.run(&[&all[..], extra].concat());
+    let images = |region: &'static str| {
+        let w = &world;
+        async move {
+            let ec2 = w.ec2("first", region).await;
+            let f = Filter::builder().name("tag:ImageStream").values(stream).build();
+            ec2.describe_images().owners("self").filters(f).send().await.unwrap().images().to_vec()
+        }
+    };
+
+    let dry = records(&json_of(&run(&["--json", "--dry-run", "copy-bootstrap-image", stream])));
+    assert_eq!(dry.iter().filter(|a| a["action"] == "would copy").count(), 2, "{dry:?}");
+    assert!(images("eu-west-1").await.is_empty(), "a dry run copies nothing");
+
+    let done = records(&json_of(&run(&["--json", "copy-bootstrap-image", stream])));
+    assert_eq!(done.iter().filter(|a| a["action"] == "copy").count(), 2, "{done:?}");
+    for region in ["eu-west-1", "ap-southeast-2"] {
+        let imgs = images(region).await;
+        assert_eq!(imgs.len(), 1, "{region}");
+        let tags: Vec<(String, String)> =
+            imgs[0].tags().iter().map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned())).collect();
+        assert!(tags.contains(&("ImageLeaf".into(), "1".into())), "{tags:?}");
+        assert!(tags.contains(&("CopiedFrom".into(), format!("us-east-1/{source}"))), "{tags:?}");
+    }
+
+    // A re-run is a no-op.
+    let again = records(&json_of(&run(&["--json", "copy-bootstrap-image", stream])));
+    assert!(again.iter().all(|a| a["action"] == "kept"), "{again:?}");
+    assert_eq!(images("eu-west-1").await.len(), 1);
+}
