@@ -197,6 +197,16 @@ async fn image_usage_and_launching_instances() {
     let named = with_targets(&targets, &["--instance-name", "image-test"]);
     let run = |extra: &[&str]| p.run(&[&named[..], extra].concat());
 
+    // start-instances starts a stopped unpacker; prepare-unpackers readies the stream.
+    let ec2 = world.ec2("second", "us-west-2").await;
+    ec2.stop_instances().instance_ids(&world.targets[0].instance_id).send().await.unwrap();
+    let plain = with_targets(&targets, &[]);
+    let started = records(&json_of(&p.run(&[&plain[..], &["--json", "start-instances"]].concat())));
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(instance_state(&world, 0).await, "running");
+    let prepared = records(&json_of(&p.run(&[&plain[..], &["--json", "prepare-unpackers", stream]].concat())));
+    assert_eq!(prepared[0]["stream"], "prepared", "{prepared:?}");
+
     let unused = records(&json_of(&run(&["--json", "list-unused-images", "--search-tags", "ImageStream=apps/api"])));
     assert_eq!(unused.len(), 1);
     assert_eq!(unused[0]["ami"], ami.as_str());
@@ -206,7 +216,6 @@ async fn image_usage_and_launching_instances() {
 
     // Launch an instance from the published AMI in the VPC tagged for it;
     // its results name it.
-    let ec2 = world.ec2("second", "us-west-2").await;
     ec2.create_tags()
         .resources(&world.targets[0].vpc_id)
         .tags(aws_sdk_ec2::types::Tag::builder().key("Purpose").value("images").build())
