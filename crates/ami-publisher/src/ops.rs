@@ -88,6 +88,21 @@ impl Ctx<'_> {
         unpacker::find_all(ec2, &self.instance_name).await
     }
 
+    /// Every running unpacker of a target, connected, with its status.
+    async fn running(
+        &self,
+        ec2: &Client,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<(UnpackerInstance, uc::Client, image_unpacker::client::Status)>> {
+        let mut out = Vec::new();
+        for inst in self.unpackers(ec2).await?.into_iter().filter(|i| i.state == "running") {
+            let mut c = self.dial(&inst, timeout).await?;
+            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+            out.push((inst, c, s));
+        }
+        Ok(out)
+    }
+
     async fn dial(&self, inst: &UnpackerInstance, timeout: Duration) -> anyhow::Result<uc::Client> {
         let ip = inst.private_ip.as_deref().with_context(|| format!("{} has no private IP", inst.instance_id))?;
         unpacker::dial(&format!("{ip}:{}", self.unpacker_port), &self.tls, timeout)
@@ -135,9 +150,7 @@ pub async fn list_unpackers(ctx: &Ctx<'_>) -> Vec<Report> {
 pub async fn list_streams(ctx: &Ctx<'_>) -> Vec<Report> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await?.into_iter().filter(|i| i.state == "running") {
-            let mut c = ctx.dial(&inst, Duration::from_secs(10)).await?;
-            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+        for (inst, _, s) in ctx.running(&ec2, Duration::from_secs(10)).await? {
             for st in &s.streams {
                 let size = s.devices.iter().find(|d| d.volume_id == st.volume_id).map_or(0, |d| d.size_bytes);
                 out.push(json!({"instance": inst.instance_id, "stream": st.stream, "state": state_name(st),
@@ -804,9 +817,7 @@ async fn delete_snapshot(ec2: &Client, id: &str) -> anyhow::Result<()> {
 pub async fn stop_idle_unpackers(ctx: &Ctx<'_>, max_idle: Duration) -> Vec<Report> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await?.into_iter().filter(|i| i.state == "running") {
-            let mut c = ctx.dial(&inst, Duration::from_secs(30)).await?;
-            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+        for (inst, _, s) in ctx.running(&ec2, Duration::from_secs(30)).await? {
             let idle = Duration::from_secs(s.idle_seconds);
             if s.busy || idle < max_idle {
                 tracing::info!(instance = %inst.instance_id, idle_seconds = s.idle_seconds, busy = s.busy, "in use; left running");
@@ -963,9 +974,7 @@ pub async fn add_volumes(ctx: &Ctx<'_>, gib: u64, volume_type: &str, kms_key_id:
 pub async fn remove_unused_volumes(ctx: &Ctx<'_>) -> Vec<Report> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await?.into_iter().filter(|i| i.state == "running") {
-            let mut c = ctx.dial(&inst, Duration::from_secs(30)).await?;
-            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+        for (inst, mut c, s) in ctx.running(&ec2, Duration::from_secs(30)).await? {
             for d in s.devices.iter().filter(|d| d.stream.is_empty()) {
                 out.push(ctx.acted("delete", &d.volume_id, format!("unused volume on {}", inst.instance_id)));
                 if !ctx.dry_run {
