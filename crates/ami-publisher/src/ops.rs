@@ -226,19 +226,7 @@ pub async fn image_usage(
             .await
             .map_err(|e| sdk_error("DescribeImages", e))?;
         let mut users: HashMap<String, Vec<String>> = HashMap::new();
-        let mut pages = ec2
-            .describe_instances()
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .values("stopping")
-                    .values("stopped")
-                    .build(),
-            )
-            .into_paginator()
-            .send();
+        let mut pages = ec2.describe_instances().filters(unpacker::live_instances()).into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| sdk_error("DescribeInstances", e))?;
             for i in page.reservations().iter().flat_map(|r| r.instances()) {
@@ -308,11 +296,7 @@ pub fn write_csv(path: &std::path::Path, reports: &[Report], columns: &[&str]) -
             text += &format!("{},{},{}\n", quote(&r.account), quote(&r.region), cells.join(","));
         }
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing {}", path.display()))?;
-    std::io::Write::write_all(&mut tmp, text.as_bytes())?;
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::results::write_atomic(path, text.as_bytes())
 }
 
 /// How `launch-instances` places and shapes instances.
@@ -338,7 +322,8 @@ pub enum BootImage<'a> {
     Listed(&'a AmiMap),
 }
 
-async fn newest_of_stream(ec2: &Client, stream: &str) -> anyhow::Result<String> {
+/// The newest available AMI of a stream in a target, if any.
+async fn newest_of_stream(ec2: &Client, stream: &str) -> anyhow::Result<Option<aws_sdk_ec2::types::Image>> {
     let out = ec2
         .describe_images()
         .owners("self")
@@ -347,11 +332,7 @@ async fn newest_of_stream(ec2: &Client, stream: &str) -> anyhow::Result<String> 
         .send()
         .await
         .map_err(|e| sdk_error("DescribeImages", e))?;
-    out.images()
-        .iter()
-        .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
-        .and_then(|i| i.image_id().map(str::to_owned))
-        .with_context(|| format!("no available AMI of stream {stream} in this target"))
+    Ok(out.images().iter().max_by(|a, b| a.creation_date().cmp(&b.creation_date())).cloned())
 }
 
 /// Launch instances (one per image) and report their ids and private IPs.
@@ -359,7 +340,11 @@ pub async fn launch_instances(ctx: &Ctx<'_>, boot: &BootImage<'_>, spec: &Launch
     ctx.each(|ec2, t| async move {
         let images: Vec<String> = match boot {
             BootImage::Named(n) if n.starts_with("ami-") => vec![(*n).to_owned()],
-            BootImage::Named(stream) => vec![newest_of_stream(&ec2, stream).await?],
+            BootImage::Named(stream) => {
+                let newest = newest_of_stream(&ec2, stream).await?;
+                let image = newest.and_then(|i| i.image_id().map(str::to_owned));
+                vec![image.with_context(|| format!("no available AMI of stream {stream} in this target"))?]
+            }
             BootImage::Listed(m) => m.get(&t).map(|v| v.iter().map(|a| a.ami.clone()).collect()).unwrap_or_default(),
         };
         let vpc = ec2
@@ -456,11 +441,7 @@ pub async fn launch_instances(ctx: &Ctx<'_>, boot: &BootImage<'_>, spec: &Launch
         for old in older {
             out.push(ctx.acted("terminate", &old.instance_id, "replaced"));
             if !ctx.dry_run {
-                ec2.terminate_instances()
-                    .instance_ids(&old.instance_id)
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error(&format!("TerminateInstances {}", old.instance_id), e))?;
+                terminate(&ec2, &old.instance_id).await?;
             }
         }
         Ok(out)
@@ -487,35 +468,19 @@ fn area(region: &str) -> &str {
 /// registering it. Targets that have one are skipped.
 pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Option<&str>) -> Vec<Report> {
     // First, who has one (the newest available AMI of the stream).
-    let found = ctx
-        .each(|ec2, _t| async move {
-            let out = ec2
-                .describe_images()
-                .owners("self")
-                .filters(tag_filter(tags::STREAM, stream))
-                .filters(tags::filter("state", "available"))
-                .send()
-                .await
-                .map_err(|e| sdk_error("DescribeImages", e))?;
-            let newest = out.images().iter().max_by(|a, b| a.creation_date().cmp(&b.creation_date()));
-            Ok(newest.map(|i| vec![json!({"ami": i.image_id()})]).unwrap_or_default())
-        })
-        .await;
-    let mut sources = Vec::new();
-    for (r, t) in found.iter().zip(&ctx.targets) {
-        if let Some(rec) = r.records.first() {
-            let ec2 = ctx.aws.ec2(t).await;
-            let ami = rec["ami"].as_str().unwrap_or_default();
-            if let Ok(out) = ec2.describe_images().image_ids(ami).send().await
-                && let Some(img) = out.images().first()
-            {
-                sources.push(SourceAmi { target: t.clone(), image: img.clone() });
-            }
-        }
-    }
+    let found = crate::fanout(&ctx.targets, ctx.max_concurrency, |t| async move {
+        let ec2 = ctx.aws.ec2(&t).await;
+        newest_of_stream(&ec2, stream).await.map_err(|e| format!("{e:#}"))
+    })
+    .await;
+    let sources: Vec<SourceAmi> = found
+        .iter()
+        .zip(&ctx.targets)
+        .filter_map(|(r, t)| r.as_ref().ok().cloned().flatten().map(|image| SourceAmi { target: t.clone(), image }))
+        .collect();
     let sources = &sources;
     let failed: HashMap<Target, String> =
-        found.iter().zip(&ctx.targets).filter_map(|(r, t)| r.error.clone().map(|e| (t.clone(), e))).collect();
+        found.iter().zip(&ctx.targets).filter_map(|(r, t)| r.as_ref().err().map(|e| (t.clone(), e.clone()))).collect();
     let failed = &failed;
     ctx.each(|ec2, t| async move {
         if let Some(e) = failed.get(&t) {
@@ -773,15 +738,7 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report> {
         let insts = ec2
             .describe_instances()
             .filters(has_expiry())
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .values("stopping")
-                    .values("stopped")
-                    .build(),
-            )
+            .filters(unpacker::live_instances())
             .send()
             .await
             .map_err(|e| sdk_error("DescribeInstances", e))?;
@@ -792,16 +749,21 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report> {
             }
             out.push(ctx.acted("terminate", id, "instance"));
             if !ctx.dry_run {
-                ec2.terminate_instances()
-                    .instance_ids(id)
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error(&format!("TerminateInstances {id}"), e))?;
+                terminate(&ec2, id).await?;
             }
         }
         Ok(out)
     })
     .await
+}
+
+async fn terminate(ec2: &Client, id: &str) -> anyhow::Result<()> {
+    ec2.terminate_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .map_err(|e| sdk_error(&format!("TerminateInstances {id}"), e))?;
+    Ok(())
 }
 
 async fn delete_snapshot(ec2: &Client, id: &str) -> anyhow::Result<()> {
@@ -862,11 +824,7 @@ pub async fn terminate_instances(ctx: &Ctx<'_>) -> Vec<Report> {
         for inst in ctx.unpackers(&ec2).await? {
             out.push(ctx.acted("terminate", &inst.instance_id, inst.state.clone()));
             if !ctx.dry_run {
-                ec2.terminate_instances()
-                    .instance_ids(&inst.instance_id)
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error(&format!("TerminateInstances {}", inst.instance_id), e))?;
+                terminate(&ec2, &inst.instance_id).await?;
             }
         }
         Ok(out)

@@ -76,19 +76,25 @@ impl PublishResults {
     }
 }
 
-/// Write `value` as pretty JSON to `path` atomically (a temporary file in the
-/// same directory, synced, then renamed over `path`).
+/// Write `value` as pretty JSON to `path` atomically.
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same
+/// directory, synced, then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     let mut tmp = tempfile::Builder::new()
-        .prefix(".results-")
+        .prefix(".ami-publisher-")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    serde_json::to_writer_pretty(&mut tmp, value)?;
-    tmp.write_all(b"\n")?;
+    tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())

@@ -55,6 +55,15 @@ fn describe(i: &Instance, owner: Option<&str>) -> UnpackerInstance {
     }
 }
 
+/// A DescribeInstances filter for instances that are not terminated or on
+/// their way out.
+pub fn live_instances() -> Filter {
+    Filter::builder()
+        .name("instance-state-name")
+        .set_values(Some(["pending", "running", "stopping", "stopped"].iter().map(|s| (*s).to_owned()).collect()))
+        .build()
+}
+
 /// Every instance tagged `Name=<name>` that is not terminated or on its way
 /// out, running ones first.
 pub async fn find_all(ec2: &Client, name: &str) -> anyhow::Result<Vec<UnpackerInstance>> {
@@ -62,14 +71,7 @@ pub async fn find_all(ec2: &Client, name: &str) -> anyhow::Result<Vec<UnpackerIn
     let mut pages = ec2
         .describe_instances()
         .filters(Filter::builder().name("tag:Name").values(name).build())
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .set_values(Some(
-                    ["pending", "running", "stopping", "stopped"].iter().map(|s| (*s).to_owned()).collect(),
-                ))
-                .build(),
-        )
+        .filters(live_instances())
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
