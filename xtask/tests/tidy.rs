@@ -141,6 +141,46 @@ fn deploy_units_verify() {
     let _ = fs::remove_dir_all(&tmp);
 }
 
+/// The unpacker user data is valid sh, installs exactly the unit in
+/// deploy/, passes only flags the daemon has, and reads its certificates
+/// from where the instance policy lets it.
+#[test]
+fn unpacker_user_data_matches_the_unit_and_the_instance_policy() {
+    let deploy = root().join("deploy");
+    let script_path = deploy.join("image-unpacker-user-data.sh");
+    let script = fs::read_to_string(&script_path).unwrap();
+    assert!(script.starts_with("#!/bin/sh\n"), "cloud-init runs user data that starts with #!");
+    let out = Command::new("sh").arg("-n").arg(&script_path).output().unwrap();
+    assert!(out.status.success(), "sh -n: {}", String::from_utf8_lossy(&out.stderr));
+
+    let unit = fs::read_to_string(deploy.join("image-unpacker.service")).unwrap();
+    let embedded = script.split("<<'UNIT'\n").nth(1).and_then(|s| s.split("\nUNIT\n").next()).expect("a UNIT here-doc");
+    assert_eq!(format!("{embedded}\n"), unit, "the unit in the user data differs from deploy/image-unpacker.service");
+
+    let src = fs::read_to_string(root().join("crates/image-unpacker/src/main.rs")).unwrap();
+    let args = script.lines().find(|l| l.starts_with("UNPACKER_ARGS=")).expect("an UNPACKER_ARGS line");
+    for flag in args.split(|c: char| c.is_whitespace() || c == '"').filter(|w| w.starts_with("--")) {
+        let field = flag.trim_start_matches("--").replace('-', "_");
+        assert!(src.contains(&format!("    {field}: ")), "{flag} is not a flag of image-unpacker");
+    }
+
+    let prefix = script
+        .lines()
+        .find_map(|l| l.strip_prefix("SSM_PREFIX=\""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("an SSM_PREFIX setting");
+    let policy: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(deploy.join("image-unpacker-instance-policy.json")).unwrap()).unwrap();
+    let resources: Vec<&str> = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["Action"] == "ssm:GetParameter")
+        .filter_map(|s| s["Resource"].as_str())
+        .collect();
+    assert_eq!(resources, [format!("arn:aws:ssm:*:*:parameter{prefix}/*")], "policy and user data disagree");
+}
+
 /// EC2 actions the publisher's code calls: `.describe_images()` and the
 /// like, and SDK waiters (which poll a Describe action).
 fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
@@ -160,7 +200,8 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
         "modify",
         "run",
     ];
-    const NOT_ACTIONS: [&str; 1] = ["start_time"];
+    // Getters that look like operations.
+    const NOT_ACTIONS: [&str; 2] = ["start_time", "delete_on_termination"];
     let mut files = Vec::new();
     rust_files(&root().join("crates/ami-publisher/src"), &mut files);
     let mut out = std::collections::BTreeSet::new();

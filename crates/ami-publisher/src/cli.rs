@@ -278,9 +278,14 @@ pub struct LaunchArgs {
     /// Terminate older instances of the same name once the new one runs.
     #[arg(long)]
     pub replace_instances: bool,
-    /// User data (e.g. cloud-init) for the instances.
+    /// User data (e.g. cloud-init) for the instances; deploy/image-unpacker-user-data.sh
+    /// makes an instance of a base image a working unpacker.
     #[arg(long, value_name = "FILE")]
     pub user_data: Option<PathBuf>,
+    /// IAM instance profile (name) for the instances, e.g. one that may read
+    /// the unpacker's certificates (deploy/image-unpacker-instance-policy.json).
+    #[arg(long, value_name = "NAME")]
+    pub iam_instance_profile: Option<String>,
 }
 
 /// Image search by tags and age, with optional CSV reports.
@@ -534,6 +539,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 root_volume_gib: launch.root_volume_size,
                 replace: launch.replace_instances,
                 user_data,
+                instance_profile: launch.iam_instance_profile.clone(),
                 tags,
             };
             let boot = match &cli.command {

@@ -310,6 +310,7 @@ pub struct LaunchSpec {
     pub root_volume_gib: Option<i32>,
     pub replace: bool,
     pub user_data: Option<String>,
+    pub instance_profile: Option<String>,
     /// Tags for the instances (Name first).
     pub tags: Vec<(String, String)>,
 }
@@ -412,6 +413,11 @@ pub async fn launch_instances(ctx: &Ctx<'_>, boot: &BootImage<'_>, spec: &Launch
             if let Some(ud) = &spec.user_data {
                 req = req.user_data(ud);
             }
+            if let Some(name) = &spec.instance_profile {
+                req = req.iam_instance_profile(
+                    aws_sdk_ec2::types::IamInstanceProfileSpecification::builder().name(name).build(),
+                );
+            }
             if let Some(gib) = spec.root_volume_gib {
                 let img =
                     ec2.describe_images().image_ids(&image).send().await.map_err(|e| sdk_error("DescribeImages", e))?;
@@ -482,6 +488,7 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
     let failed: HashMap<Target, String> =
         found.iter().zip(&ctx.targets).filter_map(|(r, t)| r.as_ref().err().map(|e| (t.clone(), e.clone()))).collect();
     let failed = &failed;
+    let shares = &Shares::default();
     ctx.each(|ec2, t| async move {
         if let Some(e) = failed.get(&t) {
             bail!("{e}");
@@ -514,7 +521,7 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
                 .map_err(|e| sdk_error(&format!("CopyImage {what}"), e))?;
             out.image_id().context("CopyImage returned no image id")?.to_owned()
         } else {
-            copy_across_accounts(ctx, &ec2, &t, src, &name, kms_key_id).await?
+            copy_across_accounts(ctx, shares, &ec2, &t, src, &name, kms_key_id).await?
         };
         ec2.wait_until_image_available()
             .image_ids(&new_ami)
@@ -547,94 +554,177 @@ async fn account_id(ctx: &Ctx<'_>, t: &Target) -> anyhow::Result<String> {
     me.account().map(str::to_owned).context("GetCallerIdentity returned no account")
 }
 
-/// Share the source AMI's root snapshot with the destination account, copy
-/// it there (encrypted, into the destination's region), register it with
-/// the source's attributes, and stop sharing.
+/// Snapshots shared with other accounts for the length of a copy, counted
+/// so that concurrent copies into one account (its regions) share a snapshot
+/// once and stop sharing it after the last copy is made.
+#[derive(Default)]
+struct Shares(tokio::sync::Mutex<HashMap<(String, String), usize>>);
+
+impl Shares {
+    async fn share(&self, src: &Client, snap: &str, account: &str) -> anyhow::Result<()> {
+        let mut held = self.0.lock().await;
+        let n = held.entry((snap.to_owned(), account.to_owned())).or_default();
+        if *n == 0 {
+            src.modify_snapshot_attribute()
+                .snapshot_id(snap)
+                .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+                .operation_type(aws_sdk_ec2::types::OperationType::Add)
+                .user_ids(account)
+                .send()
+                .await
+                .map_err(|e| sdk_error(&format!("sharing {snap} with account {account}"), e))
+                .context(
+                    "a snapshot encrypted with the account's default aws/ebs key cannot be shared: \
+                     publish the source with --kms-key-id of a customer-managed key the destination may use",
+                )?;
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    async fn unshare(&self, src: &Client, snap: &str, account: &str) {
+        let mut held = self.0.lock().await;
+        let key = (snap.to_owned(), account.to_owned());
+        let Some(n) = held.get_mut(&key) else { return };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        held.remove(&key);
+        let r = src
+            .modify_snapshot_attribute()
+            .snapshot_id(snap)
+            .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+            .operation_type(aws_sdk_ec2::types::OperationType::Remove)
+            .user_ids(account)
+            .send()
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(snapshot = snap, account, "could not stop sharing the snapshot: {}", sdk_error("", e));
+        }
+    }
+}
+
+/// Copy one snapshot of `src` into the target's account and region
+/// (encrypted), sharing it for the length of the copy.
+async fn copy_shared_snapshot(
+    shares: &Shares,
+    src_ec2: &Client,
+    ec2: &Client,
+    src: &SourceAmi,
+    snap: &str,
+    dest_account: &str,
+    kms_key_id: Option<&str>,
+) -> anyhow::Result<String> {
+    shares.share(src_ec2, snap, dest_account).await?;
+    let copied = async {
+        let out = ec2
+            .copy_snapshot()
+            .source_region(&src.target.region)
+            .source_snapshot_id(snap)
+            .encrypted(true)
+            .set_kms_key_id(kms_key_id.map(str::to_owned))
+            .description(format!("copied from {}/{snap} for an AMI of {}", src.target, src.image.name().unwrap_or("")))
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("CopySnapshot {snap} from {}", src.target), e))?;
+        let new_snap = out.snapshot_id().context("CopySnapshot returned no snapshot id")?.to_owned();
+        let waited = ec2.wait_until_snapshot_completed().snapshot_ids(&new_snap).wait(Duration::from_secs(7200)).await;
+        if let Err(e) = waited {
+            if let Err(d) = delete_snapshot(ec2, &new_snap).await {
+                tracing::warn!("{d:#}");
+            }
+            bail!("waiting for copied snapshot {new_snap}: {e}");
+        }
+        anyhow::Ok(new_snap)
+    }
+    .await;
+    shares.unshare(src_ec2, snap, dest_account).await;
+    copied
+}
+
+/// Across accounts: copy each of the source AMI's snapshots into the
+/// target (shared for the length of the copy, re-encrypted), then register
+/// an AMI with the source's attributes on the copies. A failure deletes the
+/// copies made so far.
 async fn copy_across_accounts(
     ctx: &Ctx<'_>,
+    shares: &Shares,
     ec2: &Client,
     t: &Target,
     src: &SourceAmi,
     name: &str,
     kms_key_id: Option<&str>,
 ) -> anyhow::Result<String> {
-    use aws_sdk_ec2::types::{CreateVolumePermission, CreateVolumePermissionModifications};
+    use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice};
     let dest_account = account_id(ctx, t).await?;
-    let root = src.image.root_device_name().unwrap_or("/dev/xvda");
-    let mapping = src
-        .image
-        .block_device_mappings()
-        .iter()
-        .find(|m| m.device_name() == Some(root))
-        .or_else(|| src.image.block_device_mappings().first())
-        .context("the source AMI has no block device mapping")?;
-    let snap = mapping.ebs().and_then(|e| e.snapshot_id()).context("the source AMI's root has no snapshot")?.to_owned();
+    let root = src.image.root_device_name().context("the source AMI has no root device name")?;
     let src_ec2 = ctx.aws.ec2(&src.target).await;
-    let perm = || CreateVolumePermission::builder().user_id(&dest_account).build();
-    src_ec2
-        .modify_snapshot_attribute()
-        .snapshot_id(&snap)
-        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
-        .create_volume_permission(CreateVolumePermissionModifications::builder().add(perm()).build())
-        .send()
-        .await
-        .map_err(|e| sdk_error(&format!("sharing {snap} with {dest_account}"), e))?;
-    let copied = async {
-        let out = ec2
-            .copy_snapshot()
-            .source_region(&src.target.region)
-            .source_snapshot_id(&snap)
-            .encrypted(true)
-            .set_kms_key_id(kms_key_id.map(str::to_owned))
-            .description(format!("{name}, copied from {}/{snap}", src.target))
+    let mut copies: Vec<String> = Vec::new();
+    let mut mappings = Vec::new();
+    let mut failure = None;
+    for m in src.image.block_device_mappings() {
+        let Some(snap) = m.ebs().and_then(|e| e.snapshot_id()) else {
+            mappings.push(m.clone());
+            continue;
+        };
+        match copy_shared_snapshot(shares, &src_ec2, ec2, src, snap, &dest_account, kms_key_id).await {
+            Ok(new_snap) => {
+                let ebs = m.ebs().cloned().unwrap_or_else(|| EbsBlockDevice::builder().build());
+                let on_termination = ebs.delete_on_termination().unwrap_or(true);
+                let copied = EbsBlockDevice::builder()
+                    .snapshot_id(&new_snap)
+                    .set_volume_size(ebs.volume_size())
+                    .set_volume_type(ebs.volume_type().cloned())
+                    .set_iops(ebs.iops())
+                    .set_throughput(ebs.throughput())
+                    .delete_on_termination(on_termination)
+                    .build();
+                mappings.push(
+                    BlockDeviceMapping::builder()
+                        .set_device_name(m.device_name().map(str::to_owned))
+                        .ebs(copied)
+                        .build(),
+                );
+                copies.push(new_snap);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if failure.is_none() && copies.is_empty() {
+        failure = Some(anyhow::anyhow!("the source AMI has no EBS snapshot to copy"));
+    }
+    let registered = match failure {
+        Some(e) => Err(e),
+        None => ec2
+            .register_image()
+            .name(name)
+            .set_description(src.image.description().map(str::to_owned))
+            .set_architecture(src.image.architecture().cloned())
+            .root_device_name(root)
+            .set_block_device_mappings(Some(mappings))
+            .virtualization_type("hvm")
+            .set_ena_support(src.image.ena_support())
+            .set_sriov_net_support(src.image.sriov_net_support().map(str::to_owned))
+            .set_boot_mode(src.image.boot_mode().map(|b| b.as_str().into()))
+            .set_tpm_support(src.image.tpm_support().map(|b| b.as_str().into()))
+            .set_imds_support(src.image.imds_support().map(|b| b.as_str().into()))
             .send()
             .await
-            .map_err(|e| sdk_error(&format!("CopySnapshot {snap} from {}", src.target), e))?;
-        let new_snap = out.snapshot_id().context("CopySnapshot returned no snapshot id")?.to_owned();
-        ec2.wait_until_snapshot_completed()
-            .snapshot_ids(&new_snap)
-            .wait(Duration::from_secs(7200))
-            .await
-            .map_err(|e| anyhow::anyhow!("waiting for copied snapshot {new_snap}: {e}"))?;
-        anyhow::Ok(new_snap)
+            .map_err(|e| sdk_error(&format!("RegisterImage {name}"), e))
+            .and_then(|out| out.image_id().map(str::to_owned).context("RegisterImage returned no image id")),
+    };
+    if registered.is_err() {
+        for c in &copies {
+            if let Err(d) = delete_snapshot(ec2, c).await {
+                tracing::warn!("{d:#} (a copy left behind after a failed bootstrap copy)");
+            }
+        }
     }
-    .await;
-    // Stop sharing whatever happened.
-    let _ = src_ec2
-        .modify_snapshot_attribute()
-        .snapshot_id(&snap)
-        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
-        .create_volume_permission(CreateVolumePermissionModifications::builder().remove(perm()).build())
-        .send()
-        .await;
-    let new_snap = copied?;
-    let ebs = mapping.ebs().cloned().unwrap_or_else(|| aws_sdk_ec2::types::EbsBlockDevice::builder().build());
-    let bdm = aws_sdk_ec2::types::BlockDeviceMapping::builder()
-        .device_name(root)
-        .ebs(
-            aws_sdk_ec2::types::EbsBlockDevice::builder()
-                .snapshot_id(&new_snap)
-                .set_volume_size(ebs.volume_size())
-                .set_volume_type(ebs.volume_type().cloned())
-                .delete_on_termination(true)
-                .build(),
-        )
-        .build();
-    let out = ec2
-        .register_image()
-        .name(name)
-        .set_description(src.image.description().map(str::to_owned))
-        .set_architecture(src.image.architecture().cloned())
-        .root_device_name(root)
-        .block_device_mappings(bdm)
-        .virtualization_type("hvm")
-        .set_ena_support(src.image.ena_support())
-        .set_boot_mode(src.image.boot_mode().map(|b| b.as_str().into()))
-        .set_imds_support(src.image.imds_support().map(|b| b.as_str().into()))
-        .send()
-        .await
-        .map_err(|e| sdk_error(&format!("RegisterImage {name} from {new_snap}"), e))?;
-    out.image_id().map(str::to_owned).context("RegisterImage returned no image id")
+    registered
 }
 
 fn expired(tags: &[Tag], now: SystemTime) -> Option<bool> {

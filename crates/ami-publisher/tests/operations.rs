@@ -223,12 +223,15 @@ async fn image_usage_and_launching_instances() {
         .await
         .unwrap();
     let inst_results = world.path("instances.json");
+    let user_data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/image-unpacker-user-data.sh");
     let out = run(&[
         "--results",
         inst_results.to_str().unwrap(),
         "launch-instances-for-images",
         "--vpc-search-tags",
         "Purpose=images",
+        "--user-data",
+        user_data.to_str().unwrap(),
         rpath.to_str().unwrap(),
     ]);
     assert!(out.status.success());
@@ -237,6 +240,17 @@ async fn image_usage_and_launching_instances() {
     assert_eq!(launched.len(), 1, "{launched:?}");
     let instance = launched[0]["instance"].as_str().unwrap().to_owned();
     assert!(launched[0]["private_ip"].as_str().is_some_and(|ip| ip.starts_with("127.")), "{launched:?}");
+    // The instance carries the unpacker user data, byte for byte.
+    let attr = ec2
+        .describe_instance_attribute()
+        .instance_id(&instance)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let given = attr.user_data().and_then(|u| u.value()).expect("user data on the instance");
+    let given = aws_smithy_types::base64::decode(given).unwrap();
+    assert_eq!(given, std::fs::read(&user_data).unwrap());
 
     let csv = world.path("old.csv");
     let used = records(&json_of(&run(&[
@@ -280,52 +294,89 @@ async fn image_usage_and_launching_instances() {
     assert!(!imgs.images().iter().any(|i| i.image_id() == Some(ami.as_str())), "deleted");
 }
 
-/// Across a region within an account. (Across accounts the publisher
-/// shares the root snapshot and copies it; moto 5.1.22's CopySnapshot only
-/// looks in the caller's own account, so that path cannot run here.)
+/// The root snapshot of an AMI, as the emulator describes it.
+async fn root_snapshot(ec2: &aws_sdk_ec2::Client, img: &aws_sdk_ec2::types::Image) -> aws_sdk_ec2::types::Snapshot {
+    let root = img.root_device_name().unwrap();
+    let m = img.block_device_mappings().iter().find(|m| m.device_name() == Some(root)).expect("a root mapping");
+    let id = m.ebs().and_then(|e| e.snapshot_id()).expect("a root snapshot");
+    ec2.describe_snapshots().snapshot_ids(id).send().await.unwrap().snapshots()[0].clone()
+}
+
+/// From one published AMI to every target: across a region within the
+/// account (CopyImage) and into another account (shared snapshot copied and
+/// re-encrypted, then registered); the share ends with the copy.
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_bootstrap_image_fills_the_targets_without_one() {
     let world = World::start(&Plan {
-        accounts: vec!["first".into()],
-        regions: vec!["us-east-1".into(), "eu-west-1".into(), "ap-southeast-2".into()],
+        accounts: vec!["first".into(), "second".into()],
+        regions: vec!["us-east-1".into(), "eu-west-1".into()],
     })
     .await
     .unwrap();
     let p = Publisher::new(&world);
     let targets = targets_of(&world);
     let stream = "boot/unpacker";
-    add_image(&world, stream, "1", &disk(4 * MIB, 9)).await;
+    let image = add_image(&world, stream, "1", &disk(4 * MIB, 9)).await;
     let (code, r) = p.publish(stream, "1", &["--targets", "first,us-east-1"]);
     assert_eq!(code, 0);
     let source = r.targets[0].ami_id.clone().unwrap();
+    let source_snap = r.targets[0].snapshot_id.clone().unwrap();
     let all = with_targets(&targets, &[]);
     let run = |extra: &[&str]| p.run(&[&all[..], extra].concat());
-    let images = |region: &'static str| {
+    let images = |account: &'static str, region: &'static str| {
         let w = &world;
         async move {
-            let ec2 = w.ec2("first", region).await;
+            let ec2 = w.ec2(account, region).await;
             let f = Filter::builder().name("tag:ImageStream").values(stream).build();
             ec2.describe_images().owners("self").filters(f).send().await.unwrap().images().to_vec()
         }
     };
+    // The published AMI is made of the snapshot that holds the image.
+    let home = world.ec2("first", "us-east-1").await;
+    let src_img = images("first", "us-east-1").await;
+    assert_eq!(src_img.len(), 1);
+    assert_eq!(root_snapshot(&home, &src_img[0]).await.snapshot_id(), Some(source_snap.as_str()));
+    assert_snapshot_holds(&world, &source_snap, &image).await;
 
     let dry = records(&json_of(&run(&["--json", "--dry-run", "copy-bootstrap-image", stream])));
-    assert_eq!(dry.iter().filter(|a| a["action"] == "would copy").count(), 2, "{dry:?}");
-    assert!(images("eu-west-1").await.is_empty(), "a dry run copies nothing");
+    assert_eq!(dry.iter().filter(|a| a["action"] == "would copy").count(), 3, "{dry:?}");
+    assert!(images("first", "eu-west-1").await.is_empty(), "a dry run copies nothing");
+    assert!(images("second", "us-east-1").await.is_empty(), "a dry run copies nothing");
 
     let done = records(&json_of(&run(&["--json", "copy-bootstrap-image", stream])));
-    assert_eq!(done.iter().filter(|a| a["action"] == "copy").count(), 2, "{done:?}");
-    for region in ["eu-west-1", "ap-southeast-2"] {
-        let imgs = images(region).await;
-        assert_eq!(imgs.len(), 1, "{region}");
+    assert_eq!(done.iter().filter(|a| a["action"] == "copy").count(), 3, "{done:?}");
+    let second_id = world.targets.iter().find(|t| t.account == "second").unwrap().account_id.clone();
+    for (account, region) in [("first", "eu-west-1"), ("second", "us-east-1"), ("second", "eu-west-1")] {
+        let imgs = images(account, region).await;
+        assert_eq!(imgs.len(), 1, "{account},{region}");
+        let img = &imgs[0];
         let tags: Vec<(String, String)> =
-            imgs[0].tags().iter().map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned())).collect();
+            img.tags().iter().map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned())).collect();
         assert!(tags.contains(&("ImageLeaf".into(), "1".into())), "{tags:?}");
         assert!(tags.contains(&("CopiedFrom".into(), format!("us-east-1/{source}"))), "{tags:?}");
+        assert_eq!(img.name(), src_img[0].name());
+        assert_eq!(img.architecture(), src_img[0].architecture());
+        // Its own snapshot, encrypted, in the target's account.
+        let ec2 = world.ec2(account, region).await;
+        let snap = root_snapshot(&ec2, img).await;
+        assert_ne!(snap.snapshot_id(), Some(source_snap.as_str()), "{account},{region}");
+        assert_eq!(snap.encrypted(), Some(true), "{account},{region}");
+        if account == "second" {
+            assert_eq!(snap.owner_id(), Some(second_id.as_str()));
+        }
     }
+    // Nothing stays shared with the other account.
+    let perms = home
+        .describe_snapshot_attribute()
+        .snapshot_id(&source_snap)
+        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+        .send()
+        .await
+        .unwrap();
+    assert!(perms.create_volume_permissions().is_empty(), "{perms:?}");
 
     // A re-run is a no-op.
     let again = records(&json_of(&run(&["--json", "copy-bootstrap-image", stream])));
     assert!(again.iter().all(|a| a["action"] == "kept"), "{again:?}");
-    assert_eq!(images("eu-west-1").await.len(), 1);
+    assert_eq!(images("second", "eu-west-1").await.len(), 1);
 }

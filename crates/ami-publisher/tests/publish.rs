@@ -42,6 +42,8 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
     for t in &r.targets {
         assert!(t.ok() && !t.reused, "{t:#?}");
         let ami = t.ami_id.as_deref().unwrap();
+        // The AMI boots from the snapshot, and the snapshot holds the image.
+        assert_eq!(Some(root_snapshot_of(&world, &t.account, &t.region, ami).await), t.snapshot_id);
         assert_snapshot_holds(&world, t.snapshot_id.as_deref().unwrap(), &file1).await;
         let tags = tags_of_image(&world, &t.account, &t.region, ami).await;
         for (k, v) in [

@@ -2,7 +2,10 @@
 //!
 //! - [`ensure_moto`] installs the moto server (pinned [`MOTO_VERSION`]) from
 //!   PyPI into a venv under `target/`, once per machine;
-//! - [`World::start`] starts moto on loopback, writes AWS profile files for
+//! - [`World::start`] starts moto on loopback (through `moto_launch.py`,
+//!   which makes RegisterImage keep the snapshots it is given, CopyImage copy
+//!   them, and CopySnapshot read snapshots shared by another account, as EC2
+//!   does), writes AWS profile files for
 //!   two accounts (`first` with static keys, `second` reached by assume-role
 //!   from `first`), an imageserver, and per (account, region) target a VPC
 //!   and subnet in 127.0.0.0/8, an instance tagged `Name=ImageUnpacker` with a
@@ -98,11 +101,20 @@ impl Drop for Moto {
     }
 }
 
+/// The launcher that patches moto's EC2 model before serving.
+const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
+
 fn start_moto(dir: &Path) -> anyhow::Result<Moto> {
     let server = ensure_moto()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let log = std::fs::File::create(dir.join("moto.log"))?;
-    let child = Command::new(server)
+    // moto_server, started through a launcher that brings a few of moto's
+    // EC2 answers closer to EC2's (see the file's header).
+    let launcher = dir.join("moto_launch.py");
+    std::fs::write(&launcher, MOTO_LAUNCH)?;
+    let python = server.with_file_name("python");
+    let child = Command::new(python)
+        .arg(&launcher)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(log.try_clone()?)
         .stderr(log)

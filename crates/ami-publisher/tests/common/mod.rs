@@ -103,6 +103,16 @@ pub fn disk(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// The bytes behind a snapshot equal `image` and are zero beyond it.
+/// The snapshot an AMI boots from, as EC2 describes the AMI.
+pub async fn root_snapshot_of(world: &World, account: &str, region: &str, ami: &str) -> String {
+    let ec2 = world.ec2(account, region).await;
+    let out = ec2.describe_images().image_ids(ami).send().await.unwrap();
+    let img = &out.images()[0];
+    let root = img.root_device_name().expect("a root device name");
+    let m = img.block_device_mappings().iter().find(|m| m.device_name() == Some(root)).expect("a root mapping");
+    m.ebs().and_then(|e| e.snapshot_id()).expect("a root snapshot").to_owned()
+}
+
 pub async fn assert_snapshot_holds(world: &World, snapshot: &str, image: &std::path::Path) {
     world.check_snapshot(snapshot, image, Duration::from_secs(30)).await.unwrap();
 }

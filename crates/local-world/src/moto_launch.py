@@ -1,0 +1,184 @@
+# Starts moto_server after closing three gaps between moto's EC2 model and
+# EC2 itself that the publisher depends on. Product code never sees this
+# file: it only changes what the emulator answers, towards what AWS answers.
+#
+# 1. RegisterImage: moto ignores the block device mappings (and tags) and
+#    invents a 15 GiB snapshot; EC2 registers the snapshot it is given. Here
+#    the AMI's mappings are the ones registered, the root snapshot is marked
+#    in use by the AMI (so it cannot be deleted before the AMI is
+#    deregistered, as in EC2) and the tag specification is applied.
+# 2. CopyImage of such an AMI copies its snapshots (encrypted when asked), as
+#    EC2 does, instead of inventing a fresh one.
+# 3. CopySnapshot can read a snapshot another account shared with the caller
+#    (createVolumePermission), as EC2 allows; moto only looks in the
+#    caller's own account.
+#
+# Usage: python moto_launch.py -H HOST -p PORT (moto_server's arguments).
+
+import copy
+import sys
+
+from moto.ec2.exceptions import InvalidSnapshotIdError
+from moto.ec2.models import amis as moto_amis
+from moto.ec2.models import elastic_block_store as moto_ebs
+from moto.ec2.responses import amis as amis_responses
+from moto.ec2.utils import random_snapshot_id
+
+Ami = moto_amis.Ami
+EBSBackend = moto_ebs.EBSBackend
+Snapshot = moto_ebs.Snapshot
+
+_default_mappings = Ami.block_device_mappings.fget
+
+
+def _mappings(self):
+    registered = getattr(self, "registered_mappings", None)
+    return registered if registered is not None else _default_mappings(self)
+
+
+Ami.block_device_mappings = property(_mappings)
+
+
+def _adopt_snapshots(backend, ami, mappings):
+    """Make `mappings` the AMI's own, dropping the snapshot moto invented."""
+    invented = ami.ebs_snapshot
+    root = None
+    for m in mappings:
+        sid = (m.get("Ebs") or {}).get("SnapshotId")
+        if not sid:
+            continue
+        snap = backend.get_snapshot(sid)  # InvalidSnapshot.NotFound if absent
+        snap.from_ami = ami.id
+        m["Ebs"].setdefault("VolumeSize", snap.volume.size)
+        m["Ebs"]["Encrypted"] = bool(snap.encrypted)
+        if m.get("DeviceName") == ami.root_device_name or root is None:
+            root = snap
+    ami.registered_mappings = mappings
+    if root is not None:
+        ami.ebs_snapshot = root
+        ami.root_device_type = "ebs"
+    backend.snapshots.pop(invented.id, None)
+
+
+def _clean_mapping(m):
+    out = {"DeviceName": m.get("DeviceName")}
+    if m.get("VirtualName"):
+        out["VirtualName"] = m["VirtualName"]
+    ebs = m.get("Ebs")
+    if ebs:
+        e = {"DeleteOnTermination": str(ebs.get("DeleteOnTermination", True)).lower() == "true"}
+        for key in ("SnapshotId", "VolumeType", "Iops", "Throughput", "KmsKeyId"):
+            if ebs.get(key) is not None:
+                e[key] = ebs[key]
+        if ebs.get("VolumeSize") is not None:
+            e["VolumeSize"] = int(ebs["VolumeSize"])
+        out["Ebs"] = e
+    return out
+
+
+_register_response = amis_responses.AmisResponse.register_image
+
+
+def register_image(self):
+    result = _register_response(self)
+    raw = self._get_param("BlockDeviceMappings") or self._get_param("BlockDeviceMapping") or []
+    if isinstance(raw, dict):
+        raw = list(raw.values())
+    ami = self.ec2_backend.amis[result.result["ImageId"]]
+    for attr, param in (
+        ("root_device_name", "RootDeviceName"),
+        ("architecture", "Architecture"),
+        ("virtualization_type", "VirtualizationType"),
+        ("boot_mode", "BootMode"),
+    ):
+        value = self._get_param(param)
+        if value:
+            setattr(ami, attr, value)
+    if raw:
+        _adopt_snapshots(self.ec2_backend, ami, [_clean_mapping(m) for m in raw])
+    tags = self._parse_tag_specification().get("image", {})
+    if tags:
+        ami.add_tags(tags)
+    return result
+
+
+amis_responses.AmisResponse.register_image = register_image
+
+def _shared_snapshot(backend, snapshot_id, source_region):
+    """The snapshot `snapshot_id` in `source_region` as the caller may read
+    it: its own, or another account's that is shared with it."""
+    from moto.ec2.models import ec2_backends
+
+    own = ec2_backends[backend.account_id][source_region]
+    if snapshot_id in own.snapshots:
+        return own.snapshots[snapshot_id]
+    for account in list(ec2_backends.keys()):
+        if account == backend.account_id:
+            continue
+        regions = ec2_backends[account]
+        if source_region not in regions.keys():
+            continue
+        snap = regions[source_region].snapshots.get(snapshot_id)
+        if snap is None:
+            continue
+        if backend.account_id in snap.create_volume_permission_userids or "all" in (
+            snap.create_volume_permission_groups
+        ):
+            return snap
+    raise InvalidSnapshotIdError()
+
+
+def copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_id, *args, **kwargs):
+    source = _shared_snapshot(self, source_snapshot_id, source_region)
+    snapshot_id = random_snapshot_id()
+    snapshot = Snapshot(
+        self,
+        snapshot_id,
+        volume=source.volume,
+        description=description,
+        encrypted=source.encrypted,
+        kms_key_id=kms_key_id,
+    )
+    self.snapshots[snapshot_id] = snapshot
+    return snapshot
+
+
+EBSBackend.copy_snapshot = copy_snapshot
+
+_copy_image_response = amis_responses.AmisResponse.copy_image
+
+
+def copy_image(self):
+    from moto.ec2.models import ec2_backends
+
+    result = _copy_image_response(self)
+    source_region = self._get_param("SourceRegion")
+    source = ec2_backends[self.ec2_backend.account_id][source_region].amis.get(self._get_param("SourceImageId"))
+    registered = getattr(source, "registered_mappings", None)
+    if registered is None:
+        return result
+    ami = self.ec2_backend.amis[result.result["ImageId"]]
+    encrypted = str(self._get_param("Encrypted", "false")).lower() == "true"
+    kms_key_id = self._get_param("KmsKeyId")
+    mappings = copy.deepcopy(registered)
+    for m in mappings:
+        ebs = m.get("Ebs") or {}
+        if not ebs.get("SnapshotId"):
+            continue
+        snap = self.ec2_backend.copy_snapshot(
+            ebs["SnapshotId"], source_region, f"Copied for {ami.id} from {source.id}", kms_key_id
+        )
+        snap.encrypted = snap.encrypted or encrypted
+        ebs["SnapshotId"] = snap.id
+    ami.root_device_name = source.root_device_name
+    ami.boot_mode = source.boot_mode
+    _adopt_snapshots(self.ec2_backend, ami, mappings)
+    return result
+
+
+amis_responses.AmisResponse.copy_image = copy_image
+
+if __name__ == "__main__":
+    from moto.server import main
+
+    main(sys.argv[1:])
