@@ -20,7 +20,7 @@ use aws_sdk_ec2::{
 use aws_sdk_ec2::{client::Waiters as _, error::ProvideErrorMetadata as _};
 use fleet_tls::TlsFiles;
 use image_unpacker::client::{
-    self as uc, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, UnpackImageRequest,
+    self as uc, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, ReleaseCaptureRequest, UnpackImageRequest,
 };
 
 use crate::{
@@ -355,7 +355,10 @@ async fn unpack_and_snapshot(
     let req = PrepareForUnpackRequest { stream: o.stream.clone(), skip_if_prepared: true, do_not_wait: false };
     let s = c.prepare_for_unpack(req).await.context("PrepareForUnpack")?.into_inner();
     uc::follow(s, show(line)).await.context("PrepareForUnpack")?;
-    let req = UnpackImageRequest { stream: o.stream.clone(), leaf: o.leaf.clone() };
+    // The unpacker holds the device at this leaf from the end of the unpack
+    // until the snapshot is started, so a concurrent publish of the same
+    // stream cannot write it in between.
+    let req = UnpackImageRequest { stream: o.stream.clone(), leaf: o.leaf.clone(), hold_seconds: CAPTURE_HOLD_SECONDS };
     let s = c.unpack_image(req).await.context("UnpackImage")?.into_inner();
     let last = uc::follow(s, show(line)).await.with_context(|| format!("unpacking {}/{}", o.stream, o.leaf))?;
     if let Some(st) = last.stats {
@@ -363,12 +366,28 @@ async fn unpack_and_snapshot(
         r.bytes_written = Some(st.bytes_written);
         tracing::info!(fetched = st.bytes_fetched, written = st.bytes_written, seconds = st.seconds, "unpacked");
     }
+    let snapped = capture_and_snapshot(ec2, &mut c, o, &volume, line).await;
+    if let Err(s) = c.release_capture(ReleaseCaptureRequest { stream: o.stream.clone() }).await {
+        // An older unpacker has no holds; otherwise the hold runs out by itself.
+        if s.code() != tonic::Code::Unimplemented {
+            tracing::warn!(stream = %o.stream, "could not release the capture hold: {}", s.message());
+        }
+    }
+    snapped.map(Some)
+}
+
+/// Read the volume back (it must hold exactly the leaf), then start its
+/// snapshot; returns (snapshot id, size in GiB).
+async fn capture_and_snapshot(
+    ec2: &Client,
+    c: &mut uc::Client,
+    o: &Options,
+    volume: &str,
+    line: &Line,
+) -> anyhow::Result<(String, i32)> {
     line.step("reading back");
-    let cap = c
-        .prepare_for_capture(PrepareForCaptureRequest { stream: o.stream.clone() })
-        .await
-        .context("PrepareForCapture")?
-        .into_inner();
+    let req = PrepareForCaptureRequest { stream: o.stream.clone(), hold_seconds: CAPTURE_HOLD_SECONDS };
+    let cap = c.prepare_for_capture(req).await.context("PrepareForCapture")?.into_inner();
     if cap.image_id != o.image_id || cap.leaf != o.leaf {
         bail!(
             "the unpacker's volume holds {}/{} (image {}), not {}/{} (image {}); not snapshotting it",
@@ -388,7 +407,7 @@ async fn unpack_and_snapshot(
     snap_tags.push((tags::EXPIRES_AT.to_owned(), tags::rfc3339(SystemTime::now() + tags::PENDING_SNAPSHOT_LIFETIME)));
     let out = ec2
         .create_snapshot()
-        .volume_id(&volume)
+        .volume_id(volume)
         .description(&o.description)
         .tag_specifications(tags::spec(ResourceType::Snapshot, &snap_tags))
         .send()
@@ -396,8 +415,12 @@ async fn unpack_and_snapshot(
         .map_err(|e| sdk_error(&format!("CreateSnapshot of {volume}"), e))?;
     let snap = out.snapshot_id().context("CreateSnapshot returned no snapshot id")?.to_owned();
     tracing::info!(snapshot = %snap, %volume, device_digest = %cap.device_digest, "snapshot started");
-    Ok(Some((snap, out.volume_size().unwrap_or(1))))
+    Ok((snap, out.volume_size().unwrap_or(1)))
 }
+
+/// How long the unpacker holds a volume at the leaf for the snapshot to be
+/// started (released as soon as CreateSnapshot returns).
+const CAPTURE_HOLD_SECONDS: u32 = 600;
 
 /// A run that was interrupted may have left the unpacker scanning or
 /// unpacking this stream (the unpacker finishes what it started); wait for it.
@@ -408,16 +431,21 @@ async fn wait_stream_idle(c: &mut uc::Client, stream: &str, timeout: Duration, l
         let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
         let Some(s) = status.streams.iter().find(|s| s.stream == stream) else { return Ok(()) };
         let state = s.state();
-        if !matches!(state, StreamState::Scanning | StreamState::Unpacking) {
+        let held = s.hold_seconds > 0;
+        if !held && !matches!(state, StreamState::Scanning | StreamState::Unpacking) {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!("waiting for the unpacker to finish an earlier {state:?} of {stream} (timeout {timeout:?})");
         }
-        line.step(format!(
-            "waiting for an earlier {} to finish",
-            state.as_str_name().trim_start_matches("STREAM_STATE_").to_lowercase()
-        ));
+        if held {
+            line.step(format!("waiting for another capture of {stream} ({} s left of its hold)", s.hold_seconds));
+        } else {
+            line.step(format!(
+                "waiting for an earlier {} to finish",
+                state.as_str_name().trim_start_matches("STREAM_STATE_").to_lowercase()
+            ));
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

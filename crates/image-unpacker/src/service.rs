@@ -5,6 +5,12 @@
 //! the one running); a long operation runs in its own task, so a caller that
 //! goes away does not cut an unpack short; the state lock is never held
 //! across I/O on a device or the network.
+//!
+//! **Capture holds:** an unpack or capture may ask to hold the device at its
+//! leaf for a while, so that the caller can start a snapshot before anything
+//! else writes it (an EBS snapshot is of the moment it is started). While a
+//! hold lasts, calls that would change the device wait for it to end
+//! (ReleaseCapture, or its time runs out); reads and captures do not.
 
 use std::{
     collections::HashMap,
@@ -19,8 +25,9 @@ use std::{
 
 use fleet_proto::unpacker::{
     AddDeviceRequest, AssociateRequest, Capture, ClaimDeviceRequest, Device, Empty, ForgetStreamRequest, GetRawRequest,
-    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, RawData, RemoveDeviceRequest,
-    Status as UnpackerStatus, StreamStatus, UnpackImageRequest, UnpackStats, image_unpacker_server::ImageUnpacker,
+    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, RawData, ReleaseCaptureRequest,
+    RemoveDeviceRequest, Status as UnpackerStatus, StreamStatus, UnpackImageRequest, UnpackStats,
+    image_unpacker_server::ImageUnpacker,
 };
 use fleet_tls::{Right, TlsFiles};
 use futures::Stream;
@@ -40,6 +47,8 @@ use crate::{
 pub(crate) const DEFAULT_ADD_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest AddDevice waits whatever the caller asks.
 pub(crate) const MAX_ADD_TIMEOUT: Duration = Duration::from_secs(600);
+/// The longest capture hold granted, whatever the caller asks.
+pub(crate) const MAX_HOLD: Duration = Duration::from_secs(900);
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<Progress, Status>> + Send>>;
 type RawStream = Pin<Box<dyn Stream<Item = Result<RawData, Status>> + Send>>;
@@ -55,6 +64,9 @@ pub struct ServiceConfig {
 struct Inner {
     state: Mutex<State>,
     busy: Mutex<HashMap<String, &'static str>>,
+    /// Capture holds: stream -> when the hold ends.
+    holds: Mutex<HashMap<String, Instant>>,
+    released: tokio::sync::Notify,
     config: ServiceConfig,
     metrics: Arc<Metrics>,
 }
@@ -108,7 +120,14 @@ impl Unpacker {
     /// The service over the state in `state_dir`.
     pub fn new(state_dir: &std::path::Path, config: ServiceConfig, metrics: Arc<Metrics>) -> anyhow::Result<Unpacker> {
         let state = State::load(state_dir)?;
-        Ok(Unpacker(Arc::new(Inner { state: Mutex::new(state), busy: Mutex::default(), config, metrics })))
+        Ok(Unpacker(Arc::new(Inner {
+            state: Mutex::new(state),
+            busy: Mutex::default(),
+            holds: Mutex::default(),
+            released: tokio::sync::Notify::new(),
+            config,
+            metrics,
+        })))
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -123,6 +142,59 @@ impl Unpacker {
         fleet_tls::require(req, Right::DriveUnpacker).map(|_| ()).inspect_err(|_| {
             Metrics::add(&self.0.metrics.requests_denied, 1);
         })
+    }
+
+    /// Hold `stream`'s device for `seconds` (capped at [`MAX_HOLD`]); an
+    /// existing hold is only ever extended.
+    fn hold(&self, stream: &str, seconds: u32) {
+        if seconds == 0 {
+            return;
+        }
+        let until = Instant::now() + Duration::from_secs(u64::from(seconds)).min(MAX_HOLD);
+        let mut holds = self.0.holds.lock().expect("holds lock");
+        let end = holds.entry(stream.to_owned()).or_insert(until);
+        *end = (*end).max(until);
+        tracing::info!(stream, seconds, "device held for capture");
+    }
+
+    /// Time left of the hold on `stream`, if any (expired holds are dropped).
+    fn hold_left(&self, stream: &str) -> Option<Duration> {
+        let mut holds = self.0.holds.lock().expect("holds lock");
+        let now = Instant::now();
+        let left = holds.get(stream).map(|&until| until.saturating_duration_since(now))?;
+        if left.is_zero() {
+            holds.remove(stream);
+            tracing::warn!(stream, "capture hold expired without a release");
+            return None;
+        }
+        Some(left)
+    }
+
+    fn release(&self, stream: &str) {
+        if self.0.holds.lock().expect("holds lock").remove(stream).is_some() {
+            tracing::info!(stream, "capture hold released");
+        }
+        self.0.released.notify_waiters();
+    }
+
+    /// Wait until no capture hold is on `stream`.
+    async fn wait_unheld(&self, stream: &str) {
+        let mut said = false;
+        loop {
+            // Registered before the check, so a release in between is seen.
+            let released = self.0.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let Some(left) = self.hold_left(stream) else { return };
+            if !said {
+                tracing::info!(stream, left = ?left, "waiting for a capture hold to end");
+                said = true;
+            }
+            tokio::select! {
+                () = &mut released => {}
+                () = tokio::time::sleep(left) => {}
+            }
+        }
     }
 
     /// Mark a stream busy with `what`, or say what it is busy with.
@@ -152,6 +224,8 @@ impl Unpacker {
             leaf: s.leaf.clone().unwrap_or_default(),
             image_id: s.image_id.clone().unwrap_or_default(),
             image_size: s.image_size,
+            // Filled in by `status`, which sees the holds.
+            hold_seconds: 0,
         }
     }
 
@@ -167,11 +241,20 @@ impl Unpacker {
 
     /// Devices, streams and idle time.
     pub fn status(&self) -> UnpackerStatus {
-        let busy = !self.0.busy.lock().expect("busy lock").is_empty();
         let state = self.state();
+        let streams: Vec<StreamStatus> = state
+            .streams
+            .keys()
+            .map(|s| {
+                let left = self.hold_left(s).map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
+                StreamStatus { hold_seconds: left, ..Self::stream_status(&state, s) }
+            })
+            .collect();
+        let held = streams.iter().any(|s| s.hold_seconds > 0);
+        let busy = held || !self.0.busy.lock().expect("busy lock").is_empty();
         UnpackerStatus {
             devices: state.devices.iter().map(|(v, d)| Self::device_proto(&state, v, d)).collect(),
-            streams: state.streams.keys().map(|s| Self::stream_status(&state, s)).collect(),
+            streams,
             idle_seconds: if busy { 0 } else { now_unix().saturating_sub(state.last_used_unix) },
             busy,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -192,7 +275,7 @@ impl Unpacker {
             })).collect::<Vec<_>>(),
             "streams": s.streams.iter().map(|t| serde_json::json!({
                 "stream": t.stream, "volume_id": t.volume_id, "state": t.state().as_str_name(),
-                "leaf": t.leaf, "image_id": t.image_id, "image_size": t.image_size,
+                "leaf": t.leaf, "image_id": t.image_id, "image_size": t.image_size, "hold_seconds": t.hold_seconds,
             })).collect::<Vec<_>>(),
         })
     }
@@ -484,6 +567,7 @@ impl ImageUnpacker for Unpacker {
         let r = req.into_inner();
         check_stream(&r.stream)?;
         check_volume(&r.volume_id)?;
+        self.wait_unheld(&r.stream).await;
         let _busy = self.claim(&r.stream, "associate")?;
         let mut state = self.state();
         let Some(dev) = state.devices.get(&r.volume_id) else {
@@ -524,6 +608,7 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
+        self.wait_unheld(&r.stream).await;
         let guard = self.claim(&r.stream, "prepare-for-unpack")?;
         let (_, _, _, content) = self.binding(&r.stream)?;
         let stream = r.stream.clone();
@@ -567,12 +652,17 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         ImageName::new(&r.stream, &r.leaf).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.wait_unheld(&r.stream).await;
         let guard = self.claim(&r.stream, "unpack")?;
         self.binding(&r.stream)?;
         let job = move |me: Unpacker, tx: mpsc::Sender<Result<Progress, Status>>| async move {
             let result = me.unpack(&r.stream, &r.leaf, &tx).await;
             match &result {
-                Ok(_) => Metrics::add(&me.0.metrics.unpacks, 1),
+                Ok(_) => {
+                    Metrics::add(&me.0.metrics.unpacks, 1);
+                    // Before the busy mark goes, so no writer slips in.
+                    me.hold(&r.stream, r.hold_seconds);
+                }
                 Err(e) => {
                     Metrics::add(&me.0.metrics.unpack_failures, 1);
                     tracing::warn!(stream = %r.stream, leaf = %r.leaf, error = %e.message(), "unpack failed");
@@ -611,6 +701,7 @@ impl ImageUnpacker for Unpacker {
             ReadBack::Matches(digest) => {
                 Metrics::add(&self.0.metrics.captures, 1);
                 self.set_phase(&r.stream, Phase::Verified)?;
+                self.hold(&r.stream, r.hold_seconds);
                 Ok(Response::new(Capture {
                     stream: r.stream,
                     leaf,
@@ -622,6 +713,7 @@ impl ImageUnpacker for Unpacker {
             }
             ReadBack::Differs { index, offset } => {
                 Metrics::add(&self.0.metrics.capture_mismatches, 1);
+                self.release(&r.stream);
                 self.state().set_content(&volume_id, Content::Unknown).map_err(internal)?;
                 self.set_phase(&r.stream, Phase::Dirty)?;
                 Err(Status::data_loss(format!(
@@ -637,6 +729,7 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
+        self.wait_unheld(&r.stream).await;
         let _guard = self.claim(&r.stream, "forget-stream")?;
         let mut state = self.state();
         if state.streams.remove(&r.stream).is_none() {
@@ -644,6 +737,14 @@ impl ImageUnpacker for Unpacker {
         }
         self.save(&mut state)?;
         tracing::info!(stream = %r.stream, "stream forgotten");
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn release_capture(&self, req: Request<ReleaseCaptureRequest>) -> Result<Response<Empty>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        check_stream(&r.stream)?;
+        self.release(&r.stream);
         Ok(Response::new(Empty {}))
     }
 

@@ -95,8 +95,11 @@ async fn kill_mid_unpack_then_prepare_and_unpack_recover_exact_bytes() {
     })
     .await
     .unwrap();
-    let mut progress =
-        c.unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into() }).await.unwrap().into_inner();
+    let mut progress = c
+        .unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into(), hold_seconds: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     // Kill at the first progress report that shows bytes written.
     loop {
         let p = progress.message().await.unwrap().expect("the unpack ended before it could be interrupted");
@@ -128,7 +131,11 @@ async fn kill_mid_unpack_then_prepare_and_unpack_recover_exact_bytes() {
         .into_inner();
     let last = image_unpacker::client::follow(p, |_| {}).await.unwrap();
     assert_eq!(last.result.unwrap().state(), StreamState::Prepared, "skip-if-prepared still rescans a dirty device");
-    let p = c.unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into() }).await.unwrap().into_inner();
+    let p = c
+        .unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into(), hold_seconds: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     let stats = image_unpacker::client::follow(p, |_| {}).await.unwrap().stats.unwrap();
     assert!(stats.chunks_unchanged > 0, "chunks written before the kill are kept: {stats:?}");
     assert_eq!(dev.read(SIZE).unwrap(), image, "the device holds the exact leaf");

@@ -11,8 +11,8 @@ use futures::Stream;
 use image_format::{ImageName, Manifest};
 use image_unpacker::client::{
     AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Client, ForgetStreamRequest, GetRawRequest,
-    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, RemoveDeviceRequest, StreamState,
-    UnpackImageRequest, UnpackStats,
+    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, ReleaseCaptureRequest, RemoveDeviceRequest,
+    StreamState, UnpackImageRequest, UnpackStats,
 };
 use imagetool::Progress as AddProgress;
 use test_support::{Pki, ScratchDevice, noise};
@@ -99,13 +99,18 @@ impl Rig {
 }
 
 async fn unpack(c: &mut Client, leaf: &str) -> Result<UnpackStats, Status> {
-    let s = c.unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: leaf.into() }).await?.into_inner();
+    unpack_holding(c, leaf, 0).await
+}
+
+async fn unpack_holding(c: &mut Client, leaf: &str, hold_seconds: u32) -> Result<UnpackStats, Status> {
+    let req = UnpackImageRequest { stream: STREAM.into(), leaf: leaf.into(), hold_seconds };
+    let s = c.unpack_image(req).await?.into_inner();
     let last = image_unpacker::client::follow(s, |_| {}).await?;
     Ok(last.stats.expect("the last message carries stats"))
 }
 
 async fn capture(c: &mut Client) -> Result<image_unpacker::client::Capture, Status> {
-    Ok(c.prepare_for_capture(PrepareForCaptureRequest { stream: STREAM.into() }).await?.into_inner())
+    Ok(c.prepare_for_capture(PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 0 }).await?.into_inner())
 }
 
 /// A disk-like image: data, a zero run, more data, a short tail.
@@ -173,6 +178,52 @@ async fn unpacks_bit_for_bit_then_writes_only_what_changed() {
         got.extend_from_slice(&p.data);
     }
     assert_eq!(got, a);
+}
+
+/// A capture hold keeps a second writer of the stream off the device until
+/// it is released (the snapshot of leaf 1 would otherwise see leaf 2's
+/// bytes), and a hold nobody releases ends by itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_hold_keeps_writers_off_until_released() {
+    let rig = Rig::new().await;
+    let (a, b, third) = (disk(11), disk(12), disk(13));
+    rig.add("1", &a).await;
+    rig.add("2", &b).await;
+    rig.add("3", &third).await;
+    let mut c = rig.client().await;
+    let dev = rig.bound_device(&mut c, "vol-00000000000000a1", 64 * CHUNK as u64, true).await;
+    unpack_holding(&mut c, "1", 600).await.unwrap();
+    let status = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let held = status.streams.iter().find(|s| s.stream == STREAM).unwrap().hold_seconds;
+    assert!(held > 590 && held <= 600, "hold {held}");
+    assert!(status.busy, "a held unpacker is busy, so stop-idle-unpackers leaves it up");
+
+    // Another caller's unpack of leaf 2 waits.
+    let mut other = rig.client().await;
+    let second = tokio::spawn(async move { unpack(&mut other, "2").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!second.is_finished(), "the second unpack waits for the hold");
+    // Captures are not writers: the holder reads back and extends the hold.
+    let req = PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 600 };
+    let cap = c.prepare_for_capture(req).await.unwrap().into_inner();
+    assert_eq!(cap.leaf, "1");
+    assert_eq!(dev.read(a.len()).unwrap(), a, "still leaf 1 while held");
+    assert!(!second.is_finished());
+
+    c.release_capture(ReleaseCaptureRequest { stream: STREAM.into() }).await.unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(60), second).await.unwrap().unwrap().unwrap();
+    assert!(stats.chunks_written > 0);
+    assert_eq!(dev.read(b.len()).unwrap(), b, "leaf 2 once released");
+    let status = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.streams.iter().find(|s| s.stream == STREAM).unwrap().hold_seconds, 0);
+
+    // A hold that is never released runs out.
+    let req = PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 2 };
+    c.prepare_for_capture(req).await.unwrap();
+    let t = std::time::Instant::now();
+    unpack(&mut c, "3").await.unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(1000), "the unpack waited for the hold: {:?}", t.elapsed());
+    assert_eq!(dev.read(third.len()).unwrap(), third);
 }
 
 #[tokio::test]

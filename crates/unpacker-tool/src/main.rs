@@ -5,8 +5,8 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use image_unpacker::client::{
     AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Device, ForgetStreamRequest, GetRawRequest,
-    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, RemoveDeviceRequest, StreamStatus,
-    UnpackImageRequest,
+    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, ReleaseCaptureRequest,
+    RemoveDeviceRequest, StreamStatus, UnpackImageRequest,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -74,9 +74,24 @@ enum Cmd {
         do_not_wait: bool,
     },
     /// Bring the stream's device to LEAF, writing only what differs.
-    UnpackImage { stream: String, leaf: String },
+    UnpackImage {
+        stream: String,
+        leaf: String,
+        /// Then hold the device at LEAF for this long (writers wait) so it
+        /// can be captured; end it with release-capture.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        hold: Option<Duration>,
+    },
     /// Flush and read the device back; prints the image id and device digest.
-    PrepareForCapture { stream: String },
+    PrepareForCapture {
+        stream: String,
+        /// Then hold the device for this long (writers wait) while a snapshot
+        /// is started; end it with release-capture.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        hold: Option<Duration>,
+    },
+    /// End a capture hold on STREAM.
+    ReleaseCapture { stream: String },
     /// Unbind a stream from its device.
     ForgetStream { stream: String },
     /// Copy the image bytes on the stream's device to OUT (written atomically).
@@ -94,6 +109,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A hold as whole seconds (at least 1 when asked for at all).
+fn hold_seconds(hold: Option<Duration>) -> u32 {
+    hold.map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX))
 }
 
 fn device_json(d: &Device) -> serde_json::Value {
@@ -207,13 +227,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => out(json!({"phase": last.phase}), format!("{} (not waiting)", last.phase)),
             }
         }
-        Cmd::UnpackImage { stream, leaf } => {
+        Cmd::UnpackImage { stream, leaf, hold } => {
             let b = bar(cli.json);
-            let last = image_unpacker::client::follow(
-                c.unpack_image(UnpackImageRequest { stream, leaf }).await?.into_inner(),
-                show_progress(&b),
-            )
-            .await?;
+            let req = UnpackImageRequest { stream, leaf, hold_seconds: hold_seconds(hold) };
+            let last =
+                image_unpacker::client::follow(c.unpack_image(req).await?.into_inner(), show_progress(&b)).await?;
             b.finish_and_clear();
             let stats = last.stats.unwrap_or_default();
             let s = last.result.unwrap_or_default();
@@ -224,8 +242,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "bytes_written": stats.bytes_written, "seconds": stats.seconds});
             out(v, format!("{}/{} on {}: {}", s.stream, s.leaf, s.volume_id, image_unpacker::stats_line(&stats)));
         }
-        Cmd::PrepareForCapture { stream } => {
-            let cap = c.prepare_for_capture(PrepareForCaptureRequest { stream }).await?.into_inner();
+        Cmd::PrepareForCapture { stream, hold } => {
+            let req = PrepareForCaptureRequest { stream, hold_seconds: hold_seconds(hold) };
+            let cap = c.prepare_for_capture(req).await?.into_inner();
             let v = json!({"stream": cap.stream, "leaf": cap.leaf, "image_id": cap.image_id,
                 "image_size": cap.image_size, "device_digest": cap.device_digest, "volume_id": cap.volume_id});
             out(
@@ -235,6 +254,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     cap.stream, cap.leaf, cap.volume_id, cap.image_id, cap.device_digest
                 ),
             );
+        }
+        Cmd::ReleaseCapture { stream } => {
+            c.release_capture(ReleaseCaptureRequest { stream: stream.clone() }).await?;
+            out(json!({"released": stream}), format!("released the capture hold on {stream}"));
         }
         Cmd::ForgetStream { stream } => {
             c.forget_stream(ForgetStreamRequest { stream: stream.clone() }).await?;
