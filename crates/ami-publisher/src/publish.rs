@@ -350,7 +350,7 @@ async fn unpack_and_snapshot(
     let volume = volumes::ensure(ec2, &mut c, &inst, &spec, line).await?;
     r.volume_id = Some(volume.clone());
 
-    wait_stream_idle(&mut c, &o.stream, o.timeouts.unpacker, line).await?;
+    wait_stream_idle(&mut c, &o.stream, &o.leaf, o.timeouts.unpacker, line).await?;
     line.step("preparing");
     let req = PrepareForUnpackRequest { stream: o.stream.clone(), skip_if_prepared: true, do_not_wait: false };
     let s = c.prepare_for_unpack(req).await.context("PrepareForUnpack")?.into_inner();
@@ -358,7 +358,7 @@ async fn unpack_and_snapshot(
     // The unpacker holds the device at this leaf from the end of the unpack
     // until the snapshot is started, so a concurrent publish of the same
     // stream cannot write it in between.
-    let req = UnpackImageRequest { stream: o.stream.clone(), leaf: o.leaf.clone(), hold_seconds: CAPTURE_HOLD_SECONDS };
+    let req = UnpackImageRequest { stream: o.stream.clone(), leaf: o.leaf.clone(), hold_seconds: UNPACK_HOLD_SECONDS };
     let s = c.unpack_image(req).await.context("UnpackImage")?.into_inner();
     let last = uc::follow(s, show(line)).await.with_context(|| format!("unpacking {}/{}", o.stream, o.leaf))?;
     if let Some(st) = last.stats {
@@ -418,20 +418,32 @@ async fn capture_and_snapshot(
     Ok((snap, out.volume_size().unwrap_or(1)))
 }
 
-/// How long the unpacker holds a volume at the leaf for the snapshot to be
-/// started (released as soon as CreateSnapshot returns).
-const CAPTURE_HOLD_SECONDS: u32 = 600;
+/// How long the unpacker holds a volume at the leaf after the unpack (until
+/// the read-back starts) and after the read-back (until CreateSnapshot has
+/// returned); released as soon as it has. A publisher killed in between
+/// makes a publish of another leaf of the stream wait at most this long; a
+/// re-run of the same leaf does not wait.
+const UNPACK_HOLD_SECONDS: u32 = 120;
+const CAPTURE_HOLD_SECONDS: u32 = 300;
 
 /// A run that was interrupted may have left the unpacker scanning or
-/// unpacking this stream (the unpacker finishes what it started); wait for it.
-async fn wait_stream_idle(c: &mut uc::Client, stream: &str, timeout: Duration, line: &Line) -> anyhow::Result<()> {
+/// unpacking this stream (the unpacker finishes what it started), or
+/// another publish may be capturing another leaf of it; wait for them.
+async fn wait_stream_idle(
+    c: &mut uc::Client,
+    stream: &str,
+    leaf: &str,
+    timeout: Duration,
+    line: &Line,
+) -> anyhow::Result<()> {
     use image_unpacker::client::StreamState;
     let deadline = Instant::now() + timeout;
     loop {
         let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
         let Some(s) = status.streams.iter().find(|s| s.stream == stream) else { return Ok(()) };
         let state = s.state();
-        let held = s.hold_seconds > 0;
+        // Held at another leaf: another publish is capturing it.
+        let held = s.hold_seconds > 0 && s.leaf != leaf;
         if !held && !matches!(state, StreamState::Scanning | StreamState::Unpacking) {
             return Ok(());
         }

@@ -9,8 +9,10 @@
 //! **Capture holds:** an unpack or capture may ask to hold the device at its
 //! leaf for a while, so that the caller can start a snapshot before anything
 //! else writes it (an EBS snapshot is of the moment it is started). While a
-//! hold lasts, calls that would change the device wait for it to end
-//! (ReleaseCapture, or its time runs out); reads and captures do not.
+//! hold lasts, an unpack of another leaf and ForgetStream wait for it to end
+//! (ReleaseCapture, or its time runs out). Reads, scans, captures and an
+//! unpack of the held leaf itself (which changes nothing, and is what a
+//! re-run of an interrupted publish does) go ahead.
 
 use std::{
     collections::HashMap,
@@ -64,8 +66,8 @@ pub struct ServiceConfig {
 struct Inner {
     state: Mutex<State>,
     busy: Mutex<HashMap<String, &'static str>>,
-    /// Capture holds: stream -> when the hold ends.
-    holds: Mutex<HashMap<String, Instant>>,
+    /// Capture holds: stream -> (when the hold ends, the leaf held).
+    holds: Mutex<HashMap<String, (Instant, String)>>,
     released: tokio::sync::Notify,
     config: ServiceConfig,
     metrics: Arc<Metrics>,
@@ -146,28 +148,33 @@ impl Unpacker {
 
     /// Hold `stream`'s device for `seconds` (capped at [`MAX_HOLD`]); an
     /// existing hold is only ever extended.
-    fn hold(&self, stream: &str, seconds: u32) {
+    fn hold(&self, stream: &str, leaf: &str, seconds: u32) {
         if seconds == 0 {
             return;
         }
         let until = Instant::now() + Duration::from_secs(u64::from(seconds)).min(MAX_HOLD);
         let mut holds = self.0.holds.lock().expect("holds lock");
-        let end = holds.entry(stream.to_owned()).or_insert(until);
-        *end = (*end).max(until);
-        tracing::info!(stream, seconds, "device held for capture");
+        let end = match holds.get(stream) {
+            Some((t, held)) if held == leaf => until.max(*t),
+            _ => until,
+        };
+        holds.insert(stream.to_owned(), (end, leaf.to_owned()));
+        tracing::info!(stream, leaf, seconds, "device held for capture");
     }
 
-    /// Time left of the hold on `stream`, if any (expired holds are dropped).
-    fn hold_left(&self, stream: &str) -> Option<Duration> {
+    /// Time left of the hold on `stream` and the leaf it holds, if any
+    /// (expired holds are dropped).
+    fn hold_left(&self, stream: &str) -> Option<(Duration, String)> {
         let mut holds = self.0.holds.lock().expect("holds lock");
         let now = Instant::now();
-        let left = holds.get(stream).map(|&until| until.saturating_duration_since(now))?;
+        let (until, leaf) = holds.get(stream)?;
+        let left = until.saturating_duration_since(now);
         if left.is_zero() {
             holds.remove(stream);
             tracing::warn!(stream, "capture hold expired without a release");
             return None;
         }
-        Some(left)
+        Some((left, leaf.clone()))
     }
 
     fn release(&self, stream: &str) {
@@ -177,15 +184,19 @@ impl Unpacker {
         self.0.released.notify_waiters();
     }
 
-    /// Wait until no capture hold is on `stream`.
-    async fn wait_unheld(&self, stream: &str) {
+    /// Wait until no capture hold is on `stream`, unless the hold is of
+    /// `leaf` (the caller would write what is already there).
+    async fn wait_unheld(&self, stream: &str, leaf: Option<&str>) {
         let mut said = false;
         loop {
             // Registered before the check, so a release in between is seen.
             let released = self.0.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            let Some(left) = self.hold_left(stream) else { return };
+            let Some((left, held)) = self.hold_left(stream) else { return };
+            if leaf == Some(held.as_str()) {
+                return;
+            }
             if !said {
                 tracing::info!(stream, left = ?left, "waiting for a capture hold to end");
                 said = true;
@@ -246,7 +257,7 @@ impl Unpacker {
             .streams
             .keys()
             .map(|s| {
-                let left = self.hold_left(s).map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
+                let left = self.hold_left(s).map_or(0, |(d, _)| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
                 StreamStatus { hold_seconds: left, ..Self::stream_status(&state, s) }
             })
             .collect();
@@ -567,7 +578,6 @@ impl ImageUnpacker for Unpacker {
         let r = req.into_inner();
         check_stream(&r.stream)?;
         check_volume(&r.volume_id)?;
-        self.wait_unheld(&r.stream).await;
         let _busy = self.claim(&r.stream, "associate")?;
         let mut state = self.state();
         let Some(dev) = state.devices.get(&r.volume_id) else {
@@ -608,7 +618,6 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
-        self.wait_unheld(&r.stream).await;
         let guard = self.claim(&r.stream, "prepare-for-unpack")?;
         let (_, _, _, content) = self.binding(&r.stream)?;
         let stream = r.stream.clone();
@@ -652,7 +661,7 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         ImageName::new(&r.stream, &r.leaf).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.wait_unheld(&r.stream).await;
+        self.wait_unheld(&r.stream, Some(&r.leaf)).await;
         let guard = self.claim(&r.stream, "unpack")?;
         self.binding(&r.stream)?;
         let job = move |me: Unpacker, tx: mpsc::Sender<Result<Progress, Status>>| async move {
@@ -661,7 +670,7 @@ impl ImageUnpacker for Unpacker {
                 Ok(_) => {
                     Metrics::add(&me.0.metrics.unpacks, 1);
                     // Before the busy mark goes, so no writer slips in.
-                    me.hold(&r.stream, r.hold_seconds);
+                    me.hold(&r.stream, &r.leaf, r.hold_seconds);
                 }
                 Err(e) => {
                     Metrics::add(&me.0.metrics.unpack_failures, 1);
@@ -701,7 +710,7 @@ impl ImageUnpacker for Unpacker {
             ReadBack::Matches(digest) => {
                 Metrics::add(&self.0.metrics.captures, 1);
                 self.set_phase(&r.stream, Phase::Verified)?;
-                self.hold(&r.stream, r.hold_seconds);
+                self.hold(&r.stream, &leaf, r.hold_seconds);
                 Ok(Response::new(Capture {
                     stream: r.stream,
                     leaf,
@@ -729,7 +738,7 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
-        self.wait_unheld(&r.stream).await;
+        self.wait_unheld(&r.stream, None).await;
         let _guard = self.claim(&r.stream, "forget-stream")?;
         let mut state = self.state();
         if state.streams.remove(&r.stream).is_none() {

@@ -198,8 +198,11 @@ async fn a_capture_hold_keeps_writers_off_until_released() {
     assert!(held > 590 && held <= 600, "hold {held}");
     assert!(status.busy, "a held unpacker is busy, so stop-idle-unpackers leaves it up");
 
-    // Another caller's unpack of leaf 2 waits.
+    // Another caller's unpack of the held leaf (a re-run) goes ahead and
+    // changes nothing; one of leaf 2 waits.
     let mut other = rig.client().await;
+    let rerun = tokio::time::timeout(Duration::from_secs(30), unpack(&mut other, "1")).await.unwrap().unwrap();
+    assert_eq!((rerun.chunks_written, rerun.chunks_zeroed), (0, 0));
     let second = tokio::spawn(async move { unpack(&mut other, "2").await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!second.is_finished(), "the second unpack waits for the hold");
