@@ -350,17 +350,22 @@ async fn unpack_and_snapshot(
     let volume = volumes::ensure(ec2, &mut c, &inst, &spec, line).await?;
     r.volume_id = Some(volume.clone());
 
-    wait_stream_idle(&mut c, &o.stream, &o.leaf, o.timeouts.unpacker, line).await?;
-    line.step("preparing");
-    let req = PrepareForUnpackRequest { stream: o.stream.clone(), skip_if_prepared: true, do_not_wait: false };
-    let s = c.prepare_for_unpack(req).await.context("PrepareForUnpack")?.into_inner();
-    uc::follow(s, show(line)).await.context("PrepareForUnpack")?;
-    // The unpacker holds the device at this leaf from the end of the unpack
-    // until the snapshot is started, so a concurrent publish of the same
-    // stream cannot write it in between.
-    let req = UnpackImageRequest { stream: o.stream.clone(), leaf: o.leaf.clone(), hold_seconds: UNPACK_HOLD_SECONDS };
-    let s = c.unpack_image(req).await.context("UnpackImage")?.into_inner();
-    let last = uc::follow(s, show(line)).await.with_context(|| format!("unpacking {}/{}", o.stream, o.leaf))?;
+    // Another publish of the stream may be using the volume: wait for it,
+    // and start again when it slips in between (the unpacker says ABORTED).
+    let deadline = Instant::now() + o.timeouts.unpacker;
+    let last = loop {
+        wait_stream_idle(&mut c, &o.stream, &o.leaf, o.timeouts.unpacker, line).await?;
+        match prepare_and_unpack(&mut c, o, line).await {
+            Err(Step::Busy(s)) if Instant::now() < deadline => {
+                line.step("the stream is busy; waiting");
+                tracing::info!(stream = %o.stream, "{}; waiting", s.message());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(Step::Busy(s)) => bail!("{} (gave up after {:?})", s.message(), o.timeouts.unpacker),
+            Err(Step::Failed(e)) => return Err(e),
+            Ok(last) => break last,
+        }
+    };
     if let Some(st) = last.stats {
         r.bytes_fetched = Some(st.bytes_fetched);
         r.bytes_written = Some(st.bytes_written);
@@ -376,6 +381,35 @@ async fn unpack_and_snapshot(
     snapped.map(Some)
 }
 
+/// How a step on the unpacker ended when it did not succeed.
+enum Step {
+    /// The stream was busy with another caller's operation (ABORTED).
+    Busy(tonic::Status),
+    Failed(anyhow::Error),
+}
+
+fn step(what: &'static str) -> impl Fn(tonic::Status) -> Step {
+    move |s| {
+        if s.code() == tonic::Code::Aborted { Step::Busy(s) } else { Step::Failed(anyhow::Error::new(s).context(what)) }
+    }
+}
+
+/// Prepare the stream (a no-op when its device's content is known) and
+/// unpack the leaf. The unpacker then holds the device at this leaf until
+/// the snapshot is started, so a concurrent publish of the same stream
+/// cannot write it in between.
+async fn prepare_and_unpack(c: &mut uc::Client, o: &Options, line: &Line) -> Result<Progress, Step> {
+    line.step("preparing");
+    let req = PrepareForUnpackRequest { stream: o.stream.clone(), skip_if_prepared: true, do_not_wait: false };
+    let s = c.prepare_for_unpack(req).await.map_err(step("PrepareForUnpack"))?.into_inner();
+    uc::follow(s, show(line)).await.map_err(step("PrepareForUnpack"))?;
+    let req = UnpackImageRequest { stream: o.stream.clone(), leaf: o.leaf.clone(), hold_seconds: UNPACK_HOLD_SECONDS };
+    let s = c.unpack_image(req).await.map_err(step("UnpackImage"))?.into_inner();
+    uc::follow(s, show(line))
+        .await
+        .map_err(|e| Step::Failed(anyhow::Error::new(e).context(format!("unpacking {}/{}", o.stream, o.leaf))))
+}
+
 /// Read the volume back (it must hold exactly the leaf), then start its
 /// snapshot; returns (snapshot id, size in GiB).
 async fn capture_and_snapshot(
@@ -386,8 +420,19 @@ async fn capture_and_snapshot(
     line: &Line,
 ) -> anyhow::Result<(String, i32)> {
     line.step("reading back");
-    let req = PrepareForCaptureRequest { stream: o.stream.clone(), hold_seconds: CAPTURE_HOLD_SECONDS };
-    let cap = c.prepare_for_capture(req).await.context("PrepareForCapture")?.into_inner();
+    // Writers of other leaves wait for this leaf's hold; a scan or capture
+    // by another caller may still be running (ABORTED): try again.
+    let deadline = Instant::now() + o.timeouts.unpacker;
+    let cap = loop {
+        let req = PrepareForCaptureRequest { stream: o.stream.clone(), hold_seconds: CAPTURE_HOLD_SECONDS };
+        match c.prepare_for_capture(req).await {
+            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
+                line.step("the stream is busy; waiting to read back");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => break r.context("PrepareForCapture")?.into_inner(),
+        }
+    };
     if cap.image_id != o.image_id || cap.leaf != o.leaf {
         bail!(
             "the unpacker's volume holds {}/{} (image {}), not {}/{} (image {}); not snapshotting it",

@@ -268,3 +268,36 @@ async fn an_interrupted_publish_is_finished_by_a_rerun_and_leaks_nothing() {
     let snap_tags = snaps.snapshots()[0].tags();
     assert!(!snap_tags.iter().any(|t| t.key() == Some("ExpiresAt")), "{snap_tags:?}");
 }
+
+/// Two pipelines publish two leaves of one stream to one target at the same
+/// time: they share the stream's volume, so one waits for the other's
+/// capture, and each AMI holds exactly its own leaf (the world's snapshots,
+/// like EBS's, hold the bytes of the moment CreateSnapshot was called).
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_publishes_of_one_stream_each_capture_their_own_leaf() {
+    let world = World::start(&Plan::new(&["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let stream = "apps/web";
+    let target = ["--targets", "first,us-east-1"];
+    let file1 = add_image(&world, stream, "1", &disk(24 * MIB, 21)).await;
+    let (code, r1) = p.publish(stream, "1", &target);
+    assert_eq!(code, 0, "{r1:#?}");
+    let file2 = add_image(&world, stream, "2", &disk(24 * MIB, 22)).await;
+    let file3 = add_image(&world, stream, "3", &disk(24 * MIB, 23)).await;
+
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| p.publish(stream, "2", &target));
+        let b = s.spawn(|| p.publish(stream, "3", &target));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for ((code, r), file) in [(a, &file2), (b, &file3)] {
+        assert_eq!(code, 0, "{r:#?}");
+        let t = &r.targets[0];
+        assert_eq!(t.volume_id, r1.targets[0].volume_id, "the stream's one volume");
+        let ami = t.ami_id.as_deref().unwrap();
+        assert_eq!(Some(root_snapshot_of(&world, "first", "us-east-1", ami).await), t.snapshot_id);
+        assert_snapshot_holds(&world, t.snapshot_id.as_deref().unwrap(), file).await;
+    }
+    // The leaf 1 AMI still holds leaf 1, whatever was written since.
+    assert_snapshot_holds(&world, r1.targets[0].snapshot_id.as_deref().unwrap(), &file1).await;
+}

@@ -1,8 +1,8 @@
 //! The gRPC service: every RPC of `proto/unpacker.proto`.
 //!
 //! **Invariants:** every call needs the drive-unpacker right; one long
-//! operation per stream at a time (a second gets FAILED_PRECONDITION naming
-//! the one running); a long operation runs in its own task, so a caller that
+//! operation per stream at a time (a second gets ABORTED naming the one
+//! running, and may try again); a long operation runs in its own task, so a caller that
 //! goes away does not cut an unpack short; the state lock is never held
 //! across I/O on a device or the network.
 //!
@@ -212,7 +212,8 @@ impl Unpacker {
     fn claim(&self, stream: &str, what: &'static str) -> Result<BusyGuard, Status> {
         let mut busy = self.0.busy.lock().expect("busy lock");
         if let Some(running) = busy.get(stream) {
-            return Err(Status::failed_precondition(format!("stream {stream} is busy: {running} is running")));
+            // ABORTED: a concurrency conflict; the caller may try again.
+            return Err(Status::aborted(format!("stream {stream} is busy: {running} is running")));
         }
         busy.insert(stream.to_owned(), what);
         Ok(BusyGuard { inner: self.0.clone(), stream: stream.to_owned() })

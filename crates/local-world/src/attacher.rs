@@ -6,9 +6,11 @@
 //! (a loop device when possible, else a sparse file) of the volume's size,
 //! kept for as long as the volume exists so that its bytes survive detach and
 //! re-attach, and a Nitro-style link `nvme-Amazon_Elastic_Block_Store_vol…` in
-//! the instance's device directory. A detached volume's link goes away. When
-//! a snapshot of a known volume appears, the volume's bytes are copied
-//! (sparsely) so tests can check what is behind an AMI.
+//! the instance's device directory. A detached volume's link goes away.
+//! moto (through `moto_launch.py`) copies a volume's backing file when a
+//! snapshot of it is created, so a snapshot holds the bytes of that moment
+//! as in EBS; the attacher records those copies so tests can check what is
+//! behind an AMI.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -153,11 +155,21 @@ impl AttachState {
             }
             let Some(dev) = self.devices.get(vid) else { continue };
             let copy = self.snapshots_dir.join(format!("{sid}.img"));
-            // The backing file, not the loop device: it is sparse, so the
-            // copy skips holes (the unpacker has synced the device by now).
-            let status =
-                tokio::process::Command::new("cp").arg("--sparse=always").arg(&dev.backing).arg(&copy).status().await?;
-            if status.success() {
+            // moto's CreateSnapshot copied the bytes as it answered (see
+            // moto_launch.py), as EBS snapshots a volume at that moment.
+            // Failing that (an old launcher), copy them now: the backing
+            // file, not the loop device, since it is sparse.
+            let made = copy.exists() || {
+                tracing::warn!(snapshot = sid, "attacher: moto made no copy at CreateSnapshot; copying now");
+                tokio::process::Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(&dev.backing)
+                    .arg(&copy)
+                    .status()
+                    .await?
+                    .success()
+            };
+            if made {
                 tracing::info!(snapshot = sid, volume = vid, "attacher: snapshot bytes kept");
                 self.snapshots
                     .lock()

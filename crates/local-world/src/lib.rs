@@ -115,6 +115,7 @@ fn start_moto(dir: &Path) -> anyhow::Result<Moto> {
     let python = server.with_file_name("python");
     let child = Command::new(python)
         .arg(&launcher)
+        .env("LOCAL_WORLD_DIR", dir)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -12,10 +12,17 @@
 # 3. CopySnapshot can read a snapshot another account shared with the caller
 #    (createVolumePermission), as EC2 allows; moto only looks in the
 #    caller's own account.
+# 4. CreateSnapshot of a volume the world backs with a file
+#    ($LOCAL_WORLD_DIR/volumes/VOL.img) copies that file (sparsely) to
+#    $LOCAL_WORLD_DIR/snapshots/SNAP.img before answering: an EBS snapshot
+#    holds the volume's bytes of the moment it was started, whatever is
+#    written afterwards.
 #
 # Usage: python moto_launch.py -H HOST -p PORT (moto_server's arguments).
 
 import copy
+import os
+import subprocess
 import sys
 
 from moto.ec2.exceptions import InvalidSnapshotIdError
@@ -144,6 +151,22 @@ def copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_
 
 
 EBSBackend.copy_snapshot = copy_snapshot
+
+_WORLD = os.environ.get("LOCAL_WORLD_DIR")
+_create_snapshot = EBSBackend.create_snapshot
+
+
+def create_snapshot(self, volume_id, *args, **kwargs):
+    snapshot = _create_snapshot(self, volume_id, *args, **kwargs)
+    backing = os.path.join(_WORLD or "", "volumes", f"{volume_id}.img")
+    if _WORLD and os.path.exists(backing):
+        dest = os.path.join(_WORLD, "snapshots", f"{snapshot.id}.img")
+        subprocess.run(["cp", "--sparse=always", backing, dest + ".part"], check=True)
+        os.rename(dest + ".part", dest)
+    return snapshot
+
+
+EBSBackend.create_snapshot = create_snapshot
 
 _copy_image_response = amis_responses.AmisResponse.copy_image
 
