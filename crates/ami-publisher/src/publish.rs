@@ -433,6 +433,9 @@ async fn capture_and_snapshot(
             r => break r.context("PrepareForCapture")?.into_inner(),
         }
     };
+    if cap.volume_id != volume {
+        bail!("the unpacker read back {}, not {volume}, for {}; not snapshotting", cap.volume_id, o.stream);
+    }
     if cap.image_id != o.image_id || cap.leaf != o.leaf {
         bail!(
             "the unpacker's volume holds {}/{} (image {}), not {}/{} (image {}); not snapshotting it",

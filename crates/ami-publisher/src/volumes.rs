@@ -65,6 +65,37 @@ pub async fn ensure(
         retire(ec2, c, &inst.instance_id, &bound.volume_id, spec.timeout).await;
         return Ok(new);
     }
+    let chosen = choose(ec2, c, inst, spec, line, &status).await?;
+    match associate(c, &spec.stream, &chosen).await {
+        Ok(()) => Ok(chosen),
+        Err(e) => {
+            // Another publish of the stream may have bound a volume of its
+            // own in the meantime: use that one. Ours stays on the unpacker
+            // as a free volume (reused next, or remove-unused-volumes).
+            let now = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+            let size_of = |vol: &str| now.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
+            match now.streams.iter().find(|s| s.stream == spec.stream) {
+                Some(b) if b.volume_id != chosen && size_of(&b.volume_id) >= spec.need_bytes => {
+                    tracing::info!(ours = %chosen, theirs = %b.volume_id, "another publish bound the stream first");
+                    line.step(format!("using {}, bound by another publish", b.volume_id));
+                    Ok(b.volume_id.clone())
+                }
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// A volume for a stream that has none: a free one, else one of ours left
+/// over by an interrupted run, else a new one.
+async fn choose(
+    ec2: &Client,
+    c: &mut uc::Client,
+    inst: &UnpackerInstance,
+    spec: &VolumeSpec,
+    line: &Line,
+    status: &uc::Status,
+) -> anyhow::Result<String> {
     if let Some(free) = status
         .devices
         .iter()
@@ -72,23 +103,30 @@ pub async fn ensure(
         .min_by_key(|d| d.size_bytes)
     {
         line.step(format!("using free volume {}", free.volume_id));
-        associate(c, &spec.stream, &free.volume_id).await?;
         return Ok(free.volume_id.clone());
     }
     if let Some(v) = adopt(ec2, c, inst, spec, line).await? {
-        associate(c, &spec.stream, &v).await?;
         return Ok(v);
     }
-    let new = create_and_add(ec2, c, inst, spec, line).await?;
-    associate(c, &spec.stream, &new).await?;
-    Ok(new)
+    create_and_add(ec2, c, inst, spec, line).await
 }
 
+/// Bind the stream to the volume, waiting out another caller's operation
+/// on the stream (ABORTED) for up to a minute.
 async fn associate(c: &mut uc::Client, stream: &str, volume: &str) -> anyhow::Result<()> {
-    c.associate_stream_with_device(AssociateRequest { stream: stream.to_owned(), volume_id: volume.to_owned() })
-        .await
-        .with_context(|| format!("binding {stream} to {volume} on the unpacker"))?;
-    Ok(())
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let req = AssociateRequest { stream: stream.to_owned(), volume_id: volume.to_owned() };
+        match c.associate_stream_with_device(req).await {
+            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            r => {
+                r.with_context(|| format!("binding {stream} to {volume} on the unpacker"))?;
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// A volume made for this stream and instance by an earlier, interrupted

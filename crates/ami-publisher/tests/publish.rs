@@ -270,34 +270,48 @@ async fn an_interrupted_publish_is_finished_by_a_rerun_and_leaks_nothing() {
 }
 
 /// Two pipelines publish two leaves of one stream to one target at the same
-/// time: they share the stream's volume, so one waits for the other's
-/// capture, and each AMI holds exactly its own leaf (the world's snapshots,
-/// like EBS's, hold the bytes of the moment CreateSnapshot was called).
+/// time, first when the stream has no volume yet, then again on its volume:
+/// one binds the stream's volume and the other uses it, one waits for the
+/// other's capture, and each AMI holds exactly its own leaf (the world's
+/// snapshots, like EBS's, hold the bytes of the moment CreateSnapshot was
+/// called).
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_publishes_of_one_stream_each_capture_their_own_leaf() {
     let world = World::start(&Plan::new(&["us-east-1"])).await.unwrap();
     let p = Publisher::new(&world);
     let stream = "apps/web";
     let target = ["--targets", "first,us-east-1"];
-    let file1 = add_image(&world, stream, "1", &disk(24 * MIB, 21)).await;
-    let (code, r1) = p.publish(stream, "1", &target);
-    assert_eq!(code, 0, "{r1:#?}");
-    let file2 = add_image(&world, stream, "2", &disk(24 * MIB, 22)).await;
-    let file3 = add_image(&world, stream, "3", &disk(24 * MIB, 23)).await;
-
-    let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| p.publish(stream, "2", &target));
-        let b = s.spawn(|| p.publish(stream, "3", &target));
-        (a.join().unwrap(), b.join().unwrap())
-    });
-    for ((code, r), file) in [(a, &file2), (b, &file3)] {
-        assert_eq!(code, 0, "{r:#?}");
+    let mut files = Vec::new();
+    for leaf in 1..=4u64 {
+        files.push(add_image(&world, stream, &leaf.to_string(), &disk(24 * MIB, 20 + leaf)).await);
+    }
+    let mut published = Vec::new();
+    for pair in [["1", "2"], ["3", "4"]] {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| p.publish(stream, pair[0], &target));
+            let b = s.spawn(|| p.publish(stream, pair[1], &target));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        for (code, r) in [a, b] {
+            assert_eq!(code, 0, "{r:#?}");
+            published.push(r);
+        }
+    }
+    let bound = {
+        let ec2 = world.ec2("first", "us-east-1").await;
+        let f = Filter::builder().name("tag:ImageStream").values(stream).build();
+        let vols = ec2.describe_volumes().filters(f).send().await.unwrap();
+        vols.volumes().iter().map(|v| v.volume_id().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    for r in &published {
         let t = &r.targets[0];
-        assert_eq!(t.volume_id, r1.targets[0].volume_id, "the stream's one volume");
+        let vol = t.volume_id.clone().unwrap();
+        assert!(bound.contains(&vol), "{vol} not among {bound:?}");
         let ami = t.ami_id.as_deref().unwrap();
         assert_eq!(Some(root_snapshot_of(&world, "first", "us-east-1", ami).await), t.snapshot_id);
-        assert_snapshot_holds(&world, t.snapshot_id.as_deref().unwrap(), file).await;
+        let leaf: usize = r.leaf.parse().unwrap();
+        assert_snapshot_holds(&world, t.snapshot_id.as_deref().unwrap(), &files[leaf - 1]).await;
     }
-    // The leaf 1 AMI still holds leaf 1, whatever was written since.
-    assert_snapshot_holds(&world, r1.targets[0].snapshot_id.as_deref().unwrap(), &file1).await;
+    // Once the stream has its volume, both publishes use it.
+    assert_eq!(published[2].targets[0].volume_id, published[3].targets[0].volume_id);
 }

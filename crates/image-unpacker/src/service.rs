@@ -595,6 +595,12 @@ impl ImageUnpacker for Unpacker {
             }
             None => {}
         }
+        if let Some(s) = state.streams.get(&r.stream) {
+            return Err(Status::failed_precondition(format!(
+                "stream {} is bound to device {}; forget the stream first",
+                r.stream, s.volume_id
+            )));
+        }
         state.streams.insert(
             r.stream.clone(),
             StreamRecord {

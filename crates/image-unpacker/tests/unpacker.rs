@@ -330,6 +330,18 @@ async fn devices_are_found_by_volume_id_and_bindings_are_enforced() {
         .await
         .unwrap_err();
     assert!(e.message().contains("bound to stream base/test"), "{}", e.message());
+    // Nor is a bound stream moved to another device behind its back.
+    let other_dev = ScratchDevice::new(&rig.path("other.img"), 8 * CHUNK as u64).unwrap();
+    let other = "vol-0abcdef012345679";
+    let req = ClaimDeviceRequest { volume_id: other.into(), path: other_dev.path.display().to_string(), fresh: true };
+    c.claim_device(req).await.unwrap();
+    let e = c
+        .associate_stream_with_device(AssociateRequest { stream: STREAM.into(), volume_id: other.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains(&format!("bound to device {vol}")), "{}", e.message());
+    c.remove_device(RemoveDeviceRequest { volume_id: other.into() }).await.unwrap();
     let e = c.remove_device(RemoveDeviceRequest { volume_id: vol.into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     c.forget_stream(ForgetStreamRequest { stream: STREAM.into() }).await.unwrap();
