@@ -181,7 +181,9 @@ pub(crate) fn change_chunks(path: &Path, fraction: f64, seed: u64) -> anyhow::Re
     const CHUNK: u64 = 512 * 1024;
     let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
     let chunks = f.metadata()?.len() / CHUNK;
-    let want = ((chunks as f64 * fraction).ceil() as u64).max(1);
+    // A fraction of a count of chunks, rounded up; at least one.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let want = ((chunks as f64 * fraction.clamp(0.0, 1.0)).ceil() as u64).max(1);
     let step = (chunks / want).max(1);
     let mut n = Noise::new(seed);
     let mut buf = vec![0u8; usize::try_from(CHUNK)?];

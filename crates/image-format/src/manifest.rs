@@ -175,7 +175,7 @@ impl Manifest {
     /// The canonical encoding: magic, version, chunk size, byte size, chunk
     /// count, then per chunk a tag byte and, for data, the 32-byte digest.
     pub fn encode(&self) -> Vec<u8> {
-        let data = self.chunks.len() - self.zero_chunks() as usize;
+        let data = self.chunks.iter().filter(|c| matches!(c, ChunkRef::Data(_))).count();
         let mut out = Vec::with_capacity(HEADER_LEN + self.chunks.len() + 32 * data);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -249,11 +249,11 @@ impl Manifest {
     pub fn diff_from(&self, from: Option<&Manifest>) -> Diff {
         let mut diff = Diff::default();
         let comparable = from.filter(|f| f.chunk_size == self.chunk_size);
-        for (i, c) in self.chunks.iter().enumerate() {
-            let i = i as u64;
+        for (index, c) in self.chunks.iter().enumerate() {
+            let i = index as u64;
             let old = match (from, comparable) {
                 (None, _) => Some(ChunkRef::Zero),
-                (Some(_), Some(f)) => f.chunks.get(i as usize).copied(),
+                (Some(_), Some(f)) => f.chunks.get(index).copied(),
                 (Some(_), None) => None,
             };
             match (c, old) {

@@ -99,8 +99,8 @@ async fn kill_during_upload_leaves_no_torn_chunk_and_no_half_image() {
     let mut server = start(dir.path(), &addr);
     let mut client = imagetool::client::connect(&addr, &tls).await.unwrap();
     let r = imagetool::add(&mut client, &name, &file, CHUNK, Progress::Hidden).await.unwrap();
-    assert_eq!(r.chunks_reused as usize, stored.len());
-    assert_eq!(r.chunks_uploaded as usize, 1024 - stored.len());
+    assert_eq!(r.chunks_reused, stored.len() as u64);
+    assert_eq!(r.chunks_uploaded, 1024 - stored.len() as u64);
     let out = dir.path().join("back.raw");
     imagetool::get(&mut client, &name, &out, Progress::Hidden).await.unwrap();
     assert!(std::fs::read(&out).unwrap() == data);

@@ -198,7 +198,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&rows)?;
             } else {
-                println!("{:<40} {:>12} {:<20} {}", "IMAGE", "SIZE", "COMMITTED", "IMAGE ID");
+                println!("{:<40} {:>12} {:<20} IMAGE ID", "IMAGE", "SIZE", "COMMITTED");
                 for i in rows {
                     println!("{:<40} {:>12} {:<20} {}", i.image, mib(i.size_bytes), i.committed, &i.image_id[..16]);
                 }

@@ -46,7 +46,7 @@ async fn a_pipeline_adds_lists_shows_gets_verifies_and_deletes() {
 
     let mut data = vec![0u8; 3 * 512 * 1024 + 777];
     for (i, b) in data.iter_mut().enumerate().take(600_000) {
-        *b = (i * 7 % 251) as u8;
+        *b = u8::try_from(i * 7 % 251).expect("below 251");
     }
     let file = dir.path().join("disk.raw");
     std::fs::write(&file, &data).unwrap();
