@@ -315,3 +315,72 @@ async fn concurrent_publishes_of_one_stream_each_capture_their_own_leaf() {
     // Once the stream has its volume, both publishes use it.
     assert_eq!(published[2].targets[0].volume_id, published[3].targets[0].volume_id);
 }
+
+async fn tagged_snapshots(world: &World, digest: &str) -> Vec<aws_sdk_ec2::types::Snapshot> {
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let f = Filter::builder().name("tag:ImageDigest").values(digest).build();
+    ec2.describe_snapshots().owner_ids("self").filters(f).send().await.unwrap().snapshots().to_vec()
+}
+
+/// The AMI name is taken: by an AMI of this very leaf that an interrupted
+/// run registered but never tagged, which is adopted; or by an unrelated
+/// AMI, which is refused with a way out (--force), leaking nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_ami_name_is_adopted_when_ours_and_refused_when_not() {
+    let world =
+        World::start(&Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into()] }).await.unwrap();
+    let p = Publisher::new(&world);
+    let target = ["--targets", "first,us-east-1"];
+    let ec2 = world.ec2("first", "us-east-1").await;
+
+    // Ours: publish, then strip the AMI's tags as if the run had died right
+    // after RegisterImage. The re-run adopts that AMI and tags it.
+    add_image(&world, "apps/own", "1", &disk(4 * MIB, 31)).await;
+    let (code, r) = p.publish("apps/own", "1", &target);
+    assert_eq!(code, 0, "{r:#?}");
+    let ami = r.targets[0].ami_id.clone().unwrap();
+    let tags = tags_of_image(&world, "first", "us-east-1", &ami).await;
+    let keys: Vec<aws_sdk_ec2::types::Tag> =
+        tags.iter().map(|(k, _)| aws_sdk_ec2::types::Tag::builder().key(k).build()).collect();
+    ec2.delete_tags().resources(&ami).set_tags(Some(keys)).send().await.unwrap();
+    assert!(tags_of_image(&world, "first", "us-east-1", &ami).await.is_empty());
+    let (code, again) = p.publish("apps/own", "1", &target);
+    assert_eq!(code, 0, "{again:#?}");
+    assert_eq!(again.targets[0].ami_id.as_deref(), Some(ami.as_str()), "adopted, not a second AMI");
+    assert_eq!(own_images(&world, "first", "us-east-1").await, 1);
+    let tags = tags_of_image(&world, "first", "us-east-1", &ami).await;
+    assert!(tags.contains(&("ImageDigest".to_owned(), r.image_id.clone())), "{tags:?}");
+
+    // Not ours: an unrelated AMI already has the name apps/clash/1.
+    let vol = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.unwrap();
+    let snap = ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await.unwrap();
+    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(snap.snapshot_id().unwrap()).build())
+        .build();
+    let foreign =
+        ec2.register_image().name("apps/clash/1").root_device_name("/dev/xvda").block_device_mappings(root).send();
+    let foreign = foreign.await.unwrap().image_id().unwrap().to_owned();
+    add_image(&world, "apps/clash", "1", &disk(4 * MIB, 32)).await;
+    let (code, r) = p.publish("apps/clash", "1", &target);
+    assert_eq!(code, 1);
+    let err = r.targets[0].error.as_deref().unwrap();
+    assert!(err.contains(&format!("already used by {foreign}")) && err.contains("--force"), "{err}");
+    // Its snapshot is kept for the next run, and expires if there is none.
+    let pending = tagged_snapshots(&world, &r.image_id).await;
+    assert_eq!(pending.len(), 1);
+    assert!(pending[0].tags().iter().any(|t| t.key() == Some("ExpiresAt")), "{pending:?}");
+    // --force remakes it under a dated name; the failed run's snapshot
+    // still expires (the forced AMI's own snapshot does not).
+    let (code, forced) = p.publish("apps/clash", "1", &[&target[..], &["--force"]].concat());
+    assert_eq!(code, 0, "{forced:#?}");
+    let t = &forced.targets[0];
+    let name = t.ami_name.clone().unwrap();
+    assert!(name.starts_with("apps/clash/1 ") && name.len() > "apps/clash/1 ".len(), "{name}");
+    let ami = t.ami_id.as_deref().unwrap();
+    assert_eq!(Some(root_snapshot_of(&world, "first", "us-east-1", ami).await), t.snapshot_id);
+    for s in tagged_snapshots(&world, &r.image_id).await {
+        let expires = s.tags().iter().any(|t| t.key() == Some("ExpiresAt"));
+        assert_eq!(expires, s.snapshot_id() != t.snapshot_id.as_deref(), "{s:?}");
+    }
+}

@@ -6,7 +6,9 @@
 #    invents a 15 GiB snapshot; EC2 registers the snapshot it is given. Here
 #    the AMI's mappings are the ones registered, the root snapshot is marked
 #    in use by the AMI (so it cannot be deleted before the AMI is
-#    deregistered, as in EC2) and the tag specification is applied.
+#    deregistered, as in EC2) and the tag specification is applied. A name
+#    the account already uses in the region is refused
+#    (InvalidAMIName.Duplicate), as EC2 does; moto accepted it.
 # 2. CopyImage of such an AMI copies its snapshots (encrypted when asked), as
 #    EC2 does, instead of inventing a fresh one.
 # 3. CopySnapshot can read a snapshot another account shared with the caller
@@ -25,7 +27,7 @@ import os
 import subprocess
 import sys
 
-from moto.ec2.exceptions import InvalidSnapshotIdError
+from moto.ec2.exceptions import EC2ClientError, InvalidSnapshotIdError
 from moto.ec2.models import amis as moto_amis
 from moto.ec2.models import elastic_block_store as moto_ebs
 from moto.ec2.responses import amis as amis_responses
@@ -86,7 +88,14 @@ def _clean_mapping(m):
 _register_response = amis_responses.AmisResponse.register_image
 
 
+def _refuse_taken_name(backend, name):
+    for ami in backend.amis.values():
+        if name and ami.name == name and ami.owner_id == backend.account_id:
+            raise EC2ClientError("InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI {ami.id}")
+
+
 def register_image(self):
+    _refuse_taken_name(self.ec2_backend, self._get_param("Name"))
     result = _register_response(self)
     raw = self._get_param("BlockDeviceMappings") or self._get_param("BlockDeviceMapping") or []
     if isinstance(raw, dict):
@@ -174,6 +183,7 @@ _copy_image_response = amis_responses.AmisResponse.copy_image
 def copy_image(self):
     from moto.ec2.models import ec2_backends
 
+    _refuse_taken_name(self.ec2_backend, self._get_param("Name"))
     result = _copy_image_response(self)
     source_region = self._get_param("SourceRegion")
     source = ec2_backends[self.ec2_backend.account_id][source_region].amis.get(self._get_param("SourceImageId"))
