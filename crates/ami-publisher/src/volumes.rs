@@ -1,6 +1,9 @@
 //! The stream's volume on an unpacker: reuse the one bound to the stream,
 //! else a free one, else one of ours left over by an interrupted run, else a
-//! new encrypted volume; a bound volume that is too small is replaced.
+//! new encrypted volume. A bound volume that is too small is grown in place
+//! (ModifyVolume), so what it holds stays and the next unpack moves only what
+//! changed; when EC2 refuses (a volume can be modified once in six hours),
+//! it is replaced.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -57,6 +60,9 @@ pub async fn ensure(
         if have >= spec.need_bytes {
             return Ok(bound.volume_id.clone());
         }
+        if grow(ec2, c, inst, &bound.volume_id, spec, line).await? {
+            return Ok(bound.volume_id.clone());
+        }
         line.step(format!("replacing {} ({} GiB is too small)", bound.volume_id, have / GIB));
         tracing::info!(volume = %bound.volume_id, have, need = spec.need_bytes, "stream volume too small; replacing it");
         let new = create_and_add(ec2, c, inst, spec, line).await?;
@@ -83,6 +89,72 @@ pub async fn ensure(
                 _ => Err(e),
             }
         }
+    }
+}
+
+/// Grow `volume` to the spec's size and wait until the unpacker sees the
+/// new size. `false` when EC2 refuses the modification (the caller then
+/// replaces the volume).
+async fn grow(
+    ec2: &Client,
+    c: &mut uc::Client,
+    inst: &UnpackerInstance,
+    volume: &str,
+    spec: &VolumeSpec,
+    line: &Line,
+) -> anyhow::Result<bool> {
+    use aws_sdk_ec2::types::VolumeModificationState as M;
+    let gib = spec.gib();
+    line.step(format!("growing {volume} to {gib} GiB"));
+    if let Err(e) = ec2.modify_volume().volume_id(volume).size(gib).send().await {
+        if e.as_service_error().is_none() {
+            return Err(sdk_error(&format!("ModifyVolume {volume}"), e));
+        }
+        tracing::warn!(volume, "{}; replacing the volume instead", sdk_error(&format!("ModifyVolume {volume}"), e));
+        return Ok(false);
+    }
+    // EC2 lets the instance use the new size once the modification is
+    // optimizing (or completed).
+    let deadline = Instant::now() + spec.timeout;
+    loop {
+        let out = ec2
+            .describe_volumes_modifications()
+            .volume_ids(volume)
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeVolumesModifications", e))?;
+        let state = out.volumes_modifications().iter().rev().find(|m| m.target_size() == Some(gib));
+        match state.and_then(|m| m.modification_state()) {
+            Some(M::Optimizing | M::Completed) => break,
+            Some(M::Failed) => {
+                let why = state.and_then(|m| m.status_message()).unwrap_or("no reason given");
+                bail!("growing {volume} to {gib} GiB failed: {why}");
+            }
+            _ if Instant::now() > deadline => {
+                bail!("{volume} was not grown to {gib} GiB within {:?}", spec.timeout);
+            }
+            _ => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    let out = ec2.describe_volumes().volume_ids(volume).send().await.map_err(|e| sdk_error("DescribeVolumes", e))?;
+    let device = out.volumes().first().and_then(|v| attachment_here(v, &inst.instance_id)).unwrap_or_default();
+    // The kernel, then the unpacker, see the new size shortly after.
+    loop {
+        let req = AddDeviceRequest {
+            volume_id: volume.to_owned(),
+            attach_name: device.clone(),
+            timeout_seconds: 60,
+            fresh: false,
+        };
+        let d = c.add_device(req).await.with_context(|| format!("refreshing {volume} on the unpacker"))?.into_inner();
+        if d.size_bytes >= spec.need_bytes {
+            tracing::info!(volume, gib, "volume grown in place");
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            bail!("the unpacker still sees {volume} as {} bytes after growing it to {gib} GiB", d.size_bytes);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -108,7 +108,7 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volume_is_replaced() {
+async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volume_is_grown() {
     let mut world = World::start(&Plan {
         accounts: vec!["first".into()],
         regions: vec!["us-east-1".into(), "us-west-2".into(), "eu-west-1".into()],
@@ -144,16 +144,27 @@ async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volum
     assert_eq!(state, "running", "the stopped unpacker instance was started");
 
     // Target 2's volume (1 GiB) is too small once 2 GiB must stay free: it is
-    // replaced, the old one deleted, and the AMI still holds the image.
+    // grown in place, keeps what it holds (nothing is fetched again), and
+    // the AMI still holds the image.
     let t2 = &world.targets[2];
     let ec2_2 = world.ec2(&t2.account, &t2.region).await;
     let old = result(&r, &world, 2).volume_id.clone().unwrap();
     let (code, r2) = p.publish(stream, "1", &with_targets(&targets[2..], &["--min-free-bytes", "2GiB", "--force"]));
     assert_eq!(code, 0, "{r2:#?}");
+    assert_eq!(r2.targets[0].volume_id.as_deref(), Some(old.as_str()), "grown, not replaced");
+    assert_eq!(r2.targets[0].bytes_fetched, Some(0), "what the volume held was kept");
+    let v = ec2_2.describe_volumes().volume_ids(&old).send().await.unwrap();
+    assert_eq!(v.volumes()[0].size(), Some(3));
+    assert_snapshot_holds(&world, r2.targets[0].snapshot_id.as_deref().unwrap(), &file1).await;
+
+    // Again at once: EC2 allows one modification per volume in six hours,
+    // so this time it is replaced and the old one deleted.
+    let (code, r2) = p.publish(stream, "1", &with_targets(&targets[2..], &["--min-free-bytes", "4GiB", "--force"]));
+    assert_eq!(code, 0, "{r2:#?}");
     let new = r2.targets[0].volume_id.clone().unwrap();
     assert_ne!(new, old);
     let v = ec2_2.describe_volumes().volume_ids(&new).send().await.unwrap();
-    assert!(v.volumes()[0].size().unwrap() >= 3);
+    assert!(v.volumes()[0].size().unwrap() >= 5);
     let all = ec2_2.describe_volumes().send().await.unwrap();
     assert!(!all.volumes().iter().any(|v| v.volume_id() == Some(old.as_str())), "the replaced volume was deleted");
     assert_snapshot_holds(&world, r2.targets[0].snapshot_id.as_deref().unwrap(), &file1).await;

@@ -305,8 +305,17 @@ impl Unpacker {
         if let Some((other, _)) = state.devices.iter().find(|(v, d)| d.path == path && v.as_str() != volume_id) {
             return Err(Status::already_exists(format!("'{}' is already recorded as {other}", path.display())));
         }
-        let changed = state.devices.get(volume_id).is_none_or(|d| d.path != path || d.size != size);
-        if changed || fresh {
+        let old = state.devices.get(volume_id);
+        let grown = old.is_some_and(|d| d.path == path && size > d.size);
+        let changed = old.is_none_or(|d| d.path != path || d.size != size);
+        if grown && !fresh {
+            // Grown in place (ModifyVolume): the bytes are where they were and
+            // the new part reads as zeros, so what it holds is still known.
+            tracing::info!(volume = volume_id, size, "device grew");
+            if let Some(d) = state.devices.get_mut(volume_id) {
+                d.size = size;
+            }
+        } else if changed || fresh {
             let stream = state.stream_of(volume_id).map(str::to_owned);
             if let Some(s) = stream.filter(|_| fresh) {
                 return Err(Status::failed_precondition(format!(

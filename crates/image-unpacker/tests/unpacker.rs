@@ -229,6 +229,38 @@ async fn a_capture_hold_keeps_writers_off_until_released() {
     assert_eq!(dev.read(third.len()).unwrap(), third);
 }
 
+/// A device grown in place (ModifyVolume) keeps what it holds: it can be
+/// captured at once, and a larger image fits without a rescan.
+#[tokio::test]
+async fn a_grown_device_keeps_what_it_holds() {
+    let rig = Rig::new().await;
+    let a = disk(41);
+    rig.add("1", &a).await;
+    let mut big = disk(42);
+    big.extend(noise(40 * CHUNK as usize, 43));
+    rig.add("big", &big).await;
+    let mut c = rig.client().await;
+    let vol = "vol-00000000000000b1";
+    let dev = rig.bound_device(&mut c, vol, 64 * CHUNK as u64, true).await;
+    unpack(&mut c, "1").await.unwrap();
+    assert_eq!(unpack(&mut c, "big").await.unwrap_err().code(), Code::FailedPrecondition, "too big at first");
+    unpack(&mut c, "1").await.unwrap();
+
+    dev.grow(128 * CHUNK as u64).unwrap();
+    let d = c
+        .claim_device(ClaimDeviceRequest { volume_id: vol.into(), path: dev.path.display().to_string(), fresh: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.size_bytes, 128 * u64::from(CHUNK));
+    assert_eq!(d.stream, STREAM, "still bound");
+    let cap = capture(&mut c).await.expect("what the device holds is still known");
+    assert_eq!(cap.leaf, "1");
+    let s = unpack(&mut c, "big").await.unwrap();
+    assert!(s.chunks_unchanged > 0, "leaf 1's chunks that big shares were kept: {s:?}");
+    assert_eq!(dev.read(big.len()).unwrap(), big);
+}
+
 #[tokio::test]
 async fn a_fresh_volume_is_not_scanned_and_gets_no_zero_writes() {
     let rig = Rig::new().await;

@@ -108,11 +108,20 @@ impl AttachState {
                 continue;
             }
             present.insert(id.to_owned());
-            if !self.devices.contains_key(id) {
-                let size = u64::try_from(v.size().unwrap_or(1)).unwrap_or(1) << 30;
-                let dev = ScratchDevice::new(&self.volumes_dir.join(format!("{id}.img")), size)?;
-                tracing::info!(volume = id, device = %dev.describe(), "attacher: new volume");
-                self.devices.insert(id.to_owned(), dev);
+            let size = u64::try_from(v.size().unwrap_or(1)).unwrap_or(1) << 30;
+            match self.devices.get(id) {
+                None => {
+                    let dev = ScratchDevice::new(&self.volumes_dir.join(format!("{id}.img")), size)?;
+                    tracing::info!(volume = id, device = %dev.describe(), "attacher: new volume");
+                    self.devices.insert(id.to_owned(), dev);
+                }
+                // ModifyVolume grew it: so does the device, as on Nitro.
+                Some(dev) if std::fs::metadata(&dev.backing).is_ok_and(|m| m.len() < size) => {
+                    dev.grow(size)?;
+                    tracing::info!(volume = id, size, "attacher: volume grown");
+                    changed = true;
+                }
+                Some(_) => {}
             }
             let link = w.device_dir.join(image_unpacker::devices::nitro_name(id));
             if std::fs::symlink_metadata(&link).is_err() {

@@ -19,6 +19,9 @@
 #    $LOCAL_WORLD_DIR/snapshots/SNAP.img before answering: an EBS snapshot
 #    holds the volume's bytes of the moment it was started, whatever is
 #    written afterwards.
+# 5. ModifyVolume: a modification reports its state ("completed" at once, as
+#    moto applies it at once), and a volume can be modified once in six
+#    hours (VolumeModificationRateExceeded), as in EC2.
 #
 # Usage: python moto_launch.py -H HOST -p PORT (moto_server's arguments).
 
@@ -210,6 +213,24 @@ def copy_image(self):
 
 
 amis_responses.AmisResponse.copy_image = copy_image
+
+moto_ebs.VolumeModification.modification_state = "completed"
+moto_ebs.VolumeModification.progress = 100
+_modify_volume = EBSBackend.modify_volume
+
+
+def modify_volume(self, volume_id, *args, **kwargs):
+    volume = self.get_volume(volume_id)
+    if volume.modifications:
+        raise EC2ClientError(
+            "VolumeModificationRateExceeded",
+            f"You've reached the maximum modification rate per volume limit. "
+            f"Wait at least 6 hours between modifications per EBS volume ({volume_id}).",
+        )
+    return _modify_volume(self, volume_id, *args, **kwargs)
+
+
+EBSBackend.modify_volume = modify_volume
 
 if __name__ == "__main__":
     from moto.server import main

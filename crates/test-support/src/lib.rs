@@ -118,6 +118,25 @@ impl ScratchDevice {
         Ok(ScratchDevice { path: PathBuf::from(dev), backing: backing.to_owned(), is_loop: true })
     }
 
+    /// Grow the device to `size` bytes (the new part reads as zeros), as an
+    /// EBS volume grows after ModifyVolume: the backing file is extended
+    /// and a loop device told to re-read its capacity.
+    pub fn grow(&self, size: u64) -> anyhow::Result<()> {
+        let f = std::fs::OpenOptions::new().write(true).open(&self.backing)?;
+        if f.metadata()?.len() >= size {
+            return Ok(());
+        }
+        f.set_len(size)?;
+        drop(f);
+        if self.is_loop {
+            let out = Command::new("losetup").arg("--set-capacity").arg(&self.path).output()?;
+            if !out.status.success() {
+                bail!("losetup --set-capacity failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+        Ok(())
+    }
+
     /// "loop device /dev/loopN" or "sparse file", for test output.
     pub fn describe(&self) -> String {
         if self.is_loop { format!("loop device {}", self.path.display()) } else { "sparse file".to_owned() }
