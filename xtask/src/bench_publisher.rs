@@ -43,6 +43,7 @@ pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
         util::write_noise(&img, image_mib << 20, 31)?;
         let builder = world.ssl_dir(Role::ImageBuilder)?;
         let mut rounds = Vec::new();
+        let mut calls = None;
         for round in 0..2 {
             let one_stream = format!("bench/one{round}");
             let all_stream = format!("bench/all{round}");
@@ -53,15 +54,27 @@ pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
             let one = publish(&world, &bins, work, &one_stream, &["first,us-east-1".to_owned()], 1)?;
             let all_targets: Vec<String> = REGIONS.iter().map(|r| format!(",{r}")).collect();
             let moto0 = cpu_seconds(world.moto_pid())?;
+            let calls0 = world.api_calls("ami-publisher");
             let all = publish(&world, &bins, work, &all_stream, &all_targets, world.targets.len())?;
             let moto = cpu_seconds(world.moto_pid())? - moto0;
+            let calls1 = world.api_calls("ami-publisher");
+            if round == 0 {
+                // The same publish again: every target already has it.
+                publish_again(&world, &bins, work, &all_stream, &all_targets)?;
+                let calls2 = world.api_calls("ami-publisher");
+                calls = Some((delta(&calls1, &calls0), delta(&calls2, &calls1)));
+            }
             println!("== publisher round {round}: 1 target {one:.2} s, 24 targets {all:.2} s (moto busy {moto:.2} s)");
             rounds.push((one, all, moto));
         }
         let one = rounds.iter().map(|r| r.0).fold(f64::MAX, f64::min);
         let (all, moto) = rounds.iter().map(|r| (r.1, r.2)).fold((f64::MAX, 0.0), |a, b| if b.0 < a.0 { b } else { a });
         let ratio = all / one;
-        Ok(vec![Row {
+        let (first, again) = calls.context("no API call counts")?;
+        let n = world.targets.len() as f64;
+        let per = |m: &Calls| m.values().sum::<u64>() as f64 / n;
+        let writes = again.keys().filter(|a| !a.starts_with("Describe") && !a.starts_with("Get")).count();
+        let mut rows = vec![Row {
             what: format!(
                 "publish of a {image_mib} MiB image to 24 targets (2 accounts x 12 regions) vs to 1 target: wall-time ratio"
             ),
@@ -73,8 +86,66 @@ pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
             ),
             goal: "<= 1.5".into(),
             met: Some(ratio <= 1.5),
-        }])
+        }];
+        rows.push(Row {
+            what: "EC2/STS API calls per target, first publish of a leaf (new volume; counted by the emulator)".into(),
+            figure: format!("{:.1} ({})", per(&first), breakdown(&first, n)),
+            goal: "informational".into(),
+            met: None,
+        });
+        rows.push(Row {
+            what: "EC2/STS API calls per target, the same publish again (every target has the AMI)".into(),
+            figure: format!("{:.1} ({}); calls that change anything: {writes}", per(&again), breakdown(&again, n)),
+            goal: "reads only, <= 5".into(),
+            met: Some(writes == 0 && per(&again) <= 5.0),
+        });
+        Ok(rows)
     })
+}
+
+type Calls = std::collections::BTreeMap<String, u64>;
+
+fn delta(after: &Calls, before: &Calls) -> Calls {
+    let mut d = after.clone();
+    for (k, v) in before {
+        if let Some(x) = d.get_mut(k) {
+            *x -= v;
+        }
+    }
+    d.retain(|_, v| *v > 0);
+    d
+}
+
+/// "DescribeImages 2, CreateVolume 1, ..." per target.
+fn breakdown(m: &Calls, n: f64) -> String {
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    v.iter().map(|(k, c)| format!("{k} {}", fmt_count(**c as f64 / n))).collect::<Vec<_>>().join(", ")
+}
+
+fn fmt_count(x: f64) -> String {
+    if (x - x.round()).abs() < 0.05 { format!("{x:.0}") } else { format!("{x:.1}") }
+}
+
+/// The publish again; every target must report its existing AMI.
+fn publish_again(world: &World, bins: &Path, work: &Path, stream: &str, targets: &[String]) -> anyhow::Result<()> {
+    let results = work.join("publish-again.json");
+    let mut cmd = Command::new(bins.join("ami-publisher"));
+    cmd.envs(world.aws_env()).arg("--ssl-dir").arg(world.ssl_dir(Role::AmiPublisher)?).args([
+        "--image-server",
+        &world.imageserver_addr(),
+        "--results",
+        path(&results)?,
+    ]);
+    for t in targets {
+        cmd.args(["--targets", t]);
+    }
+    let status = cmd.args(["publish", stream, "1"]).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let r = ami_publisher::results::PublishResults::read(&results)?;
+    if !status.success() || r.targets.iter().any(|t| !t.reused) {
+        bail!("the publish again did not reuse every AMI; see {}", results.display());
+    }
+    Ok(())
 }
 
 /// Run `ami-publisher publish STREAM 1` to `targets`; returns the wall time.

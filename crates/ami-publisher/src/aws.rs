@@ -81,6 +81,9 @@ impl Aws {
             .http_client(self.http.clone())
             .profile_name(profile)
             .region(Region::new(home))
+            // In the User-Agent: lets CloudTrail (and the local world) tell
+            // this tool's calls apart.
+            .app_name(aws_config::AppName::new("ami-publisher").expect("a valid app name"))
             .retry_config(retry)
             .load()
             .await;

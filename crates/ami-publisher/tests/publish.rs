@@ -85,8 +85,10 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
         assert_snapshot_holds(&world, b.snapshot_id.as_deref().unwrap(), &file2).await;
     }
 
-    // Again: every target reports the AMI it has; nothing new is made.
+    // Again: every target reports the AMI it has; nothing new is made, and
+    // the re-run only reads (no EC2 call that changes anything).
     let before = own_images(&world, "first", "us-east-1").await;
+    let calls_before = world.api_calls("ami-publisher");
     let out = p.run(&[&with_targets(&targets, &["--json"])[..], &["publish", stream, "2"]].concat());
     assert!(out.status.success());
     let r3: PublishResults = serde_json::from_slice(&out.stdout).unwrap();
@@ -96,6 +98,15 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
         assert_eq!(b.snapshot_id, c.snapshot_id);
     }
     assert_eq!(own_images(&world, "first", "us-east-1").await, before);
+    let mut rerun = world.api_calls("ami-publisher");
+    for (action, n) in &calls_before {
+        *rerun.get_mut(action).unwrap() -= n;
+    }
+    rerun.retain(|_, n| *n > 0);
+    eprintln!("EC2 calls of the re-run over {} targets: {rerun:?}", targets.len());
+    assert!(!rerun.is_empty(), "the emulator counted the publisher's calls");
+    let writes: Vec<_> = rerun.keys().filter(|a| !a.starts_with("Describe") && !a.starts_with("Get")).collect();
+    assert!(writes.is_empty(), "a re-run changed things: {writes:?}");
 
     // --force makes a new one with a dated name.
     let (code, r4) = p.publish(stream, "2", &with_targets(&targets[..1], &["--force"]));

@@ -264,6 +264,23 @@ impl World {
         Ok(world)
     }
 
+    /// The EC2 (and STS) calls a tool made so far, by action: counted by
+    /// the emulator from the `app/NAME` part of the caller's User-Agent
+    /// (ami-publisher sends `app/ami-publisher`).
+    pub fn api_calls(&self, app: &str) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        let log = std::fs::read_to_string(self.dir.path().join("api-calls.log")).unwrap_or_default();
+        for line in log.lines() {
+            let mut f = line.split(' ');
+            if let (Some(_service), Some(action), Some(who)) = (f.next(), f.next(), f.next())
+                && who == app
+            {
+                *out.entry(action.to_owned()).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// The moto server's process id (for CPU accounting in benchmarks).
     pub fn moto_pid(&self) -> u32 {
         self.moto.child.id()
@@ -516,6 +533,7 @@ pub async fn sdk_config(config: &Path, credentials: &Path, profile: &str, region
         .profile_files(files)
         .profile_name(profile)
         .region(Region::new(region.to_owned()))
+        .app_name(aws_config::AppName::new("local-world").expect("a valid app name"))
         .load()
         .await
 }

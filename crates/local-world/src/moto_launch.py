@@ -23,6 +23,11 @@
 #    moto applies it at once), and a volume can be modified once in six
 #    hours (VolumeModificationRateExceeded), as in EC2.
 #
+# Not a change to moto's answers: with LOCAL_WORLD_DIR set, every request is
+# logged to $LOCAL_WORLD_DIR/api-calls.log as "SERVICE ACTION APP" (APP from
+# the caller's User-Agent "app/NAME", or "-"), so that tests and benchmarks
+# can count the calls a tool makes.
+#
 # Usage: python moto_launch.py -H HOST -p PORT (moto_server's arguments).
 
 import copy
@@ -231,6 +236,23 @@ def modify_volume(self, volume_id, *args, **kwargs):
 
 
 EBSBackend.modify_volume = modify_volume
+
+from moto.core.responses import BaseResponse
+
+_call_action = BaseResponse.call_action
+_CALLS = os.path.join(_WORLD, "api-calls.log") if _WORLD else None
+
+
+def call_action(self):
+    if _CALLS:
+        agent = self.headers.get("User-Agent", "")
+        app = next((p[len("app/") :] for p in agent.split() if p.startswith("app/")), "-")
+        with open(_CALLS, "a", encoding="utf-8") as log:
+            log.write(f"{self.service_name} {self._get_action()} {app}\n")
+    return _call_action(self)
+
+
+BaseResponse.call_action = call_action
 
 if __name__ == "__main__":
     from moto.server import main
