@@ -350,18 +350,21 @@ async fn unpack_and_snapshot(
     let volume = volumes::ensure(ec2, &mut c, &inst, &spec, line).await?;
     r.volume_id = Some(volume.clone());
 
-    // Another publish of the stream may be using the volume: wait for it,
-    // and start again when it slips in between (the unpacker says ABORTED).
-    let deadline = Instant::now() + o.timeouts.unpacker;
+    // Another publish of the stream may be using the volume: wait for it
+    // (at most as long as its capture hold can last), and start again when
+    // it slips in between (the unpacker says ABORTED).
+    let hold_id = hold_id();
+    let patience = o.timeouts.unpacker.max(Duration::from_secs(CAPTURE_HOLD_SECONDS.into()));
+    let deadline = Instant::now() + patience;
     let last = loop {
-        wait_stream_idle(&mut c, &o.stream, &o.leaf, o.timeouts.unpacker, line).await?;
-        match prepare_and_unpack(&mut c, o, line).await {
+        wait_stream_idle(&mut c, &o.stream, &o.leaf, deadline, line).await?;
+        match prepare_and_unpack(&mut c, o, &hold_id, line).await {
             Err(Step::Busy(s)) if Instant::now() < deadline => {
                 line.step("the stream is busy; waiting");
                 tracing::info!(stream = %o.stream, "{}; waiting", s.message());
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(Step::Busy(s)) => bail!("{} (gave up after {:?})", s.message(), o.timeouts.unpacker),
+            Err(Step::Busy(s)) => bail!("{} (gave up after {patience:?})", s.message()),
             Err(Step::Failed(e)) => return Err(e),
             Ok(last) => break last,
         }
@@ -371,8 +374,9 @@ async fn unpack_and_snapshot(
         r.bytes_written = Some(st.bytes_written);
         tracing::info!(fetched = st.bytes_fetched, written = st.bytes_written, seconds = st.seconds, "unpacked");
     }
-    let snapped = capture_and_snapshot(ec2, &mut c, o, &volume, line).await;
-    if let Err(s) = c.release_capture(ReleaseCaptureRequest { stream: o.stream.clone() }).await {
+    let snapped = capture_and_snapshot(ec2, &mut c, o, &volume, &hold_id, line).await;
+    let release = ReleaseCaptureRequest { stream: o.stream.clone(), hold_id: hold_id.clone() };
+    if let Err(s) = c.release_capture(release).await {
         // An older unpacker has no holds; otherwise the hold runs out by itself.
         if s.code() != tonic::Code::Unimplemented {
             tracing::warn!(stream = %o.stream, "could not release the capture hold: {}", s.message());
@@ -398,12 +402,17 @@ fn step(what: &'static str) -> impl Fn(tonic::Status) -> Step {
 /// unpack the leaf. The unpacker then holds the device at this leaf until
 /// the snapshot is started, so a concurrent publish of the same stream
 /// cannot write it in between.
-async fn prepare_and_unpack(c: &mut uc::Client, o: &Options, line: &Line) -> Result<Progress, Step> {
+async fn prepare_and_unpack(c: &mut uc::Client, o: &Options, hold_id: &str, line: &Line) -> Result<Progress, Step> {
     line.step("preparing");
     let req = PrepareForUnpackRequest { stream: o.stream.clone(), skip_if_prepared: true, do_not_wait: false };
     let s = c.prepare_for_unpack(req).await.map_err(step("PrepareForUnpack"))?.into_inner();
     uc::follow(s, show(line)).await.map_err(step("PrepareForUnpack"))?;
-    let req = UnpackImageRequest { stream: o.stream.clone(), leaf: o.leaf.clone(), hold_seconds: UNPACK_HOLD_SECONDS };
+    let req = UnpackImageRequest {
+        stream: o.stream.clone(),
+        leaf: o.leaf.clone(),
+        hold_seconds: UNPACK_HOLD_SECONDS,
+        hold_id: hold_id.to_owned(),
+    };
     let s = c.unpack_image(req).await.map_err(step("UnpackImage"))?.into_inner();
     uc::follow(s, show(line))
         .await
@@ -417,6 +426,7 @@ async fn capture_and_snapshot(
     c: &mut uc::Client,
     o: &Options,
     volume: &str,
+    hold_id: &str,
     line: &Line,
 ) -> anyhow::Result<(String, i32)> {
     line.step("reading back");
@@ -424,7 +434,11 @@ async fn capture_and_snapshot(
     // by another caller may still be running (ABORTED): try again.
     let deadline = Instant::now() + o.timeouts.unpacker;
     let cap = loop {
-        let req = PrepareForCaptureRequest { stream: o.stream.clone(), hold_seconds: CAPTURE_HOLD_SECONDS };
+        let req = PrepareForCaptureRequest {
+            stream: o.stream.clone(),
+            hold_seconds: CAPTURE_HOLD_SECONDS,
+            hold_id: hold_id.to_owned(),
+        };
         match c.prepare_for_capture(req).await {
             Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
                 line.step("the stream is busy; waiting to read back");
@@ -466,6 +480,12 @@ async fn capture_and_snapshot(
     Ok((snap, out.volume_size().unwrap_or(1)))
 }
 
+/// This publish's id for its capture holds: ReleaseCapture ends only its own.
+fn hold_id() -> String {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("ami-publisher/{}/{nanos:x}", std::process::id())
+}
+
 /// How long the unpacker holds a volume at the leaf after the unpack (until
 /// the read-back starts) and after the read-back (until CreateSnapshot has
 /// returned); released as soon as it has. A publisher killed in between
@@ -481,22 +501,24 @@ async fn wait_stream_idle(
     c: &mut uc::Client,
     stream: &str,
     leaf: &str,
-    timeout: Duration,
+    deadline: Instant,
     line: &Line,
 ) -> anyhow::Result<()> {
     use image_unpacker::client::StreamState;
-    let deadline = Instant::now() + timeout;
     loop {
         let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
         let Some(s) = status.streams.iter().find(|s| s.stream == stream) else { return Ok(()) };
         let state = s.state();
         // Held at another leaf: another publish is capturing it.
-        let held = s.hold_seconds > 0 && s.leaf != leaf;
+        let held = s.hold_seconds > 0 && s.hold_leaf != leaf;
         if !held && !matches!(state, StreamState::Scanning | StreamState::Unpacking) {
             return Ok(());
         }
+        if Instant::now() > deadline && held {
+            bail!("gave up waiting for another publish's capture of {stream}/{} to end", s.hold_leaf);
+        }
         if Instant::now() > deadline {
-            bail!("waiting for the unpacker to finish an earlier {state:?} of {stream} (timeout {timeout:?})");
+            bail!("gave up waiting for the unpacker to finish an earlier {state:?} of {stream}");
         }
         if held {
             line.step(format!("waiting for another capture of {stream} ({} s left of its hold)", s.hold_seconds));

@@ -8,10 +8,12 @@
 //!
 //! **Capture holds:** an unpack or capture may ask to hold the device at its
 //! leaf for a while, so that the caller can start a snapshot before anything
-//! else writes it (an EBS snapshot is of the moment it is started). While a
-//! hold lasts, an unpack of another leaf and ForgetStream wait for it to end
-//! (ReleaseCapture, or its time runs out). Reads, scans, captures and an
-//! unpack of the held leaf itself (which changes nothing, and is what a
+//! else writes it (an EBS snapshot is of the moment it is started). Each
+//! hold has an owner (the caller's hold id): several callers capturing the
+//! same leaf each hold it, and ReleaseCapture ends only the caller's own. While
+//! any hold lasts, an unpack of another leaf, a scan and ForgetStream wait for
+//! all of them to end (released, or their time runs out). Reads, captures and
+//! an unpack of the held leaf itself (which changes nothing, and is what a
 //! re-run of an interrupted publish does) go ahead.
 
 use std::{
@@ -66,11 +68,18 @@ pub struct ServiceConfig {
 struct Inner {
     state: Mutex<State>,
     busy: Mutex<HashMap<String, &'static str>>,
-    /// Capture holds: stream -> (when the hold ends, the leaf held).
-    holds: Mutex<HashMap<String, (Instant, String)>>,
+    /// Capture holds by stream.
+    holds: Mutex<HashMap<String, Holds>>,
     released: tokio::sync::Notify,
     config: ServiceConfig,
     metrics: Arc<Metrics>,
+}
+
+/// The capture holds on one stream: all of the same leaf.
+struct Holds {
+    leaf: String,
+    /// Hold id -> when that hold ends.
+    until: HashMap<String, Instant>,
 }
 
 /// The unpacker service (cheap to clone).
@@ -146,41 +155,64 @@ impl Unpacker {
         })
     }
 
-    /// Hold `stream`'s device for `seconds` (capped at [`MAX_HOLD`]); an
-    /// existing hold is only ever extended.
-    fn hold(&self, stream: &str, leaf: &str, seconds: u32) {
+    /// Hold `stream`'s device at `leaf` for `seconds` (capped at
+    /// [`MAX_HOLD`]) for the caller `id`; that caller's hold is only ever
+    /// extended. Holds of another leaf cannot be current (an unpack of
+    /// another leaf waits for them), so any left are stale and dropped.
+    fn hold(&self, stream: &str, leaf: &str, id: &str, seconds: u32) {
         if seconds == 0 {
             return;
         }
         let until = Instant::now() + Duration::from_secs(u64::from(seconds)).min(MAX_HOLD);
         let mut holds = self.0.holds.lock().expect("holds lock");
-        let end = match holds.get(stream) {
-            Some((t, held)) if held == leaf => until.max(*t),
-            _ => until,
-        };
-        holds.insert(stream.to_owned(), (end, leaf.to_owned()));
-        tracing::info!(stream, leaf, seconds, "device held for capture");
+        let h =
+            holds.entry(stream.to_owned()).or_insert_with(|| Holds { leaf: leaf.to_owned(), until: HashMap::new() });
+        if h.leaf != leaf {
+            *h = Holds { leaf: leaf.to_owned(), until: HashMap::new() };
+        }
+        let end = h.until.entry(id.to_owned()).or_insert(until);
+        *end = (*end).max(until);
+        tracing::info!(stream, leaf, hold = id, seconds, "device held for capture");
     }
 
-    /// Time left of the hold on `stream` and the leaf it holds, if any
+    /// Time left of the holds on `stream` and the leaf they hold, if any
     /// (expired holds are dropped).
     fn hold_left(&self, stream: &str) -> Option<(Duration, String)> {
         let mut holds = self.0.holds.lock().expect("holds lock");
         let now = Instant::now();
-        let (until, leaf) = holds.get(stream)?;
-        let left = until.saturating_duration_since(now);
-        if left.is_zero() {
+        let h = holds.get_mut(stream)?;
+        h.until.retain(|id, until| {
+            let live = *until > now;
+            if !live {
+                tracing::warn!(stream, hold = %id, "capture hold ran out without a release");
+            }
+            live
+        });
+        let Some(left) = h.until.values().map(|u| u.saturating_duration_since(now)).max() else {
             holds.remove(stream);
-            tracing::warn!(stream, "capture hold expired without a release");
             return None;
-        }
-        Some((left, leaf.clone()))
+        };
+        Some((left, h.leaf.clone()))
     }
 
-    fn release(&self, stream: &str) {
-        if self.0.holds.lock().expect("holds lock").remove(stream).is_some() {
-            tracing::info!(stream, "capture hold released");
+    /// End the caller `id`'s hold on `stream` (others' holds stay).
+    fn release(&self, stream: &str, id: &str) {
+        let mut holds = self.0.holds.lock().expect("holds lock");
+        if let Some(h) = holds.get_mut(stream)
+            && h.until.remove(id).is_some()
+        {
+            tracing::info!(stream, hold = id, "capture hold released");
+            if h.until.is_empty() {
+                holds.remove(stream);
+            }
         }
+        drop(holds);
+        self.0.released.notify_waiters();
+    }
+
+    /// Drop every hold on `stream` (its device no longer holds the leaf).
+    fn release_all(&self, stream: &str) {
+        self.0.holds.lock().expect("holds lock").remove(stream);
         self.0.released.notify_waiters();
     }
 
@@ -238,6 +270,7 @@ impl Unpacker {
             image_size: s.image_size,
             // Filled in by `status`, which sees the holds.
             hold_seconds: 0,
+            hold_leaf: String::new(),
         }
     }
 
@@ -258,8 +291,9 @@ impl Unpacker {
             .streams
             .keys()
             .map(|s| {
-                let left = self.hold_left(s).map_or(0, |(d, _)| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
-                StreamStatus { hold_seconds: left, ..Self::stream_status(&state, s) }
+                let (left, leaf) = self.hold_left(s).unwrap_or_default();
+                let secs = if left.is_zero() { 0 } else { u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX) };
+                StreamStatus { hold_seconds: secs, hold_leaf: leaf, ..Self::stream_status(&state, s) }
             })
             .collect();
         let held = streams.iter().any(|s| s.hold_seconds > 0);
@@ -287,7 +321,7 @@ impl Unpacker {
             })).collect::<Vec<_>>(),
             "streams": s.streams.iter().map(|t| serde_json::json!({
                 "stream": t.stream, "volume_id": t.volume_id, "state": t.state().as_str_name(),
-                "leaf": t.leaf, "image_id": t.image_id, "image_size": t.image_size, "hold_seconds": t.hold_seconds,
+                "leaf": t.leaf, "image_id": t.image_id, "image_size": t.image_size, "hold_seconds": t.hold_seconds, "hold_leaf": t.hold_leaf,
             })).collect::<Vec<_>>(),
         })
     }
@@ -634,6 +668,11 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
+        // A scan resets what the stream is known to hold: not under a hold.
+        let (_, _, _, known) = self.binding(&r.stream)?;
+        if !(r.skip_if_prepared && known != Content::Unknown) {
+            self.wait_unheld(&r.stream, None).await;
+        }
         let guard = self.claim(&r.stream, "prepare-for-unpack")?;
         let (_, _, _, content) = self.binding(&r.stream)?;
         let stream = r.stream.clone();
@@ -686,7 +725,7 @@ impl ImageUnpacker for Unpacker {
                 Ok(_) => {
                     Metrics::add(&me.0.metrics.unpacks, 1);
                     // Before the busy mark goes, so no writer slips in.
-                    me.hold(&r.stream, &r.leaf, r.hold_seconds);
+                    me.hold(&r.stream, &r.leaf, &r.hold_id, r.hold_seconds);
                 }
                 Err(e) => {
                     Metrics::add(&me.0.metrics.unpack_failures, 1);
@@ -726,7 +765,7 @@ impl ImageUnpacker for Unpacker {
             ReadBack::Matches(digest) => {
                 Metrics::add(&self.0.metrics.captures, 1);
                 self.set_phase(&r.stream, Phase::Verified)?;
-                self.hold(&r.stream, &leaf, r.hold_seconds);
+                self.hold(&r.stream, &leaf, &r.hold_id, r.hold_seconds);
                 Ok(Response::new(Capture {
                     stream: r.stream,
                     leaf,
@@ -738,7 +777,7 @@ impl ImageUnpacker for Unpacker {
             }
             ReadBack::Differs { index, offset } => {
                 Metrics::add(&self.0.metrics.capture_mismatches, 1);
-                self.release(&r.stream);
+                self.release_all(&r.stream);
                 self.state().set_content(&volume_id, Content::Unknown).map_err(internal)?;
                 self.set_phase(&r.stream, Phase::Dirty)?;
                 Err(Status::data_loss(format!(
@@ -769,7 +808,7 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
-        self.release(&r.stream);
+        self.release(&r.stream, &r.hold_id);
         Ok(Response::new(Empty {}))
     }
 

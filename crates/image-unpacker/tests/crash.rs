@@ -96,7 +96,7 @@ async fn kill_mid_unpack_then_prepare_and_unpack_recover_exact_bytes() {
     .await
     .unwrap();
     let mut progress = c
-        .unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into(), hold_seconds: 0 })
+        .unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -132,7 +132,7 @@ async fn kill_mid_unpack_then_prepare_and_unpack_recover_exact_bytes() {
     let last = image_unpacker::client::follow(p, |_| {}).await.unwrap();
     assert_eq!(last.result.unwrap().state(), StreamState::Prepared, "skip-if-prepared still rescans a dirty device");
     let p = c
-        .unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into(), hold_seconds: 0 })
+        .unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();

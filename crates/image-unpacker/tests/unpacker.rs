@@ -103,14 +103,15 @@ async fn unpack(c: &mut Client, leaf: &str) -> Result<UnpackStats, Status> {
 }
 
 async fn unpack_holding(c: &mut Client, leaf: &str, hold_seconds: u32) -> Result<UnpackStats, Status> {
-    let req = UnpackImageRequest { stream: STREAM.into(), leaf: leaf.into(), hold_seconds };
+    let req = UnpackImageRequest { stream: STREAM.into(), leaf: leaf.into(), hold_seconds, hold_id: "test".into() };
     let s = c.unpack_image(req).await?.into_inner();
     let last = image_unpacker::client::follow(s, |_| {}).await?;
     Ok(last.stats.expect("the last message carries stats"))
 }
 
 async fn capture(c: &mut Client) -> Result<image_unpacker::client::Capture, Status> {
-    Ok(c.prepare_for_capture(PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 0 }).await?.into_inner())
+    let req = PrepareForCaptureRequest { stream: STREAM.into(), ..Default::default() };
+    Ok(c.prepare_for_capture(req).await?.into_inner())
 }
 
 /// A disk-like image: data, a zero run, more data, a short tail.
@@ -194,8 +195,9 @@ async fn a_capture_hold_keeps_writers_off_until_released() {
     let dev = rig.bound_device(&mut c, "vol-00000000000000a1", 64 * CHUNK as u64, true).await;
     unpack_holding(&mut c, "1", 600).await.unwrap();
     let status = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
-    let held = status.streams.iter().find(|s| s.stream == STREAM).unwrap().hold_seconds;
-    assert!(held > 590 && held <= 600, "hold {held}");
+    let st = status.streams.iter().find(|s| s.stream == STREAM).unwrap();
+    assert!(st.hold_seconds > 590 && st.hold_seconds <= 600, "hold {}", st.hold_seconds);
+    assert_eq!(st.hold_leaf, "1");
     assert!(status.busy, "a held unpacker is busy, so stop-idle-unpackers leaves it up");
 
     // Another caller's unpack of the held leaf (a re-run) goes ahead and
@@ -206,14 +208,22 @@ async fn a_capture_hold_keeps_writers_off_until_released() {
     let second = tokio::spawn(async move { unpack(&mut other, "2").await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!second.is_finished(), "the second unpack waits for the hold");
-    // Captures are not writers: the holder reads back and extends the hold.
-    let req = PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 600 };
+    // Captures are not writers: the holder reads back and extends its hold,
+    // and a second caller capturing the same leaf takes a hold of its own.
+    let req = PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 600, hold_id: "test".into() };
     let cap = c.prepare_for_capture(req).await.unwrap().into_inner();
     assert_eq!(cap.leaf, "1");
+    let req = PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 600, hold_id: "again".into() };
+    c.prepare_for_capture(req).await.unwrap();
     assert_eq!(dev.read(a.len()).unwrap(), a, "still leaf 1 while held");
     assert!(!second.is_finished());
+    // One caller's release leaves the other's hold in place.
+    c.release_capture(ReleaseCaptureRequest { stream: STREAM.into(), hold_id: "test".into() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!second.is_finished(), "the second caller's hold still keeps leaf 2 off");
+    assert_eq!(dev.read(a.len()).unwrap(), a);
 
-    c.release_capture(ReleaseCaptureRequest { stream: STREAM.into() }).await.unwrap();
+    c.release_capture(ReleaseCaptureRequest { stream: STREAM.into(), hold_id: "again".into() }).await.unwrap();
     let stats = tokio::time::timeout(Duration::from_secs(60), second).await.unwrap().unwrap().unwrap();
     assert!(stats.chunks_written > 0);
     assert_eq!(dev.read(b.len()).unwrap(), b, "leaf 2 once released");
@@ -221,7 +231,7 @@ async fn a_capture_hold_keeps_writers_off_until_released() {
     assert_eq!(status.streams.iter().find(|s| s.stream == STREAM).unwrap().hold_seconds, 0);
 
     // A hold that is never released runs out.
-    let req = PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 2 };
+    let req = PrepareForCaptureRequest { stream: STREAM.into(), hold_seconds: 2, hold_id: "gone".into() };
     c.prepare_for_capture(req).await.unwrap();
     let t = std::time::Instant::now();
     unpack(&mut c, "3").await.unwrap();

@@ -29,6 +29,10 @@ struct Cli {
     /// Print results as JSON on stdout (no progress bars).
     #[arg(long, global = true)]
     json: bool,
+    /// Whose capture hold --hold takes and release-capture ends (other
+    /// callers' holds on the stream are left alone).
+    #[arg(long, global = true, default_value = "unpacker-tool", value_name = "ID")]
+    hold_id: String,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -229,7 +233,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::UnpackImage { stream, leaf, hold } => {
             let b = bar(cli.json);
-            let req = UnpackImageRequest { stream, leaf, hold_seconds: hold_seconds(hold) };
+            let req =
+                UnpackImageRequest { stream, leaf, hold_seconds: hold_seconds(hold), hold_id: cli.hold_id.clone() };
             let last =
                 image_unpacker::client::follow(c.unpack_image(req).await?.into_inner(), show_progress(&b)).await?;
             b.finish_and_clear();
@@ -243,7 +248,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out(v, format!("{}/{} on {}: {}", s.stream, s.leaf, s.volume_id, image_unpacker::stats_line(&stats)));
         }
         Cmd::PrepareForCapture { stream, hold } => {
-            let req = PrepareForCaptureRequest { stream, hold_seconds: hold_seconds(hold) };
+            let req =
+                PrepareForCaptureRequest { stream, hold_seconds: hold_seconds(hold), hold_id: cli.hold_id.clone() };
             let cap = c.prepare_for_capture(req).await?.into_inner();
             let v = json!({"stream": cap.stream, "leaf": cap.leaf, "image_id": cap.image_id,
                 "image_size": cap.image_size, "device_digest": cap.device_digest, "volume_id": cap.volume_id});
@@ -256,7 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Cmd::ReleaseCapture { stream } => {
-            c.release_capture(ReleaseCaptureRequest { stream: stream.clone() }).await?;
+            c.release_capture(ReleaseCaptureRequest { stream: stream.clone(), hold_id: cli.hold_id.clone() }).await?;
             out(json!({"released": stream}), format!("released the capture hold on {stream}"));
         }
         Cmd::ForgetStream { stream } => {
