@@ -66,29 +66,36 @@ pub async fn ensure(
         line.step(format!("replacing {} ({} GiB is too small)", bound.volume_id, have / GIB));
         tracing::info!(volume = %bound.volume_id, have, need = spec.need_bytes, "stream volume too small; replacing it");
         let new = create_and_add(ec2, c, inst, spec, line).await?;
-        c.forget_stream(ForgetStreamRequest { stream: spec.stream.clone() }).await.context("ForgetStream")?;
+        forget(c, &spec.stream).await?;
         associate(c, &spec.stream, &new).await?;
         retire(ec2, c, &inst.instance_id, &bound.volume_id, spec.timeout).await;
         return Ok(new);
     }
-    let chosen = choose(ec2, c, inst, spec, line, &status).await?;
-    match associate(c, &spec.stream, &chosen).await {
-        Ok(()) => Ok(chosen),
-        Err(e) => {
-            // Another publish of the stream may have bound a volume of its
-            // own in the meantime: use that one. Ours stays on the unpacker
-            // as a free volume (reused next, or remove-unused-volumes).
-            let now = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
-            let size_of = |vol: &str| now.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
-            match now.streams.iter().find(|s| s.stream == spec.stream) {
-                Some(b) if b.volume_id != chosen && size_of(&b.volume_id) >= spec.need_bytes => {
-                    tracing::info!(ours = %chosen, theirs = %b.volume_id, "another publish bound the stream first");
-                    line.step(format!("using {}, bound by another publish", b.volume_id));
-                    Ok(b.volume_id.clone())
-                }
-                _ => Err(e),
-            }
+    let mut status = status;
+    let mut taken = Vec::new();
+    loop {
+        let chosen = choose(ec2, c, inst, spec, line, &status, &taken).await?;
+        let Err(e) = associate(c, &spec.stream, &chosen).await else { return Ok(chosen) };
+        // Publishes running at once: another one may have bound our stream
+        // to a volume of its own (use that one; ours stays on the unpacker
+        // as a free volume, reused next or removed by remove-unused-volumes),
+        // or bound the free volume we chose to its stream (choose again).
+        status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+        let size_of = |vol: &str| status.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
+        if let Some(b) = status.streams.iter().find(|s| s.stream == spec.stream)
+            && b.volume_id != chosen
+            && size_of(&b.volume_id) >= spec.need_bytes
+        {
+            tracing::info!(ours = %chosen, theirs = %b.volume_id, "another publish bound the stream first");
+            line.step(format!("using {}, bound by another publish", b.volume_id));
+            return Ok(b.volume_id.clone());
         }
+        let bound_elsewhere = status.devices.iter().any(|d| d.volume_id == chosen && !d.stream.is_empty());
+        if !bound_elsewhere || taken.len() >= 3 {
+            return Err(e);
+        }
+        tracing::info!(volume = %chosen, "another publish took the free volume; choosing again");
+        taken.push(chosen);
     }
 }
 
@@ -106,12 +113,30 @@ async fn grow(
     use aws_sdk_ec2::types::VolumeModificationState as M;
     let gib = spec.gib();
     line.step(format!("growing {volume} to {gib} GiB"));
-    if let Err(e) = ec2.modify_volume().volume_id(volume).size(gib).send().await {
-        if e.as_service_error().is_none() {
-            return Err(sdk_error(&format!("ModifyVolume {volume}"), e));
+    // An earlier, interrupted run (or another publish) may have grown it
+    // already, or be growing it: then there is nothing to ask EC2 for.
+    let v = ec2.describe_volumes().volume_ids(volume).send().await.map_err(|e| sdk_error("DescribeVolumes", e))?;
+    let size_now = v.volumes().first().and_then(Volume::size).unwrap_or(0);
+    let mods = ec2
+        .describe_volumes_modifications()
+        .volume_ids(volume)
+        .send()
+        .await
+        .map_err(|e| sdk_error("DescribeVolumesModifications", e))?;
+    let under_way = mods.volumes_modifications().iter().any(|m| {
+        m.target_size().is_some_and(|t| t >= gib) && !matches!(m.modification_state(), Some(M::Failed) | None)
+    });
+    if size_now < gib && !under_way {
+        if let Err(e) = ec2.modify_volume().volume_id(volume).size(gib).send().await {
+            let code = e.as_service_error().and_then(|s| s.code()).unwrap_or_default().to_owned();
+            let err = sdk_error(&format!("ModifyVolume {volume}"), e);
+            // Once in six hours per volume, or one already under way.
+            if code == "VolumeModificationRateExceeded" || code == "IncorrectModificationState" {
+                tracing::warn!(volume, "{err}; replacing the volume instead");
+                return Ok(false);
+            }
+            return Err(err);
         }
-        tracing::warn!(volume, "{}; replacing the volume instead", sdk_error(&format!("ModifyVolume {volume}"), e));
-        return Ok(false);
     }
     // EC2 lets the instance use the new size once the modification is
     // optimizing (or completed).
@@ -123,9 +148,11 @@ async fn grow(
             .send()
             .await
             .map_err(|e| sdk_error("DescribeVolumesModifications", e))?;
-        let state = out.volumes_modifications().iter().rev().find(|m| m.target_size() == Some(gib));
+        let state = out.volumes_modifications().iter().rev().find(|m| m.target_size().is_some_and(|t| t >= gib));
         match state.and_then(|m| m.modification_state()) {
             Some(M::Optimizing | M::Completed) => break,
+            // No modification to wait for: it was this size already.
+            None if size_now >= gib => break,
             Some(M::Failed) => {
                 let why = state.and_then(|m| m.status_message()).unwrap_or("no reason given");
                 bail!("growing {volume} to {gib} GiB failed: {why}");
@@ -167,11 +194,12 @@ async fn choose(
     spec: &VolumeSpec,
     line: &Line,
     status: &uc::Status,
+    taken: &[String],
 ) -> anyhow::Result<String> {
     if let Some(free) = status
         .devices
         .iter()
-        .filter(|d| d.stream.is_empty() && d.size_bytes >= spec.need_bytes)
+        .filter(|d| d.stream.is_empty() && d.size_bytes >= spec.need_bytes && !taken.contains(&d.volume_id))
         .min_by_key(|d| d.size_bytes)
     {
         line.step(format!("using free volume {}", free.volume_id));
@@ -181,6 +209,23 @@ async fn choose(
         return Ok(v);
     }
     create_and_add(ec2, c, inst, spec, line).await
+}
+
+/// Unbind the stream, waiting out another caller's operation on it
+/// (ABORTED) for up to a minute.
+async fn forget(c: &mut uc::Client, stream: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.forget_stream(ForgetStreamRequest { stream: stream.to_owned() }).await {
+            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            r => {
+                r.with_context(|| format!("unbinding {stream} on the unpacker"))?;
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// Bind the stream to the volume, waiting out another caller's operation

@@ -168,6 +168,16 @@ async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volum
     assert_eq!(v.volumes()[0].size(), Some(3));
     assert_snapshot_holds(&world, r2.targets[0].snapshot_id.as_deref().unwrap(), &file1).await;
 
+    // Target 1: an earlier run grew its volume and died before using it.
+    // Within the six hours EC2 would refuse another modification, but none
+    // is needed: the volume is kept.
+    let v1 = result(&r, &world, 1).volume_id.clone().unwrap();
+    ec2_1.modify_volume().volume_id(&v1).size(3).send().await.unwrap();
+    let (code, r1) = p.publish(stream, "1", &with_targets(&targets[1..2], &["--min-free-bytes", "2GiB", "--force"]));
+    assert_eq!(code, 0, "{r1:#?}");
+    assert_eq!(r1.targets[0].volume_id.as_deref(), Some(v1.as_str()), "kept, not replaced");
+    assert_eq!(r1.targets[0].bytes_fetched, Some(0));
+
     // Again at once: EC2 allows one modification per volume in six hours,
     // so this time it is replaced and the old one deleted.
     let (code, r2) = p.publish(stream, "1", &with_targets(&targets[2..], &["--min-free-bytes", "4GiB", "--force"]));
