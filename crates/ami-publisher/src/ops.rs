@@ -473,17 +473,44 @@ fn area(region: &str) -> &str {
 /// accounts by sharing the root snapshot, copying it encrypted, and
 /// registering it. Targets that have one are skipped.
 pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Option<&str>) -> Vec<Report> {
-    // First, who has one (the newest available AMI of the stream).
+    // First, who has one: the newest available AMI of the stream, or a
+    // copy still pending (from an earlier run that did not wait it out).
     let found = crate::fanout(&ctx.targets, ctx.max_concurrency, |t| async move {
         let ec2 = ctx.aws.ec2(&t).await;
-        newest_of_stream(&ec2, stream).await.map_err(|e| format!("{e:#}"))
+        let out = ec2
+            .describe_images()
+            .owners("self")
+            .filters(tag_filter(tags::STREAM, stream))
+            .filters(Filter::builder().name("state").values("available").values("pending").build())
+            .send()
+            .await
+            .map_err(|e| format!("{:#}", sdk_error("DescribeImages", e)))?;
+        let newest = |state: &str| {
+            out.images()
+                .iter()
+                .filter(|i| i.state().is_some_and(|s| s.as_str() == state))
+                .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+                .cloned()
+        };
+        Ok::<_, String>((newest("available"), newest("pending")))
     })
     .await;
     let sources: Vec<SourceAmi> = found
         .iter()
         .zip(&ctx.targets)
-        .filter_map(|(r, t)| r.as_ref().ok().cloned().flatten().map(|image| SourceAmi { target: t.clone(), image }))
+        .filter_map(|(r, t)| {
+            r.as_ref().ok().and_then(|(a, _)| a.clone()).map(|image| SourceAmi { target: t.clone(), image })
+        })
         .collect();
+    let pending: HashMap<Target, String> = found
+        .iter()
+        .zip(&ctx.targets)
+        .filter_map(|(r, t)| {
+            let p = r.as_ref().ok().and_then(|(_, p)| p.as_ref()).and_then(|i| i.image_id());
+            p.map(|id| (t.clone(), id.to_owned()))
+        })
+        .collect();
+    let pending = &pending;
     let sources = &sources;
     let failed: HashMap<Target, String> =
         found.iter().zip(&ctx.targets).filter_map(|(r, t)| r.as_ref().err().map(|e| (t.clone(), e.clone()))).collect();
@@ -493,8 +520,12 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
         if let Some(e) = failed.get(&t) {
             bail!("{e}");
         }
-        if sources.iter().any(|s| s.target == t) {
-            return Ok(vec![json!({"action": "kept", "resource": "", "detail": "already has an AMI of the stream"})]);
+        if let Some(s) = sources.iter().find(|s| s.target == t) {
+            let id = s.image.image_id().unwrap_or_default();
+            return Ok(vec![json!({"action": "kept", "resource": id, "detail": "already has an AMI of the stream"})]);
+        }
+        if let Some(id) = pending.get(&t) {
+            return Ok(vec![json!({"action": "kept", "resource": id, "detail": "a copy is still pending"})]);
         }
         let Some(src) = sources.iter().min_by_key(|s| {
             (s.target.account != t.account, area(&s.target.region) != area(&t.region), s.target.region.clone())
@@ -507,6 +538,20 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
         if ctx.dry_run {
             return Ok(vec![ctx.acted("copy", &name, what)]);
         }
+        // Tagged as it is made, so a re-run finds it even if this one stops
+        // before the copy is available.
+        let mut copy_tags: Vec<Tag> = src
+            .image
+            .tags()
+            .iter()
+            .filter(|t| t.key().is_some_and(|k| !k.starts_with("aws:") && k != tags::EXPIRES_AT))
+            .cloned()
+            .collect();
+        copy_tags.push(tags::tag("CopiedFrom", &format!("{}/{src_ami}", src.target.region)));
+        let tagging = aws_sdk_ec2::types::TagSpecification::builder()
+            .resource_type(aws_sdk_ec2::types::ResourceType::Image)
+            .set_tags(Some(copy_tags))
+            .build();
         let new_ami = if src.target.account == t.account {
             let out = ec2
                 .copy_image()
@@ -516,32 +561,25 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
                 .set_description(src.image.description().map(str::to_owned))
                 .encrypted(true)
                 .set_kms_key_id(kms_key_id.map(str::to_owned))
+                .tag_specifications(tagging)
                 .send()
                 .await
                 .map_err(|e| sdk_error(&format!("CopyImage {what}"), e))?;
             out.image_id().context("CopyImage returned no image id")?.to_owned()
         } else {
-            copy_across_accounts(ctx, shares, &ec2, &t, src, &name, kms_key_id).await?
+            let dest = CopyDest { ec2: &ec2, target: &t, name: &name, kms_key_id, tagging };
+            copy_across_accounts(ctx, shares, src, dest).await?
         };
         ec2.wait_until_image_available()
             .image_ids(&new_ami)
             .wait(ctx.volume_timeout.max(Duration::from_secs(1800)))
             .await
-            .map_err(|e| anyhow::anyhow!("waiting for copied AMI {new_ami} to be available: {e}"))?;
-        let mut copy_tags: Vec<Tag> = src
-            .image
-            .tags()
-            .iter()
-            .filter(|t| t.key().is_some_and(|k| !k.starts_with("aws:") && k != tags::EXPIRES_AT))
-            .cloned()
-            .collect();
-        copy_tags.push(tags::tag("CopiedFrom", &format!("{}/{src_ami}", src.target.region)));
-        ec2.create_tags()
-            .resources(&new_ami)
-            .set_tags(Some(copy_tags))
-            .send()
-            .await
-            .map_err(|e| sdk_error(&format!("CreateTags on {new_ami}"), e))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "waiting for the copy {new_ami} to be available: {e} (it is tagged: a re-run reports it, \
+                     and copies nothing while it is pending)"
+                )
+            })?;
         Ok(vec![ctx.acted("copy", &new_ami, what)])
     })
     .await
@@ -643,6 +681,15 @@ async fn copy_shared_snapshot(
     copied
 }
 
+/// Where a cross-account copy goes, and what it is called and tagged.
+struct CopyDest<'a> {
+    ec2: &'a Client,
+    target: &'a Target,
+    name: &'a str,
+    kms_key_id: Option<&'a str>,
+    tagging: aws_sdk_ec2::types::TagSpecification,
+}
+
 /// Across accounts: copy each of the source AMI's snapshots into the
 /// target (shared for the length of the copy, re-encrypted), then register
 /// an AMI with the source's attributes on the copies. A failure deletes the
@@ -650,13 +697,11 @@ async fn copy_shared_snapshot(
 async fn copy_across_accounts(
     ctx: &Ctx<'_>,
     shares: &Shares,
-    ec2: &Client,
-    t: &Target,
     src: &SourceAmi,
-    name: &str,
-    kms_key_id: Option<&str>,
+    dest: CopyDest<'_>,
 ) -> anyhow::Result<String> {
     use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice};
+    let CopyDest { ec2, target: t, name, kms_key_id, tagging } = dest;
     let dest_account = account_id(ctx, t).await?;
     let root = src.image.root_device_name().context("the source AMI has no root device name")?;
     let src_ec2 = ctx.aws.ec2(&src.target).await;
@@ -712,6 +757,7 @@ async fn copy_across_accounts(
             .set_boot_mode(src.image.boot_mode().map(|b| b.as_str().into()))
             .set_tpm_support(src.image.tpm_support().map(|b| b.as_str().into()))
             .set_imds_support(src.image.imds_support().map(|b| b.as_str().into()))
+            .tag_specifications(tagging)
             .send()
             .await
             .map_err(|e| sdk_error(&format!("RegisterImage {name}"), e))

@@ -126,17 +126,18 @@ async fn grow(
     let under_way = mods.volumes_modifications().iter().any(|m| {
         m.target_size().is_some_and(|t| t >= gib) && !matches!(m.modification_state(), Some(M::Failed) | None)
     });
-    if size_now < gib && !under_way {
-        if let Err(e) = ec2.modify_volume().volume_id(volume).size(gib).send().await {
-            let code = e.as_service_error().and_then(|s| s.code()).unwrap_or_default().to_owned();
-            let err = sdk_error(&format!("ModifyVolume {volume}"), e);
-            // Once in six hours per volume, or one already under way.
-            if code == "VolumeModificationRateExceeded" || code == "IncorrectModificationState" {
-                tracing::warn!(volume, "{err}; replacing the volume instead");
-                return Ok(false);
-            }
-            return Err(err);
+    if size_now < gib
+        && !under_way
+        && let Err(e) = ec2.modify_volume().volume_id(volume).size(gib).send().await
+    {
+        let code = e.as_service_error().and_then(|s| s.code()).unwrap_or_default().to_owned();
+        let err = sdk_error(&format!("ModifyVolume {volume}"), e);
+        // Once in six hours per volume, or one already under way.
+        if code == "VolumeModificationRateExceeded" || code == "IncorrectModificationState" {
+            tracing::warn!(volume, "{err}; replacing the volume instead");
+            return Ok(false);
         }
+        return Err(err);
     }
     // EC2 lets the instance use the new size once the modification is
     // optimizing (or completed).

@@ -361,6 +361,8 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
         let snap = root_snapshot(&ec2, img).await;
         assert_ne!(snap.snapshot_id(), Some(source_snap.as_str()), "{account},{region}");
         assert_eq!(snap.encrypted(), Some(true), "{account},{region}");
+        // ... holding the image's bytes.
+        assert_snapshot_holds(&world, snap.snapshot_id().unwrap(), &image).await;
         if account == "second" {
             assert_eq!(snap.owner_id(), Some(second_id.as_str()));
         }

@@ -41,6 +41,7 @@ from moto.ec2.models import elastic_block_store as moto_ebs
 from moto.ec2.responses import amis as amis_responses
 from moto.ec2.utils import random_snapshot_id
 
+_WORLD = os.environ.get("LOCAL_WORLD_DIR")
 Ami = moto_amis.Ami
 EBSBackend = moto_ebs.EBSBackend
 Snapshot = moto_ebs.Snapshot
@@ -104,10 +105,15 @@ def _refuse_taken_name(backend, name):
 
 def register_image(self):
     _refuse_taken_name(self.ec2_backend, self._get_param("Name"))
-    result = _register_response(self)
     raw = self._get_param("BlockDeviceMappings") or self._get_param("BlockDeviceMapping") or []
     if isinstance(raw, dict):
         raw = list(raw.values())
+    # A missing snapshot is refused before anything is registered.
+    for m in raw:
+        sid = (m.get("Ebs") or {}).get("SnapshotId")
+        if sid:
+            self.ec2_backend.get_snapshot(sid)
+    result = _register_response(self)
     ami = self.ec2_backend.amis[result.result["ImageId"]]
     for attr, param in (
         ("root_device_name", "RootDeviceName"),
@@ -164,12 +170,18 @@ def copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_
         kms_key_id=kms_key_id,
     )
     self.snapshots[snapshot_id] = snapshot
+    # The copy holds the source snapshot's bytes (not its volume's now).
+    if _WORLD:
+        kept = os.path.join(_WORLD, "snapshots", f"{source_snapshot_id}.img")
+        if os.path.exists(kept):
+            dest = os.path.join(_WORLD, "snapshots", f"{snapshot_id}.img")
+            subprocess.run(["cp", "--sparse=always", kept, dest + ".part"], check=True)
+            os.rename(dest + ".part", dest)
     return snapshot
 
 
 EBSBackend.copy_snapshot = copy_snapshot
 
-_WORLD = os.environ.get("LOCAL_WORLD_DIR")
 _create_snapshot = EBSBackend.create_snapshot
 
 
@@ -195,10 +207,13 @@ def copy_image(self):
     result = _copy_image_response(self)
     source_region = self._get_param("SourceRegion")
     source = ec2_backends[self.ec2_backend.account_id][source_region].amis.get(self._get_param("SourceImageId"))
+    ami = self.ec2_backend.amis[result.result["ImageId"]]
+    tags = self._parse_tag_specification().get("image", {})
+    if tags:
+        ami.add_tags(tags)
     registered = getattr(source, "registered_mappings", None)
     if registered is None:
         return result
-    ami = self.ec2_backend.amis[result.result["ImageId"]]
     encrypted = str(self._get_param("Encrypted", "false")).lower() == "true"
     kms_key_id = self._get_param("KmsKeyId")
     mappings = copy.deepcopy(registered)
