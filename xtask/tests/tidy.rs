@@ -201,7 +201,7 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
         "run",
     ];
     // Getters that look like operations.
-    const NOT_ACTIONS: [&str; 2] = ["start_time", "delete_on_termination"];
+    const NOT_ACTIONS: [&str; 3] = ["start_time", "delete_on_termination", "create_volume_permissions"];
     let mut files = Vec::new();
     rust_files(&root().join("crates/ami-publisher/src"), &mut files);
     let mut out = std::collections::BTreeSet::new();

@@ -596,39 +596,64 @@ async fn account_id(ctx: &Ctx<'_>, t: &Target) -> anyhow::Result<String> {
 /// so that concurrent copies into one account (its regions) share a snapshot
 /// once and stop sharing it after the last copy is made.
 #[derive(Default)]
-struct Shares(tokio::sync::Mutex<HashMap<(String, String), usize>>);
+struct Shares(tokio::sync::Mutex<HashMap<(String, String), Share>>);
+
+/// One snapshot shared with one account for copies under way.
+#[derive(Default)]
+struct Share {
+    copies: usize,
+    /// Whether this run added the permission (one that was there before
+    /// stays after the copies).
+    added: bool,
+}
 
 impl Shares {
     async fn share(&self, src: &Client, snap: &str, account: &str) -> anyhow::Result<()> {
+        use aws_sdk_ec2::types::SnapshotAttributeName as A;
         let mut held = self.0.lock().await;
-        let n = held.entry((snap.to_owned(), account.to_owned())).or_default();
-        if *n == 0 {
-            src.modify_snapshot_attribute()
+        let share = held.entry((snap.to_owned(), account.to_owned())).or_default();
+        if share.copies == 0 {
+            let now = src
+                .describe_snapshot_attribute()
                 .snapshot_id(snap)
-                .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
-                .operation_type(aws_sdk_ec2::types::OperationType::Add)
-                .user_ids(account)
+                .attribute(A::CreateVolumePermission)
                 .send()
                 .await
-                .map_err(|e| sdk_error(&format!("sharing {snap} with account {account}"), e))
-                .context(
-                    "a snapshot encrypted with the account's default aws/ebs key cannot be shared: \
-                     publish the source with --kms-key-id of a customer-managed key the destination may use",
-                )?;
+                .map_err(|e| sdk_error(&format!("DescribeSnapshotAttribute {snap}"), e))?;
+            let already = now.create_volume_permissions().iter().any(|p| p.user_id() == Some(account));
+            if !already {
+                src.modify_snapshot_attribute()
+                    .snapshot_id(snap)
+                    .attribute(A::CreateVolumePermission)
+                    .operation_type(aws_sdk_ec2::types::OperationType::Add)
+                    .user_ids(account)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("sharing {snap} with account {account}"), e))
+                    .context(
+                        "note: a snapshot encrypted with the account's default aws/ebs key cannot be shared; \
+                         publish the source with --kms-key-id of a customer-managed key the destination may use",
+                    )?;
+            }
+            share.added = !already;
         }
-        *n += 1;
+        share.copies += 1;
         Ok(())
     }
 
     async fn unshare(&self, src: &Client, snap: &str, account: &str) {
         let mut held = self.0.lock().await;
         let key = (snap.to_owned(), account.to_owned());
-        let Some(n) = held.get_mut(&key) else { return };
-        *n -= 1;
-        if *n > 0 {
+        let Some(share) = held.get_mut(&key) else { return };
+        share.copies -= 1;
+        if share.copies > 0 {
             return;
         }
+        let added = share.added;
         held.remove(&key);
+        if !added {
+            return;
+        }
         let r = src
             .modify_snapshot_attribute()
             .snapshot_id(snap)
