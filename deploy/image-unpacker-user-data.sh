@@ -34,12 +34,15 @@ fail() {
     exit 1
 }
 
-# Write stdin to $1 with mode $2, atomically.
+# Write stdin to $1 with mode $2, atomically (a failed write leaves no
+# partial file behind).
 put() {
     tmp=$(mktemp "$1.XXXXXX")
-    cat >"$tmp"
-    chmod "$2" "$tmp"
-    mv -f "$tmp" "$1"
+    if cat >"$tmp" && chmod "$2" "$tmp" && sync "$tmp" && mv -f "$tmp" "$1"; then
+        return 0
+    fi
+    rm -f "$tmp"
+    fail "could not write $1"
 }
 
 bin=/usr/local/bin/image-unpacker
@@ -58,9 +61,10 @@ fi
 
 if [ -n "$SSM_PREFIX" ]; then
     # IMDSv2 (launch-instances requires tokens) for the region.
-    token=$(curl --fail --silent -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 300" \
+    token=$(curl --fail --silent --retry 5 --retry-connrefused -X PUT \
+        -H "X-aws-ec2-metadata-token-ttl-seconds: 300" \
         http://169.254.169.254/latest/api/token) || fail "no IMDSv2 token"
-    region=$(curl --fail --silent -H "X-aws-ec2-metadata-token: $token" \
+    region=$(curl --fail --silent --retry 5 --retry-connrefused -H "X-aws-ec2-metadata-token: $token" \
         http://169.254.169.254/latest/meta-data/placement/region) || fail "no region from IMDS"
     fetch() {
         value=$(aws --region "$region" ssm get-parameter --with-decryption --name "$SSM_PREFIX/$1" \
