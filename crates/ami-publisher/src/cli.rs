@@ -554,7 +554,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::ListStreams => (
             ops::list_streams(&ctx).await,
-            &["instance", "stream", "state", "leaf", "volume", "volume_bytes"][..],
+            &["instance", "stream", "state", "leaf", "volume", "volume_bytes", "capture_hold"][..],
             false,
         ),
         Command::ListUnpackers => (

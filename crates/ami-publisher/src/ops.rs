@@ -153,8 +153,14 @@ pub async fn list_streams(ctx: &Ctx<'_>) -> Vec<Report> {
         for (inst, _, s) in ctx.running(&ec2, Duration::from_secs(10)).await? {
             for st in &s.streams {
                 let size = s.devices.iter().find(|d| d.volume_id == st.volume_id).map_or(0, |d| d.size_bytes);
+                let hold = if st.hold_seconds > 0 {
+                    format!("{} for {} s", st.hold_leaf, st.hold_seconds)
+                } else {
+                    String::new()
+                };
                 out.push(json!({"instance": inst.instance_id, "stream": st.stream, "state": state_name(st),
-                    "leaf": st.leaf, "volume": st.volume_id, "volume_bytes": size, "image_id": st.image_id}));
+                    "leaf": st.leaf, "volume": st.volume_id, "volume_bytes": size, "image_id": st.image_id,
+                    "capture_hold": hold}));
             }
         }
         Ok(out)

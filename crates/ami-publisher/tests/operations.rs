@@ -76,6 +76,8 @@ async fn lifecycle_subcommands_change_exactly_what_they_say() {
     assert!(unpackers.iter().all(|u| u["state"] == "running" && u["streams"] == stream), "{unpackers:?}");
     let streams = records(&json_of(&run(&["--json", "list-streams"])));
     assert!(streams.iter().all(|s| s["leaf"] == "2" && s["state"] == "verified"), "{streams:?}");
+    // The publishes released their capture holds.
+    assert!(streams.iter().all(|s| s["capture_hold"] == ""), "{streams:?}");
     let table = String::from_utf8(run(&["list-unpackers"]).stdout).unwrap();
     assert!(table.starts_with("TARGET") && table.contains(&world.targets[0].instance_id), "{table}");
 
