@@ -55,9 +55,13 @@ pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
             let all_targets: Vec<String> = REGIONS.iter().map(|r| format!(",{r}")).collect();
             let moto0 = cpu_seconds(world.moto_pid())?;
             let calls0 = world.api_calls("ami-publisher");
+            let world0: u64 = world.api_calls("local-world").values().sum();
             let all = publish(&world, &bins, work, &all_stream, &all_targets, world.targets.len())?;
             let moto = cpu_seconds(world.moto_pid())? - moto0;
             let calls1 = world.api_calls("ami-publisher");
+            let world_calls = world.api_calls("local-world").values().sum::<u64>() - world0;
+            let ours: u64 = delta(&calls1, &calls0).values().sum();
+            println!("== publisher round {round}: EC2 calls during the 24-target run: publisher {ours}, world (attacher) {world_calls}");
             if round == 0 {
                 // The same publish again: every target already has it.
                 publish_again(&world, &bins, work, &all_stream, &all_targets)?;
@@ -65,10 +69,11 @@ pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
                 calls = Some((delta(&calls1, &calls0), delta(&calls2, &calls1)));
             }
             println!("== publisher round {round}: 1 target {one:.2} s, 24 targets {all:.2} s (moto busy {moto:.2} s)");
-            rounds.push((one, all, moto));
+            rounds.push((one, all, moto, ours, world_calls));
         }
         let one = rounds.iter().map(|r| r.0).fold(f64::MAX, f64::min);
-        let (all, moto) = rounds.iter().map(|r| (r.1, r.2)).fold((f64::MAX, 0.0), |a, b| if b.0 < a.0 { b } else { a });
+        let best = rounds.iter().min_by(|a, b| a.1.total_cmp(&b.1)).context("no rounds")?;
+        let (all, moto, ours, world_calls) = (best.1, best.2, best.3, best.4);
         let ratio = all / one;
         let (first, again) = calls.context("no API call counts")?;
         let n = world.targets.len() as f64;
@@ -81,7 +86,8 @@ pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
             figure: format!(
                 "{ratio:.2} (24 targets {all:.2} s, 1 target {one:.2} s; best of {} rounds; each target: new \
                  encrypted volume, full unpack, read-back, snapshot, register, tag; the moto process was busy \
-                 {moto:.2} s of the 24-target run's {all:.2} s)",
+                 {moto:.2} s of the 24-target run's {all:.2} s, serving {ours} publisher calls and {world_calls} \
+                 of the world's attacher: the single-threaded emulator is the bottleneck)",
                 rounds.len()
             ),
             goal: "<= 1.5".into(),
