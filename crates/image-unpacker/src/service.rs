@@ -44,7 +44,7 @@ use crate::{
     blockdev, devices,
     engine::{self, Counters, ReadBack},
     metrics::Metrics,
-    state::{Content, DeviceRecord, Phase, State, StreamRecord, now_unix},
+    state::{CaptureHolds, Content, DeviceRecord, Phase, State, StreamRecord, now_unix, now_unix_ms},
 };
 
 /// How long AddDevice waits when the caller gives no timeout.
@@ -68,18 +68,9 @@ pub struct ServiceConfig {
 struct Inner {
     state: Mutex<State>,
     busy: Mutex<HashMap<String, &'static str>>,
-    /// Capture holds by stream.
-    holds: Mutex<HashMap<String, Holds>>,
     released: tokio::sync::Notify,
     config: ServiceConfig,
     metrics: Arc<Metrics>,
-}
-
-/// The capture holds on one stream: all of the same leaf.
-struct Holds {
-    leaf: String,
-    /// Hold id -> when that hold ends.
-    until: HashMap<String, Instant>,
 }
 
 /// The unpacker service (cheap to clone).
@@ -134,7 +125,6 @@ impl Unpacker {
         Ok(Unpacker(Arc::new(Inner {
             state: Mutex::new(state),
             busy: Mutex::default(),
-            holds: Mutex::default(),
             released: tokio::sync::Notify::new(),
             config,
             metrics,
@@ -159,60 +149,76 @@ impl Unpacker {
     /// [`MAX_HOLD`]) for the caller `id`; that caller's hold is only ever
     /// extended. Holds of another leaf cannot be current (an unpack of
     /// another leaf waits for them), so any left are stale and dropped.
+    /// Recorded in the state file, so a restart keeps them.
     fn hold(&self, stream: &str, leaf: &str, id: &str, seconds: u32) {
         if seconds == 0 {
             return;
         }
-        let until = Instant::now() + Duration::from_secs(u64::from(seconds)).min(MAX_HOLD);
-        let mut holds = self.0.holds.lock().expect("holds lock");
-        let h =
-            holds.entry(stream.to_owned()).or_insert_with(|| Holds { leaf: leaf.to_owned(), until: HashMap::new() });
+        let span = Duration::from_secs(u64::from(seconds)).min(MAX_HOLD);
+        let until = now_unix_ms().saturating_add(u64::try_from(span.as_millis()).unwrap_or(u64::MAX));
+        let mut state = self.state();
+        let h = state.capture_holds.entry(stream.to_owned()).or_default();
         if h.leaf != leaf {
-            *h = Holds { leaf: leaf.to_owned(), until: HashMap::new() };
+            *h = CaptureHolds { leaf: leaf.to_owned(), ..Default::default() };
         }
-        let end = h.until.entry(id.to_owned()).or_insert(until);
+        let end = h.until_unix_ms.entry(id.to_owned()).or_insert(until);
         *end = (*end).max(until);
+        if let Err(e) = state.save() {
+            tracing::warn!(stream, "capture hold not saved (it lasts until a restart): {e:#}");
+        }
         tracing::info!(stream, leaf, hold = id, seconds, "device held for capture");
     }
 
     /// Time left of the holds on `stream` and the leaf they hold, if any
     /// (expired holds are dropped).
-    fn hold_left(&self, stream: &str) -> Option<(Duration, String)> {
-        let mut holds = self.0.holds.lock().expect("holds lock");
-        let now = Instant::now();
-        let h = holds.get_mut(stream)?;
-        h.until.retain(|id, until| {
+    fn holds_left(state: &mut State, stream: &str) -> Option<(Duration, String)> {
+        let now = now_unix_ms();
+        let h = state.capture_holds.get_mut(stream)?;
+        h.until_unix_ms.retain(|id, until| {
             let live = *until > now;
             if !live {
                 tracing::warn!(stream, hold = %id, "capture hold ran out without a release");
             }
             live
         });
-        let Some(left) = h.until.values().map(|u| u.saturating_duration_since(now)).max() else {
-            holds.remove(stream);
+        let Some(left) = h.until_unix_ms.values().map(|u| u - now).max() else {
+            state.capture_holds.remove(stream);
             return None;
         };
-        Some((left, h.leaf.clone()))
+        Some((Duration::from_millis(left), h.leaf.clone()))
+    }
+
+    fn hold_left(&self, stream: &str) -> Option<(Duration, String)> {
+        Self::holds_left(&mut self.state(), stream)
     }
 
     /// End the caller `id`'s hold on `stream` (others' holds stay).
     fn release(&self, stream: &str, id: &str) {
-        let mut holds = self.0.holds.lock().expect("holds lock");
-        if let Some(h) = holds.get_mut(stream)
-            && h.until.remove(id).is_some()
+        let mut state = self.state();
+        if let Some(h) = state.capture_holds.get_mut(stream)
+            && h.until_unix_ms.remove(id).is_some()
         {
             tracing::info!(stream, hold = id, "capture hold released");
-            if h.until.is_empty() {
-                holds.remove(stream);
+            if h.until_unix_ms.is_empty() {
+                state.capture_holds.remove(stream);
+            }
+            if let Err(e) = state.save() {
+                tracing::warn!(stream, "capture hold release not saved: {e:#}");
             }
         }
-        drop(holds);
+        drop(state);
         self.0.released.notify_waiters();
     }
 
     /// Drop every hold on `stream` (its device no longer holds the leaf).
     fn release_all(&self, stream: &str) {
-        self.0.holds.lock().expect("holds lock").remove(stream);
+        let mut state = self.state();
+        if state.capture_holds.remove(stream).is_some()
+            && let Err(e) = state.save()
+        {
+            tracing::warn!(stream, "capture hold release not saved: {e:#}");
+        }
+        drop(state);
         self.0.released.notify_waiters();
     }
 
@@ -286,12 +292,12 @@ impl Unpacker {
 
     /// Devices, streams and idle time.
     pub fn status(&self) -> UnpackerStatus {
-        let state = self.state();
-        let streams: Vec<StreamStatus> = state
-            .streams
-            .keys()
+        let mut state = self.state();
+        let names: Vec<String> = state.streams.keys().cloned().collect();
+        let streams: Vec<StreamStatus> = names
+            .iter()
             .map(|s| {
-                let (left, leaf) = self.hold_left(s).unwrap_or_default();
+                let (left, leaf) = Self::holds_left(&mut state, s).unwrap_or_default();
                 let secs = if left.is_zero() { 0 } else { u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX) };
                 StreamStatus { hold_seconds: secs, hold_leaf: leaf, ..Self::stream_status(&state, s) }
             })

@@ -95,8 +95,19 @@ pub struct State {
     /// Unix seconds of the last call that changed or used anything.
     #[serde(default)]
     pub last_used_unix: u64,
+    /// Capture holds by stream (kept here so that they outlive a restart).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub capture_holds: BTreeMap<String, CaptureHolds>,
     #[serde(skip)]
     dir: PathBuf,
+}
+
+/// The capture holds on one stream: all of the same leaf.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CaptureHolds {
+    pub leaf: String,
+    /// Hold id -> when that hold ends (Unix milliseconds).
+    pub until_unix_ms: BTreeMap<String, u64>,
 }
 
 const STATE_FILE: &str = "state.json";
@@ -104,6 +115,10 @@ const CONTENT_DIR: &str = "content";
 
 pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
 impl State {

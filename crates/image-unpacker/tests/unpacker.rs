@@ -239,6 +239,33 @@ async fn a_capture_hold_keeps_writers_off_until_released() {
     assert_eq!(dev.read(third.len()).unwrap(), third);
 }
 
+/// A capture hold outlives a restart of the daemon (say, a crash between a
+/// publisher's read-back and its CreateSnapshot).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_hold_outlives_a_restart() {
+    let mut rig = Rig::new().await;
+    let (a, b) = (disk(51), disk(52));
+    rig.add("1", &a).await;
+    rig.add("2", &b).await;
+    let mut c = rig.client().await;
+    let dev = rig.bound_device(&mut c, "vol-00000000000000c1", 64 * CHUNK as u64, true).await;
+    unpack_holding(&mut c, "1", 600).await.unwrap();
+    rig.stop_unpacker().await;
+    rig.start_unpacker().await;
+    let mut c = rig.client().await;
+    let status = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let st = status.streams.iter().find(|s| s.stream == STREAM).unwrap();
+    assert!(st.hold_seconds > 500 && st.hold_leaf == "1", "{st:?}");
+    let mut other = rig.client().await;
+    let second = tokio::spawn(async move { unpack(&mut other, "2").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!second.is_finished(), "the hold still keeps leaf 2 off");
+    assert_eq!(dev.read(a.len()).unwrap(), a);
+    c.release_capture(ReleaseCaptureRequest { stream: STREAM.into(), hold_id: "test".into() }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), second).await.unwrap().unwrap().unwrap();
+    assert_eq!(dev.read(b.len()).unwrap(), b);
+}
+
 /// A device grown in place (ModifyVolume) keeps what it holds: it can be
 /// captured at once, and a larger image fits without a rescan.
 #[tokio::test]
