@@ -271,6 +271,21 @@ async fn image_usage_and_launching_instances() {
     let none = records(&json_of(&run(&["--json", "delete-unused-images", "--search-tags", "ImageStream=apps/api"])));
     assert!(none.is_empty(), "{none:?}");
 
+    // The instance profile reaches RunInstances: one that does not exist
+    // fails the target, names the profile, and launches nothing.
+    let live = || async {
+        let f = Filter::builder().name("instance-state-name").values("pending").values("running").build();
+        let out = ec2.describe_instances().filters(f).send().await.unwrap();
+        out.reservations().iter().map(|r| r.instances().len()).sum::<usize>()
+    };
+    let before = live().await;
+    let out = run(&["--json", "launch-instances", stream, "--iam-instance-profile", "NoSuchUnpackerProfile"]);
+    assert_eq!(out.status.code(), Some(1));
+    let failed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = failed[0]["error"].as_str().unwrap_or_default();
+    assert!(err.contains("NoSuchUnpackerProfile"), "{failed}");
+    assert_eq!(live().await, before, "nothing launched");
+
     // launch-instances by stream with --replace-instances: the old one goes.
     let again = records(&json_of(&run(&["--json", "launch-instances", stream, "--replace-instances"])));
     assert!(again.iter().any(|a| a["action"] == "terminate" && a["resource"] == instance.as_str()), "{again:?}");
