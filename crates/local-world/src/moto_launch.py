@@ -255,15 +255,15 @@ EBSBackend.modify_volume = modify_volume
 from moto.core.responses import BaseResponse
 
 _call_action = BaseResponse.call_action
-_CALLS = os.path.join(_WORLD, "api-calls.log") if _WORLD else None
+# Line-buffered: each call's line is in the file when the call is answered.
+_CALLS = open(os.path.join(_WORLD, "api-calls.log"), "a", encoding="utf-8", buffering=1) if _WORLD else None
 
 
 def call_action(self):
     if _CALLS:
         agent = self.headers.get("User-Agent", "")
         app = next((p[len("app/") :] for p in agent.split() if p.startswith("app/")), "-")
-        with open(_CALLS, "a", encoding="utf-8") as log:
-            log.write(f"{self.service_name} {self._get_action()} {app}\n")
+        _CALLS.write(f"{self.service_name} {self._get_action()} {app}\n")
     return _call_action(self)
 
 
