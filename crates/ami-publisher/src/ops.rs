@@ -741,7 +741,14 @@ async fn copy_across_accounts(
     let mut failure = None;
     for m in src.image.block_device_mappings() {
         let Some(snap) = m.ebs().and_then(|e| e.snapshot_id()) else {
-            mappings.push(m.clone());
+            // An empty volume or an instance store: as it is, but a KMS key
+            // of the source account means nothing here (the target account's
+            // key, or its default, applies).
+            let mut m = m.clone();
+            if let Some(e) = m.ebs.as_mut() {
+                e.kms_key_id = kms_key_id.map(str::to_owned);
+            }
+            mappings.push(m);
             continue;
         };
         match copy_shared_snapshot(shares, &src_ec2, ec2, src, snap, &dest_account, kms_key_id).await {
