@@ -1,4 +1,4 @@
-# Starts moto_server after closing three gaps between moto's EC2 model and
+# Starts moto_server after closing five gaps between moto's EC2 model and
 # EC2 itself that the publisher depends on. Product code never sees this
 # file: it only changes what the emulator answers, towards what AWS answers.
 #
@@ -13,7 +13,7 @@
 #    EC2 does, instead of inventing a fresh one.
 # 3. CopySnapshot can read a snapshot another account shared with the caller
 #    (createVolumePermission), as EC2 allows; moto only looks in the
-#    caller's own account.
+#    caller's own account. The copy holds its source's bytes.
 # 4. CreateSnapshot of a volume the world backs with a file
 #    ($LOCAL_WORLD_DIR/volumes/VOL.img) copies that file (sparsely) to
 #    $LOCAL_WORLD_DIR/snapshots/SNAP.img before answering: an EBS snapshot
