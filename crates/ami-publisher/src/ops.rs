@@ -331,15 +331,34 @@ pub enum BootImage<'a> {
 
 /// The newest available AMI of a stream in a target, if any.
 async fn newest_of_stream(ec2: &Client, stream: &str) -> anyhow::Result<Option<aws_sdk_ec2::types::Image>> {
+    Ok(newest_of_stream_in(ec2, stream, &["available"]).await?.pop().flatten())
+}
+
+/// The newest AMI of a stream in a target in each of `states`, in order
+/// (one DescribeImages).
+async fn newest_of_stream_in(
+    ec2: &Client,
+    stream: &str,
+    states: &[&str],
+) -> anyhow::Result<Vec<Option<aws_sdk_ec2::types::Image>>> {
+    let state_filter =
+        Filter::builder().name("state").set_values(Some(states.iter().map(|s| (*s).to_owned()).collect()));
     let out = ec2
         .describe_images()
         .owners("self")
         .filters(tag_filter(tags::STREAM, stream))
-        .filters(tags::filter("state", "available"))
+        .filters(state_filter.build())
         .send()
         .await
         .map_err(|e| sdk_error("DescribeImages", e))?;
-    Ok(out.images().iter().max_by(|a, b| a.creation_date().cmp(&b.creation_date())).cloned())
+    let newest = |state: &str| {
+        out.images()
+            .iter()
+            .filter(|i| i.state().is_some_and(|s| s.as_str() == state))
+            .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+            .cloned()
+    };
+    Ok(states.iter().map(|s| newest(s)).collect())
 }
 
 /// Launch instances (one per image) and report their ids and private IPs.
@@ -483,22 +502,10 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
     // copy still pending (from an earlier run that did not wait it out).
     let found = crate::fanout(&ctx.targets, ctx.max_concurrency, |t| async move {
         let ec2 = ctx.aws.ec2(&t).await;
-        let out = ec2
-            .describe_images()
-            .owners("self")
-            .filters(tag_filter(tags::STREAM, stream))
-            .filters(Filter::builder().name("state").values("available").values("pending").build())
-            .send()
-            .await
-            .map_err(|e| format!("{:#}", sdk_error("DescribeImages", e)))?;
-        let newest = |state: &str| {
-            out.images()
-                .iter()
-                .filter(|i| i.state().is_some_and(|s| s.as_str() == state))
-                .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
-                .cloned()
-        };
-        Ok::<_, String>((newest("available"), newest("pending")))
+        let mut newest =
+            newest_of_stream_in(&ec2, stream, &["available", "pending"]).await.map_err(|e| format!("{e:#}"))?;
+        let pending = newest.pop().flatten();
+        Ok::<_, String>((newest.pop().flatten(), pending))
     })
     .await;
     let sources: Vec<SourceAmi> = found

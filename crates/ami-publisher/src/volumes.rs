@@ -113,35 +113,14 @@ async fn grow(
     use aws_sdk_ec2::types::VolumeModificationState as M;
     let gib = spec.gib();
     line.step(format!("growing {volume} to {gib} GiB"));
-    // An earlier, interrupted run (or another publish) may have grown it
-    // already, or be growing it: then there is nothing to ask EC2 for.
     let v = ec2.describe_volumes().volume_ids(volume).send().await.map_err(|e| sdk_error("DescribeVolumes", e))?;
     let size_now = v.volumes().first().and_then(Volume::size).unwrap_or(0);
-    let mods = ec2
-        .describe_volumes_modifications()
-        .volume_ids(volume)
-        .send()
-        .await
-        .map_err(|e| sdk_error("DescribeVolumesModifications", e))?;
-    let under_way = mods.volumes_modifications().iter().any(|m| {
-        m.target_size().is_some_and(|t| t >= gib) && !matches!(m.modification_state(), Some(M::Failed) | None)
-    });
-    if size_now < gib
-        && !under_way
-        && let Err(e) = ec2.modify_volume().volume_id(volume).size(gib).send().await
-    {
-        let code = e.as_service_error().and_then(|s| s.code()).unwrap_or_default().to_owned();
-        let err = sdk_error(&format!("ModifyVolume {volume}"), e);
-        // Once in six hours per volume, or one already under way.
-        if code == "VolumeModificationRateExceeded" || code == "IncorrectModificationState" {
-            tracing::warn!(volume, "{err}; replacing the volume instead");
-            return Ok(false);
-        }
-        return Err(err);
-    }
+    let device = v.volumes().first().and_then(|v| attachment_here(v, &inst.instance_id)).unwrap_or_default();
     // EC2 lets the instance use the new size once the modification is
-    // optimizing (or completed).
+    // optimizing (or completed). One that an earlier, interrupted run (or
+    // another publish) asked for counts: EC2 is asked only when none is.
     let deadline = Instant::now() + spec.timeout;
+    let mut asked = false;
     loop {
         let out = ec2
             .describe_volumes_modifications()
@@ -149,13 +128,26 @@ async fn grow(
             .send()
             .await
             .map_err(|e| sdk_error("DescribeVolumesModifications", e))?;
-        let state = out.volumes_modifications().iter().rev().find(|m| m.target_size().is_some_and(|t| t >= gib));
-        match state.and_then(|m| m.modification_state()) {
+        let latest = out.volumes_modifications().iter().rev().find(|m| m.target_size().is_some_and(|t| t >= gib));
+        match latest.and_then(|m| m.modification_state()) {
             Some(M::Optimizing | M::Completed) => break,
             // No modification to wait for: it was this size already.
             None if size_now >= gib => break,
+            None | Some(M::Failed) if !asked => {
+                if let Err(e) = ec2.modify_volume().volume_id(volume).size(gib).send().await {
+                    let code = e.as_service_error().and_then(|s| s.code()).unwrap_or_default().to_owned();
+                    let err = sdk_error(&format!("ModifyVolume {volume}"), e);
+                    // Once in six hours per volume, or one already under way.
+                    if code == "VolumeModificationRateExceeded" || code == "IncorrectModificationState" {
+                        tracing::warn!(volume, "{err}; replacing the volume instead");
+                        return Ok(false);
+                    }
+                    return Err(err);
+                }
+                asked = true;
+            }
             Some(M::Failed) => {
-                let why = state.and_then(|m| m.status_message()).unwrap_or("no reason given");
+                let why = latest.and_then(|m| m.status_message()).unwrap_or("no reason given");
                 bail!("growing {volume} to {gib} GiB failed: {why}");
             }
             _ if Instant::now() > deadline => {
@@ -164,8 +156,6 @@ async fn grow(
             _ => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
-    let out = ec2.describe_volumes().volume_ids(volume).send().await.map_err(|e| sdk_error("DescribeVolumes", e))?;
-    let device = out.volumes().first().and_then(|v| attachment_here(v, &inst.instance_id)).unwrap_or_default();
     // The kernel, then the unpacker, see the new size shortly after.
     loop {
         let req = AddDeviceRequest {
