@@ -432,20 +432,18 @@ async fn capture_and_snapshot(
     line.step("reading back");
     // Writers of other leaves wait for this leaf's hold; a scan or capture
     // by another caller may still be running (ABORTED): try again.
-    let deadline = Instant::now() + o.timeouts.unpacker;
+    let patience = volumes::Patience::new(o.timeouts.unpacker);
     let cap = loop {
         let req = PrepareForCaptureRequest {
             stream: o.stream.clone(),
             hold_seconds: CAPTURE_HOLD_SECONDS,
             hold_id: hold_id.to_owned(),
         };
-        match c.prepare_for_capture(req).await {
-            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
-                line.step("the stream is busy; waiting to read back");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            r => break r.context("PrepareForCapture")?.into_inner(),
+        let r = c.prepare_for_capture(req).await;
+        if !patience.again(&r).await {
+            break r.context("PrepareForCapture")?.into_inner();
         }
+        line.step("the stream is busy; waiting to read back");
     };
     if cap.volume_id != volume {
         bail!("the unpacker read back {}, not {volume}, for {}; not snapshotting", cap.volume_id, o.stream);

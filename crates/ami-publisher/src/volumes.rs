@@ -202,37 +202,50 @@ async fn choose(
     create_and_add(ec2, c, inst, spec, line).await
 }
 
-/// Unbind the stream, waiting out another caller's operation on it
-/// (ABORTED) for up to a minute.
+/// How long a call on a busy stream is tried again: the unpacker answers
+/// ABORTED while another caller's operation on the stream runs.
+pub(crate) struct Patience(Instant);
+
+impl Patience {
+    pub(crate) fn new(limit: Duration) -> Patience {
+        Patience(Instant::now() + limit)
+    }
+
+    /// Whether to try `r`'s call again: it was ABORTED and there is time
+    /// left (after a short pause).
+    pub(crate) async fn again<T>(&self, r: &Result<T, tonic::Status>) -> bool {
+        let busy = matches!(r, Err(s) if s.code() == tonic::Code::Aborted);
+        if busy && Instant::now() < self.0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return true;
+        }
+        false
+    }
+}
+
+/// Unbind the stream, waiting out another caller's operation on it for up
+/// to a minute.
 async fn forget(c: &mut uc::Client, stream: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let patience = Patience::new(Duration::from_secs(60));
     loop {
-        match c.forget_stream(ForgetStreamRequest { stream: stream.to_owned() }).await {
-            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            r => {
-                r.with_context(|| format!("unbinding {stream} on the unpacker"))?;
-                return Ok(());
-            }
+        let r = c.forget_stream(ForgetStreamRequest { stream: stream.to_owned() }).await;
+        if !patience.again(&r).await {
+            r.with_context(|| format!("unbinding {stream} on the unpacker"))?;
+            return Ok(());
         }
     }
 }
 
 /// Bind the stream to the volume, waiting out another caller's operation
-/// on the stream (ABORTED) for up to a minute.
+/// on the stream for up to a minute.
 async fn associate(c: &mut uc::Client, stream: &str, volume: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let patience = Patience::new(Duration::from_secs(60));
     loop {
         let req = AssociateRequest { stream: stream.to_owned(), volume_id: volume.to_owned() };
-        match c.associate_stream_with_device(req).await {
-            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            r => {
-                r.with_context(|| format!("binding {stream} to {volume} on the unpacker"))?;
-                return Ok(());
-            }
+        let r = c.associate_stream_with_device(req).await;
+        if !patience.again(&r).await {
+            r.with_context(|| format!("binding {stream} to {volume} on the unpacker"))?;
+            return Ok(());
         }
     }
 }
