@@ -158,6 +158,16 @@ def _shared_snapshot(backend, snapshot_id, source_region):
     raise InvalidSnapshotIdError()
 
 
+def _keep_bytes(source, snapshot_id):
+    """Copy the world's file `source` (relative to $LOCAL_WORLD_DIR) to
+    snapshots/SNAPSHOT_ID.img, sparsely and atomically, if both exist."""
+    if not _WORLD or not os.path.exists(os.path.join(_WORLD, source)):
+        return
+    dest = os.path.join(_WORLD, "snapshots", f"{snapshot_id}.img")
+    subprocess.run(["cp", "--sparse=always", os.path.join(_WORLD, source), dest + ".part"], check=True)
+    os.rename(dest + ".part", dest)
+
+
 def copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_id, *args, **kwargs):
     source = _shared_snapshot(self, source_snapshot_id, source_region)
     snapshot_id = random_snapshot_id()
@@ -171,12 +181,7 @@ def copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_
     )
     self.snapshots[snapshot_id] = snapshot
     # The copy holds the source snapshot's bytes (not its volume's now).
-    if _WORLD:
-        kept = os.path.join(_WORLD, "snapshots", f"{source_snapshot_id}.img")
-        if os.path.exists(kept):
-            dest = os.path.join(_WORLD, "snapshots", f"{snapshot_id}.img")
-            subprocess.run(["cp", "--sparse=always", kept, dest + ".part"], check=True)
-            os.rename(dest + ".part", dest)
+    _keep_bytes(os.path.join("snapshots", f"{source_snapshot_id}.img"), snapshot_id)
     return snapshot
 
 
@@ -187,11 +192,7 @@ _create_snapshot = EBSBackend.create_snapshot
 
 def create_snapshot(self, volume_id, *args, **kwargs):
     snapshot = _create_snapshot(self, volume_id, *args, **kwargs)
-    backing = os.path.join(_WORLD or "", "volumes", f"{volume_id}.img")
-    if _WORLD and os.path.exists(backing):
-        dest = os.path.join(_WORLD, "snapshots", f"{snapshot.id}.img")
-        subprocess.run(["cp", "--sparse=always", backing, dest + ".part"], check=True)
-        os.rename(dest + ".part", dest)
+    _keep_bytes(os.path.join("volumes", f"{volume_id}.img"), snapshot.id)
     return snapshot
 
 
