@@ -226,3 +226,161 @@ pub fn send_raw(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use image_format::ChunkRef;
+
+    use super::*;
+
+    const CHUNK: u32 = 4096;
+    const CS: usize = CHUNK as usize;
+
+    /// Three full chunks (the second all zero) and a short last one.
+    fn image() -> Vec<u8> {
+        let mut bytes: Vec<u8> = (0..3 * CS + 1000).map(|i| u8::try_from(i % 251).unwrap() + 1).collect();
+        bytes[CS..2 * CS].fill(0);
+        bytes
+    }
+
+    fn manifest_of(bytes: &[u8]) -> Manifest {
+        let chunks =
+            bytes.chunks(CS).map(|c| if is_zero(c) { ChunkRef::Zero } else { ChunkRef::Data(Digest::of(c)) }).collect();
+        Manifest::new(CHUNK, bytes.len() as u64, chunks).unwrap()
+    }
+
+    /// Read back a device holding `device` against `m`; also the bytes counted.
+    fn read_back_of(device: &[u8], m: &Manifest) -> (ReadBack, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        std::fs::write(&path, device).unwrap();
+        let done = AtomicU64::new(0);
+        let found = read_back(&path, m, &done).unwrap();
+        (found, done.load(Ordering::Relaxed))
+    }
+
+    fn differs_at(found: &ReadBack) -> Option<(u64, u64)> {
+        match found {
+            ReadBack::Differs { index, offset } => Some((*index, *offset)),
+            ReadBack::Matches(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_device_holding_the_image_matches() {
+        let bytes = image();
+        let m = manifest_of(&bytes);
+        let (found, done) = read_back_of(&bytes, &m);
+        assert!(matches!(found, ReadBack::Matches(h) if h == blake3::hash(&bytes)), "{found:?}");
+        assert_eq!(done, bytes.len() as u64);
+        // A device larger than the image: only the image's bytes are read.
+        let mut larger = bytes.clone();
+        larger.extend_from_slice(&[0xee; 5000]);
+        let (found, done) = read_back_of(&larger, &m);
+        assert!(matches!(found, ReadBack::Matches(h) if h == blake3::hash(&bytes)), "{found:?}");
+        assert_eq!(done, bytes.len() as u64);
+    }
+
+    #[test]
+    fn a_chunk_with_the_right_length_and_wrong_bytes_differs() {
+        let bytes = image();
+        let m = manifest_of(&bytes);
+        for (index, at) in [(0u64, 17usize), (2, 2 * CS + 4000), (3, 3 * CS + 999)] {
+            let mut device = bytes.clone();
+            device[at] ^= 0x40;
+            let (found, _) = read_back_of(&device, &m);
+            assert_eq!(differs_at(&found), Some((index, index * u64::from(CHUNK))), "byte {at} changed");
+        }
+    }
+
+    #[test]
+    fn a_zero_chunk_holding_data_differs() {
+        let bytes = image();
+        let m = manifest_of(&bytes);
+        let mut device = bytes.clone();
+        device[2 * CS - 1] = 1;
+        let (found, done) = read_back_of(&device, &m);
+        assert_eq!(differs_at(&found), Some((1, u64::from(CHUNK))));
+        assert_eq!(done, u64::from(CHUNK), "only the first chunk was read as good");
+    }
+
+    #[test]
+    fn a_short_device_differs() {
+        let bytes = image();
+        let m = manifest_of(&bytes);
+        // Ending inside the last chunk, at a chunk boundary, and empty.
+        let (found, _) = read_back_of(&bytes[..bytes.len() - 10], &m);
+        assert_eq!(differs_at(&found), Some((3, 3 * u64::from(CHUNK))));
+        let (found, _) = read_back_of(&bytes[..2 * CS], &m);
+        assert_eq!(differs_at(&found), Some((2, 2 * u64::from(CHUNK))));
+        let (found, _) = read_back_of(&[], &m);
+        assert_eq!(differs_at(&found), Some((0, 0)));
+    }
+
+    /// A short last chunk that should be zero: its bytes are all zero, only
+    /// its length tells that the device ended early.
+    #[test]
+    fn a_short_device_ending_in_a_zero_chunk_differs() {
+        let mut bytes = image();
+        bytes[3 * CS..].fill(0);
+        let m = manifest_of(&bytes);
+        assert_eq!(m.chunks()[3], ChunkRef::Zero);
+        let (found, _) = read_back_of(&bytes[..bytes.len() - 1], &m);
+        assert_eq!(differs_at(&found), Some((3, 3 * u64::from(CHUNK))));
+        let (found, _) = read_back_of(&bytes, &m);
+        assert!(matches!(found, ReadBack::Matches(_)), "{found:?}");
+    }
+
+    #[test]
+    fn scan_hashes_the_whole_device() {
+        let bytes = image();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        std::fs::write(&path, &bytes).unwrap();
+        let done = AtomicU64::new(0);
+        assert_eq!(scan(&path, CHUNK, &done).unwrap(), manifest_of(&bytes));
+        assert_eq!(done.load(Ordering::Relaxed), bytes.len() as u64);
+    }
+
+    #[test]
+    fn bytes_to_write_counts_fetched_and_zeroed_chunks_at_their_lengths() {
+        let bytes = image();
+        let target = manifest_of(&bytes);
+        let mut old = bytes.clone();
+        old[CS] = 9; // chunk 1 must be zeroed
+        old[3 * CS] ^= 1; // the short last chunk must be fetched
+        let diff = target.diff_from(Some(&manifest_of(&old)));
+        assert_eq!((diff.fetch.len(), diff.zero.len()), (1, 1));
+        assert_eq!(bytes_to_write(&target, &diff), u64::from(CHUNK) + 1000);
+        // A fresh device: every data chunk, no zeroing.
+        assert_eq!(bytes_to_write(&target, &target.diff_from(None)), 2 * u64::from(CHUNK) + 1000);
+    }
+
+    #[test]
+    fn send_raw_sends_the_first_bytes_in_pieces() {
+        let bytes: Vec<u8> = (0..RAW_PIECE * 2 + 300).map(|i| u8::try_from(i % 253).unwrap()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        std::fs::write(&path, &bytes).unwrap();
+        let size = bytes.len() as u64 - 100;
+        let (tx, mut rx) = mpsc::channel(8);
+        send_raw(&path, size, &tx).unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        let mut pieces = Vec::new();
+        while let Some(msg) = rx.blocking_recv() {
+            let msg = msg.unwrap();
+            assert_eq!(msg.offset, got.len() as u64);
+            pieces.push((msg.data.len(), msg.total));
+            got.extend_from_slice(&msg.data);
+        }
+        assert_eq!(pieces, vec![(RAW_PIECE, size), (RAW_PIECE, 0), (200, 0)]);
+        assert_eq!(got, bytes[..bytes.len() - 100]);
+
+        // A device shorter than asked for is an error that says so.
+        let (tx, _rx) = mpsc::channel(8);
+        let err = send_raw(&path, bytes.len() as u64 + 5, &tx).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(err.to_string(), format!("the device ended after {} of {} bytes", bytes.len(), bytes.len() + 5));
+    }
+}
