@@ -296,13 +296,14 @@ mod tests {
 
     #[test]
     fn encoding_round_trips_and_id_is_stable() {
-        let a = m(vec![d(1), ChunkRef::Zero, d(2), d(1)]);
+        let a = m(vec![d(1), ChunkRef::Zero, d(1), d(2)]);
         let bytes = a.encode();
         assert_eq!(Manifest::decode(&bytes).unwrap(), a);
         assert_eq!(a.image_id(), Digest::of(&bytes));
-        assert_ne!(a.image_id(), m(vec![d(1), ChunkRef::Zero, d(2), d(2)]).image_id());
+        assert_ne!(a.image_id(), m(vec![d(1), ChunkRef::Zero, d(1), d(3)]).image_id());
         assert_eq!(a.chunk_len(3), 4096 - 100);
-        assert_eq!(a.stored_bytes(), 4096 * 2);
+        // A repeated digest is stored once.
+        assert_eq!(a.stored_bytes(), 4096 + (4096 - 100));
     }
 
     #[test]
@@ -330,6 +331,207 @@ mod tests {
         bad.push(0);
         assert_eq!(Manifest::decode(&bad), Err(ManifestError::Trailing(1)));
         assert_eq!(Manifest::decode(&good[..good.len() - 1]), Err(ManifestError::ShortBody(1)));
+    }
+
+    /// A header (and an all-zero body) saying what the arguments say.
+    fn raw(version: u16, chunk_size: u32, size: u64, count: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&chunk_size.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        out
+    }
+
+    /// `raw` with `count` zero tags after the header.
+    fn zeros(chunk_size: u32, size: u64, count: u64) -> Vec<u8> {
+        let mut out = raw(VERSION, chunk_size, size, count);
+        out.resize(out.len() + usize::try_from(count).unwrap(), TAG_ZERO);
+        out
+    }
+
+    #[test]
+    fn the_header_is_30_bytes_and_an_empty_image_is_exactly_one() {
+        assert_eq!(HEADER_LEN, 30);
+        let empty = Manifest::new(4096, 0, vec![]).unwrap();
+        let bytes = empty.encode();
+        assert_eq!(bytes, raw(VERSION, 4096, 0, 0));
+        assert_eq!(Manifest::decode(&bytes), Ok(empty));
+        assert_eq!(Manifest::decode(&bytes[..HEADER_LEN - 1]), Err(ManifestError::Truncated(HEADER_LEN - 1)));
+        assert_eq!(Manifest::decode(&[]), Err(ManifestError::Truncated(0)));
+    }
+
+    #[test]
+    fn only_version_1_is_read() {
+        assert_eq!(Manifest::decode(&raw(0, 4096, 0, 0)), Err(ManifestError::Version(0)));
+        assert_eq!(Manifest::decode(&raw(2, 4096, 0, 0)), Err(ManifestError::Version(2)));
+        assert_eq!(Manifest::decode(&raw(0x0100, 4096, 0, 0)), Err(ManifestError::Version(0x0100)));
+        assert!(Manifest::decode(&raw(1, 4096, 0, 0)).is_ok());
+    }
+
+    #[test]
+    fn chunk_sizes_are_powers_of_two_from_4_kib_to_16_mib() {
+        for ok in [MIN_CHUNK_SIZE, 8192, 512 << 10, MAX_CHUNK_SIZE] {
+            assert_eq!(check_header(ok, 0, 0), Ok(()), "{ok}");
+            let one = Manifest::new(ok, u64::from(ok), vec![ChunkRef::Zero]).unwrap();
+            assert_eq!(Manifest::decode(&zeros(ok, u64::from(ok), 1)), Ok(one));
+        }
+        // One power of two beyond each end, sizes in range that are not
+        // powers of two, and the extremes.
+        for bad in [
+            MIN_CHUNK_SIZE / 2,
+            MAX_CHUNK_SIZE * 2,
+            MIN_CHUNK_SIZE + 1,
+            3 * MIN_CHUNK_SIZE,
+            MAX_CHUNK_SIZE - 1,
+            0,
+            1,
+            u32::MAX,
+        ] {
+            assert_eq!(check_header(bad, 0, 0), Err(ManifestError::ChunkSize(bad)), "{bad}");
+            assert_eq!(Manifest::new(bad, 0, vec![]), Err(ManifestError::ChunkSize(bad)));
+            assert_eq!(Manifest::decode(&raw(VERSION, bad, 0, 0)), Err(ManifestError::ChunkSize(bad)));
+        }
+    }
+
+    #[test]
+    fn image_size_is_at_most_64_tib() {
+        let max_chunks = MAX_IMAGE_BYTES / u64::from(MAX_CHUNK_SIZE);
+        assert_eq!(check_header(MAX_CHUNK_SIZE, MAX_IMAGE_BYTES, max_chunks), Ok(()));
+        assert_eq!(
+            check_header(MAX_CHUNK_SIZE, MAX_IMAGE_BYTES + 1, max_chunks + 1),
+            Err(ManifestError::TooLarge(MAX_IMAGE_BYTES + 1))
+        );
+        assert_eq!(
+            check_header(MIN_CHUNK_SIZE, u64::MAX, u64::MAX / u64::from(MIN_CHUNK_SIZE) + 1),
+            Err(ManifestError::TooLarge(u64::MAX))
+        );
+        // Decode refuses the size before it looks at the body.
+        assert_eq!(
+            Manifest::decode(&raw(VERSION, MAX_CHUNK_SIZE, MAX_IMAGE_BYTES + 1, max_chunks + 1)),
+            Err(ManifestError::TooLarge(MAX_IMAGE_BYTES + 1))
+        );
+        // At the limit the header is fine, so the (absent) body is what is wrong.
+        assert_eq!(
+            Manifest::decode(&raw(VERSION, MAX_CHUNK_SIZE, MAX_IMAGE_BYTES, max_chunks)),
+            Err(ManifestError::ShortBody(0))
+        );
+    }
+
+    #[test]
+    fn the_chunk_count_is_exactly_what_the_size_implies() {
+        // (size, chunks) at and around chunk boundaries.
+        for (size, expected) in [(0, 0), (1, 1), (4095, 1), (4096, 1), (4097, 2), (3 * 4096, 3), (3 * 4096 + 1, 4)] {
+            assert_eq!(check_header(4096, size, expected), Ok(()), "{size}");
+            assert_eq!(Manifest::decode(&zeros(4096, size, expected)).map(|m| m.chunks().len() as u64), Ok(expected));
+            for listed in [expected + 1, expected.wrapping_sub(1)] {
+                let err = ManifestError::ChunkCount { listed, expected, size };
+                assert_eq!(check_header(4096, size, listed), Err(err.clone()), "{size} {listed}");
+                // Decode refuses the header before it looks at the body.
+                assert_eq!(Manifest::decode(&raw(VERSION, 4096, size, listed)), Err(err.clone()));
+                if listed <= 8 {
+                    let n = usize::try_from(listed).unwrap();
+                    assert_eq!(Manifest::new(4096, size, vec![ChunkRef::Zero; n]), Err(err.clone()));
+                    assert_eq!(Manifest::decode(&zeros(4096, size, listed)), Err(err));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_body_holds_exactly_the_chunks_listed() {
+        // All zero chunks: one byte each, so the body is exactly `count` bytes.
+        let three = zeros(4096, 3 * 4096, 3);
+        assert_eq!(Manifest::decode(&three).unwrap().zero_chunks(), 3);
+        assert_eq!(Manifest::decode(&three[..three.len() - 1]), Err(ManifestError::ShortBody(2)));
+        let mut longer = three.clone();
+        longer.extend_from_slice(&[0; 5]);
+        assert_eq!(Manifest::decode(&longer), Err(ManifestError::Trailing(5)));
+        // A data chunk needs its 32 digest bytes.
+        let m = Manifest::new(4096, 2 * 4096, vec![ChunkRef::Zero, d(9)]).unwrap();
+        let bytes = m.encode();
+        assert_eq!(bytes.len(), HEADER_LEN + 1 + 33);
+        assert_eq!(Manifest::decode(&bytes), Ok(m));
+        for cut in 1..=33 {
+            assert_eq!(Manifest::decode(&bytes[..bytes.len() - cut]), Err(ManifestError::ShortBody(1)), "{cut}");
+        }
+        // Far more chunks than bytes: refused before allocating.
+        assert_eq!(
+            Manifest::decode(&zeros(4096, 4096 << 30, 0)).err(),
+            Some(ManifestError::ChunkCount { listed: 0, expected: 1 << 30, size: 4096 << 30 })
+        );
+        let mut huge = raw(VERSION, 4096, 4096 << 30, 1 << 30);
+        huge.extend_from_slice(&[0; 10]);
+        assert_eq!(Manifest::decode(&huge), Err(ManifestError::ShortBody(10)));
+        // Every tag but 0 and 1 is refused, naming the chunk.
+        for tag in [2u8, 0x80, 0xff] {
+            let mut bad = bytes.clone();
+            bad[HEADER_LEN + 1] = tag;
+            assert_eq!(Manifest::decode(&bad), Err(ManifestError::BadTag { index: 1, tag }));
+        }
+    }
+
+    #[test]
+    fn chunks_have_offsets_and_lengths_with_a_short_tail() {
+        let a = Manifest::new(8192, 2 * 8192 + 5, vec![d(1), ChunkRef::Zero, d(2)]).unwrap();
+        assert_eq!([a.offset(0), a.offset(1), a.offset(2)], [0, 8192, 16384]);
+        assert_eq!([a.chunk_len(0), a.chunk_len(1), a.chunk_len(2)], [8192, 8192, 5]);
+        assert_eq!((a.chunk_size(), a.size(), a.zero_chunks()), (8192, 2 * 8192 + 5, 1));
+        let full = Manifest::new(8192, 2 * 8192, vec![d(1), d(2)]).unwrap();
+        assert_eq!(full.chunk_len(1), 8192);
+        assert_eq!(full.zero_chunks(), 0);
+    }
+
+    #[test]
+    fn distinct_digests_are_in_first_use_order() {
+        let a = m(vec![d(3), ChunkRef::Zero, d(1), d(3), d(2), d(1), d(4)]);
+        assert_eq!(a.distinct_digests(), vec![Digest([3; 32]), Digest([1; 32]), Digest([2; 32]), Digest([4; 32])]);
+        // Four distinct digests; the last chunk is 100 bytes short.
+        assert_eq!(a.stored_bytes(), 3 * 4096 + (4096 - 100));
+        let b = m(vec![d(3), d(2), d(3), d(5)]);
+        assert_eq!(b.stored_bytes(), 2 * 4096 + (4096 - 100));
+        let diff = b.diff_from(None);
+        assert_eq!(diff.distinct_digests(), vec![Digest([3; 32]), Digest([2; 32]), Digest([5; 32])]);
+    }
+
+    #[test]
+    fn digests_parse_from_hex_and_bytes_only_at_32_bytes() {
+        let hex = "00".repeat(31) + "ab";
+        let mut bytes = [0u8; 32];
+        bytes[31] = 0xab;
+        assert_eq!(Digest::from_hex(&hex), Ok(Digest(bytes)));
+        assert_eq!(Digest(bytes).to_hex(), hex);
+        assert_eq!(Digest(bytes).to_string(), hex);
+        assert_eq!(format!("{:?}", Digest(bytes)), "Digest(0000000000000000)");
+        assert_eq!(format!("{:?}", Digest([0xcd; 32])), "Digest(cdcdcdcdcdcdcdcd)");
+        assert_eq!(Digest::from_hex(&hex[..62]), Err(ManifestError::BadDigest(hex[..62].into())));
+        assert_eq!(
+            Digest::from_hex(&("zz".to_owned() + &hex[2..])),
+            Err(ManifestError::BadDigest("zz".to_owned() + &hex[2..]))
+        );
+        // A long bad input is named by its first 80 characters only.
+        let long = "x".repeat(200);
+        assert_eq!(Digest::from_hex(&long), Err(ManifestError::BadDigest("x".repeat(80))));
+        assert_eq!(Digest::from_slice(&bytes), Ok(Digest(bytes)));
+        assert_eq!(Digest::from_slice(&bytes[..31]), Err(ManifestError::BadDigest("31 bytes, want 32".into())));
+        assert_eq!(Digest::from_slice(&[0; 33]), Err(ManifestError::BadDigest("33 bytes, want 32".into())));
+        assert_eq!(Digest::of(b"abc"), Digest(*blake3::hash(b"abc").as_bytes()));
+    }
+
+    #[test]
+    fn diff_against_another_chunk_size_or_a_shorter_image_rewrites_what_it_cannot_compare() {
+        let b = m(vec![d(1), ChunkRef::Zero, d(2)]);
+        // Another chunk size: nothing can be compared, so every chunk is written.
+        let other = Manifest::new(8192, 8192, vec![d(1)]).unwrap();
+        let diff = b.diff_from(Some(&other));
+        assert_eq!(diff.fetch, vec![(0, Digest([1; 32])), (2, Digest([2; 32]))]);
+        assert_eq!(diff.zero, vec![1]);
+        // A shorter image: chunks past its end are written.
+        let short = m(vec![d(1)]);
+        let diff = b.diff_from(Some(&short));
+        assert_eq!(diff.fetch, vec![(2, Digest([2; 32]))]);
+        assert_eq!(diff.zero, vec![1]);
     }
 
     #[test]
