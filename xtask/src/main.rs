@@ -10,7 +10,9 @@ mod bench_publisher;
 mod bench_unpacker;
 mod demo;
 mod dist;
+mod mutants;
 mod util;
+mod world;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -26,12 +28,17 @@ Commands:
                   disk image, publish it everywhere with ami-publisher, check
                   the bytes behind every AMI, publish a next leaf differing in
                   a few percent and show how few bytes moved
+  world           the local world (moto as EC2, two accounts, an unpacker per
+                  target) kept up until Ctrl-C, with export lines for trying
+                  ami-publisher by hand (docs/world.md); --regions R,R...
   dist [--out DIR] shell completions (bash, zsh, fish) and man pages for
                   ami-publisher, generated from its CLI definition
                   (default DIR: target/dist)
   bench           build release binaries, run the benchmarks and write the
                   figures to docs/benchmarks.md; --quick: smaller sizes;
                   --only publisher: just the publisher's 1 vs 24 targets
+  mutants         mutation testing (cargo-mutants) of the integrity-critical
+                  modules; `cargo xtask mutants --help` for more
 ";
 
 fn main() -> ExitCode {
@@ -41,6 +48,12 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
+        Some("world") => world::run(&args[1..]),
+        Some("mutants") if args.iter().take_while(|a| *a != "--").any(|a| a == "--help" || a == "-h") => {
+            println!("{}", mutants::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Some("mutants") => mutants::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             return ExitCode::SUCCESS;

@@ -1,0 +1,242 @@
+//! `cargo xtask mutants`: mutation testing (cargo-mutants) of the modules
+//! that guard integrity: does the test suite notice when a check in them is
+//! changed? Also the property tests' benchmark row.
+//!
+//! Each module gets its own cargo-mutants run, and each mutant is tested
+//! with the tests of the packages that exercise that module (its own, and
+//! for the rights check the imageserver's, which call it over real TLS), so
+//! nothing here builds the AWS SDK. Builds go to `target/mutants/build`,
+//! kept between runs and shared by the modules, so dependencies are built
+//! once.
+
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::{bench::Row, util};
+
+/// An integrity-critical module and the packages whose tests exercise it.
+struct Module {
+    name: &'static str,
+    package: &'static str,
+    file: &'static str,
+    tested_by: &'static [&'static str],
+}
+
+const MODULES: &[Module] = &[
+    Module {
+        name: "manifest",
+        package: "image-format",
+        file: "crates/image-format/src/manifest.rs",
+        tested_by: &["image-format"],
+    },
+    Module {
+        name: "chunk-store",
+        package: "chunk-store",
+        file: "crates/chunk-store/src/lib.rs",
+        tested_by: &["chunk-store"],
+    },
+    Module {
+        name: "records",
+        package: "chunk-store",
+        file: "crates/chunk-store/src/record.rs",
+        tested_by: &["chunk-store"],
+    },
+    Module {
+        name: "engine",
+        package: "image-unpacker",
+        file: "crates/image-unpacker/src/engine.rs",
+        tested_by: &["image-unpacker"],
+    },
+    Module {
+        name: "blockdev",
+        package: "image-unpacker",
+        file: "crates/image-unpacker/src/blockdev.rs",
+        tested_by: &["image-unpacker"],
+    },
+    Module {
+        name: "rights",
+        package: "fleet-tls",
+        file: "crates/fleet-tls/src/lib.rs",
+        tested_by: &["fleet-tls", "imageserver"],
+    },
+];
+
+/// What cargo-mutants found, per outcome file it writes.
+const OUTCOMES: [&str; 4] = ["caught", "missed", "unviable", "timeout"];
+
+pub(crate) const USAGE: &str = "\
+cargo xtask mutants [--only NAME,...] [--list] [-- CARGO-MUTANTS-ARGS]
+
+Mutation testing of the integrity-critical modules with cargo-mutants
+(installed with `cargo install --locked cargo-mutants` if missing):
+  manifest     crates/image-format/src/manifest.rs     (image-format's tests)
+  chunk-store  crates/chunk-store/src/lib.rs           (chunk-store's tests)
+  records      crates/chunk-store/src/record.rs        (chunk-store's tests)
+  engine       crates/image-unpacker/src/engine.rs     (image-unpacker's tests)
+  blockdev     crates/image-unpacker/src/blockdev.rs   (image-unpacker's tests)
+  rights       crates/fleet-tls/src/lib.rs             (fleet-tls's and imageserver's tests)
+Results: target/mutants/NAME/mutants.out (missed.txt lists the survivors); a
+summary per module is printed. Arguments after `--` go to cargo mutants, e.g.
+`-- --cargo-arg=--lib` to test with unit tests only (faster, fewer caught).
+It takes long (minutes per module): run it under `nice` in the background.";
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let (ours, passed) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut only: Option<Vec<String>> = None;
+    let mut list = false;
+    let mut it = ours.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--only" => {
+                let names = it.next().context("--only needs a list of module names")?;
+                only = Some(names.split(',').map(str::to_owned).collect());
+            }
+            "--list" => list = true,
+            other => bail!("unknown argument '{other}'\n\n{USAGE}"),
+        }
+    }
+    let root = util::root();
+    let modules = select(only.as_deref(), &root)?;
+    ensure_installed()?;
+
+    let out = root.join("target/mutants");
+    let started = Instant::now();
+    let mut table =
+        String::from("| module | file | caught | missed | unviable | timeouts |\n|---|---|---|---|---|---|\n");
+    for m in &modules {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&root).env("CARGO_TARGET_DIR", out.join("build")).args([
+            "mutants",
+            "--no-shuffle",
+            "--package",
+            m.package,
+            "--file",
+            m.file,
+        ]);
+        for p in m.tested_by {
+            cmd.args(["--test-package", p]);
+        }
+        if list {
+            cmd.arg("--list");
+        } else {
+            cmd.arg("--output").arg(out.join(m.name));
+        }
+        cmd.args(passed);
+        println!("== {}: {cmd:?}", m.name);
+        // cargo-mutants exits non-zero when mutants survive; the table says so.
+        let status = cmd.status().context("running cargo mutants")?;
+        if list {
+            if !status.success() {
+                bail!("cargo mutants --list failed for {}: {status}", m.name);
+            }
+            continue;
+        }
+        let results = out.join(m.name).join("mutants.out");
+        if !results.join("caught.txt").exists() {
+            bail!(
+                "cargo mutants wrote no results for {} ({status}); see {}",
+                m.name,
+                results.join("debug.log").display()
+            );
+        }
+        let counts = count(&results)?;
+        table.push_str(&format!(
+            "| {} | `{}` | {} | {} | {} | {} |\n",
+            m.name, m.file, counts[0], counts[1], counts[2], counts[3]
+        ));
+        println!(
+            "{}: caught {}, missed {} (see {})",
+            m.name,
+            counts[0],
+            counts[1],
+            results.join("missed.txt").display()
+        );
+    }
+    if !list {
+        println!("\n{table}\n{:.0} min", started.elapsed().as_secs_f64() / 60.0);
+    }
+    Ok(())
+}
+
+/// The modules named by `--only` (all by default) whose file exists.
+fn select(only: Option<&[String]>, root: &Path) -> anyhow::Result<Vec<&'static Module>> {
+    if let Some(names) = only
+        && let Some(bad) = names.iter().find(|n| !MODULES.iter().any(|m| m.name == n.as_str()))
+    {
+        bail!("no module '{bad}'; known: {}", MODULES.iter().map(|m| m.name).collect::<Vec<_>>().join(", "));
+    }
+    let chosen: Vec<_> = MODULES
+        .iter()
+        .filter(|m| only.is_none_or(|names| names.iter().any(|n| n == m.name)))
+        .filter(|m| {
+            let there = root.join(m.file).exists();
+            if !there {
+                eprintln!("skipping {}: {} does not exist", m.name, m.file);
+            }
+            there
+        })
+        .collect();
+    if chosen.is_empty() {
+        bail!("no module to test");
+    }
+    Ok(chosen)
+}
+
+fn ensure_installed() -> anyhow::Result<()> {
+    let have = Command::new("cargo").args(["mutants", "--version"]).output().is_ok_and(|o| o.status.success());
+    if have {
+        return Ok(());
+    }
+    println!("== cargo install --locked cargo-mutants");
+    let status = Command::new("cargo").args(["install", "--locked", "cargo-mutants"]).status()?;
+    if !status.success() {
+        bail!("installing cargo-mutants failed: {status}");
+    }
+    Ok(())
+}
+
+/// How many mutants had each of [`OUTCOMES`] (one line each in its file).
+fn count(results: &Path) -> anyhow::Result<[usize; 4]> {
+    let mut counts = [0; 4];
+    for (k, outcome) in OUTCOMES.iter().enumerate() {
+        let text = std::fs::read_to_string(results.join(format!("{outcome}.txt")))
+            .with_context(|| format!("reading {outcome}.txt in {}", results.display()))?;
+        counts[k] = text.lines().filter(|l| !l.trim().is_empty()).count();
+    }
+    Ok(counts)
+}
+
+/// `cargo xtask bench`'s row for the manifest property tests, run with
+/// 100,000 cases per property (the suite runs 1,000).
+pub(crate) fn property_row() -> anyhow::Result<Row> {
+    const CASES: u32 = 100_000;
+    let t = Instant::now();
+    let status = Command::new("cargo")
+        .current_dir(util::root())
+        .args(["test", "--quiet", "-p", "image-format", "--test", "manifest_props"])
+        .env("PROPTEST_CASES", CASES.to_string())
+        .status()
+        .context("running the manifest property tests")?;
+    Ok(Row {
+        what: format!("manifest decoding, property tests: {CASES} random and mutated manifests per property"),
+        figure: format!("{} in {:.0} s", if status.success() { "passed" } else { "FAILED" }, t.elapsed().as_secs_f64()),
+        goal: "no panic; every accepted manifest consistent".into(),
+        met: Some(status.success()),
+    })
+}
+
+/// The title of the section of docs/benchmarks.md that this command's
+/// findings go in, by hand (each survivor needs a reason).
+const SECTION: &str = "\n## Mutation testing";
+
+/// Carry the mutation testing section, the document's last, over from
+/// `old` when `cargo xtask bench` rewrites the figures.
+pub(crate) fn keep_section(old: &str, md: &mut String) {
+    if let Some(i) = old.find(SECTION) {
+        md.push_str(old[i..].trim_start_matches('\n'));
+    }
+}
