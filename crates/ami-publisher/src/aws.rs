@@ -2,13 +2,17 @@
 //! configuration (and so one credentials cache) per profile, one EC2 client
 //! per target. Endpoints, roles (`role_arn` + `source_profile`), SSO and
 //! credential processes are aws-config's business; retries use the SDK's
-//! standard retry mode.
+//! standard retry mode, with a retry quota per target (see [`Aws::ec2`]).
+//! What the SDK cannot retry on its own is in [`crate::retry`].
 
 use std::{collections::HashMap, time::Duration};
 
 use anyhow::Context as _;
 use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig};
-use aws_sdk_ec2::Client;
+use aws_sdk_ec2::{
+    Client,
+    config::retry::{RetryPartition, TokenBucket},
+};
 use tokio::sync::Mutex;
 
 use crate::targets::Target;
@@ -29,7 +33,19 @@ pub struct Aws {
     retry: Retry,
     http: aws_types::sdk_config::SharedHttpClient,
     configs: Mutex<HashMap<String, SdkConfig>>,
+    partitions: Mutex<HashMap<Target, RetryPartition>>,
 }
+
+/// Retry tokens of one target's quota. The SDK's standard mode spends 5 on
+/// a retry after throttling or an error and 10 after a timeout, and earns
+/// some back with successes; its default quota is 500 per service and region,
+/// shared by every client in the process, so the two accounts of a region
+/// (or a 24-target fan-out under throttling) drain one quota together and
+/// then fail at once. EC2 throttles per account and region, so each target
+/// gets its own quota, large enough that a whole publish throttled at every
+/// other call stays within it; it still stops retries when a target's
+/// endpoint fails call after call.
+const RETRY_QUOTA_PER_TARGET: usize = 2500;
 
 /// Profile names (and their configured regions) from the standard profile
 /// files (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`, or `~/.aws/...`).
@@ -60,7 +76,7 @@ impl Aws {
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
-        Ok(Aws { profiles, profile_regions, retry, http, configs: Mutex::default() })
+        Ok(Aws { profiles, profile_regions, retry, http, configs: Mutex::default(), partitions: Mutex::default() })
     }
 
     /// Known profile names.
@@ -91,10 +107,25 @@ impl Aws {
         c
     }
 
-    /// An EC2 client for a target.
+    /// An EC2 client for a target. Every client of a target shares the
+    /// target's retry quota ([`RETRY_QUOTA_PER_TARGET`]).
     pub async fn ec2(&self, target: &Target) -> Client {
         let c = self.config(&target.account).await;
-        let conf = aws_sdk_ec2::config::Builder::from(&c).region(Region::new(target.region.clone())).build();
+        let partition = self
+            .partitions
+            .lock()
+            .await
+            .entry(target.clone())
+            .or_insert_with(|| {
+                RetryPartition::custom(format!("ec2-{}-{}", target.account, target.region))
+                    .token_bucket(TokenBucket::builder().capacity(RETRY_QUOTA_PER_TARGET).build())
+                    .build()
+            })
+            .clone();
+        let conf = aws_sdk_ec2::config::Builder::from(&c)
+            .region(Region::new(target.region.clone()))
+            .retry_partition(partition)
+            .build();
         Client::from_conf(conf)
     }
 
@@ -126,9 +157,18 @@ where
     E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let detail = match e.as_service_error() {
+    anyhow::anyhow!("{what}: {}", sdk_detail(&e))
+}
+
+/// The error of an SDK call as one line: its code and message, or what
+/// went wrong on the way.
+pub fn sdk_detail<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match e.as_service_error() {
         Some(s) => format!("{}: {}", s.code().unwrap_or("error"), s.message().unwrap_or("")),
-        None => image_client::error_chain(&e),
-    };
-    anyhow::anyhow!("{what}: {detail}")
+        None => image_client::error_chain(e),
+    }
 }

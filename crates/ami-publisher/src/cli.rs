@@ -111,10 +111,12 @@ pub struct Cli {
     /// Print what a destructive command would do, and do nothing.
     #[arg(long, global = true)]
     pub dry_run: bool,
-    /// Retries of a throttled or failed AWS call (SDK standard retry mode).
-    #[arg(long, global = true, default_value_t = 4, value_name = "N")]
+    /// Retries of a throttled or failed AWS call (SDK standard retry mode,
+    /// each target with its own retry quota; creates EC2 takes no token for
+    /// are retried by the publisher, as often).
+    #[arg(long, global = true, default_value_t = 8, value_name = "N")]
     pub max_retries: u32,
-    /// First back-off before a retry; it grows exponentially up to 20 s.
+    /// First back-off before a retry; it grows exponentially, with jitter, up to 20 s.
     #[arg(long, global = true, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub retry_wait: Duration,
     /// How long to wait for an unpacker instance to run and answer.

@@ -4,6 +4,7 @@
 //!
 //! - [`targets`]: `ACCOUNT,REGION` patterns and their expansion;
 //! - [`aws`]: profiles, SDK configuration, retries;
+//! - [`retry`]: what the SDK cannot retry: fresh ids, untokened creates, waits;
 //! - [`unpacker`]: finding, starting and dialing unpacker instances;
 //! - [`volumes`]: the stream's volume on an unpacker;
 //! - [`publish`]: the publish of one leaf to one target, and to all;
@@ -17,6 +18,7 @@ pub mod ops;
 pub mod progress;
 pub mod publish;
 pub mod results;
+pub mod retry;
 pub mod tags;
 pub mod targets;
 pub mod unpacker;

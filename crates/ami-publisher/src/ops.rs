@@ -11,7 +11,6 @@ use std::{
 use anyhow::{Context as _, bail};
 use aws_sdk_ec2::{
     Client,
-    client::Waiters as _,
     error::ProvideErrorMetadata as _,
     types::{Filter, Tag},
 };
@@ -23,7 +22,9 @@ use serde_json::{Value, json};
 use crate::{
     aws::{Aws, sdk_error},
     progress::Board,
+    publish::{image_available, snapshot_completed},
     results::PublishResults,
+    retry,
     tags::{self, tag_filter},
     targets::Target,
     unpacker::{self, UnpackerInstance},
@@ -260,11 +261,7 @@ pub async fn image_usage(
                 (Usage::DeleteUnused, true) => {
                     out.push(ctx.acted("deregister", id, img.name().unwrap_or_default()));
                     if !ctx.dry_run {
-                        ec2.deregister_image()
-                            .image_id(id)
-                            .send()
-                            .await
-                            .map_err(|e| sdk_error(&format!("DeregisterImage {id}"), e))?;
+                        deregister(&ec2, id).await?;
                     }
                     for m in img.block_device_mappings() {
                         if let Some(s) = m.ebs().and_then(|e| e.snapshot_id()) {
@@ -420,8 +417,12 @@ pub async fn launch_instances(ctx: &Ctx<'_>, boot: &BootImage<'_>, spec: &Launch
                 ));
                 continue;
             }
+            // A token per launch: the SDK's retry of an attempt whose answer
+            // was lost gets that attempt's instance, not a second one; a
+            // second launch-instances is meant to launch again.
             let mut req = ec2
                 .run_instances()
+                .client_token(retry::token())
                 .image_id(&image)
                 .min_count(1)
                 .max_count(1)
@@ -463,9 +464,9 @@ pub async fn launch_instances(ctx: &Ctx<'_>, boot: &BootImage<'_>, spec: &Launch
             let run = req.send().await.map_err(|e| sdk_error(&format!("RunInstances {image}"), e))?;
             let inst = run.instances().first().context("RunInstances returned no instance")?;
             let id = inst.instance_id().unwrap_or_default().to_owned();
-            ec2.wait_until_instance_running().instance_ids(&id).wait(ctx.unpacker_timeout).await.map_err(|e| {
-                anyhow::anyhow!("waiting for instance {id} to run (timeout {:?}): {e}", ctx.unpacker_timeout)
-            })?;
+            let made = Some(std::time::Instant::now());
+            unpacker::wait_state(&ec2, &id, aws_sdk_ec2::types::InstanceStateName::Running, made, ctx.unpacker_timeout)
+                .await?;
             out.push(json!({"action": "launched", "resource": id, "detail": image,
                 "image": image, "instance": id, "private_ip": inst.private_ip_address()}));
         }
@@ -553,21 +554,20 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
         }
         // Tagged as it is made, so a re-run finds it even if this one stops
         // before the copy is available.
-        let mut copy_tags: Vec<Tag> = src
-            .image
-            .tags()
-            .iter()
-            .filter(|t| t.key().is_some_and(|k| !k.starts_with("aws:") && k != tags::EXPIRES_AT))
-            .cloned()
-            .collect();
+        let mut copy_tags = identity_tags(&src.image);
         copy_tags.push(tags::tag("CopiedFrom", &format!("{}/{src_ami}", src.target.region)));
         let tagging = aws_sdk_ec2::types::TagSpecification::builder()
             .resource_type(aws_sdk_ec2::types::ResourceType::Image)
             .set_tags(Some(copy_tags))
             .build();
         let new_ami = if src.target.account == t.account {
+            // A token per copy: the SDK's retry of an attempt whose answer
+            // was lost gets that attempt's copy. A re-run finds a copy by
+            // its tags instead (a token of a deregistered copy would hand
+            // back a dead AMI).
             let out = ec2
                 .copy_image()
+                .client_token(retry::token())
                 .source_region(&src.target.region)
                 .source_image_id(src_ami)
                 .name(&name)
@@ -583,19 +583,24 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
             let dest = CopyDest { ec2: &ec2, target: &t, name: &name, kms_key_id, tagging };
             copy_across_accounts(ctx, shares, src, dest).await?
         };
-        ec2.wait_until_image_available()
-            .image_ids(&new_ami)
-            .wait(ctx.volume_timeout.max(Duration::from_secs(1800)))
+        let made = Some(std::time::Instant::now());
+        image_available(&ec2, &new_ami, made, ctx.volume_timeout.max(Duration::from_secs(1800)))
             .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "waiting for the copy {new_ami} to be available: {e} (it is tagged: a re-run reports it, \
-                     and copies nothing while it is pending)"
-                )
-            })?;
+            .context("the copy is tagged: a re-run reports it, and copies nothing while it is pending")?;
         Ok(vec![ctx.acted("copy", &new_ami, what)])
     })
     .await
+}
+
+/// The tags a copy of an AMI (or of its snapshots) carries from it: all but
+/// AWS's own and the expiry.
+fn identity_tags(image: &aws_sdk_ec2::types::Image) -> Vec<Tag> {
+    image
+        .tags()
+        .iter()
+        .filter(|t| t.key().is_some_and(|k| !k.starts_with("aws:") && k != tags::EXPIRES_AT))
+        .cloned()
+        .collect()
 }
 
 /// The account id behind a target's profile.
@@ -694,23 +699,45 @@ async fn copy_shared_snapshot(
 ) -> anyhow::Result<String> {
     shares.share(src_ec2, snap, dest_account).await?;
     let copied = async {
-        let out = ec2
-            .copy_snapshot()
-            .source_region(&src.target.region)
-            .source_snapshot_id(snap)
-            .encrypted(true)
-            .set_kms_key_id(kms_key_id.map(str::to_owned))
-            .description(format!("copied from {}/{snap} for an AMI of {}", src.target, src.image.name().unwrap_or("")))
-            .send()
-            .await
-            .map_err(|e| sdk_error(&format!("CopySnapshot {snap} from {}", src.target), e))?;
-        let new_snap = out.snapshot_id().context("CopySnapshot returned no snapshot id")?.to_owned();
-        let waited = ec2.wait_until_snapshot_completed().snapshot_ids(&new_snap).wait(Duration::from_secs(7200)).await;
-        if let Err(e) = waited {
+        // CopySnapshot takes no idempotency token: the copy carries one in
+        // a tag, so an attempt whose answer was lost is found, not repeated.
+        let token = retry::token();
+        let mut copy_tags = identity_tags(&src.image);
+        copy_tags.push(tags::tag(tags::CREATE_TOKEN, &token));
+        let tagging = aws_sdk_ec2::types::TagSpecification::builder()
+            .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
+            .set_tags(Some(copy_tags))
+            .build();
+        let description = format!("copied from {}/{snap} for an AMI of {}", src.target, src.image.name().unwrap_or(""));
+        let (new_snap, _) = retry::create_untokened(
+            ec2,
+            &format!("CopySnapshot {snap} from {}", src.target),
+            None,
+            || {
+                let req = ec2
+                    .copy_snapshot()
+                    .source_region(&src.target.region)
+                    .source_snapshot_id(snap)
+                    .encrypted(true)
+                    .set_kms_key_id(kms_key_id.map(str::to_owned))
+                    .description(&description)
+                    .tag_specifications(tagging.clone())
+                    .customize()
+                    .config_override(retry::once());
+                async move { req.send().await.map(|out| (out.snapshot_id().unwrap_or_default().to_owned(), 0)) }
+            },
+            || retry::snapshot_with_token(ec2, &token),
+        )
+        .await?;
+        if new_snap.is_empty() {
+            bail!("CopySnapshot {snap} returned no snapshot id");
+        }
+        let made = Some(std::time::Instant::now());
+        if let Err(e) = snapshot_completed(ec2, &new_snap, made, Duration::from_secs(7200)).await {
             if let Err(d) = delete_snapshot(ec2, &new_snap).await {
                 tracing::warn!("{d:#}");
             }
-            bail!("waiting for copied snapshot {new_snap}: {e}");
+            return Err(e.context(format!("copied snapshot {new_snap}")));
         }
         anyhow::Ok(new_snap)
     }
@@ -787,26 +814,31 @@ async fn copy_across_accounts(
     if failure.is_none() && copies.is_empty() {
         failure = Some(anyhow::anyhow!("the source AMI has no EBS snapshot to copy"));
     }
+    let copies_made = Some(std::time::Instant::now());
     let registered = match failure {
         Some(e) => Err(e),
-        None => ec2
-            .register_image()
-            .name(name)
-            .set_description(src.image.description().map(str::to_owned))
-            .set_architecture(src.image.architecture().cloned())
-            .root_device_name(root)
-            .set_block_device_mappings(Some(mappings))
-            .virtualization_type("hvm")
-            .set_ena_support(src.image.ena_support())
-            .set_sriov_net_support(src.image.sriov_net_support().map(str::to_owned))
-            .set_boot_mode(src.image.boot_mode().map(|b| b.as_str().into()))
-            .set_tpm_support(src.image.tpm_support().map(|b| b.as_str().into()))
-            .set_imds_support(src.image.imds_support().map(|b| b.as_str().into()))
-            .tag_specifications(tagging)
-            .send()
+        None => {
+            register_copy(
+                ec2,
+                name,
+                copies_made,
+                &copies,
+                ec2.register_image()
+                    .name(name)
+                    .set_description(src.image.description().map(str::to_owned))
+                    .set_architecture(src.image.architecture().cloned())
+                    .root_device_name(root)
+                    .set_block_device_mappings(Some(mappings))
+                    .virtualization_type("hvm")
+                    .set_ena_support(src.image.ena_support())
+                    .set_sriov_net_support(src.image.sriov_net_support().map(str::to_owned))
+                    .set_boot_mode(src.image.boot_mode().map(|b| b.as_str().into()))
+                    .set_tpm_support(src.image.tpm_support().map(|b| b.as_str().into()))
+                    .set_imds_support(src.image.imds_support().map(|b| b.as_str().into()))
+                    .tag_specifications(tagging),
+            )
             .await
-            .map_err(|e| sdk_error(&format!("RegisterImage {name}"), e))
-            .and_then(|out| out.image_id().map(str::to_owned).context("RegisterImage returned no image id")),
+        }
     };
     if registered.is_err() {
         for c in &copies {
@@ -816,6 +848,57 @@ async fn copy_across_accounts(
         }
     }
     registered
+}
+
+/// RegisterImage of copied snapshots (made at `made`). EC2 takes no
+/// idempotency token for it: an attempt whose answer was lost is found by
+/// its name (unique per account and region) and the copies it uses.
+async fn register_copy(
+    ec2: &Client,
+    name: &str,
+    made: Option<std::time::Instant>,
+    copies: &[String],
+    req: aws_sdk_ec2::operation::register_image::builders::RegisterImageFluentBuilder,
+) -> anyhow::Result<String> {
+    let id = retry::create_untokened(
+        ec2,
+        &format!("RegisterImage {name}"),
+        made,
+        || {
+            let req = req.clone().customize().config_override(retry::once());
+            async move { req.send().await.map(|out| out.image_id().unwrap_or_default().to_owned()) }
+        },
+        || async {
+            let out = ec2
+                .describe_images()
+                .owners("self")
+                .filters(tags::filter("name", name))
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeImages by name", e))?;
+            let uses_copies = |i: &&aws_sdk_ec2::types::Image| {
+                i.block_device_mappings()
+                    .iter()
+                    .any(|m| m.ebs().and_then(|e| e.snapshot_id()).is_some_and(|s| copies.iter().any(|c| c == s)))
+            };
+            anyhow::Ok(out.images().iter().find(uses_copies).and_then(|i| i.image_id().map(str::to_owned)))
+        },
+    )
+    .await?;
+    if id.is_empty() {
+        bail!("RegisterImage {name} returned no image id");
+    }
+    Ok(id)
+}
+
+/// DeregisterImage; an AMI that is gone already counts as done (the
+/// attempt whose answer was lost, or someone else, deregistered it).
+async fn deregister(ec2: &Client, id: &str) -> anyhow::Result<()> {
+    match ec2.deregister_image().image_id(id).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(retry::code(&e), Some("InvalidAMIID.Unavailable" | "InvalidAMIID.NotFound")) => Ok(()),
+        Err(e) => Err(sdk_error(&format!("DeregisterImage {id}"), e)),
+    }
 }
 
 fn expired(tags: &[Tag], now: SystemTime) -> Option<bool> {
@@ -855,11 +938,7 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report> {
                 .collect();
             out.push(ctx.acted("deregister", id, img.name().unwrap_or_default()));
             if !ctx.dry_run {
-                ec2.deregister_image()
-                    .image_id(id)
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error(&format!("DeregisterImage {id}"), e))?;
+                deregister(&ec2, id).await?;
             }
             for s in snaps {
                 out.push(ctx.acted("delete", &s, format!("snapshot of {id}")));
@@ -887,6 +966,10 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report> {
             }
             match ec2.delete_snapshot().snapshot_id(id).send().await {
                 Ok(_) => out.push(ctx.acted("delete", id, "snapshot")),
+                // Deleted by an attempt whose answer was lost.
+                Err(e) if retry::code(&e) == Some("InvalidSnapshot.NotFound") => {
+                    out.push(ctx.acted("delete", id, "snapshot"));
+                }
                 // Still backing an AMI that has not expired: keep it.
                 Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidSnapshot.InUse") => {
                     out.push(json!({"action": "kept", "resource": id, "detail": "in use by an AMI"}));
@@ -907,13 +990,12 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report> {
             }
             match v.attachments().iter().find_map(|a| a.instance_id()) {
                 Some(inst) => volumes::detach_and_delete(&ec2, inst, id, ctx.volume_timeout).await?,
-                None => {
-                    ec2.delete_volume()
-                        .volume_id(id)
-                        .send()
-                        .await
-                        .map_err(|e| sdk_error(&format!("DeleteVolume {id}"), e))?;
-                }
+                None => match ec2.delete_volume().volume_id(id).send().await {
+                    Ok(_) => {}
+                    // Deleted by an attempt whose answer was lost.
+                    Err(e) if retry::code(&e) == Some("InvalidVolume.NotFound") => {}
+                    Err(e) => return Err(sdk_error(&format!("DeleteVolume {id}"), e)),
+                },
             }
         }
         let insts = ec2
@@ -1189,12 +1271,7 @@ pub async fn delete(ctx: &Ctx<'_>, amis: &AmiMap) -> Vec<Report> {
         for ListedAmi { ami, snapshot: snap, .. } in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
             out.push(ctx.acted("deregister", ami, ""));
             if !ctx.dry_run {
-                match ec2.deregister_image().image_id(ami).send().await {
-                    Ok(_) => {}
-                    Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidAMIID.Unavailable") => {}
-                    Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidAMIID.NotFound") => {}
-                    Err(e) => return Err(sdk_error(&format!("DeregisterImage {ami}"), e)),
-                }
+                deregister(&ec2, ami).await?;
             }
             if let Some(s) = snap {
                 out.push(ctx.acted("delete", s, format!("snapshot of {ami}")));

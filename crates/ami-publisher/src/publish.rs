@@ -17,7 +17,6 @@ use aws_sdk_ec2::{
         ResourceType, SnapshotState, VolumeType,
     },
 };
-use aws_sdk_ec2::{client::Waiters as _, error::ProvideErrorMetadata as _};
 use fleet_tls::TlsFiles;
 use image_unpacker::client::{
     self as uc, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, ReleaseCaptureRequest, UnpackImageRequest,
@@ -27,6 +26,7 @@ use crate::{
     aws::{Aws, sdk_error},
     progress::{Board, Line},
     results::{PublishResults, TargetResult},
+    retry::{self, Seen},
     tags,
     targets::Target,
     unpacker,
@@ -165,7 +165,7 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
     if let Some(img) = find_ami(ec2, o, &tagged).await? {
         let id = img.image_id().unwrap_or_default().to_owned();
         if img.state() == Some(&ImageState::Pending) {
-            wait_image(ec2, &id, o.timeouts.image, line).await?;
+            wait_image(ec2, &id, None, o.timeouts.image, line).await?;
         }
         r.reused = true;
         r.ami_id = Some(id);
@@ -176,48 +176,45 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
         return Ok(());
     }
     let left_over = find_snapshot(ec2, o, &tagged).await?;
-    let (snapshot, volume_gib) = match left_over {
+    // When this run made the snapshot: EC2 may not know its id everywhere yet.
+    let (snapshot, volume_gib, snap_made) = match left_over {
         Some((snap, gib)) => {
             tracing::info!(snapshot = %snap, "registering a snapshot left by an earlier run");
-            (snap, gib)
+            (snap, gib, None)
         }
         None => {
-            let Some(snap) = unpack_and_snapshot(ec2, t, o, line, r).await? else {
+            let Some((snap, gib)) = unpack_and_snapshot(ec2, t, o, line, r).await? else {
                 return Ok(());
             };
-            snap
+            (snap, gib, Some(Instant::now()))
         }
     };
     r.snapshot_id = Some(snapshot.clone());
-    line.step(format!("waiting for {snapshot}"));
-    ec2.wait_until_snapshot_completed().snapshot_ids(&snapshot).wait(o.timeouts.snapshot).await.map_err(|e| {
-        anyhow::anyhow!("waiting for snapshot {snapshot} to complete (timeout {:?}): {e}", o.timeouts.snapshot)
-    })?;
+    wait_snapshot(ec2, &snapshot, snap_made, o.timeouts.snapshot, line).await?;
     line.step("registering the AMI");
-    let (ami, name, owner) = register(ec2, o, &snapshot, volume_gib).await?;
+    let (ami, name, owner) = register(ec2, o, &snapshot, snap_made, volume_gib).await?;
+    let ami_made = Some(Instant::now());
     r.ami_id = Some(ami.clone());
     r.ami_name = Some(name.clone());
     if r.account_id.is_none() {
         r.account_id = owner;
     }
-    wait_image(ec2, &ami, o.timeouts.image, line).await?;
+    wait_image(ec2, &ami, ami_made, o.timeouts.image, line).await?;
     line.step("tagging");
-    let final_tags = o.final_tags(&name);
-    ec2.create_tags()
-        .resources(&ami)
-        .resources(&snapshot)
-        .set_tags(Some(final_tags.iter().map(|(k, v)| tags::tag(k, v)).collect()))
-        .send()
-        .await
-        .map_err(|e| sdk_error(&format!("CreateTags on {ami} and {snapshot}"), e))?;
+    let final_tags: Vec<_> = o.final_tags(&name).iter().map(|(k, v)| tags::tag(k, v)).collect();
+    retry::call(&format!("CreateTags on {ami} and {snapshot}"), ami_made, || {
+        ec2.create_tags().resources(&ami).resources(&snapshot).set_tags(Some(final_tags.clone())).send()
+    })
+    .await?;
     if o.expires_at.is_none() {
         // The snapshot's pending-expiry marker goes: it now backs an AMI.
-        ec2.delete_tags()
-            .resources(&snapshot)
-            .tags(aws_sdk_ec2::types::Tag::builder().key(tags::EXPIRES_AT).build())
-            .send()
-            .await
-            .map_err(|e| sdk_error(&format!("DeleteTags ExpiresAt on {snapshot}"), e))?;
+        retry::call(&format!("DeleteTags ExpiresAt on {snapshot}"), snap_made, || {
+            ec2.delete_tags()
+                .resources(&snapshot)
+                .tags(aws_sdk_ec2::types::Tag::builder().key(tags::EXPIRES_AT).build())
+                .send()
+        })
+        .await?;
     }
     tracing::info!(%ami, %snapshot, "published");
     Ok(())
@@ -392,10 +389,25 @@ enum Step {
     Failed(anyhow::Error),
 }
 
-fn step(what: &'static str) -> impl Fn(tonic::Status) -> Step {
-    move |s| {
-        if s.code() == tonic::Code::Aborted { Step::Busy(s) } else { Step::Failed(anyhow::Error::new(s).context(what)) }
+fn step<'a>(what: &'a str, o: &'a Options) -> impl Fn(tonic::Status) -> Step + 'a {
+    move |s| match s.code() {
+        tonic::Code::Aborted => Step::Busy(s),
+        tonic::Code::DataLoss => Step::Failed(corrupt(o, &s)),
+        _ => Step::Failed(anyhow::Error::new(s).context(what.to_owned())),
     }
+}
+
+/// DATA_LOSS from the unpacker: a chunk of the image failed its digest on
+/// the way from the imageserver. That is permanent: it is never retried,
+/// and the target's result names the image.
+fn corrupt(o: &Options, s: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(
+        "image {}/{} (image id {}) is corrupt on the imageserver, not retried: {}",
+        o.stream,
+        o.leaf,
+        o.image_id,
+        s.message()
+    )
 }
 
 /// Prepare the stream (a no-op when its device's content is known) and
@@ -405,18 +417,21 @@ fn step(what: &'static str) -> impl Fn(tonic::Status) -> Step {
 async fn prepare_and_unpack(c: &mut uc::Client, o: &Options, hold_id: &str, line: &Line) -> Result<Progress, Step> {
     line.step("preparing");
     let req = PrepareForUnpackRequest { stream: o.stream.clone(), skip_if_prepared: true, do_not_wait: false };
-    let s = c.prepare_for_unpack(req).await.map_err(step("PrepareForUnpack"))?.into_inner();
-    uc::follow(s, show(line)).await.map_err(step("PrepareForUnpack"))?;
+    let s = c.prepare_for_unpack(req).await.map_err(step("PrepareForUnpack", o))?.into_inner();
+    uc::follow(s, show(line)).await.map_err(step("PrepareForUnpack", o))?;
     let req = UnpackImageRequest {
         stream: o.stream.clone(),
         leaf: o.leaf.clone(),
         hold_seconds: UNPACK_HOLD_SECONDS,
         hold_id: hold_id.to_owned(),
     };
-    let s = c.unpack_image(req).await.map_err(step("UnpackImage"))?.into_inner();
-    uc::follow(s, show(line))
-        .await
-        .map_err(|e| Step::Failed(anyhow::Error::new(e).context(format!("unpacking {}/{}", o.stream, o.leaf))))
+    let s = c.unpack_image(req).await.map_err(step("UnpackImage", o))?.into_inner();
+    let what = format!("unpacking {}/{}", o.stream, o.leaf);
+    uc::follow(s, show(line)).await.map_err(|e| match step(&what, o)(e) {
+        // Busy is only for before the unpack starts.
+        Step::Busy(s) => Step::Failed(anyhow::Error::new(s).context(what.clone())),
+        failed => failed,
+    })
 }
 
 /// Read the volume back (it must hold exactly the leaf), then start its
@@ -465,17 +480,39 @@ async fn capture_and_snapshot(
     // Until an AMI uses it, the snapshot expires: an interrupted run that is
     // never repeated leaves nothing behind for good.
     snap_tags.push((tags::EXPIRES_AT.to_owned(), tags::rfc3339(SystemTime::now() + tags::PENDING_SNAPSHOT_LIFETIME)));
-    let out = ec2
-        .create_snapshot()
-        .volume_id(volume)
-        .description(&o.description)
-        .tag_specifications(tags::spec(ResourceType::Snapshot, &snap_tags))
-        .send()
-        .await
-        .map_err(|e| sdk_error(&format!("CreateSnapshot of {volume}"), e))?;
-    let snap = out.snapshot_id().context("CreateSnapshot returned no snapshot id")?.to_owned();
+    // CreateSnapshot takes no idempotency token: the snapshot carries one
+    // in a tag, so an attempt whose answer was lost is found, not repeated.
+    let token = retry::token();
+    snap_tags.push((tags::CREATE_TOKEN.to_owned(), token.clone()));
+    let spec = tags::spec(ResourceType::Snapshot, &snap_tags);
+    let (snap, gib) = retry::create_untokened(
+        ec2,
+        &format!("CreateSnapshot of {volume}"),
+        None,
+        || {
+            let req = ec2
+                .create_snapshot()
+                .volume_id(volume)
+                .description(&o.description)
+                .tag_specifications(spec.clone())
+                .customize()
+                .config_override(retry::once());
+            async move {
+                let out = match req.send().await {
+                    Ok(out) => out,
+                    Err(e) => return Err(e),
+                };
+                Ok((out.snapshot_id().unwrap_or_default().to_owned(), out.volume_size().unwrap_or(1)))
+            }
+        },
+        || retry::snapshot_with_token(ec2, &token),
+    )
+    .await?;
+    if snap.is_empty() {
+        bail!("CreateSnapshot of {volume} returned no snapshot id");
+    }
     tracing::info!(snapshot = %snap, %volume, device_digest = %cap.device_digest, "snapshot started");
-    Ok((snap, out.volume_size().unwrap_or(1)))
+    Ok((snap, gib))
 }
 
 /// This publish's id for its capture holds: ReleaseCapture ends only its own.
@@ -530,23 +567,107 @@ async fn wait_stream_idle(
     }
 }
 
-async fn wait_image(ec2: &Client, ami: &str, timeout: Duration, line: &Line) -> anyhow::Result<()> {
-    line.step(format!("waiting for {ami}"));
-    ec2.wait_until_image_available()
-        .image_ids(ami)
-        .wait(timeout)
-        .await
-        .map_err(|e| anyhow::anyhow!("waiting for AMI {ami} to be available (timeout {timeout:?}): {e}"))?;
-    Ok(())
+/// Wait for a snapshot to complete; `fresh`: when this run made it.
+async fn wait_snapshot(
+    ec2: &Client,
+    snapshot: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+    line: &Line,
+) -> anyhow::Result<()> {
+    line.step(format!("waiting for {snapshot}"));
+    snapshot_completed(ec2, snapshot, fresh, timeout).await
 }
 
-/// RegisterImage; returns (AMI id, name, owner). When the name is taken by an
-/// AMI of this very leaf (a run interrupted before tagging), that AMI is
-/// adopted; when it is taken by anything else, the error says so.
+/// Wait for a snapshot to complete, at most `timeout`; `fresh`: when this
+/// run made it.
+pub(crate) async fn snapshot_completed(
+    ec2: &Client,
+    snapshot: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    retry::wait(&format!("snapshot {snapshot} to complete"), timeout, fresh, move || async move {
+        let out = match ec2.describe_snapshots().snapshot_ids(snapshot).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(e),
+        };
+        Ok(match out.snapshots().first() {
+            Some(s) if s.state() == Some(&SnapshotState::Completed) => Seen::Ready(()),
+            Some(s) if s.state() == Some(&SnapshotState::Error) => Seen::Failed(anyhow::anyhow!(
+                "snapshot {snapshot} failed: {}",
+                s.state_message().unwrap_or("no reason given")
+            )),
+            Some(s) => {
+                Seen::NotYet(format!("{} {}", s.state().map_or("?", |s| s.as_str()), s.progress().unwrap_or_default()))
+            }
+            None if retry::still_fresh(fresh) => Seen::NotYet("not listed yet".to_owned()),
+            None => Seen::Failed(anyhow::anyhow!("snapshot {snapshot} is gone")),
+        })
+    })
+    .await
+}
+
+/// Wait for an AMI to be available; `fresh`: when this run registered it.
+async fn wait_image(
+    ec2: &Client,
+    ami: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+    line: &Line,
+) -> anyhow::Result<()> {
+    line.step(format!("waiting for {ami}"));
+    image_available(ec2, ami, fresh, timeout).await
+}
+
+/// Wait for an AMI to be available, at most `timeout`; `fresh`: when this
+/// run registered (or copied) it.
+pub(crate) async fn image_available(
+    ec2: &Client,
+    ami: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    retry::wait(&format!("AMI {ami} to be available"), timeout, fresh, move || async move {
+        let out = match ec2.describe_images().image_ids(ami).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(e),
+        };
+        Ok(match out.images().first() {
+            Some(i) if i.state() == Some(&ImageState::Available) => Seen::Ready(()),
+            Some(i) if i.state() == Some(&ImageState::Pending) => Seen::NotYet("pending".to_owned()),
+            Some(i) => Seen::Failed(anyhow::anyhow!(
+                "AMI {ami} is {}: {}",
+                i.state().map_or("?", |s| s.as_str()),
+                i.state_reason().and_then(|r| r.message()).unwrap_or("no reason given")
+            )),
+            None if retry::still_fresh(fresh) => Seen::NotYet("not listed yet".to_owned()),
+            None => Seen::Failed(anyhow::anyhow!("AMI {ami} is gone")),
+        })
+    })
+    .await
+}
+
+/// What one RegisterImage attempt came to.
+#[derive(Clone)]
+enum Registered {
+    Made(String),
+    /// The name is taken (by an AMI of this attempt whose answer was lost,
+    /// of an interrupted run, or by anything else).
+    NameTaken,
+}
+
+/// RegisterImage; returns (AMI id, name, owner). `snap_made`: when this run
+/// made the snapshot. EC2 takes no idempotency token for it, but a name is
+/// unique per account and region: an attempt whose answer was lost is found
+/// by the name and the snapshot. When the name is taken by an AMI of this
+/// very leaf (a run interrupted before tagging), that AMI is adopted; when
+/// it is taken by anything else, the error says so.
 async fn register(
     ec2: &Client,
     o: &Options,
     snapshot: &str,
+    snap_made: Option<Instant>,
     gib: i32,
 ) -> anyhow::Result<(String, String, Option<String>)> {
     let name = if o.force {
@@ -580,25 +701,50 @@ async fn register(
         .set_boot_mode(o.boot_mode.clone())
         .set_imds_support(o.imds_support.clone())
         .tag_specifications(tags::spec(ResourceType::Image, &o.final_tags(&name)));
-    match req.send().await {
-        Ok(out) => {
-            let id = out.image_id().context("RegisterImage returned no image id")?.to_owned();
+    let uses_snapshot = |img: &Image| {
+        img.block_device_mappings().iter().any(|m| m.ebs().and_then(|e| e.snapshot_id()) == Some(snapshot))
+    };
+    let sent = retry::create_untokened(
+        ec2,
+        &format!("RegisterImage {name}"),
+        snap_made,
+        || {
+            let req = req.clone().customize().config_override(retry::once());
+            async move {
+                match req.send().await {
+                    Ok(out) => Ok(Registered::Made(out.image_id().unwrap_or_default().to_owned())),
+                    Err(e) if retry::code(&e) == Some("InvalidAMIName.Duplicate") => Ok(Registered::NameTaken),
+                    Err(e) => Err(e),
+                }
+            }
+        },
+        || async {
+            let img = image_named(ec2, &name).await?;
+            anyhow::Ok(
+                img.filter(|i| uses_snapshot(i)).and_then(|i| i.image_id().map(|id| Registered::Made(id.to_owned()))),
+            )
+        },
+    )
+    .await?;
+    match sent {
+        Registered::Made(id) if !id.is_empty() => {
             tracing::info!(ami = %id, %name, "registered");
             Ok((id, name, None))
         }
-        Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("InvalidAMIName.Duplicate") => {
-            let out = ec2
-                .describe_images()
-                .owners("self")
-                .filters(tags::filter("name", &name))
-                .send()
-                .await
-                .map_err(|e| sdk_error("DescribeImages by name", e))?;
-            let Some(img) = out.images().first() else {
-                return Err(sdk_error("RegisterImage", e));
+        Registered::Made(_) => bail!("RegisterImage {name} returned no image id"),
+        Registered::NameTaken => {
+            // The AMI holding the name may be new enough not to be listed yet.
+            let deadline = Instant::now() + retry::LOOK_FOR;
+            let img = loop {
+                if let Some(img) = image_named(ec2, &name).await? {
+                    break img;
+                }
+                if Instant::now() > deadline {
+                    bail!("RegisterImage {name}: the name is taken, but no AMI of this account has it");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             };
-            let ours = tags::value(img.tags(), tags::DIGEST) == Some(o.image_id.as_str())
-                || img.block_device_mappings().iter().any(|m| m.ebs().and_then(|e| e.snapshot_id()) == Some(snapshot));
+            let ours = tags::value(img.tags(), tags::DIGEST) == Some(o.image_id.as_str()) || uses_snapshot(&img);
             let id = img.image_id().unwrap_or_default().to_owned();
             if !ours {
                 bail!(
@@ -611,6 +757,17 @@ async fn register(
             tracing::info!(ami = %id, "adopting the AMI an interrupted run registered");
             Ok((id, name, img.owner_id().map(str::to_owned)))
         }
-        Err(e) => Err(sdk_error(&format!("RegisterImage {name}"), e)),
     }
+}
+
+/// This account's AMI called `name`, if EC2 lists one.
+async fn image_named(ec2: &Client, name: &str) -> anyhow::Result<Option<Image>> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(tags::filter("name", name))
+        .send()
+        .await
+        .map_err(|e| sdk_error("DescribeImages by name", e))?;
+    Ok(out.images().first().cloned())
 }

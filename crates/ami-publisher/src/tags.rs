@@ -14,6 +14,11 @@ pub const LEAF: &str = "ImageLeaf";
 pub const DIGEST: &str = "ImageDigest";
 /// RFC 3339 UTC time after which `expire` deletes the resource.
 pub const EXPIRES_AT: &str = "ExpiresAt";
+/// On snapshots the publisher makes (CreateSnapshot, CopySnapshot): the
+/// token of the create call that made it. EC2 takes no idempotency token
+/// for these calls, so a call whose answer was lost is found by this tag
+/// before it is sent again (see [`crate::retry::create_untokened`]).
+pub const CREATE_TOKEN: &str = "ImageCreateToken";
 /// On unpacker volumes: the instance the volume was made for.
 pub const UNPACKER_INSTANCE: &str = "ImageUnpackerInstance";
 

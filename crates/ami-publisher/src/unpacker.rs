@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use aws_sdk_ec2::client::Waiters as _;
 use aws_sdk_ec2::{
     Client,
     types::{Filter, Instance, InstanceStateName},
@@ -13,7 +12,10 @@ use aws_sdk_ec2::{
 use fleet_tls::TlsFiles;
 use image_unpacker::client::{self as uc, GetStatusRequest};
 
-use crate::aws::sdk_error;
+use crate::{
+    aws::sdk_error,
+    retry::{self, Seen},
+};
 
 /// An unpacker instance as EC2 describes it.
 #[derive(Debug, Clone)]
@@ -117,11 +119,7 @@ pub async fn ensure_running(
     }
     if inst.state == InstanceStateName::Stopping.as_str() {
         note("waiting for the instance to stop");
-        ec2.wait_until_instance_stopped()
-            .instance_ids(id)
-            .wait(left())
-            .await
-            .map_err(|e| anyhow::anyhow!("waiting for unpacker instance {id} to stop (timeout {timeout:?}): {e}"))?;
+        wait_state(ec2, id, InstanceStateName::Stopped, None, left()).await?;
     }
     if inst.state != InstanceStateName::Pending.as_str() {
         note("starting the instance");
@@ -133,12 +131,40 @@ pub async fn ensure_running(
             .map_err(|e| sdk_error(&format!("StartInstances {id}"), e))?;
     }
     note("waiting for the instance to run");
-    ec2.wait_until_instance_running()
-        .instance_ids(id)
-        .wait(left())
-        .await
-        .map_err(|e| anyhow::anyhow!("waiting for unpacker instance {id} to be running (timeout {timeout:?}): {e}"))?;
+    wait_state(ec2, id, InstanceStateName::Running, None, left()).await?;
     refresh(ec2, id).await
+}
+
+/// Wait until the instance is in `state`, at most `timeout`; `fresh`: when
+/// this run launched it. A terminated instance fails the wait; a stopped
+/// one does not (right after StartInstances, EC2 may still say stopped).
+pub async fn wait_state(
+    ec2: &Client,
+    id: &str,
+    state: InstanceStateName,
+    fresh: Option<Instant>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use InstanceStateName as S;
+    let what = format!("instance {id} to be {}", state.as_str());
+    let want = &state;
+    retry::wait(&what, timeout, fresh, move || async move {
+        let out = match ec2.describe_instances().instance_ids(id).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(e),
+        };
+        let now = out.reservations().iter().flat_map(|r| r.instances()).find_map(|i| i.state()?.name().cloned());
+        Ok(match now {
+            Some(s) if s == *want => Seen::Ready(()),
+            Some(s @ (S::Terminated | S::ShuttingDown)) => {
+                Seen::Failed(anyhow::anyhow!("instance {id} is {}", s.as_str()))
+            }
+            Some(s) => Seen::NotYet(s.as_str().to_owned()),
+            None if retry::still_fresh(fresh) => Seen::NotYet("not listed yet".to_owned()),
+            None => Seen::Failed(anyhow::anyhow!("instance {id} is gone")),
+        })
+    })
+    .await
 }
 
 /// Dial the unpacker at `addr` until it answers GetStatus, or `timeout`.

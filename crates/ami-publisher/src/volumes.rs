@@ -10,9 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, bail};
 use aws_sdk_ec2::{
     Client,
+    error::ProvideErrorMetadata as _,
     types::{ResourceType, Volume, VolumeAttachmentState, VolumeType},
 };
-use aws_sdk_ec2::{client::Waiters as _, error::ProvideErrorMetadata as _};
 use image_unpacker::client::{
     self as uc, AddDeviceRequest, AssociateRequest, ForgetStreamRequest, RemoveDeviceRequest,
 };
@@ -20,6 +20,7 @@ use image_unpacker::client::{
 use crate::{
     aws::sdk_error,
     progress::Line,
+    retry::{self, Seen},
     tags::{self, tag_filter},
     unpacker::UnpackerInstance,
 };
@@ -121,6 +122,10 @@ async fn grow(
     // another publish) asked for counts: EC2 is asked only when none is.
     let deadline = Instant::now() + spec.timeout;
     let mut asked = false;
+    // When EC2 said a modification is under way already: ours, if the
+    // answer to our ModifyVolume was lost and the SDK asked again, or
+    // another one. It is looked for a while before the volume is replaced.
+    let mut under_way: Option<Instant> = None;
     loop {
         let out = ec2
             .describe_volumes_modifications()
@@ -134,17 +139,24 @@ async fn grow(
             // No modification to wait for: it was this size already.
             None if size_now >= gib => break,
             None | Some(M::Failed) if !asked => {
-                if let Err(e) = ec2.modify_volume().volume_id(volume).size(gib).send().await {
-                    let code = e.as_service_error().and_then(|s| s.code()).unwrap_or_default().to_owned();
-                    let err = sdk_error(&format!("ModifyVolume {volume}"), e);
-                    // Once in six hours per volume, or one already under way.
-                    if code == "VolumeModificationRateExceeded" || code == "IncorrectModificationState" {
-                        tracing::warn!(volume, "{err}; replacing the volume instead");
+                match ec2.modify_volume().volume_id(volume).size(gib).send().await {
+                    Ok(_) => {}
+                    // Once in six hours per volume.
+                    Err(e) if retry::code(&e) == Some("VolumeModificationRateExceeded") => {
+                        tracing::warn!(volume, "{}; replacing the volume instead", sdk_error("ModifyVolume", e));
                         return Ok(false);
                     }
-                    return Err(err);
+                    Err(e) if retry::code(&e) == Some("IncorrectModificationState") => {
+                        tracing::info!(volume, "{}; looking for it", sdk_error("ModifyVolume", e));
+                        under_way = Some(Instant::now());
+                    }
+                    Err(e) => return Err(sdk_error(&format!("ModifyVolume {volume}"), e)),
                 }
                 asked = true;
+            }
+            None if under_way.is_some_and(|t| t.elapsed() > retry::LOOK_FOR) => {
+                tracing::warn!(volume, "a modification to another size is under way; replacing the volume instead");
+                return Ok(false);
             }
             Some(M::Failed) => {
                 let why = latest.and_then(|m| m.status_message()).unwrap_or("no reason given");
@@ -279,7 +291,7 @@ async fn adopt(
             Some(dev) => dev,
             None if state == "available" => {
                 line.step(format!("attaching left-over volume {id}"));
-                attach(ec2, inst, id, spec.timeout).await?
+                attach(ec2, inst, id, None, spec.timeout).await?
             }
             None => continue,
         };
@@ -328,8 +340,11 @@ pub async fn create_and_add(
         (tags::STREAM.to_owned(), spec.stream.clone()),
         (tags::UNPACKER_INSTANCE.to_owned(), inst.instance_id.clone()),
     ];
+    // The SDK sends the same token on each of its retries: a retry after a
+    // lost answer returns the volume the first attempt made.
     let out = ec2
         .create_volume()
+        .client_token(retry::token())
         .availability_zone(&inst.availability_zone)
         .size(spec.gib())
         .volume_type(spec.volume_type.clone())
@@ -340,64 +355,116 @@ pub async fn create_and_add(
         .await
         .map_err(|e| sdk_error("CreateVolume", e))?;
     let id = out.volume_id().context("CreateVolume returned no volume id")?.to_owned();
+    let made = Some(Instant::now());
     tracing::info!(volume = %id, gib = spec.gib(), "created volume");
-    ec2.wait_until_volume_available().volume_ids(&id).wait(spec.timeout).await.map_err(|e| {
-        anyhow::anyhow!("waiting for new volume {id} to be available (timeout {:?}): {e}", spec.timeout)
-    })?;
+    wait_available(ec2, &id, made, spec.timeout).await?;
     line.step(format!("attaching {id}"));
-    let device = attach(ec2, inst, &id, spec.timeout).await?;
+    let device = attach(ec2, inst, &id, made, spec.timeout).await?;
     line.step(format!("waiting for {id} to appear"));
     add(c, &id, &device, true, spec.timeout).await?;
     Ok(id)
 }
 
+/// Wait until EC2 says `volume` is available; `fresh`: when this run made it.
+async fn wait_available(ec2: &Client, volume: &str, fresh: Option<Instant>, timeout: Duration) -> anyhow::Result<()> {
+    use aws_sdk_ec2::types::VolumeState;
+    retry::wait(&format!("volume {volume} to be available"), timeout, fresh, move || async move {
+        let out = match ec2.describe_volumes().volume_ids(volume).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(e),
+        };
+        Ok(match out.volumes().first().and_then(Volume::state) {
+            Some(VolumeState::Available) => Seen::Ready(()),
+            Some(s @ (VolumeState::Error | VolumeState::Deleting | VolumeState::Deleted)) => {
+                Seen::Failed(anyhow::anyhow!("volume {volume} is {}", s.as_str()))
+            }
+            Some(s) => Seen::NotYet(s.as_str().to_owned()),
+            None if retry::still_fresh(fresh) => Seen::NotYet("not listed yet".to_owned()),
+            None => Seen::Failed(anyhow::anyhow!("volume {volume} is gone")),
+        })
+    })
+    .await
+}
+
 /// Attach `volume` to the instance under a free device name; wait until
-/// EC2 says attached. Returns the device name.
-async fn attach(ec2: &Client, inst: &UnpackerInstance, volume: &str, timeout: Duration) -> anyhow::Result<String> {
+/// EC2 says attached. Returns the device name. `fresh`: when this run made
+/// the volume.
+async fn attach(
+    ec2: &Client,
+    inst: &UnpackerInstance,
+    volume: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let mut last_err = None;
+    let mut not_yet = retry::NotYet::new(fresh);
     for letter in 'f'..='z' {
         let device = format!("/dev/sd{letter}");
         let xvd = format!("/dev/xvd{letter}");
         if inst.device_names.iter().any(|d| *d == device || *d == xvd) {
             continue;
         }
-        match ec2.attach_volume().volume_id(volume).instance_id(&inst.instance_id).device(&device).send().await {
-            Ok(_) => {
-                wait_attached(ec2, volume, &inst.instance_id, timeout).await?;
-                return Ok(device);
+        let e = loop {
+            match ec2.attach_volume().volume_id(volume).instance_id(&inst.instance_id).device(&device).send().await {
+                Ok(_) => {
+                    wait_attached(ec2, volume, &inst.instance_id, fresh, timeout).await?;
+                    return Ok(device);
+                }
+                Err(e) if not_yet.again("AttachVolume", &e).await => {}
+                Err(e) => break e,
             }
-            // Another publish took this name since we looked: try the next.
-            Err(e) if e.as_service_error().and_then(|s| s.message()).is_some_and(|m| m.contains("in use")) => {
-                last_err = Some(sdk_error("AttachVolume", e));
-            }
-            Err(e) => return Err(sdk_error(&format!("AttachVolume {volume} to {}", inst.instance_id), e)),
+        };
+        // The SDK's retry of an attempt whose answer was lost finds the
+        // volume attached already: that attempt's device is the one.
+        if let Some(dev) = attached_to(ec2, volume, &inst.instance_id).await? {
+            wait_attached(ec2, volume, &inst.instance_id, fresh, timeout).await?;
+            return Ok(dev);
         }
+        // Another publish took this name since we looked: try the next.
+        if e.as_service_error().and_then(|s| s.message()).is_some_and(|m| m.contains("in use")) {
+            last_err = Some(sdk_error("AttachVolume", e));
+            continue;
+        }
+        return Err(sdk_error(&format!("AttachVolume {volume} to {}", inst.instance_id), e));
     }
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no free device name /dev/sdf..sdz on {}", inst.instance_id)))
 }
 
-async fn wait_attached(ec2: &Client, volume: &str, instance_id: &str, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let out = ec2
-            .describe_volumes()
-            .volume_ids(volume)
-            .send()
-            .await
-            .map_err(|e| sdk_error(&format!("DescribeVolumes {volume}"), e))?;
-        let attached = out.volumes().iter().any(|v| {
-            v.attachments()
-                .iter()
-                .any(|a| a.instance_id() == Some(instance_id) && a.state() == Some(&VolumeAttachmentState::Attached))
+/// The device under which `volume` is attached (or attaching) to the
+/// instance, as EC2 says now.
+async fn attached_to(ec2: &Client, volume: &str, instance_id: &str) -> anyhow::Result<Option<String>> {
+    let out = ec2
+        .describe_volumes()
+        .volume_ids(volume)
+        .send()
+        .await
+        .map_err(|e| sdk_error(&format!("DescribeVolumes {volume}"), e))?;
+    Ok(out.volumes().first().and_then(|v| attachment_here(v, instance_id)))
+}
+
+async fn wait_attached(
+    ec2: &Client,
+    volume: &str,
+    instance_id: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let what = format!("volume {volume} to be attached to {instance_id}");
+    retry::wait(&what, timeout, fresh, move || async move {
+        let out = match ec2.describe_volumes().volume_ids(volume).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(e),
+        };
+        let state = out.volumes().first().and_then(|v| {
+            v.attachments().iter().find(|a| a.instance_id() == Some(instance_id)).and_then(|a| a.state().cloned())
         });
-        if attached {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("waiting for volume {volume} to be attached to {instance_id} (timeout {timeout:?})");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        Ok(match state {
+            Some(VolumeAttachmentState::Attached) => Seen::Ready(()),
+            Some(s) => Seen::NotYet(s.as_str().to_owned()),
+            None => Seen::NotYet("no attachment yet".to_owned()),
+        })
+    })
+    .await
 }
 
 /// Take a volume out of service: the unpacker forgets it, EC2 detaches and
@@ -415,19 +482,21 @@ pub async fn remove(
 
 /// Detach a volume from an instance (always naming the instance) and delete it.
 pub async fn detach_and_delete(ec2: &Client, instance_id: &str, volume: &str, timeout: Duration) -> anyhow::Result<()> {
-    ec2.detach_volume()
-        .volume_id(volume)
-        .instance_id(instance_id)
-        .send()
-        .await
-        .map_err(|e| sdk_error(&format!("DetachVolume {volume}"), e))?;
-    ec2.wait_until_volume_available()
-        .volume_ids(volume)
-        .wait(timeout)
-        .await
-        .map_err(|e| anyhow::anyhow!("waiting for {volume} to detach (timeout {timeout:?}): {e}"))?;
-    ec2.delete_volume().volume_id(volume).send().await.map_err(|e| sdk_error(&format!("DeleteVolume {volume}"), e))?;
-    Ok(())
+    match ec2.detach_volume().volume_id(volume).instance_id(instance_id).send().await {
+        Ok(_) => {}
+        // Detached already: by the first attempt of this call (its answer
+        // lost, the SDK asked again), or by someone else.
+        Err(e)
+            if retry::code(&e) == Some("IncorrectState") && attached_to(ec2, volume, instance_id).await?.is_none() => {}
+        Err(e) => return Err(sdk_error(&format!("DetachVolume {volume}"), e)),
+    }
+    wait_available(ec2, volume, None, timeout).await.with_context(|| format!("detaching {volume}"))?;
+    match ec2.delete_volume().volume_id(volume).send().await {
+        Ok(_) => Ok(()),
+        // Deleted by an attempt whose answer was lost.
+        Err(e) if retry::code(&e) == Some("InvalidVolume.NotFound") => Ok(()),
+        Err(e) => Err(sdk_error(&format!("DeleteVolume {volume}"), e)),
+    }
 }
 
 /// Retire a replaced volume. Failure is not the publish's failure: the

@@ -1,0 +1,322 @@
+//! Retries beyond the SDK's own, in one place.
+//!
+//! The SDK retries throttled and failed calls ([`crate::aws`] sets it up).
+//! What it cannot know about EC2 is handled here:
+//!
+//! - **Fresh ids.** EC2 is eventually consistent: a resource this run has
+//!   just created can be NotFound to the next call (a describe, CreateTags,
+//!   AttachVolume, RegisterImage on a new snapshot) for a while. [`call`] and
+//!   [`wait`] are told when the ids concerned were made (`fresh`) and treat
+//!   NotFound as "not yet" for at most [`NOT_YET_FOR`]. An id given by the
+//!   user or found by a query gets no such grace: NotFound on it is an error.
+//! - **Creates.** [`token`] makes the idempotency token of one logical
+//!   create (CreateVolume, RunInstances, CopyImage): the SDK sends the same
+//!   token on each of its retries, so a retry after a lost answer returns
+//!   the resource the first attempt made. Creates that take no token
+//!   (CreateSnapshot, CopySnapshot, RegisterImage) go through
+//!   [`create_untokened`]: each attempt is sent once, and after an attempt
+//!   whose outcome is unknown, what it may have made is looked for before
+//!   anything is sent again.
+//! - **Waits.** [`wait`] polls with a jittered, growing interval until a
+//!   resource is ready, bounded by the user's timeout flag; NotFound on a
+//!   fresh id and errors the SDK gave up on that are transient
+//!   (throttling, 5xx) only make it poll again.
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use aws_sdk_ec2::{
+    Client,
+    config::retry::RetryConfig,
+    error::{ProvideErrorMetadata, SdkError},
+};
+
+use crate::aws::sdk_error;
+
+/// How long after its creation NotFound on an id this run made means "not
+/// yet". EC2 documents no bound; in practice it is seconds.
+pub const NOT_YET_FOR: Duration = Duration::from_secs(120);
+
+/// How long, after a create whose answer was lost, the publisher looks for
+/// what it may have made before sending it again: a new resource can take
+/// a few seconds to appear in listings.
+pub const LOOK_FOR: Duration = Duration::from_secs(20);
+
+/// First pause before asking again about a fresh id, and the longest.
+const NOT_YET_FIRST_WAIT: Duration = Duration::from_millis(250);
+const NOT_YET_MAX_WAIT: Duration = Duration::from_secs(4);
+
+/// First pause between polls of a wait, and the longest (EC2's own waiters
+/// poll snapshots and images every 15 s).
+const POLL_FIRST_WAIT: Duration = Duration::from_millis(500);
+const POLL_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// The longest back-off between two attempts of an untokened create (the
+/// SDK's own limit).
+const MAX_BACKOFF: Duration = Duration::from_secs(20);
+
+/// EC2 error codes that say an id does not exist (or not yet, when fresh).
+const NOT_FOUND: &[&str] = &[
+    "InvalidVolume.NotFound",
+    "InvalidSnapshot.NotFound",
+    "InvalidAMIID.NotFound",
+    "InvalidInstanceID.NotFound",
+    "InvalidAttachment.NotFound",
+];
+
+/// Error codes by which EC2 refuses a call for its rate, without acting.
+const THROTTLED: &[&str] =
+    &["RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled", "RequestThrottledException"];
+
+/// Error codes of a failure on EC2's side: the call may or may not have acted.
+const SERVER_FAULT: &[&str] = &["InternalError", "InternalFailure", "Unavailable", "ServiceUnavailable"];
+
+type Failed<E> = SdkError<E>;
+
+/// The EC2 error code of a failed call.
+pub fn code<E: ProvideErrorMetadata>(e: &Failed<E>) -> Option<&str> {
+    e.as_service_error().and_then(ProvideErrorMetadata::code)
+}
+
+/// Whether the call failed because one of the ids it names does not exist.
+pub fn is_not_found<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
+    code(e).is_some_and(|c| NOT_FOUND.contains(&c))
+}
+
+/// Whether EC2 refused the call for its rate (nothing was done).
+pub fn is_throttled<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
+    code(e).is_some_and(|c| THROTTLED.contains(&c))
+}
+
+/// Whether the call failed in a way that may not last (throttling, a
+/// server fault, a timeout, a lost connection).
+pub fn is_transient<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
+    match e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(s) => {
+            is_throttled(e) || s.raw().status().is_server_error() || code(e).is_some_and(|c| SERVER_FAULT.contains(&c))
+        }
+        _ => false,
+    }
+}
+
+/// A jittered, exponentially growing pause.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff { next: first, max }
+    }
+
+    /// The next pause: between half and all of the current step ("equal
+    /// jitter", so that targets that failed together do not retry together),
+    /// never past `deadline`.
+    fn next(&mut self, deadline: Option<Instant>) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let d = step / 2 + step.mul_f64(fastrand::f64() / 2.0);
+        match deadline {
+            Some(t) => d.min(t.saturating_duration_since(Instant::now())),
+            None => d,
+        }
+    }
+
+    async fn sleep(&mut self, deadline: Option<Instant>) {
+        tokio::time::sleep(self.next(deadline)).await;
+    }
+}
+
+/// An idempotency token for one logical create: 32 random hex digits.
+///
+/// Random per logical create, not derived from its parameters: EC2 answers
+/// a reused token with the resource it made the first time, even when that
+/// resource has since been deleted (a replaced volume, a deregistered copy),
+/// so a token derived from the parameters would hand a later, legitimate
+/// create a dead resource. A re-run of a command finds what an earlier run
+/// made by its tags instead (every create tags what it makes).
+pub fn token() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+/// A per-call configuration with the SDK's retries off, for a create the
+/// caller retries itself ([`create_untokened`]).
+pub fn once() -> aws_sdk_ec2::config::Builder {
+    aws_sdk_ec2::config::Builder::default().retry_config(RetryConfig::disabled())
+}
+
+/// Attempts and first back-off of the client's retry configuration
+/// (`--max-retries`, `--retry-wait`).
+fn attempts_of(ec2: &Client) -> (u32, Duration) {
+    ec2.config().retry_config().map_or((5, Duration::from_secs(1)), |r| (r.max_attempts().max(1), r.initial_backoff()))
+}
+
+/// For a loop that handles a call's other errors itself: whether NotFound
+/// on ids made at `fresh` is to be tried again, after a jittered pause.
+pub struct NotYet {
+    fresh: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl NotYet {
+    pub fn new(fresh: Option<Instant>) -> NotYet {
+        NotYet { fresh, backoff: Backoff::new(NOT_YET_FIRST_WAIT, NOT_YET_MAX_WAIT) }
+    }
+
+    /// `true` (after the pause) when `e` is NotFound and the ids are fresh.
+    pub async fn again<E: ProvideErrorMetadata>(&mut self, what: &str, e: &Failed<E>) -> bool {
+        if !is_not_found(e) || !still_fresh(self.fresh) {
+            return false;
+        }
+        tracing::debug!(what, code = code(e), "a resource just made is not found yet; asking again");
+        self.backoff.sleep(self.fresh.map(|t| t + NOT_YET_FOR)).await;
+        true
+    }
+}
+
+/// One EC2 call naming ids some of which this run made at `fresh` (`None`:
+/// it made none of them). NotFound is tried again, with a jittered back-off,
+/// until [`NOT_YET_FOR`] after `fresh`; any other error (the SDK's retries
+/// done) is the call's error, named by `what`.
+pub async fn call<T, E, F, Fut>(what: &str, fresh: Option<Instant>, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Failed<E>>>,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let mut not_yet = NotYet::new(fresh);
+    loop {
+        match f().await {
+            Ok(t) => return Ok(t),
+            Err(e) if not_yet.again(what, &e).await => {}
+            Err(e) => return Err(sdk_error(what, e)),
+        }
+    }
+}
+
+/// Whether ids made at `fresh` may still be unknown to parts of EC2.
+pub fn still_fresh(fresh: Option<Instant>) -> bool {
+    fresh.is_some_and(|t| t.elapsed() < NOT_YET_FOR)
+}
+
+/// What one poll of a wait saw.
+pub enum Seen<T> {
+    /// Done: the wait ends with this.
+    Ready(T),
+    /// Not yet; the state seen, for the timeout's message.
+    NotYet(String),
+    /// It will never be ready (a failed snapshot, a deleted volume).
+    Failed(anyhow::Error),
+}
+
+/// Poll until `poll` sees the resource ready, at most `timeout` (the
+/// user's flag for this kind of wait). NotFound while the ids are fresh,
+/// and transient errors the SDK gave up on, mean "poll again".
+pub async fn wait<T, E, F, Fut>(what: &str, timeout: Duration, fresh: Option<Instant>, mut poll: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Seen<T>, Failed<E>>>,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Backoff::new(POLL_FIRST_WAIT, POLL_MAX_WAIT);
+    let mut last: String;
+    loop {
+        match poll().await {
+            Ok(Seen::Ready(t)) => return Ok(t),
+            Ok(Seen::NotYet(state)) => last = state,
+            Ok(Seen::Failed(e)) => return Err(e.context(format!("waiting for {what}"))),
+            Err(e) if is_not_found(&e) && still_fresh(fresh) => last = "not found yet (just made)".to_owned(),
+            Err(e) if is_transient(&e) => {
+                last = format!("{:#}", sdk_error("the last poll failed", e));
+                tracing::debug!(what, "{last}; polling again");
+            }
+            Err(e) => return Err(sdk_error(&format!("waiting for {what}"), e)),
+        }
+        if Instant::now() >= deadline {
+            bail!("waiting for {what}: not done within {timeout:?} (last seen: {last})");
+        }
+        backoff.sleep(Some(deadline)).await;
+    }
+}
+
+/// Make a resource with a create that EC2 gives no idempotency token.
+///
+/// `send` makes one attempt and must turn the SDK's retries off for it
+/// ([`once`]), so that every attempt is this function's. An attempt
+/// refused for its rate made nothing and is sent again after a back-off; so
+/// is one refused with NotFound on an id made at `fresh` (not yet visible).
+/// After an attempt whose outcome is unknown (a server fault, a timeout, a
+/// lost connection: EC2 may have acted), `find` looks for what it may have
+/// made for up to [`LOOK_FOR`], and the call is sent again only when
+/// nothing turns up. `find` must recognise only what this logical create
+/// makes (a token in a tag, a unique name). At most as many attempts as
+/// the client's retry configuration allows (`--max-retries`), plus those
+/// spent waiting out NotFound.
+pub async fn create_untokened<T, E, S, SFut, L, LFut>(
+    ec2: &Client,
+    what: &str,
+    fresh: Option<Instant>,
+    mut send: S,
+    mut find: L,
+) -> anyhow::Result<T>
+where
+    S: FnMut() -> SFut,
+    SFut: Future<Output = Result<T, Failed<E>>>,
+    L: FnMut() -> LFut,
+    LFut: Future<Output = anyhow::Result<Option<T>>>,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let (attempts, first) = attempts_of(ec2);
+    let mut backoff = Backoff::new(first, MAX_BACKOFF);
+    let mut tries = 0;
+    loop {
+        let e = match send().await {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        if is_not_found(&e) && still_fresh(fresh) {
+            tracing::debug!(what, code = code(&e), "an input just made is not found yet; trying again");
+            backoff.sleep(fresh.map(|t| t + NOT_YET_FOR)).await;
+            continue;
+        }
+        tries += 1;
+        if !is_transient(&e) || tries >= attempts {
+            return Err(sdk_error(what, e));
+        }
+        if !is_throttled(&e) {
+            tracing::info!(what, error = %crate::aws::sdk_detail(&e), "the answer was lost; looking for what it made");
+            let deadline = Instant::now() + LOOK_FOR;
+            let mut look = Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
+            loop {
+                if let Some(t) = find().await? {
+                    tracing::info!(what, "found what the attempt whose answer was lost made");
+                    return Ok(t);
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                look.sleep(Some(deadline)).await;
+            }
+        }
+        backoff.sleep(None).await;
+    }
+}
+
+/// The snapshot a create tagged with `token` ([`crate::tags::CREATE_TOKEN`])
+/// made, if EC2 lists it yet: (id, size in GiB).
+pub async fn snapshot_with_token(ec2: &Client, token: &str) -> anyhow::Result<Option<(String, i32)>> {
+    let out = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(crate::tags::tag_filter(crate::tags::CREATE_TOKEN, token))
+        .send()
+        .await
+        .map_err(|e| sdk_error("DescribeSnapshots by create token", e))?;
+    Ok(out.snapshots().iter().find_map(|s| Some((s.snapshot_id()?.to_owned(), s.volume_size().unwrap_or(1)))))
+}
