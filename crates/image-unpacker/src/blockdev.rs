@@ -636,6 +636,37 @@ a line without a separator
         drop(open_for_write(&dev.path).unwrap());
     }
 
+    /// Read-back must read the device, not what the page cache kept of it.
+    #[test]
+    fn drop_cache_leaves_nothing_of_the_file_in_the_page_cache() {
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        let dir = tempfile::tempdir().unwrap();
+        if rustix::fs::statfs(dir.path()).is_ok_and(|s| i64::from(s.f_type) == TMPFS_MAGIC) {
+            eprintln!("the temporary directory is on tmpfs, whose pages cannot be dropped; nothing to check");
+            return;
+        }
+        let p = dir.path().join("disk");
+        std::fs::write(&p, test_support::noise(1 << 20, 3)).unwrap();
+        File::open(&p).unwrap().sync_all().unwrap();
+        // Bytes of the file in the page cache, as util-linux's fincore counts them.
+        let cached = || -> Option<u64> {
+            let out = std::process::Command::new("fincore")
+                .args(["--bytes", "--noheadings", "--output", "RES"])
+                .arg(&p)
+                .output()
+                .ok()?;
+            String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+        };
+        io::Read::read_to_end(&mut File::open(&p).unwrap(), &mut Vec::new()).unwrap();
+        let Some(before) = cached() else {
+            eprintln!("no fincore here; nothing to check");
+            return;
+        };
+        assert!(before > 0, "reading the file put it in the page cache");
+        drop_cache(&File::open(&p).unwrap());
+        assert_eq!(cached(), Some(0));
+    }
+
     #[test]
     fn kinds_are_named_as_the_state_file_names_them() {
         for kind in [Kind::Block, Kind::File] {
