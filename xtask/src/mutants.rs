@@ -120,6 +120,11 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         for p in m.tested_by {
             cmd.args(["--test-package", p]);
         }
+        if m.tested_by.iter().any(|p| *p != m.package) {
+            // The baseline runs only the module's own package's tests and
+            // sets the timeout from them; the other packages' take longer.
+            cmd.args(["--minimum-test-timeout", "300"]);
+        }
         if list {
             cmd.arg("--list");
         } else {
