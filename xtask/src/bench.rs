@@ -159,7 +159,15 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         met: Some(peak < 128 << 20),
     });
     let (unpacker_rows, _) = crate::bench_unpacker::run(&bins, &pki, &work, addr, add_size, rss_size)?;
+
+    // 5. imageserver peak RSS against the number of concurrent readers.
+    let readers_size = if quick { 32 << 20 } else { 128 << 20 };
+    let small = work.join("readers.raw");
+    util::write_noise(&small, readers_size, 5)?;
+    util::imagetool(&bins, addr, &ssl, &["add", "bench/readers/1", small.to_str().context("utf-8")?])?;
+    std::fs::remove_file(&small)?;
     drop(server);
+    rows.push(readers_rss(&bins, &pki, &work, &ssl, readers_size)?);
 
     let mut md = String::from(
         "# Benchmarks\n\nWritten by `cargo xtask bench` (release builds, loopback, this 2-core shared machine). \
@@ -173,6 +181,54 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     publisher_table(&mut md, &publisher_rows);
     crate::mutants::keep_section(&old, &mut md);
     write_doc(&doc, &md)
+}
+
+/// Peak RSS of a fresh imageserver while N clients verify the same image at
+/// once, for N = 4, 16, 64: memory must be set by the server's own bounds,
+/// not by how many read.
+fn readers_rss(
+    bins: &std::path::Path,
+    pki: &std::path::Path,
+    work: &std::path::Path,
+    ssl: &std::path::Path,
+    size: u64,
+) -> anyhow::Result<Row> {
+    let mut figures = Vec::new();
+    let mut worst = 0;
+    for n in [4usize, 16, 64] {
+        let log = work.join(format!("imageserver-{n}-readers.log"));
+        let (server, addr) = util::start_imageserver(bins, pki, &work.join("data"), &log)?;
+        let before = server.peak_rss()?;
+        let t = Instant::now();
+        let clients: Vec<_> = (0..n)
+            .map(|_| {
+                Command::new(bins.join("imagetool"))
+                    .arg("--server")
+                    .arg(addr.to_string())
+                    .arg("--ssl-dir")
+                    .arg(ssl)
+                    .args(["--json", "verify", "bench/readers/1"])
+                    .stdout(Stdio::null())
+                    .spawn()
+            })
+            .collect::<Result<_, _>>()?;
+        for mut c in clients {
+            let s = c.wait()?;
+            if !s.success() {
+                bail!("a reader failed ({s}); see {}", log.display());
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let peak = server.peak_rss()?;
+        worst = worst.max(peak);
+        figures.push(format!("{n} readers: {} (idle {}; {:.1} s)", mib(peak), mib(before), secs));
+    }
+    Ok(Row {
+        what: format!("imageserver peak RSS while N clients verify a {} image at once", mib(size)),
+        figure: figures.join("; "),
+        goal: "< 128 MiB at 64".into(),
+        met: Some(worst < 128 << 20),
+    })
 }
 
 fn publisher_table(md: &mut String, rows: &[Row]) {

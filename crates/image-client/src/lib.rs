@@ -38,7 +38,7 @@ pub enum ClientError {
     Connect { addr: String, detail: String },
     #[error(transparent)]
     Tls(#[from] fleet_tls::TlsError),
-    #[error("{what}: {} ({:?})", .status.message(), .status.code())]
+    #[error("{what}: {} ({:?})", describe_status(.status), .status.code())]
     Rpc { what: String, status: tonic::Status },
     #[error("manifest of {name} from the server is invalid: {source}")]
     BadManifest { name: String, source: ManifestError },
@@ -50,6 +50,8 @@ pub enum ClientError {
     OutOfOrder { expected: Digest, got: String },
     #[error("chunk {digest} from the server is not a valid zstd frame: {why}")]
     BadChunk { digest: Digest, why: String },
+    #[error("chunk {digest} from the server is {got} bytes but the manifest gives it {expected}; refused")]
+    WrongLength { digest: Digest, expected: usize, got: String },
     #[error("the server ended the chunk stream early ({received} of {wanted} chunks)")]
     ShortStream { received: usize, wanted: usize },
 }
@@ -67,6 +69,46 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// A status's message with the errors under it (a transport error says only
+/// "transport error" on its own), and what a TLS alert from the server
+/// means for this client.
+pub fn describe_status(status: &tonic::Status) -> String {
+    let mut s = status.message().to_owned();
+    let mut cur = std::error::Error::source(status);
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    if let Some(hint) = tls_alert_hint(&s) {
+        s.push_str(" (");
+        s.push_str(hint);
+        s.push(')');
+    }
+    s
+}
+
+/// What a fatal TLS alert the server sent says about this client's
+/// certificate; rustls names the alert in its error ("received fatal alert:
+/// CertificateExpired").
+pub fn tls_alert_hint(text: &str) -> Option<&'static str> {
+    if !text.contains("alert") {
+        return None;
+    }
+    let hints: [(&str, &str); 6] = [
+        ("CertificateExpired", "the server refused this client's certificate: it has expired or is not yet valid"),
+        ("UnknownCA", "the server refused this client's certificate: it is not signed by the CA the server trusts"),
+        ("CertificateRevoked", "the server refused this client's certificate: it was revoked"),
+        ("CertificateRequired", "the server wants a client certificate and none was sent"),
+        ("BadCertificate", "the server refused this client's certificate as unacceptable"),
+        ("DecryptError", "the server could not verify this client's key: does the key match the certificate?"),
+    ];
+    hints.iter().find(|(alert, _)| text.contains(alert)).map(|(_, hint)| *hint)
 }
 
 /// An RPC error with what was being done.
@@ -88,7 +130,10 @@ pub async fn connect_channel(addr: &str, tls: &TlsFiles, server_name: &str) -> R
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
     endpoint.connect().await.map_err(|e| {
-        let detail = e.source().map(error_chain).unwrap_or_else(|| e.to_string());
+        let mut detail = e.source().map(error_chain).unwrap_or_else(|| e.to_string());
+        if let Some(hint) = tls_alert_hint(&detail) {
+            detail = format!("{detail} ({hint})");
+        }
         ClientError::Connect { addr: addr.to_owned(), detail }
     })
 }
@@ -118,14 +163,48 @@ pub async fn get_manifest(client: &mut Client, name: &ImageName) -> Result<(Imag
     Ok((info, manifest))
 }
 
-/// Decompress a chunk (never beyond the largest chunk size) and check it.
-pub fn verify_chunk(digest: &Digest, zstd_data: &[u8]) -> Result<Vec<u8>, ClientError> {
-    let plain = zstd::bulk::decompress(zstd_data, image_format::MAX_CHUNK_SIZE as usize)
-        .map_err(|e| ClientError::BadChunk { digest: *digest, why: e.to_string() })?;
+/// Decompress a chunk that the manifest says is `expected` bytes long
+/// (never beyond that), and check its length and digest.
+pub fn verify_chunk(digest: &Digest, expected: usize, zstd_data: &[u8]) -> Result<Vec<u8>, ClientError> {
+    let wrong = |got: String| ClientError::WrongLength { digest: *digest, expected, got };
+    // A frame that records its size is judged before any decompression.
+    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(zstd_data) {
+        if n != expected as u64 {
+            return Err(wrong(n.to_string()));
+        }
+    }
+    let plain = zstd::bulk::decompress(zstd_data, expected).map_err(|e| {
+        // Decompressing into exactly `expected` bytes fails for a longer
+        // chunk; say so rather than blame the frame.
+        match zstd::bulk::decompress(zstd_data, image_format::MAX_CHUNK_SIZE as usize) {
+            Ok(p) if p.len() != expected => wrong(p.len().to_string()),
+            _ => ClientError::BadChunk { digest: *digest, why: e.to_string() },
+        }
+    })?;
+    if plain.len() != expected {
+        return Err(wrong(plain.len().to_string()));
+    }
     if Digest::of(&plain) != *digest {
         return Err(ClientError::DigestMismatch(*digest));
     }
     Ok(plain)
+}
+
+impl ClientError {
+    /// The data the server sent is wrong (a digest, length or frame that
+    /// does not check out): trying again gets the same bytes, so callers
+    /// must not retry; an operator must repair the server's store.
+    pub fn is_data_loss(&self) -> bool {
+        match self {
+            ClientError::BadManifest { .. }
+            | ClientError::IdMismatch { .. }
+            | ClientError::DigestMismatch(_)
+            | ClientError::BadChunk { .. }
+            | ClientError::WrongLength { .. } => true,
+            ClientError::Rpc { status, .. } => status.code() == tonic::Code::DataLoss,
+            _ => false,
+        }
+    }
 }
 
 /// Fetched chunk: digest, plain bytes (verified) and its wire size.
@@ -136,21 +215,22 @@ pub struct FetchedChunk {
     pub zstd: Vec<u8>,
 }
 
-/// Fetch `digests` in order. The server reads ahead; here chunks are
-/// verified on blocking threads a few at a time, so memory stays bounded by
+/// Fetch `chunks` (digest and the plain length the manifest gives it) in
+/// order. The server reads ahead; here chunks are verified (length and
+/// digest) on blocking threads a few at a time, so memory stays bounded by
 /// the HTTP/2 windows and [`VERIFY_PARALLELISM`].
 pub fn fetch_chunks(
     client: Client,
-    digests: Vec<Digest>,
+    chunks: Vec<(Digest, usize)>,
 ) -> futures::stream::BoxStream<'static, Result<FetchedChunk, ClientError>> {
-    let batches: Vec<Vec<Digest>> = digests.chunks(FETCH_BATCH).map(<[Digest]>::to_vec).collect();
+    let batches: Vec<Vec<(Digest, usize)>> = chunks.chunks(FETCH_BATCH).map(<[_]>::to_vec).collect();
     futures::stream::iter(batches)
         .map(move |batch| fetch_batch(client.clone(), batch))
         .flatten()
         .map(|item| async move {
-            let (digest, zstd) = item?;
+            let (digest, expected, zstd) = item?;
             tokio::task::spawn_blocking(move || {
-                let plain = verify_chunk(&digest, &zstd)?;
+                let plain = verify_chunk(&digest, expected, &zstd)?;
                 Ok(FetchedChunk { digest, plain, zstd })
             })
             .await
@@ -161,23 +241,24 @@ pub fn fetch_chunks(
 }
 
 enum FetchState {
-    Start(Client, Vec<Digest>),
-    Running(tonic::Streaming<imageserver::Chunk>, Vec<Digest>, usize),
+    Start(Client, Vec<(Digest, usize)>),
+    Running(tonic::Streaming<imageserver::Chunk>, Vec<(Digest, usize)>, usize),
     Done,
 }
 
-/// One FetchChunks call as a stream of (digest, zstd frame), checking that
-/// chunks come in request order and that none is left out.
+/// One FetchChunks call as a stream of (digest, expected length, zstd
+/// frame), checking that chunks come in request order and that none is left
+/// out.
 fn fetch_batch(
     client: Client,
-    batch: Vec<Digest>,
-) -> impl Stream<Item = Result<(Digest, Vec<u8>), ClientError>> + Send {
+    batch: Vec<(Digest, usize)>,
+) -> impl Stream<Item = Result<(Digest, usize, Vec<u8>), ClientError>> + Send {
     futures::stream::unfold(FetchState::Start(client, batch), |state| async move {
         let (mut inner, batch, n) = match state {
             FetchState::Done => return None,
             FetchState::Running(inner, batch, n) => (inner, batch, n),
             FetchState::Start(mut client, batch) => {
-                let req = FetchChunksRequest { digests: batch.iter().map(|d| d.0.to_vec().into()).collect() };
+                let req = FetchChunksRequest { digests: batch.iter().map(|(d, _)| d.0.to_vec().into()).collect() };
                 match client.fetch_chunks(req).await {
                     Ok(resp) => (resp.into_inner(), batch, 0),
                     Err(status) => return Some((Err(rpc("fetch chunks")(status)), FetchState::Done)),
@@ -188,13 +269,13 @@ fn fetch_batch(
             return None;
         }
         match inner.message().await {
-            Ok(Some(chunk)) if chunk.digest.as_ref() == batch[n].0 => {
-                let d = batch[n];
-                Some((Ok((d, chunk.zstd_data.to_vec())), FetchState::Running(inner, batch, n + 1)))
+            Ok(Some(chunk)) if chunk.digest.as_ref() == batch[n].0.0 => {
+                let (d, len) = batch[n];
+                Some((Ok((d, len, chunk.zstd_data.to_vec())), FetchState::Running(inner, batch, n + 1)))
             }
             Ok(Some(chunk)) => {
                 let got = chunk.digest.iter().take(8).map(|x| format!("{x:02x}")).collect();
-                Some((Err(ClientError::OutOfOrder { expected: batch[n], got }), FetchState::Done))
+                Some((Err(ClientError::OutOfOrder { expected: batch[n].0, got }), FetchState::Done))
             }
             Ok(None) => Some((Err(ClientError::ShortStream { received: n, wanted: batch.len() }), FetchState::Done)),
             Err(status) => Some((Err(rpc("fetch chunks")(status)), FetchState::Done)),

@@ -82,6 +82,8 @@ pub enum ManifestError {
     Trailing(usize),
     #[error("'{0}' is not a 32-byte hex digest")]
     BadDigest(String),
+    #[error("chunk {digest} is both the short last chunk {last} and the full chunk {index}: one digest cannot have two lengths")]
+    LengthConflict { digest: Digest, index: u64, last: u64 },
 }
 
 /// A disk image's description: chunk size, byte size and one [`ChunkRef`]
@@ -114,7 +116,36 @@ impl Manifest {
     /// A manifest from its parts, checked as [`Manifest::decode`] would.
     pub fn new(chunk_size: u32, size: u64, chunks: Vec<ChunkRef>) -> Result<Manifest, ManifestError> {
         check_header(chunk_size, size, chunks.len() as u64)?;
-        Ok(Manifest { chunk_size, size, chunks })
+        let m = Manifest { chunk_size, size, chunks };
+        m.check_lengths()?;
+        Ok(m)
+    }
+
+    /// Only the last chunk may be short, so a digest used there cannot be
+    /// used at a full index too (its bytes would need two lengths).
+    fn check_lengths(&self) -> Result<(), ManifestError> {
+        let Some((last, ChunkRef::Data(d))) = self.chunks.iter().enumerate().next_back() else { return Ok(()) };
+        if self.size % u64::from(self.chunk_size) == 0 {
+            return Ok(());
+        }
+        match self.chunks[..last].iter().position(|c| *c == ChunkRef::Data(*d)) {
+            Some(index) => Err(ManifestError::LengthConflict { digest: *d, index: index as u64, last: last as u64 }),
+            None => Ok(()),
+        }
+    }
+
+    /// Distinct digests of non-zero chunks with their plain length, in
+    /// first-use order: what a reader must receive for each.
+    pub fn distinct_chunks(&self) -> Vec<(Digest, usize)> {
+        let mut seen = std::collections::HashSet::new();
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c {
+                ChunkRef::Data(d) if seen.insert(*d) => Some((*d, self.chunk_len(i as u64))),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn chunk_size(&self) -> u32 {
@@ -240,7 +271,9 @@ impl Manifest {
         if pos != body.len() {
             return Err(ManifestError::Trailing(body.len() - pos));
         }
-        Ok(Manifest { chunk_size, size, chunks })
+        let m = Manifest { chunk_size, size, chunks };
+        m.check_lengths()?;
+        Ok(m)
     }
 
     /// What to fetch and zero to turn a device holding `from` into `self`.

@@ -107,7 +107,12 @@ pub async fn apply(
         Ok((written, zero.len() as u64))
     });
 
-    let mut fetched = image_client::fetch_chunks(client, diff.distinct_digests());
+    // Each distinct digest with the length of its first place in `target`
+    // (a manifest gives one digest one length), checked by the fetch.
+    let mut seen = std::collections::HashSet::new();
+    let wanted_chunks: Vec<(Digest, usize)> =
+        diff.fetch.iter().filter(|(_, d)| seen.insert(*d)).map(|(i, d)| (*d, target.chunk_len(*i))).collect();
+    let mut fetched = image_client::fetch_chunks(client, wanted_chunks);
     let mut last = Instant::now();
     let mut fetch_error = None;
     while let Some(item) = fetched.next().await {

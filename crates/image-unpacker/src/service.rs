@@ -34,7 +34,7 @@ use fleet_proto::unpacker::{
     image_unpacker_server::ImageUnpacker,
 };
 use fleet_tls::{Right, TlsFiles};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use image_format::{DEFAULT_CHUNK_SIZE, ImageName, Manifest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -53,6 +53,8 @@ pub(crate) const DEFAULT_ADD_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const MAX_ADD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The longest capture hold granted, whatever the caller asks.
 pub(crate) const MAX_HOLD: Duration = Duration::from_secs(900);
+/// How often a caller waiting for a capture hold is told it still waits.
+pub(crate) const WAIT_REPORT_EVERY: Duration = Duration::from_secs(5);
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<Progress, Status>> + Send>>;
 type RawStream = Pin<Box<dyn Stream<Item = Result<RawData, Status>> + Send>>;
@@ -108,13 +110,35 @@ fn device_error(e: blockdev::DeviceError) -> Status {
     }
 }
 
-fn client_error(e: &image_client::ClientError) -> Status {
+/// The status for a failure talking to the imageserver at `server` while
+/// doing `what`. Damaged data is DATA_LOSS (a retry gets the same bytes);
+/// a connection or server failure is UNAVAILABLE (a re-run resumes); a
+/// refusal keeps the imageserver's code.
+fn client_error(server: &str, what: &str, e: &image_client::ClientError) -> Status {
     use image_client::ClientError as E;
+    use tonic::Code;
     let msg = image_client::error_chain(e);
+    if e.is_data_loss() {
+        return Status::data_loss(format!(
+            "{what}: imageserver {server} sent damaged data: {msg}; not retried: the imageserver's store needs repair \
+             (imagetool verify names the damage)"
+        ));
+    }
     match e {
-        E::Rpc { status, .. } if status.code() == tonic::Code::NotFound => Status::not_found(msg),
-        E::Connect { .. } | E::Tls(_) | E::Rpc { .. } => Status::unavailable(msg),
-        _ => Status::data_loss(msg),
+        E::Rpc { status, .. } => match status.code() {
+            Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted => Status::unavailable(format!(
+                "{what} stopped: imageserver {server} failed: {msg}; a re-run resumes (what was written is kept)"
+            )),
+            code => Status::new(code, format!("{what}: imageserver {server}: {msg}")),
+        },
+        E::Connect { .. } | E::Tls(_) => Status::unavailable(format!("{what}: {msg}")),
+        _ => Status::data_loss(format!("{what}: imageserver {server}: {msg}")),
     }
 }
 
@@ -222,28 +246,72 @@ impl Unpacker {
         self.0.released.notify_waiters();
     }
 
+    /// What blocks `stream` for a writer of `leaf` (`None`: a scan): a
+    /// capture hold of another leaf, with the time it has left.
+    fn blocking_hold(&self, stream: &str, leaf: Option<&str>) -> Option<(Duration, String)> {
+        self.hold_left(stream).filter(|(_, held)| leaf != Some(held.as_str()))
+    }
+
     /// Wait until no capture hold is on `stream`, unless the hold is of
-    /// `leaf` (the caller would write what is already there).
-    async fn wait_unheld(&self, stream: &str, leaf: Option<&str>) {
+    /// `leaf` (the caller would write what is already there). `waiting` is
+    /// told what is waited for at once and then every [`WAIT_REPORT_EVERY`].
+    async fn wait_unheld(&self, stream: &str, leaf: Option<&str>, mut waiting: impl FnMut(String)) {
         let mut said = false;
         loop {
             // Registered before the check, so a release in between is seen.
             let released = self.0.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            let Some((left, held)) = self.hold_left(stream) else { return };
-            if leaf == Some(held.as_str()) {
-                return;
-            }
+            let Some((left, held)) = self.blocking_hold(stream, leaf) else { return };
             if !said {
                 tracing::info!(stream, left = ?left, "waiting for a capture hold to end");
                 said = true;
             }
+            waiting(format!(
+                "stream {stream} is held for the capture of leaf {held} by another caller ({}s left at most)",
+                left.as_secs()
+            ));
             tokio::select! {
                 () = &mut released => {}
-                () = tokio::time::sleep(left) => {}
+                () = tokio::time::sleep(left.min(WAIT_REPORT_EVERY)) => {}
             }
         }
+    }
+
+    /// `start` once no capture hold blocks `stream` for `leaf`: at once when
+    /// none does, else in a task that tells the caller what it waits for
+    /// (phase "waiting") and then passes on `start`'s progress. The wait
+    /// and what follows go on if the caller goes away, as every long
+    /// operation does.
+    fn after_holds(
+        &self,
+        stream: &str,
+        leaf: Option<&str>,
+        start: impl FnOnce(Unpacker) -> Result<ProgressStream, Status> + Send + 'static,
+    ) -> Result<ProgressStream, Status> {
+        if self.blocking_hold(stream, leaf).is_none() {
+            return start(self.clone());
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let me = self.clone();
+        let (stream, leaf) = (stream.to_owned(), leaf.map(str::to_owned));
+        tokio::spawn(async move {
+            let tell = |detail: String| {
+                let _ = tx.try_send(Ok(Progress { phase: "waiting".into(), detail, ..Default::default() }));
+            };
+            me.wait_unheld(&stream, leaf.as_deref(), tell).await;
+            match start(me) {
+                Ok(mut progress) => {
+                    while let Some(p) = progress.next().await {
+                        let _ = tx.send(p).await;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
     /// Mark a stream busy with `what`, or say what it is busy with.
@@ -452,8 +520,10 @@ impl Unpacker {
     ) -> Result<Progress, Status> {
         let name = ImageName::new(stream, leaf).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let cfg = &self.0.config;
-        let mut client = image_client::connect(&cfg.image_server, &cfg.tls).await.map_err(|e| client_error(&e))?;
-        let (_, manifest) = image_client::get_manifest(&mut client, &name).await.map_err(|e| client_error(&e))?;
+        let what = format!("unpack of {name}");
+        let fail = |e: &image_client::ClientError| client_error(&cfg.image_server, &what, e);
+        let mut client = image_client::connect(&cfg.image_server, &cfg.tls).await.map_err(|e| fail(&e))?;
+        let (_, manifest) = image_client::get_manifest(&mut client, &name).await.map_err(|e| fail(&e))?;
         let (volume_id, path, size, mut content) = self.binding(stream)?;
         if manifest.size() > size {
             return Err(Status::failed_precondition(format!(
@@ -503,7 +573,7 @@ impl Unpacker {
             Err(e) => {
                 self.set_phase(stream, Phase::Dirty)?;
                 return Err(match &e {
-                    engine::UnpackError::Fetch(c) => client_error(c),
+                    engine::UnpackError::Fetch(c) => fail(c),
                     engine::UnpackError::Write(_) => Status::unavailable(format!("{e} (device {volume_id})")),
                 });
             }
@@ -518,6 +588,7 @@ impl Unpacker {
             total_bytes: total,
             stats: Some(stats),
             result: Some(Self::stream_status(&state, stream)),
+            ..Default::default()
         })
     }
 
@@ -532,6 +603,67 @@ impl Unpacker {
             s.image_size = size;
         }
         self.save(&mut state)
+    }
+
+    /// PrepareForUnpack once no capture hold is in the way.
+    fn start_prepare(&self, r: PrepareForUnpackRequest) -> Result<ProgressStream, Status> {
+        let guard = self.claim(&r.stream, "prepare-for-unpack")?;
+        let (_, _, _, content) = self.binding(&r.stream)?;
+        let stream = r.stream.clone();
+        if r.skip_if_prepared && content != Content::Unknown {
+            let mut state = self.state();
+            if let Some(s) = state.streams.get_mut(&stream).filter(|s| matches!(s.phase, Phase::Unprepared)) {
+                s.phase = Phase::Prepared;
+            }
+            self.save(&mut state)?;
+            let done = Progress {
+                phase: "done".into(),
+                result: Some(Self::stream_status(&state, &stream)),
+                ..Default::default()
+            };
+            return Ok(Box::pin(futures::stream::iter([Ok(done)])));
+        }
+        let chunk_size = match &content {
+            Content::Known(m) => m.chunk_size(),
+            _ => DEFAULT_CHUNK_SIZE,
+        };
+        let job = move |me: Unpacker, tx: mpsc::Sender<Result<Progress, Status>>| async move {
+            me.scan(&stream, chunk_size, &tx).await?;
+            let state = me.state();
+            Ok(Progress {
+                phase: "done".into(),
+                result: Some(Self::stream_status(&state, &stream)),
+                ..Default::default()
+            })
+        };
+        let progress = self.spawn_long(guard, job);
+        if r.do_not_wait {
+            let started = Progress { phase: "scanning".into(), ..Default::default() };
+            return Ok(Box::pin(futures::stream::iter([Ok(started)])));
+        }
+        Ok(progress)
+    }
+
+    /// UnpackImage once no capture hold of another leaf is in the way.
+    fn start_unpack(&self, r: UnpackImageRequest) -> Result<ProgressStream, Status> {
+        let guard = self.claim(&r.stream, "unpack")?;
+        self.binding(&r.stream)?;
+        let job = move |me: Unpacker, tx: mpsc::Sender<Result<Progress, Status>>| async move {
+            let result = me.unpack(&r.stream, &r.leaf, &tx).await;
+            match &result {
+                Ok(_) => {
+                    Metrics::add(&me.0.metrics.unpacks, 1);
+                    // Before the busy mark goes, so no writer slips in.
+                    me.hold(&r.stream, &r.leaf, &r.hold_id, r.hold_seconds);
+                }
+                Err(e) => {
+                    Metrics::add(&me.0.metrics.unpack_failures, 1);
+                    tracing::warn!(stream = %r.stream, leaf = %r.leaf, error = %e.message(), "unpack failed");
+                }
+            }
+            result
+        };
+        Ok(self.spawn_long(guard, job))
     }
 
     /// Run `job` in its own task, streaming its progress and final message.
@@ -676,44 +808,11 @@ impl ImageUnpacker for Unpacker {
         check_stream(&r.stream)?;
         // A scan resets what the stream is known to hold: not under a hold.
         let (_, _, _, known) = self.binding(&r.stream)?;
-        if !(r.skip_if_prepared && known != Content::Unknown) {
-            self.wait_unheld(&r.stream, None).await;
+        if r.skip_if_prepared && known != Content::Unknown {
+            return Ok(Response::new(self.start_prepare(r)?));
         }
-        let guard = self.claim(&r.stream, "prepare-for-unpack")?;
-        let (_, _, _, content) = self.binding(&r.stream)?;
         let stream = r.stream.clone();
-        if r.skip_if_prepared && content != Content::Unknown {
-            let mut state = self.state();
-            if let Some(s) = state.streams.get_mut(&stream).filter(|s| matches!(s.phase, Phase::Unprepared)) {
-                s.phase = Phase::Prepared;
-            }
-            self.save(&mut state)?;
-            let done = Progress {
-                phase: "done".into(),
-                result: Some(Self::stream_status(&state, &stream)),
-                ..Default::default()
-            };
-            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(done)]))));
-        }
-        let chunk_size = match &content {
-            Content::Known(m) => m.chunk_size(),
-            _ => DEFAULT_CHUNK_SIZE,
-        };
-        let job = move |me: Unpacker, tx: mpsc::Sender<Result<Progress, Status>>| async move {
-            me.scan(&stream, chunk_size, &tx).await?;
-            let state = me.state();
-            Ok(Progress {
-                phase: "done".into(),
-                result: Some(Self::stream_status(&state, &stream)),
-                ..Default::default()
-            })
-        };
-        let progress = self.spawn_long(guard, job);
-        if r.do_not_wait {
-            let started = Progress { phase: "scanning".into(), ..Default::default() };
-            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(started)]))));
-        }
-        Ok(Response::new(progress))
+        Ok(Response::new(self.after_holds(&stream, None, move |me| me.start_prepare(r))?))
     }
 
     type UnpackImageStream = ProgressStream;
@@ -722,25 +821,9 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         ImageName::new(&r.stream, &r.leaf).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.wait_unheld(&r.stream, Some(&r.leaf)).await;
-        let guard = self.claim(&r.stream, "unpack")?;
         self.binding(&r.stream)?;
-        let job = move |me: Unpacker, tx: mpsc::Sender<Result<Progress, Status>>| async move {
-            let result = me.unpack(&r.stream, &r.leaf, &tx).await;
-            match &result {
-                Ok(_) => {
-                    Metrics::add(&me.0.metrics.unpacks, 1);
-                    // Before the busy mark goes, so no writer slips in.
-                    me.hold(&r.stream, &r.leaf, &r.hold_id, r.hold_seconds);
-                }
-                Err(e) => {
-                    Metrics::add(&me.0.metrics.unpack_failures, 1);
-                    tracing::warn!(stream = %r.stream, leaf = %r.leaf, error = %e.message(), "unpack failed");
-                }
-            }
-            result
-        };
-        Ok(Response::new(self.spawn_long(guard, job)))
+        let (stream, leaf) = (r.stream.clone(), r.leaf.clone());
+        Ok(Response::new(self.after_holds(&stream, Some(&leaf), move |me| me.start_unpack(r))?))
     }
 
     async fn prepare_for_capture(&self, req: Request<PrepareForCaptureRequest>) -> Result<Response<Capture>, Status> {
@@ -799,7 +882,7 @@ impl ImageUnpacker for Unpacker {
         self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
-        self.wait_unheld(&r.stream, None).await;
+        self.wait_unheld(&r.stream, None, |_| {}).await;
         let _guard = self.claim(&r.stream, "forget-stream")?;
         let mut state = self.state();
         if state.streams.remove(&r.stream).is_none() {

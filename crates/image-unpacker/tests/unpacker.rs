@@ -622,3 +622,86 @@ impl ImageServer for Liar {
         no()
     }
 }
+
+impl Rig {
+    async fn builder(&self) -> imagetool::client::Client {
+        let builder = self.pki.role(Role::ImageBuilder).unwrap();
+        imagetool::client::connect(&self.server.addr.to_string(), &builder).await.unwrap()
+    }
+
+    /// Store `plain` as a chunk on the imageserver; returns its digest.
+    async fn upload(&self, plain: &[u8]) -> image_format::Digest {
+        let d = image_format::Digest::of(plain);
+        let chunk = is::UploadChunk { digest: d.0.to_vec().into(), zstd_data: image_client::compress(plain).into() };
+        self.builder().await.upload_chunks(futures::stream::iter(vec![chunk])).await.unwrap();
+        d
+    }
+
+    /// The imageserver's file for chunk `d`.
+    fn chunk_file(&self, d: &image_format::Digest) -> PathBuf {
+        let hex = d.to_hex();
+        self.path("data/chunks").join(&hex[..2]).join(hex)
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_damaged_on_the_imageserver_is_data_loss_and_never_written() {
+    let rig = Rig::new().await;
+    let a = disk(21);
+    let ma = rig.add("1", &a).await;
+    // Damage one stored chunk at rest: another valid frame in its place.
+    let image_format::ChunkRef::Data(d) = ma.chunks()[0] else { panic!("chunk 0 holds data") };
+    std::fs::write(rig.chunk_file(&d), image_client::compress(&noise(CHUNK as usize, 1))).unwrap();
+    let mut c = rig.client().await;
+    let dev = rig.bound_device(&mut c, "vol-0000000000000021", 64 * CHUNK as u64, true).await;
+    let e = unpack(&mut c, "1").await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    let server = rig.server.addr.to_string();
+    assert!(e.message().contains(&server) && e.message().contains("damaged"), "{}", e.message());
+    assert!(dev.read(CHUNK as usize).unwrap().iter().all(|&b| b == 0), "the damaged chunk was not written");
+}
+
+#[tokio::test]
+async fn a_chunk_longer_than_its_manifest_says_is_never_written() {
+    let rig = Rig::new().await;
+    // A committed leaf (from before lengths were checked, or altered on
+    // disk) whose manifest says one chunk of CHUNK bytes, while the stored
+    // chunk is twice as long. Its record is intact.
+    let long = rig.upload(&noise(2 * CHUNK as usize, 22)).await;
+    let m = Manifest::new(CHUNK, u64::from(CHUNK), vec![image_format::ChunkRef::Data(long)]).unwrap();
+    let name = ImageName::new(STREAM, "1").unwrap();
+    let record = rig.path("data/images").join(STREAM).join("_leaves").join("1");
+    std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+    std::fs::write(&record, chunk_store::record::encode(&name, 1, &m)).unwrap();
+    let mut c = rig.client().await;
+    let dev = rig.bound_device(&mut c, "vol-0000000000000022", 4 * CHUNK as u64, true).await;
+    let e = unpack(&mut c, "1").await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("manifest gives it"), "{}", e.message());
+    assert!(dev.read(4 * CHUNK as usize).unwrap().iter().all(|&b| b == 0), "nothing written, past the end least of all");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scan_waiting_for_a_capture_hold_says_what_it_waits_for() {
+    let rig = Rig::new().await;
+    rig.add("1", &disk(23)).await;
+    let mut c = rig.client().await;
+    let _dev = rig.bound_device(&mut c, "vol-0000000000000023", 64 * CHUNK as u64, true).await;
+    unpack_holding(&mut c, "1", 600).await.unwrap();
+    let req = PrepareForUnpackRequest { stream: STREAM.into(), ..Default::default() };
+    let mut s = tokio::time::timeout(Duration::from_secs(5), c.prepare_for_unpack(req))
+        .await
+        .expect("PrepareForUnpack answers at once, not after the hold")
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), s.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.phase, "waiting");
+    assert!(first.detail.contains("capture of leaf 1") && first.detail.contains("s left"), "{}", first.detail);
+    let mut other = rig.client().await;
+    other.release_capture(ReleaseCaptureRequest { stream: STREAM.into(), hold_id: "test".into() }).await.unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(60), image_unpacker::client::follow(s, |_| {}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.phase, "done", "the scan ran once the hold was released");
+}

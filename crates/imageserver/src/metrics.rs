@@ -99,6 +99,8 @@ struct Status {
     uptime_seconds: u64,
     streams: usize,
     images: usize,
+    /// Leaves whose records failed their integrity checks (not served).
+    damaged_images: usize,
 }
 
 /// Serve /status and /metrics on `addr`; returns the bound address.
@@ -126,18 +128,20 @@ pub(crate) async fn serve(
 
 async fn status(State(c): State<Ctx>) -> Json<Status> {
     let store = c.store.clone();
-    let (streams, images) = tokio::task::spawn_blocking(move || {
+    let (streams, images, damaged_images) = tokio::task::spawn_blocking(move || {
         let all = store.list_all_images().unwrap_or_default();
-        let streams = all.iter().map(|i| i.name.stream().to_owned()).collect::<std::collections::HashSet<_>>().len();
-        (streams, all.len())
+        let streams =
+            all.images.iter().map(|i| i.name.stream().to_owned()).collect::<std::collections::HashSet<_>>().len();
+        (streams, all.images.len(), all.damaged.len())
     })
     .await
-    .unwrap_or((0, 0));
+    .unwrap_or((0, 0, 0));
     Json(Status {
         role: if c.replica_of.is_some() { "replica" } else { "master" },
         replica_of: c.replica_of.clone(),
         uptime_seconds: c.metrics.started.elapsed().as_secs(),
         streams,
         images,
+        damaged_images,
     })
 }

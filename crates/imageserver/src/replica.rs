@@ -72,9 +72,10 @@ async fn copy_image(
     }
     let (_, manifest) = image_client::get_manifest(client, name).await?;
     let store = service.store.clone();
-    let wanted = manifest.distinct_digests();
+    let wanted = manifest.distinct_chunks();
     let missing =
-        tokio::task::spawn_blocking(move || wanted.into_iter().filter(|d| !store.has(d)).collect::<Vec<_>>()).await?;
+        tokio::task::spawn_blocking(move || wanted.into_iter().filter(|(d, _)| !store.has(d)).collect::<Vec<_>>())
+            .await?;
     let fetched = missing.len();
     let mut chunks = image_client::fetch_chunks(client.clone(), missing);
     while let Some(chunk) = chunks.next().await {

@@ -9,7 +9,8 @@ use std::{
 
 use chunk_store::{ChunkStore, StoreError, StoredImage};
 use fleet_proto::imageserver::{
-    Chunk, CollectGarbageRequest, CollectGarbageResponse, CommitImageRequest, DeleteImageRequest, DeleteImageResponse,
+    Chunk, CollectGarbageRequest, CollectGarbageResponse, CommitImageRequest, DamagedImage, DeleteImageRequest,
+    DeleteImageResponse,
     FetchChunksRequest, FindLatestImageRequest, FindMissingChunksRequest, FindMissingChunksResponse,
     GetManifestRequest, GetManifestResponse, ImageEvent, ImageInfo, ListImagesRequest, ListImagesResponse,
     ListStreamsRequest, ListStreamsResponse, ReplicateRequest, UploadChunk, UploadChunksResponse, WatchImagesRequest,
@@ -18,15 +19,25 @@ use fleet_proto::imageserver::{
 use fleet_tls::Right;
 use futures::{Stream, StreamExt, TryStreamExt};
 use image_format::{Digest, ImageName, Manifest};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream, errors::BroadcastStreamRecvError};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Metrics;
 
-/// Chunks read ahead of the client per FetchChunks call: bounds memory per
-/// fetch to about this many chunks, while keeping the disk busy.
+/// Chunks read ahead of the client per FetchChunks call, while keeping the
+/// disk busy.
 pub(crate) const READ_AHEAD: usize = 8;
+/// Chunks being read, or read and not yet taken by the transport, across
+/// every FetchChunks call at once. This, not the number of readers, bounds
+/// the server's memory for chunk data (about `READ_SLOTS` times the chunk
+/// size) and its blocking threads: each read holds a slot from before it
+/// starts until its chunk is handed to HTTP/2, whose send buffer per stream
+/// is small and fixed.
+pub(crate) const READ_SLOTS: usize = 32;
+/// A fetch whose client takes no chunk for this long is ended, so that a
+/// stalled reader cannot keep its slots from the others.
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Uploaded chunks verified and written at once per upload stream.
 pub(crate) const UPLOAD_PARALLELISM: usize = 4;
 /// Most digests one FindMissingChunks or FetchChunks request may name.
@@ -43,6 +54,7 @@ pub struct ImageService {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) events: broadcast::Sender<ImageEvent>,
     replica_of: Option<String>,
+    read_slots: Arc<Semaphore>,
 }
 
 /// Map a store error to a status with the message intact.
@@ -51,10 +63,18 @@ pub(crate) fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::NoSuchImage(_) | StoreError::MissingChunk(_) => Status::not_found(msg),
         StoreError::LeafExists { .. } => Status::already_exists(msg),
-        StoreError::ChunksMissing { .. } => Status::failed_precondition(msg),
-        StoreError::DigestMismatch { .. } | StoreError::BadChunk { .. } => Status::invalid_argument(msg),
+        StoreError::ChunksMissing { .. } | StoreError::DamagedRecords { .. } => Status::failed_precondition(msg),
+        // What a caller sent does not check out.
+        StoreError::DigestMismatch { .. } | StoreError::BadChunk { .. } | StoreError::ChunkLength { .. } => {
+            Status::invalid_argument(msg)
+        }
         StoreError::Name(_) | StoreError::Manifest(_) => Status::invalid_argument(msg),
-        StoreError::Io { .. } | StoreError::BadRecord { .. } => {
+        // What the store holds is damaged: asking again will not help.
+        StoreError::Corrupt { .. } | StoreError::BadRecord { .. } => {
+            tracing::error!(error = %msg, "stored data is damaged");
+            Status::data_loss(msg)
+        }
+        StoreError::Io { .. } => {
             tracing::error!(error = %msg, "store failure");
             Status::internal(msg)
         }
@@ -102,7 +122,7 @@ pub(crate) fn info_of(img: &StoredImage) -> ImageInfo {
 impl ImageService {
     pub(crate) fn new(store: Arc<ChunkStore>, metrics: Arc<Metrics>, replica_of: Option<String>) -> ImageService {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        ImageService { store, metrics, events, replica_of }
+        ImageService { store, metrics, events, replica_of, read_slots: Arc::new(Semaphore::new(READ_SLOTS)) }
     }
 
     fn require<T>(&self, req: &Request<T>, right: Right) -> Result<(), Status> {
@@ -137,8 +157,15 @@ impl ImageServer for ImageService {
         let stream = req.into_inner().stream;
         image_format::validate_stream(&stream).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let store = self.store.clone();
-        let images = blocking(move || store.list_images(&stream)).await?;
-        Ok(Response::new(ListImagesResponse { images: images.iter().map(info_of).collect() }))
+        let listing = blocking(move || store.list_images(&stream)).await?;
+        Ok(Response::new(ListImagesResponse {
+            images: listing.images.iter().map(info_of).collect(),
+            damaged: listing
+                .damaged
+                .iter()
+                .map(|d| DamagedImage { leaf: d.name.leaf().to_owned(), reason: d.why.to_string() })
+                .collect(),
+        }))
     }
 
     async fn find_latest_image(&self, req: Request<FindLatestImageRequest>) -> Result<Response<ImageInfo>, Status> {
@@ -147,8 +174,9 @@ impl ImageServer for ImageService {
         image_format::validate_stream(&stream).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let store = self.store.clone();
         let s = stream.clone();
-        let images = blocking(move || store.list_images(&s)).await?;
-        let latest = images.last().ok_or_else(|| Status::not_found(format!("stream {stream} has no images")))?;
+        let listing = blocking(move || store.list_images(&s)).await?;
+        let latest =
+            listing.images.last().ok_or_else(|| Status::not_found(format!("stream {stream} has no intact images")))?;
         Ok(Response::new(info_of(latest)))
     }
 
@@ -244,15 +272,26 @@ impl ImageServer for ImageService {
         let r = req.into_inner();
         let name = name_of(&r.stream, &r.leaf)?;
         let store = self.store.clone();
+        let n = name.clone();
         let img = blocking(move || {
-            let img = store.get_image(&name)?;
-            store.delete_image(&name)?;
+            // A damaged record can be deleted: that is how an operator
+            // clears it.
+            let img = match store.get_image(&n) {
+                Ok(img) => Some(img),
+                Err(StoreError::BadRecord { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            store.delete_image(&n)?;
             Ok(img)
         })
         .await?;
         Metrics::add(&self.metrics.images_deleted, 1);
-        tracing::info!(image = %img.name, "image deleted");
-        self.publish(Kind::Deleted, &img);
+        tracing::info!(image = %name, "image deleted");
+        let info = match &img {
+            Some(img) => info_of(img),
+            None => ImageInfo { stream: name.stream().to_owned(), leaf: name.leaf().to_owned(), ..Default::default() },
+        };
+        let _ = self.events.send(ImageEvent { kind: Kind::Deleted as i32, info: Some(info) });
         Ok(Response::new(DeleteImageResponse {}))
     }
 
@@ -268,6 +307,7 @@ impl ImageServer for ImageService {
             chunks_removed: report.chunks_removed,
             bytes_removed: report.bytes_removed,
             chunks_kept: report.chunks_kept,
+            stale_temp_files: report.stale_temp_files,
         }))
     }
 
@@ -279,29 +319,43 @@ impl ImageServer for ImageService {
     ) -> Result<Response<Self::FetchChunksStream>, Status> {
         self.require(&req, Right::Read)?;
         let digests = digests_of(&req.into_inner().digests)?;
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel::<Result<(Chunk, OwnedSemaphorePermit), Status>>(1);
         let store = self.store.clone();
         let metrics = self.metrics.clone();
+        let slots = self.read_slots.clone();
         tokio::spawn(async move {
-            let mut reads = futures::stream::iter(digests)
-                .map(|d| {
-                    let store = store.clone();
-                    async move { blocking(move || store.get_compressed(&d).map(|z| (d, z))).await }
-                })
+            // Slots are taken in request order, one at a time, so a fetch
+            // never holds later chunks' slots while waiting for an earlier
+            // one's: every fetch holding a slot can finish its next chunk.
+            let reads = futures::stream::iter(digests)
+                .then(move |d| take_slot(slots.clone(), d))
+                .map(move |(d, slot)| read_chunk(store.clone(), d, slot))
                 .buffered(READ_AHEAD);
+            let mut reads = std::pin::pin!(reads);
             while let Some(item) = reads.next().await {
-                let item = item.map(|(d, z)| {
+                let item = item.map(|((d, z), slot)| {
                     Metrics::add(&metrics.chunks_served, 1);
                     Metrics::add(&metrics.bytes_served, z.len() as u64);
-                    Chunk { digest: d.0.to_vec().into(), zstd_data: z.into() }
+                    (Chunk { digest: d.0.to_vec().into(), zstd_data: z.into() }, slot)
                 });
                 let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    break;
+                match tokio::time::timeout(SEND_TIMEOUT, tx.send(item)).await {
+                    Ok(Ok(())) if !failed => {}
+                    Ok(_) => break,
+                    Err(_) => {
+                        tracing::warn!("a fetch's client took no chunk for {SEND_TIMEOUT:?}; ending it");
+                        let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
+                            "this client took no chunk for {}s; fetch again",
+                            SEND_TIMEOUT.as_secs()
+                        ))));
+                        break;
+                    }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The slot goes when the transport takes the chunk.
+        let chunks = ReceiverStream::new(rx).map(|item| item.map(|(chunk, _slot)| chunk));
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     type WatchImagesStream = BoxStream<ImageEvent>;
@@ -333,10 +387,25 @@ impl ImageServer for ImageService {
         let store = self.store.clone();
         let all = blocking(move || store.list_all_images()).await?;
         let snapshot = futures::stream::iter(
-            all.into_iter().map(|img| Ok(ImageEvent { kind: Kind::Committed as i32, info: Some(info_of(&img)) })),
+            all.images.into_iter().map(|img| Ok(ImageEvent { kind: Kind::Committed as i32, info: Some(info_of(&img)) })),
         );
         Ok(Response::new(Box::pin(snapshot.chain(live))))
     }
+}
+
+/// A read slot for chunk `d` (waiting for one to be free).
+async fn take_slot(slots: Arc<Semaphore>, d: Digest) -> (Digest, OwnedSemaphorePermit) {
+    (d, slots.acquire_owned().await.expect("the read slots are never closed"))
+}
+
+/// Read and check chunk `d` on a blocking thread, keeping its slot.
+async fn read_chunk(
+    store: Arc<ChunkStore>,
+    d: Digest,
+    slot: OwnedSemaphorePermit,
+) -> Result<((Digest, Vec<u8>), OwnedSemaphorePermit), Status> {
+    let z = blocking(move || store.get_compressed(&d)).await?;
+    Ok(((d, z), slot))
 }
 
 fn event_stream(rx: broadcast::Receiver<ImageEvent>) -> impl Stream<Item = Result<ImageEvent, Status>> + Send {

@@ -13,7 +13,7 @@ use fleet_proto::imageserver::{
     UploadChunk, image_server_client::ImageServerClient,
 };
 use fleet_tls::TlsFiles;
-use image_format::{Digest, ImageName};
+use image_format::{ChunkRef, Digest, ImageName, Manifest};
 use imagetool::{Progress, client::Client};
 use tonic::{
     Code,
@@ -428,4 +428,223 @@ async fn deleted_images_vanish_and_gc_frees_their_chunks() {
     let r = c.collect_garbage(gc).await.unwrap().into_inner();
     assert_eq!(r.chunks_removed, 24);
     assert_eq!(r.chunks_kept, 0);
+}
+
+/// Where the server keeps the record of STREAM/LEAF (single-component
+/// streams only).
+fn record_path(w: &World, stream: &str, leaf: &str) -> PathBuf {
+    w.dir.path().join("data/images").join(stream).join("_leaves").join(leaf)
+}
+
+fn name(s: &str) -> ImageName {
+    ImageName::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn a_damaged_record_is_refused_on_every_read_and_hides_no_other_leaf() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let f = w.file("d.raw", &disk(9));
+    imagetool::add(&mut c, &name("s/1"), &f, CHUNK, Progress::Hidden).await.unwrap();
+    let two = imagetool::add(&mut c, &name("s/2"), &f, CHUNK, Progress::Hidden).await.unwrap();
+    // One bit of the newest leaf's size field: magic, time and name length
+    // (18 bytes), the name "s/2", the image id, then the manifest whose
+    // size field starts at byte 14.
+    let p = record_path(&w, "s", "2");
+    let mut bytes = read(&p);
+    bytes[18 + 3 + 32 + 14] ^= 1;
+    std::fs::write(&p, &bytes).unwrap();
+
+    let err = c.get_manifest(GetManifestRequest { stream: "s".into(), leaf: "2".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("s/2") && err.message().contains("checksum"), "{}", err.message());
+    let err = imagetool::verify(&mut c, &name("s/2"), Progress::Hidden).await.unwrap_err();
+    assert!(format!("{err:#}").contains("damaged"), "{err:#}");
+    let out = w.dir.path().join("out.raw");
+    assert!(imagetool::get(&mut c, &name("s/2"), &out, Progress::Hidden).await.is_err());
+    assert!(!out.exists());
+
+    // The stream still lists and serves its good leaf, and names the bad.
+    let l = c.list_images(ListImagesRequest { stream: "s".into() }).await.unwrap().into_inner();
+    assert_eq!(l.images.iter().map(|i| i.leaf.as_str()).collect::<Vec<_>>(), ["1"]);
+    assert_eq!(l.damaged.len(), 1);
+    assert_eq!(l.damaged[0].leaf, "2");
+    assert!(l.damaged[0].reason.contains("checksum"), "{}", l.damaged[0].reason);
+    let latest = c
+        .find_latest_image(fleet_proto::imageserver::FindLatestImageRequest { stream: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(latest.leaf, "1", "the newest intact leaf");
+    imagetool::verify(&mut c, &name("s/1"), Progress::Hidden).await.unwrap();
+    // A re-commit over the damage is refused, not silently accepted.
+    assert!(imagetool::add(&mut c, &name("s/2"), &f, CHUNK, Progress::Hidden).await.is_err());
+
+    // Garbage collection cannot tell the damaged leaf's chunks from garbage.
+    let gc = fleet_proto::imageserver::CollectGarbageRequest { grace_seconds: 0, dry_run: false };
+    let err = c.collect_garbage(gc).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("damaged"), "{}", err.message());
+    // Deleting the damaged leaf clears it; then it can be added again.
+    c.delete_image(fleet_proto::imageserver::DeleteImageRequest { stream: "s".into(), leaf: "2".into() })
+        .await
+        .unwrap();
+    c.collect_garbage(gc).await.unwrap();
+    let again = imagetool::add(&mut c, &name("s/2"), &f, CHUNK, Progress::Hidden).await.unwrap();
+    assert_eq!(again.image_id, two.image_id);
+}
+
+/// Upload `plain` as one chunk; returns its digest.
+async fn upload(c: &mut Client, plain: &[u8]) -> Digest {
+    let d = Digest::of(plain);
+    let chunk = UploadChunk { digest: d.0.to_vec().into(), zstd_data: chunk_store::compress(plain).into() };
+    c.upload_chunks(futures::stream::iter(vec![chunk])).await.unwrap();
+    d
+}
+
+#[tokio::test]
+async fn a_commit_whose_chunks_are_not_the_lengths_its_manifest_implies_is_refused() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let long = upload(&mut c, &noise(2 * CHUNK as usize, 1)).await;
+    let short = upload(&mut c, &noise(CHUNK as usize / 2, 2)).await;
+    let cases = [
+        ("over-long", Manifest::new(CHUNK, u64::from(CHUNK), vec![ChunkRef::Data(long)]).unwrap()),
+        ("over-short", Manifest::new(CHUNK, 2 * u64::from(CHUNK), vec![ChunkRef::Data(short), ChunkRef::Zero]).unwrap()),
+    ];
+    for (what, m) in cases {
+        let err = c
+            .commit_image(CommitImageRequest { stream: "s".into(), leaf: "1".into(), manifest: m.encode().into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}");
+        assert!(err.message().contains("manifest gives chunk"), "{what}: {}", err.message());
+    }
+    assert!(c.list_streams(ListStreamsRequest {}).await.unwrap().into_inner().streams.is_empty());
+    // The same chunk in a slot of its own length is fine.
+    let m = Manifest::new(CHUNK, u64::from(CHUNK) + u64::from(CHUNK / 2), vec![ChunkRef::Zero, ChunkRef::Data(short)])
+        .unwrap();
+    c.commit_image(CommitImageRequest { stream: "s".into(), leaf: "1".into(), manifest: m.encode().into() })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn readers_refuse_a_chunk_whose_length_is_not_the_manifests() {
+    // A leaf committed before lengths were checked (or a store altered on
+    // disk): its manifest gives its chunk one length, the stored chunk has
+    // another. The record itself is intact.
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let long = upload(&mut c, &noise(2 * CHUNK as usize, 3)).await;
+    let short = upload(&mut c, &noise(CHUNK as usize / 2, 4)).await;
+    let cases = [
+        ("1", Manifest::new(CHUNK, u64::from(CHUNK), vec![ChunkRef::Data(long)]).unwrap(), 2 * CHUNK),
+        ("2", Manifest::new(CHUNK, 2 * u64::from(CHUNK), vec![ChunkRef::Data(short), ChunkRef::Zero]).unwrap(), CHUNK / 2),
+    ];
+    for (leaf, m, got) in cases {
+        let p = record_path(&w, "s", leaf);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, chunk_store::record::encode(&name(&format!("s/{leaf}")), 1, &m)).unwrap();
+        let n = name(&format!("s/{leaf}"));
+        let out = w.dir.path().join("out.raw");
+        let err = imagetool::get(&mut c, &n, &out, Progress::Hidden).await.unwrap_err();
+        let want = format!("is {got} bytes but the manifest gives it {CHUNK}");
+        assert!(format!("{err:#}").contains(&want), "get {n}: {err:#}");
+        assert!(!out.exists(), "nothing is written for {n}");
+        let err = imagetool::verify(&mut c, &n, Progress::Hidden).await.unwrap_err();
+        assert!(format!("{err:#}").contains(&want), "verify {n}: {err:#}");
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_damaged_at_rest_is_data_loss_for_readers() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let plain = noise(CHUNK as usize, 5);
+    let d = upload(&mut c, &plain).await;
+    let hex = d.to_hex();
+    let path = w.dir.path().join("data/chunks").join(&hex[..2]).join(&hex);
+    let mut other = plain.clone();
+    other[0] ^= 1;
+    std::fs::write(&path, chunk_store::compress(&other)).unwrap();
+    let mut s = c
+        .fetch_chunks(fleet_proto::imageserver::FetchChunksRequest { digests: vec![d.0.to_vec().into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = s.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("damaged"), "{}", err.message());
+}
+
+/// `qemu-img convert` of `raw` to qcow2 at `out`.
+fn to_qcow2(raw: &Path, out: &Path) {
+    let ok = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(out)
+        .status()
+        .expect("qemu-img is needed for this test (Debian package qemu-utils)")
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test]
+async fn a_truncated_or_corrupted_qcow2_is_refused() {
+    let w = World::new().await;
+    let mut c = w.client(Role::ImageBuilder).await;
+    let mut data = disk(10);
+    data.truncate(data.len() / 512 * 512);
+    let raw = w.file("d.raw", &data);
+    let qcow = w.dir.path().join("d.qcow2");
+    to_qcow2(&raw, &qcow);
+    let whole = read(&qcow);
+
+    let cut = w.file("cut.qcow2", &whole[..whole.len() / 2]);
+    let err = imagetool::add(&mut c, &name("q/1"), &cut, CHUNK, Progress::Hidden).await.unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("cut.qcow2") && msg.contains("damaged qcow2 image") && msg.contains("corruptions"), "{msg}");
+
+    // The first L1 entry with reserved bits set: qemu-img would read the
+    // whole disk as zeros and convert it without a word.
+    let mut bad = whole.clone();
+    let l1 = usize::try_from(u64::from_be_bytes(bad[40..48].try_into().unwrap())).unwrap();
+    bad[l1..l1 + 4].copy_from_slice(&[0xff; 4]);
+    let bad = w.file("bad.qcow2", &bad);
+    let err = imagetool::add(&mut c, &name("q/1"), &bad, CHUNK, Progress::Hidden).await.unwrap_err();
+    assert!(format!("{err:#}").contains("damaged qcow2 image"), "{err:#}");
+
+    assert!(c.list_streams(ListStreamsRequest {}).await.unwrap().into_inner().streams.is_empty(), "nothing added");
+    // The intact file still goes in.
+    imagetool::add(&mut c, &name("q/1"), &qcow, CHUNK, Progress::Hidden).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_client_certificate_is_named_in_the_error() {
+    let w = World::new().await;
+    let mut spec = LeafSpec::for_role(Role::ImageBuilder);
+    spec.valid_from = time_days(-30);
+    spec.valid_until = time_days(-1);
+    let expired = w.ca.issue(&spec).unwrap();
+    let other = Ca::new("someone else").unwrap();
+    let foreign = other.issue(&LeafSpec::for_role(Role::ImageBuilder)).unwrap();
+    for (who, issued, want) in
+        [("expired", expired, "it has expired"), ("foreign", foreign, "not signed by the CA the server trusts")]
+    {
+        // The client trusts the server; only its own certificate is wrong.
+        let d = w.dir.path().join("pki").join(who);
+        fleet_pki::write_ssl_dir(&d, &w.ca, &issued).unwrap();
+        let tls = TlsFiles::from_ssl_dir(&d);
+        let msg = match imagetool::client::connect(&w.addr(), &tls).await {
+            Err(e) => e.to_string(),
+            Ok(mut c) => c
+                .list_streams(ListStreamsRequest {})
+                .await
+                .map_err(imagetool::client::rpc("list streams"))
+                .unwrap_err()
+                .to_string(),
+        };
+        assert!(msg.contains(want), "{who}: {msg}");
+    }
 }

@@ -97,6 +97,7 @@ pub fn raw_input(file: &Path) -> anyhow::Result<RawInput> {
     if format == "raw" {
         return Ok(RawInput { path: file.to_owned(), converted_from: None, _tmp: None });
     }
+    check_input(file, &format)?;
     let tmp = tempfile::Builder::new().prefix("imagetool-raw").tempdir()?;
     let out = tmp.path().join("disk.raw");
     let status = Command::new("qemu-img")
@@ -109,6 +110,87 @@ pub fn raw_input(file: &Path) -> anyhow::Result<RawInput> {
         bail!("qemu-img could not convert '{}' from {format} to raw ({status})", file.display());
     }
     Ok(RawInput { path: out, converted_from: Some(format), _tmp: Some(tmp) })
+}
+
+/// Refuse a damaged or truncated disk image before converting it:
+/// `qemu-img convert` reads clusters past the end of a file as zeros and
+/// succeeds, so a cut file would silently become a disk with a zeroed part.
+/// Two checks, each enough on its own for the damage it sees: `qemu-img
+/// check` (metadata and refcount consistency, for the formats that support
+/// it) and the data extents of `qemu-img map`, which must lie inside the file.
+fn check_input(file: &Path, format: &str) -> anyhow::Result<()> {
+    let shown = file.display();
+    let out = Command::new("qemu-img")
+        .args(["check", "-q", "--output=json", "-f", format])
+        .arg(file)
+        .output()
+        .with_context(|| format!("'{shown}' is a {format} image and checking it needs qemu-img"))?;
+    // Exit status: 0 clean, 1 check failed to complete, 2 corruptions,
+    // 3 only leaked clusters (wasted space, no harm to data), 63 the format
+    // has no check.
+    match out.status.code() {
+        Some(0 | 63) => {}
+        Some(3) => tracing::warn!(file = %shown, "qemu-img check found leaked clusters (wasted space, data intact)"),
+        Some(2) => {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let n = |k: &str| report.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            bail!(
+                "'{shown}' is a damaged {format} image: qemu-img check found {} corruptions and {} check errors; \
+                 refusing to add it (repair it with qemu-img check -r all, or rebuild it)",
+                n("corruptions"),
+                n("check-errors")
+            );
+        }
+        _ => bail!(
+            "'{shown}' is a damaged {format} image: qemu-img check could not complete: {}",
+            first_lines(&out.stderr)
+        ),
+    }
+    let out = Command::new("qemu-img").args(["map", "--output=json", "-f", format]).arg(file).output()?;
+    if !out.status.success() {
+        bail!("'{shown}' is a damaged {format} image: qemu-img map failed: {}", first_lines(&out.stderr));
+    }
+    let len = std::fs::metadata(file)?.len();
+    extents_inside(&out.stdout, len).map_err(|why| anyhow::anyhow!("'{shown}' is a truncated or damaged {format} image: {why}"))
+}
+
+/// Whether every data extent in `qemu-img map --output=json` output lies
+/// within a file of `file_len` bytes.
+fn extents_inside(map_json: &[u8], file_len: u64) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Extent {
+        start: u64,
+        length: u64,
+        #[serde(default)]
+        data: bool,
+        #[serde(default)]
+        compressed: bool,
+        offset: Option<u64>,
+    }
+    let extents: Vec<Extent> =
+        serde_json::from_slice(map_json).map_err(|e| format!("qemu-img map gave output this tool cannot read: {e}"))?;
+    for e in extents {
+        // A compressed cluster's host bytes are shorter than its guest
+        // length; only its start must be inside.
+        let need = if e.compressed { 1 } else { e.length };
+        if let (true, Some(offset)) = (e.data, e.offset)
+            && offset.saturating_add(need) > file_len
+        {
+            return Err(format!(
+                "the disk's bytes {}..{} are stored at file offset {offset}..{} but the file has only {file_len} bytes",
+                e.start,
+                e.start + e.length,
+                offset.saturating_add(e.length)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn first_lines(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(3).collect();
+    if lines.is_empty() { "no message".into() } else { lines.join("; ") }
 }
 
 fn sniff_format(file: &Path) -> anyhow::Result<String> {
@@ -277,7 +359,7 @@ pub async fn fetch_into(
             places.entry(*d).or_default().push(i as u64);
         }
     }
-    let digests = manifest.distinct_digests();
+    let wanted = manifest.distinct_chunks();
     let total: u64 = manifest.size() - manifest.zero_chunks() * u64::from(manifest.chunk_size());
     let pb = bar(progress, total.min(manifest.size()), "fetching");
     let (tx, rx) = std::sync::mpsc::sync_channel::<image_client::FetchedChunk>(4);
@@ -296,7 +378,7 @@ pub async fn fetch_into(
     });
     let mut report =
         GetReport { size_bytes: manifest.size(), zero_chunks: manifest.zero_chunks(), ..Default::default() };
-    let mut chunks = image_client::fetch_chunks(client.clone(), digests);
+    let mut chunks = image_client::fetch_chunks(client.clone(), wanted);
     let mut failure = None;
     while let Some(c) = chunks.next().await {
         match c {
@@ -327,9 +409,8 @@ pub async fn fetch_into(
 /// writing anything). Returns the info and the chunks checked.
 pub async fn verify(client: &mut Client, name: &ImageName, progress: Progress) -> anyhow::Result<(ImageInfo, u64)> {
     let (info, manifest) = image_client::get_manifest(client, name).await?;
-    let digests = manifest.distinct_digests();
     let pb = bar(progress, manifest.stored_bytes(), "verifying");
-    let mut chunks = image_client::fetch_chunks(client.clone(), digests);
+    let mut chunks = image_client::fetch_chunks(client.clone(), manifest.distinct_chunks());
     let mut n = 0;
     while let Some(c) = chunks.next().await {
         let c = c?;
@@ -338,4 +419,25 @@ pub async fn verify(client: &mut Client, name: &ImageName, progress: Progress) -
     }
     pb.finish_and_clear();
     Ok((info, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_extents_must_lie_inside_the_file() {
+        let map = br#"[{ "start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 327680},
+{ "start": 65536, "length": 1048576, "depth": 0, "present": false, "zero": true, "data": false, "compressed": false}]"#;
+        assert_eq!(extents_inside(map, 327680 + 65536), Ok(()));
+        let err = extents_inside(map, 327680 + 65535).unwrap_err();
+        assert!(err.contains("bytes 0..65536") && err.contains("only 393215 bytes"), "{err}");
+        // Zero and unallocated extents have no host bytes to check.
+        assert_eq!(extents_inside(br#"[{"start":0,"length":9,"data":false,"zero":true}]"#, 0), Ok(()));
+        // A compressed cluster needs only its start inside.
+        let c = br#"[{"start":0,"length":65536,"data":true,"compressed":true,"offset":1000}]"#;
+        assert_eq!(extents_inside(c, 1001), Ok(()));
+        assert!(extents_inside(c, 1000).is_err());
+        assert!(extents_inside(b"not json", 10).unwrap_err().contains("cannot read"));
+    }
 }

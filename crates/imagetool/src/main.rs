@@ -110,6 +110,13 @@ struct InfoJson {
     committed: String,
 }
 
+#[derive(serde::Serialize)]
+struct DamagedJson {
+    image: String,
+    /// Which integrity check its record failed.
+    damaged: String,
+}
+
 fn info_json(i: &ImageInfo) -> InfoJson {
     let committed = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(i.committed_unix_ms).unwrap_or(0));
     InfoJson {
@@ -195,13 +202,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(rpc(format!("list images of {stream}")))?
                 .into_inner();
             let rows: Vec<InfoJson> = r.images.iter().map(info_json).collect();
+            let damaged: Vec<DamagedJson> = r
+                .damaged
+                .iter()
+                .map(|d| DamagedJson { image: format!("{stream}/{}", d.leaf), damaged: d.reason.clone() })
+                .collect();
             if cli.json {
-                print_json(&rows)?;
+                // Damaged leaves are rows too, told apart by their
+                // "damaged" field, so a script cannot miss them.
+                let mut all: Vec<serde_json::Value> =
+                    rows.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
+                all.extend(damaged.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?);
+                print_json(&all)?;
             } else {
                 println!("{:<40} {:>12} {:<20} IMAGE ID", "IMAGE", "SIZE", "COMMITTED");
                 for i in rows {
                     println!("{:<40} {:>12} {:<20} {}", i.image, mib(i.size_bytes), i.committed, &i.image_id[..16]);
                 }
+                for d in &damaged {
+                    println!("{:<40} DAMAGED: {}", d.image, d.damaged);
+                }
+            }
+            if !damaged.is_empty() {
+                eprintln!(
+                    "imagetool: {} image records of {stream} are damaged and not served; delete them \
+                     (imagetool delete) or restore them from a replica",
+                    damaged.len()
+                );
             }
         }
         Cmd::Show { image } => {
@@ -279,11 +306,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             if cli.json {
                 print_json(
-                    &serde_json::json!({"chunks_removed": r.chunks_removed, "bytes_removed": r.bytes_removed, "chunks_kept": r.chunks_kept, "dry_run": dry_run}),
+                    &serde_json::json!({"chunks_removed": r.chunks_removed, "bytes_removed": r.bytes_removed, "chunks_kept": r.chunks_kept, "stale_temp_files": r.stale_temp_files, "dry_run": dry_run}),
                 )?;
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
-                println!("{verb} {} chunks ({}); kept {}", r.chunks_removed, mib(r.bytes_removed), r.chunks_kept);
+                println!(
+                    "{verb} {} chunks ({}) and {} stale temporary files; kept {}",
+                    r.chunks_removed,
+                    mib(r.bytes_removed),
+                    r.stale_temp_files,
+                    r.chunks_kept
+                );
             }
         }
     }

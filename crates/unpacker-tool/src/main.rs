@@ -109,7 +109,13 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("unpacker-tool: {e:#}");
+            // A status from the unpacker: its code and message, with what
+            // lies under a transport error (a TLS alert names a refused
+            // certificate).
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("unpacker-tool: {} ({:?})", image_client::describe_status(s), s.code()),
+                None => eprintln!("unpacker-tool: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -147,7 +153,11 @@ fn bar(json: bool) -> ProgressBar {
 
 fn show_progress(b: &ProgressBar) -> impl FnMut(&Progress) + '_ {
     |p| {
-        b.set_message(p.phase.clone());
+        if p.detail.is_empty() {
+            b.set_message(p.phase.clone());
+        } else {
+            b.set_message(format!("{}: {}", p.phase, p.detail));
+        }
         b.set_length(p.total_bytes);
         b.set_position(p.done_bytes);
     }
