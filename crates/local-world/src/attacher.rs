@@ -101,8 +101,11 @@ impl AttachState {
         for v in all.volumes() {
             let Some(id) = v.volume_id() else { continue };
             existing.insert(id.to_owned());
+            // The device is there once the attachment is `attached` (not
+            // while `attaching`), and gone once a detach has begun.
             let attached_here = v.attachments().iter().any(|a| {
-                a.instance_id() == Some(w.instance_id.as_str()) && a.state().is_some_and(|s| s.as_str() != "detached")
+                a.instance_id() == Some(w.instance_id.as_str())
+                    && a.state().is_some_and(|s| matches!(s.as_str(), "attached" | "busy"))
             });
             if w.root_volumes.iter().any(|r| r == id) || !attached_here {
                 continue;

@@ -5,7 +5,10 @@
 //! - [`World::start`] starts moto on loopback (through `moto_launch.py`,
 //!   which makes RegisterImage keep the snapshots it is given, CopyImage copy
 //!   them, and CopySnapshot read snapshots shared by another account, as EC2
-//!   does), writes AWS profile files for
+//!   does, honours ClientToken, and applies `world_model.py`: EC2's latency,
+//!   pending states, request token buckets and faults, as the world
+//!   variables [`WORLD_VARIABLES`] ask; see docs/world.md), writes AWS
+//!   profile files for
 //!   two accounts (`first` with static keys, `second` reached by assume-role
 //!   from `first`), an imageserver, and per (account, region) target a VPC
 //!   and subnet in 127.0.0.0/8, an instance tagged `Name=ImageUnpacker` with a
@@ -101,21 +104,59 @@ impl Drop for Moto {
     }
 }
 
-/// The launcher that patches moto's EC2 model before serving.
+/// The launcher that patches moto's EC2 model before serving, and the
+/// model of EC2's pace and faults it applies (see their headers).
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
+const WORLD_MODEL: &str = include_str!("world_model.py");
 
-fn start_moto(dir: &Path) -> anyhow::Result<Moto> {
+/// The world variables (see `world_model.py` and docs/world.md).
+pub const WORLD_VARIABLES: [&str; 4] =
+    ["LOCAL_WORLD_PACE", "LOCAL_WORLD_TIME_SCALE", "LOCAL_WORLD_FAULTS", "LOCAL_WORLD_SEED"];
+
+/// The world variables for one world: the plan's, else the process's. A
+/// seed is chosen here when none is given, so that it can be reported.
+fn world_variables(plan: &impl Blueprint) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = WORLD_VARIABLES
+        .iter()
+        .filter_map(|name| {
+            let value = plan
+                .variables()
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var(name).ok())?;
+            Some(((*name).to_owned(), value))
+        })
+        .collect();
+    if !vars.iter().any(|(k, _)| k == "LOCAL_WORLD_SEED") {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ std::process::id().rotate_left(16))
+            .unwrap_or(0);
+        vars.push(("LOCAL_WORLD_SEED".into(), seed.to_string()));
+    }
+    vars
+}
+
+fn start_moto(dir: &Path, vars: &[(String, String)]) -> anyhow::Result<Moto> {
     let server = ensure_moto()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let log = std::fs::File::create(dir.join("moto.log"))?;
+    let log_path = dir.join("moto.log");
+    let log = std::fs::File::create(&log_path)?;
     // moto_server, started through a launcher that brings a few of moto's
     // EC2 answers closer to EC2's (see the file's header).
     let launcher = dir.join("moto_launch.py");
     std::fs::write(&launcher, MOTO_LAUNCH)?;
+    std::fs::write(dir.join("world_model.py"), WORLD_MODEL)?;
     let python = server.with_file_name("python");
-    let child = Command::new(python)
-        .arg(&launcher)
-        .env("LOCAL_WORLD_DIR", dir)
+    let mut cmd = Command::new(python);
+    cmd.arg(&launcher).env("LOCAL_WORLD_DIR", dir);
+    for name in WORLD_VARIABLES {
+        cmd.env_remove(name);
+    }
+    let child = cmd
+        .envs(vars.iter().map(|(k, v)| (k, v)))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -125,7 +166,13 @@ fn start_moto(dir: &Path) -> anyhow::Result<Moto> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Some(s) = moto.child.try_wait()? {
-            bail!("moto_server exited ({s}); see {}", dir.join("moto.log").display());
+            // The launcher refuses a bad world variable with one line
+            // "local-world: VARIABLE: what is wrong".
+            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(line) = said.lines().find_map(|l| l.strip_prefix("local-world: ")) {
+                bail!("{line}");
+            }
+            bail!("moto_server exited ({s}); see {}", log_path.display());
         }
         if Instant::now() > deadline {
             bail!("moto_server did not listen within 60 s");
@@ -180,6 +227,7 @@ pub struct World {
     pub snapshots: Arc<Mutex<HashMap<String, SnapshotCopy>>>,
     attacher: tokio::task::JoinHandle<()>,
     moto: Moto,
+    variables: Vec<(String, String)>,
 }
 
 impl Drop for World {
@@ -202,6 +250,93 @@ impl Plan {
             accounts: ACCOUNTS.iter().map(|s| (*s).to_owned()).collect(),
             regions: regions.iter().map(|s| (*s).to_owned()).collect(),
         }
+    }
+
+    /// This plan with world variable `name` (one of [`WORLD_VARIABLES`]) set
+    /// to `value` for this world only.
+    pub fn with(self, name: &str, value: &str) -> PlanWith {
+        PlanWith { plan: self, variables: Vec::new() }.with(name, value)
+    }
+
+    /// This plan with `LOCAL_WORLD_PACE`.
+    pub fn pace(self, pace: &str) -> PlanWith {
+        self.with("LOCAL_WORLD_PACE", pace)
+    }
+
+    /// This plan with `LOCAL_WORLD_FAULTS`.
+    pub fn faults(self, faults: &str) -> PlanWith {
+        self.with("LOCAL_WORLD_FAULTS", faults)
+    }
+
+    /// This plan with `LOCAL_WORLD_SEED`.
+    pub fn seed(self, seed: u64) -> PlanWith {
+        self.with("LOCAL_WORLD_SEED", &seed.to_string())
+    }
+}
+
+/// A plan with world variables of its own, over the process's.
+#[derive(Debug, Clone)]
+pub struct PlanWith {
+    pub plan: Plan,
+    pub variables: Vec<(String, String)>,
+}
+
+impl PlanWith {
+    /// Also set world variable `name` to `value` (a later value wins).
+    #[must_use]
+    pub fn with(mut self, name: &str, value: &str) -> PlanWith {
+        self.variables.retain(|(k, _)| k != name);
+        self.variables.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Also set `LOCAL_WORLD_PACE`.
+    #[must_use]
+    pub fn pace(self, pace: &str) -> PlanWith {
+        self.with("LOCAL_WORLD_PACE", pace)
+    }
+
+    /// Also set `LOCAL_WORLD_TIME_SCALE`.
+    #[must_use]
+    pub fn time_scale(self, scale: f64) -> PlanWith {
+        self.with("LOCAL_WORLD_TIME_SCALE", &scale.to_string())
+    }
+
+    /// Also set `LOCAL_WORLD_FAULTS`.
+    #[must_use]
+    pub fn faults(self, faults: &str) -> PlanWith {
+        self.with("LOCAL_WORLD_FAULTS", faults)
+    }
+
+    /// Also set `LOCAL_WORLD_SEED`.
+    #[must_use]
+    pub fn seed(self, seed: u64) -> PlanWith {
+        self.with("LOCAL_WORLD_SEED", &seed.to_string())
+    }
+}
+
+/// What [`World::start`] takes: a [`Plan`], or a [`PlanWith`] its own variables.
+pub trait Blueprint {
+    fn plan(&self) -> &Plan;
+    /// World variables for this world only.
+    fn variables(&self) -> &[(String, String)];
+}
+
+impl Blueprint for Plan {
+    fn plan(&self) -> &Plan {
+        self
+    }
+    fn variables(&self) -> &[(String, String)] {
+        &[]
+    }
+}
+
+impl Blueprint for PlanWith {
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+    fn variables(&self) -> &[(String, String)] {
+        &self.variables
     }
 }
 
@@ -230,9 +365,21 @@ fn write_profiles(dir: &Path, endpoint: &str) -> anyhow::Result<(PathBuf, PathBu
 impl World {
     /// Bring the world up: moto, profiles, an imageserver, and per target a
     /// VPC, subnet, unpacker instance and unpacker process; then the attacher.
-    pub async fn start(plan: &Plan) -> anyhow::Result<World> {
+    /// A bad world variable is refused here, named in the error.
+    pub async fn start(blueprint: &impl Blueprint) -> anyhow::Result<World> {
+        let plan = blueprint.plan();
         let dir = tempfile::Builder::new().prefix("local-world-").tempdir()?;
-        let moto = start_moto(dir.path())?;
+        let variables = world_variables(blueprint);
+        let moto = start_moto(dir.path(), &variables)?;
+        let said = |name: &str| variables.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        if said("LOCAL_WORLD_FAULTS").is_some_and(|f| !f.trim().is_empty()) {
+            // Whoever reads a failure learns how to replay it.
+            eprintln!(
+                "local-world: faults {} with LOCAL_WORLD_SEED={} (set it to replay this run's decisions)",
+                said("LOCAL_WORLD_FAULTS").unwrap_or_default(),
+                said("LOCAL_WORLD_SEED").unwrap_or_default()
+            );
+        }
         let (config_file, credentials_file) = write_profiles(dir.path(), &moto.endpoint)?;
         let pki = Pki::new(&dir.path().join("pki"))?;
         let imageserver = test_support::imageserver(&pki, &dir.path().join("images")).await?;
@@ -245,6 +392,7 @@ impl World {
             snapshots: Arc::default(),
             attacher: tokio::spawn(async {}),
             moto,
+            variables,
             dir,
         };
         // A random second octet keeps concurrent worlds' addresses apart.
@@ -281,6 +429,32 @@ impl World {
         out
     }
 
+    /// The calls of a tool that the world answered with `outcome`, by
+    /// action: "ok", or the fault that answered instead of EC2 ("bucket":
+    /// the action's request token bucket was empty; "throttle", "error",
+    /// "lag": NotFound for a resource too new; "lost": the create was done
+    /// and its answer lost). See `moto_launch.py`.
+    pub fn api_outcomes(&self, app: &str, outcome: &str) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        let log = std::fs::read_to_string(self.dir.path().join("api-calls.log")).unwrap_or_default();
+        for line in log.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if let [_service, action, who, said, ..] = f[..]
+                && who == app
+                && said == outcome
+            {
+                *out.entry(action.to_owned()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// The value this world runs with of a world variable (the seed is
+    /// always set: chosen at start when not given).
+    pub fn variable(&self, name: &str) -> Option<&str> {
+        self.variables.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
     /// The moto server's process id (for CPU accounting in benchmarks).
     pub fn moto_pid(&self) -> u32 {
         self.moto.child.id()
@@ -296,9 +470,24 @@ impl World {
         sdk_config(&self.config_file, &self.credentials_file, profile, region).await
     }
 
-    /// An EC2 client for a profile and region.
+    /// An EC2 client for a profile and region. It calls as the world
+    /// itself (`app/local-world`), which the emulator serves without
+    /// latency, faults or pending states: for setting up and checking.
     pub async fn ec2(&self, profile: &str, region: &str) -> aws_sdk_ec2::Client {
         aws_sdk_ec2::Client::new(&self.sdk_config(profile, region).await)
+    }
+
+    /// An EC2 client that calls as tool `app`, so the world's model of EC2
+    /// (latency, pending states, faults) applies to it as to ami-publisher.
+    pub async fn ec2_as(&self, app: &str, profile: &str, region: &str) -> anyhow::Result<aws_sdk_ec2::Client> {
+        Ok(aws_sdk_ec2::Client::new(&self.sdk_config_as(app, profile, region).await?))
+    }
+
+    /// SDK configuration for a profile and region, calling as tool `app`.
+    pub async fn sdk_config_as(&self, app: &str, profile: &str, region: &str) -> anyhow::Result<aws_config::SdkConfig> {
+        let name = aws_config::AppName::new(app.to_owned()).with_context(|| format!("'{app}' is not an app name"))?;
+        let config = self.sdk_config(profile, region).await;
+        Ok(config.into_builder().app_name(name).build())
     }
 
     /// Environment for a child process (ami-publisher) to reach this world.

@@ -1,5 +1,6 @@
-# Starts moto_server after closing five gaps between moto's EC2 model and
-# EC2 itself that the publisher depends on. Product code never sees this
+# Starts moto_server after closing gaps between moto's EC2 model and EC2
+# itself that the publisher depends on, and after applying the world's model
+# of EC2's pace and faults (world_model.py). Product code never sees this
 # file: it only changes what the emulator answers, towards what AWS answers.
 #
 # 1. RegisterImage: moto ignores the block device mappings (and tags) and
@@ -23,17 +24,56 @@
 #    moto applies it at once), and a volume can be modified once in six
 #    hours (VolumeModificationRateExceeded), as in EC2.
 #
+# 6. Pace (LOCAL_WORLD_PACE=aws): every call takes a latency, and volumes
+#    are `creating`, attachments `attaching` and `detaching`, snapshots
+#    `pending` (for a time growing with the blocks changed since the
+#    volume's previous snapshot), AMIs `pending` until their snapshots
+#    complete, instances `pending`, `stopping` and `shutting-down`, for
+#    world_model.py's durations. A volume that is not `available` cannot be
+#    attached (IncorrectState, VolumeInUse), one that is `in-use` (also
+#    while detaching) cannot be deleted, and an instance between states can
+#    be neither started nor stopped (IncorrectInstanceState), as in EC2.
+# 7. ClientToken: CreateVolume, RunInstances and CopyImage given a token
+#    they already answered (same account and region) answer as they did,
+#    making nothing; with other parameters they answer
+#    IdempotentParameterMismatch. moto ignores the token.
+# 8. Faults (LOCAL_WORLD_FAULTS): request token buckets per account, region
+#    and action (RequestLimitExceeded), random throttling, 500/503 errors,
+#    eventual consistency (a new resource is NotFound to calls naming it,
+#    and missing from lists, for a while) and create answers lost after the
+#    create was done. Each call's outcome is logged (see below).
+#
+# The world's own calls (User-Agent app/local-world: setting the world up,
+# the attacher) are served as moto serves them: no latency, no faults, no
+# buckets, and what they create is neither pending nor lagging. A bad world
+# variable stops the launcher before it serves anything, with a line
+# "local-world: VARIABLE: what is wrong" on stderr and exit status 2.
+#
 # Not a change to moto's answers: with LOCAL_WORLD_DIR set, every request is
-# logged to $LOCAL_WORLD_DIR/api-calls.log as "SERVICE ACTION APP" (APP from
-# the caller's User-Agent "app/NAME", or "-"), so that tests and benchmarks
-# can count the calls a tool makes.
+# logged to $LOCAL_WORLD_DIR/api-calls.log as "SERVICE ACTION APP OUTCOME"
+# (APP from the caller's User-Agent "app/NAME", or "-"; OUTCOME "ok", or the
+# fault that answered: "bucket", "throttle", "error", "lag", "lost"), so that
+# tests and benchmarks can count the calls a tool makes.
 #
 # Usage: python moto_launch.py -H HOST -p PORT (moto_server's arguments).
 
-import copy
 import os
-import subprocess
 import sys
+
+import world_model
+
+# Checked before moto is imported, so a bad value is reported at once.
+try:
+    CONFIG = world_model.config_from_env(os.environ)
+except world_model.Refused as refused:
+    print(f"local-world: {refused}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+import copy
+import socket
+import subprocess
+import threading
+import time
 
 from moto.ec2.exceptions import EC2ClientError, InvalidSnapshotIdError
 from moto.ec2.models import amis as moto_amis
@@ -129,6 +169,7 @@ def register_image(self):
     tags = self._parse_tag_specification().get("image", {})
     if tags:
         ami.add_tags(tags)
+    _pace_new_image(ami)
     return result
 
 
@@ -182,6 +223,7 @@ def copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_
     self.snapshots[snapshot_id] = snapshot
     # The copy holds the source snapshot's bytes (not its volume's now).
     _keep_bytes(os.path.join("snapshots", f"{source_snapshot_id}.img"), snapshot_id)
+    _pace_copied_snapshot(snapshot, source_snapshot_id)
     return snapshot
 
 
@@ -193,6 +235,7 @@ _create_snapshot = EBSBackend.create_snapshot
 def create_snapshot(self, volume_id, *args, **kwargs):
     snapshot = _create_snapshot(self, volume_id, *args, **kwargs)
     _keep_bytes(os.path.join("volumes", f"{volume_id}.img"), snapshot.id)
+    _pace_new_snapshot(snapshot, volume_id)
     return snapshot
 
 
@@ -212,6 +255,7 @@ def copy_image(self):
     tags = self._parse_tag_specification().get("image", {})
     if tags:
         ami.add_tags(tags)
+    _pace_new_image(ami)
     registered = getattr(source, "registered_mappings", None)
     if registered is None:
         return result
@@ -253,19 +297,544 @@ def modify_volume(self, volume_id, *args, **kwargs):
 
 EBSBackend.modify_volume = modify_volume
 
+# --- 6-8: pace, client tokens, faults --------------------------------------
+
+from flask import request as _flask_request
 from moto.core.responses import BaseResponse
+from moto.ec2.models import instances as moto_instances
+
+MODEL = world_model.Model(CONFIG)
+Instance = moto_instances.Instance
+InstanceBackend = moto_instances.InstanceBackend
+InstanceState = moto_instances.InstanceState
+Volume = moto_ebs.Volume
+VolumeAttachment = moto_ebs.VolumeAttachment
+FOREVER = float("inf")
+
+# moto's state is not made for concurrent requests: every request is served
+# under this lock, but its latency is slept outside it, so calls overlap as
+# they do in EC2.
+LOCK = threading.RLock()
+# The call being served (under LOCK): whether it is modelled (not the
+# world's own), its key for random draws, ids it created, and work to do
+# once the lock is released.
+_CALL = threading.local()
+# Resource id -> monotonic time until which it is unknown (lag).
+_UNSEEN = {}
+# Volume id -> its newest snapshot, the base of the next one's increment.
+_LAST_SNAPSHOT = {}
+# (account, region, action, token) -> (parameters, status, headers, body).
+_TOKENS = {}
+
+
+def _modelled():
+    return getattr(_CALL, "modelled", False)
+
+
+def _serving(action):
+    """Whether the call being served is `action` itself (not another action
+    that moto implements through the same backend method, as RunInstances
+    makes and attaches its root volume)."""
+    return getattr(_CALL, "action", None) == action
+
+
+def _pending_until(what, low_high):
+    """When a resource the current call makes leaves its pending state."""
+    if not _modelled():
+        return None
+    seconds = MODEL.pending(what, _CALL.key, low_high)
+    return time.monotonic() + seconds if seconds > 0 else None
+
+
+def _before(until):
+    return until is not None and time.monotonic() < until
+
+
+def _created(resource_id):
+    if _modelled():
+        _CALL.created.append(resource_id)
+
+
+# Volumes: creating -> available; attachments: attaching -> attached,
+# detaching -> detached.
+_volume_status = Volume.status.fget
+
+
+def _shown_attachment(self):
+    if self.attachment is not None:
+        return self.attachment
+    leaving = self.__dict__.get("leaving")
+    return leaving if leaving is not None and _before(leaving.__dict__.get("until")) else None
+
+
+def _volume_status_now(self):
+    if _before(self.__dict__.get("ready_at")):
+        return "creating"
+    if _shown_attachment(self) is not None:
+        return "in-use"
+    return _volume_status(self)
+
+
+Volume.status = property(_volume_status_now)
+Volume.shown_attachment = property(_shown_attachment)
+_volume_filter = Volume.get_filter_value
+
+
+def _volume_filter_value(self, filter_name, method_name=None):
+    if filter_name.startswith("attachment.") and self.attachment is None and _shown_attachment(self) is not None:
+        # Still detaching: filters see the attachment as DescribeVolumes does.
+        shown = _shown_attachment(self)
+        return {
+            "attachment.attach-time": shown.attach_time,
+            "attachment.device": shown.device,
+            "attachment.instance-id": shown.instance.id,
+            "attachment.status": shown.status,
+        }.get(filter_name)
+    return _volume_filter(self, filter_name, method_name)
+
+
+Volume.get_filter_value = _volume_filter_value
+
+
+def _attachment_status(self):
+    status = self.__dict__.get("_status")
+    if status == "attached" and _before(self.__dict__.get("ready_at")):
+        return "attaching"
+    if status == "detached" and _before(self.__dict__.get("until")):
+        return "detaching"
+    return status
+
+
+def _set_attachment_status(self, value):
+    self.__dict__["_status"] = value
+
+
+VolumeAttachment.status = property(_attachment_status, _set_attachment_status)
+
+from moto.ec2.responses import elastic_block_store as ebs_responses
+
+# moto's DescribeVolumes shows every attachment as "attached".
+ebs_responses.DESCRIBE_VOLUMES_RESPONSE = (
+    ebs_responses.DESCRIBE_VOLUMES_RESPONSE.replace("volume.attachment", "volume.shown_attachment").replace(
+        "<status>attached</status>", "<status>{{ volume.shown_attachment.status }}</status>"
+    )
+)
+# moto's DescribeSnapshots shows every snapshot 100% done.
+ebs_responses.DESCRIBE_SNAPSHOTS_RESPONSE = ebs_responses.DESCRIBE_SNAPSHOTS_RESPONSE.replace(
+    "<progress>100%</progress>", "<progress>{{ snapshot.progress }}</progress>"
+)
+
+_create_volume = EBSBackend.create_volume
+
+
+def create_volume(self, *args, **kwargs):
+    volume = _create_volume(self, *args, **kwargs)
+    if _serving("CreateVolume"):
+        volume.ready_at = _pending_until("volume", world_model.VOLUME_CREATING)
+        _created(volume.id)
+    return volume
+
+
+EBSBackend.create_volume = create_volume
+_attach_volume = EBSBackend.attach_volume
+
+
+def attach_volume(self, volume_id, instance_id, *args, **kwargs):
+    if not _serving("AttachVolume"):
+        return _attach_volume(self, volume_id, instance_id, *args, **kwargs)
+    volume = self.get_volume(volume_id)
+    if volume.status == "in-use":
+        raise EC2ClientError("VolumeInUse", f"{volume_id} is already attached to an instance")
+    if volume.status != "available":
+        raise EC2ClientError("IncorrectState", f"{volume_id} is not 'available'.")
+    attachment = _attach_volume(self, volume_id, instance_id, *args, **kwargs)
+    if attachment is not None:
+        attachment.ready_at = _pending_until("attach", world_model.ATTACHING)
+        volume.leaving = None
+    return attachment
+
+
+EBSBackend.attach_volume = attach_volume
+_detach_volume = EBSBackend.detach_volume
+
+
+def detach_volume(self, volume_id, *args, **kwargs):
+    attachment = _detach_volume(self, volume_id, *args, **kwargs)
+    if _serving("DetachVolume"):
+        attachment.until = _pending_until("detach", world_model.DETACHING)
+        self.get_volume(volume_id).leaving = attachment
+    return attachment
+
+
+EBSBackend.detach_volume = detach_volume
+_delete_volume = EBSBackend.delete_volume
+
+
+def delete_volume(self, volume_id):
+    volume = self.volumes.get(volume_id)
+    shown = _shown_attachment(volume) if volume is not None else None
+    if shown is not None:
+        raise EC2ClientError("VolumeInUse", f"Volume {volume_id} is currently attached to {shown.instance.id}")
+    return _delete_volume(self, volume_id)
+
+
+EBSBackend.delete_volume = delete_volume
+
+
+# Snapshots: pending -> completed.
+def _snapshot_status(self):
+    if _before(self.__dict__.get("ready_at")):
+        return "pending"
+    return self.__dict__.get("_status", "completed")
+
+
+def _set_snapshot_status(self, value):
+    self.__dict__["_status"] = value
+
+
+def _snapshot_progress(self):
+    if _snapshot_status(self) != "pending":
+        return "100%"
+    started, ready = self.__dict__.get("started", 0.0), self.__dict__.get("ready_at")
+    if ready is None or ready == FOREVER or ready <= started:
+        return "0%"
+    return f"{min(99, int(100 * (time.monotonic() - started) / (ready - started)))}%"
+
+
+Snapshot.status = property(_snapshot_status, _set_snapshot_status)
+Snapshot.progress = property(_snapshot_progress)
+
+
+def _snapshot_file(snapshot_id):
+    return os.path.join(_WORLD, "snapshots", f"{snapshot_id}.img") if _WORLD and snapshot_id else None
+
+
+def _pace_new_snapshot(snapshot, volume_id):
+    """CreateSnapshot: pending while the blocks changed since the volume's
+    previous snapshot are copied. They are counted in the background once
+    the call is answered; until then the snapshot is pending."""
+    volume = snapshot.volume
+    base = _LAST_SNAPSHOT.get(volume_id) or getattr(volume, "snapshot_id", None)
+    _LAST_SNAPSHOT[volume_id] = snapshot.id
+    _created(snapshot.id)
+    if not (_modelled() and CONFIG.paced):
+        return
+    snapshot.started = time.monotonic()
+    snapshot.ready_at = FOREVER
+    new, old = _snapshot_file(snapshot.id), _snapshot_file(base)
+
+    def settle():
+        changed = world_model.changed_bytes(new, old)
+        with LOCK:
+            snapshot.changed_bytes = changed
+            snapshot.ready_at = snapshot.started + MODEL.snapshot_seconds(changed)
+
+    _CALL.after.append(settle)
+
+
+def _pace_copied_snapshot(snapshot, source_snapshot_id):
+    """CopySnapshot (and CopyImage's copies): pending while the source's
+    data is copied."""
+    _created(snapshot.id)
+    if _modelled() and CONFIG.paced:
+        snapshot.started = time.monotonic()
+        data = world_model.data_bytes(_snapshot_file(source_snapshot_id))
+        snapshot.ready_at = snapshot.started + MODEL.copy_seconds(data)
+
+
+# AMIs: pending until registered and their snapshots complete.
+def _ami_state(self):
+    state = self.__dict__.get("_state", "available")
+    if state != "available" or "ready_at" not in self.__dict__:
+        return state
+    if _before(self.__dict__["ready_at"]):
+        return "pending"
+    for m in getattr(self, "registered_mappings", None) or []:
+        snap = self.ec2_backend.snapshots.get((m.get("Ebs") or {}).get("SnapshotId"))
+        if snap is not None and snap.status == "pending":
+            return "pending"
+    return state
+
+
+def _set_ami_state(self, value):
+    self.__dict__["_state"] = value
+
+
+Ami.state = property(_ami_state, _set_ami_state)
+
+
+def _pace_new_image(ami):
+    _created(ami.id)
+    if _modelled() and CONFIG.paced:
+        ami.ready_at = _pending_until("image", world_model.AMI_REGISTERING)
+
+
+# Instances: pending -> running, stopping -> stopped, shutting-down ->
+# terminated. `_state` is what moto reads and writes; between states it
+# shows the transition instead.
+def _instance_state(self):
+    moving = self.__dict__.get("moving")
+    if moving is not None and _before(moving[0]):
+        return InstanceState(moving[1], moving[2])
+    return self.__dict__.get("_real_state")
+
+
+def _set_instance_state(self, value):
+    self.__dict__["_real_state"] = value
+
+
+Instance._state = property(_instance_state, _set_instance_state)
+
+
+def _moving(instance):
+    moving = instance.__dict__.get("moving")
+    return moving is not None and _before(moving[0])
+
+
+def _move(instance, what, low_high, name, code):
+    until = _pending_until(what, low_high)
+    instance.moving = (until, name, code) if until is not None else None
+
+
+_run_instances = InstanceBackend.run_instances
+
+
+def run_instances(self, *args, **kwargs):
+    reservation = _run_instances(self, *args, **kwargs)
+    for instance in reservation.instances:
+        _move(instance, "run", world_model.INSTANCE_PENDING, "pending", 0)
+        _created(instance.id)
+    return reservation
+
+
+InstanceBackend.run_instances = run_instances
+
+
+def _refuse_moving(instance, verb):
+    if _moving(instance):
+        raise EC2ClientError(
+            "IncorrectInstanceState",
+            f"The instance '{instance.id}' is not in a state from which it can be {verb}.",
+        )
+
+
+_start = Instance.start
+_stop = Instance.stop
+_terminate = Instance.terminate
+
+
+def start(self, *args, **kwargs):
+    _refuse_moving(self, "started")
+    previous = _start(self, *args, **kwargs)
+    _move(self, "start", world_model.INSTANCE_PENDING, "pending", 0)
+    return previous
+
+
+def stop(self, *args, **kwargs):
+    _refuse_moving(self, "stopped")
+    previous = _stop(self, *args, **kwargs)
+    _move(self, "stop", world_model.INSTANCE_STOPPING, "stopping", 64)
+    return previous
+
+
+def terminate(self, *args, **kwargs):
+    self.moving = None
+    previous = _terminate(self, *args, **kwargs)
+    _move(self, "terminate", world_model.INSTANCE_SHUTTING_DOWN, "shutting-down", 32)
+    return previous
+
+
+Instance.start = start
+Instance.stop = stop
+Instance.terminate = terminate
+
+
+# Lag: a new resource is unknown to calls naming it, and left out of lists.
+def _seen(resource_id):
+    until = _UNSEEN.get(resource_id)
+    if until is None:
+        return True
+    if time.monotonic() >= until:
+        del _UNSEEN[resource_id]
+        return True
+    return False
+
+
+def _hidden(resource_id):
+    return _modelled() and not _seen(resource_id)
+
+
+_describe_volumes = EBSBackend.describe_volumes
+_describe_snapshots = EBSBackend.describe_snapshots
+_describe_images = moto_amis.AmiBackend.describe_images
+_describe_instances = InstanceBackend.describe_instances
+
+
+def describe_volumes(self, *args, **kwargs):
+    return [v for v in _describe_volumes(self, *args, **kwargs) if not _hidden(v.id)]
+
+
+def describe_snapshots(self, *args, **kwargs):
+    return [s for s in _describe_snapshots(self, *args, **kwargs) if not _hidden(s.id)]
+
+
+def describe_images(self, *args, **kwargs):
+    return [i for i in _describe_images(self, *args, **kwargs) if not _hidden(i.id)]
+
+
+def describe_instances(self, *args, **kwargs):
+    out = []
+    for reservation in _describe_instances(self, *args, **kwargs):
+        reservation.instances = [i for i in reservation.instances if not _hidden(i.id)]
+        if reservation.instances:
+            out.append(reservation)
+    return out
+
+
+EBSBackend.describe_volumes = describe_volumes
+EBSBackend.describe_snapshots = describe_snapshots
+moto_amis.AmiBackend.describe_images = describe_images
+InstanceBackend.describe_instances = describe_instances
+
+_NOT_FOUND = {
+    "vol-": ("InvalidVolume.NotFound", "The volume '{}' does not exist."),
+    "snap-": ("InvalidSnapshot.NotFound", "The snapshot '{}' does not exist."),
+    "ami-": ("InvalidAMIID.NotFound", "The image id '[{}]' does not exist"),
+    "i-": ("InvalidInstanceID.NotFound", "The instance ID '{}' does not exist"),
+}
+
+
+def _unseen_named(querystring):
+    """The first resource the request names that is still unknown (filters
+    do not name: a filter on an unknown id matches nothing)."""
+    for name, values in querystring.items():
+        if name.startswith("Filter."):
+            continue
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and value in _UNSEEN and not _seen(value):
+                return value
+    return None
+
+
+# Answers the model gives instead of moto's.
+def _ec2_error(status, code, message):
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{code}</Code><Message>{_xml(message)}</Message></Error></Errors>"
+        f"<RequestID>{__import__('uuid').uuid4()}</RequestID></Response>"
+    )
+    return status, {"Content-Type": "text/xml;charset=UTF-8", "status": str(status)}, body
+
+
+def _xml(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _server_error(key, what):
+    if MODEL.draw(what, key) < 0.5:
+        return _ec2_error(500, "InternalError", "An internal error has occurred.")
+    return _ec2_error(503, "Unavailable", "The server is overloaded and can't handle the request.")
+
+
+def _drop_connection():
+    """Close the caller's connection without an answer, as a network
+    failure would."""
+    sock = _flask_request.environ.get("werkzeug.socket")
+    if sock is None:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    return True
+
 
 _call_action = BaseResponse.call_action
 # Line-buffered: each call's line is in the file when the call is answered.
 _CALLS = open(os.path.join(_WORLD, "api-calls.log"), "a", encoding="utf-8", buffering=1) if _WORLD else None
 
 
-def call_action(self):
+_LOG_LOCK = threading.Lock()
+
+
+def _log(service, action, app, outcome):
     if _CALLS:
-        agent = self.headers.get("User-Agent", "")
-        app = next((p[len("app/") :] for p in agent.split() if p.startswith("app/")), "-")
-        _CALLS.write(f"{self.service_name} {self._get_action()} {app}\n")
-    return _call_action(self)
+        with _LOG_LOCK:
+            _CALLS.write(f"{service} {action} {app} {outcome}\n")
+
+
+def _parameters(querystring):
+    """The request's parameters but its token, in a comparable form."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in querystring.items() if k != "ClientToken"))
+
+
+def call_action(self):
+    service, action = self.service_name, self._get_action()
+    agent = self.headers.get("User-Agent", "")
+    app = next((p[len("app/") :] for p in agent.split() if p.startswith("app/")), "-")
+    if app == "local-world" or service not in ("ec2", "sts"):
+        with LOCK:
+            _log(service, action, app, "ok")
+            return _call_action(self)
+    account, region = self.current_account, self.region
+    key = MODEL.next_call(account, region, action)
+    time.sleep(MODEL.latency(action, key))
+    faulty = service == "ec2"
+    params = self.querystring
+    unfiltered = set(params) <= {"Action", "Version"}
+    if faulty and not MODEL.take_token(account, region, action, unfiltered):
+        _log(service, action, app, "bucket")
+        return _ec2_error(503, "RequestLimitExceeded", "Request limit exceeded.")
+    if faulty and MODEL.chance("throttle", key):
+        _log(service, action, app, "throttle")
+        return _ec2_error(503, "RequestLimitExceeded", "Request limit exceeded.")
+    if faulty and MODEL.chance("error", key):
+        _log(service, action, app, "error")
+        return _server_error(key, "error-kind")
+    token = params.get("ClientToken") if action in world_model.CLIENT_TOKEN_ACTIONS else None
+    token = token[0] if isinstance(token, list) else token
+    after = []
+    with LOCK:
+        unseen = _unseen_named(params) if faulty else None
+        if unseen is not None:
+            _log(service, action, app, "lag")
+            code, message = next(v for p, v in _NOT_FOUND.items() if unseen.startswith(p))
+            return _ec2_error(400, code, message.format(unseen))
+        token_key = (account, region, action, token)
+        if token and token_key in _TOKENS:
+            before, status, headers, body = _TOKENS[token_key]
+            if before != _parameters(params):
+                _log(service, action, app, "ok")
+                return _ec2_error(
+                    400,
+                    "IdempotentParameterMismatch",
+                    "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
+                )
+            answer = status, dict(headers), body
+        else:
+            _CALL.modelled, _CALL.action, _CALL.key, _CALL.created, _CALL.after = True, action, key, [], []
+            try:
+                answer = _call_action(self)
+            finally:
+                _CALL.modelled, _CALL.action = False, None
+            created, after = _CALL.created, _CALL.after
+            if answer[0] == 200:
+                now = time.monotonic()
+                for i, resource_id in enumerate(created):
+                    lag = MODEL.lag(f"{key}/{i}")
+                    if lag > 0:
+                        _UNSEEN[resource_id] = now + lag
+                if token:
+                    _TOKENS[token_key] = (_parameters(params), answer[0], dict(answer[1]), answer[2])
+    for work in after:
+        threading.Thread(target=work, daemon=True).start()
+    if faulty and answer[0] == 200 and action in world_model.CREATE_ACTIONS and MODEL.chance("lost", key):
+        _log(service, action, app, "lost")
+        if MODEL.draw("lost-kind", key) < 0.5 and _drop_connection():
+            return answer
+        return _ec2_error(500, "InternalError", "An internal error has occurred.")
+    _log(service, action, app, "ok")
+    return answer
 
 
 BaseResponse.call_action = call_action
@@ -273,4 +842,6 @@ BaseResponse.call_action = call_action
 if __name__ == "__main__":
     from moto.server import main
 
+    if CONFIG.faults or CONFIG.paced:
+        print(f"local-world: {CONFIG.describe()}", file=sys.stderr, flush=True)
     main(sys.argv[1:])

@@ -1,0 +1,374 @@
+//! The world's model of EC2 (crates/local-world/src/world_model.py), seen
+//! through the real SDK as a tool sees it: pending states, eventual
+//! consistency, request throttling, lost answers and client tokens, and the
+//! refusal of bad world variables.
+
+use std::{
+    future::Future,
+    io::Write as _,
+    time::{Duration, Instant},
+};
+
+use aws_config::retry::RetryConfig;
+use aws_sdk_ec2::{error::ProvideErrorMetadata, types::Filter};
+use fleet_pki::Role;
+use image_unpacker::client::AddDeviceRequest;
+use local_world::{Plan, World};
+
+/// The app name the tests call as (the model applies to it, not to the
+/// world's own `local-world` calls).
+const APP: &str = "world-test";
+
+fn one_target() -> Plan {
+    Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into()] }
+}
+
+/// An EC2 client of the world's only target that calls as [`APP`] and never
+/// retries, so every answer of the world is seen.
+async fn bare_client(world: &World) -> aws_sdk_ec2::Client {
+    let t = &world.targets[0];
+    let config = world.sdk_config_as(APP, &t.account, &t.region).await.unwrap();
+    aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::config::Builder::from(&config).retry_config(RetryConfig::disabled()).build(),
+    )
+}
+
+/// The states `state` goes through until `done` (each once, in order).
+async fn states<F, Fut>(what: &str, done: &str, mut state: F) -> Vec<String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = String>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let s = state().await;
+        if seen.last() != Some(&s) {
+            seen.push(s.clone());
+        }
+        if s == done {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "{what} never became {done}: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The time `snapshot` stays pending, from its CreateSnapshot.
+async fn pending_for(ec2: &aws_sdk_ec2::Client, volume: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let snap = ec2.create_snapshot().volume_id(volume).send().await.unwrap();
+    assert_eq!(snap.state().map(|s| s.as_str()), Some("pending"));
+    let id = snap.snapshot_id().unwrap().to_owned();
+    let seen = states("snapshot", "completed", || async {
+        let d = ec2.describe_snapshots().snapshot_ids(&id).send().await.unwrap();
+        d.snapshots()[0].state().unwrap().as_str().to_owned()
+    })
+    .await;
+    assert_eq!(seen, ["pending", "completed"]);
+    (id, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resources_pass_through_their_pending_states_as_in_ec2() {
+    let world = World::start(&one_target().pace("aws").time_scale(0.05)).await.unwrap();
+    let t = &world.targets[0];
+    let ec2 = world.ec2_as(APP, &t.account, &t.region).await.unwrap();
+
+    // A new volume is `creating`, then `available`.
+    let vol = ec2.create_volume().size(1).availability_zone(&t.availability_zone).send().await.unwrap();
+    assert_eq!(vol.state().map(|s| s.as_str()), Some("creating"));
+    let id = vol.volume_id().unwrap().to_owned();
+    let seen = states("volume", "available", || async {
+        let d = ec2.describe_volumes().volume_ids(&id).send().await.unwrap();
+        d.volumes()[0].state().unwrap().as_str().to_owned()
+    })
+    .await;
+    assert_eq!(seen, ["creating", "available"]);
+
+    // An attachment is `attaching`, then `attached`; the device shows then.
+    ec2.attach_volume().volume_id(&id).instance_id(&t.instance_id).device("/dev/sdf").send().await.unwrap();
+    let seen = states("attachment", "attached", || async {
+        let d = ec2.describe_volumes().volume_ids(&id).send().await.unwrap();
+        d.volumes()[0].attachments()[0].state().unwrap().as_str().to_owned()
+    })
+    .await;
+    assert_eq!(seen, ["attaching", "attached"]);
+    let publisher = fleet_tls::TlsFiles::from_ssl_dir(&world.ssl_dir(Role::AmiPublisher).unwrap());
+    let mut c = image_unpacker::client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
+    let dev = c
+        .add_device(AddDeviceRequest { volume_id: id.clone(), timeout_seconds: 20, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Snapshots are incremental: the first, after a byte was written into
+    // every 512 KiB block, stays pending longer than the next one, of the
+    // unchanged volume.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&dev.path).unwrap();
+    for block in 0..(dev.size_bytes / (512 << 10)) {
+        use std::io::{Seek as _, SeekFrom};
+        f.seek(SeekFrom::Start(block * (512 << 10) + 7)).unwrap();
+        f.write_all(b"x").unwrap();
+    }
+    f.sync_all().unwrap();
+    let (_, full) = pending_for(&ec2, &id).await;
+    let (unchanged, incremental) = pending_for(&ec2, &id).await;
+    eprintln!("first snapshot pending {full:?}, the unchanged volume's next one {incremental:?}");
+    assert!(full > incremental, "first {full:?}, next {incremental:?}");
+
+    // An AMI is `pending` until its snapshot has completed.
+    let snap = ec2.create_snapshot().volume_id(&id).send().await.unwrap().snapshot_id().unwrap().to_owned();
+    let ami = ec2
+        .register_image()
+        .name("pending-states")
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(
+            aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                .device_name("/dev/xvda")
+                .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned();
+    let seen = states("AMI", "available", || async {
+        let image = ec2.describe_images().image_ids(&ami).send().await.unwrap().images()[0].clone();
+        let state = image.state().unwrap().as_str().to_owned();
+        if state == "available" {
+            let s = ec2.describe_snapshots().snapshot_ids(&snap).send().await.unwrap();
+            assert_eq!(s.snapshots()[0].state().unwrap().as_str(), "completed", "an AMI available before its snapshot");
+        }
+        state
+    })
+    .await;
+    assert_eq!(seen, ["pending", "available"]);
+    assert_ne!(unchanged, snap);
+
+    // A detach is `detaching` (the volume still in use, so not deletable),
+    // then the volume is `available`.
+    ec2.detach_volume().volume_id(&id).instance_id(&t.instance_id).send().await.unwrap();
+    let refused = ec2.delete_volume().volume_id(&id).send().await.unwrap_err();
+    assert_eq!(refused.code(), Some("VolumeInUse"));
+    let seen = states("volume", "available", || async {
+        let d = ec2.describe_volumes().volume_ids(&id).send().await.unwrap();
+        d.volumes()[0].state().unwrap().as_str().to_owned()
+    })
+    .await;
+    assert_eq!(seen, ["in-use", "available"]);
+
+    // The instance is `stopping`, then `stopped`; `pending`, then `running`;
+    // between states it can be neither started nor stopped.
+    let instance_state = || async {
+        let d = ec2.describe_instances().instance_ids(&t.instance_id).send().await.unwrap();
+        d.reservations()[0].instances()[0].state().unwrap().name().unwrap().as_str().to_owned()
+    };
+    ec2.stop_instances().instance_ids(&t.instance_id).send().await.unwrap();
+    let refused = ec2.start_instances().instance_ids(&t.instance_id).send().await.unwrap_err();
+    assert_eq!(refused.code(), Some("IncorrectInstanceState"));
+    assert_eq!(states("instance", "stopped", instance_state).await, ["stopping", "stopped"]);
+    ec2.start_instances().instance_ids(&t.instance_id).send().await.unwrap();
+    assert_eq!(states("instance", "running", instance_state).await, ["pending", "running"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_resource_is_not_found_until_ec2_has_caught_up() {
+    // Seed 10 gives the volume about 1.9 s of lag (of at most 2 s).
+    let world = World::start(&one_target().faults("lag=2s").seed(10)).await.unwrap();
+    let t = &world.targets[0];
+    let ec2 = bare_client(&world).await;
+    let id = ec2
+        .create_volume()
+        .size(1)
+        .availability_zone(&t.availability_zone)
+        .send()
+        .await
+        .unwrap()
+        .volume_id()
+        .unwrap()
+        .to_owned();
+
+    let describe = ec2.describe_volumes().volume_ids(&id).send().await.unwrap_err();
+    assert_eq!(describe.code(), Some("InvalidVolume.NotFound"), "{describe:?}");
+    let tagging = ec2.create_tags().resources(&id).tags(tag("Purpose", "lag")).send().await.unwrap_err();
+    assert_eq!(tagging.code(), Some("InvalidVolume.NotFound"), "{tagging:?}");
+    let listed = ec2.describe_volumes().send().await.unwrap();
+    assert!(listed.volumes().iter().all(|v| v.volume_id() != Some(id.as_str())), "listed while unknown");
+    // The world's own view (the hypervisor's) has it all along.
+    let own = world.ec2(&t.account, &t.region).await;
+    own.describe_volumes().volume_ids(&id).send().await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut not_found = 0;
+    loop {
+        match ec2.describe_volumes().volume_ids(&id).send().await {
+            Ok(_) => break,
+            Err(e) => assert_eq!(e.code(), Some("InvalidVolume.NotFound"), "{e:?}"),
+        }
+        not_found += 1;
+        assert!(Instant::now() < deadline, "the volume stayed unknown");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("{id}: NotFound {not_found} more times, then found");
+    ec2.create_tags().resources(&id).tags(tag("Purpose", "lag")).send().await.unwrap();
+    assert!(ec2.describe_volumes().send().await.unwrap().volumes().iter().any(|v| v.volume_id() == Some(id.as_str())));
+    assert!(world.api_outcomes(APP, "lag").get("DescribeVolumes").copied().unwrap_or(0) >= 2);
+}
+
+fn tag(key: &str, value: &str) -> aws_sdk_ec2::types::Tag {
+    aws_sdk_ec2::types::Tag::builder().key(key).value(value).build()
+}
+
+/// The indices of the calls of `n` DescribeVolumes (filtered, so within
+/// their bucket) that were refused as throttled.
+async fn throttled_calls(world: &World, n: usize) -> Vec<usize> {
+    let ec2 = bare_client(world).await;
+    let mut refused = Vec::new();
+    for i in 0..n {
+        let call =
+            ec2.describe_volumes().filters(Filter::builder().name("status").values("available").build()).send().await;
+        if let Err(e) = call {
+            assert_eq!(e.code(), Some("RequestLimitExceeded"), "{e:?}");
+            assert_eq!(e.raw_response().map(|r| r.status().as_u16()), Some(503));
+            refused.push(i);
+        }
+    }
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_refuses_the_configured_share_and_replays_with_its_seed() {
+    let plan = one_target().faults("throttle=0.2").seed(12);
+    let world = World::start(&plan).await.unwrap();
+    let refused = throttled_calls(&world, 100).await;
+    eprintln!("{} of 100 calls throttled: {refused:?}", refused.len());
+    assert!((10..=30).contains(&refused.len()), "{} of 100 throttled at throttle=0.2", refused.len());
+    assert_eq!(world.api_outcomes(APP, "throttle").get("DescribeVolumes").copied(), Some(refused.len() as u64));
+    // The same seed, the same calls: the same decisions.
+    drop(world);
+    let again = World::start(&plan).await.unwrap();
+    assert_eq!(throttled_calls(&again, 100).await, refused);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_beyond_an_actions_token_bucket_is_throttled_until_it_refills() {
+    let world = World::start(&one_target().pace("aws")).await.unwrap();
+    let ec2 = bare_client(&world).await;
+    // DescribeVpcs without filters: EC2's bucket for unfiltered,
+    // unpaginated reads holds 50 calls and refills 10 a second.
+    let mut answers = Vec::new();
+    for _ in 0..120 {
+        answers.push(ec2.describe_vpcs().send().await.map_err(|e| e.code().map(str::to_owned)));
+    }
+    assert!(answers[..50].iter().all(Result::is_ok), "refused within the bucket: {answers:?}");
+    let refused =
+        answers[50..].iter().filter(|a| a.as_ref().err() == Some(&Some("RequestLimitExceeded".into()))).count();
+    assert!(refused >= 20, "only {refused} of 70 calls past the bucket were refused");
+    assert_eq!(world.api_outcomes(APP, "bucket").get("DescribeVpcs").copied(), Some(refused as u64));
+    // Other actions have buckets of their own.
+    ec2.describe_subnets().send().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ec2.describe_vpcs().send().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_retried_after_its_answer_was_lost_makes_one_resource_with_a_client_token() {
+    // Seed 573 at lost=0.5: the first CreateVolume loses its connection
+    // and its retry is answered; the next two are answered; the fifth is
+    // answered 500 and its retry answered. The first CreateSnapshot's
+    // answer is lost, its retry answered.
+    let world = World::start(&one_target().faults("lost=0.5").seed(573)).await.unwrap();
+    let t = &world.targets[0];
+    let app_config = world.sdk_config_as(APP, &t.account, &t.region).await.unwrap();
+    // The SDK's standard retries, as a tool has them.
+    let ec2 = aws_sdk_ec2::Client::new(&app_config);
+    let own = world.ec2(&t.account, &t.region).await;
+    let volumes = || async {
+        let d = own.describe_volumes().send().await.unwrap();
+        let mut ids: Vec<String> = d
+            .volumes()
+            .iter()
+            .filter_map(|v| v.volume_id().map(str::to_owned))
+            .filter(|id| !t.root_volumes.contains(id))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let lost = |action: &str| world.api_outcomes(APP, "lost").get(action).copied().unwrap_or(0);
+
+    let made = ec2
+        .create_volume()
+        .size(1)
+        .availability_zone(&t.availability_zone)
+        .client_token("one-volume")
+        .send()
+        .await
+        .unwrap();
+    let id = made.volume_id().unwrap().to_owned();
+    assert_eq!(lost("CreateVolume"), 1);
+    assert_eq!(volumes().await, std::slice::from_ref(&id));
+    // The same token and parameters later: the same volume, nothing made.
+    let again = ec2
+        .create_volume()
+        .size(1)
+        .availability_zone(&t.availability_zone)
+        .client_token("one-volume")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.volume_id(), Some(id.as_str()));
+    assert_eq!(volumes().await.len(), 1);
+    // The same token with other parameters is refused.
+    let other = ec2
+        .create_volume()
+        .size(2)
+        .availability_zone(&t.availability_zone)
+        .client_token("one-volume")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Some("IdempotentParameterMismatch"), "{other:?}");
+    // Without a token of the caller's: the SDK fills ClientToken itself
+    // (EC2's model marks it an idempotency token) and keeps it for its
+    // retries, so the retried create makes one volume too.
+    let untokened = ec2.create_volume().size(1).availability_zone(&t.availability_zone).send().await.unwrap();
+    assert_eq!(lost("CreateVolume"), 2);
+    let all = volumes().await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all.iter().any(|v| Some(v.as_str()) == untokened.volume_id()));
+
+    // CreateSnapshot takes no ClientToken: the SDK's retry of a snapshot
+    // whose answer was lost makes a second snapshot, as in EC2.
+    let snap = ec2.create_snapshot().volume_id(&id).send().await.unwrap();
+    assert_eq!(lost("CreateSnapshot"), 1);
+    let snaps =
+        own.describe_snapshots().filters(Filter::builder().name("volume-id").values(&id).build()).send().await.unwrap();
+    let ids: Vec<&str> = snaps.snapshots().iter().filter_map(|s| s.snapshot_id()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&snap.snapshot_id().unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_world_variables_are_refused_naming_the_variable() {
+    let cases = [
+        ("LOCAL_WORLD_FAULTS", "throttle=0.2,slow=1", "unknown fault 'slow'"),
+        ("LOCAL_WORLD_FAULTS", "throttle=1.5", "throttle=1.5 is not a share between 0 and 1"),
+        ("LOCAL_WORLD_FAULTS", "error=-0.1", "error=-0.1 is not a share between 0 and 1"),
+        ("LOCAL_WORLD_FAULTS", "lag=2 seconds", "lag=2 seconds is not a duration"),
+        ("LOCAL_WORLD_FAULTS", "lost", "'lost' needs a value"),
+        ("LOCAL_WORLD_PACE", "fast", "unknown pace 'fast'"),
+        ("LOCAL_WORLD_TIME_SCALE", "0", "'0' is not a factor above 0"),
+        ("LOCAL_WORLD_SEED", "seven", "'seven' is not a non-negative integer"),
+    ];
+    for (name, value, says) in cases {
+        let err = match World::start(&one_target().with(name, value)).await {
+            Ok(_) => panic!("{name}={value} was accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.starts_with(&format!("{name}: ")), "{name}={value}: {err}");
+        assert!(err.contains(says), "{name}={value}: {err}");
+    }
+}
