@@ -128,7 +128,8 @@ fn mutate(bytes: &mut Vec<u8>, m: &Mutation) {
         Mutation::Remove(at) => {
             bytes.remove(at % len);
         }
-        Mutation::Field(0, v) => bytes[10..14].copy_from_slice(&(v as u32).to_le_bytes()),
+        // The chunk size field takes the value's low 4 bytes.
+        Mutation::Field(0, v) => bytes[10..14].copy_from_slice(&v.to_le_bytes()[..4]),
         Mutation::Field(1, v) => bytes[14..22].copy_from_slice(&v.to_le_bytes()),
         Mutation::Field(_, v) => bytes[22..30].copy_from_slice(&v.to_le_bytes()),
     }

@@ -641,7 +641,9 @@ a line without a separator
     fn drop_cache_leaves_nothing_of_the_file_in_the_page_cache() {
         const TMPFS_MAGIC: i64 = 0x0102_1994;
         let dir = tempfile::tempdir().unwrap();
-        if rustix::fs::statfs(dir.path()).is_ok_and(|s| i64::from(s.f_type) == TMPFS_MAGIC) {
+        #[allow(clippy::useless_conversion)] // f_type's integer type differs between architectures
+        let on_tmpfs = rustix::fs::statfs(dir.path()).is_ok_and(|s| i64::from(s.f_type) == TMPFS_MAGIC);
+        if on_tmpfs {
             eprintln!("the temporary directory is on tmpfs, whose pages cannot be dropped; nothing to check");
             return;
         }
