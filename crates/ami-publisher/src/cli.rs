@@ -453,6 +453,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         tls: cli.tls.files(),
         unpacker_timeout: cli.unpacker_timeout,
         volume_timeout: cli.volume_timeout,
+        snapshot_timeout: cli.snapshot_timeout,
+        image_timeout: cli.image_timeout,
         dry_run: cli.dry_run,
         board: Board::new(!cli.json, &names),
     };

@@ -51,6 +51,10 @@ pub struct Ctx<'a> {
     pub tls: TlsFiles,
     pub unpacker_timeout: Duration,
     pub volume_timeout: Duration,
+    /// `--snapshot-timeout`: snapshot copies.
+    pub snapshot_timeout: Duration,
+    /// `--image-timeout`: AMI copies.
+    pub image_timeout: Duration,
     pub dry_run: bool,
     pub board: Board,
 }
@@ -584,7 +588,7 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
             copy_across_accounts(ctx, shares, src, dest).await?
         };
         let made = Some(std::time::Instant::now());
-        image_available(&ec2, &new_ami, made, ctx.volume_timeout.max(Duration::from_secs(1800)))
+        image_available(&ec2, &new_ami, made, ctx.image_timeout)
             .await
             .context("the copy is tagged: a re-run reports it, and copies nothing while it is pending")?;
         Ok(vec![ctx.acted("copy", &new_ami, what)])
@@ -686,17 +690,26 @@ impl Shares {
     }
 }
 
+/// Where snapshot copies go: the target's client and account, the key to
+/// encrypt with, and how long a copy may take (`--snapshot-timeout`).
+#[derive(Clone, Copy)]
+struct SnapshotDest<'a> {
+    ec2: &'a Client,
+    account: &'a str,
+    kms_key_id: Option<&'a str>,
+    timeout: Duration,
+}
+
 /// Copy one snapshot of `src` into the target's account and region
 /// (encrypted), sharing it for the length of the copy.
 async fn copy_shared_snapshot(
     shares: &Shares,
     src_ec2: &Client,
-    ec2: &Client,
     src: &SourceAmi,
     snap: &str,
-    dest_account: &str,
-    kms_key_id: Option<&str>,
+    dest: &SnapshotDest<'_>,
 ) -> anyhow::Result<String> {
+    let SnapshotDest { ec2, account: dest_account, kms_key_id, timeout } = *dest;
     shares.share(src_ec2, snap, dest_account).await?;
     let copied = async {
         // CopySnapshot takes no idempotency token: the copy carries one in
@@ -733,7 +746,7 @@ async fn copy_shared_snapshot(
             bail!("CopySnapshot {snap} returned no snapshot id");
         }
         let made = Some(std::time::Instant::now());
-        if let Err(e) = snapshot_completed(ec2, &new_snap, made, Duration::from_secs(7200)).await {
+        if let Err(e) = snapshot_completed(ec2, &new_snap, made, timeout).await {
             if let Err(d) = delete_snapshot(ec2, &new_snap).await {
                 tracing::warn!("{d:#}");
             }
@@ -785,7 +798,8 @@ async fn copy_across_accounts(
             mappings.push(m);
             continue;
         };
-        match copy_shared_snapshot(shares, &src_ec2, ec2, src, snap, &dest_account, kms_key_id).await {
+        let to = SnapshotDest { ec2, account: &dest_account, kms_key_id, timeout: ctx.snapshot_timeout };
+        match copy_shared_snapshot(shares, &src_ec2, src, snap, &to).await {
             Ok(new_snap) => {
                 let ebs = m.ebs().cloned().unwrap_or_else(|| EbsBlockDevice::builder().build());
                 let on_termination = ebs.delete_on_termination().unwrap_or(true);

@@ -418,3 +418,41 @@ async fn a_taken_ami_name_is_adopted_when_ours_and_refused_when_not() {
         assert_eq!(expires, s.snapshot_id() != t.snapshot_id.as_deref(), "{s:?}");
     }
 }
+
+/// Every chunk file in the world's imageserver store, replaced by another
+/// valid frame: the bytes no longer match their digests.
+fn damage_every_stored_chunk(world: &World) -> usize {
+    let mut n = 0;
+    for dir in std::fs::read_dir(world.path("images/chunks")).unwrap() {
+        for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let chunk = test_support::noise(image_format::DEFAULT_CHUNK_SIZE as usize, n as u64);
+            std::fs::write(f.unwrap().path(), image_client::compress(&chunk)).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_image_fails_every_target_by_name_and_makes_nothing() {
+    let world = World::start(&Plan::new(&["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/damaged";
+    add_image(&world, stream, "1", &disk(4 * MIB, 31)).await;
+    assert!(damage_every_stored_chunk(&world) > 0);
+
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
+    assert_ne!(code, 0, "{r:#?}");
+    assert_eq!(r.targets.len(), 2);
+    for t in &r.targets {
+        let e = t.error.as_deref().unwrap_or_default();
+        // The unpacker's DATA_LOSS: permanent, named, not tried again.
+        assert!(e.contains("image base/damaged/1") && e.contains("corrupt"), "{t:#?}");
+        assert!(t.snapshot_id.is_none() && t.ami_id.is_none(), "{t:#?}");
+        let ec2 = world.ec2(&t.account, &t.region).await;
+        let f = Filter::builder().name("tag:ImageStream").values(stream).build();
+        let snaps = ec2.describe_snapshots().owner_ids("self").filters(f).send().await.unwrap();
+        assert!(snaps.snapshots().is_empty(), "{snaps:#?}");
+    }
+}

@@ -1,0 +1,249 @@
+//! `publish` on a world that misbehaves as EC2 does: throttling, server
+//! errors, ids unknown for a while after they are made, and answers to
+//! creates lost after EC2 acted. Afterwards the tests count what a user
+//! would count in the emulator: per target one AMI, one snapshot and one
+//! volume of the stream, the image's bytes behind every AMI, nothing
+//! without the publisher's tags; and a second run changes nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use local_world::{Plan, World};
+
+/// The faults of issue 12's acceptance run.
+const CHAOS: &str = "throttle=0.2,error=0.02,lag=2s";
+
+/// A world of `accounts` x `regions` at EC2's pace with `faults`, seeded
+/// (the world prints the seed, so a failure can be replayed).
+async fn world_with(accounts: &[&str], regions: &[&str], faults: &str, seed: u64) -> World {
+    let plan = Plan {
+        accounts: accounts.iter().map(|s| (*s).to_owned()).collect(),
+        regions: regions.iter().map(|s| (*s).to_owned()).collect(),
+        ..Plan::new(&[])
+    }
+    .pace("aws")
+    .faults(faults)
+    .seed(seed);
+    World::start(&plan).await.unwrap()
+}
+
+/// What one target holds, as the emulator lists it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Census {
+    /// AMIs, snapshots and volumes tagged with the stream.
+    amis: Vec<String>,
+    snapshots: Vec<String>,
+    volumes: Vec<String>,
+    /// Resources of this account and region without an `ImageStream` tag
+    /// (unpacker instances' root volumes are the world's, not counted).
+    untagged: Vec<String>,
+}
+
+type Target = (String, String);
+
+/// What the world holds untagged before the publisher runs (the emulator's
+/// own snapshots of its stock AMIs), by target.
+async fn untagged_before(world: &World) -> BTreeMap<Target, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for t in &world.targets {
+        let c = census(world, &t.account, &t.region, "").await;
+        out.insert((t.account.clone(), t.region.clone()), c.untagged);
+    }
+    out
+}
+
+fn stream_of(tags: &[aws_sdk_ec2::types::Tag]) -> Option<&str> {
+    tags.iter().find(|t| t.key() == Some("ImageStream")).and_then(|t| t.value())
+}
+
+async fn census(world: &World, account: &str, region: &str, stream: &str) -> Census {
+    let ec2 = world.ec2(account, region).await;
+    let mut c = Census::default();
+    for i in ec2.describe_images().owners("self").send().await.unwrap().images() {
+        let id = i.image_id().unwrap().to_owned();
+        match stream_of(i.tags()) {
+            Some(s) if s == stream => c.amis.push(id),
+            Some(_) => {}
+            None => c.untagged.push(id),
+        }
+    }
+    for s in ec2.describe_snapshots().owner_ids("self").send().await.unwrap().snapshots() {
+        let id = s.snapshot_id().unwrap().to_owned();
+        match stream_of(s.tags()) {
+            Some(x) if x == stream => c.snapshots.push(id),
+            Some(_) => {}
+            None => c.untagged.push(id),
+        }
+    }
+    let roots: Vec<(String, String)> = ec2
+        .describe_instances()
+        .send()
+        .await
+        .unwrap()
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| (i.instance_id().unwrap().to_owned(), i.root_device_name().unwrap_or_default().to_owned()))
+        .collect();
+    for v in ec2.describe_volumes().send().await.unwrap().volumes() {
+        let id = v.volume_id().unwrap().to_owned();
+        let root = v
+            .attachments()
+            .iter()
+            .any(|a| roots.iter().any(|(i, dev)| a.instance_id() == Some(i) && a.device() == Some(dev.as_str())));
+        match stream_of(v.tags()) {
+            Some(s) if s == stream => c.volumes.push(id),
+            Some(_) => {}
+            None if root => {}
+            None => c.untagged.push(id),
+        }
+    }
+    for l in [&mut c.amis, &mut c.snapshots, &mut c.volumes, &mut c.untagged] {
+        l.sort();
+    }
+    c
+}
+
+/// Every target holds exactly one AMI, snapshot and volume of the stream,
+/// the AMI boots from that snapshot and the snapshot holds `image`;
+/// nothing untagged has appeared since `before`. Returns the census by
+/// target.
+async fn check_one_of_each(
+    world: &World,
+    stream: &str,
+    image: &std::path::Path,
+    before: &BTreeMap<Target, Vec<String>>,
+) -> BTreeMap<Target, Census> {
+    let mut all = BTreeMap::new();
+    for t in &world.targets {
+        let key = (t.account.clone(), t.region.clone());
+        let mut c = census(world, &t.account, &t.region, stream).await;
+        c.untagged.retain(|id| !before[&key].contains(id));
+        let at = format!("{},{}", t.account, t.region);
+        assert_eq!((c.amis.len(), c.snapshots.len(), c.volumes.len()), (1, 1, 1), "{at}: {c:#?}");
+        assert!(c.untagged.is_empty(), "{at}: resources without the publisher's tags: {c:#?}");
+        let root = root_snapshot_of(world, &t.account, &t.region, &c.amis[0]).await;
+        assert_eq!(root, c.snapshots[0], "{at}: the AMI boots from the stream's snapshot");
+        assert_snapshot_holds(world, &root, image).await;
+        all.insert(key, c);
+    }
+    all
+}
+
+/// EC2 calls by action that changed something, made by the publisher
+/// between two counts.
+fn writes_between(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Vec<String> {
+    after
+        .iter()
+        .filter(|(a, n)| **n > before.get(*a).copied().unwrap_or(0))
+        .map(|(a, _)| a.clone())
+        .filter(|a| !a.starts_with("Describe") && !a.starts_with("Get"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twelve_targets_under_faults_get_exactly_one_of_each_and_a_rerun_changes_nothing() {
+    let regions = ["us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-2", "ap-northeast-1"];
+    let world = world_with(&["first", "second"], &regions, CHAOS, 12).await;
+    assert_eq!(world.targets.len(), 12);
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/chaos";
+    let file = add_image(&world, stream, "1", &disk(8 * MIB, 12)).await;
+    let before = untagged_before(&world).await;
+
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
+    assert_eq!(code, 0, "{r:#?}");
+    assert!(r.targets.iter().all(|t| t.ok() && !t.reused), "{r:#?}");
+    let first = check_one_of_each(&world, stream, &file, &before).await;
+
+    let calls = world.api_calls("ami-publisher");
+    let (code, r2) = p.publish(stream, "1", &with_targets(&targets, &[]));
+    assert_eq!(code, 0, "{r2:#?}");
+    assert!(r2.targets.iter().all(|t| t.ok() && t.reused), "{r2:#?}");
+    let writes = writes_between(&calls, &world.api_calls("ami-publisher"));
+    assert!(writes.is_empty(), "the second run changed things: {writes:?}");
+    assert_eq!(check_one_of_each(&world, stream, &file, &before).await, first, "the second run changed what is there");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_whose_answer_was_lost_and_is_retried_makes_nothing_twice() {
+    // Most create answers are lost after the world made the resource (a
+    // 500 or a dropped connection); the publisher retries each create.
+    let world = world_with(&["first", "second"], &["us-east-1", "eu-west-1"], "lost=0.6", 5).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/lost";
+    let file = add_image(&world, stream, "1", &disk(8 * MIB, 5)).await;
+    let before = untagged_before(&world).await;
+
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
+    assert_eq!(code, 0, "{r:#?}");
+    let lost = world.api_outcomes("ami-publisher", "lost");
+    eprintln!("create answers lost: {lost:?}");
+    for action in ["CreateVolume", "CreateSnapshot", "RegisterImage"] {
+        assert!(lost.get(action).copied().unwrap_or(0) > 0, "no {action} answer was lost: {lost:?}");
+    }
+    check_one_of_each(&world, stream, &file, &before).await;
+}
+
+/// Every snapshot and instance of a target, as the emulator lists them.
+async fn snapshots_and_instances(world: &World, account: &str, region: &str) -> (Vec<String>, Vec<String>) {
+    let ec2 = world.ec2(account, region).await;
+    let snaps = ec2.describe_snapshots().owner_ids("self").send().await.unwrap();
+    let insts = ec2.describe_instances().send().await.unwrap();
+    (
+        snaps.snapshots().iter().map(|s| s.snapshot_id().unwrap().to_owned()).collect(),
+        insts.reservations().iter().flat_map(|r| r.instances()).map(|i| i.instance_id().unwrap().to_owned()).collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_and_launches_whose_answers_were_lost_make_nothing_twice() {
+    let world = world_with(&["first", "second"], &["us-east-1", "eu-west-1"], "lost=0.6", 7).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "boot/lost";
+    add_image(&world, stream, "1", &disk(4 * MIB, 7)).await;
+    let (code, r) = p.publish(stream, "1", &["--targets", "first,us-east-1"]);
+    assert_eq!(code, 0, "{r:#?}");
+    let mut before = BTreeMap::new();
+    for t in &world.targets {
+        before.insert(
+            (t.account.clone(), t.region.clone()),
+            snapshots_and_instances(&world, &t.account, &t.region).await,
+        );
+    }
+
+    // Copies within the account (CopyImage, with a client token) and across
+    // accounts (CopySnapshot and RegisterImage, which take none).
+    let copied = p.run(&[&with_targets(&targets, &[])[..], &["copy-bootstrap-image", stream]].concat());
+    assert!(copied.status.success());
+    // One launch per target (RunInstances, with a client token).
+    let launched = p
+        .run(&[&with_targets(&targets, &["--instance-name", "from-lost"])[..], &["launch-instances", stream]].concat());
+    assert!(launched.status.success());
+    let lost = world.api_outcomes("ami-publisher", "lost");
+    eprintln!("create answers lost: {lost:?}");
+    // A single CopyImage may well be answered; across the copies and
+    // launches some answers are lost.
+    assert!(lost.values().sum::<u64>() >= 3, "too few answers were lost to tell: {lost:?}");
+
+    for t in &world.targets {
+        let at = format!("{},{}", t.account, t.region);
+        let ec2 = world.ec2(&t.account, &t.region).await;
+        let f = aws_sdk_ec2::types::Filter::builder().name("tag:ImageStream").values(stream).build();
+        let amis = ec2.describe_images().owners("self").filters(f).send().await.unwrap();
+        assert_eq!(amis.images().len(), 1, "{at}: AMIs of the stream: {amis:#?}");
+        let (snaps, insts) = snapshots_and_instances(&world, &t.account, &t.region).await;
+        let (snaps_before, insts_before) = &before[&(t.account.clone(), t.region.clone())];
+        let new_snaps: Vec<_> = snaps.iter().filter(|s| !snaps_before.contains(s)).collect();
+        let new_insts: Vec<_> = insts.iter().filter(|i| !insts_before.contains(i)).collect();
+        // The source target keeps its snapshot; every other one gets one copy.
+        let copies = usize::from(at != "first,us-east-1");
+        assert_eq!(new_snaps.len(), copies, "{at}: new snapshots {new_snaps:?}");
+        assert_eq!(new_insts.len(), 1, "{at}: new instances {new_insts:?}");
+    }
+}
