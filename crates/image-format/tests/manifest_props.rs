@@ -215,13 +215,24 @@ fn the_generators_reach_every_outcome() {
             Err(ManifestError::BadTag { .. }) => "tag",
             Err(ManifestError::ShortBody(_)) => "short",
             Err(ManifestError::Trailing(_)) => "trailing",
+            Err(ManifestError::LengthConflict { .. }) => "length conflict",
             Err(_) => "other",
         };
         seen.insert(outcome);
     }
-    for outcome in
-        ["accepted", "truncated", "magic", "version", "chunk size", "too large", "count", "tag", "short", "trailing"]
-    {
+    for outcome in [
+        "accepted",
+        "truncated",
+        "magic",
+        "version",
+        "chunk size",
+        "too large",
+        "count",
+        "tag",
+        "short",
+        "trailing",
+        "length conflict",
+    ] {
         assert!(seen.contains(outcome), "no generated manifest was {outcome}: {seen:?}");
     }
 }
