@@ -4,8 +4,8 @@
 //!
 //! Each module gets its own cargo-mutants run, and each mutant is tested
 //! with the tests of the packages that exercise that module (its own, and
-//! for the rights check the imageserver's, which call it over real TLS), so
-//! nothing here builds the AWS SDK. Builds go to `target/mutants/build`,
+//! for the rights check and the chunk store the imageserver's, which use
+//! them through real RPCs over TLS), so nothing here builds the AWS SDK. Builds go to `target/mutants/build`,
 //! kept between runs and shared by the modules, so dependencies are built
 //! once.
 
@@ -34,13 +34,13 @@ const MODULES: &[Module] = &[
         name: "chunk-store",
         package: "chunk-store",
         file: "crates/chunk-store/src/lib.rs",
-        tested_by: &["chunk-store"],
+        tested_by: &["chunk-store", "imageserver"],
     },
     Module {
         name: "records",
         package: "chunk-store",
         file: "crates/chunk-store/src/record.rs",
-        tested_by: &["chunk-store"],
+        tested_by: &["chunk-store", "imageserver"],
     },
     Module {
         name: "engine",
@@ -71,8 +71,8 @@ cargo xtask mutants [--only NAME,...] [--list] [-- CARGO-MUTANTS-ARGS]
 Mutation testing of the integrity-critical modules with cargo-mutants
 (installed with `cargo install --locked cargo-mutants` if missing):
   manifest     crates/image-format/src/manifest.rs     (image-format's tests)
-  chunk-store  crates/chunk-store/src/lib.rs           (chunk-store's tests)
-  records      crates/chunk-store/src/record.rs        (chunk-store's tests)
+  chunk-store  crates/chunk-store/src/lib.rs           (chunk-store's and imageserver's tests)
+  records      crates/chunk-store/src/record.rs        (chunk-store's and imageserver's tests)
   engine       crates/image-unpacker/src/engine.rs     (image-unpacker's tests)
   blockdev     crates/image-unpacker/src/blockdev.rs   (image-unpacker's tests)
   rights       crates/fleet-tls/src/lib.rs             (fleet-tls's and imageserver's tests)
