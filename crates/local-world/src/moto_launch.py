@@ -24,10 +24,10 @@
 #    moto applies it at once), and a volume can be modified once in six
 #    hours (VolumeModificationRateExceeded), as in EC2.
 #
-# 6. Pace (LOCAL_WORLD_PACE=aws): every call takes a latency, and volumes
-#    are `creating`, attachments `attaching` and `detaching`, snapshots
-#    `pending` (for a time growing with the blocks changed since the
-#    volume's previous snapshot), AMIs `pending` until their snapshots
+# 6. Pace (LOCAL_WORLD_PACE=aws, the default): every call takes a latency,
+#    and volumes are `creating`, attachments `attaching` and `detaching`,
+#    snapshots `pending` (for a time growing with the blocks changed since
+#    the volume's previous snapshot), AMIs `pending` until their snapshots
 #    complete, instances `pending`, `stopping` and `shutting-down`, for
 #    world_model.py's durations. A volume that is not `available` cannot be
 #    attached (IncorrectState, VolumeInUse), one that is `in-use` (also

@@ -7,7 +7,7 @@
 # Variables (read once, at start; a bad value stops the world before it
 # serves anything, with a message naming the variable):
 #
-#   LOCAL_WORLD_PACE        aws | instant (default instant). Under aws every
+#   LOCAL_WORLD_PACE        aws | instant (default aws). Under aws every
 #                           EC2/STS call takes a latency drawn per call, and
 #                           volumes, attachments, snapshots, AMIs and
 #                           instances pass through their pending states.
@@ -151,7 +151,7 @@ def parse_faults(text):
 class Config:
     """The world variables, checked."""
 
-    def __init__(self, pace="instant", scale=DEFAULT_TIME_SCALE, faults=None, seed=0, seed_given=True):
+    def __init__(self, pace="aws", scale=DEFAULT_TIME_SCALE, faults=None, seed=0, seed_given=True):
         self.pace = pace
         self.scale = scale
         self.faults = faults or {}
@@ -172,7 +172,7 @@ class Config:
 
 
 def config_from_env(env):
-    pace = env.get("LOCAL_WORLD_PACE", "").strip() or "instant"
+    pace = env.get("LOCAL_WORLD_PACE", "").strip() or "aws"
     if pace not in PACES:
         raise Refused(f"LOCAL_WORLD_PACE: unknown pace '{pace}' (known: {', '.join(PACES)})")
     scale_text = env.get("LOCAL_WORLD_TIME_SCALE", "").strip()
