@@ -27,6 +27,7 @@ const PUBLISHER_TITLE: &str = "ami-publisher";
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     let only_publisher = args.windows(2).any(|w| w[0] == "--only" && w[1] == "publisher");
+    let only_memory = args.windows(2).any(|w| w[0] == "--only" && w[1] == "imageserver-memory");
     let (add_size, rss_size) = if quick { (256 << 20, GIB) } else { (GIB, 4 * GIB) };
     let work = util::root().join("target/bench");
     if work.exists() {
@@ -44,6 +45,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         crate::mutants::keep_section(&old, &mut md);
         return write_doc(&doc, &md);
     }
+    if args.windows(2).any(|w| w[0] == "--only" && w[1] == "decode-fuzz") {
+        let row = decode_fuzz(if quick { 10_000 } else { 100_000 })?;
+        return replace_row(&doc, &old, &row);
+    }
     println!("== building release binaries");
     let bins = util::build(&["imageserver", "imagetool", "image-unpacker", "unpacker-tool"], true)?;
     let pki = work.join("pki");
@@ -51,6 +56,20 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let ssl = work.join("ssl");
     util::ssl_dir(&pki, "image-builder", &ssl)?;
     let (server, addr) = util::start_imageserver(&bins, &pki, &work.join("data"), &work.join("imageserver.log"))?;
+    let readers_size = if quick { 32 << 20 } else { 128 << 20 };
+    let add_readers_image = || -> anyhow::Result<()> {
+        let small = work.join("readers.raw");
+        util::write_noise(&small, readers_size, 5)?;
+        util::imagetool(&bins, addr, &ssl, &["add", "bench/readers/1", small.to_str().context("utf-8")?])?;
+        Ok(std::fs::remove_file(&small)?)
+    };
+    if only_memory {
+        add_readers_image()?;
+        drop(server);
+        let row = readers_rss(&bins, &pki, &work, &ssl, readers_size)?;
+        println!("{} | {} | {}", row.what, row.figure, row.goal);
+        return replace_row(&doc, &old, &row);
+    }
     let mut rows = Vec::new();
 
     // 1. add throughput, against a local copy of the same file.
@@ -161,13 +180,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let (unpacker_rows, _) = crate::bench_unpacker::run(&bins, &pki, &work, addr, add_size, rss_size)?;
 
     // 5. imageserver peak RSS against the number of concurrent readers.
-    let readers_size = if quick { 32 << 20 } else { 128 << 20 };
-    let small = work.join("readers.raw");
-    util::write_noise(&small, readers_size, 5)?;
-    util::imagetool(&bins, addr, &ssl, &["add", "bench/readers/1", small.to_str().context("utf-8")?])?;
-    std::fs::remove_file(&small)?;
+    add_readers_image()?;
     drop(server);
     rows.push(readers_rss(&bins, &pki, &work, &ssl, readers_size)?);
+
+    // 6. untrusted input decoded 100,000 times per property.
+    rows.push(decode_fuzz(if quick { 10_000 } else { 100_000 })?);
 
     let mut md = String::from(
         "# Benchmarks\n\nWritten by `cargo xtask bench` (release builds, loopback, this 2-core shared machine). \
@@ -231,6 +249,56 @@ fn readers_rss(
     })
 }
 
+/// The property tests of manifest decoding (image-format) and of image
+/// records (chunk-store), each property run `cases` times instead of the
+/// suite's 1,000: no panic, and whatever is accepted is consistent.
+fn decode_fuzz(cases: u32) -> anyhow::Result<Row> {
+    let t = Instant::now();
+    for (package, filter) in [("image-format", "manifest_props"), ("chunk-store", "record::tests::random_damage")] {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(util::root()).args(["test", "--quiet", "-p", package]);
+        if package == "image-format" {
+            cmd.args(["--test", filter]);
+        } else {
+            cmd.args(["--lib", "--", filter]);
+        }
+        let status = cmd.env("PROPTEST_CASES", cases.to_string()).env("RECORD_CASES", cases.to_string()).status()?;
+        if !status.success() {
+            bail!("the property tests of {package} failed with {cases} cases ({status})");
+        }
+    }
+    Ok(Row {
+        what: format!(
+            "untrusted input decoded {cases} times per property: random and mutated manifests, headers and records"
+        ),
+        figure: format!("no panic; every accepted manifest and record consistent ({:.0} s)", t.elapsed().as_secs_f64()),
+        goal: "no failure".into(),
+        met: Some(true),
+    })
+}
+
+/// Put `row` into the existing document: in place of the row with the same
+/// description, else at the end of the imageserver table.
+fn replace_row(doc: &std::path::Path, old: &str, row: &Row) -> anyhow::Result<()> {
+    let mut line = String::new();
+    row_line(&mut line, row);
+    let line = line.trim_end();
+    let mut lines: Vec<String> = old.lines().map(str::to_owned).collect();
+    let prefix = format!("| {} |", row.what);
+    if let Some(l) = lines.iter_mut().find(|l| l.starts_with(&prefix)) {
+        *l = line.to_owned();
+    } else {
+        let table = lines.iter().position(|l| l.starts_with("## imageserver")).context("no imageserver table")?;
+        let end = lines[table + 1..]
+            .iter()
+            .position(|l| l.starts_with("## "))
+            .map_or(lines.len(), |i| table + 1 + i);
+        let last_row = lines[..end].iter().rposition(|l| l.starts_with('|')).context("empty imageserver table")?;
+        lines.insert(last_row + 1, line.to_owned());
+    }
+    write_doc(doc, &(lines.join("\n") + "\n"))
+}
+
 fn publisher_table(md: &mut String, rows: &[Row]) {
     table(md, PUBLISHER_TITLE, rows);
     md.push_str(
@@ -252,14 +320,18 @@ fn write_doc(doc: &std::path::Path, md: &str) -> anyhow::Result<()> {
 fn table(md: &mut String, title: &str, rows: &[Row]) {
     let _ = writeln!(md, "## {title}\n\n| what | figure | goal | met |\n|---|---|---|---|");
     for r in rows {
-        let met = match r.met {
-            Some(true) => "yes",
-            Some(false) => "**no**",
-            None => "-",
-        };
-        let _ = writeln!(md, "| {} | {} | {} | {} |", r.what, r.figure, r.goal, met);
+        row_line(md, r);
     }
     md.push('\n');
+}
+
+fn row_line(md: &mut String, r: &Row) {
+    let met = match r.met {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "-",
+    };
+    let _ = writeln!(md, "| {} | {} | {} | {} |", r.what, r.figure, r.goal, met);
 }
 
 /// Seconds to copy `from` to `to` and fsync the copy: the local baseline.

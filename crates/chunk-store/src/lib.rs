@@ -262,26 +262,54 @@ impl ChunkStore {
     /// to bytes with the right digest. A stored chunk that fails is
     /// [`StoreError::Corrupt`]: damage at rest, not a caller's mistake.
     pub fn get_compressed(&self, d: &Digest) -> Result<Vec<u8>> {
-        Ok(self.get_checked(d)?.0)
+        let z = self.read_chunk_file(d)?;
+        // Checked in a buffer each thread keeps: serving a chunk allocates
+        // only the frame that is sent (this is the imageserver's hot path,
+        // and per-chunk buffers on many threads fragment the heap).
+        thread_local! {
+            static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let max = self.max_chunk;
+        PLAIN.with_borrow_mut(|plain| {
+            plain.clear();
+            let want = match zstd::zstd_safe::get_frame_content_size(&z) {
+                Ok(Some(n)) => usize::try_from(n).unwrap_or(usize::MAX).min(max),
+                _ => max,
+            };
+            plain.reserve(want);
+            let mut dec = zstd::bulk::Decompressor::new().map_err(|e| io_err(&self.root)(e))?;
+            dec.decompress_to_buffer(&z, plain).map_err(|e| StoreError::Corrupt {
+                digest: *d,
+                why: format!("not a zstd frame of at most {} bytes: {e}", want),
+            })?;
+            if Digest::of(plain) != *d {
+                return Err(StoreError::Corrupt { digest: *d, why: "its bytes do not match its digest".into() });
+            }
+            if plain.capacity() > 2 * want.max(1 << 20) {
+                plain.shrink_to(want);
+            }
+            Ok(())
+        })?;
+        Ok(z)
     }
 
-    fn get_checked(&self, d: &Digest) -> Result<(Vec<u8>, Vec<u8>)> {
+    fn read_chunk_file(&self, d: &Digest) -> Result<Vec<u8>> {
         let p = self.chunk_path(d);
-        let z = match fs::read(&p) {
-            Ok(z) => z,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::MissingChunk(*d)),
-            Err(e) => return Err(io_err(&p)(e)),
-        };
-        let plain = self.decompress(&z).map_err(|why| StoreError::Corrupt { digest: *d, why })?;
-        if Digest::of(&plain) != *d {
-            return Err(StoreError::Corrupt { digest: *d, why: "its bytes do not match its digest".into() });
+        match fs::read(&p) {
+            Ok(z) => Ok(z),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::MissingChunk(*d)),
+            Err(e) => Err(io_err(&p)(e)),
         }
-        Ok((z, plain))
     }
 
     /// The plain bytes of a chunk, digest checked.
     pub fn get_plain(&self, d: &Digest) -> Result<Vec<u8>> {
-        Ok(self.get_checked(d)?.1)
+        let z = self.read_chunk_file(d)?;
+        let plain = self.decompress(&z).map_err(|why| StoreError::Corrupt { digest: *d, why })?;
+        if Digest::of(&plain) != *d {
+            return Err(StoreError::Corrupt { digest: *d, why: "its bytes do not match its digest".into() });
+        }
+        Ok(plain)
     }
 
     /// The plain length of a stored chunk: from its zstd frame header when

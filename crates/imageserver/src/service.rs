@@ -34,7 +34,7 @@ pub(crate) const READ_AHEAD: usize = 8;
 /// size) and its blocking threads: each read holds a slot from before it
 /// starts until its chunk is handed to HTTP/2, whose send buffer per stream
 /// is small and fixed.
-pub(crate) const READ_SLOTS: usize = 32;
+pub(crate) const READ_SLOTS: usize = 16;
 /// A fetch whose client takes no chunk for this long is ended, so that a
 /// stalled reader cannot keep its slots from the others.
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(120);
