@@ -12,6 +12,7 @@ mod demo;
 mod dist;
 mod mutants;
 mod util;
+mod world;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -27,6 +28,9 @@ Commands:
                   disk image, publish it everywhere with ami-publisher, check
                   the bytes behind every AMI, publish a next leaf differing in
                   a few percent and show how few bytes moved
+  world           the local world (moto as EC2, two accounts, an unpacker per
+                  target) kept up until Ctrl-C, with export lines for trying
+                  ami-publisher by hand (docs/world.md); --regions R,R...
   dist [--out DIR] shell completions (bash, zsh, fish) and man pages for
                   ami-publisher, generated from its CLI definition
                   (default DIR: target/dist)
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
+        Some("world") => world::run(&args[1..]),
         Some("mutants") if args.iter().take_while(|a| *a != "--").any(|a| a == "--help" || a == "-h") => {
             println!("{}", mutants::USAGE);
             return ExitCode::SUCCESS;
