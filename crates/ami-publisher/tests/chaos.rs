@@ -21,7 +21,6 @@ async fn world_with(accounts: &[&str], regions: &[&str], faults: &str, seed: u64
     let plan = Plan {
         accounts: accounts.iter().map(|s| (*s).to_owned()).collect(),
         regions: regions.iter().map(|s| (*s).to_owned()).collect(),
-        ..Plan::new(&[])
     }
     .pace("aws")
     .faults(faults)
