@@ -194,7 +194,6 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let _ = writeln!(md, "Run: {}{}\n", humantime_now(), if quick { " (--quick: smaller sizes)" } else { "" });
     table(&mut md, "imageserver and imagetool", &rows);
     table(&mut md, "image-unpacker", &unpacker_rows);
-    table(&mut md, "image-format", &[crate::mutants::property_row()?]);
     let publisher_rows = crate::bench_publisher::run(&work, 8)?;
     publisher_table(&mut md, &publisher_rows);
     crate::mutants::keep_section(&old, &mut md);

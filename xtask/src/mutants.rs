@@ -1,6 +1,7 @@
 //! `cargo xtask mutants`: mutation testing (cargo-mutants) of the modules
 //! that guard integrity: does the test suite notice when a check in them is
-//! changed? Also the property tests' benchmark row.
+//! changed? Also keeps its section of docs/benchmarks.md through `cargo
+//! xtask bench`.
 //!
 //! Each module gets its own cargo-mutants run, and each mutant is tested
 //! with the tests of the packages that exercise that module (its own, and
@@ -13,7 +14,7 @@ use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::{bench::Row, util};
+use crate::util;
 
 /// An integrity-critical module and the packages whose tests exercise it.
 struct Module {
@@ -213,25 +214,6 @@ fn count(results: &Path) -> anyhow::Result<[usize; 4]> {
         counts[k] = text.lines().filter(|l| !l.trim().is_empty()).count();
     }
     Ok(counts)
-}
-
-/// `cargo xtask bench`'s row for the manifest property tests, run with
-/// 100,000 cases per property (the suite runs 1,000).
-pub(crate) fn property_row() -> anyhow::Result<Row> {
-    const CASES: u32 = 100_000;
-    let t = Instant::now();
-    let status = Command::new("cargo")
-        .current_dir(util::root())
-        .args(["test", "--quiet", "-p", "image-format", "--test", "manifest_props"])
-        .env("PROPTEST_CASES", CASES.to_string())
-        .status()
-        .context("running the manifest property tests")?;
-    Ok(Row {
-        what: format!("manifest decoding, property tests: {CASES} random and mutated manifests per property"),
-        figure: format!("{} in {:.0} s", if status.success() { "passed" } else { "FAILED" }, t.elapsed().as_secs_f64()),
-        goal: "no panic; every accepted manifest consistent".into(),
-        met: Some(status.success()),
-    })
 }
 
 /// The title of the section of docs/benchmarks.md that this command's
