@@ -36,7 +36,9 @@ Commands:
                   (default DIR: target/dist)
   bench           build release binaries, run the benchmarks and write the
                   figures to docs/benchmarks.md; --quick: smaller sizes;
-                  --only publisher: just the publisher's 1 vs 24 targets
+                  --only publisher: just the publisher's 1 vs 24 targets;
+                  --only imageserver-memory: peak RSS with 4, 16, 64 readers;
+                  --only decode-fuzz: 100,000 cases per property test
   mutants         mutation testing (cargo-mutants) of the integrity-critical
                   modules; `cargo xtask mutants --help` for more
 ";
