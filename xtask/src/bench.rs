@@ -47,7 +47,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     if args.windows(2).any(|w| w[0] == "--only" && w[1] == "decode-fuzz") {
         let row = decode_fuzz(if quick { 10_000 } else { 100_000 })?;
-        return replace_row(&doc, &old, &row);
+        return replace_row(&doc, &row);
     }
     println!("== building release binaries");
     let bins = util::build(&["imageserver", "imagetool", "image-unpacker", "unpacker-tool"], true)?;
@@ -68,7 +68,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         drop(server);
         let row = readers_rss(&bins, &pki, &work, &ssl, readers_size)?;
         println!("{} | {} | {}", row.what, row.figure, row.goal);
-        return replace_row(&doc, &old, &row);
+        return replace_row(&doc, &row);
     }
     let mut rows = Vec::new();
 
@@ -278,7 +278,10 @@ fn decode_fuzz(cases: u32) -> anyhow::Result<Row> {
 
 /// Put `row` into the existing document: in place of the row with the same
 /// description, else at the end of the imageserver table.
-fn replace_row(doc: &std::path::Path, old: &str, row: &Row) -> anyhow::Result<()> {
+fn replace_row(doc: &std::path::Path, row: &Row) -> anyhow::Result<()> {
+    // Read now, not when the run started: the document may have changed
+    // while the measurement ran.
+    let old = std::fs::read_to_string(doc)?;
     let mut line = String::new();
     row_line(&mut line, row);
     let line = line.trim_end();
