@@ -374,11 +374,7 @@ impl ChunkStore {
         self.check_chunks(name, manifest)?;
         let path = self.record_path(name);
         if let Some(existing) = self.get_image_opt(name)? {
-            return if existing.image_id == manifest.image_id() {
-                Ok((existing, false))
-            } else {
-                Err(StoreError::LeafExists { name: name.to_string(), existing: existing.image_id })
-            };
+            return already_committed(name, existing, manifest);
         }
         let dir = path.parent().expect("record path has a parent");
         fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -393,13 +389,9 @@ impl ChunkStore {
         let _ = fs::remove_file(&tmp);
         match linked {
             Ok(()) => {}
+            // Another commit of the leaf got there first.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let existing = self.get_image(name)?;
-                return if existing.image_id == manifest.image_id() {
-                    Ok((existing, false))
-                } else {
-                    Err(StoreError::LeafExists { name: name.to_string(), existing: existing.image_id })
-                };
+                return already_committed(name, self.get_image(name)?, manifest);
             }
             Err(e) => return Err(io_err(&path)(e)),
         }
@@ -559,6 +551,17 @@ impl ChunkStore {
         }
         tracing::info!(?report, dry_run, "garbage collection done");
         Ok(report)
+    }
+}
+
+/// A commit of `name` that finds `existing` there: a no-op when it is the
+/// same image, else refused (a committed leaf never changes). The one rule
+/// for both the plain re-commit and the lost race for the name.
+fn already_committed(name: &ImageName, existing: StoredImage, manifest: &Manifest) -> Result<(StoredImage, bool)> {
+    if existing.image_id == manifest.image_id() {
+        Ok((existing, false))
+    } else {
+        Err(StoreError::LeafExists { name: name.to_string(), existing: existing.image_id })
     }
 }
 
