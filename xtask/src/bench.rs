@@ -312,8 +312,19 @@ fn publisher_table(md: &mut String, rows: &[Row]) {
     );
 }
 
+/// The hand-written section of docs/benchmarks.md, kept whenever the
+/// measured tables are rewritten.
+const MUTATION_TITLE: &str = "\n## Mutation testing";
+
 fn write_doc(doc: &std::path::Path, md: &str) -> anyhow::Result<()> {
-    std::fs::write(doc, md)?;
+    let mut md = md.to_owned();
+    let now = std::fs::read_to_string(doc).unwrap_or_default();
+    if !md.contains(MUTATION_TITLE)
+        && let Some(i) = now.find(MUTATION_TITLE)
+    {
+        md = format!("{}\n{}", md.trim_end(), &now[i..]);
+    }
+    std::fs::write(doc, &md)?;
     println!("{md}");
     println!("written to {}", doc.display());
     Ok(())
