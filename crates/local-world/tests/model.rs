@@ -158,7 +158,10 @@ async fn resources_pass_through_their_pending_states_as_in_ec2() {
         d.volumes()[0].state().unwrap().as_str().to_owned()
     })
     .await;
-    assert_eq!(seen, ["in-use", "available"]);
+    // The refused delete above proves the detach was under way; whether a
+    // describe still catches it depends on how loaded the machine is.
+    assert_eq!(seen.last().map(String::as_str), Some("available"), "{seen:?}");
+    assert!(seen[..seen.len() - 1].iter().all(|s| s == "in-use"), "{seen:?}");
 
     // The instance is `stopping`, then `stopped`; `pending`, then `running`;
     // between states it can be neither started nor stopped.
