@@ -54,7 +54,90 @@ pub async fn ensure(
     spec: &VolumeSpec,
     line: &Line,
 ) -> anyhow::Result<String> {
-    let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+    let owner = lease_owner();
+    let waiting_since = Instant::now();
+    let status = loop {
+        let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+        if status.streams.iter().any(|s| s.stream == spec.stream) {
+            break status;
+        }
+        // The stream has no volume: one publish sets one up, the others
+        // wait for its binding, so two first publishes make one volume.
+        match lease(c, &spec.stream, &owner, spec.timeout.saturating_mul(2) + Duration::from_secs(60)).await? {
+            Setup::Ours => break status,
+            Setup::Bound => continue,
+            Setup::HeldBy { holder, left } => {
+                if waiting_since.elapsed() > spec.timeout.saturating_mul(2) {
+                    bail!(
+                        "{holder} has been setting up a volume for {} on the unpacker for over {}s; \
+                         its lease ends in {left}s",
+                        spec.stream,
+                        waiting_since.elapsed().as_secs()
+                    );
+                }
+                line.step(format!("waiting for another publish to set up the stream's volume ({left}s at most)"));
+                tokio::time::sleep(LEASE_POLL).await;
+            }
+        }
+    };
+    let result = ensure_with(ec2, c, inst, spec, line, status).await;
+    if result.is_err() {
+        // Let a waiting publish try at once rather than when the lease ends
+        // (a binding made ends it anyway).
+        let _ = c
+            .lease_stream_setup(uc::LeaseRequest { stream: spec.stream.clone(), owner, seconds: 0 })
+            .await;
+    }
+    result
+}
+
+/// How often a publish waiting for another's volume set-up looks again.
+const LEASE_POLL: Duration = Duration::from_secs(1);
+
+/// What a set-up lease request found.
+enum Setup {
+    /// This publish sets the stream's volume up (also when the unpacker
+    /// predates leases: it then behaves as before them).
+    Ours,
+    /// The stream got a volume meanwhile.
+    Bound,
+    /// Another publish is setting it up.
+    HeldBy { holder: String, left: u32 },
+}
+
+fn lease_owner() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("ami-publisher/{}/{nanos:x}", std::process::id())
+}
+
+async fn lease(c: &mut uc::Client, stream: &str, owner: &str, lasting: Duration) -> anyhow::Result<Setup> {
+    let seconds = u32::try_from(lasting.as_secs()).unwrap_or(u32::MAX);
+    let req = uc::LeaseRequest { stream: stream.to_owned(), owner: owner.to_owned(), seconds };
+    match c.lease_stream_setup(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            Ok(if r.granted {
+                Setup::Ours
+            } else if !r.bound_volume_id.is_empty() {
+                Setup::Bound
+            } else {
+                Setup::HeldBy { holder: r.holder, left: r.seconds_left }
+            })
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => Ok(Setup::Ours),
+        Err(s) => Err(anyhow::Error::new(s).context(format!("asking to set up a volume for {stream}"))),
+    }
+}
+
+/// [`ensure`] once the stream is bound, or this publish may set it up.
+async fn ensure_with(
+    ec2: &Client,
+    c: &mut uc::Client,
+    inst: &UnpackerInstance,
+    spec: &VolumeSpec,
+    line: &Line,
+    status: uc::Status,
+) -> anyhow::Result<String> {
     let size_of = |vol: &str| status.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
     if let Some(bound) = status.streams.iter().find(|s| s.stream == spec.stream) {
         let have = size_of(&bound.volume_id);

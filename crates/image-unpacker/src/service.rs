@@ -28,7 +28,7 @@ use std::{
 };
 
 use fleet_proto::unpacker::{
-    AddDeviceRequest, AssociateRequest, Capture, ClaimDeviceRequest, Device, Empty, ForgetStreamRequest, GetRawRequest,
+    AddDeviceRequest, AssociateRequest, Capture, Lease, LeaseRequest, ClaimDeviceRequest, Device, Empty, ForgetStreamRequest, GetRawRequest,
     GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, RawData, ReleaseCaptureRequest,
     RemoveDeviceRequest, Status as UnpackerStatus, StreamStatus, UnpackImageRequest, UnpackStats,
     image_unpacker_server::ImageUnpacker,
@@ -53,6 +53,8 @@ pub(crate) const DEFAULT_ADD_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const MAX_ADD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The longest capture hold granted, whatever the caller asks.
 pub(crate) const MAX_HOLD: Duration = Duration::from_secs(900);
+/// The longest set-up lease granted, whatever the caller asks.
+pub(crate) const MAX_LEASE: Duration = Duration::from_secs(900);
 /// How often a caller waiting for a capture hold is told it still waits.
 pub(crate) const WAIT_REPORT_EVERY: Duration = Duration::from_secs(5);
 
@@ -70,6 +72,10 @@ pub struct ServiceConfig {
 struct Inner {
     state: Mutex<State>,
     busy: Mutex<HashMap<String, &'static str>>,
+    /// Set-up leases of streams that have no device yet: owner and end.
+    /// In memory only: a restart ends them, and a publisher that then finds
+    /// the stream unbound asks again.
+    leases: Mutex<HashMap<String, (String, Instant)>>,
     released: tokio::sync::Notify,
     config: ServiceConfig,
     metrics: Arc<Metrics>,
@@ -149,6 +155,7 @@ impl Unpacker {
         Ok(Unpacker(Arc::new(Inner {
             state: Mutex::new(state),
             busy: Mutex::default(),
+            leases: Mutex::default(),
             released: tokio::sync::Notify::new(),
             config,
             metrics,
@@ -752,6 +759,37 @@ impl ImageUnpacker for Unpacker {
         Ok(Response::new(self.record_device(&r.volume_id, path, None, r.fresh)?))
     }
 
+    async fn lease_stream_setup(&self, req: Request<LeaseRequest>) -> Result<Response<Lease>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        check_stream(&r.stream)?;
+        if r.owner.is_empty() {
+            return Err(Status::invalid_argument("a set-up lease needs an owner"));
+        }
+        if let Some(s) = self.state().streams.get(&r.stream) {
+            return Ok(Response::new(Lease { bound_volume_id: s.volume_id.clone(), ..Default::default() }));
+        }
+        let mut leases = self.0.leases.lock().expect("lease lock");
+        let now = Instant::now();
+        leases.retain(|_, (_, end)| *end > now);
+        match leases.get(&r.stream) {
+            Some((owner, end)) if *owner != r.owner => {
+                let left = u32::try_from(end.saturating_duration_since(now).as_secs()).unwrap_or(u32::MAX);
+                return Ok(Response::new(Lease { holder: owner.clone(), seconds_left: left.max(1), ..Default::default() }));
+            }
+            _ => {}
+        }
+        if r.seconds == 0 {
+            leases.remove(&r.stream);
+            return Ok(Response::new(Lease::default()));
+        }
+        let seconds = Duration::from_secs(u64::from(r.seconds)).min(MAX_LEASE);
+        leases.insert(r.stream.clone(), (r.owner.clone(), now + seconds));
+        tracing::info!(stream = %r.stream, owner = %r.owner, ?seconds, "stream set-up leased");
+        let left = u32::try_from(seconds.as_secs()).unwrap_or(u32::MAX);
+        Ok(Response::new(Lease { granted: true, holder: r.owner, seconds_left: left, ..Default::default() }))
+    }
+
     async fn associate_stream_with_device(
         &self,
         req: Request<AssociateRequest>,
@@ -782,6 +820,7 @@ impl ImageUnpacker for Unpacker {
                 r.stream, s.volume_id
             )));
         }
+        self.0.leases.lock().expect("lease lock").remove(&r.stream);
         state.streams.insert(
             r.stream.clone(),
             StreamRecord {

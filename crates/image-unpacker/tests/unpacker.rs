@@ -705,3 +705,27 @@ async fn a_scan_waiting_for_a_capture_hold_says_what_it_waits_for() {
         .unwrap();
     assert_eq!(last.phase, "done", "the scan ran once the hold was released");
 }
+
+#[tokio::test]
+async fn one_caller_at_a_time_sets_up_a_new_streams_volume() {
+    use image_unpacker::client::LeaseRequest;
+    let rig = Rig::new().await;
+    let mut c = rig.client().await;
+    let ask = |owner: &str, seconds: u32| LeaseRequest { stream: STREAM.into(), owner: owner.into(), seconds };
+    let a = c.lease_stream_setup(ask("a", 60)).await.unwrap().into_inner();
+    assert!(a.granted && a.seconds_left == 60, "{a:?}");
+    let b = c.lease_stream_setup(ask("b", 60)).await.unwrap().into_inner();
+    assert!(!b.granted && b.holder == "a" && b.seconds_left > 0, "{b:?}");
+    assert!(c.lease_stream_setup(ask("a", 60)).await.unwrap().into_inner().granted, "the holder may ask again");
+    // Another caller cannot release it; its holder can.
+    c.lease_stream_setup(ask("b", 0)).await.unwrap();
+    assert!(!c.lease_stream_setup(ask("b", 60)).await.unwrap().into_inner().granted);
+    c.lease_stream_setup(ask("a", 0)).await.unwrap();
+    assert!(c.lease_stream_setup(ask("b", 60)).await.unwrap().into_inner().granted, "released by its holder");
+    // Binding the stream ends the lease: there is nothing left to set up.
+    let _dev = rig.bound_device(&mut c, "vol-0000000000000024", 64 * CHUNK as u64, true).await;
+    let after = c.lease_stream_setup(ask("a", 60)).await.unwrap().into_inner();
+    assert!(!after.granted && after.bound_volume_id == "vol-0000000000000024", "{after:?}");
+    let e = c.lease_stream_setup(ask("", 60)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
