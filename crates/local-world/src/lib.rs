@@ -51,6 +51,26 @@ pub const ACCOUNTS: [&str; 2] = ["first", "second"];
 /// The port unpackers listen on (as in production).
 pub const UNPACKER_PORT: u16 = image_unpacker::DEFAULT_PORT;
 
+/// A second address octet (the world's unpackers listen on 127.OCTET.N.10)
+/// that no other live world on this machine uses: worlds run at once in
+/// parallel tests, the demo and benchmarks, and two on one octet would fight
+/// over the unpacker port. Each world holds an exclusive lock on its
+/// octet's file under target/ while it lives; the search starts at a place
+/// given by the process id.
+fn claim_octet() -> anyhow::Result<(u8, std::fs::File)> {
+    let dir = workspace_target().join("world-octets");
+    std::fs::create_dir_all(&dir)?;
+    let start = std::process::id() % 200;
+    for i in 0..200 {
+        let octet = 2 + u8::try_from((start + i) % 200).expect("below 200");
+        let f = std::fs::File::create(dir.join(octet.to_string()))?;
+        if f.try_lock().is_ok() {
+            return Ok((octet, f));
+        }
+    }
+    anyhow::bail!("no free address octet for a local world: 200 worlds are running on this machine")
+}
+
 fn workspace_target() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -228,6 +248,8 @@ pub struct World {
     attacher: tokio::task::JoinHandle<()>,
     moto: Moto,
     variables: Vec<(String, String)>,
+    /// The lock on this world's address octet, held while it lives.
+    _octet: std::fs::File,
 }
 
 impl Drop for World {
@@ -380,6 +402,7 @@ impl World {
                 said("LOCAL_WORLD_SEED").unwrap_or_default()
             );
         }
+        let (base, octet_lock) = claim_octet()?;
         let (config_file, credentials_file) = write_profiles(dir.path(), &moto.endpoint)?;
         let pki = Pki::new(&dir.path().join("pki"))?;
         let imageserver = test_support::imageserver(&pki, &dir.path().join("images")).await?;
@@ -394,9 +417,8 @@ impl World {
             moto,
             variables,
             dir,
+            _octet: octet_lock,
         };
-        // A random second octet keeps concurrent worlds' addresses apart.
-        let base = 2 + u8::try_from(std::process::id() % 200).unwrap_or(0);
         let mut n = 0u8;
         for account in &plan.accounts {
             for region in &plan.regions {
