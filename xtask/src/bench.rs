@@ -291,10 +291,7 @@ fn replace_row(doc: &std::path::Path, row: &Row) -> anyhow::Result<()> {
         *l = line.to_owned();
     } else {
         let table = lines.iter().position(|l| l.starts_with("## imageserver")).context("no imageserver table")?;
-        let end = lines[table + 1..]
-            .iter()
-            .position(|l| l.starts_with("## "))
-            .map_or(lines.len(), |i| table + 1 + i);
+        let end = lines[table + 1..].iter().position(|l| l.starts_with("## ")).map_or(lines.len(), |i| table + 1 + i);
         let last_row = lines[..end].iter().rposition(|l| l.starts_with('|')).context("empty imageserver table")?;
         lines.insert(last_row + 1, line.to_owned());
     }

@@ -175,7 +175,9 @@ async fn throttled(bins: &Path, work: &Path, img: &Path) -> anyhow::Result<Row> 
     let throttled = world.api_outcomes("ami-publisher", "throttle").values().sum::<u64>() - throttled0;
     let calls = world.api_calls("ami-publisher").values().sum::<u64>() - calls0;
     let ratio = all / one;
-    println!("== publisher with {FAULTS}: 1 target {one:.2} s, 24 targets {all:.2} s, {throttled} of {calls} calls throttled");
+    println!(
+        "== publisher with {FAULTS}: 1 target {one:.2} s, 24 targets {all:.2} s, {throttled} of {calls} calls throttled"
+    );
     Ok(Row {
         what: format!("the same publish with {FAULTS} (seeded): 24 targets vs 1, and the throttled answers retried"),
         figure: format!(

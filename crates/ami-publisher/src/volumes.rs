@@ -84,9 +84,7 @@ pub async fn ensure(
     if result.is_err() {
         // Let a waiting publish try at once rather than when the lease ends
         // (a binding made ends it anyway).
-        let _ = c
-            .lease_stream_setup(uc::LeaseRequest { stream: spec.stream.clone(), owner, seconds: 0 })
-            .await;
+        let _ = c.lease_stream_setup(uc::LeaseRequest { stream: spec.stream.clone(), owner, seconds: 0 }).await;
     }
     result
 }

@@ -171,15 +171,17 @@ impl ChunkStore {
                 let Ok(name) = ImageName::new(&stream, &leaf) else { continue };
                 let bytes = fs::read(&path).map_err(io_err(&path))?;
                 let Some(legacy) = record::decode_legacy(&bytes) else { continue };
-                let checked = legacy.map_err(|e| e.to_string()).and_then(|(ms, m)| {
-                    self.check_chunks(&name, &m).map(|()| (ms, m)).map_err(|e| e.to_string())
-                });
+                let checked = legacy
+                    .map_err(|e| e.to_string())
+                    .and_then(|(ms, m)| self.check_chunks(&name, &m).map(|()| (ms, m)).map_err(|e| e.to_string()));
                 match checked {
                     Ok((ms, m)) => {
                         write_atomic(&path, &record::encode(&name, ms, &m))?;
                         tracing::info!(image = %name, "image record upgraded to format 2");
                     }
-                    Err(why) => tracing::error!(image = %name, %why, "format 1 image record failed its checks; left as it is"),
+                    Err(why) => {
+                        tracing::error!(image = %name, %why, "format 1 image record failed its checks; left as it is")
+                    }
                 }
             }
         }
@@ -255,7 +257,8 @@ impl ChunkStore {
     }
 
     fn decompress(&self, zstd_data: &[u8]) -> Result<Vec<u8>, String> {
-        zstd::bulk::decompress(zstd_data, self.max_chunk).map_err(|e| format!("not a zstd frame of at most 16 MiB: {e}"))
+        zstd::bulk::decompress(zstd_data, self.max_chunk)
+            .map_err(|e| format!("not a zstd frame of at most 16 MiB: {e}"))
     }
 
     /// The stored zstd frame of a chunk, after checking that it decompresses
@@ -718,9 +721,13 @@ mod tests {
         let name_at = 18;
         let id_at = name_at + "base/os/1".len();
         let manifest_at = id_at + 32;
-        for (field, at) in
-            [("time", 9), ("name", name_at + 2), ("id", id_at + 5), ("size", manifest_at + 14), ("digest", manifest_at + 31 + 7)]
-        {
+        for (field, at) in [
+            ("time", 9),
+            ("name", name_at + 2),
+            ("id", id_at + 5),
+            ("size", manifest_at + 14),
+            ("digest", manifest_at + 31 + 7),
+        ] {
             let mut bad = good.clone();
             bad[at] ^= 1;
             fs::write(&path, &bad).unwrap();
@@ -753,17 +760,11 @@ mod tests {
         // An over-long chunk in a full slot of a 4 KiB-chunk image.
         let m = Manifest::new(4096, 4096, vec![ChunkRef::Data(long)]).unwrap();
         let err = s.commit(&name, &m).unwrap_err();
-        assert!(
-            matches!(err, StoreError::ChunkLength { index: 0, expected: 4096, stored: 8192, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, StoreError::ChunkLength { index: 0, expected: 4096, stored: 8192, .. }), "{err}");
         // An over-short chunk in a full slot.
         let m = Manifest::new(4096, 8192, vec![ChunkRef::Zero, ChunkRef::Data(short)]).unwrap();
         let err = s.commit(&name, &m).unwrap_err();
-        assert!(
-            matches!(err, StoreError::ChunkLength { index: 1, expected: 4096, stored: 1000, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, StoreError::ChunkLength { index: 1, expected: 4096, stored: 1000, .. }), "{err}");
         // A right-length short tail is fine.
         let m = Manifest::new(4096, 5096, vec![ChunkRef::Zero, ChunkRef::Data(short)]).unwrap();
         s.commit(&name, &m).unwrap();

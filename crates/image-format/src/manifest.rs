@@ -82,7 +82,9 @@ pub enum ManifestError {
     Trailing(usize),
     #[error("'{0}' is not a 32-byte hex digest")]
     BadDigest(String),
-    #[error("chunk {digest} is both the short last chunk {last} and the full chunk {index}: one digest cannot have two lengths")]
+    #[error(
+        "chunk {digest} is both the short last chunk {last} and the full chunk {index}: one digest cannot have two lengths"
+    )]
     LengthConflict { digest: Digest, index: u64, last: u64 },
 }
 

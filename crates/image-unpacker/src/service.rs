@@ -28,10 +28,10 @@ use std::{
 };
 
 use fleet_proto::unpacker::{
-    AddDeviceRequest, AssociateRequest, Capture, Lease, LeaseRequest, ClaimDeviceRequest, Device, Empty, ForgetStreamRequest, GetRawRequest,
-    GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, RawData, ReleaseCaptureRequest,
-    RemoveDeviceRequest, Status as UnpackerStatus, StreamStatus, UnpackImageRequest, UnpackStats,
-    image_unpacker_server::ImageUnpacker,
+    AddDeviceRequest, AssociateRequest, Capture, ClaimDeviceRequest, Device, Empty, ForgetStreamRequest, GetRawRequest,
+    GetStatusRequest, Lease, LeaseRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, RawData,
+    ReleaseCaptureRequest, RemoveDeviceRequest, Status as UnpackerStatus, StreamStatus, UnpackImageRequest,
+    UnpackStats, image_unpacker_server::ImageUnpacker,
 };
 use fleet_tls::{Right, TlsFiles};
 use futures::{Stream, StreamExt as _};
@@ -775,7 +775,11 @@ impl ImageUnpacker for Unpacker {
         match leases.get(&r.stream) {
             Some((owner, end)) if *owner != r.owner => {
                 let left = u32::try_from(end.saturating_duration_since(now).as_secs()).unwrap_or(u32::MAX);
-                return Ok(Response::new(Lease { holder: owner.clone(), seconds_left: left.max(1), ..Default::default() }));
+                return Ok(Response::new(Lease {
+                    holder: owner.clone(),
+                    seconds_left: left.max(1),
+                    ..Default::default()
+                }));
             }
             _ => {}
         }

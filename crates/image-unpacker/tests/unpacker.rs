@@ -678,7 +678,10 @@ async fn a_chunk_longer_than_its_manifest_says_is_never_written() {
     let e = unpack(&mut c, "1").await.unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     assert!(e.message().contains("manifest gives it"), "{}", e.message());
-    assert!(dev.read(4 * CHUNK as usize).unwrap().iter().all(|&b| b == 0), "nothing written, past the end least of all");
+    assert!(
+        dev.read(4 * CHUNK as usize).unwrap().iter().all(|&b| b == 0),
+        "nothing written, past the end least of all"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

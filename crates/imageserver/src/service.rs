@@ -10,11 +10,10 @@ use std::{
 use chunk_store::{ChunkStore, StoreError, StoredImage};
 use fleet_proto::imageserver::{
     Chunk, CollectGarbageRequest, CollectGarbageResponse, CommitImageRequest, DamagedImage, DeleteImageRequest,
-    DeleteImageResponse,
-    FetchChunksRequest, FindLatestImageRequest, FindMissingChunksRequest, FindMissingChunksResponse,
-    GetManifestRequest, GetManifestResponse, ImageEvent, ImageInfo, ListImagesRequest, ListImagesResponse,
-    ListStreamsRequest, ListStreamsResponse, ReplicateRequest, UploadChunk, UploadChunksResponse, WatchImagesRequest,
-    image_event::Kind, image_server_server::ImageServer,
+    DeleteImageResponse, FetchChunksRequest, FindLatestImageRequest, FindMissingChunksRequest,
+    FindMissingChunksResponse, GetManifestRequest, GetManifestResponse, ImageEvent, ImageInfo, ListImagesRequest,
+    ListImagesResponse, ListStreamsRequest, ListStreamsResponse, ReplicateRequest, UploadChunk, UploadChunksResponse,
+    WatchImagesRequest, image_event::Kind, image_server_server::ImageServer,
 };
 use fleet_tls::Right;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -387,7 +386,9 @@ impl ImageServer for ImageService {
         let store = self.store.clone();
         let all = blocking(move || store.list_all_images()).await?;
         let snapshot = futures::stream::iter(
-            all.images.into_iter().map(|img| Ok(ImageEvent { kind: Kind::Committed as i32, info: Some(info_of(&img)) })),
+            all.images
+                .into_iter()
+                .map(|img| Ok(ImageEvent { kind: Kind::Committed as i32, info: Some(info_of(&img)) })),
         );
         Ok(Response::new(Box::pin(snapshot.chain(live))))
     }

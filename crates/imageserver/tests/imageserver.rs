@@ -510,7 +510,10 @@ async fn a_commit_whose_chunks_are_not_the_lengths_its_manifest_implies_is_refus
     let short = upload(&mut c, &noise(CHUNK as usize / 2, 2)).await;
     let cases = [
         ("over-long", Manifest::new(CHUNK, u64::from(CHUNK), vec![ChunkRef::Data(long)]).unwrap()),
-        ("over-short", Manifest::new(CHUNK, 2 * u64::from(CHUNK), vec![ChunkRef::Data(short), ChunkRef::Zero]).unwrap()),
+        (
+            "over-short",
+            Manifest::new(CHUNK, 2 * u64::from(CHUNK), vec![ChunkRef::Data(short), ChunkRef::Zero]).unwrap(),
+        ),
     ];
     for (what, m) in cases {
         let err = c
@@ -540,7 +543,11 @@ async fn readers_refuse_a_chunk_whose_length_is_not_the_manifests() {
     let short = upload(&mut c, &noise(CHUNK as usize / 2, 4)).await;
     let cases = [
         ("1", Manifest::new(CHUNK, u64::from(CHUNK), vec![ChunkRef::Data(long)]).unwrap(), 2 * CHUNK),
-        ("2", Manifest::new(CHUNK, 2 * u64::from(CHUNK), vec![ChunkRef::Data(short), ChunkRef::Zero]).unwrap(), CHUNK / 2),
+        (
+            "2",
+            Manifest::new(CHUNK, 2 * u64::from(CHUNK), vec![ChunkRef::Data(short), ChunkRef::Zero]).unwrap(),
+            CHUNK / 2,
+        ),
     ];
     for (leaf, m, got) in cases {
         let p = record_path(&w, "s", leaf);

@@ -151,7 +151,8 @@ fn check_input(file: &Path, format: &str) -> anyhow::Result<()> {
         bail!("'{shown}' is a damaged {format} image: qemu-img map failed: {}", first_lines(&out.stderr));
     }
     let len = std::fs::metadata(file)?.len();
-    extents_inside(&out.stdout, len).map_err(|why| anyhow::anyhow!("'{shown}' is a truncated or damaged {format} image: {why}"))
+    extents_inside(&out.stdout, len)
+        .map_err(|why| anyhow::anyhow!("'{shown}' is a truncated or damaged {format} image: {why}"))
 }
 
 /// Whether every data extent in `qemu-img map --output=json` output lies
