@@ -144,24 +144,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     std::fs::remove_file(&big)?;
     let before = server.peak_rss()?;
     let t = Instant::now();
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            Command::new(bins.join("imagetool"))
-                .arg("--server")
-                .arg(addr.to_string())
-                .arg("--ssl-dir")
-                .arg(&ssl)
-                .args(["--json", "verify", "bench/big/1"])
-                .stdout(Stdio::null())
-                .spawn()
-        })
-        .collect::<Result<_, _>>()?;
-    for mut c in clients {
-        let s = c.wait()?;
-        if !s.success() {
-            bail!("a fetching client failed ({s})");
-        }
-    }
+    verify_at_once(&bins, addr, &ssl, "bench/big/1", 4)?;
     let fetch_secs = t.elapsed().as_secs_f64();
     let peak = server.peak_rss()?;
     rows.push(Row {
@@ -200,6 +183,35 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     write_doc(&doc, &md)
 }
 
+/// Run `n` `imagetool verify IMAGE` processes at once and wait for all.
+fn verify_at_once(
+    bins: &std::path::Path,
+    addr: std::net::SocketAddr,
+    ssl: &std::path::Path,
+    image: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let clients: Vec<_> = (0..n)
+        .map(|_| {
+            Command::new(bins.join("imagetool"))
+                .arg("--server")
+                .arg(addr.to_string())
+                .arg("--ssl-dir")
+                .arg(ssl)
+                .args(["--json", "verify", image])
+                .stdout(Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    for mut c in clients {
+        let s = c.wait()?;
+        if !s.success() {
+            bail!("a client verifying {image} failed ({s})");
+        }
+    }
+    Ok(())
+}
+
 /// Peak RSS of a fresh imageserver while N clients verify the same image at
 /// once, for N = 4, 16, 64: memory must be set by the server's own bounds,
 /// not by how many read.
@@ -217,24 +229,7 @@ fn readers_rss(
         let (server, addr) = util::start_imageserver(bins, pki, &work.join("data"), &log)?;
         let before = server.peak_rss()?;
         let t = Instant::now();
-        let clients: Vec<_> = (0..n)
-            .map(|_| {
-                Command::new(bins.join("imagetool"))
-                    .arg("--server")
-                    .arg(addr.to_string())
-                    .arg("--ssl-dir")
-                    .arg(ssl)
-                    .args(["--json", "verify", "bench/readers/1"])
-                    .stdout(Stdio::null())
-                    .spawn()
-            })
-            .collect::<Result<_, _>>()?;
-        for mut c in clients {
-            let s = c.wait()?;
-            if !s.success() {
-                bail!("a reader failed ({s}); see {}", log.display());
-            }
-        }
+        verify_at_once(bins, addr, ssl, "bench/readers/1", n).with_context(|| format!("see {}", log.display()))?;
         let secs = t.elapsed().as_secs_f64();
         let peak = server.peak_rss()?;
         worst = worst.max(peak);

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::{
     aws::{Aws, sdk_error},
     progress::Board,
-    publish::{image_available, snapshot_completed},
+    publish::{image_available, image_named, snapshot_completed},
     results::PublishResults,
     retry,
     tags::{self, tag_filter},
@@ -883,19 +883,14 @@ async fn register_copy(
             async move { req.send().await.map(|out| out.image_id().unwrap_or_default().to_owned()) }
         },
         || async {
-            let out = ec2
-                .describe_images()
-                .owners("self")
-                .filters(tags::filter("name", name))
-                .send()
-                .await
-                .map_err(|e| sdk_error("DescribeImages by name", e))?;
+            // AMI names are unique per account and region.
+            let named = image_named(ec2, name).await?;
             let uses_copies = |i: &&aws_sdk_ec2::types::Image| {
                 i.block_device_mappings()
                     .iter()
                     .any(|m| m.ebs().and_then(|e| e.snapshot_id()).is_some_and(|s| copies.iter().any(|c| c == s)))
             };
-            anyhow::Ok(out.images().iter().find(uses_copies).and_then(|i| i.image_id().map(str::to_owned)))
+            anyhow::Ok(named.as_ref().filter(uses_copies).and_then(|i| i.image_id().map(str::to_owned)))
         },
     )
     .await?;

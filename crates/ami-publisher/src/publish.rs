@@ -761,7 +761,7 @@ async fn register(
 }
 
 /// This account's AMI called `name`, if EC2 lists one.
-async fn image_named(ec2: &Client, name: &str) -> anyhow::Result<Option<Image>> {
+pub(crate) async fn image_named(ec2: &Client, name: &str) -> anyhow::Result<Option<Image>> {
     let out = ec2
         .describe_images()
         .owners("self")

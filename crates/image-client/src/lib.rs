@@ -58,8 +58,12 @@ pub enum ClientError {
 
 /// A short form of an error and all its sources, for messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
+    with_sources(e.to_string(), e.source())
+}
+
+/// `s` followed by each error in the chain from `cur` that it does not
+/// already say.
+fn with_sources(mut s: String, mut cur: Option<&dyn std::error::Error>) -> String {
     while let Some(c) = cur {
         let t = c.to_string();
         if !s.contains(&t) {
@@ -75,16 +79,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// "transport error" on its own), and what a TLS alert from the server
 /// means for this client.
 pub fn describe_status(status: &tonic::Status) -> String {
-    let mut s = status.message().to_owned();
-    let mut cur = std::error::Error::source(status);
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
+    let mut s = with_sources(status.message().to_owned(), std::error::Error::source(status));
     if let Some(hint) = tls_alert_hint(&s) {
         s.push_str(" (");
         s.push_str(hint);
