@@ -297,10 +297,11 @@ fn publisher_table(md: &mut String, rows: &[Row]) {
     table(md, PUBLISHER_TITLE, rows);
     md.push_str(
         "The publisher figures use dev-profile builds of ami-publisher and imagetool (a release build of \
-         aws-sdk-ec2 takes about 20 minutes here) and the local world: one moto process serves every \
-         account and region, and 24 unpackers share the machine's 2 cores with the imageserver. The \
-         ratio measures how well the publisher fans out, not AWS's own latencies (in AWS, snapshots \
-         and AMI registration take minutes and the fan-out hides them the same way).\n\n",
+         aws-sdk-ec2 takes about 20 minutes here) and the local world at AWS's own durations \
+         (LOCAL_WORLD_TIME_SCALE=1; see docs/world.md for the modelled latencies and pending states): one \
+         moto process serves every account and region, and 24 unpackers share the machine's 2 cores with \
+         the imageserver. At the test suite's scale (0.02) the pending states shrink fifty-fold while the \
+         publisher's poll intervals stay real-sized, so a ratio measured there rounds polls, not fan-out.\n\n",
     );
 }
 

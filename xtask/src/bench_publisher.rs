@@ -5,9 +5,10 @@
 //! register), never a reuse.
 
 use std::{
-    path::Path,
+    collections::BTreeMap,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -31,13 +32,19 @@ const REGIONS: [&str; 12] = [
     "sa-east-1",
 ];
 
+/// The world's clock for the publisher's figures: AWS's own durations. At
+/// the suite's scale (0.02) the pending states shrink fifty-fold while the
+/// publisher's poll intervals stay in real seconds (as they must for EC2),
+/// so the ratio would measure the rounding of polls, not the fan-out.
+const TIME_SCALE: f64 = 1.0;
+
 pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
     println!("== publisher: building ami-publisher and imagetool (dev profile; see docs/benchmarks.md)");
     let bins = util::build(&["ami-publisher", "imagetool"], false)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let t = Instant::now();
-        let world = World::start(&Plan::new(&REGIONS)).await?;
+        let world = World::start(&Plan::new(&REGIONS).time_scale(TIME_SCALE)).await?;
         println!("== publisher: world with {} targets up in {:.1} s", world.targets.len(), t.elapsed().as_secs_f64());
         let img = work.join("p.raw");
         util::write_noise(&img, image_mib << 20, 31)?;
@@ -55,40 +62,44 @@ pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
             let all_targets: Vec<String> = REGIONS.iter().map(|r| format!(",{r}")).collect();
             let moto0 = cpu_seconds(world.moto_pid())?;
             let calls0 = world.api_calls("ami-publisher");
-            let world0: u64 = world.api_calls("local-world").values().sum();
             let all = publish(&world, &bins, work, &all_stream, &all_targets, world.targets.len())?;
             let moto = cpu_seconds(world.moto_pid())? - moto0;
             let calls1 = world.api_calls("ami-publisher");
-            let world_calls = world.api_calls("local-world").values().sum::<u64>() - world0;
             let ours: u64 = delta(&calls1, &calls0).values().sum();
-            println!("== publisher round {round}: EC2 calls during the 24-target run: publisher {ours}, world (attacher) {world_calls}");
+            println!("== publisher round {round}: {ours} EC2 calls during the 24-target run");
             if round == 0 {
                 // The same publish again: every target already has it.
                 publish_again(&world, &bins, work, &all_stream, &all_targets)?;
                 let calls2 = world.api_calls("ami-publisher");
                 calls = Some((delta(&calls1, &calls0), delta(&calls2, &calls1)));
             }
-            println!("== publisher round {round}: 1 target {one:.2} s, 24 targets {all:.2} s (moto busy {moto:.2} s)");
-            rounds.push((one, all, moto, ours, world_calls));
+            println!(
+                "== publisher round {round}: 1 target {:.2} s, 24 targets {:.2} s (moto busy {moto:.2} s)",
+                one.secs, all.secs
+            );
+            rounds.push((one, all, moto, ours));
         }
-        let one = rounds.iter().map(|r| r.0).fold(f64::MAX, f64::min);
-        let best = rounds.iter().min_by(|a, b| a.1.total_cmp(&b.1)).context("no rounds")?;
-        let (all, moto, ours, world_calls) = (best.1, best.2, best.3, best.4);
-        let ratio = all / one;
+        let one = rounds.iter().map(|r| r.0.secs).fold(f64::MAX, f64::min);
+        let best = rounds.iter().min_by(|a, b| a.1.secs.total_cmp(&b.1.secs)).context("no rounds")?;
+        let (all, moto, ours) = (&best.1, best.2, best.3);
+        let ratio = all.secs / one;
         let (first, again) = calls.context("no API call counts")?;
         let n = world.targets.len() as f64;
         let per = |m: &Calls| m.values().sum::<u64>() as f64 / n;
         let writes = again.keys().filter(|a| !a.starts_with("Describe") && !a.starts_with("Get")).count();
         let mut rows = vec![Row {
             what: format!(
-                "publish of a {image_mib} MiB image to 24 targets (2 accounts x 12 regions) vs to 1 target: wall-time ratio"
+                "publish of a {image_mib} MiB image to 24 targets (2 accounts x 12 regions) vs to 1 target, \
+                 on the world at AWS's own durations (time scale {TIME_SCALE}): wall-time ratio"
             ),
             figure: format!(
-                "{ratio:.2} (24 targets {all:.2} s, 1 target {one:.2} s; best of {} rounds; each target: new \
-                 encrypted volume, full unpack, read-back, snapshot, register, tag; the moto process was busy \
-                 {moto:.2} s of the 24-target run's {all:.2} s, serving {ours} publisher calls and {world_calls} \
-                 of the world's attacher: the single-threaded emulator is the bottleneck)",
-                rounds.len()
+                "{ratio:.2} (24 targets {:.1} s, 1 target {one:.1} s; best of {} rounds; each target: new \
+                 encrypted volume, full unpack, read-back, snapshot, register, tag; CPU during the 24-target run: \
+                 moto {moto:.1} s for {ours} calls, ami-publisher {:.1} s, the daemons {:.1} s)",
+                all.secs,
+                rounds.len(),
+                all.publisher_cpu,
+                all.daemons_cpu
             ),
             goal: "<= 1.5".into(),
             met: Some(ratio <= 1.5),
@@ -105,9 +116,142 @@ pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
             goal: "reads only, <= 5".into(),
             met: Some(writes == 0 && per(&again) <= 5.0),
         });
+        rows.push(modelled(&all.log, image_mib << 20)?);
         drop(world);
         rows.push(throttled(&bins, work, &img).await?);
         Ok(rows)
+    })
+}
+
+/// One phase of a target's publish, as its progress lines show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Find,
+    VolumeCreating,
+    Attaching,
+    DeviceAppears,
+    Unpack,
+    ReadBack,
+    Snapshot,
+    Register,
+    Tag,
+}
+
+impl Phase {
+    fn of(step: &str) -> Phase {
+        let p = |prefix: &str| step.starts_with(prefix);
+        if p("creating a ") {
+            Phase::VolumeCreating
+        } else if p("attaching") {
+            Phase::Attaching
+        } else if p("waiting for vol-") {
+            Phase::DeviceAppears
+        } else if p("reading back") || p("the stream is busy; waiting to read back") {
+            Phase::ReadBack
+        } else if p("snapshotting") || p("waiting for snap-") {
+            Phase::Snapshot
+        } else if p("registering") || p("waiting for ami-") {
+            Phase::Register
+        } else if p("tagging") {
+            Phase::Tag
+        } else if p("looking for") || p("finding the unpacker") || p("connecting to") {
+            Phase::Find
+        } else {
+            // "preparing", the unpack's own progress steps, "done".
+            Phase::Unpack
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Find => "find AMI and unpacker",
+            Phase::VolumeCreating => "volume creating",
+            Phase::Attaching => "attaching",
+            Phase::DeviceAppears => "device appears",
+            Phase::Unpack => "unpack",
+            Phase::ReadBack => "read-back",
+            Phase::Snapshot => "snapshot",
+            Phase::Register => "AMI pending",
+            Phase::Tag => "tag",
+        }
+    }
+}
+
+/// The slowest target of a publish, from the publisher's log: its name,
+/// the run's wall time to its last line, and the time it spent per phase.
+fn critical_path(log: &Path) -> anyhow::Result<(String, f64, BTreeMap<Phase, f64>)> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let stamp = |line: &str| -> Option<SystemTime> { humantime::parse_rfc3339_weak(line.split(' ').next()?).ok() };
+    let start = text.lines().find_map(stamp).context("no timestamped line")?;
+    // Target -> (time, step) in order; the end is its "published" line.
+    let mut steps: BTreeMap<String, Vec<(f64, Option<Phase>)>> = BTreeMap::new();
+    for line in text.lines() {
+        let (Some(t), Some(open)) = (stamp(line), line.find("target{")) else { continue };
+        let Some(close) = line[open..].find('}') else { continue };
+        let target = line[open + "target{".len()..open + close].to_owned();
+        let at = t.duration_since(start).unwrap_or_default().as_secs_f64();
+        if let Some(i) = line.find("step=") {
+            steps.entry(target).or_default().push((at, Some(Phase::of(&line[i + "step=".len()..]))));
+        } else if line.contains("published ami=") {
+            steps.entry(target).or_default().push((at, None));
+        }
+    }
+    let (target, seq) = steps
+        .into_iter()
+        .filter(|(_, s)| s.last().is_some_and(|l| l.1.is_none()))
+        .max_by(|a, b| a.1.last().map(|l| l.0).unwrap_or(0.0).total_cmp(&b.1.last().map(|l| l.0).unwrap_or(0.0)))
+        .context("no target finished")?;
+    let mut phases = BTreeMap::new();
+    for w in seq.windows(2) {
+        if let Some(p) = w[0].1 {
+            *phases.entry(p).or_insert(0.0) += w[1].0 - w[0].0;
+        }
+    }
+    let end = seq.last().map_or(0.0, |l| l.0);
+    Ok((target, end, phases))
+}
+
+/// The modelled end-to-end time of a 3 GiB image with 2 GiB used, to 24
+/// targets at AWS's durations: the measured critical path of the 24-target
+/// run (at time scale 1, so every EC2 wait and poll is real-sized), with the
+/// phases that grow with bytes replaced by their time for 2 GiB.
+fn modelled(log: &Path, image_bytes: u64) -> anyhow::Result<Row> {
+    const MIB: f64 = (1u64 << 20) as f64;
+    const SIZE: f64 = 3.0 * 1024.0 * MIB;
+    const USED: f64 = 2.0 * 1024.0 * MIB;
+    // world_model.py's snapshot rate (blocks changed since the volume's
+    // previous snapshot).
+    const SNAPSHOT_RATE: f64 = 40.0 * MIB;
+    // gp3's baseline throughput, which a new volume has unless more is
+    // bought (AWS: "Amazon EBS General Purpose SSD volumes").
+    const GP3: f64 = 125.0 * MIB;
+    // The imageserver's egress, shared by all 24 unpackers: a 10 Gbit/s
+    // interface.
+    const EGRESS: f64 = 10e9 / 8.0;
+    let (target, measured, phases) = critical_path(log)?;
+    let at = |p: Phase| phases.get(&p).copied().unwrap_or(0.0);
+    let snapshot_more = (USED - image_bytes as f64) / SNAPSHOT_RATE;
+    let write = (USED / GP3).max(24.0 * USED / EGRESS);
+    let read_back = SIZE / GP3;
+    let total = measured - at(Phase::Unpack) - at(Phase::ReadBack) + snapshot_more + write + read_back;
+    let shown: Vec<String> = phases.iter().map(|(p, s)| format!("{} {s:.1} s", p.name())).collect();
+    println!("== publisher: critical path {target}: {measured:.1} s ({}); modelled {total:.0} s", shown.join(", "));
+    Ok(Row {
+        what: "modelled end-to-end time of a 3 GiB image (2 GiB used) to 24 targets at AWS's durations, from the \
+               measured critical path"
+            .into(),
+        figure: format!(
+            "{:.1} min ({total:.0} s): the slowest target of the 24-target run ({target}) took {measured:.1} s \
+             [{}]; for 2 GiB its snapshot takes {snapshot_more:.0} s more (the world's 40 MiB/s of changed \
+             blocks), the unpack {write:.0} s (2 GiB at gp3's 125 MiB/s baseline, or 48 GiB through a 10 Gbit/s \
+             imageserver, whichever is slower) and the read-back {read_back:.0} s (3 GiB at 125 MiB/s) instead \
+             of the measured {:.1} s. Dominator's ami-publisher: 2-3 minutes",
+            total / 60.0,
+            shown.join(", "),
+            at(Phase::Unpack) + at(Phase::ReadBack)
+        ),
+        goal: "reported (Dominator: 2-3 min)".into(),
+        met: None,
     })
 }
 
@@ -156,32 +300,47 @@ fn publish_again(world: &World, bins: &Path, work: &Path, stream: &str, targets:
     Ok(())
 }
 
-/// Run `ami-publisher publish STREAM 1` to `targets`; returns the wall time.
+/// One timed publish.
+struct Run {
+    secs: f64,
+    /// CPU seconds of the ami-publisher process.
+    publisher_cpu: f64,
+    /// CPU seconds of this process: the world's imageserver, unpackers and
+    /// attacher.
+    daemons_cpu: f64,
+    /// The publisher's log (RUST_LOG=ami_publisher=info).
+    log: PathBuf,
+}
+
+/// Run `ami-publisher publish STREAM 1` to `targets`.
 /// The same 1-target and 24-target publishes on a world that also answers
 /// a fifth of calls RequestLimitExceeded (seeded): the ratio, and how many
 /// throttled answers the publisher rode out.
 async fn throttled(bins: &Path, work: &Path, img: &Path) -> anyhow::Result<Row> {
     const FAULTS: &str = "throttle=0.2";
-    let world = World::start(&Plan::new(&REGIONS).faults(FAULTS).seed(2026)).await?;
+    let world = World::start(&Plan::new(&REGIONS).time_scale(TIME_SCALE).faults(FAULTS).seed(2026)).await?;
     let builder = world.ssl_dir(Role::ImageBuilder)?;
     for s in ["bench/tone", "bench/tall"] {
         util::imagetool(bins, world.imageserver.addr, &builder, &["add", &format!("{s}/1"), path(img)?])?;
     }
-    let one = publish(&world, bins, work, "bench/tone", &["first,us-east-1".to_owned()], 1)?;
+    let one = publish(&world, bins, work, "bench/tone", &["first,us-east-1".to_owned()], 1)?.secs;
     let throttled0: u64 = world.api_outcomes("ami-publisher", "throttle").values().sum();
     let calls0: u64 = world.api_calls("ami-publisher").values().sum();
     let all_targets: Vec<String> = REGIONS.iter().map(|r| format!(",{r}")).collect();
-    let all = publish(&world, bins, work, "bench/tall", &all_targets, world.targets.len())?;
+    let all = publish(&world, bins, work, "bench/tall", &all_targets, world.targets.len())?.secs;
     let throttled = world.api_outcomes("ami-publisher", "throttle").values().sum::<u64>() - throttled0;
     let calls = world.api_calls("ami-publisher").values().sum::<u64>() - calls0;
     let ratio = all / one;
     println!(
-        "== publisher with {FAULTS}: 1 target {one:.2} s, 24 targets {all:.2} s, {throttled} of {calls} calls throttled"
+        "== publisher with {FAULTS}: 1 target {one:.1} s, 24 targets {all:.1} s, {throttled} of {calls} calls throttled"
     );
     Ok(Row {
-        what: format!("the same publish with {FAULTS} (seeded): 24 targets vs 1, and the throttled answers retried"),
+        what: format!(
+            "the same publish with {FAULTS} (seeded, time scale {TIME_SCALE}): 24 targets vs 1, and the throttled \
+             answers retried"
+        ),
         figure: format!(
-            "{ratio:.2} (24 targets {all:.2} s, 1 target {one:.2} s; {throttled} of the 24-target run's {calls} calls \
+            "{ratio:.2} (24 targets {all:.1} s, 1 target {one:.1} s; {throttled} of the 24-target run's {calls} calls \
              answered RequestLimitExceeded and retried, every target published)"
         ),
         goal: "<= 1.5".into(),
@@ -196,7 +355,7 @@ fn publish(
     stream: &str,
     targets: &[String],
     expect: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Run> {
     let results = work.join(format!("publish-{}.json", stream.replace('/', "-")));
     let mut cmd = Command::new(bins.join("ami-publisher"));
     cmd.envs(world.aws_env()).arg("--ssl-dir").arg(world.ssl_dir(Role::AmiPublisher)?).args([
@@ -210,15 +369,19 @@ fn publish(
     for t in targets {
         cmd.args(["--targets", t]);
     }
-    let log = std::fs::File::create(work.join(format!("publish-{}.log", stream.replace('/', "-"))))?;
+    let log_path = work.join(format!("publish-{}.log", stream.replace('/', "-")));
+    let log = std::fs::File::create(&log_path)?;
     cmd.args(["publish", stream, "1"])
         .env("RUST_LOG", "ami_publisher=info")
         .stdout(Stdio::null())
         .stderr(log)
         .stdin(Stdio::null());
+    let (daemons0, children0) = cpu_fields(std::process::id())?;
     let t = Instant::now();
     let status = cmd.status().context("running ami-publisher")?;
     let secs = t.elapsed().as_secs_f64();
+    let (daemons1, children1) = cpu_fields(std::process::id())?;
+    let run = Run { secs, publisher_cpu: children1 - children0, daemons_cpu: daemons1 - daemons0, log: log_path };
     if !status.success() {
         bail!("ami-publisher publish {stream} failed ({status}); see {}", results.display());
     }
@@ -229,17 +392,23 @@ fn publish(
     if r.targets.iter().any(|t| t.reused || !t.ok()) {
         bail!("a target reused an AMI or failed; see {}", results.display());
     }
-    Ok(secs)
+    Ok(run)
 }
 
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    Ok(cpu_fields(pid)?.0)
+}
+
+/// A process's CPU seconds so far: its own, and its waited-for children's.
+fn cpu_fields(pid: u32) -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("odd /proc stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
+    let own: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let children: f64 = f[13].parse::<f64>()? + f[14].parse::<f64>()?;
+    Ok((own / 100.0, children / 100.0))
 }
 
 fn path(p: &Path) -> anyhow::Result<&str> {

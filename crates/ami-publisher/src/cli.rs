@@ -8,7 +8,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues, ImdsSupportValues, VolumeType};
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
 
 use crate::{
@@ -17,6 +16,7 @@ use crate::{
     publish::{self, Options, Timeouts},
     results::{PublishResults, write_json_atomic},
     targets::{self, TargetSpec},
+    values::{Architecture, BootMode, EbsType, Imds},
 };
 
 /// Publish images from the imageserver as identical, encrypted AMIs in many
@@ -75,21 +75,21 @@ pub struct Cli {
     /// Mark AMIs as supporting ENA (enhanced networking).
     #[arg(long, global = true)]
     pub ena_support: bool,
-    /// AMI architecture: x86_64 or arm64.
-    #[arg(long, global = true, default_value = "x86_64", value_parser = ["x86_64", "arm64", "i386"])]
-    pub architecture: String,
-    /// AMI boot mode: legacy-bios, uefi or uefi-preferred (default: EC2's).
-    #[arg(long, global = true, value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
-    pub boot_mode: Option<String>,
+    /// AMI architecture.
+    #[arg(long, global = true, value_enum, default_value = "x86_64")]
+    pub architecture: Architecture,
+    /// AMI boot mode (default: EC2's).
+    #[arg(long, global = true, value_enum)]
+    pub boot_mode: Option<BootMode>,
     /// Instances from the AMI require IMDSv2 ("v2.0"); "none" leaves EC2's default.
-    #[arg(long, global = true, default_value = "v2.0", value_parser = ["v2.0", "none"])]
-    pub imds_support: String,
+    #[arg(long, global = true, value_enum, default_value = "v2.0")]
+    pub imds_support: Imds,
     /// Root device name of the AMI.
     #[arg(long, global = true, default_value = "/dev/xvda", value_name = "DEVICE")]
     pub root_device_name: String,
     /// EBS type of unpacker volumes and of the AMI's root volume.
-    #[arg(long, global = true, default_value = "gp3", value_name = "TYPE")]
-    pub volume_type: String,
+    #[arg(long, global = true, value_enum, default_value = "gp3")]
+    pub volume_type: EbsType,
     /// KMS key for new volumes (default: the account's EBS default key).
     #[arg(long, global = true, value_name = "KEY")]
     pub kms_key_id: Option<String>,
@@ -466,7 +466,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             if *size_gib == 0 || *size_gib > 16384 {
                 return Err(Refused(anyhow::anyhow!("SIZE_GIB must be 1 to 16384, not {size_gib}")).into());
             }
-            (ops::add_volumes(&ctx, *size_gib, &cli.volume_type, cli.kms_key_id.as_deref()).await, ACTIONS, false)
+            (ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk(), cli.kms_key_id.as_deref()).await, ACTIONS, false)
         }
         Command::CopyBootstrapImage { stream } => {
             (ops::copy_bootstrap_image(&ctx, stream, cli.kms_key_id.as_deref()).await, ACTIONS, false)
@@ -687,11 +687,11 @@ async fn prepare_publish(
         ami_name,
         force,
         ena_support: cli.ena_support,
-        architecture: ArchitectureValues::from(cli.architecture.as_str()),
-        boot_mode: cli.boot_mode.as_deref().map(BootModeValues::from),
-        imds_support: (cli.imds_support != "none").then(|| ImdsSupportValues::from(cli.imds_support.as_str())),
+        architecture: cli.architecture.sdk(),
+        boot_mode: cli.boot_mode.map(BootMode::sdk),
+        imds_support: cli.imds_support.sdk(),
         root_device_name: cli.root_device_name.clone(),
-        volume_type: VolumeType::from(cli.volume_type.as_str()),
+        volume_type: cli.volume_type.sdk(),
         kms_key_id: cli.kms_key_id.clone(),
         min_free_bytes: cli.min_free_bytes,
         ignore_missing_unpackers: cli.ignore_missing_unpackers,

@@ -22,6 +22,7 @@ pub mod retry;
 pub mod tags;
 pub mod targets;
 pub mod unpacker;
+pub mod values;
 pub mod volumes;
 
 use futures::StreamExt as _;

@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use aws_sdk_ec2::{
     Client,
     error::ProvideErrorMetadata as _,
-    types::{Filter, Tag},
+    types::{Filter, Tag, VolumeType},
 };
 use fleet_tls::TlsFiles;
 use image_unpacker::client::{self as uc, GetStatusRequest, PrepareForUnpackRequest, StreamStatus};
@@ -1171,7 +1171,8 @@ pub async fn tag_unpackers(ctx: &Ctx<'_>, set: &[(String, String)], delete: Opti
 }
 
 /// `add-volumes SIZE_GIB`: a new encrypted volume on every running unpacker.
-pub async fn add_volumes(ctx: &Ctx<'_>, gib: u64, volume_type: &str, kms_key_id: Option<&str>) -> Vec<Report> {
+pub async fn add_volumes(ctx: &Ctx<'_>, gib: u64, volume_type: VolumeType, kms_key_id: Option<&str>) -> Vec<Report> {
+    let volume_type = &volume_type;
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
         for inst in ctx.unpackers(&ec2).await? {
@@ -1184,7 +1185,7 @@ pub async fn add_volumes(ctx: &Ctx<'_>, gib: u64, volume_type: &str, kms_key_id:
             let spec = VolumeSpec {
                 stream: String::new(),
                 need_bytes: gib << 30,
-                volume_type: volume_type.into(),
+                volume_type: volume_type.clone(),
                 kms_key_id: kms_key_id.map(str::to_owned),
                 instance_name: ctx.instance_name.clone(),
                 timeout: ctx.volume_timeout,

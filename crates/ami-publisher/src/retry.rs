@@ -49,10 +49,24 @@ pub const LOOK_FOR: Duration = Duration::from_secs(20);
 const NOT_YET_FIRST_WAIT: Duration = Duration::from_millis(250);
 const NOT_YET_MAX_WAIT: Duration = Duration::from_secs(4);
 
-/// First pause between polls of a wait, and the longest (EC2's own waiters
-/// poll snapshots and images every 15 s).
+/// A wait polls again after a quarter of the time it has waited so far
+/// (with jitter: an eighth to a quarter), at least every half second
+/// and at most every 15 s (the interval of EC2's own waiters for snapshots
+/// and images). So noticing that a resource is ready comes at most ~25%
+/// after it was, whether it takes 3 s or 30 min, and a 24-target fan-out
+/// is not held up by the target whose poll happened to fall just before
+/// its resource was ready. A doubling back-off (0.5, 1, 2, 4, 8 s) noticed
+/// an AMI that was ready after 8 s at 15.5 s, nearly twice as late.
 const POLL_FIRST_WAIT: Duration = Duration::from_millis(500);
-const POLL_MAX_WAIT: Duration = Duration::from_secs(10);
+const POLL_MAX_WAIT: Duration = Duration::from_secs(15);
+const POLL_SHARE: f64 = 0.25;
+
+/// The pause before the next poll of a wait that began at `started`.
+fn poll_pause(started: Instant, deadline: Instant) -> Duration {
+    let step = started.elapsed().mul_f64(POLL_SHARE).clamp(POLL_FIRST_WAIT, POLL_MAX_WAIT);
+    let d = step / 2 + step.mul_f64(fastrand::f64() / 2.0);
+    d.min(deadline.saturating_duration_since(Instant::now()))
+}
 
 /// The longest back-off between two attempts of an untokened create (the
 /// SDK's own limit).
@@ -223,8 +237,8 @@ where
     Fut: Future<Output = Result<Seen<T>, Failed<E>>>,
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let deadline = Instant::now() + timeout;
-    let mut backoff = Backoff::new(POLL_FIRST_WAIT, POLL_MAX_WAIT);
+    let started = Instant::now();
+    let deadline = started + timeout;
     let mut last: String;
     loop {
         match poll().await {
@@ -241,7 +255,7 @@ where
         if Instant::now() >= deadline {
             bail!("waiting for {what}: not done within {timeout:?} (last seen: {last})");
         }
-        backoff.sleep(Some(deadline)).await;
+        tokio::time::sleep(poll_pause(started, deadline)).await;
     }
 }
 
@@ -319,4 +333,31 @@ pub async fn snapshot_with_token(ec2: &Client, token: &str) -> anyhow::Result<Op
         .await
         .map_err(|e| sdk_error("DescribeSnapshots by create token", e))?;
     Ok(out.snapshots().iter().find_map(|s| Some((s.snapshot_id()?.to_owned(), s.volume_size().unwrap_or(1)))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn began(ago: Duration) -> Instant {
+        Instant::now().checked_sub(ago).expect("a clock this old")
+    }
+
+    /// Polls come at a quarter of the time waited so far (an eighth with
+    /// the most jitter), at least every half second and at most every 15 s,
+    /// never past the deadline.
+    #[test]
+    fn a_wait_polls_in_proportion_to_how_long_it_has_waited() {
+        let far = Instant::now() + Duration::from_secs(3 * 3600);
+        for _ in 0..200 {
+            let d = poll_pause(Instant::now(), far);
+            assert!(d >= Duration::from_millis(250) && d <= Duration::from_millis(500), "{d:?} at first");
+            let d = poll_pause(began(Duration::from_secs(40)), far);
+            assert!(d >= Duration::from_secs(5) && d <= Duration::from_millis(10_010), "{d:?} after 40 s");
+            let d = poll_pause(began(Duration::from_secs(3600)), far);
+            assert!(d >= Duration::from_millis(7_500) && d <= Duration::from_secs(15), "{d:?} after an hour");
+            let d = poll_pause(began(Duration::from_secs(3600)), Instant::now() + Duration::from_secs(1));
+            assert!(d <= Duration::from_secs(1), "{d:?} with a second left");
+        }
+    }
 }

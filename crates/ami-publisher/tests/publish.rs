@@ -219,6 +219,24 @@ async fn bad_arguments_are_refused_before_any_resource_is_made() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
     }
+    // Values from closed sets are checked as the command line is parsed:
+    // exit 2 naming the flag and what it takes, before any AWS call.
+    let before = world.api_calls("ami-publisher");
+    let typed: [(&[&str], &str); 3] = [
+        (&["--volume-type", "gp33"], "invalid value 'gp33' for '--volume-type"),
+        (&["--architecture", "amd64"], "invalid value 'amd64' for '--architecture"),
+        (&["--boot-mode", "bios"], "invalid value 'bios' for '--boot-mode"),
+    ];
+    for (flags, want) in typed {
+        let args: Vec<&str> =
+            ["--targets", "first,us-east-1"].iter().chain(flags).chain(&["publish", "s/x", "1"]).copied().collect();
+        let out = p.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want) && err.contains("possible values"), "{args:?}: expected '{want}' in: {err}");
+    }
+    assert_eq!(world.api_calls("ami-publisher"), before, "a value refused at parse time makes no AWS call");
+
     let ec2 = world.ec2("first", "us-east-1").await;
     let vols = ec2.describe_volumes().filters(Filter::builder().name("tag-key").values("ImageStream").build()).send();
     assert!(vols.await.unwrap().volumes().is_empty(), "no volume was made");

@@ -285,6 +285,11 @@ impl Plan {
         self.with("LOCAL_WORLD_PACE", pace)
     }
 
+    /// This plan with `LOCAL_WORLD_TIME_SCALE`.
+    pub fn time_scale(self, scale: f64) -> PlanWith {
+        self.with("LOCAL_WORLD_TIME_SCALE", &scale.to_string())
+    }
+
     /// This plan with `LOCAL_WORLD_FAULTS`.
     pub fn faults(self, faults: &str) -> PlanWith {
         self.with("LOCAL_WORLD_FAULTS", faults)

@@ -69,6 +69,41 @@ except world_model.Refused as refused:
     print(f"local-world: {refused}", file=sys.stderr, flush=True)
     sys.exit(2)
 
+# 9 (continued). moto registers some 1,200 public AMIs per region (ECS
+# images mostly) and DescribeImages filters all of them on every call: 130 ms
+# of this one process per call, while EC2 answers an owner's DescribeImages
+# in tens of milliseconds whatever the public catalogue holds. The world
+# offers one public base image per region (what the unpacker instances boot
+# from) instead. Set before moto is imported: moto reads it at import.
+if "MOTO_AMIS_PATH" not in os.environ:
+    import json as _json
+
+    _base = os.path.join(os.environ.get("LOCAL_WORLD_DIR") or os.getcwd(), "base-amis.json")
+    with open(_base, "w", encoding="utf-8") as _f:
+        _json.dump(
+            [
+                {
+                    "ami_id": "ami-1e749f67",
+                    "state": "available",
+                    "public": True,
+                    "owner_id": "099720109477",
+                    "image_location": "amazon/getting-started",
+                    "sriov": "simple",
+                    "root_device_type": "ebs",
+                    "root_device_name": "/dev/sda1",
+                    "description": "A public Linux base image (the world's unpacker instances boot from it)",
+                    "image_type": "machine",
+                    "platform": None,
+                    "architecture": "x86_64",
+                    "name": "local-world/base-linux-x86_64",
+                    "virtualization_type": "hvm",
+                    "hypervisor": "xen",
+                }
+            ],
+            _f,
+        )
+    os.environ["MOTO_AMIS_PATH"] = _base
+
 import copy
 import socket
 import subprocess
@@ -839,9 +874,73 @@ def call_action(self):
 
 BaseResponse.call_action = call_action
 
+
+# --- 9: the world's own view, and moto's per-request overhead --------------
+#
+# The attacher needs, for every account and region, which volumes are
+# attached where and which snapshots were taken of them. Asking through
+# DescribeVolumes and DescribeSnapshots per target cost this one process
+# more than the tool under test did, so the attacher reads one view of the
+# whole emulator instead: GET /_world/attachments (JSON). It is not an EC2
+# API, product code never calls it, and it shows what DescribeVolumes would
+# (a volume counts as attached once its attachment is `attached`).
+
+import functools
+import json
+
+from moto import backends as moto_backends
+from moto.core import responses as core_responses
+from moto.ec2.models import ec2_backends
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+
+
+def _attachments_view():
+    out = []
+    with LOCK:
+        for account, per_region in list(ec2_backends.items()):
+            for region, backend in list(per_region.items()):
+                volumes = []
+                for v in list(backend.volumes.values()):
+                    shown = v.shown_attachment
+                    attached = shown is not None and shown.status in ("attached", "busy")
+                    volumes.append({"id": v.id, "size": v.size, "instance": shown.instance.id if attached else None})
+                snapshots = [
+                    {"id": s.id, "volume": s.volume.id}
+                    for s in list(backend.snapshots.values())
+                    if getattr(s, "volume", None) is not None
+                ]
+                out.append({"account": account, "region": region, "volumes": volumes, "snapshots": snapshots})
+    return json.dumps(out).encode()
+
+
+_dispatch = DomainDispatcherApplication.__call__
+
+
+def _dispatch_or_view(self, environ, start_response):
+    if environ.get("PATH_INFO") == "/_world/attachments":
+        body = _attachments_view()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+    return _dispatch(self, environ, start_response)
+
+
+DomainDispatcherApplication.__call__ = _dispatch_or_view
+
+# moto lists its own package directory on every request to find the
+# service, and inspects the response class's methods on every call; both
+# answers never change while it runs, so they are computed once.
+_modules = tuple(moto_backends.list_of_moto_modules())
+moto_backends.list_of_moto_modules = lambda: _modules
+core_responses.method_names_from_class = functools.lru_cache(maxsize=None)(core_responses.method_names_from_class)
+
 if __name__ == "__main__":
     from moto.server import main
 
     if CONFIG.faults or CONFIG.paced:
         print(f"local-world: {CONFIG.describe()}", file=sys.stderr, flush=True)
+    # One log line per request on stderr costs this single process more
+    # than some answers do; the world keeps its own log (api-calls.log).
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     main(sys.argv[1:])

@@ -1,0 +1,105 @@
+//! The closed sets of values the command line takes, checked when it is
+//! parsed: a wrong value exits 2 naming the flag and the values it takes,
+//! before any AWS call (never at RegisterImage, after a snapshot exists).
+//! Each converts to the AWS SDK's own type only where a request is built.
+
+use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues, ImdsSupportValues, VolumeType};
+use clap::ValueEnum;
+
+/// The AMI's architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Architecture {
+    #[value(name = "x86_64")]
+    X86_64,
+    Arm64,
+    I386,
+}
+
+impl Architecture {
+    pub fn sdk(self) -> ArchitectureValues {
+        match self {
+            Architecture::X86_64 => ArchitectureValues::X8664,
+            Architecture::Arm64 => ArchitectureValues::Arm64,
+            Architecture::I386 => ArchitectureValues::I386,
+        }
+    }
+}
+
+/// The AMI's boot mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BootMode {
+    LegacyBios,
+    Uefi,
+    UefiPreferred,
+}
+
+impl BootMode {
+    pub fn sdk(self) -> BootModeValues {
+        match self {
+            BootMode::LegacyBios => BootModeValues::LegacyBios,
+            BootMode::Uefi => BootModeValues::Uefi,
+            BootMode::UefiPreferred => BootModeValues::UefiPreferred,
+        }
+    }
+}
+
+/// Whether instances of the AMI must use IMDSv2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Imds {
+    /// Require IMDSv2 (session tokens).
+    #[value(name = "v2.0")]
+    V2,
+    /// Leave EC2's default.
+    None,
+}
+
+impl Imds {
+    pub fn sdk(self) -> Option<ImdsSupportValues> {
+        match self {
+            Imds::V2 => Some(ImdsSupportValues::V20),
+            Imds::None => None,
+        }
+    }
+}
+
+/// EBS types a stream's volume and an AMI's root volume can have: the boot
+/// volume types that need no provisioned IOPS (io1 and io2 do, and the
+/// publisher sets none; st1 and sc1 cannot boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EbsType {
+    Gp3,
+    Gp2,
+    /// Previous-generation magnetic.
+    Standard,
+}
+
+impl EbsType {
+    pub fn sdk(self) -> VolumeType {
+        match self {
+            EbsType::Gp3 => VolumeType::Gp3,
+            EbsType::Gp2 => VolumeType::Gp2,
+            EbsType::Standard => VolumeType::Standard,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names on the command line are EC2's own names for the values.
+    #[test]
+    fn command_line_names_are_ec2_names() {
+        for a in Architecture::value_variants() {
+            assert_eq!(a.to_possible_value().unwrap().get_name(), a.sdk().as_str());
+        }
+        for b in BootMode::value_variants() {
+            assert_eq!(b.to_possible_value().unwrap().get_name(), b.sdk().as_str());
+        }
+        for t in EbsType::value_variants() {
+            assert_eq!(t.to_possible_value().unwrap().get_name(), t.sdk().as_str());
+        }
+        assert_eq!(Imds::V2.sdk().unwrap().as_str(), "v2.0");
+        assert_eq!(Imds::None.sdk(), None);
+    }
+}
