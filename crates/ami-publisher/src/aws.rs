@@ -5,15 +5,18 @@
 //! standard retry mode, with a retry quota per target (see [`Aws::ec2`]).
 //! What the SDK cannot retry on its own is in [`crate::retry`].
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig};
+use aws_config::{
+    BehaviorVersion, Region, SdkConfig, meta::region::RegionProviderChain, profile::ProfileFileRegionProvider,
+    retry::RetryConfig,
+};
 use aws_sdk_ec2::{
     Client,
     config::retry::{RetryPartition, TokenBucket},
 };
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 
 use crate::targets::Target;
 
@@ -29,10 +32,10 @@ pub struct Retry {
 /// Shared AWS state for one run.
 pub struct Aws {
     profiles: Vec<String>,
-    profile_regions: HashMap<String, String>,
     retry: Retry,
     http: aws_types::sdk_config::SharedHttpClient,
-    configs: Mutex<HashMap<String, SdkConfig>>,
+    /// One configuration per profile, loaded once, profiles in parallel.
+    configs: Mutex<HashMap<String, Arc<OnceCell<SdkConfig>>>>,
     partitions: Mutex<HashMap<Target, RetryPartition>>,
 }
 
@@ -47,36 +50,67 @@ pub struct Aws {
 /// endpoint fails call after call.
 const RETRY_QUOTA_PER_TARGET: usize = 2500;
 
-/// Profile names (and their configured regions) from the standard profile
-/// files (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`, or `~/.aws/...`).
-pub async fn load_profiles() -> anyhow::Result<(Vec<String>, HashMap<String, String>)> {
-    use aws_types::os_shim_internal::{Env, Fs};
-    let set = aws_config::profile::load(
-        &Fs::real(),
-        &Env::real(),
-        &aws_runtime::env_config::file::EnvConfigFiles::default(),
-        None,
-    )
-    .await
-    .context("reading the AWS profile files")?;
-    let mut names: Vec<String> = set.profiles().map(str::to_owned).collect();
-    names.sort();
-    let regions = names
-        .iter()
-        .filter_map(|n| set.get_profile(n).and_then(|p| p.get("region")).map(|r| (n.clone(), r.to_owned())))
-        .collect();
-    Ok((names, regions))
+/// Profile names from the standard profile files: `AWS_CONFIG_FILE` (else
+/// `~/.aws/config`), where a profile is `[default]` or `[profile NAME]`, and
+/// `AWS_SHARED_CREDENTIALS_FILE` (else `~/.aws/credentials`), where it is
+/// `[NAME]`. A file that does not exist has no profiles. Everything inside
+/// a profile (regions, roles, SSO, processes) is left to aws-config, which
+/// reads the same files when a profile is used; aws-config offers no
+/// public way to list them.
+pub fn profile_names() -> anyhow::Result<Vec<String>> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let file = |var: &str, default: &str| -> Option<PathBuf> {
+        match std::env::var(var) {
+            Ok(p) if p == "~" || p.starts_with("~/") => home.as_ref().map(|h| h.join(p.trim_start_matches(['~', '/']))),
+            Ok(p) => Some(PathBuf::from(p)),
+            Err(_) => home.as_ref().map(|h| h.join(default)),
+        }
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for (path, config) in [
+        (file("AWS_CONFIG_FILE", ".aws/config"), true),
+        (file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"), false),
+    ] {
+        let Some(path) = path else { continue };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading the AWS profile file {}", path.display())),
+        };
+        names.extend(sections(&text, config));
+    }
+    Ok(names.into_iter().collect())
+}
+
+/// The profile names a profile file's section headers declare.
+fn sections(text: &str, config: bool) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix('[')?.split_once(']').map(|(h, _)| h.trim()))
+        .filter_map(|h| {
+            if !config {
+                return Some(h);
+            }
+            if h == "default" {
+                return Some(h);
+            }
+            // `[profile NAME]`; other kinds (`sso-session`, `services`) are
+            // not profiles.
+            h.strip_prefix("profile").filter(|r| r.starts_with([' ', '\t'])).map(str::trim)
+        })
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 impl Aws {
     pub async fn new(retry: Retry) -> anyhow::Result<Aws> {
-        let (profiles, profile_regions) = load_profiles().await?;
+        let profiles = profile_names()?;
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
-        Ok(Aws { profiles, profile_regions, retry, http, configs: Mutex::default(), partitions: Mutex::default() })
+        Ok(Aws { profiles, retry, http, configs: Mutex::default(), partitions: Mutex::default() })
     }
 
     /// Known profile names.
@@ -85,26 +119,29 @@ impl Aws {
     }
 
     async fn config(&self, profile: &str) -> SdkConfig {
-        let mut configs = self.configs.lock().await;
-        if let Some(c) = configs.get(profile) {
-            return c.clone();
-        }
+        let cell = self.configs.lock().await.entry(profile.to_owned()).or_default().clone();
+        cell.get_or_init(|| self.load_config(profile)).await.clone()
+    }
+
+    async fn load_config(&self, profile: &str) -> SdkConfig {
         let retry = RetryConfig::standard()
             .with_max_attempts(self.retry.max_retries.saturating_add(1))
             .with_initial_backoff(self.retry.wait);
-        let home = self.profile_regions.get(profile).cloned().unwrap_or_else(|| "us-east-1".to_owned());
-        let c = aws_config::defaults(BehaviorVersion::latest())
+        // The profile's own region (where account-wide questions such as
+        // DescribeRegions are asked), else us-east-1; never AWS_REGION,
+        // which names no account's home.
+        let home = RegionProviderChain::first_try(ProfileFileRegionProvider::builder().profile_name(profile).build())
+            .or_else(Region::from_static("us-east-1"));
+        aws_config::defaults(BehaviorVersion::latest())
             .http_client(self.http.clone())
             .profile_name(profile)
-            .region(Region::new(home))
+            .region(home)
             // In the User-Agent: lets CloudTrail (and the local world) tell
             // this tool's calls apart.
             .app_name(aws_config::AppName::new("ami-publisher").expect("a valid app name"))
             .retry_config(retry)
             .load()
-            .await;
-        configs.insert(profile.to_owned(), c.clone());
-        c
+            .await
     }
 
     /// An EC2 client for a target. Every client of a target shares the
@@ -170,5 +207,19 @@ where
     match e.as_service_error() {
         Some(s) => format!("{}: {}", s.code().unwrap_or("error"), s.message().unwrap_or("")),
         None => image_client::error_chain(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sections;
+
+    #[test]
+    fn profile_names_come_from_section_headers() {
+        let config = "# comment\n[default]\nregion = us-east-1\n[profile first]\nregion=eu-west-1\n\
+                      [ profile  second ]\n[sso-session corp]\n[services local]\n[profiles x]\n; [profile hidden]\n";
+        assert_eq!(sections(config, true), ["default", "first", "second"]);
+        let credentials = "[default]\naws_access_key_id = A\n[first]\n[ third ]\n# [fourth]\n";
+        assert_eq!(sections(credentials, false), ["default", "first", "third"]);
     }
 }

@@ -15,9 +15,9 @@ use aws_sdk_ec2::{
     types::{Filter, Tag, VolumeType},
 };
 use fleet_tls::TlsFiles;
-use image_unpacker::client::{self as uc, GetStatusRequest, PrepareForUnpackRequest, StreamStatus};
 use serde::Serialize;
 use serde_json::{Value, json};
+use unpacker_client::{self as uc, GetStatusRequest, PrepareForUnpackRequest, StreamStatus};
 
 use crate::{
     aws::{Aws, sdk_error},
@@ -98,7 +98,7 @@ impl Ctx<'_> {
         &self,
         ec2: &Client,
         timeout: Duration,
-    ) -> anyhow::Result<Vec<(UnpackerInstance, uc::Client, image_unpacker::client::Status)>> {
+    ) -> anyhow::Result<Vec<(UnpackerInstance, uc::Client, unpacker_client::Status)>> {
         let mut out = Vec::new();
         for inst in self.unpackers(ec2).await?.into_iter().filter(|i| i.state == "running") {
             let mut c = self.dial(&inst, timeout).await?;

@@ -18,7 +18,7 @@ use aws_sdk_ec2::{
     },
 };
 use fleet_tls::TlsFiles;
-use image_unpacker::client::{
+use unpacker_client::{
     self as uc, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, ReleaseCaptureRequest, UnpackImageRequest,
 };
 
@@ -539,7 +539,7 @@ async fn wait_stream_idle(
     deadline: Instant,
     line: &Line,
 ) -> anyhow::Result<()> {
-    use image_unpacker::client::StreamState;
+    use unpacker_client::StreamState;
     loop {
         let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
         let Some(s) = status.streams.iter().find(|s| s.stream == stream) else { return Ok(()) };

@@ -2,7 +2,7 @@
 //! atomically. Later subcommands (delete, delete-tags, set-exclusive-tags,
 //! launch-instances-for-images) read them back.
 
-use std::{io::Write as _, path::Path};
+use std::path::Path;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -83,19 +83,7 @@ pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> anyhow::Result<
     write_atomic(path, &bytes)
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same
-/// directory, synced, then renamed over `path`.
+/// Write `bytes` to `path` atomically and durably (see [`fleet_fs`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".ami-publisher-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    fleet_fs::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))
 }

@@ -10,7 +10,7 @@ use aws_sdk_ec2::{
     types::{Filter, Instance, InstanceStateName},
 };
 use fleet_tls::TlsFiles;
-use image_unpacker::client::{self as uc, GetStatusRequest};
+use unpacker_client::{self as uc, GetStatusRequest};
 
 use crate::{
     aws::sdk_error,

@@ -13,9 +13,7 @@ use aws_sdk_ec2::{
     error::ProvideErrorMetadata as _,
     types::{ResourceType, Volume, VolumeAttachmentState, VolumeType},
 };
-use image_unpacker::client::{
-    self as uc, AddDeviceRequest, AssociateRequest, ForgetStreamRequest, RemoveDeviceRequest,
-};
+use unpacker_client::{self as uc, AddDeviceRequest, AssociateRequest, ForgetStreamRequest, RemoveDeviceRequest};
 
 use crate::{
     aws::sdk_error,

@@ -155,12 +155,14 @@ async fn twelve_targets_under_faults_get_exactly_one_of_each_and_a_rerun_changes
 
     let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
     assert_eq!(code, 0, "{r:#?}");
+    assert_eq!(r.targets.len(), world.targets.len(), "{r:#?}");
     assert!(r.targets.iter().all(|t| t.ok() && !t.reused), "{r:#?}");
     let first = check_one_of_each(&world, stream, &file, &before).await;
 
     let calls = world.api_calls("ami-publisher");
     let (code, r2) = p.publish(stream, "1", &with_targets(&targets, &[]));
     assert_eq!(code, 0, "{r2:#?}");
+    assert_eq!(r2.targets.len(), world.targets.len(), "{r2:#?}");
     assert!(r2.targets.iter().all(|t| t.ok() && t.reused), "{r2:#?}");
     let writes = writes_between(&calls, &world.api_calls("ami-publisher"));
     assert!(writes.is_empty(), "the second run changed things: {writes:?}");

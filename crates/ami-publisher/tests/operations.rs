@@ -75,6 +75,7 @@ async fn lifecycle_subcommands_change_exactly_what_they_say() {
     assert_eq!(unpackers.len(), 2);
     assert!(unpackers.iter().all(|u| u["state"] == "running" && u["streams"] == stream), "{unpackers:?}");
     let streams = records(&json_of(&run(&["--json", "list-streams"])));
+    assert_eq!(streams.len(), 2, "the stream on each of the two unpackers: {streams:?}");
     assert!(streams.iter().all(|s| s["leaf"] == "2" && s["state"] == "verified"), "{streams:?}");
     // The publishes released their capture holds.
     assert!(streams.iter().all(|s| s["capture_hold"] == ""), "{streams:?}");
@@ -166,8 +167,10 @@ async fn lifecycle_subcommands_change_exactly_what_they_say() {
     )
     .unwrap();
     let first = records(&json_of(&run(&["--json", "import-key-pair", "ops", key.to_str().unwrap()])));
+    assert_eq!(first.len(), 2, "one row per target: {first:?}");
     assert!(first.iter().all(|a| a["action"] == "import"), "{first:?}");
     let again = records(&json_of(&run(&["--json", "import-key-pair", "ops", key.to_str().unwrap()])));
+    assert_eq!(again.len(), 2, "one row per target: {again:?}");
     assert!(again.iter().all(|a| a["action"] == "kept"), "{again:?}");
     let kp = ec2.describe_key_pairs().filters(Filter::builder().name("key-name").values("ops").build()).send();
     assert_eq!(kp.await.unwrap().key_pairs().len(), 1);
@@ -398,6 +401,7 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
 
     // A re-run is a no-op.
     let again = records(&json_of(&run(&["--json", "copy-bootstrap-image", stream])));
+    assert_eq!(again.len(), done.len(), "a row for each copy: {again:?}");
     assert!(again.iter().all(|a| a["action"] == "kept"), "{again:?}");
     assert_eq!(images("second", "eu-west-1").await.len(), 1);
 }

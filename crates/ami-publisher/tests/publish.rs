@@ -264,7 +264,7 @@ async fn bad_arguments_are_refused_before_any_resource_is_made() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_publish_is_finished_by_a_rerun_and_leaks_nothing() {
-    use image_unpacker::client::{GetStatusRequest, StreamState};
+    use unpacker_client::{GetStatusRequest, StreamState};
     let world =
         World::start(&Plan { accounts: vec!["second".into()], regions: vec!["eu-west-1".into()] }).await.unwrap();
     let stream = "big/image";
@@ -283,7 +283,7 @@ async fn an_interrupted_publish_is_finished_by_a_rerun_and_leaks_nothing() {
         .spawn()
         .unwrap();
     let tls = fleet_tls::TlsFiles::from_ssl_dir(&p.ssl);
-    let mut c = image_unpacker::client::connect(&world.targets[0].unpacker_addr().to_string(), &tls).await.unwrap();
+    let mut c = unpacker_client::connect(&world.targets[0].unpacker_addr().to_string(), &tls).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let seen = loop {
         let st = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
@@ -364,6 +364,7 @@ async fn concurrent_publishes_of_one_stream_each_capture_their_own_leaf() {
     }
     // The stream has one volume, and every publish used it.
     assert_eq!(bound.len(), 1, "one volume for the stream: {bound:?}");
+    assert_eq!(published.len(), 4, "four publishes");
     assert!(published.iter().all(|r| r.targets[0].volume_id == published[0].targets[0].volume_id));
 }
 

@@ -25,7 +25,7 @@ pub mod record;
 use std::{
     collections::HashSet,
     fs::{self, File},
-    io::{self, Write},
+    io,
     path::{Path, PathBuf},
     sync::{
         RwLock,
@@ -37,8 +37,7 @@ use std::{
 use image_format::{ChunkRef, Digest, ImageName, Manifest, ManifestError, NameError};
 pub use record::RecordError;
 
-/// zstd level used when this crate compresses (fast; chunks are small).
-pub const ZSTD_LEVEL: i32 = 1;
+pub use image_format::codec::ZSTD_LEVEL;
 const LEAVES_DIR: &str = "_leaves";
 /// Files in `tmp/` untouched for this long belong to no write in progress
 /// (a chunk write lasts milliseconds): garbage collection removes them.
@@ -605,35 +604,21 @@ fn read_up_to(f: &File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// Compress a chunk for storage or the wire.
-pub fn compress(plain: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(plain, ZSTD_LEVEL).expect("zstd compression of an in-memory buffer cannot fail")
-}
+pub use image_format::codec::compress;
 
 /// Write `bytes` to a new file at `path` and fsync it.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
+    fleet_fs::write_synced(path, bytes).map_err(io_err(path))
 }
 
 /// fsync a directory so a rename or link in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
+    fleet_fs::sync_dir(dir).map_err(io_err(dir))
 }
 
-/// Write a file atomically: temp file beside it, fsync, rename, fsync the
-/// directory. Readers see the old or the new contents, never a mix.
+/// Write a file atomically (see [`fleet_fs::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    write_synced(&tmp, bytes)?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io_err(path)(e)
-    })?;
-    sync_dir(dir)
+    fleet_fs::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 #[cfg(test)]

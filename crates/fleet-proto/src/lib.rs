@@ -17,3 +17,22 @@ pub mod unpacker {
 /// `image_format::MAX_CHUNK_SIZE` plus framing, and manifests of large disks
 /// run to a few MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The port an image-unpacker listens on unless told otherwise.
+pub const UNPACKER_PORT: u16 = 6974;
+
+impl std::fmt::Display for unpacker::UnpackStats {
+    /// One line: what an unpack wrote, zeroed and left alone.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} chunks written, {} zeroed, {} unchanged; {} compressed bytes fetched in {:.1}s",
+            self.chunks_written,
+            self.chunks_total,
+            self.chunks_zeroed,
+            self.chunks_unchanged,
+            self.bytes_fetched,
+            self.seconds
+        )
+    }
+}

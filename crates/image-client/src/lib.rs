@@ -278,7 +278,4 @@ fn fetch_batch(
     })
 }
 
-/// Compress a chunk for upload.
-pub fn compress(plain: &[u8]) -> Vec<u8> {
-    chunk_store::compress(plain)
-}
+pub use image_format::codec::compress;

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod chunker;
+pub mod codec;
 mod manifest;
 mod name;
 

@@ -302,7 +302,7 @@ pub async fn add(
                 if Digest::of(&buf[..len]) != d {
                     bail!("'{}' changed while being added (chunk {i})", p.display());
                 }
-                let z = chunk_store::compress(&buf[..len]);
+                let z = image_format::codec::compress(&buf[..len]);
                 sent += z.len() as u64;
                 pb2.inc(len as u64);
                 if tx.blocking_send(UploadChunk { digest: d.0.to_vec().into(), zstd_data: z.into() }).is_err() {
@@ -334,15 +334,11 @@ pub async fn add(
 pub async fn get(client: &mut Client, name: &ImageName, out: &Path, progress: Progress) -> anyhow::Result<GetReport> {
     let (info, manifest) = image_client::get_manifest(client, name).await?;
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".imagetool-get")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a file in '{}'", dir.display()))?;
-    tmp.as_file().set_len(manifest.size())?;
-    let report = fetch_into(client, &manifest, tmp.as_file().try_clone()?, progress).await?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(out).with_context(|| format!("cannot write '{}'", out.display()))?;
-    chunk_store::sync_dir(dir)?;
+    let mut tmp =
+        fleet_fs::AtomicFile::new(out).with_context(|| format!("cannot create a file in '{}'", dir.display()))?;
+    tmp.file().set_len(manifest.size())?;
+    let report = fetch_into(client, &manifest, tmp.file().try_clone()?, progress).await?;
+    tmp.commit().with_context(|| format!("cannot write '{}'", out.display()))?;
     Ok(GetReport { image: name.to_string(), image_id: info.image_id, ..report })
 }
 

@@ -2,14 +2,15 @@
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use image_unpacker::client::{
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use unpacker_client::{
     AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Device, ForgetStreamRequest, GetRawRequest,
     GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, ReleaseCaptureRequest,
     RemoveDeviceRequest, StreamStatus, UnpackImageRequest,
 };
-use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
 
 /// Drive an image-unpacker by hand.
 ///
@@ -165,7 +166,7 @@ fn show_progress(b: &ProgressBar) -> impl FnMut(&Progress) + '_ {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let tls = cli.tls.files();
-    let mut c = image_unpacker::client::connect(&cli.unpacker, &tls).await?;
+    let mut c = unpacker_client::connect(&cli.unpacker, &tls).await?;
     let out = |v: serde_json::Value, text: String| {
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -230,8 +231,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::PrepareForUnpack { stream, skip_if_prepared, do_not_wait } => {
             let req = PrepareForUnpackRequest { stream, skip_if_prepared, do_not_wait };
             let b = bar(cli.json);
-            let last = image_unpacker::client::follow(c.prepare_for_unpack(req).await?.into_inner(), show_progress(&b))
-                .await?;
+            let last =
+                unpacker_client::follow(c.prepare_for_unpack(req).await?.into_inner(), show_progress(&b)).await?;
             b.finish_and_clear();
             match last.result {
                 Some(s) => {
@@ -245,8 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let b = bar(cli.json);
             let req =
                 UnpackImageRequest { stream, leaf, hold_seconds: hold_seconds(hold), hold_id: cli.hold_id.clone() };
-            let last =
-                image_unpacker::client::follow(c.unpack_image(req).await?.into_inner(), show_progress(&b)).await?;
+            let last = unpacker_client::follow(c.unpack_image(req).await?.into_inner(), show_progress(&b)).await?;
             b.finish_and_clear();
             let stats = last.stats.unwrap_or_default();
             let s = last.result.unwrap_or_default();
@@ -255,7 +255,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "chunks_zeroed": stats.chunks_zeroed, "chunks_unchanged": stats.chunks_unchanged,
                 "chunks_fetched": stats.chunks_fetched, "bytes_fetched": stats.bytes_fetched,
                 "bytes_written": stats.bytes_written, "seconds": stats.seconds});
-            out(v, format!("{}/{} on {}: {}", s.stream, s.leaf, s.volume_id, image_unpacker::stats_line(&stats)));
+            out(v, format!("{}/{} on {}: {}", s.stream, s.leaf, s.volume_id, stats));
         }
         Cmd::PrepareForCapture { stream, hold } => {
             let req =
@@ -280,8 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out(json!({"forgotten": stream}), format!("forgot {stream}"));
         }
         Cmd::GetRaw { stream, out: path } => {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            let mut tmp = fleet_fs::AtomicFile::new(&path)?;
             let mut s = c.get_raw(GetRawRequest { stream }).await?.into_inner();
             let b = bar(cli.json);
             b.set_message("reading");
@@ -297,15 +296,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "the unpacker sent offset {} where {total} was due",
                     piece.offset
                 );
-                tmp.write_all(&piece.data)?;
+                tmp.file().write_all(&piece.data)?;
                 total += piece.data.len() as u64;
                 b.set_position(total);
             }
             b.finish_and_clear();
             anyhow::ensure!(expected.unwrap_or(0) == total, "the unpacker sent {total} of {expected:?} bytes");
-            tmp.as_file().sync_all()?;
-            tmp.persist(&path)?;
-            chunk_store::sync_dir(dir)?;
+            tmp.commit().with_context(|| format!("writing '{}'", path.display()))?;
             out(json!({"out": path, "bytes": total}), format!("wrote {total} bytes to '{}'", path.display()));
         }
     }
