@@ -8,6 +8,10 @@
 
 #![forbid(unsafe_code)]
 
+mod rights;
+
+pub use rights::{Rights, RightsLayer, RightsService, peer_of_extensions};
+
 use std::{
     fmt,
     path::{Path, PathBuf},
@@ -203,19 +207,20 @@ pub fn peer_of<T>(request: &tonic::Request<T>) -> Peer {
 }
 
 /// Refuse a request whose certificate lacks `right`, with
-/// PERMISSION_DENIED naming the right.
+/// PERMISSION_DENIED naming the right. The daemons do not call this per
+/// handler: their [`Rights`] table, applied by [`Rights::layer`], decides
+/// every call.
 pub fn require<T>(request: &tonic::Request<T>, right: Right) -> Result<Peer, tonic::Status> {
     let peer = peer_of(request);
-    if peer.has(right) {
-        Ok(peer)
-    } else {
-        let who = if peer.name.is_empty() {
-            "the client certificate".to_owned()
-        } else {
-            format!("certificate '{}'", peer.name)
-        };
-        Err(tonic::Status::permission_denied(format!("{who} lacks the '{right}' right")))
-    }
+    if peer.has(right) { Ok(peer) } else { Err(lacks(&peer, right)) }
+}
+
+/// The refusal of a peer that lacks `right`, naming the right and the
+/// certificate's subject.
+fn lacks(peer: &Peer, right: Right) -> tonic::Status {
+    let who =
+        if peer.name.is_empty() { "the client certificate".to_owned() } else { format!("certificate '{}'", peer.name) };
+    tonic::Status::permission_denied(format!("{who} lacks the '{right}' right"))
 }
 
 #[cfg(test)]

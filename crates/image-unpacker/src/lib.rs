@@ -32,7 +32,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 pub use metrics::Metrics;
-pub use service::{ServiceConfig, Unpacker, stats_line};
+pub use service::{RIGHTS, ServiceConfig, Unpacker, stats_line};
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 6974;
@@ -77,6 +77,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // not the first unpack.
     config.tls.client_config(fleet_tls::IMAGESERVER_TLS_NAME).context("loading the unpacker's TLS files")?;
     let metrics = Arc::new(Metrics::default());
+    let denied = metrics.clone();
     let service_config = ServiceConfig {
         device_dir: config.device_dir.clone(),
         image_server: config.image_server.clone(),
@@ -91,6 +92,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => None,
     };
     let (shutdown, mut rx) = watch::channel(false);
+    let rights = RIGHTS.layer(move || Metrics::add(&denied.requests_denied, 1));
     let grpc = ImageUnpackerServer::new(unpacker.clone())
         .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES);
@@ -98,6 +100,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Server::builder()
             .tls_config(tls)?
             .tcp_nodelay(true)
+            // Every call passes the rights table first: see `service::RIGHTS`.
+            .layer(rights)
             .add_service(grpc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = rx.wait_for(|stop| *stop).await;

@@ -1,6 +1,8 @@
 //! The gRPC service: every RPC of `proto/unpacker.proto`.
 //!
-//! **Invariants:** every call needs the drive-unpacker right; one long
+//! **Invariants:** every call needs the drive-unpacker right ([`RIGHTS`],
+//! applied to every call by one layer around the whole server, see
+//! `lib.rs`, before any handler runs); one long
 //! operation per stream at a time (a second gets ABORTED naming the one
 //! running, and may try again); a long operation runs in its own task, so a caller that
 //! goes away does not cut an unpack short; the state lock is never held
@@ -33,7 +35,7 @@ use fleet_proto::unpacker::{
     ReleaseCaptureRequest, RemoveDeviceRequest, Status as UnpackerStatus, StreamStatus, UnpackImageRequest,
     UnpackStats, image_unpacker_server::ImageUnpacker,
 };
-use fleet_tls::{Right, TlsFiles};
+use fleet_tls::{Right, Rights, TlsFiles};
 use futures::{Stream, StreamExt as _};
 use image_format::{DEFAULT_CHUNK_SIZE, ImageName, Manifest};
 use tokio::sync::mpsc;
@@ -57,6 +59,24 @@ pub(crate) const MAX_HOLD: Duration = Duration::from_secs(900);
 pub(crate) const MAX_LEASE: Duration = Duration::from_secs(900);
 /// How often a caller waiting for a capture hold is told it still waits.
 pub(crate) const WAIT_REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// The right each ImageUnpacker method needs: all of them need
+/// drive-unpacker. A method missing here is refused to everyone, so a new
+/// RPC needs an entry before anyone can call it.
+pub const RIGHTS: Rights = Rights::new(&[
+    ("/fleet.unpacker.v1.ImageUnpacker/GetStatus", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/AddDevice", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/RemoveDevice", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/ClaimDevice", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/AssociateStreamWithDevice", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/LeaseStreamSetup", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/PrepareForUnpack", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/UnpackImage", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/PrepareForCapture", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/ReleaseCapture", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/ForgetStream", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/GetRaw", Right::DriveUnpacker),
+]);
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<Progress, Status>> + Send>>;
 type RawStream = Pin<Box<dyn Stream<Item = Result<RawData, Status>> + Send>>;
@@ -168,12 +188,6 @@ impl Unpacker {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.0.state.lock().expect("state lock")
-    }
-
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        fleet_tls::require(req, Right::DriveUnpacker).map(|_| ()).inspect_err(|_| {
-            Metrics::add(&self.0.metrics.requests_denied, 1);
-        })
     }
 
     /// Hold `stream`'s device at `leaf` for `seconds` (capped at
@@ -692,13 +706,11 @@ impl Unpacker {
 
 #[tonic::async_trait]
 impl ImageUnpacker for Unpacker {
-    async fn get_status(&self, req: Request<GetStatusRequest>) -> Result<Response<UnpackerStatus>, Status> {
-        self.authorize(&req)?;
+    async fn get_status(&self, _req: Request<GetStatusRequest>) -> Result<Response<UnpackerStatus>, Status> {
         Ok(Response::new(self.status()))
     }
 
     async fn add_device(&self, req: Request<AddDeviceRequest>) -> Result<Response<Device>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_volume(&r.volume_id)?;
         let timeout = match r.timeout_seconds {
@@ -727,7 +739,6 @@ impl ImageUnpacker for Unpacker {
     }
 
     async fn remove_device(&self, req: Request<RemoveDeviceRequest>) -> Result<Response<Empty>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_volume(&r.volume_id)?;
         let mut state = self.state();
@@ -748,7 +759,6 @@ impl ImageUnpacker for Unpacker {
     }
 
     async fn claim_device(&self, req: Request<ClaimDeviceRequest>) -> Result<Response<Device>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_volume(&r.volume_id)?;
         if r.path.is_empty() {
@@ -760,7 +770,6 @@ impl ImageUnpacker for Unpacker {
     }
 
     async fn lease_stream_setup(&self, req: Request<LeaseRequest>) -> Result<Response<Lease>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
         if r.owner.is_empty() {
@@ -798,7 +807,6 @@ impl ImageUnpacker for Unpacker {
         &self,
         req: Request<AssociateRequest>,
     ) -> Result<Response<StreamStatus>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
         check_volume(&r.volume_id)?;
@@ -846,7 +854,6 @@ impl ImageUnpacker for Unpacker {
         &self,
         req: Request<PrepareForUnpackRequest>,
     ) -> Result<Response<ProgressStream>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
         // A scan resets what the stream is known to hold: not under a hold.
@@ -861,7 +868,6 @@ impl ImageUnpacker for Unpacker {
     type UnpackImageStream = ProgressStream;
 
     async fn unpack_image(&self, req: Request<UnpackImageRequest>) -> Result<Response<ProgressStream>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         ImageName::new(&r.stream, &r.leaf).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.binding(&r.stream)?;
@@ -870,7 +876,6 @@ impl ImageUnpacker for Unpacker {
     }
 
     async fn prepare_for_capture(&self, req: Request<PrepareForCaptureRequest>) -> Result<Response<Capture>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
         let _guard = self.claim(&r.stream, "prepare-for-capture")?;
@@ -922,7 +927,6 @@ impl ImageUnpacker for Unpacker {
     }
 
     async fn forget_stream(&self, req: Request<ForgetStreamRequest>) -> Result<Response<Empty>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
         self.wait_unheld(&r.stream, None, |_| {}).await;
@@ -937,7 +941,6 @@ impl ImageUnpacker for Unpacker {
     }
 
     async fn release_capture(&self, req: Request<ReleaseCaptureRequest>) -> Result<Response<Empty>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
         self.release(&r.stream, &r.hold_id);
@@ -947,7 +950,6 @@ impl ImageUnpacker for Unpacker {
     type GetRawStream = RawStream;
 
     async fn get_raw(&self, req: Request<GetRawRequest>) -> Result<Response<RawStream>, Status> {
-        self.authorize(&req)?;
         let r = req.into_inner();
         check_stream(&r.stream)?;
         let guard = self.claim(&r.stream, "get-raw")?;

@@ -26,7 +26,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 pub use metrics::Metrics;
-pub use service::ImageService;
+pub use service::{ImageService, RIGHTS};
 
 /// Everything the daemon needs, validated before any port is bound.
 #[derive(Debug, Clone)]
@@ -86,6 +86,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         replica::spawn(master.clone(), config.tls.clone(), service.clone());
     }
     let (shutdown, mut rx) = watch::channel(false);
+    let denied = metrics.clone();
+    let rights = RIGHTS.layer(move || Metrics::add(&denied.requests_denied, 1));
     let grpc = ImageServerServer::new(service)
         .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES);
@@ -95,6 +97,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .initial_stream_window_size(image_client::STREAM_WINDOW)
             .initial_connection_window_size(image_client::CONNECTION_WINDOW)
             .tcp_nodelay(true)
+            // Every call passes the rights table first: see `service::RIGHTS`.
+            .layer(rights)
             .add_service(grpc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = rx.wait_for(|stop| *stop).await;
