@@ -1,20 +1,18 @@
 //! `cargo xtask`: project automation (see `cargo xtask help`).
 //!
-//! Commands shell out to the workspace's own binaries, exactly as a user
-//! would run them; nothing here reaches into their internals. The demo and
-//! the publisher benchmark stand up the local world (crates/local-world) as
-//! the stand-in for AWS.
+//! This binary is light on purpose: `pki` and `mutants` build without the
+//! AWS SDK. The commands that stand up the local world or need
+//! ami-publisher's CLI definition (demo, world, bench, dist) are handed to
+//! `xtask-world` (xtask/world), which this process becomes (exec), so that
+//! Ctrl-C and exit codes reach the user unchanged.
 
-mod bench;
-mod bench_publisher;
-mod bench_unpacker;
-mod demo;
-mod dist;
 mod mutants;
-mod util;
-mod world;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
 
 const HELP: &str = "\
 cargo xtask COMMAND
@@ -47,10 +45,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("pki") => pki(&args[1..]),
-        Some("demo") => demo::run(),
-        Some("bench") => bench::run(&args[1..]),
-        Some("dist") => dist::run(&args[1..]),
-        Some("world") => world::run(&args[1..]),
+        Some("demo" | "bench" | "dist" | "world") => Err(world_tasks(&args)),
         Some("mutants") if args.iter().take_while(|a| *a != "--").any(|a| a == "--help" || a == "-h") => {
             println!("{}", mutants::USAGE);
             return ExitCode::SUCCESS;
@@ -72,6 +67,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The workspace root.
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+}
+
+/// Become `cargo run -p xtask-world -- ARGS` (returns only if that fails).
+fn world_tasks(args: &[String]) -> anyhow::Error {
+    let e = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args(["run", "--quiet", "--package", "xtask-world", "--"])
+        .args(args)
+        .exec();
+    anyhow::anyhow!("running cargo run -p xtask-world: {e}")
 }
 
 fn pki(args: &[String]) -> anyhow::Result<()> {

@@ -14,8 +14,6 @@ use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::util;
-
 /// An integrity-critical module and the packages whose tests exercise it.
 struct Module {
     name: &'static str,
@@ -100,7 +98,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             other => bail!("unknown argument '{other}'\n\n{USAGE}"),
         }
     }
-    let root = util::root();
+    let root = crate::root();
     let modules = select(only.as_deref(), &root)?;
     ensure_installed()?;
 
@@ -214,16 +212,4 @@ fn count(results: &Path) -> anyhow::Result<[usize; 4]> {
         counts[k] = text.lines().filter(|l| !l.trim().is_empty()).count();
     }
     Ok(counts)
-}
-
-/// The title of the section of docs/benchmarks.md that this command's
-/// findings go in, by hand (each survivor needs a reason).
-const SECTION: &str = "\n## Mutation testing";
-
-/// Carry the mutation testing section, the document's last, over from
-/// `old` when `cargo xtask bench` rewrites the figures.
-pub(crate) fn keep_section(old: &str, md: &mut String) {
-    if let Some(i) = old.find(SECTION) {
-        md.push_str(old[i..].trim_start_matches('\n'));
-    }
 }

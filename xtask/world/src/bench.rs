@@ -42,7 +42,6 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         let mut md = old.find(&marker).map_or(old.clone(), |i| old[..i].to_owned());
         md.push('\n');
         publisher_table(&mut md, &rows);
-        crate::mutants::keep_section(&old, &mut md);
         return write_doc(&doc, &md);
     }
     if args.windows(2).any(|w| w[0] == "--only" && w[1] == "decode-fuzz") {
@@ -179,7 +178,6 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     table(&mut md, "image-unpacker", &unpacker_rows);
     let publisher_rows = crate::bench_publisher::run(&work, 8)?;
     publisher_table(&mut md, &publisher_rows);
-    crate::mutants::keep_section(&old, &mut md);
     write_doc(&doc, &md)
 }
 

@@ -14,7 +14,8 @@ use anyhow::{Context as _, bail};
 
 /// The workspace root (xtask lives one level below it).
 pub(crate) fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+    // xtask/world -> the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).expect("xtask/world is two levels down").to_owned()
 }
 
 /// Build the named binaries and return the directory holding them.
