@@ -188,6 +188,33 @@ impl Aws {
     }
 }
 
+/// Context for the result of an SDK call.
+pub trait SdkResultExt<T> {
+    /// Its error as one line naming what was asked ([`sdk_error`]).
+    fn sdk(self, what: impl std::fmt::Display) -> anyhow::Result<T>;
+    /// As [`SdkResultExt::sdk`], but an error with one of `codes` is a fine
+    /// answer: `Ok(None)` (a delete of what is already gone, a duplicate
+    /// that is already there).
+    fn or_code(self, codes: &[&str], what: impl std::fmt::Display) -> anyhow::Result<Option<T>>;
+}
+
+impl<T, E> SdkResultExt<T> for Result<T, aws_sdk_ec2::error::SdkError<E>>
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    fn sdk(self, what: impl std::fmt::Display) -> anyhow::Result<T> {
+        self.map_err(|e| sdk_error(&what.to_string(), e))
+    }
+
+    fn or_code(self, codes: &[&str], what: impl std::fmt::Display) -> anyhow::Result<Option<T>> {
+        match self {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if crate::retry::code(&e).is_some_and(|c| codes.contains(&c)) => Ok(None),
+            Err(e) => Err(sdk_error(&what.to_string(), e)),
+        }
+    }
+}
+
 /// The error of an SDK call as one line: code, message, and what was asked.
 pub fn sdk_error<E, R>(what: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> anyhow::Error
 where

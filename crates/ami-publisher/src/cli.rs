@@ -459,24 +459,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         board: Board::new(!cli.json, &names),
     };
     let amis: std::collections::HashMap<_, _> = from_results.unwrap_or_default().into_iter().collect();
-    const ACTIONS: &[&str] = &["action", "resource", "detail"];
-    let (reports, columns, quiet): (Vec<ops::Report>, &[&str], bool) = match &cli.command {
+    let (json, q) = (cli.json, false);
+    let outcome = match &cli.command {
         Command::Publish { .. } => unreachable!("handled above"),
         Command::AddVolumes { size_gib } => {
             if *size_gib == 0 || *size_gib > 16384 {
                 return Err(Refused(anyhow::anyhow!("SIZE_GIB must be 1 to 16384, not {size_gib}")).into());
             }
-            (ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk(), cli.kms_key_id.as_deref()).await, ACTIONS, false)
+            show(ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk(), cli.kms_key_id.as_deref()).await, json, q)
         }
         Command::CopyBootstrapImage { stream } => {
-            (ops::copy_bootstrap_image(&ctx, stream, cli.kms_key_id.as_deref()).await, ACTIONS, false)
+            show(ops::copy_bootstrap_image(&ctx, stream, cli.kms_key_id.as_deref()).await, json, q)
         }
-        Command::Delete { .. } => (ops::delete(&ctx, &amis).await, ACTIONS, false),
-        Command::DeleteTags { tag_key, .. } => (ops::delete_tags(&ctx, tag_key, &amis).await, ACTIONS, false),
-        Command::DeleteTagsOnUnpackers { tag_key } => {
-            (ops::tag_unpackers(&ctx, &[], Some(tag_key)).await, ACTIONS, false)
-        }
-        Command::Expire => (ops::expire(&ctx, SystemTime::now()).await, ACTIONS, false),
+        Command::Delete { .. } => show(ops::delete(&ctx, &amis).await, json, q),
+        Command::DeleteTags { tag_key, .. } => show(ops::delete_tags(&ctx, tag_key, &amis).await, json, q),
+        Command::DeleteTagsOnUnpackers { tag_key } => show(ops::tag_unpackers(&ctx, &[], Some(tag_key)).await, json, q),
+        Command::Expire => show(ops::expire(&ctx, SystemTime::now()).await, json, q),
         Command::ImportKeyPair { name, pubkey_file } => {
             let key = refuse(
                 std::fs::read(pubkey_file).with_context(|| format!("reading public key {}", pubkey_file.display())),
@@ -488,38 +486,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 ))
                 .into());
             }
-            (ops::import_key_pair(&ctx, name, &key).await, ACTIONS, false)
+            show(ops::import_key_pair(&ctx, name, &key).await, json, q)
         }
-        Command::ListImages { search } => (
-            ops::list_images(&ctx, &search.search_tags, &search.exclude_search_tags).await,
-            &["ami", "name", "state", "stream", "leaf", "created", "expires"][..],
-            false,
-        ),
+        Command::ListImages { search } => {
+            show(ops::list_images(&ctx, &search.search_tags, &search.exclude_search_tags).await, json, q)
+        }
         Command::ListUnusedImages { usage }
         | Command::ListUsedImages { usage }
         | Command::DeleteUnusedImages { usage } => {
-            let kind = match &cli.command {
-                Command::ListUsedImages { .. } => ops::Usage::Used,
-                Command::ListUnusedImages { .. } => ops::Usage::Unused,
-                _ => ops::Usage::DeleteUnused,
+            let search = ops::images::UsageSearch {
+                search: &usage.search.search_tags,
+                exclude: &usage.search.exclude_search_tags,
+                min_age: usage.min_image_age,
+                now: SystemTime::now(),
             };
-            let now = SystemTime::now();
-            let (s, x, age) = (&usage.search.search_tags, &usage.search.exclude_search_tags, usage.min_image_age);
             // The reports are read before anything is deleted.
             if let Some(path) = &usage.unused_images_csv {
-                let unused = ops::image_usage(&ctx, s, x, age, ops::Usage::Unused, now).await;
+                let unused = ops::image_usage(&ctx, &search, ops::Usage::Unused).await;
                 ops::write_csv(path, &unused, &["ami", "name", "created", "stream"])?;
             }
             if let Some(path) = &usage.old_image_instances_csv {
-                let used = ops::image_usage(&ctx, s, x, age, ops::Usage::Used, now).await;
+                let used = ops::image_usage(&ctx, &search, ops::Usage::Used).await;
                 ops::write_csv(path, &used, &["ami", "name", "created", "instances"])?;
             }
-            let reports = ops::image_usage(&ctx, s, x, age, kind, now).await;
-            let columns: &[&str] = match kind {
-                ops::Usage::DeleteUnused => ACTIONS,
-                _ => &["ami", "name", "created", "stream", "instances"],
-            };
-            (reports, columns, false)
+            match &cli.command {
+                Command::ListUsedImages { .. } => {
+                    show(ops::image_usage(&ctx, &search, ops::Usage::Used).await, json, q)
+                }
+                Command::ListUnusedImages { .. } => {
+                    show(ops::image_usage(&ctx, &search, ops::Usage::Unused).await, json, q)
+                }
+                _ => show(ops::delete_unused_images(&ctx, &search).await, json, q),
+            }
         }
         Command::LaunchInstances { launch, .. } | Command::LaunchInstancesForImages { launch, .. } => {
             let user_data = match &launch.user_data {
@@ -554,39 +552,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             if let Some(path) = &cli.results {
                 write_json_atomic(path, &reports)?;
             }
-            (reports, &["action", "resource", "private_ip", "detail"][..], false)
+            show(reports, json, q)
         }
-        Command::ListStreams => (
-            ops::list_streams(&ctx).await,
-            &["instance", "stream", "state", "leaf", "volume", "volume_bytes", "capture_hold"][..],
-            false,
-        ),
-        Command::ListUnpackers => (
-            ops::list_unpackers(&ctx).await,
-            &["instance", "state", "ip", "streams", "devices", "idle", "busy", "unreachable"][..],
-            false,
-        ),
-        Command::PrepareUnpackers { stream } => {
-            (ops::prepare_unpackers(&ctx, stream.as_deref()).await, &["instance", "ready", "stream"][..], false)
-        }
-        Command::RemoveUnusedVolumes => (ops::remove_unused_volumes(&ctx).await, ACTIONS, false),
+        Command::ListStreams => show(ops::list_streams(&ctx).await, json, q),
+        Command::ListUnpackers => show(ops::list_unpackers(&ctx).await, json, q),
+        Command::PrepareUnpackers { stream } => show(ops::prepare_unpackers(&ctx, stream.as_deref()).await, json, q),
+        Command::RemoveUnusedVolumes => show(ops::remove_unused_volumes(&ctx).await, json, q),
         Command::SetExclusiveTags { tag_key, tag_value, .. } => {
-            (ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, ACTIONS, false)
+            show(ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, json, q)
         }
         Command::SetTagsOnUnpackers => {
             if cli.tags.is_empty() {
                 return Err(Refused(anyhow::anyhow!("give the tags to set with --tags K=V,...")).into());
             }
-            (ops::tag_unpackers(&ctx, &cli.tags, None).await, ACTIONS, false)
+            show(ops::tag_unpackers(&ctx, &cli.tags, None).await, json, q)
         }
-        Command::StartInstances => (ops::start_instances(&ctx).await, ACTIONS, false),
+        Command::StartInstances => show(ops::start_instances(&ctx).await, json, q),
+        // Quiet: cron mails only what it did.
         Command::StopIdleUnpackers { max_idle_time } => {
-            (ops::stop_idle_unpackers(&ctx, *max_idle_time).await, ACTIONS, true)
+            show(ops::stop_idle_unpackers(&ctx, *max_idle_time).await, json, true)
         }
-        Command::TerminateInstances => (ops::terminate_instances(&ctx).await, ACTIONS, false),
+        Command::TerminateInstances => show(ops::terminate_instances(&ctx).await, json, q),
     };
-    ops::print(&reports, columns, cli.json, quiet);
-    Ok(if reports.iter().all(|r| r.error.is_none()) { Outcome::AllSucceeded } else { Outcome::SomeFailed })
+    Ok(outcome)
+}
+
+/// Print an operation's reports; whether every target succeeded.
+fn show<R: crate::ops::Row>(reports: Vec<crate::ops::Report<R>>, json: bool, quiet: bool) -> Outcome {
+    crate::ops::print(&reports, json, quiet);
+    if reports.iter().all(|r| r.error.is_none()) { Outcome::AllSucceeded } else { Outcome::SomeFailed }
 }
 
 /// Expand --targets / --skip-targets (a refusal when there are none).

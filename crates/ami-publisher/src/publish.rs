@@ -23,7 +23,8 @@ use unpacker_client::{
 };
 
 use crate::{
-    aws::{Aws, sdk_error},
+    aws::Aws,
+    aws::SdkResultExt as _,
     progress::{Board, Line},
     results::{PublishResults, TargetResult},
     retry::{self, Seen},
@@ -238,7 +239,7 @@ async fn find_tagged(ec2: &Client, o: &Options) -> anyhow::Result<Tagged> {
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| sdk_error("DescribeTags", e))?;
+        let page = page.sdk("DescribeTags")?;
         for t in page.tags() {
             let Some(id) = t.resource_id() else { continue };
             match t.resource_type().map(|r| r.as_str()) {
@@ -256,12 +257,7 @@ async fn find_ami(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<
     if tagged.images.is_empty() {
         return Ok(None);
     }
-    let out = ec2
-        .describe_images()
-        .set_image_ids(Some(tagged.images.clone()))
-        .send()
-        .await
-        .map_err(|e| sdk_error("DescribeImages", e))?;
+    let out = ec2.describe_images().set_image_ids(Some(tagged.images.clone())).send().await.sdk("DescribeImages")?;
     let mut found: Vec<Image> = out
         .images()
         .iter()
@@ -286,7 +282,7 @@ async fn find_snapshot(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Re
         .set_snapshot_ids(Some(tagged.snapshots.clone()))
         .send()
         .await
-        .map_err(|e| sdk_error("DescribeSnapshots", e))?;
+        .sdk("DescribeSnapshots")?;
     Ok(out
         .snapshots()
         .iter()
@@ -330,12 +326,8 @@ async fn unpack_and_snapshot(
     }
     let inst = unpacker::ensure_running(ec2, inst, o.timeouts.unpacker, |s| line.step(s)).await?;
     r.account_id = inst.account_id.clone();
-    let ip = inst.private_ip.as_deref().with_context(|| format!("instance {} has no private IP", inst.instance_id))?;
-    let addr = format!("{ip}:{}", o.unpacker_port);
-    line.step(format!("connecting to {addr}"));
-    let mut c = unpacker::dial(&addr, &o.tls, o.timeouts.unpacker)
-        .await
-        .with_context(|| format!("unpacker instance {}", inst.instance_id))?;
+    line.step(format!("connecting to {}", unpacker::address(&inst, o.unpacker_port)?));
+    let mut c = unpacker::dial_instance(&inst, o.unpacker_port, &o.tls, o.timeouts.unpacker).await?;
     let spec = VolumeSpec {
         stream: o.stream.clone(),
         need_bytes: o.image_size.saturating_add(o.min_free_bytes),
@@ -768,6 +760,6 @@ pub(crate) async fn image_named(ec2: &Client, name: &str) -> anyhow::Result<Opti
         .filters(tags::filter("name", name))
         .send()
         .await
-        .map_err(|e| sdk_error("DescribeImages by name", e))?;
+        .sdk("DescribeImages by name")?;
     Ok(out.images().first().cloned())
 }

@@ -22,6 +22,7 @@
 //!   fresh id and errors the SDK gave up on that are transient
 //!   (throttling, 5xx) only make it poll again.
 
+use crate::aws::SdkResultExt as _;
 use std::{
     future::Future,
     time::{Duration, Instant},
@@ -331,7 +332,7 @@ pub async fn snapshot_with_token(ec2: &Client, token: &str) -> anyhow::Result<Op
         .filters(crate::tags::tag_filter(crate::tags::CREATE_TOKEN, token))
         .send()
         .await
-        .map_err(|e| sdk_error("DescribeSnapshots by create token", e))?;
+        .sdk("DescribeSnapshots by create token")?;
     Ok(out.snapshots().iter().find_map(|s| Some((s.snapshot_id()?.to_owned(), s.volume_size().unwrap_or(1)))))
 }
 

@@ -13,7 +13,7 @@ use fleet_tls::TlsFiles;
 use unpacker_client::{self as uc, GetStatusRequest};
 
 use crate::{
-    aws::sdk_error,
+    aws::SdkResultExt as _,
     retry::{self, Seen},
 };
 
@@ -77,7 +77,7 @@ pub async fn find_all(ec2: &Client, name: &str) -> anyhow::Result<Vec<UnpackerIn
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| sdk_error("DescribeInstances", e))?;
+        let page = page.sdk("DescribeInstances")?;
         for r in page.reservations() {
             for i in r.instances() {
                 out.push(describe(i, r.owner_id()));
@@ -95,7 +95,7 @@ pub async fn refresh(ec2: &Client, instance_id: &str) -> anyhow::Result<Unpacker
         .instance_ids(instance_id)
         .send()
         .await
-        .map_err(|e| sdk_error(&format!("DescribeInstances {instance_id}"), e))?;
+        .sdk(format!("DescribeInstances {instance_id}"))?;
     for r in out.reservations() {
         if let Some(i) = r.instances().first() {
             return Ok(describe(i, r.owner_id()));
@@ -124,11 +124,7 @@ pub async fn ensure_running(
     if inst.state != InstanceStateName::Pending.as_str() {
         note("starting the instance");
         tracing::info!(instance = id, "starting stopped unpacker instance");
-        ec2.start_instances()
-            .instance_ids(id)
-            .send()
-            .await
-            .map_err(|e| sdk_error(&format!("StartInstances {id}"), e))?;
+        ec2.start_instances().instance_ids(id).send().await.sdk(format!("StartInstances {id}"))?;
     }
     note("waiting for the instance to run");
     wait_state(ec2, id, InstanceStateName::Running, None, left()).await?;
@@ -165,6 +161,22 @@ pub async fn wait_state(
         })
     })
     .await
+}
+
+/// The address (`IP:PORT`) of an instance's unpacker.
+pub fn address(inst: &UnpackerInstance, port: u16) -> anyhow::Result<String> {
+    let ip = inst.private_ip.as_deref().with_context(|| format!("instance {} has no private IP", inst.instance_id))?;
+    Ok(format!("{ip}:{port}"))
+}
+
+/// Dial an instance's unpacker (see [`dial`]); errors name the instance.
+pub async fn dial_instance(
+    inst: &UnpackerInstance,
+    port: u16,
+    tls: &TlsFiles,
+    timeout: Duration,
+) -> anyhow::Result<uc::Client> {
+    dial(&address(inst, port)?, tls, timeout).await.with_context(|| format!("unpacker instance {}", inst.instance_id))
 }
 
 /// Dial the unpacker at `addr` until it answers GetStatus, or `timeout`.

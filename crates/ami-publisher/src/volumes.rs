@@ -16,6 +16,7 @@ use aws_sdk_ec2::{
 use unpacker_client::{self as uc, AddDeviceRequest, AssociateRequest, ForgetStreamRequest, RemoveDeviceRequest};
 
 use crate::{
+    aws::SdkResultExt as _,
     aws::sdk_error,
     progress::Line,
     retry::{self, Seen},
@@ -193,7 +194,7 @@ async fn grow(
     use aws_sdk_ec2::types::VolumeModificationState as M;
     let gib = spec.gib();
     line.step(format!("growing {volume} to {gib} GiB"));
-    let v = ec2.describe_volumes().volume_ids(volume).send().await.map_err(|e| sdk_error("DescribeVolumes", e))?;
+    let v = ec2.describe_volumes().volume_ids(volume).send().await.sdk("DescribeVolumes")?;
     let size_now = v.volumes().first().and_then(Volume::size).unwrap_or(0);
     let device = v.volumes().first().and_then(|v| attachment_here(v, &inst.instance_id)).unwrap_or_default();
     // EC2 lets the instance use the new size once the modification is
@@ -206,12 +207,8 @@ async fn grow(
     // another one. It is looked for a while before the volume is replaced.
     let mut under_way: Option<Instant> = None;
     loop {
-        let out = ec2
-            .describe_volumes_modifications()
-            .volume_ids(volume)
-            .send()
-            .await
-            .map_err(|e| sdk_error("DescribeVolumesModifications", e))?;
+        let out =
+            ec2.describe_volumes_modifications().volume_ids(volume).send().await.sdk("DescribeVolumesModifications")?;
         let latest = out.volumes_modifications().iter().rev().find(|m| m.target_size().is_some_and(|t| t >= gib));
         match latest.and_then(|m| m.modification_state()) {
             Some(M::Optimizing | M::Completed) => break,
@@ -357,7 +354,7 @@ async fn adopt(
         .filters(tag_filter(tags::UNPACKER_INSTANCE, &inst.instance_id))
         .send()
         .await
-        .map_err(|e| sdk_error("DescribeVolumes", e))?;
+        .sdk("DescribeVolumes")?;
     for v in out.volumes() {
         let Some(id) = v.volume_id() else { continue };
         let size = u64::try_from(v.size().unwrap_or(0)).unwrap_or(0) * GIB;
@@ -432,7 +429,7 @@ pub async fn create_and_add(
         .tag_specifications(tags::spec(ResourceType::Volume, &labels))
         .send()
         .await
-        .map_err(|e| sdk_error("CreateVolume", e))?;
+        .sdk("CreateVolume")?;
     let id = out.volume_id().context("CreateVolume returned no volume id")?.to_owned();
     let made = Some(Instant::now());
     tracing::info!(volume = %id, gib = spec.gib(), "created volume");
@@ -512,12 +509,7 @@ async fn attach(
 /// The device under which `volume` is attached (or attaching) to the
 /// instance, as EC2 says now.
 async fn attached_to(ec2: &Client, volume: &str, instance_id: &str) -> anyhow::Result<Option<String>> {
-    let out = ec2
-        .describe_volumes()
-        .volume_ids(volume)
-        .send()
-        .await
-        .map_err(|e| sdk_error(&format!("DescribeVolumes {volume}"), e))?;
+    let out = ec2.describe_volumes().volume_ids(volume).send().await.sdk(format!("DescribeVolumes {volume}"))?;
     Ok(out.volumes().first().and_then(|v| attachment_here(v, instance_id)))
 }
 

@@ -1,0 +1,116 @@
+//! `expire`: everything this tool made whose `ExpiresAt` tag has passed.
+
+use std::time::SystemTime;
+
+use aws_sdk_ec2::types::{Filter, Tag};
+
+use super::{
+    Acted, Ctx, Report,
+    images::{delete_snapshot, deregister},
+    unpackers::terminate,
+};
+use crate::{aws::SdkResultExt as _, retry, tags, unpacker, volumes};
+
+/// Whether tags say the resource has expired (None: no ExpiresAt).
+fn expired(tags: &[Tag], now: SystemTime) -> Option<bool> {
+    let v = tags::value(tags, tags::EXPIRES_AT)?;
+    match humantime::parse_rfc3339_weak(v) {
+        Ok(t) => Some(t <= now),
+        Err(_) => {
+            tracing::warn!(value = v, "ExpiresAt is not an RFC 3339 time; left alone");
+            Some(false)
+        }
+    }
+}
+
+/// `expire`: delete every AMI, snapshot, volume and instance whose ExpiresAt
+/// is in the past (one `now` for all targets). An AMI's snapshots go with it.
+pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        let ec2 = &ec2;
+        let has_expiry = || Filter::builder().name("tag-key").values(tags::EXPIRES_AT).build();
+        let images = ec2.describe_images().owners("self").filters(has_expiry()).send().await.sdk("DescribeImages")?;
+        let mut gone_snapshots = Vec::new();
+        for img in images.images() {
+            let Some(id) = img.image_id() else { continue };
+            if expired(img.tags(), now) != Some(true) {
+                continue;
+            }
+            let snaps: Vec<String> = img
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_owned))
+                .collect();
+            out.push(ctx.act("deregister", id, img.name().unwrap_or_default(), || deregister(ec2, id)).await?);
+            for s in snaps {
+                out.push(ctx.act("delete", &s, format!("snapshot of {id}"), || delete_snapshot(ec2, &s)).await?);
+                gone_snapshots.push(s);
+            }
+        }
+        let snaps =
+            ec2.describe_snapshots().owner_ids("self").filters(has_expiry()).send().await.sdk("DescribeSnapshots")?;
+        for s in snaps.snapshots() {
+            let Some(id) = s.snapshot_id() else { continue };
+            if expired(s.tags(), now) != Some(true) || gone_snapshots.iter().any(|g| g == id) {
+                continue;
+            }
+            if let Some(row) = ctx.would("delete", id, "snapshot") {
+                out.push(row);
+                continue;
+            }
+            match ec2.delete_snapshot().snapshot_id(id).send().await {
+                // Or deleted by an attempt whose answer was lost.
+                Ok(_) => out.push(ctx.described("delete", id, "snapshot")),
+                Err(e) if retry::code(&e) == Some("InvalidSnapshot.NotFound") => {
+                    out.push(ctx.described("delete", id, "snapshot"));
+                }
+                // Still backing an AMI that has not expired: keep it.
+                Err(e) if retry::code(&e) == Some("InvalidSnapshot.InUse") => {
+                    out.push(Acted::kept(id, "in use by an AMI"));
+                }
+                Err(e) => return Err(crate::aws::sdk_error(&format!("DeleteSnapshot {id}"), e)),
+            }
+        }
+        let vols = ec2.describe_volumes().filters(has_expiry()).send().await.sdk("DescribeVolumes")?;
+        for v in vols.volumes() {
+            let Some(id) = v.volume_id() else { continue };
+            if expired(v.tags(), now) != Some(true) {
+                continue;
+            }
+            let attached = v.attachments().iter().find_map(|a| a.instance_id());
+            out.push(
+                ctx.act("delete", id, "volume", || async move {
+                    match attached {
+                        Some(inst) => volumes::detach_and_delete(ec2, inst, id, ctx.volume_timeout).await,
+                        // Or deleted by an attempt whose answer was lost.
+                        None => ec2
+                            .delete_volume()
+                            .volume_id(id)
+                            .send()
+                            .await
+                            .or_code(&["InvalidVolume.NotFound"], format!("DeleteVolume {id}"))
+                            .map(drop),
+                    }
+                })
+                .await?,
+            );
+        }
+        let insts = ec2
+            .describe_instances()
+            .filters(has_expiry())
+            .filters(unpacker::live_instances())
+            .send()
+            .await
+            .sdk("DescribeInstances")?;
+        for i in insts.reservations().iter().flat_map(|r| r.instances()) {
+            let Some(id) = i.instance_id() else { continue };
+            if expired(i.tags(), now) != Some(true) {
+                continue;
+            }
+            out.push(ctx.act("terminate", id, "instance", || terminate(ec2, id)).await?);
+        }
+        Ok(out)
+    })
+    .await
+}

@@ -1,0 +1,336 @@
+//! AMIs: `list-images`, `list-used-images`, `list-unused-images`,
+//! `delete-unused-images`, and the commands on the AMIs results files name:
+//! `delete`, `delete-tags`, `set-exclusive-tags`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::bail;
+use aws_sdk_ec2::{
+    Client,
+    types::{Filter, Image, Tag},
+};
+
+use super::{Acted, Ctx, Report, output::row};
+use crate::{
+    aws::SdkResultExt as _,
+    results::PublishResults,
+    tags::{self, tag_filter},
+    targets::Target,
+    unpacker,
+};
+
+row! {
+    /// An AMI of the account.
+    pub struct ImageRow {
+        columns {
+            ami: String,
+            name: Option<String>,
+            state: Option<String>,
+            stream: Option<String>,
+            leaf: Option<String>,
+            created: Option<String>,
+            expires: Option<String>,
+        }
+        extra {}
+    }
+}
+
+row! {
+    /// An AMI old enough to be judged, and the instances that use it.
+    pub struct UsageRow {
+        columns {
+            ami: String,
+            name: Option<String>,
+            created: Option<String>,
+            stream: Option<String>,
+            /// Instance ids, space-separated ("" for an unused AMI).
+            instances: String,
+        }
+        extra {}
+    }
+}
+
+/// Image filters from `--search-tags` (all must match).
+pub(super) fn search_filters(search: &[(String, String)]) -> Vec<Filter> {
+    search.iter().map(|(k, v)| tag_filter(k, v)).collect()
+}
+
+fn excluded(tags: &[Tag], exclude: &[(String, String)]) -> bool {
+    exclude.iter().any(|(k, v)| tags::value(tags, k) == Some(v.as_str()))
+}
+
+fn owned(v: Option<&str>) -> Option<String> {
+    v.map(str::to_owned)
+}
+
+/// `list-images`: this account's AMIs matching the search tags.
+pub async fn list_images(
+    ctx: &Ctx<'_>,
+    search: &[(String, String)],
+    exclude: &[(String, String)],
+) -> Vec<Report<ImageRow>> {
+    ctx.each(|ec2, _t| async move {
+        let out = ec2
+            .describe_images()
+            .owners("self")
+            .set_filters(Some(search_filters(search)))
+            .send()
+            .await
+            .sdk("DescribeImages")?;
+        let mut rows: Vec<ImageRow> = out
+            .images()
+            .iter()
+            .filter(|i| !excluded(i.tags(), exclude))
+            .map(|i| ImageRow {
+                ami: i.image_id().unwrap_or_default().to_owned(),
+                name: owned(i.name()),
+                state: owned(i.state().map(|s| s.as_str())),
+                stream: owned(tags::value(i.tags(), tags::STREAM)),
+                leaf: owned(tags::value(i.tags(), tags::LEAF)),
+                created: owned(i.creation_date()),
+                expires: owned(tags::value(i.tags(), tags::EXPIRES_AT)),
+            })
+            .collect();
+        rows.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(rows)
+    })
+    .await
+}
+
+/// Which images [`image_usage`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Used,
+    Unused,
+}
+
+/// The search of the usage commands: images matching `search` (and not
+/// `exclude`) created at least `min_age` before `now`.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageSearch<'a> {
+    pub search: &'a [(String, String)],
+    pub exclude: &'a [(String, String)],
+    pub min_age: Duration,
+    pub now: SystemTime,
+}
+
+/// The images of a target the search finds, each with the instances
+/// (pending, running, stopping, stopped) that use it.
+async fn judged(ec2: &Client, q: &UsageSearch<'_>) -> anyhow::Result<Vec<(Image, Vec<String>)>> {
+    let imgs = ec2
+        .describe_images()
+        .owners("self")
+        .set_filters(Some(search_filters(q.search)))
+        .send()
+        .await
+        .sdk("DescribeImages")?;
+    let mut users: HashMap<String, Vec<String>> = HashMap::new();
+    let mut pages = ec2.describe_instances().filters(unpacker::live_instances()).into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.sdk("DescribeInstances")?;
+        for i in page.reservations().iter().flat_map(|r| r.instances()) {
+            if let (Some(img), Some(id)) = (i.image_id(), i.instance_id()) {
+                users.entry(img.to_owned()).or_default().push(id.to_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for img in imgs.images() {
+        let Some(id) = img.image_id() else { continue };
+        if excluded(img.tags(), q.exclude) {
+            continue;
+        }
+        let created = img.creation_date().and_then(|d| humantime::parse_rfc3339_weak(d).ok());
+        if !created.is_some_and(|c| q.now.duration_since(c).unwrap_or_default() >= q.min_age) {
+            continue;
+        }
+        out.push((img.clone(), users.get(id).cloned().unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+/// `list-used-images`, `list-unused-images`: the images the search finds,
+/// used or not by any instance; used images' rows name the instances.
+pub async fn image_usage(ctx: &Ctx<'_>, q: &UsageSearch<'_>, usage: Usage) -> Vec<Report<UsageRow>> {
+    ctx.each(|ec2, _t| async move {
+        Ok(judged(&ec2, q)
+            .await?
+            .into_iter()
+            .filter(|(_, using)| using.is_empty() == (usage == Usage::Unused))
+            .map(|(img, using)| UsageRow {
+                ami: img.image_id().unwrap_or_default().to_owned(),
+                name: owned(img.name()),
+                created: owned(img.creation_date()),
+                stream: owned(tags::value(img.tags(), tags::STREAM)),
+                instances: using.join(" "),
+            })
+            .collect())
+    })
+    .await
+}
+
+/// `delete-unused-images`: deregister the unused images the search finds,
+/// and delete their snapshots.
+pub async fn delete_unused_images(ctx: &Ctx<'_>, q: &UsageSearch<'_>) -> Vec<Report<Acted>> {
+    ctx.each(|ec2, _t| async move {
+        let mut out = Vec::new();
+        for (img, using) in judged(&ec2, q).await? {
+            if !using.is_empty() {
+                continue;
+            }
+            let id = img.image_id().unwrap_or_default();
+            let ec2 = &ec2;
+            out.push(ctx.act("deregister", id, img.name().unwrap_or_default(), || deregister(ec2, id)).await?);
+            for m in img.block_device_mappings() {
+                if let Some(s) = m.ebs().and_then(|e| e.snapshot_id()) {
+                    out.push(ctx.act("delete", s, format!("snapshot of {id}"), || delete_snapshot(ec2, s)).await?);
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// DeregisterImage; an AMI that is gone already counts as done (the
+/// attempt whose answer was lost, or someone else, deregistered it).
+pub(super) async fn deregister(ec2: &Client, id: &str) -> anyhow::Result<()> {
+    ec2.deregister_image()
+        .image_id(id)
+        .send()
+        .await
+        .or_code(&["InvalidAMIID.Unavailable", "InvalidAMIID.NotFound"], format!("DeregisterImage {id}"))?;
+    Ok(())
+}
+
+/// DeleteSnapshot; a snapshot that is gone already counts as done.
+pub(super) async fn delete_snapshot(ec2: &Client, id: &str) -> anyhow::Result<()> {
+    ec2.delete_snapshot()
+        .snapshot_id(id)
+        .send()
+        .await
+        .or_code(&["InvalidSnapshot.NotFound"], format!("DeleteSnapshot {id}"))?;
+    Ok(())
+}
+
+/// Remove tag `key` from a resource.
+async fn untag(ec2: &Client, id: &str, key: &str) -> anyhow::Result<()> {
+    ec2.delete_tags()
+        .resources(id)
+        .tags(Tag::builder().key(key).build())
+        .send()
+        .await
+        .sdk(format!("DeleteTags on {id}"))?;
+    Ok(())
+}
+
+/// An AMI named in a results file.
+#[derive(Debug, Clone)]
+pub struct ListedAmi {
+    pub ami: String,
+    pub snapshot: Option<String>,
+    pub stream: String,
+}
+
+/// AMIs of results files, by target.
+pub type AmiMap = HashMap<Target, Vec<ListedAmi>>;
+
+/// AMIs listed in results files, by target.
+pub fn amis_by_target(files: &[PathBuf]) -> anyhow::Result<BTreeMap<Target, Vec<ListedAmi>>> {
+    let mut out: BTreeMap<Target, Vec<ListedAmi>> = BTreeMap::new();
+    for f in files {
+        let r = PublishResults::read(f)?;
+        for t in r.targets {
+            if let Some(ami) = t.ami_id {
+                out.entry(Target { account: t.account, region: t.region }).or_default().push(ListedAmi {
+                    ami,
+                    snapshot: t.snapshot_id,
+                    stream: r.stream.clone(),
+                });
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("the results files list no AMI");
+    }
+    Ok(out)
+}
+
+/// `delete RESULTS...`: deregister the AMIs and delete their snapshots.
+pub async fn delete(ctx: &Ctx<'_>, amis: &AmiMap) -> Vec<Report<Acted>> {
+    ctx.each(|ec2, t| async move {
+        let mut out = Vec::new();
+        let ec2 = &ec2;
+        for ListedAmi { ami, snapshot: snap, .. } in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
+            out.push(ctx.act("deregister", ami, "", || deregister(ec2, ami)).await?);
+            if let Some(s) = snap {
+                out.push(ctx.act("delete", s, format!("snapshot of {ami}"), || delete_snapshot(ec2, s)).await?);
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `delete-tags KEY RESULTS...`: remove a tag from the AMIs.
+pub async fn delete_tags(ctx: &Ctx<'_>, key: &str, amis: &AmiMap) -> Vec<Report<Acted>> {
+    ctx.each(|ec2, t| async move {
+        let mut out = Vec::new();
+        let ec2 = &ec2;
+        for ListedAmi { ami, .. } in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
+            out.push(ctx.act("delete tag", ami, key, || untag(ec2, ami, key)).await?);
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `set-exclusive-tags KEY VALUE RESULTS...`: tag these AMIs and take KEY off
+/// every other AMI of the same stream in the target.
+pub async fn set_exclusive_tags(ctx: &Ctx<'_>, key: &str, value: &str, amis: &AmiMap) -> Vec<Report<Acted>> {
+    ctx.each(|ec2, t| async move {
+        let mut out = Vec::new();
+        let ec2 = &ec2;
+        let ours = amis.get(&t).map(Vec::as_slice).unwrap_or_default();
+        let mut streams: Vec<&str> = ours.iter().map(|a| a.stream.as_str()).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        for stream in streams {
+            let others = ec2
+                .describe_images()
+                .owners("self")
+                .filters(tag_filter(tags::STREAM, stream))
+                .filters(Filter::builder().name("tag-key").values(key).build())
+                .send()
+                .await
+                .sdk("DescribeImages")?;
+            for img in others.images() {
+                let Some(id) = img.image_id() else { continue };
+                if ours.iter().any(|a| a.ami == id) {
+                    continue;
+                }
+                out.push(ctx.act("delete tag", id, key, || untag(ec2, id, key)).await?);
+            }
+        }
+        for ListedAmi { ami, .. } in ours {
+            out.push(
+                ctx.act("tag", ami, format!("{key}={value}"), || async move {
+                    ec2.create_tags()
+                        .resources(ami)
+                        .tags(tags::tag(key, value))
+                        .send()
+                        .await
+                        .sdk(format!("CreateTags on {ami}"))?;
+                    Ok(())
+                })
+                .await?,
+            );
+        }
+        Ok(out)
+    })
+    .await
+}

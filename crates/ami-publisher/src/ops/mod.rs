@@ -1,0 +1,160 @@
+//! The lifecycle and operations subcommands, by domain. Each runs over
+//! targets concurrently; what it finds or does in a target is a list of
+//! typed rows ([`output::Row`]), and a target that fails carries its error
+//! instead. Every change goes through [`Ctx::act`], which describes it and
+//! makes it unless `--dry-run`.
+//!
+//! - [`images`]: AMIs: listing, usage, and what results files name
+//!   (delete, tags);
+//! - [`expire`]: everything whose `ExpiresAt` has passed;
+//! - [`launch`]: instances from AMIs, and SSH key pairs;
+//! - [`bootstrap`]: copying a stream's AMI into targets that lack one;
+//! - [`unpackers`]: unpacker instances, their streams and volumes;
+//! - [`output`]: rows, tables, JSON and CSV.
+//!
+//! Must not: talk to an unpacker except through [`crate::unpacker`], or
+//! print anywhere but [`output`].
+
+pub mod bootstrap;
+pub mod expire;
+pub mod images;
+pub mod launch;
+pub mod output;
+pub mod unpackers;
+
+use std::{future::Future, time::Duration};
+
+use anyhow::Context as _;
+use aws_sdk_ec2::Client;
+use fleet_tls::TlsFiles;
+use serde::Serialize;
+use unpacker_client::{self as uc, GetStatusRequest};
+
+pub use self::{
+    bootstrap::copy_bootstrap_image,
+    expire::expire,
+    images::{
+        AmiMap, ListedAmi, Usage, amis_by_target, delete, delete_tags, delete_unused_images, image_usage, list_images,
+        set_exclusive_tags,
+    },
+    launch::{BootImage, LaunchSpec, import_key_pair, launch_instances},
+    output::{Acted, Row, print, write_csv},
+    unpackers::{
+        add_volumes, list_streams, list_unpackers, prepare_unpackers, remove_unused_volumes, start_instances,
+        stop_idle_unpackers, tag_unpackers, terminate_instances,
+    },
+};
+use crate::{
+    aws::Aws,
+    progress::Board,
+    targets::Target,
+    unpacker::{self, UnpackerInstance},
+};
+
+/// What one target answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report<R> {
+    pub account: String,
+    pub region: String,
+    pub records: Vec<R>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Shared settings of the operations.
+pub struct Ctx<'a> {
+    pub aws: &'a Aws,
+    pub targets: Vec<Target>,
+    pub max_concurrency: usize,
+    pub instance_name: String,
+    pub unpacker_port: u16,
+    pub tls: TlsFiles,
+    pub unpacker_timeout: Duration,
+    pub volume_timeout: Duration,
+    /// `--snapshot-timeout`: snapshot copies.
+    pub snapshot_timeout: Duration,
+    /// `--image-timeout`: AMI copies.
+    pub image_timeout: Duration,
+    pub dry_run: bool,
+    pub board: Board,
+}
+
+impl Ctx<'_> {
+    /// Run `f` in every target; its rows or error become the report.
+    pub async fn each<R, F, Fut>(&self, f: F) -> Vec<Report<R>>
+    where
+        F: Fn(Client, Target) -> Fut,
+        Fut: Future<Output = anyhow::Result<Vec<R>>>,
+    {
+        let f = &f;
+        crate::fanout(&self.targets, self.max_concurrency, |t| async move {
+            let ec2 = self.aws.ec2(&t).await;
+            let r = f(ec2, t.clone()).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %format!("{e:#}"), "target failed");
+            }
+            Report {
+                account: t.account.clone(),
+                region: t.region.clone(),
+                error: r.as_ref().err().map(|e| format!("{e:#}")),
+                records: r.unwrap_or_default(),
+            }
+        })
+        .await
+    }
+
+    /// The row of a change: `verb` done to `resource`, or "would `verb`"
+    /// under --dry-run.
+    fn described(&self, verb: &str, resource: &str, detail: impl Into<String>) -> Acted {
+        let action = if self.dry_run { format!("would {verb}") } else { verb.to_owned() };
+        Acted { action, resource: resource.to_owned(), detail: detail.into() }
+    }
+
+    /// A change: described, then made by `doing` unless --dry-run. Its row
+    /// says what was done (or would be).
+    async fn act<Fut>(
+        &self,
+        verb: &str,
+        resource: &str,
+        detail: impl Into<String>,
+        doing: impl FnOnce() -> Fut,
+    ) -> anyhow::Result<Acted>
+    where
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let row = self.described(verb, resource, detail);
+        if !self.dry_run {
+            doing().await?;
+        }
+        Ok(row)
+    }
+
+    /// Under --dry-run, the row of a change that would be made (the caller
+    /// then stops); otherwise None and the caller makes it.
+    fn would(&self, verb: &str, resource: &str, detail: impl Into<String>) -> Option<Acted> {
+        self.dry_run.then(|| self.described(verb, resource, detail))
+    }
+
+    async fn unpackers(&self, ec2: &Client) -> anyhow::Result<Vec<UnpackerInstance>> {
+        unpacker::find_all(ec2, &self.instance_name).await
+    }
+
+    /// Every running unpacker of a target, connected, with its status.
+    async fn running(
+        &self,
+        ec2: &Client,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<(UnpackerInstance, uc::Client, uc::Status)>> {
+        let mut out = Vec::new();
+        for inst in self.unpackers(ec2).await?.into_iter().filter(|i| i.state == "running") {
+            let mut c = self.dial(&inst, timeout).await?;
+            let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
+            out.push((inst, c, s));
+        }
+        Ok(out)
+    }
+
+    async fn dial(&self, inst: &UnpackerInstance, timeout: Duration) -> anyhow::Result<uc::Client> {
+        unpacker::dial_instance(inst, self.unpacker_port, &self.tls, timeout).await
+    }
+}
