@@ -161,6 +161,7 @@ pub fn write_csv<R: Row>(path: &std::path::Path, reports: &[Report<R>], columns:
 }
 
 #[cfg(test)]
+#[allow(unreachable_pub)]
 mod tests {
     use super::*;
 

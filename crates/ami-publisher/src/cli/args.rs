@@ -1,0 +1,331 @@
+//! The arguments: global flags, subcommands and their own flags, and the
+//! values they take, all checked as the command line is parsed.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    targets::TargetSpec,
+    values::{Architecture, BootMode, EbsType, Imds},
+};
+
+/// Publish images from the imageserver as identical, encrypted AMIs in many
+/// AWS accounts and regions, through image-unpacker instances.
+///
+/// A target is ACCOUNT,REGION where ACCOUNT is an AWS profile (from
+/// ~/.aws/config and ~/.aws/credentials, or AWS_CONFIG_FILE and
+/// AWS_SHARED_CREDENTIALS_FILE; roles, SSO and endpoints as the AWS CLI has
+/// them). An empty or '*' part means all: every profile, or every region
+/// enabled in the account. Repeat --targets, or give several in one quoted
+/// argument separated by spaces.
+///
+/// Each target needs an instance tagged Name=ImageUnpacker (--instance-name)
+/// running image-unpacker; a stopped one is started. The publisher dials its
+/// private IP with the certificate in ~/.ssl (--ssl-dir), which must carry the
+/// read and drive-unpacker rights.
+///
+/// Every global flag can also be set in a TOML config file (--config, default
+/// ~/.config/ami-publisher/config.toml when it exists) by its long name, e.g.
+/// `targets = ["prod,us-east-1", "staging,"]` or `image-server = "images:6971"`;
+/// the command line wins.
+///
+/// Exit status: 0 when every target succeeded, 1 when any target failed (the
+/// results file says which), 2 when the arguments were refused before
+/// anything was done.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, max_term_width = 100)]
+pub struct Cli {
+    /// Config file with defaults for the global flags.
+    #[arg(long, global = true, env = "AMI_PUBLISHER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Targets: ACCOUNT,REGION (empty or '*' = all).
+    #[arg(long, global = true, value_name = "ACCOUNT,REGION", value_delimiter = ' ')]
+    pub targets: Vec<TargetSpec>,
+    /// Targets to leave out (same syntax).
+    #[arg(long, global = true, value_name = "ACCOUNT,REGION", value_delimiter = ' ')]
+    pub skip_targets: Vec<TargetSpec>,
+    /// The imageserver to read image manifests from (the unpackers use their own setting).
+    #[arg(long, global = true, env = "IMAGE_SERVER", default_value = "localhost:6971", value_name = "HOST:PORT")]
+    pub image_server: String,
+    /// Value of the Name tag of unpacker instances.
+    #[arg(long, global = true, default_value = "ImageUnpacker", value_name = "NAME")]
+    pub instance_name: String,
+    /// Port image-unpacker listens on.
+    #[arg(long, global = true, default_value_t = 6974, value_name = "PORT")]
+    pub unpacker_port: u16,
+    /// Extra tags for AMIs and snapshots: KEY=VALUE,KEY=VALUE.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub tags: Vec<(String, String)>,
+    /// Tag AMIs and snapshots with ExpiresAt = now + DURATION (e.g. 30d), for `expire`.
+    #[arg(long, global = true, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub expires_in: Option<Duration>,
+    /// AMI name; {stream}, {leaf} and {image_id} are replaced.
+    #[arg(long, global = true, default_value = "{stream}/{leaf}", value_name = "TEMPLATE")]
+    pub ami_name: String,
+    /// Mark AMIs as supporting ENA (enhanced networking).
+    #[arg(long, global = true)]
+    pub ena_support: bool,
+    /// AMI architecture.
+    #[arg(long, global = true, value_enum, default_value = "x86_64")]
+    pub architecture: Architecture,
+    /// AMI boot mode (default: EC2's).
+    #[arg(long, global = true, value_enum)]
+    pub boot_mode: Option<BootMode>,
+    /// Instances from the AMI require IMDSv2 ("v2.0"); "none" leaves EC2's default.
+    #[arg(long, global = true, value_enum, default_value = "v2.0")]
+    pub imds_support: Imds,
+    /// Root device name of the AMI.
+    #[arg(long, global = true, default_value = "/dev/xvda", value_name = "DEVICE")]
+    pub root_device_name: String,
+    /// EBS type of unpacker volumes and of the AMI's root volume.
+    #[arg(long, global = true, value_enum, default_value = "gp3")]
+    pub volume_type: EbsType,
+    /// KMS key for new volumes (default: the account's EBS default key).
+    #[arg(long, global = true, value_name = "KEY")]
+    pub kms_key_id: Option<String>,
+    /// Free space a stream's volume keeps beyond the image (e.g. 256MiB, 2GiB).
+    #[arg(long, global = true, default_value = "256MiB", value_parser = parse_size, value_name = "BYTES")]
+    pub min_free_bytes: u64,
+    /// Skip targets that have no unpacker instance instead of failing them.
+    #[arg(long, global = true)]
+    pub ignore_missing_unpackers: bool,
+    /// Targets worked on at once.
+    #[arg(long, global = true, default_value_t = 32, value_name = "N")]
+    pub max_concurrency: usize,
+    /// Write the results (JSON, one entry per target) to FILE, atomically.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub results: Option<PathBuf>,
+    /// Print the results as JSON on stdout (no progress, no table).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print what a destructive command would do, and do nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// Retries of a throttled or failed AWS call (SDK standard retry mode,
+    /// each target with its own retry quota; creates EC2 takes no token for
+    /// are retried by the publisher, as often).
+    #[arg(long, global = true, default_value_t = 8, value_name = "N")]
+    pub max_retries: u32,
+    /// First back-off before a retry; it grows exponentially, with jitter, up to 20 s.
+    #[arg(long, global = true, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub retry_wait: Duration,
+    /// How long to wait for an unpacker instance to run and answer.
+    #[arg(long, global = true, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub unpacker_timeout: Duration,
+    /// How long to wait for a volume to be created, attached and seen.
+    #[arg(long, global = true, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub volume_timeout: Duration,
+    /// How long to wait for a snapshot to complete.
+    #[arg(long, global = true, default_value = "2h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub snapshot_timeout: Duration,
+    /// How long to wait for an AMI to become available.
+    #[arg(long, global = true, default_value = "30m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub image_timeout: Duration,
+    #[command(flatten)]
+    pub tls: image_client::cli::TlsArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Publish STREAM/LEAF as an AMI in every target.
+    ///
+    /// Per target: an AMI of this leaf that is already there is reported, not
+    /// remade (--force remakes it); otherwise the unpacker brings the
+    /// stream's volume to the leaf (writing only changed chunks), reads it
+    /// back, and the volume is snapshotted and registered. A run that was
+    /// interrupted is finished by running it again.
+    Publish {
+        /// Image stream, e.g. base/debian-12.
+        stream: String,
+        /// Leaf (version) of the stream.
+        leaf: String,
+        /// Make a new AMI even if one of this leaf exists (dated name).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give every target that lacks an AMI of STREAM a copy of the nearest
+    /// one (same account first, then the same area): CopyImage encrypted
+    /// within an account; across accounts by sharing the root snapshot,
+    /// copying it encrypted and registering it. Re-running is a no-op.
+    CopyBootstrapImage { stream: String },
+    /// Create and attach an encrypted volume of SIZE_GIB to each unpacker.
+    AddVolumes { size_gib: u64 },
+    /// Deregister the AMIs in results files and delete their snapshots.
+    Delete {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Remove tag KEY from the AMIs in results files.
+    DeleteTags {
+        #[arg(value_name = "KEY")]
+        tag_key: String,
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Remove tag KEY from the unpacker instances.
+    DeleteTagsOnUnpackers {
+        #[arg(value_name = "KEY")]
+        tag_key: String,
+    },
+    /// Delete every AMI, snapshot, volume and instance whose ExpiresAt tag is
+    /// in the past (one "now" for all targets); an AMI's snapshots go with it.
+    Expire,
+    /// Import an SSH public key as key pair NAME into every target.
+    ImportKeyPair { name: String, pubkey_file: PathBuf },
+    /// Launch an instance from BOOT_IMAGE (an AMI id, or the newest AMI of
+    /// that stream) in every target, tagged Name=--instance-name; with
+    /// --replace-instances, older instances of that name are terminated once
+    /// the new one runs. --results writes the instances (id, private IP).
+    LaunchInstances {
+        boot_image: String,
+        #[command(flatten)]
+        launch: LaunchArgs,
+    },
+    /// Launch an instance from every AMI in the results files.
+    LaunchInstancesForImages {
+        #[command(flatten)]
+        launch: LaunchArgs,
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// List this account's AMIs matching --search-tags and not --exclude-search-tags.
+    ListImages {
+        #[command(flatten)]
+        search: SearchArgs,
+    },
+    /// List the image streams the unpackers hold (state, leaf, volume).
+    ListStreams,
+    /// List images (matching the search, older than --min-image-age) that
+    /// no instance uses.
+    ListUnusedImages {
+        #[command(flatten)]
+        usage: UsageArgs,
+    },
+    /// List images (matching the search, older than --min-image-age) that
+    /// instances use, with those instances.
+    ListUsedImages {
+        #[command(flatten)]
+        usage: UsageArgs,
+    },
+    /// Deregister images (matching the search, older than --min-image-age)
+    /// that no instance uses, and delete their snapshots.
+    DeleteUnusedImages {
+        #[command(flatten)]
+        usage: UsageArgs,
+    },
+    /// List the unpacker instances (state, IP, streams, devices, idle time).
+    ListUnpackers,
+    /// Start and connect to every unpacker; with STREAM, learn its volume now
+    /// so the next publish skips the scan.
+    PrepareUnpackers { stream: Option<String> },
+    /// Detach and delete the unpackers' volumes that no stream is bound to.
+    RemoveUnusedVolumes,
+    /// Tag the AMIs in results files KEY=VALUE and remove KEY from every other
+    /// AMI of the same stream in their targets (e.g. a "Latest" marker).
+    SetExclusiveTags {
+        #[arg(value_name = "KEY")]
+        tag_key: String,
+        #[arg(value_name = "VALUE")]
+        tag_value: String,
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Put --tags on the unpacker instances.
+    SetTagsOnUnpackers,
+    /// Start stopped unpacker instances and wait until they run.
+    StartInstances,
+    /// Stop running unpackers idle for longer than --max-idle-time; busy ones
+    /// stay up. Quiet unless it acts or fails: meant for cron.
+    StopIdleUnpackers {
+        /// Idle time after which an unpacker is stopped.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        max_idle_time: Duration,
+    },
+    /// Terminate the unpacker instances.
+    TerminateInstances,
+}
+
+/// Where and how `launch-instances` starts instances.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LaunchArgs {
+    /// Tags of the VPC to launch in (default: any).
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub vpc_search_tags: Vec<(String, String)>,
+    /// Tags of the subnet (the one with most free addresses wins).
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub subnet_search_tags: Vec<(String, String)>,
+    /// Tags of the security groups to attach (default: the VPC's default group).
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub security_group_search_tags: Vec<(String, String)>,
+    #[arg(long, default_value = "t3.medium")]
+    pub instance_type: String,
+    /// EC2 key pair for SSH (see import-key-pair).
+    #[arg(long)]
+    pub ssh_key_name: Option<String>,
+    /// Root volume size in GiB (default: the image's).
+    #[arg(long)]
+    pub root_volume_size: Option<i32>,
+    /// Terminate older instances of the same name once the new one runs.
+    #[arg(long)]
+    pub replace_instances: bool,
+    /// User data (e.g. cloud-init) for the instances; deploy/image-unpacker-user-data.sh
+    /// makes an instance of a base image a working unpacker.
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// IAM instance profile (name) for the instances, e.g. one that may read
+    /// the unpacker's certificates (deploy/image-unpacker-instance-policy.json).
+    #[arg(long, value_name = "NAME")]
+    pub iam_instance_profile: Option<String>,
+}
+
+/// Image search by tags and age, with optional CSV reports.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    pub search: SearchArgs,
+    /// Only images created at least this long ago.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub min_image_age: Duration,
+    /// Also write the unused images found as CSV to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub unused_images_csv: Option<PathBuf>,
+    /// Also write the instances running images older than --min-image-age as CSV to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub old_image_instances_csv: Option<PathBuf>,
+}
+
+/// Image search by tags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SearchArgs {
+    /// Tags an image must carry: KEY=VALUE,...
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub search_tags: Vec<(String, String)>,
+    /// Tags that exclude an image: KEY=VALUE,...
+    #[arg(long, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
+    pub exclude_search_tags: Vec<(String, String)>,
+}
+
+/// Parse a byte count: a number with an optional K/M/G/T (powers of 1000)
+/// or KiB/MiB/GiB/TiB suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 1073741824, 512MiB, 2G)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000 * 1000,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use K, M, G, T, KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}

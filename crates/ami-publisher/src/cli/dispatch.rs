@@ -1,0 +1,351 @@
+//! Running a parsed command line: publish, or one of the operations, and
+//! what is printed and returned (exit status) afterwards.
+
+use std::{path::Path, time::SystemTime};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    aws::{Aws, Retry},
+    progress::Board,
+    publish::{self, Options, Timeouts},
+    results::{PublishResults, write_json_atomic},
+    targets::{self},
+    values::BootMode,
+};
+
+use super::args::{Cli, Command};
+
+/// How a run ended, for the exit status.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    AllSucceeded,
+    SomeFailed,
+}
+
+/// An error before anything was done (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct Refused(pub anyhow::Error);
+
+fn refuse<T>(r: anyhow::Result<T>) -> anyhow::Result<T> {
+    r.map_err(|e| Refused(e).into())
+}
+
+/// Run a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    use crate::ops;
+    if let Command::Publish { stream, leaf, force } = &cli.command {
+        return run_publish(&cli, stream, leaf, *force).await;
+    }
+    let aws = refuse(Aws::new(Retry { max_retries: cli.max_retries, wait: cli.retry_wait }).await)?;
+    // Commands on results files take their targets from the files.
+    let from_results = match &cli.command {
+        Command::Delete { results_files }
+        | Command::DeleteTags { results_files, .. }
+        | Command::SetExclusiveTags { results_files, .. }
+        | Command::LaunchInstancesForImages { results_files, .. } => Some(refuse(ops::amis_by_target(results_files))?),
+        _ => None,
+    };
+    let targets = match &from_results {
+        Some(m) => m.keys().cloned().collect(),
+        None => refuse(resolve_targets(&cli, &aws).await)?,
+    };
+    let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
+    let ctx = ops::Ctx {
+        aws: &aws,
+        targets,
+        max_concurrency: cli.max_concurrency,
+        instance_name: cli.instance_name.clone(),
+        unpacker_port: cli.unpacker_port,
+        tls: cli.tls.files(),
+        unpacker_timeout: cli.unpacker_timeout,
+        volume_timeout: cli.volume_timeout,
+        snapshot_timeout: cli.snapshot_timeout,
+        image_timeout: cli.image_timeout,
+        dry_run: cli.dry_run,
+        board: Board::new(!cli.json, &names),
+    };
+    let amis: std::collections::HashMap<_, _> = from_results.unwrap_or_default().into_iter().collect();
+    let (json, q) = (cli.json, false);
+    let outcome = match &cli.command {
+        Command::Publish { .. } => unreachable!("handled above"),
+        Command::AddVolumes { size_gib } => {
+            if *size_gib == 0 || *size_gib > 16384 {
+                return Err(Refused(anyhow::anyhow!("SIZE_GIB must be 1 to 16384, not {size_gib}")).into());
+            }
+            show(ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk(), cli.kms_key_id.as_deref()).await, json, q)
+        }
+        Command::CopyBootstrapImage { stream } => {
+            show(ops::copy_bootstrap_image(&ctx, stream, cli.kms_key_id.as_deref()).await, json, q)
+        }
+        Command::Delete { .. } => show(ops::delete(&ctx, &amis).await, json, q),
+        Command::DeleteTags { tag_key, .. } => show(ops::delete_tags(&ctx, tag_key, &amis).await, json, q),
+        Command::DeleteTagsOnUnpackers { tag_key } => show(ops::tag_unpackers(&ctx, &[], Some(tag_key)).await, json, q),
+        Command::Expire => show(ops::expire(&ctx, SystemTime::now()).await, json, q),
+        Command::ImportKeyPair { name, pubkey_file } => {
+            let key = refuse(
+                std::fs::read(pubkey_file).with_context(|| format!("reading public key {}", pubkey_file.display())),
+            )?;
+            if !key.starts_with(b"ssh-") && !key.starts_with(b"ecdsa-") {
+                return Err(Refused(anyhow::anyhow!(
+                    "{} does not look like an OpenSSH public key (ssh-ed25519 ..., ssh-rsa ..., ecdsa-...)",
+                    pubkey_file.display()
+                ))
+                .into());
+            }
+            show(ops::import_key_pair(&ctx, name, &key).await, json, q)
+        }
+        Command::ListImages { search } => {
+            show(ops::list_images(&ctx, &search.search_tags, &search.exclude_search_tags).await, json, q)
+        }
+        Command::ListUnusedImages { usage }
+        | Command::ListUsedImages { usage }
+        | Command::DeleteUnusedImages { usage } => {
+            let search = ops::images::UsageSearch {
+                search: &usage.search.search_tags,
+                exclude: &usage.search.exclude_search_tags,
+                min_age: usage.min_image_age,
+                now: SystemTime::now(),
+            };
+            // The reports are read before anything is deleted.
+            if let Some(path) = &usage.unused_images_csv {
+                let unused = ops::image_usage(&ctx, &search, ops::Usage::Unused).await;
+                ops::write_csv(path, &unused, &["ami", "name", "created", "stream"])?;
+            }
+            if let Some(path) = &usage.old_image_instances_csv {
+                let used = ops::image_usage(&ctx, &search, ops::Usage::Used).await;
+                ops::write_csv(path, &used, &["ami", "name", "created", "instances"])?;
+            }
+            match &cli.command {
+                Command::ListUsedImages { .. } => {
+                    show(ops::image_usage(&ctx, &search, ops::Usage::Used).await, json, q)
+                }
+                Command::ListUnusedImages { .. } => {
+                    show(ops::image_usage(&ctx, &search, ops::Usage::Unused).await, json, q)
+                }
+                _ => show(ops::delete_unused_images(&ctx, &search).await, json, q),
+            }
+        }
+        Command::LaunchInstances { launch, .. } | Command::LaunchInstancesForImages { launch, .. } => {
+            let user_data = match &launch.user_data {
+                Some(p) => {
+                    let raw = refuse(std::fs::read(p).with_context(|| format!("reading user data {}", p.display())))?;
+                    Some(aws_smithy_types::base64::encode(&raw))
+                }
+                None => None,
+            };
+            let mut tags = vec![(crate::tags::NAME.to_owned(), cli.instance_name.clone())];
+            tags.extend(cli.tags.iter().cloned());
+            if let Some(d) = cli.expires_in {
+                tags.push((crate::tags::EXPIRES_AT.to_owned(), crate::tags::rfc3339(SystemTime::now() + d)));
+            }
+            let spec = ops::LaunchSpec {
+                vpc_search: launch.vpc_search_tags.clone(),
+                subnet_search: launch.subnet_search_tags.clone(),
+                security_group_search: launch.security_group_search_tags.clone(),
+                instance_type: launch.instance_type.clone(),
+                ssh_key_name: launch.ssh_key_name.clone(),
+                root_volume_gib: launch.root_volume_size,
+                replace: launch.replace_instances,
+                user_data,
+                instance_profile: launch.iam_instance_profile.clone(),
+                tags,
+            };
+            let boot = match &cli.command {
+                Command::LaunchInstances { boot_image, .. } => ops::BootImage::Named(boot_image),
+                _ => ops::BootImage::Listed(&amis),
+            };
+            let reports = ops::launch_instances(&ctx, &boot, &spec).await;
+            if let Some(path) = &cli.results {
+                write_json_atomic(path, &reports)?;
+            }
+            show(reports, json, q)
+        }
+        Command::ListStreams => show(ops::list_streams(&ctx).await, json, q),
+        Command::ListUnpackers => show(ops::list_unpackers(&ctx).await, json, q),
+        Command::PrepareUnpackers { stream } => show(ops::prepare_unpackers(&ctx, stream.as_deref()).await, json, q),
+        Command::RemoveUnusedVolumes => show(ops::remove_unused_volumes(&ctx).await, json, q),
+        Command::SetExclusiveTags { tag_key, tag_value, .. } => {
+            show(ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, json, q)
+        }
+        Command::SetTagsOnUnpackers => {
+            if cli.tags.is_empty() {
+                return Err(Refused(anyhow::anyhow!("give the tags to set with --tags K=V,...")).into());
+            }
+            show(ops::tag_unpackers(&ctx, &cli.tags, None).await, json, q)
+        }
+        Command::StartInstances => show(ops::start_instances(&ctx).await, json, q),
+        // Quiet: cron mails only what it did.
+        Command::StopIdleUnpackers { max_idle_time } => {
+            show(ops::stop_idle_unpackers(&ctx, *max_idle_time).await, json, true)
+        }
+        Command::TerminateInstances => show(ops::terminate_instances(&ctx).await, json, q),
+    };
+    Ok(outcome)
+}
+
+/// Print an operation's reports; whether every target succeeded.
+fn show<R: crate::ops::Row>(reports: Vec<crate::ops::Report<R>>, json: bool, quiet: bool) -> Outcome {
+    crate::ops::print(&reports, json, quiet);
+    if reports.iter().all(|r| r.error.is_none()) { Outcome::AllSucceeded } else { Outcome::SomeFailed }
+}
+
+/// Expand --targets / --skip-targets (a refusal when there are none).
+async fn resolve_targets(cli: &Cli, aws: &Aws) -> anyhow::Result<Vec<targets::Target>> {
+    if cli.targets.is_empty() {
+        bail!("no targets: give --targets ACCOUNT,REGION (or `targets` in the config file)");
+    }
+    let targets =
+        targets::expand(
+            &cli.targets,
+            &cli.skip_targets,
+            aws.profiles(),
+            |a| async move { aws.enabled_regions(&a).await },
+        )
+        .await?;
+    if targets.is_empty() {
+        bail!("the --targets given, minus --skip-targets, leave no target");
+    }
+    Ok(targets)
+}
+
+pub(super) fn render_name(template: &str, stream: &str, leaf: &str, image_id: &str) -> anyhow::Result<String> {
+    let raw = template.replace("{stream}", stream).replace("{leaf}", leaf).replace("{image_id}", image_id);
+    let name = crate::ami_name_chars(&raw);
+    if !(3..=128).contains(&name.len()) {
+        bail!("AMI name '{name}' (from --ami-name '{template}') must be 3 to 128 characters");
+    }
+    Ok(name)
+}
+
+/// Check that FILE can be written, before a long run (and leave no trace).
+fn check_writable(path: &Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".results-check-")
+        .tempfile_in(dir)
+        .with_context(|| format!("the results file {} cannot be written in {}", path.display(), dir.display()))?;
+    Ok(())
+}
+
+async fn run_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> anyhow::Result<Outcome> {
+    // Everything that can be refused is refused before any AWS resource is made.
+    let (opts, targets, aws) = refuse(prepare_publish(cli, stream, leaf, force).await)?;
+    let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
+    let board = Board::new(!cli.json, &names);
+    tracing::info!(targets = targets.len(), stream, leaf, image_id = %opts.image_id, "publishing");
+    let results = publish::publish(&aws, &targets, &opts, cli.max_concurrency, &board).await;
+    if let Some(path) = &cli.results {
+        write_json_atomic(path, &results)?;
+    }
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", table(&results));
+    }
+    Ok(if results.targets.iter().all(|t| t.ok()) { Outcome::AllSucceeded } else { Outcome::SomeFailed })
+}
+
+async fn prepare_publish(
+    cli: &Cli,
+    stream: &str,
+    leaf: &str,
+    force: bool,
+) -> anyhow::Result<(Options, Vec<targets::Target>, Aws)> {
+    let name = image_format::ImageName::new(stream, leaf).context("bad image name")?;
+    if cli.targets.is_empty() {
+        bail!("no targets: give --targets ACCOUNT,REGION (or `targets` in the config file)");
+    }
+    if let Some(p) = &cli.results {
+        check_writable(p)?;
+    }
+    let tls = cli.tls.files();
+    let mut images = image_client::connect(&cli.image_server, &tls).await.context("connecting to the imageserver")?;
+    let (info, manifest) = image_client::get_manifest(&mut images, &name).await.map_err(|e| match &e {
+        image_client::ClientError::Rpc { status, .. } if status.code() == tonic::Code::NotFound => {
+            anyhow::anyhow!("image {name} is not on the imageserver at {}", cli.image_server)
+        }
+        _ => anyhow::Error::new(e),
+    })?;
+    let image_id = manifest.image_id().to_hex();
+    let ami_name = render_name(&cli.ami_name, stream, leaf, &image_id)?;
+    let aws = Aws::new(Retry { max_retries: cli.max_retries, wait: cli.retry_wait }).await?;
+    let targets = resolve_targets(cli, &aws).await?;
+    let opts = Options {
+        stream: stream.to_owned(),
+        leaf: leaf.to_owned(),
+        image_id: image_id.clone(),
+        image_size: info.size_bytes,
+        instance_name: cli.instance_name.clone(),
+        unpacker_port: cli.unpacker_port,
+        tls,
+        tags: cli.tags.clone(),
+        expires_at: cli.expires_in.map(|d| crate::tags::rfc3339(SystemTime::now() + d)),
+        description: format!("{stream}/{leaf} (image {}), published by ami-publisher", &image_id[..16]),
+        ami_name,
+        force,
+        ena_support: cli.ena_support,
+        architecture: cli.architecture.sdk(),
+        boot_mode: cli.boot_mode.map(BootMode::sdk),
+        imds_support: cli.imds_support.sdk(),
+        root_device_name: cli.root_device_name.clone(),
+        volume_type: cli.volume_type.sdk(),
+        kms_key_id: cli.kms_key_id.clone(),
+        min_free_bytes: cli.min_free_bytes,
+        ignore_missing_unpackers: cli.ignore_missing_unpackers,
+        timeouts: Timeouts {
+            unpacker: cli.unpacker_timeout,
+            volume: cli.volume_timeout,
+            snapshot: cli.snapshot_timeout,
+            image: cli.image_timeout,
+        },
+    };
+    Ok((opts, targets, aws))
+}
+
+fn human_bytes(n: u64) -> String {
+    indicatif::BinaryBytes(n).to_string()
+}
+
+/// The final table of a publish.
+pub fn table(r: &PublishResults) -> String {
+    let mut s = format!(
+        "{}/{} (image {}, {})\n{:<28} {:<13} {:<22} {:<24} {:>10} {:>8}  {}\n",
+        r.stream,
+        r.leaf,
+        &r.image_id[..r.image_id.len().min(16)],
+        human_bytes(r.size_bytes),
+        "TARGET",
+        "ACCOUNT ID",
+        "AMI",
+        "SNAPSHOT",
+        "FETCHED",
+        "TIME",
+        "STATUS"
+    );
+    for t in &r.targets {
+        let status = match (&t.error, t.reused, t.skipped) {
+            (Some(e), _, _) => format!("FAILED: {e}"),
+            (None, _, true) => "skipped (no unpacker)".to_owned(),
+            (None, true, _) => "already published".to_owned(),
+            (None, false, false) => "published".to_owned(),
+        };
+        s += &format!(
+            "{:<28} {:<13} {:<22} {:<24} {:>10} {:>7.1}s  {}\n",
+            format!("{},{}", t.account, t.region),
+            t.account_id.as_deref().unwrap_or("-"),
+            t.ami_id.as_deref().unwrap_or("-"),
+            t.snapshot_id.as_deref().unwrap_or("-"),
+            t.bytes_fetched.map_or("-".to_owned(), human_bytes),
+            t.seconds,
+            status
+        );
+    }
+    let failed = r.targets.iter().filter(|t| !t.ok()).count();
+    s += &format!("{} targets, {} failed\n", r.targets.len(), failed);
+    s
+}

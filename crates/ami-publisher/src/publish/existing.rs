@@ -1,0 +1,97 @@
+//! What a target already has of the leaf: its AMI, or a snapshot an
+//! interrupted run left, found by their tags (or the AMI's name).
+
+use aws_sdk_ec2::{
+    Client,
+    types::{Image, ImageState, SnapshotState},
+};
+
+use crate::{aws::SdkResultExt as _, tags};
+
+use super::Options;
+
+/// AMIs and snapshots tagged with this image id, found with one
+/// DescribeTags call (cheap, whatever the number of AMIs in the account).
+#[derive(Default)]
+pub(super) struct Tagged {
+    images: Vec<String>,
+    snapshots: Vec<String>,
+}
+
+pub(super) async fn find_tagged(ec2: &Client, o: &Options) -> anyhow::Result<Tagged> {
+    let mut found = Tagged::default();
+    let mut pages = ec2
+        .describe_tags()
+        .filters(tags::filter("key", tags::DIGEST))
+        .filters(tags::filter("value", &o.image_id))
+        .filters(aws_sdk_ec2::types::Filter::builder().name("resource-type").values("image").values("snapshot").build())
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.sdk("DescribeTags")?;
+        for t in page.tags() {
+            let Some(id) = t.resource_id() else { continue };
+            match t.resource_type().map(|r| r.as_str()) {
+                Some("image") => found.images.push(id.to_owned()),
+                Some("snapshot") => found.snapshots.push(id.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// An AMI (available or on its way) tagged with this leaf and image id.
+pub(super) async fn find_ami(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<Option<Image>> {
+    if tagged.images.is_empty() {
+        return Ok(None);
+    }
+    let out = ec2.describe_images().set_image_ids(Some(tagged.images.clone())).send().await.sdk("DescribeImages")?;
+    let mut found: Vec<Image> = out
+        .images()
+        .iter()
+        .filter(|i| matches!(i.state(), Some(ImageState::Available | ImageState::Pending)))
+        .filter(|i| {
+            tags::value(i.tags(), tags::STREAM) == Some(o.stream.as_str())
+                && tags::value(i.tags(), tags::LEAF) == Some(o.leaf.as_str())
+        })
+        .cloned()
+        .collect();
+    found.sort_by(|a, b| b.creation_date().cmp(&a.creation_date()));
+    Ok(found.into_iter().next())
+}
+
+/// A snapshot of this leaf (completed or pending) and its size in GiB.
+pub(super) async fn find_snapshot(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<Option<(String, i32)>> {
+    if tagged.snapshots.is_empty() {
+        return Ok(None);
+    }
+    let out = ec2
+        .describe_snapshots()
+        .set_snapshot_ids(Some(tagged.snapshots.clone()))
+        .send()
+        .await
+        .sdk("DescribeSnapshots")?;
+    Ok(out
+        .snapshots()
+        .iter()
+        .filter(|s| matches!(s.state(), Some(SnapshotState::Completed | SnapshotState::Pending)))
+        .filter(|s| {
+            tags::value(s.tags(), tags::STREAM) == Some(o.stream.as_str())
+                && tags::value(s.tags(), tags::LEAF) == Some(o.leaf.as_str())
+        })
+        .max_by(|a, b| a.start_time().map(|t| t.secs()).cmp(&b.start_time().map(|t| t.secs())))
+        .and_then(|s| Some((s.snapshot_id()?.to_owned(), s.volume_size().unwrap_or(1)))))
+}
+
+/// This account's AMI called `name`, if EC2 lists one.
+pub(crate) async fn image_named(ec2: &Client, name: &str) -> anyhow::Result<Option<Image>> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(tags::filter("name", name))
+        .send()
+        .await
+        .sdk("DescribeImages by name")?;
+    Ok(out.images().first().cloned())
+}

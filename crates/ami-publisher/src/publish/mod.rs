@@ -1,0 +1,231 @@
+//! `publish STREAM LEAF`: the image as an AMI in every target.
+//!
+//! Per target: an AMI of this leaf already there is reported, not remade
+//! (unless forced); a snapshot of it left by an interrupted run is
+//! registered; otherwise the unpacker instance is found (and started), the
+//! stream's volume brought to the leaf writing only what changed, read back,
+//! snapshotted, and the snapshot registered as an AMI. AMI and snapshot are
+//! tagged with the stream, leaf and image id.
+//!
+//! By phase: [`existing`] (what a target already has: the AMI, or a
+//! snapshot an interrupted run left), [`capture`] (the unpacker's part:
+//! unpack, read back, snapshot under the capture hold), [`register`]
+//! (waiting for the snapshot, registering and waiting for the AMI).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_ec2::{
+    Client,
+    types::{ArchitectureValues, BootModeValues, ImageState, ImdsSupportValues, VolumeType},
+};
+use fleet_tls::TlsFiles;
+
+use crate::{
+    aws::Aws,
+    progress::{Board, Line},
+    results::{PublishResults, TargetResult},
+    retry::{self},
+    tags,
+    targets::Target,
+};
+
+mod capture;
+mod existing;
+mod register;
+
+use self::{
+    capture::unpack_and_snapshot,
+    existing::{Tagged, find_ami, find_snapshot, find_tagged},
+    register::{wait_image, wait_snapshot},
+};
+pub(crate) use self::{
+    existing::image_named,
+    register::{image_available, snapshot_completed},
+};
+
+/// How long each kind of wait may last.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Instance running and its image-unpacker answering.
+    pub unpacker: Duration,
+    /// Volume available, attached, and seen by the unpacker.
+    pub volume: Duration,
+    /// Snapshot completed.
+    pub snapshot: Duration,
+    /// AMI available.
+    pub image: Duration,
+}
+
+/// Everything a publish needs to know, settled before any target starts.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub stream: String,
+    pub leaf: String,
+    /// Hex image id (manifest digest), from the imageserver.
+    pub image_id: String,
+    pub image_size: u64,
+    pub instance_name: String,
+    pub unpacker_port: u16,
+    pub tls: TlsFiles,
+    /// Extra tags for AMI and snapshot (`--tags`).
+    pub tags: Vec<(String, String)>,
+    /// `ExpiresAt` value, RFC 3339.
+    pub expires_at: Option<String>,
+    pub ami_name: String,
+    pub description: String,
+    pub force: bool,
+    pub ena_support: bool,
+    pub architecture: ArchitectureValues,
+    pub boot_mode: Option<BootModeValues>,
+    pub imds_support: Option<ImdsSupportValues>,
+    pub root_device_name: String,
+    pub volume_type: VolumeType,
+    pub kms_key_id: Option<String>,
+    pub min_free_bytes: u64,
+    pub ignore_missing_unpackers: bool,
+    pub timeouts: Timeouts,
+}
+
+impl Options {
+    /// Tags that identify this leaf's AMI and snapshot.
+    fn identity_tags(&self) -> Vec<(String, String)> {
+        let mut t = vec![
+            (tags::STREAM.to_owned(), self.stream.clone()),
+            (tags::LEAF.to_owned(), self.leaf.clone()),
+            (tags::DIGEST.to_owned(), self.image_id.clone()),
+        ];
+        t.extend(self.tags.iter().cloned());
+        t
+    }
+
+    /// All tags of the finished AMI and snapshot.
+    fn final_tags(&self, name: &str) -> Vec<(String, String)> {
+        let mut t = vec![(tags::NAME.to_owned(), name.to_owned())];
+        t.extend(self.identity_tags());
+        if let Some(e) = &self.expires_at {
+            t.push((tags::EXPIRES_AT.to_owned(), e.clone()));
+        }
+        t
+    }
+}
+
+/// Publish to every target, at most `max_concurrency` at once.
+pub async fn publish(
+    aws: &Aws,
+    targets: &[Target],
+    opts: &Options,
+    max_concurrency: usize,
+    board: &Board,
+) -> PublishResults {
+    let started = SystemTime::now();
+    let results = crate::fanout(targets, max_concurrency, |t| async move {
+        let line = board.line(&t.to_string());
+        let ec2 = aws.ec2(&t).await;
+        let r = publish_one(&ec2, &t, opts, &line).await;
+        match &r.error {
+            None if r.skipped => line.finish("skipped: no unpacker"),
+            None => line.finish(format!(
+                "{} {}",
+                r.ami_id.as_deref().unwrap_or("?"),
+                if r.reused { "(already there)" } else { "done" }
+            )),
+            Some(e) => {
+                tracing::error!(error = %e, "target failed");
+                line.finish(format!("FAILED: {e}"));
+            }
+        }
+        r
+    })
+    .await;
+    PublishResults {
+        stream: opts.stream.clone(),
+        leaf: opts.leaf.clone(),
+        image_id: opts.image_id.clone(),
+        size_bytes: opts.image_size,
+        started_at: tags::rfc3339(started),
+        finished_at: tags::rfc3339(SystemTime::now()),
+        targets: results,
+    }
+}
+
+/// One target; never fails, the error goes into the result.
+pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> TargetResult {
+    let start = Instant::now();
+    let mut r = TargetResult {
+        account: t.account.clone(),
+        region: t.region.clone(),
+        size_bytes: o.image_size,
+        image_id: o.image_id.clone(),
+        ..TargetResult::default()
+    };
+    if let Err(e) = run(ec2, t, o, line, &mut r).await {
+        r.error = Some(format!("{e:#}"));
+    }
+    r.seconds = start.elapsed().as_secs_f64();
+    r
+}
+
+async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetResult) -> anyhow::Result<()> {
+    let tagged = if o.force {
+        Tagged::default()
+    } else {
+        line.step("looking for an existing AMI");
+        find_tagged(ec2, o).await?
+    };
+    if let Some(img) = find_ami(ec2, o, &tagged).await? {
+        let id = img.image_id().unwrap_or_default().to_owned();
+        if img.state() == Some(&ImageState::Pending) {
+            wait_image(ec2, &id, None, o.timeouts.image, line).await?;
+        }
+        r.reused = true;
+        r.ami_id = Some(id);
+        r.ami_name = img.name().map(str::to_owned);
+        r.account_id = img.owner_id().map(str::to_owned);
+        r.snapshot_id = find_snapshot(ec2, o, &tagged).await?.map(|(s, _)| s);
+        tracing::info!(ami = ?r.ami_id, "an AMI of this leaf is already there");
+        return Ok(());
+    }
+    let left_over = find_snapshot(ec2, o, &tagged).await?;
+    // When this run made the snapshot: EC2 may not know its id everywhere yet.
+    let (snapshot, volume_gib, snap_made) = match left_over {
+        Some((snap, gib)) => {
+            tracing::info!(snapshot = %snap, "registering a snapshot left by an earlier run");
+            (snap, gib, None)
+        }
+        None => {
+            let Some((snap, gib)) = unpack_and_snapshot(ec2, t, o, line, r).await? else {
+                return Ok(());
+            };
+            (snap, gib, Some(Instant::now()))
+        }
+    };
+    r.snapshot_id = Some(snapshot.clone());
+    wait_snapshot(ec2, &snapshot, snap_made, o.timeouts.snapshot, line).await?;
+    line.step("registering the AMI");
+    let (ami, name, owner) = register::register(ec2, o, &snapshot, snap_made, volume_gib).await?;
+    let ami_made = Some(Instant::now());
+    r.ami_id = Some(ami.clone());
+    r.ami_name = Some(name.clone());
+    if r.account_id.is_none() {
+        r.account_id = owner;
+    }
+    wait_image(ec2, &ami, ami_made, o.timeouts.image, line).await?;
+    line.step("tagging");
+    let final_tags: Vec<_> = o.final_tags(&name).iter().map(|(k, v)| tags::tag(k, v)).collect();
+    retry::call(&format!("CreateTags on {ami} and {snapshot}"), ami_made, || {
+        ec2.create_tags().resources(&ami).resources(&snapshot).set_tags(Some(final_tags.clone())).send()
+    })
+    .await?;
+    if o.expires_at.is_none() {
+        // The snapshot's pending-expiry marker goes: it now backs an AMI.
+        retry::call(&format!("DeleteTags ExpiresAt on {snapshot}"), snap_made, || {
+            ec2.delete_tags()
+                .resources(&snapshot)
+                .tags(aws_sdk_ec2::types::Tag::builder().key(tags::EXPIRES_AT).build())
+                .send()
+        })
+        .await?;
+    }
+    tracing::info!(%ami, %snapshot, "published");
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! From snapshot to AMI: waiting for the snapshot, RegisterImage (found
+//! by name when an answer was lost), waiting for the AMI.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::bail;
+use aws_sdk_ec2::{
+    Client,
+    types::{BlockDeviceMapping, EbsBlockDevice, Image, ImageState, ResourceType, SnapshotState},
+};
+
+use crate::{
+    progress::Line,
+    retry::{self, Seen},
+    tags,
+};
+
+use super::{Options, existing::image_named};
+
+/// Wait for a snapshot to complete; `fresh`: when this run made it.
+pub(super) async fn wait_snapshot(
+    ec2: &Client,
+    snapshot: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+    line: &Line,
+) -> anyhow::Result<()> {
+    line.step(format!("waiting for {snapshot}"));
+    snapshot_completed(ec2, snapshot, fresh, timeout).await
+}
+
+/// Wait for a snapshot to complete, at most `timeout`; `fresh`: when this
+/// run made it.
+pub(crate) async fn snapshot_completed(
+    ec2: &Client,
+    snapshot: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    retry::wait(&format!("snapshot {snapshot} to complete"), timeout, fresh, move || async move {
+        let out = match ec2.describe_snapshots().snapshot_ids(snapshot).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(e),
+        };
+        Ok(match out.snapshots().first() {
+            Some(s) if s.state() == Some(&SnapshotState::Completed) => Seen::Ready(()),
+            Some(s) if s.state() == Some(&SnapshotState::Error) => Seen::Failed(anyhow::anyhow!(
+                "snapshot {snapshot} failed: {}",
+                s.state_message().unwrap_or("no reason given")
+            )),
+            Some(s) => {
+                Seen::NotYet(format!("{} {}", s.state().map_or("?", |s| s.as_str()), s.progress().unwrap_or_default()))
+            }
+            None if retry::still_fresh(fresh) => Seen::NotYet("not listed yet".to_owned()),
+            None => Seen::Failed(anyhow::anyhow!("snapshot {snapshot} is gone")),
+        })
+    })
+    .await
+}
+
+/// Wait for an AMI to be available; `fresh`: when this run registered it.
+pub(super) async fn wait_image(
+    ec2: &Client,
+    ami: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+    line: &Line,
+) -> anyhow::Result<()> {
+    line.step(format!("waiting for {ami}"));
+    image_available(ec2, ami, fresh, timeout).await
+}
+
+/// Wait for an AMI to be available, at most `timeout`; `fresh`: when this
+/// run registered (or copied) it.
+pub(crate) async fn image_available(
+    ec2: &Client,
+    ami: &str,
+    fresh: Option<Instant>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    retry::wait(&format!("AMI {ami} to be available"), timeout, fresh, move || async move {
+        let out = match ec2.describe_images().image_ids(ami).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(e),
+        };
+        Ok(match out.images().first() {
+            Some(i) if i.state() == Some(&ImageState::Available) => Seen::Ready(()),
+            Some(i) if i.state() == Some(&ImageState::Pending) => Seen::NotYet("pending".to_owned()),
+            Some(i) => Seen::Failed(anyhow::anyhow!(
+                "AMI {ami} is {}: {}",
+                i.state().map_or("?", |s| s.as_str()),
+                i.state_reason().and_then(|r| r.message()).unwrap_or("no reason given")
+            )),
+            None if retry::still_fresh(fresh) => Seen::NotYet("not listed yet".to_owned()),
+            None => Seen::Failed(anyhow::anyhow!("AMI {ami} is gone")),
+        })
+    })
+    .await
+}
+
+/// What one RegisterImage attempt came to.
+#[derive(Clone)]
+pub(super) enum Registered {
+    Made(String),
+    /// The name is taken (by an AMI of this attempt whose answer was lost,
+    /// of an interrupted run, or by anything else).
+    NameTaken,
+}
+
+/// RegisterImage; returns (AMI id, name, owner). `snap_made`: when this run
+/// made the snapshot. EC2 takes no idempotency token for it, but a name is
+/// unique per account and region: an attempt whose answer was lost is found
+/// by the name and the snapshot. When the name is taken by an AMI of this
+/// very leaf (a run interrupted before tagging), that AMI is adopted; when
+/// it is taken by anything else, the error says so.
+pub(super) async fn register(
+    ec2: &Client,
+    o: &Options,
+    snapshot: &str,
+    snap_made: Option<Instant>,
+    gib: i32,
+) -> anyhow::Result<(String, String, Option<String>)> {
+    let name = if o.force {
+        // Names are unique per account and region: a forced remake is told
+        // apart by the time.
+        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        crate::ami_name_chars(&format!("{} {}", o.ami_name, now.trim_end_matches('Z').replace(':', ".")))
+    } else {
+        o.ami_name.clone()
+    };
+    let root = BlockDeviceMapping::builder()
+        .device_name(&o.root_device_name)
+        .ebs(
+            EbsBlockDevice::builder()
+                .snapshot_id(snapshot)
+                .volume_size(gib)
+                .volume_type(o.volume_type.clone())
+                .delete_on_termination(true)
+                .build(),
+        )
+        .build();
+    let req = ec2
+        .register_image()
+        .name(&name)
+        .description(&o.description)
+        .architecture(o.architecture.clone())
+        .root_device_name(&o.root_device_name)
+        .block_device_mappings(root)
+        .virtualization_type("hvm")
+        .ena_support(o.ena_support)
+        .set_boot_mode(o.boot_mode.clone())
+        .set_imds_support(o.imds_support.clone())
+        .tag_specifications(tags::spec(ResourceType::Image, &o.final_tags(&name)));
+    let uses_snapshot = |img: &Image| {
+        img.block_device_mappings().iter().any(|m| m.ebs().and_then(|e| e.snapshot_id()) == Some(snapshot))
+    };
+    let sent = retry::create_untokened(
+        ec2,
+        &format!("RegisterImage {name}"),
+        snap_made,
+        || {
+            let req = req.clone().customize().config_override(retry::once());
+            async move {
+                match req.send().await {
+                    Ok(out) => Ok(Registered::Made(out.image_id().unwrap_or_default().to_owned())),
+                    Err(e) if retry::code(&e) == Some("InvalidAMIName.Duplicate") => Ok(Registered::NameTaken),
+                    Err(e) => Err(e),
+                }
+            }
+        },
+        || async {
+            let img = image_named(ec2, &name).await?;
+            anyhow::Ok(
+                img.filter(|i| uses_snapshot(i)).and_then(|i| i.image_id().map(|id| Registered::Made(id.to_owned()))),
+            )
+        },
+    )
+    .await?;
+    match sent {
+        Registered::Made(id) if !id.is_empty() => {
+            tracing::info!(ami = %id, %name, "registered");
+            Ok((id, name, None))
+        }
+        Registered::Made(_) => bail!("RegisterImage {name} returned no image id"),
+        Registered::NameTaken => {
+            // The AMI holding the name may be new enough not to be listed yet.
+            let deadline = Instant::now() + retry::LOOK_FOR;
+            let img = loop {
+                if let Some(img) = image_named(ec2, &name).await? {
+                    break img;
+                }
+                if Instant::now() > deadline {
+                    bail!("RegisterImage {name}: the name is taken, but no AMI of this account has it");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            let ours = tags::value(img.tags(), tags::DIGEST) == Some(o.image_id.as_str()) || uses_snapshot(&img);
+            let id = img.image_id().unwrap_or_default().to_owned();
+            if !ours {
+                bail!(
+                    "the AMI name '{name}' is already used by {id}, which is not an AMI of {}/{}; \
+                     choose another --ami-name, or --force to make a new AMI with a dated name",
+                    o.stream,
+                    o.leaf
+                );
+            }
+            tracing::info!(ami = %id, "adopting the AMI an interrupted run registered");
+            Ok((id, name, img.owner_id().map(str::to_owned)))
+        }
+    }
+}
