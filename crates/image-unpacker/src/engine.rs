@@ -2,15 +2,14 @@
 //! reading it back for capture, and streaming its bytes.
 //!
 //! **Invariants:** a chunk reaches the device only after its digest was
-//! checked (by `image_client::fetch_chunks`); writes go through the handle
-//! from `blockdev::open_for_write`; memory is bounded by [`WRITE_QUEUE`]
-//! chunks whatever the image size.
+//! checked (the writer takes only a `VerifiedChunk`); writes go only
+//! through a `ClaimedDevice` (see `core::claims`); memory is bounded by
+//! [`WRITE_QUEUE`] chunks whatever the image size.
 
 use std::{
     collections::HashMap,
     fs::File,
     io::Read as _,
-    os::unix::fs::FileExt,
     path::Path,
     sync::{
         Arc,
@@ -25,7 +24,7 @@ use image_client::{Client, ClientError};
 use image_format::{ChunkReader, ChunkRef, Diff, Digest, Manifest, is_zero};
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
+use crate::{core::ClaimedDevice, metrics::Metrics, verified};
 
 /// Verified chunks waiting for the writer. With the fetch pipeline's own
 /// read-ahead this keeps network and disk busy at once.
@@ -62,11 +61,11 @@ pub fn bytes_to_write(target: &Manifest, diff: &Diff) -> u64 {
     diff.fetch.iter().map(|(i, _)| *i).chain(diff.zero.iter().copied()).map(|i| target.chunk_len(i) as u64).sum()
 }
 
-/// Write `diff` onto `file` so that it holds `target`: zero chunks first
+/// Write `diff` onto `device` so that it holds `target`: zero chunks first
 /// (local work while the first fetches travel), then fetched chunks as they
 /// arrive. Flushes the device before returning.
-pub async fn apply(
-    file: File,
+pub(crate) async fn apply(
+    mut device: ClaimedDevice,
     client: Client,
     target: &Manifest,
     diff: &Diff,
@@ -75,7 +74,6 @@ pub async fn apply(
     mut tick: impl FnMut(),
 ) -> Result<UnpackStats, UnpackError> {
     let started = Instant::now();
-    let chunk_size = target.chunk_size() as usize;
     let mut wanted: HashMap<Digest, Vec<u64>> = HashMap::new();
     for (i, d) in &diff.fetch {
         wanted.entry(*d).or_default().push(*i);
@@ -83,27 +81,27 @@ pub async fn apply(
     let zero: Vec<(u64, usize)> = diff.zero.iter().map(|&i| (target.offset(i), target.chunk_len(i))).collect();
     let offsets: HashMap<u64, u64> = diff.fetch.iter().map(|(i, _)| (*i, target.offset(*i))).collect();
 
-    let (tx, mut rx) = mpsc::channel::<(Vec<u64>, Vec<u8>)>(WRITE_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<(Vec<u64>, verified::VerifiedChunk)>(WRITE_QUEUE);
     let writer_counters = counters.clone();
     let writer_metrics = metrics.clone();
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
-        let zeros = vec![0u8; chunk_size];
         let mut written = 0u64;
         for (offset, len) in &zero {
-            file.write_all_at(&zeros[..*len], *offset)?;
+            device.write_zeros(*offset, *len)?;
             writer_counters.done_bytes.fetch_add(*len as u64, Ordering::Relaxed);
         }
         Metrics::add(&writer_metrics.chunks_zeroed, zero.len() as u64);
-        while let Some((indices, plain)) = rx.blocking_recv() {
+        while let Some((indices, chunk)) = rx.blocking_recv() {
+            let len = chunk.bytes().len() as u64;
             for i in indices {
-                file.write_all_at(&plain, offsets[&i])?;
+                device.write_chunk(&chunk, offsets[&i])?;
                 written += 1;
-                writer_counters.done_bytes.fetch_add(plain.len() as u64, Ordering::Relaxed);
-                Metrics::add(&writer_metrics.bytes_written, plain.len() as u64);
+                writer_counters.done_bytes.fetch_add(len, Ordering::Relaxed);
+                Metrics::add(&writer_metrics.bytes_written, len);
                 Metrics::add(&writer_metrics.chunks_written, 1);
             }
         }
-        file.sync_all()?;
+        device.sync()?;
         Ok((written, zero.len() as u64))
     });
 
@@ -112,7 +110,7 @@ pub async fn apply(
     let mut seen = std::collections::HashSet::new();
     let wanted_chunks: Vec<(Digest, usize)> =
         diff.fetch.iter().filter(|(_, d)| seen.insert(*d)).map(|(i, d)| (*d, target.chunk_len(*i))).collect();
-    let mut fetched = image_client::fetch_chunks(client, wanted_chunks);
+    let mut fetched = verified::fetch(client, wanted_chunks);
     let mut last = Instant::now();
     let mut fetch_error = None;
     while let Some(item) = fetched.next().await {
@@ -124,11 +122,11 @@ pub async fn apply(
             }
         };
         counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-        counters.fetched_bytes.fetch_add(chunk.zstd.len() as u64, Ordering::Relaxed);
+        counters.fetched_bytes.fetch_add(chunk.compressed_len() as u64, Ordering::Relaxed);
         Metrics::add(&metrics.chunks_fetched, 1);
-        Metrics::add(&metrics.bytes_fetched, chunk.zstd.len() as u64);
-        let indices = wanted.remove(&chunk.digest).unwrap_or_default();
-        if tx.send((indices, chunk.plain)).await.is_err() {
+        Metrics::add(&metrics.bytes_fetched, chunk.compressed_len() as u64);
+        let indices = wanted.remove(chunk.digest()).unwrap_or_default();
+        if tx.send((indices, chunk)).await.is_err() {
             break; // the writer failed; its error is reported below
         }
         if last.elapsed() >= PROGRESS_EVERY {
@@ -194,10 +192,10 @@ pub fn read_back(path: &Path, m: &Manifest, done: &AtomicU64) -> std::io::Result
 }
 
 /// Send the device's first `size` bytes in [`RAW_PIECE`] pieces.
-pub fn send_raw(
+pub(crate) fn send_raw(
     path: &Path,
     size: u64,
-    tx: &mpsc::Sender<Result<fleet_proto::unpacker::RawData, tonic::Status>>,
+    tx: &mpsc::Sender<Result<fleet_proto::unpacker::RawData, crate::core::Error>>,
 ) -> std::io::Result<()> {
     let mut file = File::open(path)?.take(size);
     let mut offset = 0u64;

@@ -2,10 +2,21 @@
 //! volumes to any leaf of an image stream, writing only what changed.
 //!
 //! Entry points: [`run`] (the daemon) and [`start`] (bind, then serve in the
-//! background: used by tests, benchmarks and the local world). The gRPC
-//! service is in `service`, the work behind it in `engine`, the device
-//! safety checks in `blockdev`, volume discovery in `devices`, the persisted
-//! record in `state`; [`client`] is what unpacker-tool and ami-publisher use.
+//! background: used by tests, benchmarks and the local world). Modules:
+//!
+//! - `service`: the gRPC layer, a thin shell that converts requests and
+//!   answers (and the [`RIGHTS`] table); no state, no rules;
+//! - `core`: [`Unpacker`], the state and every rule, split into `claims`
+//!   (devices, bindings, set-up lease, the claimed device the engine writes
+//!   through), `holds` (capture holds), `scan`, `unpack`, `capture`
+//!   (read-back and GetRaw) and `status`; it answers with its own errors;
+//! - [`engine`]: the device work (scan, apply a diff, read back, raw
+//!   streaming), with no knowledge of streams or state;
+//! - `verified`: chunks whose digest was checked, the only chunks written;
+//! - [`blockdev`]: the device safety checks; [`devices`]: finding volumes;
+//!   [`state`]: the persisted record; `metrics`: /status and /metrics;
+//! - [`client`]: the client side of the protocol, used by tests here (the
+//!   tools use unpacker-client).
 //!
 //! **Architecture invariants:** the unpacker knows nothing of AWS; only a
 //! certificate with the drive-unpacker right may call it; a device is written
@@ -16,11 +27,13 @@
 
 pub mod blockdev;
 pub mod client;
+mod core;
 pub mod devices;
 pub mod engine;
 mod metrics;
 mod service;
 pub mod state;
+mod verified;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -31,8 +44,9 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
+pub use crate::core::{ServiceConfig, Unpacker, stats_line};
 pub use metrics::Metrics;
-pub use service::{RIGHTS, ServiceConfig, Unpacker, stats_line};
+pub use service::RIGHTS;
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 6974;
