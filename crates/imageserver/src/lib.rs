@@ -2,8 +2,9 @@
 //!
 //! Entry points: [`run`] (the daemon) and [`start`] (bind, then serve in the
 //! background: used by tests, benchmarks and the demo). The gRPC service is in
-//! `service`, replication in `replica`, plain-HTTP status and metrics in
-//! `metrics`.
+//! `service`, replication in `replica`, the counters and the `/status` body
+//! in `metrics`; the run loop, the monitoring listener and the tracing
+//! set-up are the fleet's shared ones from `fleet_daemon`.
 //!
 //! **Architecture invariants:** the server knows nothing of AWS or block
 //! devices; configuration and certificates are checked before any port is
@@ -62,9 +63,10 @@ impl Running {
     }
 }
 
-/// Install the tracing subscriber for the daemon (RUST_LOG, default info).
-pub fn init_tracing(json: bool) {
-    image_client::cli::init_tracing("info", json);
+impl fleet_daemon::Daemon for Running {
+    async fn stop(self) -> anyhow::Result<()> {
+        Running::stop(self).await
+    }
 }
 
 /// Bind the ports and serve in the background.
@@ -79,7 +81,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let metrics_addr = match config.metrics_listen {
-        Some(a) => Some(metrics::serve(a, store.clone(), metrics.clone(), config.replicate_from.clone()).await?),
+        Some(a) => {
+            let monitor = metrics::Monitor {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                replica_of: config.replicate_from.clone(),
+            };
+            Some(fleet_daemon::serve_metrics(a, monitor).await?)
+        }
         None => None,
     };
     if let Some(master) = &config.replicate_from {
@@ -112,11 +121,5 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 /// Run the daemon until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let running = start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-        _ = term.recv() => tracing::info!("terminated; shutting down"),
-    }
-    running.stop().await
+    fleet_daemon::run_until_signal(start(config).await?).await
 }

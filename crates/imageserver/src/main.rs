@@ -15,8 +15,8 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:6971")]
     listen: SocketAddr,
     /// Address for plain-HTTP /status and /metrics (Prometheus); "off" disables.
-    #[arg(long, default_value = "127.0.0.1:6972")]
-    metrics_listen: String,
+    #[arg(long, default_value = "127.0.0.1:6972", value_parser = fleet_daemon::parse_metrics_listen)]
+    metrics_listen: std::option::Option<SocketAddr>,
     /// Where chunks and image records live.
     #[arg(long, default_value = "/var/lib/imageserver")]
     data_dir: PathBuf,
@@ -43,20 +43,10 @@ const MAX_BLOCKING_THREADS: usize = 32;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    imageserver::init_tracing(args.log_json);
-    let metrics_listen = match args.metrics_listen.as_str() {
-        "off" | "" => None,
-        s => match s.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("error: --metrics-listen '{s}': {e}");
-                return ExitCode::from(2);
-            }
-        },
-    };
+    fleet_daemon::init_tracing(args.log_json);
     let config = imageserver::Config {
         listen: args.listen,
-        metrics_listen,
+        metrics_listen: args.metrics_listen,
         data_dir: args.data_dir,
         tls: TlsFiles { ca: args.ca, cert: args.cert, key: args.key },
         replicate_from: args.replicate_from,

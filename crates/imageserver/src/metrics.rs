@@ -1,9 +1,8 @@
-//! Plain-HTTP `/status` (JSON) and `/metrics` (Prometheus text) on their own
-//! port, so monitoring needs no client certificate.
+//! The imageserver's counters and what its monitoring port shows: the
+//! Prometheus page and the `/status` JSON. The listener itself is
+//! `fleet_daemon::serve_metrics`.
 
 use std::{
-    fmt::Write as _,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -11,9 +10,8 @@ use std::{
     time::Instant,
 };
 
-use anyhow::Context as _;
-use axum::{Json, Router, extract::State, routing::get};
 use chunk_store::ChunkStore;
+use fleet_daemon::{Monitored, Prometheus};
 
 /// Counters the server keeps.
 #[derive(Debug)]
@@ -72,28 +70,30 @@ impl Metrics {
             ("imageserver_images_replicated_total", "Images copied from the master", &self.images_replicated),
             ("imageserver_requests_denied_total", "Requests refused for lack of a right", &self.requests_denied),
         ];
-        let mut out = String::new();
+        let mut page = Prometheus::new();
         for (name, help, v) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            page.counter(name, help, v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP imageserver_uptime_seconds Seconds since start\n# TYPE imageserver_uptime_seconds gauge\nimageserver_uptime_seconds {}",
-            self.started.elapsed().as_secs()
-        );
-        out
+        page.gauge("imageserver_uptime_seconds", "Seconds since start", self.uptime_seconds() as f64);
+        page.finish()
+    }
+
+    fn uptime_seconds(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 }
 
+/// What the monitoring port reads from.
 #[derive(Clone)]
-struct Ctx {
-    store: Arc<ChunkStore>,
-    metrics: Arc<Metrics>,
-    replica_of: Option<String>,
+pub(crate) struct Monitor {
+    pub(crate) store: Arc<ChunkStore>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) replica_of: Option<String>,
 }
 
+/// The `/status` body.
 #[derive(serde::Serialize)]
-struct Status {
+pub(crate) struct Status {
     role: &'static str,
     replica_of: Option<String>,
     uptime_seconds: u64,
@@ -103,45 +103,30 @@ struct Status {
     damaged_images: usize,
 }
 
-/// Serve /status and /metrics on `addr`; returns the bound address.
-pub(crate) async fn serve(
-    addr: SocketAddr,
-    store: Arc<ChunkStore>,
-    metrics: Arc<Metrics>,
-    replica_of: Option<String>,
-) -> anyhow::Result<SocketAddr> {
-    let ctx = Ctx { store, metrics, replica_of };
-    let app = Router::new()
-        .route("/metrics", get(|State(c): State<Ctx>| async move { c.metrics.render() }))
-        .route("/status", get(status))
-        .with_state(ctx);
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics port {addr}"))?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
-    Ok(bound)
-}
+impl Monitored for Monitor {
+    type Status = Status;
 
-async fn status(State(c): State<Ctx>) -> Json<Status> {
-    let store = c.store.clone();
-    let (streams, images, damaged_images) = tokio::task::spawn_blocking(move || {
-        let all = store.list_all_images().unwrap_or_default();
-        let streams =
-            all.images.iter().map(|i| i.name.stream().to_owned()).collect::<std::collections::HashSet<_>>().len();
-        (streams, all.images.len(), all.damaged.len())
-    })
-    .await
-    .unwrap_or((0, 0, 0));
-    Json(Status {
-        role: if c.replica_of.is_some() { "replica" } else { "master" },
-        replica_of: c.replica_of.clone(),
-        uptime_seconds: c.metrics.started.elapsed().as_secs(),
-        streams,
-        images,
-        damaged_images,
-    })
+    async fn status_page(&self) -> Status {
+        let store = self.store.clone();
+        let (streams, images, damaged_images) = tokio::task::spawn_blocking(move || {
+            let all = store.list_all_images().unwrap_or_default();
+            let streams =
+                all.images.iter().map(|i| i.name.stream().to_owned()).collect::<std::collections::HashSet<_>>().len();
+            (streams, all.images.len(), all.damaged.len())
+        })
+        .await
+        .unwrap_or((0, 0, 0));
+        Status {
+            role: if self.replica_of.is_some() { "replica" } else { "master" },
+            replica_of: self.replica_of.clone(),
+            uptime_seconds: self.metrics.uptime_seconds(),
+            streams,
+            images,
+            damaged_images,
+        }
+    }
+
+    fn metrics_page(&self) -> String {
+        self.metrics.render()
+    }
 }

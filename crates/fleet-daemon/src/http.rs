@@ -1,0 +1,43 @@
+//! The plain-HTTP monitoring listener: `/status` (JSON) and `/metrics`
+//! (Prometheus text) on a port of their own, so monitoring needs no client
+//! certificate.
+
+use std::{future::Future, net::SocketAddr};
+
+use anyhow::Context as _;
+use axum::{Json, Router, extract::State, routing::get};
+
+/// What a daemon shows its monitors. Cloned once per request.
+///
+/// The method names are chosen not to clash with a daemon's own `status` or
+/// `metrics` methods.
+pub trait Monitored: Clone + Send + Sync + 'static {
+    /// The body of `/status`, serialised as JSON.
+    type Status: serde::Serialize + Send;
+
+    /// The daemon's status now. Blocking work belongs in `spawn_blocking`.
+    fn status_page(&self) -> impl Future<Output = Self::Status> + Send;
+
+    /// The body of `/metrics`: Prometheus text, as built by
+    /// [`Prometheus`](crate::Prometheus).
+    fn metrics_page(&self) -> String;
+}
+
+/// Bind `addr`, then serve `/status` and `/metrics` from `monitored` in the
+/// background for as long as the runtime lives. Returns the bound address
+/// (the real port when `addr` asked for port 0).
+pub async fn serve_metrics<M: Monitored>(addr: SocketAddr, monitored: M) -> anyhow::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/metrics", get(|State(m): State<M>| async move { m.metrics_page() }))
+        .route("/status", get(|State(m): State<M>| async move { Json(m.status_page().await) }))
+        .with_state(monitored);
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics port {addr}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(bound)
+}

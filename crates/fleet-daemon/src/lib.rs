@@ -1,0 +1,22 @@
+//! The plumbing every daemon of the fleet repeats, written once: the run
+//! loop that stops on SIGINT or SIGTERM ([`run_until_signal`]), the
+//! plain-HTTP `/status` and `/metrics` listener ([`serve_metrics`]), the
+//! Prometheus text format ([`Prometheus`]), the tracing set-up
+//! ([`init_tracing`]) and the `--metrics-listen` flag
+//! ([`parse_metrics_listen`]).
+//!
+//! This crate knows nothing of images, devices, AWS or gRPC services: a
+//! daemon hands it a way to stop, a status to serialise and its counters,
+//! and keeps everything about what it serves to itself.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod http;
+mod prometheus;
+mod run;
+
+pub use cli::{BadMetricsListen, init_tracing, parse_metrics_listen};
+pub use http::{Monitored, serve_metrics};
+pub use prometheus::Prometheus;
+pub use run::{Daemon, run_until_signal};
