@@ -10,19 +10,40 @@ pub trait Daemon: Send {
     /// Stop serving, wait until the daemon has finished, and return how it
     /// ended.
     fn stop(self) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Resolves if the daemon stops serving without being told to (its
+    /// server failed), with why. Never resolves while all is well.
+    fn ended(&mut self) -> impl Future<Output = anyhow::Error> + Send + '_;
+}
+
+/// For [`Daemon::ended`]: wait for a daemon's server task to end, and say
+/// why it did (any end is a failure: the task is told to stop only by
+/// [`Daemon::stop`]).
+pub async fn server_ended(task: &mut tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Error {
+    match task.await {
+        Ok(Ok(())) => anyhow::anyhow!("the server stopped serving without being told to"),
+        Ok(Err(e)) => e,
+        Err(e) => anyhow::anyhow!("the server task panicked: {e}"),
+    }
 }
 
 /// Wait for SIGINT or SIGTERM, log which one arrived, then stop `daemon`
-/// and return the result of its stop.
+/// and return the result of its stop. If the daemon stops serving on its
+/// own first, return that as an error, so the process exits non-zero and a
+/// supervisor (systemd's `Restart=on-failure`) starts it again.
 ///
 /// Both handlers are installed before the first wait, so a signal sent once
 /// this future has been polled is never missed.
-pub async fn run_until_signal<D: Daemon>(daemon: D) -> anyhow::Result<()> {
+pub async fn run_until_signal<D: Daemon>(mut daemon: D) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("interrupted; shutting down"),
         _ = terminate.recv() => tracing::info!("terminated; shutting down"),
+        e = daemon.ended() => {
+            tracing::error!(error = %format!("{e:#}"), "stopped serving; exiting");
+            return Err(e);
+        }
     }
     daemon.stop().await
 }
@@ -48,6 +69,30 @@ mod tests {
             self.0.store(true, Ordering::SeqCst);
             anyhow::bail!("stop result is passed on")
         }
+
+        async fn ended(&mut self) -> anyhow::Error {
+            std::future::pending().await
+        }
+    }
+
+    /// A daemon whose server fails after a moment.
+    struct Failing;
+
+    impl Daemon for Failing {
+        async fn stop(self) -> anyhow::Result<()> {
+            panic!("a daemon that ended is not stopped")
+        }
+
+        async fn ended(&mut self) -> anyhow::Error {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            anyhow::anyhow!("gRPC server failed: listener closed")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_stops_serving_on_its_own_ends_the_run_with_its_error() {
+        let result = tokio::time::timeout(Duration::from_secs(10), run_until_signal(Failing)).await.expect("no end");
+        assert_eq!(result.unwrap_err().to_string(), "gRPC server failed: listener closed");
     }
 
     #[tokio::test]

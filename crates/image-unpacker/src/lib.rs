@@ -15,8 +15,6 @@
 //! - `verified`: chunks whose digest was checked, the only chunks written;
 //! - [`blockdev`]: the device safety checks; [`devices`]: finding volumes;
 //!   [`state`]: the persisted record; `metrics`: /status and /metrics;
-//! - [`client`]: the client side of the protocol, used by tests here (the
-//!   tools use unpacker-client).
 //!
 //! **Architecture invariants:** the unpacker knows nothing of AWS; only a
 //! certificate with the drive-unpacker right may call it; a device is written
@@ -26,7 +24,6 @@
 #![forbid(unsafe_code)]
 
 pub mod blockdev;
-pub mod client;
 mod core;
 pub mod devices;
 pub mod engine;
@@ -44,7 +41,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-pub use crate::core::{ServiceConfig, Unpacker, stats_line};
+pub use crate::core::{ServiceConfig, Unpacker};
 pub use metrics::Metrics;
 pub use service::RIGHTS;
 
@@ -102,7 +99,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let metrics_addr = match config.metrics_listen {
-        Some(a) => Some(metrics::serve(a, unpacker.clone()).await?),
+        Some(a) => Some(fleet_daemon::serve_metrics(a, unpacker.clone()).await?),
         None => None,
     };
     let (shutdown, mut rx) = watch::channel(false);
@@ -128,13 +125,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running { addr, metrics_addr, unpacker, shutdown, task })
 }
 
-/// Run the daemon until SIGINT or SIGTERM.
+/// Run the daemon until SIGINT or SIGTERM (or until its server fails).
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let running = start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    fleet_daemon::run_until_signal(start(config).await?).await
+}
+
+impl fleet_daemon::Daemon for Running {
+    async fn stop(self) -> anyhow::Result<()> {
+        Running::stop(self).await
     }
-    running.stop().await
+
+    async fn ended(&mut self) -> anyhow::Error {
+        fleet_daemon::server_ended(&mut self.task).await
+    }
 }

@@ -20,8 +20,8 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:6974")]
     listen: SocketAddr,
     /// Address for plain-HTTP /status and /metrics (Prometheus); "off" disables.
-    #[arg(long, default_value = "127.0.0.1:6975")]
-    metrics_listen: String,
+    #[arg(long, default_value = "127.0.0.1:6975", value_parser = fleet_daemon::parse_metrics_listen)]
+    metrics_listen: std::option::Option<SocketAddr>,
     /// Where the record of devices, streams and device contents lives.
     #[arg(long, default_value = "/var/lib/image-unpacker")]
     state_dir: PathBuf,
@@ -50,20 +50,10 @@ const MAX_BLOCKING_THREADS: usize = 8;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    image_client::cli::init_tracing("info", args.log_json);
-    let metrics_listen = match args.metrics_listen.as_str() {
-        "off" | "" => None,
-        s => match s.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("error: --metrics-listen '{s}': {e}");
-                return ExitCode::from(2);
-            }
-        },
-    };
+    fleet_daemon::init_tracing(args.log_json);
     let config = image_unpacker::Config {
         listen: args.listen,
-        metrics_listen,
+        metrics_listen: args.metrics_listen,
         state_dir: args.state_dir,
         device_dir: args.device_dir,
         image_server: args.image_server,

@@ -2,16 +2,11 @@
 //! port, for monitoring without a client certificate.
 
 use std::{
-    fmt::Write as _,
-    net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::Instant,
 };
 
-use anyhow::Context as _;
-use axum::{Json, Router, extract::State, routing::get};
-
-use crate::service::Unpacker;
+use crate::core::Unpacker;
 
 /// Counters the unpacker keeps.
 #[derive(Debug)]
@@ -70,32 +65,24 @@ impl Metrics {
             ("unpacker_capture_mismatches_total", "Read-backs that found wrong bytes", &self.capture_mismatches),
             ("unpacker_requests_denied_total", "Requests refused for lack of a right", &self.requests_denied),
         ];
-        let mut out = String::new();
+        let mut p = fleet_daemon::Prometheus::new();
         for (name, help, v) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            p.counter(name, help, v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP unpacker_uptime_seconds Seconds since start\n# TYPE unpacker_uptime_seconds gauge\nunpacker_uptime_seconds {}",
-            self.started.elapsed().as_secs()
-        );
-        out
+        p.gauge("unpacker_uptime_seconds", "Seconds since start", self.started.elapsed().as_secs() as f64);
+        p.finish()
     }
 }
 
-/// Serve /status and /metrics on `addr`; returns the bound address.
-pub(crate) async fn serve(addr: SocketAddr, unpacker: Unpacker) -> anyhow::Result<SocketAddr> {
-    let app = Router::new()
-        .route("/metrics", get(|State(u): State<Unpacker>| async move { u.metrics().render() }))
-        .route("/status", get(|State(u): State<Unpacker>| async move { Json(u.status_json()) }))
-        .with_state(unpacker);
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics port {addr}"))?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
-    Ok(bound)
+/// What /status and /metrics (see `fleet_daemon::serve_metrics`) show.
+impl fleet_daemon::Monitored for Unpacker {
+    type Status = serde_json::Value;
+
+    async fn status_page(&self) -> serde_json::Value {
+        self.status_json()
+    }
+
+    fn metrics_page(&self) -> String {
+        self.metrics().render()
+    }
 }

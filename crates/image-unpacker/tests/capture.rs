@@ -13,13 +13,13 @@ use std::{
 
 use fleet_pki::Role;
 use image_format::ImageName;
-use image_unpacker::client::{
-    AssociateRequest, ClaimDeviceRequest, Client, GetStatusRequest, PrepareForCaptureRequest, StreamState,
-    UnpackImageRequest,
-};
 use imagetool::Progress as AddProgress;
 use test_support::{Pki, ScratchDevice, noise};
 use tonic::Code;
+use unpacker_client::{
+    AssociateRequest, ClaimDeviceRequest, Client, GetStatusRequest, PrepareForCaptureRequest, StreamState,
+    UnpackImageRequest,
+};
 
 const CHUNK: u32 = 64 * 1024;
 const STREAM: &str = "base/capture";
@@ -27,7 +27,7 @@ const STREAM: &str = "base/capture";
 /// a loop device; mostly zero, so adding and unpacking it is quick.
 const SIZE: u64 = 768 << 20;
 
-async fn capture(c: &mut Client) -> Result<image_unpacker::client::Capture, tonic::Status> {
+async fn capture(c: &mut Client) -> Result<unpacker_client::Capture, tonic::Status> {
     let req = PrepareForCaptureRequest { stream: STREAM.into(), ..Default::default() };
     Ok(c.prepare_for_capture(req).await?.into_inner())
 }
@@ -84,8 +84,8 @@ async fn a_caller_that_goes_away_mid_capture_leaves_the_stream_busy_until_the_re
 
     let publisher = pki.role(Role::AmiPublisher).unwrap();
     let addr = running.addr.to_string();
-    let mut c = image_unpacker::client::connect(&addr, &publisher).await.unwrap();
-    let mut other = image_unpacker::client::connect(&addr, &publisher).await.unwrap();
+    let mut c = unpacker_client::connect(&addr, &publisher).await.unwrap();
+    let mut other = unpacker_client::connect(&addr, &publisher).await.unwrap();
     let dev = ScratchDevice::new(&dir.path().join("vol.img"), SIZE).unwrap();
     eprintln!("device: {}", dev.describe());
     let vol = "vol-00000000000000c1";
@@ -94,7 +94,7 @@ async fn a_caller_that_goes_away_mid_capture_leaves_the_stream_busy_until_the_re
     c.associate_stream_with_device(AssociateRequest { stream: STREAM.into(), volume_id: vol.into() }).await.unwrap();
     let unpack = UnpackImageRequest { stream: STREAM.into(), leaf: "1".into(), ..Default::default() };
     let s = c.unpack_image(unpack.clone()).await.unwrap().into_inner();
-    image_unpacker::client::follow(s, |_| {}).await.unwrap();
+    unpacker_client::follow(s, |_| {}).await.unwrap();
 
     // A whole capture, to know how long a read-back takes.
     let started = Instant::now();

@@ -9,11 +9,11 @@ use std::{
 
 use fleet_pki::Role;
 use image_format::ImageName;
-use image_unpacker::client::{
+use test_support::{Pki, ScratchDevice, noise};
+use unpacker_client::{
     AssociateRequest, ClaimDeviceRequest, Client, GetStatusRequest, PrepareForUnpackRequest, StreamState,
     UnpackImageRequest,
 };
-use test_support::{Pki, ScratchDevice, noise};
 
 const STREAM: &str = "base/crash";
 const SIZE: usize = 256 << 20;
@@ -52,7 +52,7 @@ async fn connect(port: u16, pki: &Pki) -> Client {
     let tls = pki.role(Role::AmiPublisher).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match image_unpacker::client::connect(&format!("127.0.0.1:{port}"), &tls).await {
+        match unpacker_client::connect(&format!("127.0.0.1:{port}"), &tls).await {
             Ok(c) => return c,
             Err(e) if Instant::now() > deadline => panic!("the unpacker never answered: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -129,14 +129,14 @@ async fn kill_mid_unpack_then_prepare_and_unpack_recover_exact_bytes() {
         .await
         .unwrap()
         .into_inner();
-    let last = image_unpacker::client::follow(p, |_| {}).await.unwrap();
+    let last = unpacker_client::follow(p, |_| {}).await.unwrap();
     assert_eq!(last.result.unwrap().state(), StreamState::Prepared, "skip-if-prepared still rescans a dirty device");
     let p = c
         .unpack_image(UnpackImageRequest { stream: STREAM.into(), leaf: "1".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
-    let stats = image_unpacker::client::follow(p, |_| {}).await.unwrap().stats.unwrap();
+    let stats = unpacker_client::follow(p, |_| {}).await.unwrap().stats.unwrap();
     assert!(stats.chunks_unchanged > 0, "chunks written before the kill are kept: {stats:?}");
     assert_eq!(dev.read(SIZE).unwrap(), image, "the device holds the exact leaf");
 }

@@ -9,14 +9,14 @@ use fleet_proto::imageserver::{self as is, image_server_server::ImageServer};
 use fleet_tls::TlsFiles;
 use futures::Stream;
 use image_format::{ImageName, Manifest};
-use image_unpacker::client::{
+use imagetool::Progress as AddProgress;
+use test_support::{Pki, ScratchDevice, noise};
+use tonic::{Code, Request, Response, Status};
+use unpacker_client::{
     AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Client, ForgetStreamRequest, GetRawRequest,
     GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, ReleaseCaptureRequest, RemoveDeviceRequest,
     StreamState, UnpackImageRequest, UnpackStats,
 };
-use imagetool::Progress as AddProgress;
-use test_support::{Pki, ScratchDevice, noise};
-use tonic::{Code, Request, Response, Status};
 
 const CHUNK: u32 = 64 * 1024;
 const STREAM: &str = "base/test";
@@ -71,7 +71,7 @@ impl Rig {
     }
 
     async fn client(&self) -> Client {
-        image_unpacker::client::connect(&self.unpacker_addr(), &self.publisher).await.unwrap()
+        unpacker_client::connect(&self.unpacker_addr(), &self.publisher).await.unwrap()
     }
 
     /// Add `bytes` as STREAM/leaf; returns its manifest.
@@ -105,11 +105,11 @@ async fn unpack(c: &mut Client, leaf: &str) -> Result<UnpackStats, Status> {
 async fn unpack_holding(c: &mut Client, leaf: &str, hold_seconds: u32) -> Result<UnpackStats, Status> {
     let req = UnpackImageRequest { stream: STREAM.into(), leaf: leaf.into(), hold_seconds, hold_id: "test".into() };
     let s = c.unpack_image(req).await?.into_inner();
-    let last = image_unpacker::client::follow(s, |_| {}).await?;
+    let last = unpacker_client::follow(s, |_| {}).await?;
     Ok(last.stats.expect("the last message carries stats"))
 }
 
-async fn capture(c: &mut Client) -> Result<image_unpacker::client::Capture, Status> {
+async fn capture(c: &mut Client) -> Result<unpacker_client::Capture, Status> {
     let req = PrepareForCaptureRequest { stream: STREAM.into(), ..Default::default() };
     Ok(c.prepare_for_capture(req).await?.into_inner())
 }
@@ -344,7 +344,7 @@ async fn state_survives_a_restart() {
         .await
         .unwrap()
         .into_inner();
-    image_unpacker::client::follow(p, |_| {}).await.unwrap();
+    unpacker_client::follow(p, |_| {}).await.unwrap();
     let mut b = a.clone();
     b[chunk_range(0)].copy_from_slice(&noise(CHUNK as usize, 9));
     rig.add("2", &b).await;
@@ -430,7 +430,7 @@ async fn unauthorized_clients_are_refused() {
     let rig = Rig::new().await;
     // The builder role may read and write images but not drive unpackers.
     let builder = rig.pki.role(Role::ImageBuilder).unwrap();
-    let mut c = image_unpacker::client::connect(&rig.unpacker_addr(), &builder).await.unwrap();
+    let mut c = unpacker_client::connect(&rig.unpacker_addr(), &builder).await.unwrap();
     let e = c.get_status(GetStatusRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("drive-unpacker"), "{}", e.message());
@@ -438,7 +438,7 @@ async fn unauthorized_clients_are_refused() {
     let other = Pki::new(&rig.path("other-pki")).unwrap();
     let stranger = other.role(Role::AmiPublisher).unwrap();
     let mixed = TlsFiles { ca: rig.publisher.ca.clone(), ..stranger };
-    let refused = match image_unpacker::client::connect(&rig.unpacker_addr(), &mixed).await {
+    let refused = match unpacker_client::connect(&rig.unpacker_addr(), &mixed).await {
         Err(_) => true,
         Ok(mut c) => c.get_status(GetStatusRequest {}).await.is_err(),
     };
@@ -448,7 +448,7 @@ async fn unauthorized_clients_are_refused() {
     spec.valid_from = time_days(-30);
     spec.valid_until = time_days(-1);
     let expired = rig.pki.issue("expired", &spec).unwrap();
-    let refused = match image_unpacker::client::connect(&rig.unpacker_addr(), &expired).await {
+    let refused = match unpacker_client::connect(&rig.unpacker_addr(), &expired).await {
         Err(_) => true,
         Ok(mut c) => c.get_status(GetStatusRequest {}).await.is_err(),
     };
@@ -702,16 +702,14 @@ async fn a_scan_waiting_for_a_capture_hold_says_what_it_waits_for() {
     assert!(first.detail.contains("capture of leaf 1") && first.detail.contains("s left"), "{}", first.detail);
     let mut other = rig.client().await;
     other.release_capture(ReleaseCaptureRequest { stream: STREAM.into(), hold_id: "test".into() }).await.unwrap();
-    let last = tokio::time::timeout(Duration::from_secs(60), image_unpacker::client::follow(s, |_| {}))
-        .await
-        .unwrap()
-        .unwrap();
+    let last =
+        tokio::time::timeout(Duration::from_secs(60), unpacker_client::follow(s, |_| {})).await.unwrap().unwrap();
     assert_eq!(last.phase, "done", "the scan ran once the hold was released");
 }
 
 #[tokio::test]
 async fn one_caller_at_a_time_sets_up_a_new_streams_volume() {
-    use image_unpacker::client::LeaseRequest;
+    use unpacker_client::LeaseRequest;
     let rig = Rig::new().await;
     let mut c = rig.client().await;
     let ask = |owner: &str, seconds: u32| LeaseRequest { stream: STREAM.into(), owner: owner.into(), seconds };

@@ -67,6 +67,10 @@ impl fleet_daemon::Daemon for Running {
     async fn stop(self) -> anyhow::Result<()> {
         Running::stop(self).await
     }
+
+    async fn ended(&mut self) -> anyhow::Error {
+        fleet_daemon::server_ended(&mut self.task).await
+    }
 }
 
 /// Bind the ports and serve in the background.

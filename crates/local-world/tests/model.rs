@@ -12,8 +12,8 @@ use std::{
 use aws_config::retry::RetryConfig;
 use aws_sdk_ec2::{error::ProvideErrorMetadata, types::Filter};
 use fleet_pki::Role;
-use image_unpacker::client::AddDeviceRequest;
 use local_world::{Plan, World};
+use unpacker_client::AddDeviceRequest;
 
 /// The app name the tests call as (the model applies to it, not to the
 /// world's own `local-world` calls).
@@ -95,7 +95,7 @@ async fn resources_pass_through_their_pending_states_as_in_ec2() {
     .await;
     assert_eq!(seen, ["attaching", "attached"]);
     let publisher = fleet_tls::TlsFiles::from_ssl_dir(&world.ssl_dir(Role::AmiPublisher).unwrap());
-    let mut c = image_unpacker::client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
+    let mut c = unpacker_client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
     let dev = c
         .add_device(AddDeviceRequest { volume_id: id.clone(), timeout_seconds: 20, ..Default::default() })
         .await

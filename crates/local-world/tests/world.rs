@@ -5,8 +5,8 @@ use std::{io::Write as _, time::Duration};
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use fleet_pki::Role;
-use image_unpacker::client::{AddDeviceRequest, GetStatusRequest};
 use local_world::{FIRST_ACCOUNT_ID, Plan, SECOND_ACCOUNT_ID, World};
+use unpacker_client::{AddDeviceRequest, GetStatusRequest};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn world_starts_with_two_accounts_and_attaches_volumes_like_nitro() {
@@ -28,7 +28,7 @@ async fn world_starts_with_two_accounts_and_attaches_volumes_like_nitro() {
         let d = ec2.describe_instances().instance_ids(&t.instance_id).send().await.unwrap();
         let inst = &d.reservations()[0].instances()[0];
         assert_eq!(inst.private_ip_address(), Some(t.ip.to_string().as_str()));
-        let mut c = image_unpacker::client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
+        let mut c = unpacker_client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
         c.get_status(GetStatusRequest {}).await.unwrap();
     }
 
@@ -51,7 +51,7 @@ async fn world_starts_with_two_accounts_and_attaches_volumes_like_nitro() {
         .unwrap();
     let vol_id = vol.volume_id().unwrap().to_owned();
     ec2.attach_volume().volume_id(&vol_id).instance_id(&t.instance_id).device("/dev/sdf").send().await.unwrap();
-    let mut c = image_unpacker::client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
+    let mut c = unpacker_client::connect(&t.unpacker_addr().to_string(), &publisher).await.unwrap();
     let dev = c
         .add_device(AddDeviceRequest { volume_id: vol_id.clone(), timeout_seconds: 20, ..Default::default() })
         .await

@@ -37,7 +37,6 @@ pub(crate) use claims::ClaimedDevice;
 use fleet_proto::unpacker::{Progress, RawData};
 use fleet_tls::TlsFiles;
 use futures::Stream;
-pub use status::stats_line;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

@@ -2,18 +2,10 @@
 //! the protobuf views of a stream and a device. Read-only, apart from
 //! dropping capture holds that ran out.
 
-use fleet_proto::unpacker::{Device, Status as UnpackerStatus, StreamStatus, UnpackStats};
+use fleet_proto::unpacker::{Device, Status as UnpackerStatus, StreamStatus};
 
 use super::Unpacker;
 use crate::state::{DeviceRecord, State, now_unix};
-
-/// Summed progress of an unpack, for clients.
-pub fn stats_line(s: &UnpackStats) -> String {
-    format!(
-        "{} of {} chunks written, {} zeroed, {} unchanged; {} compressed bytes fetched in {:.1}s",
-        s.chunks_written, s.chunks_total, s.chunks_zeroed, s.chunks_unchanged, s.bytes_fetched, s.seconds
-    )
-}
 
 impl Unpacker {
     pub(super) fn stream_status(state: &State, name: &str) -> StreamStatus {
