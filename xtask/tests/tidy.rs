@@ -50,6 +50,48 @@ fn no_aws_crate_in_the_daemons_dependency_graphs() {
     }
 }
 
+/// Each crate depends (normal dependencies) only on the workspace crates
+/// docs/ARCHITECTURE.md's "Crate graph" allows it; a crate missing from the
+/// table below fails, so a new crate needs a decision.
+#[test]
+fn crate_graph_follows_the_architecture() {
+    const FORMAT: &[&str] = &["image-format", "fleet-proto", "fleet-tls"];
+    let allowed: &[(&str, &[&str])] = &[
+        ("fleet-proto", &[]),
+        ("fleet-tls", &[]),
+        ("fleet-fs", &[]),
+        ("fleet-daemon", &[]),
+        ("image-format", &[]),
+        ("fleet-pki", &["fleet-tls"]),
+        ("chunk-store", &["image-format", "fleet-fs"]),
+        ("image-client", FORMAT),
+        ("unpacker-client", &["image-client", "fleet-proto", "fleet-tls"]),
+        ("imageserver", &["chunk-store", "image-client", "fleet-daemon", "image-format", "fleet-proto", "fleet-tls"]),
+        ("image-unpacker", &["image-client", "fleet-daemon", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"]),
+        ("imagetool", &["image-client", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"]),
+        ("unpacker-tool", &["unpacker-client", "image-client", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"]),
+        ("ami-publisher", &["unpacker-client", "image-client", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"]),
+        ("local-world", &["*"]),
+        ("test-support", &["*"]),
+    ];
+    let ours: Vec<String> =
+        crate_dirs().iter().map(|d| d.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert!(ours.len() >= 15, "crates/ holds the workspace's crates: {ours:?}");
+    for name in &ours {
+        let Some((_, may)) = allowed.iter().find(|(k, _)| k == name) else {
+            panic!("crate {name} is not in the crate graph of docs/ARCHITECTURE.md (and this test)");
+        };
+        let toml = fs::read_to_string(root().join("crates").join(name).join("Cargo.toml")).unwrap();
+        let deps = toml.split("\n[").find(|s| s.starts_with("dependencies]")).unwrap_or("");
+        for line in deps.lines().skip(1) {
+            let dep = line.split(['.', ' ', '=']).next().unwrap_or("").trim();
+            if ours.iter().any(|o| o == dep) {
+                assert!(may.contains(&"*") || may.contains(&dep), "{name} may not depend on {dep}");
+            }
+        }
+    }
+}
+
 /// Every module says what it is for.
 #[test]
 fn every_source_file_starts_with_a_module_doc() {

@@ -170,7 +170,7 @@ impl State {
     /// Write `state.json` atomically.
     pub fn save(&self) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(self)?;
-        chunk_store::write_atomic(&self.dir.join(STATE_FILE), &bytes).context("saving the unpacker state")
+        fleet_fs::write_atomic(&self.dir.join(STATE_FILE), &bytes).context("saving the unpacker state")
     }
 
     /// Record what a device holds (manifest file first, then the state).
@@ -180,7 +180,7 @@ impl State {
             Content::Unknown => None,
             Content::Fresh => Some("fresh".to_owned()),
             Content::Known(m) => {
-                chunk_store::write_atomic(&file, &m.encode()).context("saving a device's manifest")?;
+                fleet_fs::write_atomic(&file, &m.encode()).context("saving a device's manifest")?;
                 Some(m.image_id().to_hex())
             }
         };
