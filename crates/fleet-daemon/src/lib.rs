@@ -19,4 +19,4 @@ mod run;
 pub use cli::{BadMetricsListen, init_tracing, parse_metrics_listen};
 pub use http::{Monitored, serve_metrics};
 pub use prometheus::Prometheus;
-pub use run::{Daemon, run_until_signal, server_ended};
+pub use run::{Daemon, Serving, run_until_signal};

@@ -16,14 +16,49 @@ pub trait Daemon: Send {
     fn ended(&mut self) -> impl Future<Output = anyhow::Error> + Send + '_;
 }
 
-/// For [`Daemon::ended`]: wait for a daemon's server task to end, and say
-/// why it did (any end is a failure: the task is told to stop only by
-/// [`Daemon::stop`]).
-pub async fn server_ended(task: &mut tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Error {
-    match task.await {
-        Ok(Ok(())) => anyhow::anyhow!("the server stopped serving without being told to"),
-        Ok(Err(e)) => e,
-        Err(e) => anyhow::anyhow!("the server task panicked: {e}"),
+/// A server task running in the background, and the means to stop it:
+/// what each daemon's `Running` holds.
+#[derive(Debug)]
+pub struct Serving {
+    shutdown: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Serving {
+    /// Spawn the server `serve` builds; it is handed a future that resolves
+    /// when the server should stop (for tonic's
+    /// `serve_with_incoming_shutdown`).
+    pub fn spawn<F, Fut>(serve: F) -> Serving
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+        let stop = Box::pin(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        });
+        Serving { shutdown, task: tokio::spawn(serve(stop)) }
+    }
+
+    /// Wait until the server fails or is stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.map_err(|e| anyhow::anyhow!("the server task panicked: {e}"))?
+    }
+}
+
+impl Daemon for Serving {
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.wait().await
+    }
+
+    /// Any end of the task is a failure: it is told to stop only by `stop`.
+    async fn ended(&mut self) -> anyhow::Error {
+        match (&mut self.task).await {
+            Ok(Ok(())) => anyhow::anyhow!("the server stopped serving without being told to"),
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::anyhow!("the server task panicked: {e}"),
+        }
     }
 }
 

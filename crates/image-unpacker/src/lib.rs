@@ -37,7 +37,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use fleet_proto::unpacker::image_unpacker_server::ImageUnpackerServer;
 use fleet_tls::TlsFiles;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
@@ -64,20 +64,18 @@ pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub unpacker: Unpacker,
-    shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    serving: fleet_daemon::Serving,
 }
 
 impl Running {
     /// Stop serving and wait for the server to finish.
     pub async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.shutdown.send(true);
-        self.task.await.context("server task panicked")?
+        fleet_daemon::Daemon::stop(self.serving).await
     }
 
     /// Wait until the server fails or is stopped.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("server task panicked")?
+        self.serving.wait().await
     }
 }
 
@@ -102,27 +100,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(a) => Some(fleet_daemon::serve_metrics(a, unpacker.clone()).await?),
         None => None,
     };
-    let (shutdown, mut rx) = watch::channel(false);
     let rights = RIGHTS.layer(move || Metrics::add(&denied.requests_denied, 1));
     let grpc = ImageUnpackerServer::new(unpacker.clone())
         .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES);
-    let task = tokio::spawn(async move {
+    let serving = fleet_daemon::Serving::spawn(|stop| async move {
         Server::builder()
             .tls_config(tls)?
             .tcp_nodelay(true)
             // Every call passes the rights table first: see `service::RIGHTS`.
             .layer(rights)
             .add_service(grpc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
             .await
             .context("gRPC server failed")
     });
     tracing::info!(%addr, ?metrics_addr, state_dir = %config.state_dir.display(),
         device_dir = %config.device_dir.display(), image_server = %config.image_server, "image-unpacker listening");
-    Ok(Running { addr, metrics_addr, unpacker, shutdown, task })
+    Ok(Running { addr, metrics_addr, unpacker, serving })
 }
 
 /// Run the daemon until SIGINT or SIGTERM (or until its server fails).
@@ -136,6 +131,6 @@ impl fleet_daemon::Daemon for Running {
     }
 
     async fn ended(&mut self) -> anyhow::Error {
-        fleet_daemon::server_ended(&mut self.task).await
+        self.serving.ended().await
     }
 }

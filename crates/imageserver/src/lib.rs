@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use chunk_store::ChunkStore;
 use fleet_proto::imageserver::image_server_server::ImageServerServer;
 use fleet_tls::TlsFiles;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
@@ -46,20 +46,18 @@ pub struct Running {
     /// Where /status and /metrics listen.
     pub metrics_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
-    shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    serving: fleet_daemon::Serving,
 }
 
 impl Running {
     /// Stop serving and wait for the server to finish.
     pub async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.shutdown.send(true);
-        self.task.await.context("server task panicked")?
+        fleet_daemon::Daemon::stop(self.serving).await
     }
 
     /// Wait until the server fails or is stopped.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("server task panicked")?
+        self.serving.wait().await
     }
 }
 
@@ -69,7 +67,7 @@ impl fleet_daemon::Daemon for Running {
     }
 
     async fn ended(&mut self) -> anyhow::Error {
-        fleet_daemon::server_ended(&mut self.task).await
+        self.serving.ended().await
     }
 }
 
@@ -98,13 +96,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(master) = &config.replicate_from {
         replica::spawn(master.clone(), config.tls.clone(), service.clone());
     }
-    let (shutdown, mut rx) = watch::channel(false);
     let denied = metrics.clone();
     let rights = RIGHTS.layer(move || Metrics::add(&denied.requests_denied, 1));
     let grpc = ImageServerServer::new(service)
         .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES);
-    let task = tokio::spawn(async move {
+    let serving = fleet_daemon::Serving::spawn(|stop| async move {
         Server::builder()
             .tls_config(tls)?
             .initial_stream_window_size(image_client::STREAM_WINDOW)
@@ -113,14 +110,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             // Every call passes the rights table first: see `service::RIGHTS`.
             .layer(rights)
             .add_service(grpc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
             .await
             .context("gRPC server failed")
     });
     tracing::info!(%addr, ?metrics_addr, data_dir = %config.data_dir.display(), replica_of = ?config.replicate_from, "imageserver listening");
-    Ok(Running { addr, metrics_addr, metrics, shutdown, task })
+    Ok(Running { addr, metrics_addr, metrics, serving })
 }
 
 /// Run the daemon until SIGINT or SIGTERM.
