@@ -147,8 +147,8 @@ async fn ensure_with(
         line.step(format!("replacing {} ({} GiB is too small)", bound.volume_id, have / GIB));
         tracing::info!(volume = %bound.volume_id, have, need = spec.need_bytes, "stream volume too small; replacing it");
         let new = create_and_add(ec2, c, inst, spec, line).await?;
-        forget(c, &spec.stream).await?;
-        associate(c, &spec.stream, &new).await?;
+        forget(c, &spec.stream, spec.timeout).await?;
+        associate(c, &spec.stream, &new, spec.timeout).await?;
         retire(ec2, c, &inst.instance_id, &bound.volume_id, spec.timeout).await;
         return Ok(new);
     }
@@ -156,7 +156,7 @@ async fn ensure_with(
     let mut taken = Vec::new();
     loop {
         let chosen = choose(ec2, c, inst, spec, line, &status, &taken).await?;
-        let Err(e) = associate(c, &spec.stream, &chosen).await else { return Ok(chosen) };
+        let Err(e) = associate(c, &spec.stream, &chosen, spec.timeout).await else { return Ok(chosen) };
         // Publishes running at once: another one may have bound our stream
         // to a volume of its own (use that one; ours stays on the unpacker
         // as a free volume, reused next or removed by remove-unused-volumes),
@@ -312,9 +312,9 @@ impl Patience {
 }
 
 /// Unbind the stream, waiting out another caller's operation on it for up
-/// to a minute.
-async fn forget(c: &mut uc::Client, stream: &str) -> anyhow::Result<()> {
-    let patience = Patience::new(Duration::from_secs(60));
+/// to `patience` (`--volume-timeout`).
+async fn forget(c: &mut uc::Client, stream: &str, patience: Duration) -> anyhow::Result<()> {
+    let patience = Patience::new(patience);
     loop {
         let r = c.forget_stream(ForgetStreamRequest { stream: stream.to_owned() }).await;
         if !patience.again(&r).await {
@@ -325,9 +325,9 @@ async fn forget(c: &mut uc::Client, stream: &str) -> anyhow::Result<()> {
 }
 
 /// Bind the stream to the volume, waiting out another caller's operation
-/// on the stream for up to a minute.
-async fn associate(c: &mut uc::Client, stream: &str, volume: &str) -> anyhow::Result<()> {
-    let patience = Patience::new(Duration::from_secs(60));
+/// on the stream for up to `patience` (`--volume-timeout`).
+async fn associate(c: &mut uc::Client, stream: &str, volume: &str, patience: Duration) -> anyhow::Result<()> {
+    let patience = Patience::new(patience);
     loop {
         let req = AssociateRequest { stream: stream.to_owned(), volume_id: volume.to_owned() };
         let r = c.associate_stream_with_device(req).await;

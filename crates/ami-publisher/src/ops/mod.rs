@@ -135,6 +135,13 @@ impl Ctx<'_> {
         self.dry_run.then(|| self.described(verb, resource, detail))
     }
 
+    /// How long a listing waits for an unpacker to answer: the
+    /// `--unpacker-timeout` flag, but at most 10 s (a list reports an
+    /// unpacker that does not answer rather than hang on it).
+    fn listing_timeout(&self) -> Duration {
+        self.unpacker_timeout.min(Duration::from_secs(10))
+    }
+
     async fn unpackers(&self, ec2: &Client) -> anyhow::Result<Vec<UnpackerInstance>> {
         unpacker::find_all(ec2, &self.instance_name).await
     }

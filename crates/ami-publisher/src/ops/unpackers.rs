@@ -94,7 +94,7 @@ pub async fn list_unpackers(ctx: &Ctx<'_>) -> Vec<Report<UnpackerRow>> {
                 ..UnpackerRow::default()
             };
             if inst.state == "running" {
-                match ctx.dial(&inst, Duration::from_secs(10)).await {
+                match ctx.dial(&inst, ctx.listing_timeout()).await {
                     Ok(mut c) => {
                         let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
                         row.streams = Some(s.streams.iter().map(|s| s.stream.clone()).collect::<Vec<_>>().join(" "));
@@ -118,7 +118,7 @@ pub async fn list_unpackers(ctx: &Ctx<'_>) -> Vec<Report<UnpackerRow>> {
 pub async fn list_streams(ctx: &Ctx<'_>) -> Vec<Report<StreamRow>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for (inst, _, s) in ctx.running(&ec2, Duration::from_secs(10)).await? {
+        for (inst, _, s) in ctx.running(&ec2, ctx.listing_timeout()).await? {
             for st in &s.streams {
                 let size = s.devices.iter().find(|d| d.volume_id == st.volume_id).map_or(0, |d| d.size_bytes);
                 let hold = if st.hold_seconds > 0 {
@@ -154,7 +154,7 @@ pub(super) async fn terminate(ec2: &Client, id: &str) -> anyhow::Result<()> {
 pub async fn stop_idle_unpackers(ctx: &Ctx<'_>, max_idle: Duration) -> Vec<Report<Acted>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for (inst, _, s) in ctx.running(&ec2, Duration::from_secs(30)).await? {
+        for (inst, _, s) in ctx.running(&ec2, ctx.unpacker_timeout).await? {
             let idle = Duration::from_secs(s.idle_seconds);
             if s.busy || idle < max_idle {
                 tracing::info!(instance = %inst.instance_id, idle_seconds = s.idle_seconds, busy = s.busy, "in use; left running");
@@ -316,7 +316,7 @@ pub async fn add_volumes(
 pub async fn remove_unused_volumes(ctx: &Ctx<'_>) -> Vec<Report<Acted>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for (inst, mut c, s) in ctx.running(&ec2, Duration::from_secs(30)).await? {
+        for (inst, mut c, s) in ctx.running(&ec2, ctx.unpacker_timeout).await? {
             for d in s.devices.iter().filter(|d| d.stream.is_empty()) {
                 let (ec2, c, id, vol) = (&ec2, &mut c, inst.instance_id.as_str(), d.volume_id.as_str());
                 let detail = format!("unused volume on {id}");
