@@ -205,9 +205,32 @@ impl ClientError {
 /// Fetched chunk: digest, plain bytes (verified) and its wire size.
 #[derive(Debug)]
 pub struct FetchedChunk {
-    pub digest: Digest,
-    pub plain: Vec<u8>,
-    pub zstd: Vec<u8>,
+    digest: Digest,
+    plain: Vec<u8>,
+    zstd: Vec<u8>,
+}
+
+/// Only [`fetch_chunks`] makes a `FetchedChunk`, after checking its length
+/// and digest: holding one means the bytes are the ones the digest names.
+impl FetchedChunk {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The chunk's bytes.
+    pub fn plain(&self) -> &[u8] {
+        &self.plain
+    }
+
+    /// The zstd frame it came in.
+    pub fn zstd(&self) -> &[u8] {
+        &self.zstd
+    }
+
+    /// The digest and the bytes, for keeping.
+    pub fn into_parts(self) -> (Digest, Vec<u8>) {
+        (self.digest, self.plain)
+    }
 }
 
 /// Fetch `chunks` (digest and the plain length the manifest gives it) in

@@ -40,6 +40,12 @@ pub(crate) fn fetch(
     chunks: Vec<(Digest, usize)>,
 ) -> BoxStream<'static, Result<VerifiedChunk, ClientError>> {
     image_client::fetch_chunks(client, chunks)
-        .map(|item| item.map(|c| VerifiedChunk { digest: c.digest, compressed_len: c.zstd.len(), plain: c.plain }))
+        .map(|item| {
+            item.map(|c| {
+                let compressed_len = c.zstd().len();
+                let (digest, plain) = c.into_parts();
+                VerifiedChunk { digest, compressed_len, plain }
+            })
+        })
         .boxed()
 }

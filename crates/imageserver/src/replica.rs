@@ -81,7 +81,7 @@ async fn copy_image(
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
         let store = service.store.clone();
-        tokio::task::spawn_blocking(move || store.put_compressed(&chunk.digest, &chunk.zstd)).await??;
+        tokio::task::spawn_blocking(move || store.put_compressed(chunk.digest(), chunk.zstd())).await??;
     }
     let store = service.store.clone();
     let n = name.clone();

@@ -365,10 +365,10 @@ pub async fn fetch_into(
     let writer = std::thread::spawn(move || -> std::io::Result<u64> {
         let mut written = 0u64;
         for chunk in rx {
-            for &i in &places[&chunk.digest] {
-                file.write_all_at(&chunk.plain, m.offset(i))?;
-                written += chunk.plain.len() as u64;
-                pb2.inc(chunk.plain.len() as u64);
+            for &i in &places[chunk.digest()] {
+                file.write_all_at(chunk.plain(), m.offset(i))?;
+                written += chunk.plain().len() as u64;
+                pb2.inc(chunk.plain().len() as u64);
             }
         }
         Ok(written)
@@ -381,7 +381,7 @@ pub async fn fetch_into(
         match c {
             Ok(c) => {
                 report.chunks_fetched += 1;
-                report.bytes_received += c.zstd.len() as u64;
+                report.bytes_received += c.zstd().len() as u64;
                 if tx.send(c).is_err() {
                     break;
                 }
@@ -411,7 +411,7 @@ pub async fn verify(client: &mut Client, name: &ImageName, progress: Progress) -
     let mut n = 0;
     while let Some(c) = chunks.next().await {
         let c = c?;
-        pb.inc(c.plain.len() as u64);
+        pb.inc(c.plain().len() as u64);
         n += 1;
     }
     pb.finish_and_clear();
