@@ -59,6 +59,12 @@ const MODULES: &[Module] = &[
         file: "crates/fleet-tls/src/lib.rs",
         tested_by: &["fleet-tls", "imageserver"],
     },
+    Module {
+        name: "rights-layer",
+        package: "fleet-tls",
+        file: "crates/fleet-tls/src/rights.rs",
+        tested_by: &["fleet-tls", "image-unpacker"],
+    },
 ];
 
 /// What cargo-mutants found, per outcome file it writes.
@@ -75,6 +81,8 @@ Mutation testing of the integrity-critical modules with cargo-mutants
   engine       crates/image-unpacker/src/engine.rs     (image-unpacker's tests)
   blockdev     crates/image-unpacker/src/blockdev.rs   (image-unpacker's tests)
   rights       crates/fleet-tls/src/lib.rs             (fleet-tls's and imageserver's tests)
+  rights-layer crates/fleet-tls/src/rights.rs          (fleet-tls's and image-unpacker's tests,
+               whose tests/rights.rs walks every role and RPC of both daemons)
 Results: target/mutants/NAME/mutants.out (missed.txt lists the survivors); a
 summary per module is printed. Arguments after `--` go to cargo mutants, e.g.
 `-- --cargo-arg=--lib` to test with unit tests only (faster, fewer caught).
