@@ -18,20 +18,7 @@ use crate::{
 
 /// Run unpacker-tool with `--json` against `unpacker`.
 fn tool(bins: &Path, unpacker: SocketAddr, ssl: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new(bins.join("unpacker-tool"))
-        .arg("--unpacker")
-        .arg(unpacker.to_string())
-        .arg("--ssl-dir")
-        .arg(ssl)
-        .arg("--json")
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running unpacker-tool")?;
-    if !out.status.success() {
-        bail!("unpacker-tool {} failed ({})", args.join(" "), out.status);
-    }
-    serde_json::from_slice(&out.stdout).context("parsing unpacker-tool --json output")
+    util::json_tool(bins, "unpacker-tool", "--unpacker", unpacker, ssl, args)
 }
 
 fn start_unpacker(

@@ -123,20 +123,33 @@ pub(crate) fn imagetool(
     ssl: &Path,
     args: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new(bin_dir.join("imagetool"))
-        .arg("--server")
-        .arg(server.to_string())
+    json_tool(bin_dir, "imagetool", "--server", server, ssl, args)
+}
+
+/// Run one of the workspace's tools (`imagetool`, `unpacker-tool`) with
+/// `--json` against the daemon at `addr` (given with `addr_flag`); its JSON.
+pub(crate) fn json_tool(
+    bin_dir: &Path,
+    tool: &str,
+    addr_flag: &str,
+    addr: SocketAddr,
+    ssl: &Path,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(bin_dir.join(tool))
+        .arg(addr_flag)
+        .arg(addr.to_string())
         .arg("--ssl-dir")
         .arg(ssl)
         .arg("--json")
         .args(args)
         .stderr(Stdio::inherit())
         .output()
-        .context("running imagetool")?;
+        .with_context(|| format!("running {tool}"))?;
     if !out.status.success() {
-        bail!("imagetool {} failed ({})", args.join(" "), out.status);
+        bail!("{tool} {} failed ({})", args.join(" "), out.status);
     }
-    serde_json::from_slice(&out.stdout).context("parsing imagetool --json output")
+    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing {tool} --json output"))
 }
 
 /// Fast deterministic noise (xorshift64), written in 1 MiB pieces.
