@@ -108,22 +108,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 min_age: usage.min_image_age,
                 now: SystemTime::now(),
             };
-            // The reports are read before anything is deleted.
+            // The reports are read before anything is deleted; one survey
+            // of images and instances serves them and the lists.
+            let listing = !matches!(cli.command, Command::DeleteUnusedImages { .. });
+            let csv = usage.unused_images_csv.is_some() || usage.old_image_instances_csv.is_some();
+            let survey = if listing || csv { ops::image_usage(&ctx, &search).await } else { Vec::new() };
             if let Some(path) = &usage.unused_images_csv {
-                let unused = ops::image_usage(&ctx, &search, ops::Usage::Unused).await;
+                let unused = ops::images::only(&survey, ops::Usage::Unused);
                 ops::write_csv(path, &unused, &["ami", "name", "created", "stream"])?;
             }
             if let Some(path) = &usage.old_image_instances_csv {
-                let used = ops::image_usage(&ctx, &search, ops::Usage::Used).await;
+                let used = ops::images::only(&survey, ops::Usage::Used);
                 ops::write_csv(path, &used, &["ami", "name", "created", "instances"])?;
             }
             match &cli.command {
-                Command::ListUsedImages { .. } => {
-                    show(ops::image_usage(&ctx, &search, ops::Usage::Used).await, json, q)
-                }
-                Command::ListUnusedImages { .. } => {
-                    show(ops::image_usage(&ctx, &search, ops::Usage::Unused).await, json, q)
-                }
+                Command::ListUsedImages { .. } => show(ops::images::only(&survey, ops::Usage::Used), json, q),
+                Command::ListUnusedImages { .. } => show(ops::images::only(&survey, ops::Usage::Unused), json, q),
                 _ => show(ops::delete_unused_images(&ctx, &search).await, json, q),
             }
         }

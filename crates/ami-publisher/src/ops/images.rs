@@ -101,7 +101,7 @@ pub async fn list_images(
     .await
 }
 
-/// Which images [`image_usage`] reports.
+/// Which rows of an [`image_usage`] survey [`only`] keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
     Used,
@@ -153,14 +153,14 @@ async fn judged(ec2: &Client, q: &UsageSearch<'_>) -> anyhow::Result<Vec<(Image,
     Ok(out)
 }
 
-/// `list-used-images`, `list-unused-images`: the images the search finds,
-/// used or not by any instance; used images' rows name the instances.
-pub async fn image_usage(ctx: &Ctx<'_>, q: &UsageSearch<'_>, usage: Usage) -> Vec<Report<UsageRow>> {
+/// The images the search finds in every target, used or not, each row
+/// naming the instances that use it (one survey serves the usage lists and
+/// both CSV reports; split it with [`only`]).
+pub async fn image_usage(ctx: &Ctx<'_>, q: &UsageSearch<'_>) -> Vec<Report<UsageRow>> {
     ctx.each(|ec2, _t| async move {
         Ok(judged(&ec2, q)
             .await?
             .into_iter()
-            .filter(|(_, using)| using.is_empty() == (usage == Usage::Unused))
             .map(|(img, using)| UsageRow {
                 ami: img.image_id().unwrap_or_default().to_owned(),
                 name: owned(img.name()),
@@ -171,6 +171,18 @@ pub async fn image_usage(ctx: &Ctx<'_>, q: &UsageSearch<'_>, usage: Usage) -> Ve
             .collect())
     })
     .await
+}
+
+/// `list-used-images`, `list-unused-images`: the rows of a survey whose
+/// image is used (or not) by any instance.
+pub fn only(survey: &[Report<UsageRow>], usage: Usage) -> Vec<Report<UsageRow>> {
+    survey
+        .iter()
+        .map(|r| Report {
+            records: r.records.iter().filter(|u| u.instances.is_empty() == (usage == Usage::Unused)).cloned().collect(),
+            ..r.clone()
+        })
+        .collect()
 }
 
 /// `delete-unused-images`: deregister the unused images the search finds,
