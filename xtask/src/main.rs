@@ -74,14 +74,55 @@ pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
 }
 
-/// Become `cargo run -p xtask-world -- ARGS` (returns only if that fails).
+/// Build the workspace's binaries, xtask-world among them, and become
+/// xtask-world (returns only if that fails).
+///
+/// The whole workspace, so that features resolve once, as in the tests, and
+/// the binaries xtask-world starts are built with it. Not `cargo run`: that
+/// would hand xtask-world the variables cargo sets for what it runs, and
+/// xtask-world starts cargo itself.
 fn world_tasks(args: &[String]) -> anyhow::Error {
-    let e = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let built = without_run_vars(&mut Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())))
         .current_dir(root())
-        .args(["run", "--quiet", "--package", "xtask-world", "--"])
-        .args(args)
-        .exec();
-    anyhow::anyhow!("running cargo run -p xtask-world: {e}")
+        .args(["build", "--workspace", "--bins"])
+        .status();
+    match built {
+        Ok(s) if s.success() => {}
+        Ok(s) => return anyhow::anyhow!("cargo build --workspace --bins failed ({s})"),
+        Err(e) => return anyhow::anyhow!("running cargo build: {e}"),
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let exe =
+        std::path::absolute(target.join("debug/xtask-world")).unwrap_or_else(|_| target.join("debug/xtask-world"));
+    let e = without_run_vars(&mut Command::new(&exe)).args(args).exec();
+    anyhow::anyhow!("running {}: {e}", exe.display())
+}
+
+/// Leave out of a command's environment the variables that `cargo run` and
+/// test harnesses set for the program they start (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`...). A cargo started with them sees another
+/// environment than a shell's, and build scripts that ask to rerun when one
+/// changes (ring's) run again: the next build from a shell compiles the TLS
+/// stack and all above it anew.
+pub(crate) fn without_run_vars(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_by_cargo_run = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if set_by_cargo_run {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
 }
 
 fn pki(args: &[String]) -> anyhow::Result<()> {

@@ -116,7 +116,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         String::from("| module | file | caught | missed | unviable | timeouts |\n|---|---|---|---|---|---|\n");
     for m in &modules {
         let mut cmd = Command::new("cargo");
-        cmd.current_dir(&root).env("CARGO_TARGET_DIR", out.join("build")).args([
+        crate::without_run_vars(&mut cmd).current_dir(&root).env("CARGO_TARGET_DIR", out.join("build")).args([
             "mutants",
             "--no-shuffle",
             "--package",

@@ -383,6 +383,11 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
         let snap = root_snapshot(&ec2, img).await;
         assert_ne!(snap.snapshot_id(), Some(source_snap.as_str()), "{account},{region}");
         assert_eq!(snap.encrypted(), Some(true), "{account},{region}");
+        // ... tagged as the AMI is, so that it is found and counted by stream.
+        let snap_tags: Vec<(&str, &str)> =
+            snap.tags().iter().map(|t| (t.key().unwrap_or(""), t.value().unwrap_or(""))).collect();
+        assert!(snap_tags.contains(&("ImageStream", stream)), "{account},{region}: {snap_tags:?}");
+        assert!(snap_tags.contains(&("ImageLeaf", "1")), "{account},{region}: {snap_tags:?}");
         // ... holding the image's bytes.
         assert_snapshot_holds(&world, snap.snapshot_id().unwrap(), &image).await;
         if account == "second" {

@@ -1,5 +1,4 @@
-//! Command-line pieces the daemons share: the `--metrics-listen` value and
-//! the tracing subscriber.
+//! The command-line piece the daemons share: the `--metrics-listen` value.
 
 use std::{fmt, net::SocketAddr};
 
@@ -43,21 +42,6 @@ impl fmt::Display for BadMetricsListen {
 impl std::error::Error for BadMetricsListen {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.reason)
-    }
-}
-
-/// Install the daemon's tracing subscriber: logs go to stderr, filtered by
-/// `RUST_LOG` (info when unset or unreadable), as text (coloured on a
-/// terminal) or as JSON lines. A second call changes nothing.
-pub fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if json {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
     }
 }
 

@@ -1,9 +1,9 @@
 //! The plumbing every daemon of the fleet repeats, written once: the run
 //! loop that stops on SIGINT or SIGTERM ([`run_until_signal`]), the
 //! plain-HTTP `/status` and `/metrics` listener ([`serve_metrics`]), the
-//! Prometheus text format ([`Prometheus`]), the tracing set-up
-//! ([`init_tracing`]) and the `--metrics-listen` flag
-//! ([`parse_metrics_listen`]).
+//! Prometheus text format ([`Prometheus`]) and the `--metrics-listen` flag
+//! ([`parse_metrics_listen`]). Log set-up is not here: every fleet binary,
+//! daemon or client, shares `image_client::cli::init_tracing`.
 //!
 //! This crate knows nothing of images, devices, AWS or gRPC services: a
 //! daemon hands it a way to stop, a status to serialise and its counters,
@@ -16,7 +16,7 @@ mod http;
 mod prometheus;
 mod run;
 
-pub use cli::{BadMetricsListen, init_tracing, parse_metrics_listen};
+pub use cli::{BadMetricsListen, parse_metrics_listen};
 pub use http::{Monitored, serve_metrics};
 pub use prometheus::Prometheus;
 pub use run::{Daemon, Serving, run_until_signal};

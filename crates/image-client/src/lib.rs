@@ -163,10 +163,10 @@ pub async fn get_manifest(client: &mut Client, name: &ImageName) -> Result<(Imag
 pub fn verify_chunk(digest: &Digest, expected: usize, zstd_data: &[u8]) -> Result<Vec<u8>, ClientError> {
     let wrong = |got: String| ClientError::WrongLength { digest: *digest, expected, got };
     // A frame that records its size is judged before any decompression.
-    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(zstd_data) {
-        if n != expected as u64 {
-            return Err(wrong(n.to_string()));
-        }
+    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(zstd_data)
+        && n != expected as u64
+    {
+        return Err(wrong(n.to_string()));
     }
     let plain = zstd::bulk::decompress(zstd_data, expected).map_err(|e| {
         // Decompressing into exactly `expected` bytes fails for a longer

@@ -127,7 +127,7 @@ impl Manifest {
     /// used at a full index too (its bytes would need two lengths).
     fn check_lengths(&self) -> Result<(), ManifestError> {
         let Some((last, ChunkRef::Data(d))) = self.chunks.iter().enumerate().next_back() else { return Ok(()) };
-        if self.size % u64::from(self.chunk_size) == 0 {
+        if self.size.is_multiple_of(u64::from(self.chunk_size)) {
             return Ok(());
         }
         match self.chunks[..last].iter().position(|c| *c == ChunkRef::Data(*d)) {

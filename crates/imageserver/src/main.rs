@@ -43,7 +43,7 @@ const MAX_BLOCKING_THREADS: usize = 32;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    fleet_daemon::init_tracing(args.log_json);
+    image_client::cli::init_tracing("info", args.log_json);
     let config = imageserver::Config {
         listen: args.listen,
         metrics_listen: args.metrics_listen,

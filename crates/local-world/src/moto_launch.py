@@ -11,7 +11,10 @@
 #    the account already uses in the region is refused
 #    (InvalidAMIName.Duplicate), as EC2 does; moto accepted it.
 # 2. CopyImage of such an AMI copies its snapshots (encrypted when asked), as
-#    EC2 does, instead of inventing a fresh one.
+#    EC2 does, instead of inventing a fresh one, and applies the request's
+#    tag specifications: "image" to the new AMI, "snapshot" to every new
+#    snapshot (CopyImage's TagSpecifications in the EC2 API reference); moto
+#    applied neither.
 # 3. CopySnapshot can read a snapshot another account shared with the caller
 #    (createVolumePermission), as EC2 allows; moto only looks in the
 #    caller's own account. The copy holds its source's bytes.
@@ -287,7 +290,8 @@ def copy_image(self):
     source_region = self._get_param("SourceRegion")
     source = ec2_backends[self.ec2_backend.account_id][source_region].amis.get(self._get_param("SourceImageId"))
     ami = self.ec2_backend.amis[result.result["ImageId"]]
-    tags = self._parse_tag_specification().get("image", {})
+    tag_specs = self._parse_tag_specification()
+    tags = tag_specs.get("image", {})
     if tags:
         ami.add_tags(tags)
     _pace_new_image(ami)
@@ -305,6 +309,8 @@ def copy_image(self):
             ebs["SnapshotId"], source_region, f"Copied for {ami.id} from {source.id}", kms_key_id
         )
         snap.encrypted = snap.encrypted or encrypted
+        if tag_specs.get("snapshot"):
+            snap.add_tags(tag_specs["snapshot"])
         ebs["SnapshotId"] = snap.id
     ami.root_device_name = source.root_device_name
     ami.boot_mode = source.boot_mode

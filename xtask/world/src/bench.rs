@@ -49,7 +49,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         return replace_row(&doc, &row);
     }
     println!("== building release binaries");
-    let bins = util::build(&["imageserver", "imagetool", "image-unpacker", "unpacker-tool"], true)?;
+    let bins = util::build_release(&["imageserver", "imagetool", "image-unpacker", "unpacker-tool"])?;
     let pki = work.join("pki");
     fleet_pki::write_pki(&pki)?;
     let ssl = work.join("ssl");
@@ -247,8 +247,8 @@ fn readers_rss(
 fn decode_fuzz(cases: u32) -> anyhow::Result<Row> {
     let t = Instant::now();
     for (package, filter) in [("image-format", "manifest_props"), ("chunk-store", "record::tests::random_damage")] {
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(util::root()).args(["test", "--quiet", "-p", package]);
+        let mut cmd = util::cargo();
+        cmd.args(["test", "--quiet", "-p", package]);
         if package == "image-format" {
             cmd.args(["--test", filter]);
         } else {

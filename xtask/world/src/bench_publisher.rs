@@ -40,7 +40,7 @@ const TIME_SCALE: f64 = 1.0;
 
 pub(crate) fn run(work: &Path, image_mib: u64) -> anyhow::Result<Vec<Row>> {
     println!("== publisher: building ami-publisher and imagetool (dev profile; see docs/benchmarks.md)");
-    let bins = util::build(&["ami-publisher", "imagetool"], false)?;
+    let bins = util::build_dev()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let t = Instant::now();

@@ -36,8 +36,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
         std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     std::fs::create_dir_all(&work)?;
-    println!("== building imagetool and ami-publisher");
-    let bins = util::build(&["imagetool", "ami-publisher"], false)?;
+    println!("== building the workspace's binaries");
+    let bins = util::build_dev()?;
 
     let disk1 = work.join("leaf1.raw");
     let how = make_disk(&work, &disk1)?;

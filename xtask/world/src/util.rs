@@ -18,22 +18,49 @@ pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).expect("xtask/world is two levels down").to_owned()
 }
 
-/// Build the named binaries and return the directory holding them.
-pub(crate) fn build(bins: &[&str], release: bool) -> anyhow::Result<PathBuf> {
+/// A `cargo` command run from the workspace root. `cargo xtask` starts this
+/// program without the variables `cargo run` sets (see xtask's
+/// `without_run_vars`), so the builds it starts share a shell's artifacts.
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.arg("build").current_dir(root());
-    if release {
-        cmd.arg("--release");
-    }
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Build every binary of the workspace (dev profile) and return the
+/// directory holding them. The whole workspace, not the binaries a task
+/// uses: dependencies' features then resolve as in `cargo build` and
+/// `cargo nextest run --workspace`, so the demo, the world and the tests
+/// share one build instead of compiling the TLS stack and the SDK's HTTP
+/// client once per feature set. `cargo xtask` has built them already; this
+/// finds nothing to do then.
+pub(crate) fn build_dev() -> anyhow::Result<PathBuf> {
+    run_build(cargo().args(["build", "--workspace", "--bins"]))?;
+    Ok(target_dir().join("debug"))
+}
+
+/// Build the named binaries with the release profile (the benchmarks of the
+/// daemons and tools that link no AWS SDK) and return their directory.
+pub(crate) fn build_release(bins: &[&str]) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release"]);
     for b in bins {
         cmd.args(["-p", b]);
     }
+    run_build(&mut cmd)?;
+    Ok(target_dir().join("release"))
+}
+
+fn run_build(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().context("running cargo build")?;
     if !status.success() {
         bail!("cargo build failed ({status})");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    Ok(target.join(if release { "release" } else { "debug" }))
+    Ok(())
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
 }
 
 /// A free loopback port (the kernel picks one; we release it for the child).

@@ -23,8 +23,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if regions.iter().any(String::is_empty) {
         bail!("--regions: an empty region in '{}'", args.join(" "));
     }
-    eprintln!("== building ami-publisher, imagetool and unpacker-tool");
-    let bins = util::build(&["ami-publisher", "imagetool", "unpacker-tool"], false)?;
+    eprintln!("== building the workspace's binaries");
+    let bins = util::build_dev()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let regions: Vec<&str> = regions.iter().map(String::as_str).collect();

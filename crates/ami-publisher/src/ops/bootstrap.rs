@@ -94,7 +94,7 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
         copy_tags.push(tags::tag("CopiedFrom", &format!("{}/{src_ami}", src.target.region)));
         let tagging = aws_sdk_ec2::types::TagSpecification::builder()
             .resource_type(aws_sdk_ec2::types::ResourceType::Image)
-            .set_tags(Some(copy_tags))
+            .set_tags(Some(copy_tags.clone()))
             .build();
         let new_ami = if src.target.account == t.account {
             // A token per copy: the SDK's retry of an attempt whose answer
@@ -111,6 +111,14 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
                 .encrypted(true)
                 .set_kms_key_id(kms_key_id.map(str::to_owned))
                 .tag_specifications(tagging)
+                // The copy's snapshots too: EC2 tags every new snapshot
+                // with these, so none is left in the account unattributed.
+                .tag_specifications(
+                    aws_sdk_ec2::types::TagSpecification::builder()
+                        .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
+                        .set_tags(Some(copy_tags))
+                        .build(),
+                )
                 .send()
                 .await
                 .sdk(format!("CopyImage {what}"))?;

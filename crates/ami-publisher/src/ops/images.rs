@@ -145,7 +145,7 @@ async fn judged(ec2: &Client, q: &UsageSearch<'_>) -> anyhow::Result<Vec<(Image,
             continue;
         }
         let created = img.creation_date().and_then(|d| humantime::parse_rfc3339_weak(d).ok());
-        if !created.is_some_and(|c| q.now.duration_since(c).unwrap_or_default() >= q.min_age) {
+        if created.is_none_or(|c| q.now.duration_since(c).unwrap_or_default() < q.min_age) {
             continue;
         }
         out.push((img.clone(), users.get(id).cloned().unwrap_or_default()));
