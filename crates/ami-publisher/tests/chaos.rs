@@ -248,3 +248,46 @@ async fn copies_and_launches_whose_answers_were_lost_make_nothing_twice() {
         assert_eq!(new_insts.len(), 1, "{at}: new instances {new_insts:?}");
     }
 }
+
+/// When EC2 throttles every call for good, each target gives up after
+/// `--max-retries` retries, says it was throttled, and has made nothing:
+/// the run ends instead of waiting for a quota that never comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_without_end_fails_each_target_after_its_retries_and_makes_nothing() {
+    let world = world_with(&["first"], &["us-east-1", "eu-west-1"], "throttle=1", 7).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/throttled";
+    add_image(&world, stream, "1", &disk(4 * MIB, 7)).await;
+    let before = untagged_before(&world).await;
+
+    // Each call is tried 1 + N times: a run allowing 3 retries makes twice
+    // the calls of one allowing 1, action by action.
+    let mut calls = Vec::new();
+    for retries in ["1", "3"] {
+        let started = std::time::Instant::now();
+        let (code, r) =
+            p.publish(stream, "1", &with_targets(&targets, &["--max-retries", retries, "--retry-wait", "10ms"]));
+        eprintln!("--max-retries {retries}: gave up after {:.1?}", started.elapsed());
+        assert_eq!(code, 1, "{r:#?}");
+        assert_eq!(r.targets.len(), 2, "{r:#?}");
+        for t in &r.targets {
+            let error = t.error.as_deref().unwrap_or_default();
+            assert!(error.contains("RequestLimitExceeded"), "{},{}: {error:?}", t.account, t.region);
+            assert_eq!(t.ami_id, None, "{},{}", t.account, t.region);
+        }
+        calls.push(world.api_calls("ami-publisher"));
+    }
+    let (once, thrice) = (&calls[0], &calls[1]);
+    assert!(!once.is_empty());
+    for (action, n) in once {
+        let later = thrice.get(action).copied().unwrap_or(0) - n;
+        assert_eq!((n % 2, later), (0, 2 * n), "{action}: {n} calls with 1 retry, {later} with 3: {calls:?}");
+    }
+    for t in &world.targets {
+        let c = census(&world, &t.account, &t.region, stream).await;
+        let at = format!("{},{}", t.account, t.region);
+        assert!(c.amis.is_empty() && c.snapshots.is_empty() && c.volumes.is_empty(), "{at}: {c:#?}");
+        assert_eq!(c.untagged, before[&(t.account.clone(), t.region.clone())], "{at}");
+    }
+}
