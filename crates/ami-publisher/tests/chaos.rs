@@ -226,8 +226,22 @@ async fn copies_and_launches_whose_answers_were_lost_make_nothing_twice() {
     let launched = p
         .run(&[&with_targets(&targets, &["--instance-name", "from-lost"])[..], &["launch-instances", stream]].concat());
     assert!(launched.status.success());
+    // A key pair per target (ImportKeyPair, which takes no token): a retry
+    // of a lost answer finds the name taken, and the row still says the
+    // key was imported by this run, not that one was there.
+    let key = world.path("id_ed25519.pub");
+    std::fs::write(&key, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDhBhRHmW3Ep5ldBOzjBK3a0zK8hq5DnmP5sCfcbk2Zp fleet\n")
+        .unwrap();
+    let imported = p.run(
+        &[&with_targets(&targets, &["--json"])[..], &["import-key-pair", "fleet", key.to_str().unwrap()]].concat(),
+    );
+    assert!(imported.status.success());
+    let rows = records(&json_of(&imported));
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows.iter().all(|r| r["action"] == "import"), "{rows:?}");
     let lost = world.api_outcomes("ami-publisher", "lost");
     eprintln!("create answers lost: {lost:?}");
+    assert!(lost.get("ImportKeyPair").copied().unwrap_or(0) > 0, "no ImportKeyPair answer was lost: {lost:?}");
     // A single CopyImage may well be answered; across the copies and
     // launches some answers are lost.
     assert!(lost.values().sum::<u64>() >= 3, "too few answers were lost to tell: {lost:?}");

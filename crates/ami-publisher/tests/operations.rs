@@ -10,16 +10,6 @@ use common::*;
 use local_world::{Plan, World};
 use serde_json::Value;
 
-fn json_of(out: &std::process::Output) -> Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// All records of all targets of a `--json` report.
-fn records(v: &Value) -> Vec<Value> {
-    v.as_array().unwrap().iter().flat_map(|r| r["records"].as_array().unwrap().clone()).collect()
-}
-
 async fn image_tags(world: &World, region: &str, ami: &str) -> Option<Vec<(String, String)>> {
     let ec2 = world.ec2("first", region).await;
     let out = ec2.describe_images().owners("self").send().await.unwrap();

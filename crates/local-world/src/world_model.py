@@ -93,6 +93,7 @@ CREATE_ACTIONS = frozenset(
         "CreateSnapshot",
         "CreateSnapshots",
         "CreateVolume",
+        "ImportKeyPair",
         "RegisterImage",
         "RunInstances",
     }

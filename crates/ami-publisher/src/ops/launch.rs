@@ -215,17 +215,42 @@ pub async fn import_key_pair(ctx: &Ctx<'_>, name: &str, key: &[u8]) -> Vec<Repor
         if let Some(row) = ctx.would("import", name, "key pair") {
             return Ok(vec![row]);
         }
+        // ImportKeyPair takes no idempotency token, and the SDK retries an
+        // attempt whose answer was lost: the retry then finds the name
+        // taken. The key carries a token in a tag, so that case is told
+        // apart from a key that was there before.
+        let token = retry::token();
         let r = ec2
             .import_key_pair()
             .key_name(name)
             .public_key_material(aws_sdk_ec2::primitives::Blob::new(key))
+            .tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::KeyPair)
+                    .tags(tags::tag(tags::CREATE_TOKEN, &token))
+                    .build(),
+            )
             .send()
             .await
             .or_code(&["InvalidKeyPair.Duplicate"], "ImportKeyPair")?;
-        Ok(vec![match r {
-            Some(k) => ctx.described("import", name, k.key_fingerprint().unwrap_or_default()),
-            None => Acted::kept(name, "a key pair of this name exists"),
-        }])
+        let fingerprint = match r {
+            Some(k) => k.key_fingerprint().unwrap_or_default().to_owned(),
+            None => match imported_with(&ec2, name, &token).await? {
+                Some(fingerprint) => fingerprint,
+                None => return Ok(vec![Acted::kept(name, "a key pair of this name exists")]),
+            },
+        };
+        Ok(vec![ctx.described("import", name, fingerprint)])
     })
     .await
+}
+
+/// The fingerprint of key pair `name` if this run's attempt tagged with
+/// `token` made it.
+async fn imported_with(ec2: &Client, name: &str, token: &str) -> anyhow::Result<Option<String>> {
+    let out = ec2.describe_key_pairs().key_names(name).send().await.sdk(format!("DescribeKeyPairs {name}"))?;
+    Ok(out.key_pairs().iter().find_map(|k| {
+        let ours = k.tags().iter().any(|t| t.key() == Some(tags::CREATE_TOKEN) && t.value() == Some(token));
+        ours.then(|| k.key_fingerprint().unwrap_or_default().to_owned())
+    }))
 }

@@ -55,6 +55,17 @@ impl<'w> Publisher<'w> {
     }
 }
 
+/// The JSON a successful `--json` run printed.
+pub fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// All records of all targets of a `--json` report.
+pub fn records(v: &serde_json::Value) -> Vec<serde_json::Value> {
+    v.as_array().unwrap().iter().flat_map(|r| r["records"].as_array().unwrap().clone()).collect()
+}
+
 pub fn nonce() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
