@@ -707,6 +707,24 @@ async fn a_scan_waiting_for_a_capture_hold_says_what_it_waits_for() {
     assert_eq!(last.phase, "done", "the scan ran once the hold was released");
 }
 
+/// A publish that dies while setting up a stream's volume never ends its
+/// lease: the lease runs out by itself, and a lease is never longer than
+/// the unpacker's cap whatever a caller asks.
+#[tokio::test]
+async fn a_set_up_lease_whose_holder_went_away_runs_out() {
+    use unpacker_client::LeaseRequest;
+    let rig = Rig::new().await;
+    let mut c = rig.client().await;
+    let ask = |owner: &str, seconds: u32| LeaseRequest { stream: STREAM.into(), owner: owner.into(), seconds };
+    assert!(c.lease_stream_setup(ask("gone", 1)).await.unwrap().into_inner().granted);
+    let refused = c.lease_stream_setup(ask("next", 60)).await.unwrap().into_inner();
+    assert!(!refused.granted && refused.holder == "gone", "{refused:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let next = c.lease_stream_setup(ask("next", u32::MAX)).await.unwrap().into_inner();
+    assert!(next.granted, "the lease of a holder that went away ran out: {next:?}");
+    assert_eq!(next.seconds_left, 900, "a lease is capped at the unpacker's 15 minutes: {next:?}");
+}
+
 #[tokio::test]
 async fn one_caller_at_a_time_sets_up_a_new_streams_volume() {
     use unpacker_client::LeaseRequest;
