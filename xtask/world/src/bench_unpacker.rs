@@ -2,12 +2,7 @@
 //! ratio to `dd` of the same bytes with fsync, a 2%-changed leaf, and the
 //! daemon's peak memory during a large unpack.
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::{net::SocketAddr, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
@@ -27,28 +22,17 @@ fn start_unpacker(
     work: &Path,
     image_server: SocketAddr,
 ) -> anyhow::Result<(Daemon, SocketAddr)> {
-    let addr = util::free_addr()?;
-    let log = work.join("unpacker.log");
-    let child = Command::new(bins.join("image-unpacker"))
-        .arg("--listen")
-        .arg(addr.to_string())
-        .args(["--metrics-listen", "off", "--image-server", &image_server.to_string()])
-        .arg("--state-dir")
-        .arg(work.join("unpacker-state"))
-        .arg("--device-dir")
-        .arg(work)
-        .arg("--ca")
-        .arg(pki.join("CA.pem"))
-        .arg("--cert")
-        .arg(pki.join("image-unpacker/cert.pem"))
-        .arg("--key")
-        .arg(pki.join("image-unpacker/key.pem"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .context("starting image-unpacker")?;
-    let d = Daemon { child, name: "image-unpacker".into() };
-    util::wait_listening(d, addr, &log)
+    let server = image_server.to_string();
+    let state = work.join("unpacker-state");
+    let args = [
+        "--image-server".as_ref(),
+        server.as_ref(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--device-dir".as_ref(),
+        work.as_os_str(),
+    ];
+    util::start_daemon(bins, "image-unpacker", pki, &args, &work.join("unpacker.log"))
 }
 
 fn dd(src: &Path, dev: &Path) -> anyhow::Result<f64> {

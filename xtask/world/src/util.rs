@@ -91,32 +91,45 @@ impl Daemon {
     }
 }
 
-/// Start an imageserver and wait until it accepts connections.
+/// Start an imageserver (from `bin_dir`) on a free loopback port with the
+/// certificate in `pki/imageserver/`, storing in `data`, logging to `log`;
+/// returns once it listens.
 pub(crate) fn start_imageserver(
     bin_dir: &Path,
     pki: &Path,
     data: &Path,
     log: &Path,
 ) -> anyhow::Result<(Daemon, SocketAddr)> {
+    start_daemon(bin_dir, "imageserver", pki, &["--data-dir".as_ref(), data.as_os_str()], log)
+}
+
+/// Start daemon `name` (from `bin_dir`) on a free loopback port with
+/// `args`, the certificate in `pki/NAME/` and no metrics listener, logging
+/// to `log`; returns once it listens.
+pub(crate) fn start_daemon(
+    bin_dir: &Path,
+    name: &str,
+    pki: &Path,
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+) -> anyhow::Result<(Daemon, SocketAddr)> {
     let addr = free_addr()?;
-    let child = Command::new(bin_dir.join("imageserver"))
+    let child = Command::new(bin_dir.join(name))
         .arg("--listen")
         .arg(addr.to_string())
         .args(["--metrics-listen", "off"])
-        .arg("--data-dir")
-        .arg(data)
+        .args(args)
         .arg("--ca")
         .arg(pki.join("CA.pem"))
         .arg("--cert")
-        .arg(pki.join("imageserver/cert.pem"))
+        .arg(pki.join(name).join("cert.pem"))
         .arg("--key")
-        .arg(pki.join("imageserver/key.pem"))
+        .arg(pki.join(name).join("key.pem"))
         .stdout(Stdio::null())
         .stderr(File::create(log)?)
         .spawn()
-        .context("starting imageserver")?;
-    let d = Daemon { child, name: "imageserver".into() };
-    wait_listening(d, addr, log)
+        .with_context(|| format!("starting {name}"))?;
+    wait_listening(Daemon { child, name: name.into() }, addr, log)
 }
 
 /// Wait until a freshly started daemon accepts connections on `addr`.
