@@ -14,7 +14,7 @@ use std::{
 use fleet_pki::Role;
 use image_format::ImageName;
 use imagetool::Progress as AddProgress;
-use test_support::{Pki, ScratchDevice, noise};
+use test_support::{ScratchDevice, noise};
 use tonic::Code;
 use unpacker_client::{
     AssociateRequest, ClaimDeviceRequest, Client, GetStatusRequest, PrepareForCaptureRequest, StreamState,
@@ -58,17 +58,7 @@ async fn a_caller_that_goes_away_mid_capture_leaves_the_stream_busy_until_the_re
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki")).unwrap();
-    let server = test_support::imageserver(&pki, &dir.path().join("data")).await.unwrap();
-    let running = test_support::unpacker(
-        &pki,
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("state"),
-        &dir.path().join("by-id"),
-        &server.addr.to_string(),
-    )
-    .await
-    .unwrap();
+    let test_support::Fleet { pki, server, unpacker: running } = test_support::fleet(dir.path()).await.unwrap();
 
     // A sparse image with data at both ends.
     let raw = dir.path().join("1.raw");

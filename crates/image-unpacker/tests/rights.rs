@@ -196,17 +196,7 @@ async fn check_matrix(
 #[tokio::test(flavor = "multi_thread")]
 async fn every_role_against_every_rpc_of_both_daemons() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki")).unwrap();
-    let server = test_support::imageserver(&pki, &dir.path().join("data")).await.unwrap();
-    let unpacker = test_support::unpacker(
-        &pki,
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("state"),
-        &dir.path().join("devices"),
-        &server.addr.to_string(),
-    )
-    .await
-    .unwrap();
+    let test_support::Fleet { pki, server, unpacker } = test_support::fleet(dir.path()).await.unwrap();
     let callers = callers(&pki);
 
     // Every right is held by some caller and lacked by another, so every

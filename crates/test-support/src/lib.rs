@@ -74,6 +74,26 @@ pub async fn unpacker(
     .await
 }
 
+/// A PKI, an imageserver and an in-process unpacker that reads from it, on
+/// loopback, all under one directory.
+pub struct Fleet {
+    pub pki: Pki,
+    pub server: imageserver::Running,
+    pub unpacker: image_unpacker::Running,
+}
+
+/// Start a [`Fleet`] under `dir`: the PKI in `pki/`, the imageserver's data
+/// in `data/`, the unpacker's state in `state/` and its device links in
+/// `by-id/`.
+pub async fn fleet(dir: &Path) -> anyhow::Result<Fleet> {
+    let pki = Pki::new(&dir.join("pki"))?;
+    let server = imageserver(&pki, &dir.join("data")).await?;
+    let unpacker =
+        unpacker(&pki, "127.0.0.1:0".parse()?, &dir.join("state"), &dir.join("by-id"), &server.addr.to_string())
+            .await?;
+    Ok(Fleet { pki, server, unpacker })
+}
+
 /// Whether loop devices can be made here.
 pub fn loop_devices_available() -> bool {
     Path::new("/dev/loop-control").exists()

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use fleet_pki::Role;
-use test_support::{Pki, ScratchDevice, noise};
+use test_support::{ScratchDevice, noise};
 
 fn tool(addr: &str, ssl: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_unpacker-tool"))
@@ -20,17 +20,7 @@ fn tool(addr: &str, ssl: &std::path::Path, args: &[&str]) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn drives_an_unpacker_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki")).unwrap();
-    let server = test_support::imageserver(&pki, &dir.path().join("data")).await.unwrap();
-    let u = test_support::unpacker(
-        &pki,
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("state"),
-        &dir.path().join("by-id"),
-        &server.addr.to_string(),
-    )
-    .await
-    .unwrap();
+    let test_support::Fleet { pki, server, unpacker: u } = test_support::fleet(dir.path()).await.unwrap();
     let addr = u.addr.to_string();
     let image = noise(3 << 20, 5);
     let file = dir.path().join("a.raw");
