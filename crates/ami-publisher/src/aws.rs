@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use aws_config::{
     BehaviorVersion, Region, SdkConfig, meta::region::RegionProviderChain, profile::ProfileFileRegionProvider,
     retry::RetryConfig,
+    timeout::TimeoutConfig,
 };
 use aws_sdk_ec2::{
     Client,
@@ -20,14 +21,25 @@ use tokio::sync::{Mutex, OnceCell};
 
 use crate::targets::Target;
 
-/// How API calls are retried.
+/// How API calls are retried, and how long they may take.
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
     /// Retries after the first attempt.
     pub max_retries: u32,
     /// First back-off; it grows exponentially (with jitter) up to 20 s.
     pub wait: Duration,
+    /// Longest one attempt may take, from sending to the whole answer
+    /// (`--call-timeout`). An answer that never comes is then a timeout,
+    /// which the SDK retries like a lost answer.
+    pub attempt_timeout: Duration,
+    /// Longest one call may take with all its retries (`--operation-timeout`).
+    pub operation_timeout: Duration,
 }
+
+/// Longest wait for a connection to an endpoint: a TCP and TLS handshake
+/// with a regional endpoint takes milliseconds; one that has not connected
+/// in this time is as good as lost, and the attempt is retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shared AWS state for one run.
 pub struct Aws {
@@ -127,6 +139,14 @@ impl Aws {
         let retry = RetryConfig::standard()
             .with_max_attempts(self.retry.max_retries.saturating_add(1))
             .with_initial_backoff(self.retry.wait);
+        // Every call is bounded in time, each attempt and the whole: EC2
+        // (or the network) can keep an answer back for ever, before or
+        // after acting.
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT.min(self.retry.attempt_timeout))
+            .operation_attempt_timeout(self.retry.attempt_timeout)
+            .operation_timeout(self.retry.operation_timeout)
+            .build();
         // The profile's own region (where account-wide questions such as
         // DescribeRegions are asked), else us-east-1; never AWS_REGION,
         // which names no account's home.
@@ -140,6 +160,7 @@ impl Aws {
             // this tool's calls apart.
             .app_name(aws_config::AppName::new("ami-publisher").expect("a valid app name"))
             .retry_config(retry)
+            .timeout_config(timeouts)
             .load()
             .await
     }

@@ -16,7 +16,9 @@
 //!   (CreateSnapshot, CopySnapshot, RegisterImage) go through
 //!   [`create_untokened`]: each attempt is sent once, and after an attempt
 //!   whose outcome is unknown, what it may have made is looked for before
-//!   anything is sent again.
+//!   anything is sent again. A create refused for a per-resource limit
+//!   that passes with time (a volume's snapshot rate and its pending
+//!   snapshots) is asked again after a pause, for up to [`WAIT_OUT_FOR`].
 //! - **Waits.** [`wait`] polls with a jittered, growing interval until a
 //!   resource is ready, bounded by the user's timeout flag; NotFound on a
 //!   fresh id and errors the SDK gave up on that are transient
@@ -85,6 +87,28 @@ const NOT_FOUND: &[&str] = &[
 /// Error codes by which EC2 refuses a call for its rate, without acting.
 const THROTTLED: &[&str] =
     &["RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled", "RequestThrottledException"];
+
+/// Refusals for a per-resource limit that passes with time, with nothing
+/// done, and how long to pause before asking again (jittered by up to a
+/// fifth). EC2's error codes page: "Wait at least 15 seconds between
+/// concurrent volume snapshots"; a volume may have at most 5 pending
+/// snapshots, and one of them completes in seconds to minutes.
+const WAIT_OUT: &[(&str, Duration)] = &[
+    ("SnapshotCreationPerVolumeRateExceeded", Duration::from_secs(5)),
+    ("ConcurrentSnapshotLimitExceeded", Duration::from_secs(15)),
+];
+
+/// How long such a refusal is waited out before it is the call's error:
+/// long enough for a few snapshots of a big volume to complete.
+pub const WAIT_OUT_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// The pause before asking again after a refusal for a per-resource limit
+/// that passes with time ([`WAIT_OUT`]), or `None` for any other error.
+pub fn wait_out<E: ProvideErrorMetadata>(e: &Failed<E>) -> Option<Duration> {
+    let c = code(e)?;
+    let pause = WAIT_OUT.iter().find(|(w, _)| *w == c)?.1;
+    Some(pause + pause.mul_f64(fastrand::f64() / 5.0))
+}
 
 /// Error codes of a failure on EC2's side: the call may or may not have acted.
 const SERVER_FAULT: &[&str] = &["InternalError", "InternalFailure", "Unavailable", "ServiceUnavailable"];
@@ -290,11 +314,17 @@ where
     let (attempts, first) = attempts_of(ec2);
     let mut backoff = Backoff::new(first, MAX_BACKOFF);
     let mut tries = 0;
+    let started = Instant::now();
     loop {
         let e = match send().await {
             Ok(t) => return Ok(t),
             Err(e) => e,
         };
+        if let Some(pause) = wait_out(&e).filter(|_| started.elapsed() < WAIT_OUT_FOR) {
+            tracing::info!(what, code = code(&e), "refused for a limit that passes; asking again in {pause:.0?}");
+            tokio::time::sleep(pause).await;
+            continue;
+        }
         if is_not_found(&e) && still_fresh(fresh) {
             tracing::debug!(what, code = code(&e), "an input just made is not found yet; trying again");
             backoff.sleep(fresh.map(|t| t + NOT_YET_FOR)).await;

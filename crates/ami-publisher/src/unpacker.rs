@@ -88,14 +88,12 @@ pub async fn find_all(ec2: &Client, name: &str) -> anyhow::Result<Vec<UnpackerIn
     Ok(out)
 }
 
-/// Describe one instance again.
-pub async fn refresh(ec2: &Client, instance_id: &str) -> anyhow::Result<UnpackerInstance> {
-    let out = ec2
-        .describe_instances()
-        .instance_ids(instance_id)
-        .send()
-        .await
-        .sdk(format!("DescribeInstances {instance_id}"))?;
+/// Describe one instance again; `learned`: when this run learned its id.
+pub async fn refresh(ec2: &Client, instance_id: &str, learned: Option<Instant>) -> anyhow::Result<UnpackerInstance> {
+    let out = retry::call(&format!("DescribeInstances {instance_id}"), learned, || {
+        ec2.describe_instances().instance_ids(instance_id).send()
+    })
+    .await?;
     for r in out.reservations() {
         if let Some(i) = r.instances().first() {
             return Ok(describe(i, r.owner_id()));
@@ -112,6 +110,8 @@ pub async fn ensure_running(
     mut note: impl FnMut(&str),
 ) -> anyhow::Result<UnpackerInstance> {
     let id = inst.instance_id.as_str();
+    // The instance was listed just now: NotFound on it is "not yet".
+    let learned = Some(Instant::now());
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     if inst.state == "running" {
@@ -119,16 +119,27 @@ pub async fn ensure_running(
     }
     if inst.state == InstanceStateName::Stopping.as_str() {
         note("waiting for the instance to stop");
-        wait_state(ec2, id, InstanceStateName::Stopped, None, left()).await?;
+        wait_state(ec2, id, InstanceStateName::Stopped, learned, left()).await?;
     }
     if inst.state != InstanceStateName::Pending.as_str() {
         note("starting the instance");
         tracing::info!(instance = id, "starting stopped unpacker instance");
-        ec2.start_instances().instance_ids(id).send().await.sdk(format!("StartInstances {id}"))?;
+        let started = retry::call(&format!("StartInstances {id}"), learned, || {
+            ec2.start_instances().instance_ids(id).send()
+        })
+        .await;
+        if let Err(e) = started {
+            // The SDK's retry of an attempt whose answer was lost finds the
+            // instance starting already (IncorrectInstanceState): fine.
+            let now = refresh(ec2, id, learned).await?;
+            if !matches!(now.state.as_str(), "pending" | "running") {
+                return Err(e);
+            }
+        }
     }
     note("waiting for the instance to run");
-    wait_state(ec2, id, InstanceStateName::Running, None, left()).await?;
-    refresh(ec2, id).await
+    wait_state(ec2, id, InstanceStateName::Running, learned, left()).await?;
+    refresh(ec2, id, learned).await
 }
 
 /// Wait until the instance is in `state`, at most `timeout`; `fresh`: when

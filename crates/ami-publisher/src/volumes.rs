@@ -26,6 +26,9 @@ use crate::{
 
 const GIB: u64 = 1 << 30;
 
+/// DescribeVolumesModifications' answer for a volume never modified.
+const NO_MODIFICATION: &str = "InvalidVolumeModification.NotFound";
+
 /// What a volume must be and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct VolumeSpec {
@@ -55,6 +58,7 @@ pub async fn ensure(
 ) -> anyhow::Result<String> {
     let owner = lease_owner();
     let waiting_since = Instant::now();
+    let mut renewal = None;
     let status = loop {
         let status = c.get_status(uc::GetStatusRequest {}).await.context("GetStatus")?.into_inner();
         if status.streams.iter().any(|s| s.stream == spec.stream) {
@@ -62,24 +66,32 @@ pub async fn ensure(
         }
         // The stream has no volume: one publish sets one up, the others
         // wait for its binding, so two first publishes make one volume.
-        match lease(c, &spec.stream, &owner, spec.timeout.saturating_mul(2) + Duration::from_secs(60)).await? {
-            Setup::Ours => break status,
+        match lease(c, &spec.stream, &owner, LEASE_TERM).await? {
+            Setup::Ours => {
+                renewal = Some(Renewal::start(c.clone(), &spec.stream, &owner));
+                break status;
+            }
             Setup::Bound => continue,
             Setup::HeldBy { holder, left } => {
                 if waiting_since.elapsed() > spec.timeout.saturating_mul(2) {
                     bail!(
                         "{holder} has been setting up a volume for {} on the unpacker for over {}s; \
-                         its lease ends in {left}s",
+                         its lease ends in {left}s unless it renews it",
                         spec.stream,
                         waiting_since.elapsed().as_secs()
                     );
                 }
-                line.step(format!("waiting for another publish to set up the stream's volume ({left}s at most)"));
+                line.step(format!(
+                    "waiting for {holder} to set up the stream's volume (waited {}s; its lease ends in {left}s \
+                     unless renewed)",
+                    waiting_since.elapsed().as_secs()
+                ));
                 tokio::time::sleep(LEASE_POLL).await;
             }
         }
     };
     let result = ensure_with(ec2, c, inst, spec, line, status).await;
+    drop(renewal);
     if result.is_err() {
         // Let a waiting publish try at once rather than when the lease ends
         // (a binding made ends it anyway).
@@ -90,6 +102,42 @@ pub async fn ensure(
 
 /// How often a publish waiting for another's volume set-up looks again.
 const LEASE_POLL: Duration = Duration::from_secs(1);
+
+/// How long a set-up lease lasts unless renewed. The holder renews it every
+/// third of that while it works, so a publisher that was killed (a
+/// cancelled CI job) holds up the next one for at most this long, and a
+/// live one keeps it however long EC2 takes.
+const LEASE_TERM: Duration = Duration::from_secs(45);
+
+/// Renews this publish's set-up lease until dropped.
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Renewal {
+    fn start(mut c: uc::Client, stream: &str, owner: &str) -> Renewal {
+        let (stream, owner) = (stream.to_owned(), owner.to_owned());
+        Renewal(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_TERM / 3).await;
+                match lease(&mut c, &stream, &owner, LEASE_TERM).await {
+                    Ok(Setup::Ours) => {}
+                    // Bound meanwhile: the lease has ended.
+                    Ok(Setup::Bound) => return,
+                    Ok(Setup::HeldBy { holder, .. }) => {
+                        tracing::warn!(%stream, %holder, "the set-up lease ran out and another publish took it");
+                        return;
+                    }
+                    Err(e) => tracing::debug!(%stream, "renewing the set-up lease: {e:#}"),
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// What a set-up lease request found.
 enum Setup {
@@ -194,7 +242,12 @@ async fn grow(
     use aws_sdk_ec2::types::VolumeModificationState as M;
     let gib = spec.gib();
     line.step(format!("growing {volume} to {gib} GiB"));
-    let v = ec2.describe_volumes().volume_ids(volume).send().await.sdk("DescribeVolumes")?;
+    // Learned from the unpacker just now: EC2 may not know it everywhere yet.
+    let learned = Some(Instant::now());
+    let v = retry::call(&format!("DescribeVolumes {volume}"), learned, || {
+        ec2.describe_volumes().volume_ids(volume).send()
+    })
+    .await?;
     let size_now = v.volumes().first().and_then(Volume::size).unwrap_or(0);
     let device = v.volumes().first().and_then(|v| attachment_here(v, &inst.instance_id)).unwrap_or_default();
     // EC2 lets the instance use the new size once the modification is
@@ -207,9 +260,16 @@ async fn grow(
     // another one. It is looked for a while before the volume is replaced.
     let mut under_way: Option<Instant> = None;
     loop {
-        let out =
-            ec2.describe_volumes_modifications().volume_ids(volume).send().await.sdk("DescribeVolumesModifications")?;
-        let latest = out.volumes_modifications().iter().rev().find(|m| m.target_size().is_some_and(|t| t >= gib));
+        // EC2 answers InvalidVolumeModification.NotFound for a volume that
+        // was never modified (aws-sdk-rust#1346): no modification.
+        let out = ec2
+            .describe_volumes_modifications()
+            .volume_ids(volume)
+            .send()
+            .await
+            .or_code(&[NO_MODIFICATION], format!("DescribeVolumesModifications {volume}"))?;
+        let mods = out.as_ref().map_or(&[][..], |o| o.volumes_modifications());
+        let latest = mods.iter().rev().find(|m| m.target_size().is_some_and(|t| t >= gib));
         match latest.and_then(|m| m.modification_state()) {
             Some(M::Optimizing | M::Completed) => break,
             // No modification to wait for: it was this size already.
@@ -217,10 +277,15 @@ async fn grow(
             None | Some(M::Failed) if !asked => {
                 match ec2.modify_volume().volume_id(volume).size(gib).send().await {
                     Ok(_) => {}
-                    // Once in six hours per volume.
+                    // Once in six hours per volume; but the SDK's retry of
+                    // our own attempt whose answer was lost meets this too.
                     Err(e) if retry::code(&e) == Some("VolumeModificationRateExceeded") => {
-                        tracing::warn!(volume, "{}; replacing the volume instead", sdk_error("ModifyVolume", e));
-                        return Ok(false);
+                        if modifying_to(ec2, volume, gib).await? {
+                            tracing::info!(volume, "our modification, whose answer was lost, is under way");
+                        } else {
+                            tracing::warn!(volume, "{}; replacing the volume instead", sdk_error("ModifyVolume", e));
+                            return Ok(false);
+                        }
                     }
                     Err(e) if retry::code(&e) == Some("IncorrectModificationState") => {
                         tracing::info!(volume, "{}; looking for it", sdk_error("ModifyVolume", e));
@@ -262,6 +327,21 @@ async fn grow(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Whether a modification of `volume` to at least `gib` GiB is under way or
+/// done, as EC2 says now.
+async fn modifying_to(ec2: &Client, volume: &str, gib: i32) -> anyhow::Result<bool> {
+    use aws_sdk_ec2::types::VolumeModificationState as M;
+    let out = ec2
+        .describe_volumes_modifications()
+        .volume_ids(volume)
+        .send()
+        .await
+        .or_code(&[NO_MODIFICATION], format!("DescribeVolumesModifications {volume}"))?;
+    Ok(out.as_ref().map_or(&[][..], |o| o.volumes_modifications()).iter().any(|m| {
+        m.target_size().is_some_and(|t| t >= gib) && m.modification_state().is_some_and(|s| *s != M::Failed)
+    }))
 }
 
 /// A volume for a stream that has none: a free one, else one of ours left
@@ -355,6 +435,7 @@ async fn adopt(
         .send()
         .await
         .sdk("DescribeVolumes")?;
+    let listed = Some(Instant::now());
     for v in out.volumes() {
         let Some(id) = v.volume_id() else { continue };
         let size = u64::try_from(v.size().unwrap_or(0)).unwrap_or(0) * GIB;
@@ -367,7 +448,7 @@ async fn adopt(
             Some(dev) => dev,
             None if state == "available" => {
                 line.step(format!("attaching left-over volume {id}"));
-                attach(ec2, inst, id, None, spec.timeout).await?
+                attach(ec2, inst, id, listed, spec.timeout).await?
             }
             None => continue,
         };

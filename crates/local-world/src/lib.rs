@@ -128,6 +128,11 @@ impl Drop for Moto {
 /// model of EC2's pace and faults it applies (see their headers).
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
 const WORLD_MODEL: &str = include_str!("world_model.py");
+/// The launcher's modules, one per EC2 behaviour moto lacks (`world/`).
+const WORLD_MODULES: [(&str, &str); 2] = [
+    ("snapshot_limits.py", include_str!("world/snapshot_limits.py")),
+    ("volume_modifications.py", include_str!("world/volume_modifications.py")),
+];
 
 /// The world variables (see `world_model.py` and docs/world.md).
 pub const WORLD_VARIABLES: [&str; 4] =
@@ -169,6 +174,10 @@ fn start_moto(dir: &Path, vars: &[(String, String)]) -> anyhow::Result<Moto> {
     let launcher = dir.join("moto_launch.py");
     std::fs::write(&launcher, MOTO_LAUNCH)?;
     std::fs::write(dir.join("world_model.py"), WORLD_MODEL)?;
+    std::fs::create_dir_all(dir.join("world"))?;
+    for (name, text) in WORLD_MODULES {
+        std::fs::write(dir.join("world").join(name), text)?;
+    }
     let python = server.with_file_name("python");
     let mut cmd = Command::new(python);
     cmd.arg(&launcher).env("LOCAL_WORLD_DIR", dir);
@@ -459,8 +468,10 @@ impl World {
     /// The calls of a tool that the world answered with `outcome`, by
     /// action: "ok", or the fault that answered instead of EC2 ("bucket":
     /// the action's request token bucket was empty; "throttle", "error",
-    /// "lag": NotFound for a resource too new; "lost": the create was done
-    /// and its answer lost). See `moto_launch.py`.
+    /// "lag": NotFound for a resource too new; "lost": the answer of a
+    /// mutating call was lost; "hang": the answer never came), or, for an
+    /// error EC2 itself gives (a state refusal, a limit), its code, like
+    /// "SnapshotCreationPerVolumeRateExceeded". See `moto_launch.py`.
     pub fn api_outcomes(&self, app: &str, outcome: &str) -> std::collections::BTreeMap<String, u64> {
         let mut out = std::collections::BTreeMap::new();
         let log = std::fs::read_to_string(self.dir.path().join("api-calls.log")).unwrap_or_default();

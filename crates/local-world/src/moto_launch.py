@@ -23,9 +23,10 @@
 #    $LOCAL_WORLD_DIR/snapshots/SNAP.img before answering: an EBS snapshot
 #    holds the volume's bytes of the moment it was started, whatever is
 #    written afterwards.
-# 5. ModifyVolume: a modification reports its state ("completed" at once, as
-#    moto applies it at once), and a volume can be modified once in six
-#    hours (VolumeModificationRateExceeded), as in EC2.
+# 5. ModifyVolume and DescribeVolumesModifications as EC2 answers them
+#    (world/volume_modifications.py), and CreateSnapshot's per-volume limits
+#    (world/snapshot_limits.py). Each behaviour added since is a module of
+#    its own under world/, with its EC2 source in its header.
 #
 # 6. Pace (LOCAL_WORLD_PACE=aws, the default): every call takes a latency,
 #    and volumes are `creating`, attachments `attaching` and `detaching`,
@@ -43,8 +44,9 @@
 # 8. Faults (LOCAL_WORLD_FAULTS): request token buckets per account, region
 #    and action (RequestLimitExceeded), random throttling, 500/503 errors,
 #    eventual consistency (a new resource is NotFound to calls naming it,
-#    and missing from lists, for a while) and create answers lost after the
-#    create was done. Each call's outcome is logged (see below).
+#    and missing from lists, for a while), answers of mutating calls lost
+#    before or after EC2 acted, and answers withheld (no answer ever comes)
+#    before or after EC2 acted. Each call's outcome is logged (see below).
 #
 # The world's own calls (User-Agent app/local-world: setting the world up,
 # the attacher) are served as moto serves them: no latency, no faults, no
@@ -55,7 +57,8 @@
 # Not a change to moto's answers: with LOCAL_WORLD_DIR set, every request is
 # logged to $LOCAL_WORLD_DIR/api-calls.log as "SERVICE ACTION APP OUTCOME"
 # (APP from the caller's User-Agent "app/NAME", or "-"; OUTCOME "ok", or the
-# fault that answered: "bucket", "throttle", "error", "lag", "lost"), so that
+# fault that answered: "bucket", "throttle", "error", "lag", "lost", "hang";
+# or, for an error EC2 itself would give, its code), so that
 # tests and benchmarks can count the calls a tool makes.
 #
 # Usage: python moto_launch.py -H HOST -p PORT (moto_server's arguments).
@@ -320,23 +323,11 @@ def copy_image(self):
 
 amis_responses.AmisResponse.copy_image = copy_image
 
-moto_ebs.VolumeModification.modification_state = "completed"
-moto_ebs.VolumeModification.progress = 100
-_modify_volume = EBSBackend.modify_volume
+from world import snapshot_limits, volume_modifications
 
-
-def modify_volume(self, volume_id, *args, **kwargs):
-    volume = self.get_volume(volume_id)
-    if volume.modifications:
-        raise EC2ClientError(
-            "VolumeModificationRateExceeded",
-            f"You've reached the maximum modification rate per volume limit. "
-            f"Wait at least 6 hours between modifications per EBS volume ({volume_id}).",
-        )
-    return _modify_volume(self, volume_id, *args, **kwargs)
-
-
-EBSBackend.modify_volume = modify_volume
+volume_modifications.install()
+# Outermost, so that a refused snapshot is refused before anything is made.
+snapshot_limits.install(lambda: _modelled())
 
 # --- 6-8: pace, client tokens, faults --------------------------------------
 
@@ -790,6 +781,19 @@ def _drop_connection():
     return True
 
 
+# How long a withheld answer is held back: longer than any caller should
+# wait for one, after which the connection is closed unanswered.
+WITHHELD_FOR = 600.0
+
+
+def _withhold(key, answer=None):
+    """Keep the caller waiting for an answer that never comes (the
+    connection closed after WITHHELD_FOR, or when the caller gives up)."""
+    time.sleep(WITHHELD_FOR)
+    _drop_connection()
+    return answer or _ec2_error(500, "InternalError", "An internal error has occurred.")
+
+
 _call_action = BaseResponse.call_action
 # Line-buffered: each call's line is in the file when the call is answered.
 _CALLS = open(os.path.join(_WORLD, "api-calls.log"), "a", encoding="utf-8", buffering=1) if _WORLD else None
@@ -832,6 +836,16 @@ def call_action(self):
     if faulty and MODEL.chance("error", key):
         _log(service, action, app, "error")
         return _server_error(key, "error-kind")
+    mutating = faulty and not world_model.is_read(action)
+    withheld = faulty and MODEL.chance("hang", key)
+    if withheld and MODEL.draw("hang-kind", key) < 0.5:
+        # Withheld before EC2 acted: nothing is done, no answer comes.
+        _log(service, action, app, "hang")
+        return _withhold(key)
+    if mutating and MODEL.chance("lost", key) and MODEL.draw("lost-kind", key) < 1 / 3 and _drop_connection():
+        # Lost before EC2 acted: the connection fails, nothing is done.
+        _log(service, action, app, "lost")
+        return _ec2_error(500, "InternalError", "An internal error has occurred.")
     token = params.get("ClientToken") if action in world_model.CLIENT_TOKEN_ACTIONS else None
     token = token[0] if isinstance(token, list) else token
     after = []
@@ -869,13 +883,26 @@ def call_action(self):
                     _TOKENS[token_key] = (_parameters(params), answer[0], dict(answer[1]), answer[2])
     for work in after:
         threading.Thread(target=work, daemon=True).start()
-    if faulty and answer[0] == 200 and action in world_model.CREATE_ACTIONS and MODEL.chance("lost", key):
+    if withheld:
+        # Withheld after EC2 acted.
+        _log(service, action, app, "hang")
+        return _withhold(key, answer)
+    if mutating and answer[0] == 200 and MODEL.chance("lost", key):
+        # Lost after EC2 acted: a 500, or a connection closed unanswered.
         _log(service, action, app, "lost")
-        if MODEL.draw("lost-kind", key) < 0.5 and _drop_connection():
+        if MODEL.draw("lost-kind", key) < 2 / 3 and _drop_connection():
             return answer
         return _ec2_error(500, "InternalError", "An internal error has occurred.")
-    _log(service, action, app, "ok")
+    _log(service, action, app, "ok" if answer[0] < 400 else _error_code(answer[2]))
     return answer
+
+
+def _error_code(body):
+    """The error code of an EC2 error answer, for the log."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    start = text.find("<Code>")
+    end = text.find("</Code>", start)
+    return text[start + 6 : end] if start >= 0 and end > start else "error-answer"
 
 
 BaseResponse.call_action = call_action

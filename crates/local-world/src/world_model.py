@@ -23,10 +23,16 @@
 #                             lag=D       a resource is unknown (NotFound) to
 #                                         calls naming it for a time drawn
 #                                         in 0..D after it was created
-#                             lost=P      share of create calls whose answer
-#                                         is lost after the create was done
-#                                         (500 InternalError or a dropped
+#                             lost=P      share of mutating calls whose
+#                                         answer is lost: a third before EC2
+#                                         acted (a dropped connection, nothing
+#                                         done), the rest after (500
+#                                         InternalError or a dropped
 #                                         connection)
+#                             hang=P      share of calls whose answer never
+#                                         comes (held 10 minutes, then the
+#                                         connection closed): half before
+#                                         EC2 acted, half after
 #                           P in 0..1; D like 2s, 500ms, 1m (not scaled).
 #   LOCAL_WORLD_SEED        integer; every random decision is drawn from it,
 #                           so a failing run can be replayed. Without it a
@@ -41,7 +47,7 @@ import threading
 import time
 
 DEFAULT_TIME_SCALE = 0.02
-KNOWN_FAULTS = ("throttle", "error", "lag", "lost")
+KNOWN_FAULTS = ("throttle", "error", "lag", "lost", "hang")
 PACES = ("aws", "instant")
 
 # Latency per call at scale 1, seconds (uniform in the range).
@@ -84,20 +90,6 @@ RESOURCE_INTENSIVE_ACTIONS = frozenset(
 )
 READ_PREFIXES = ("Describe", "Get", "List", "Search")
 
-# Calls that make a resource: their answers are what `lost` loses.
-CREATE_ACTIONS = frozenset(
-    {
-        "CopyImage",
-        "CopySnapshot",
-        "CreateImage",
-        "CreateSnapshot",
-        "CreateSnapshots",
-        "CreateVolume",
-        "ImportKeyPair",
-        "RegisterImage",
-        "RunInstances",
-    }
-)
 # EC2 actions of those the world serves that take a ClientToken (checked
 # against botocore's EC2 service model: each input shape's members).
 CLIENT_TOKEN_ACTIONS = frozenset({"CopyImage", "CreateVolume", "RunInstances"})

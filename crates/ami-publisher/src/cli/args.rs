@@ -110,6 +110,15 @@ pub struct Cli {
     /// First back-off before a retry; it grows exponentially, with jitter, up to 20 s.
     #[arg(long, global = true, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub retry_wait: Duration,
+    /// Longest one attempt of an AWS call may take before it is given up
+    /// and retried (an answer that never comes: a create that timed out is
+    /// looked for, not repeated). EC2 answers in well under a second, so
+    /// the default leaves room for a slow network.
+    #[arg(long, global = true, default_value = "30s", value_parser = positive_duration, value_name = "DURATION")]
+    pub call_timeout: Duration,
+    /// Longest one AWS call may take with all its retries and back-offs.
+    #[arg(long, global = true, default_value = "5m", value_parser = positive_duration, value_name = "DURATION")]
+    pub operation_timeout: Duration,
     /// How long to wait for an unpacker instance to run and answer.
     #[arg(long, global = true, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub unpacker_timeout: Duration,
@@ -328,4 +337,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("'{s}': unknown unit '{unit}' (use K, M, G, T, KiB, MiB, GiB or TiB)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Parse a duration that is more than zero (a zero timeout would fail
+/// every call at once).
+pub fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("'{s}' is zero; give a time like 30s or 2m")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("'{s}': {e} (a time like 30s or 2m)")),
+    }
+}
+
+impl Cli {
+    /// How AWS calls are retried and bounded in time.
+    pub fn retry(&self) -> crate::aws::Retry {
+        crate::aws::Retry {
+            max_retries: self.max_retries,
+            wait: self.retry_wait,
+            attempt_timeout: self.call_timeout,
+            operation_timeout: self.operation_timeout,
+        }
+    }
 }

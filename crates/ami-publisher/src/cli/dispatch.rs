@@ -6,7 +6,7 @@ use std::{path::Path, time::SystemTime};
 use anyhow::{Context as _, bail};
 
 use crate::{
-    aws::{Aws, Retry},
+    aws::Aws,
     progress::Board,
     publish::{self, Options, Timeouts},
     results::{PublishResults, write_json_atomic},
@@ -38,7 +38,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     if let Command::Publish { stream, leaf, force } = &cli.command {
         return run_publish(&cli, stream, leaf, *force).await;
     }
-    let aws = refuse(Aws::new(Retry { max_retries: cli.max_retries, wait: cli.retry_wait }).await)?;
+    let aws = refuse(Aws::new(cli.retry()).await)?;
     // Commands on results files take their targets from the files.
     let from_results = match &cli.command {
         Command::Delete { results_files }
@@ -273,7 +273,7 @@ async fn prepare_publish(
     })?;
     let image_id = manifest.image_id().to_hex();
     let ami_name = render_name(&cli.ami_name, stream, leaf, &image_id)?;
-    let aws = Aws::new(Retry { max_retries: cli.max_retries, wait: cli.retry_wait }).await?;
+    let aws = Aws::new(cli.retry()).await?;
     let targets = resolve_targets(cli, &aws).await?;
     let opts = Options {
         stream: stream.to_owned(),

@@ -63,6 +63,9 @@ pub(super) async fn unpack_and_snapshot(
         timeout: o.timeouts.volume,
     };
     let volume = volumes::ensure(ec2, &mut c, &inst, &spec, line).await?;
+    // This run learned the volume's id now (or made it just before): parts
+    // of EC2 may not know it yet.
+    let volume_learned = Instant::now();
     r.volume_id = Some(volume.clone());
 
     // Another publish of the stream may be using the volume: wait for it
@@ -89,7 +92,7 @@ pub(super) async fn unpack_and_snapshot(
         r.bytes_written = Some(st.bytes_written);
         tracing::info!(fetched = st.bytes_fetched, written = st.bytes_written, seconds = st.seconds, "unpacked");
     }
-    let snapped = capture_and_snapshot(ec2, &mut c, o, &volume, &hold_id, line).await;
+    let snapped = capture_and_snapshot(ec2, &mut c, o, (&volume, volume_learned), &hold_id, line).await;
     let release = ReleaseCaptureRequest { stream: o.stream.clone(), hold_id: hold_id.clone() };
     if let Err(s) = c.release_capture(release).await {
         // An older unpacker has no holds; otherwise the hold runs out by itself.
@@ -158,12 +161,13 @@ pub(super) async fn prepare_and_unpack(
 }
 
 /// Read the volume back (it must hold exactly the leaf), then start its
-/// snapshot; returns (snapshot id, size in GiB).
+/// snapshot; returns (snapshot id, size in GiB). `volume`: its id and when
+/// this run learned it.
 pub(super) async fn capture_and_snapshot(
     ec2: &Client,
     c: &mut uc::Client,
     o: &Options,
-    volume: &str,
+    (volume, learned): (&str, Instant),
     hold_id: &str,
     line: &Line,
 ) -> anyhow::Result<(String, i32)> {
@@ -211,7 +215,7 @@ pub(super) async fn capture_and_snapshot(
     let (snap, gib) = retry::create_untokened(
         ec2,
         &format!("CreateSnapshot of {volume}"),
-        None,
+        Some(learned),
         || {
             let req = ec2
                 .create_snapshot()

@@ -6,16 +6,27 @@ use aws_sdk_ec2::{
     types::{Image, ImageState, SnapshotState},
 };
 
-use crate::{aws::SdkResultExt as _, tags};
+use std::time::Instant;
+
+use crate::{aws::SdkResultExt as _, retry, tags};
 
 use super::Options;
 
 /// AMIs and snapshots tagged with this image id, found with one
 /// DescribeTags call (cheap, whatever the number of AMIs in the account).
-#[derive(Default)]
+/// The ids are this run's to ask about from `learned` on: NotFound on one
+/// of them is "not yet" for a while (EC2's tag index and its resource
+/// describes catch up separately).
 pub(super) struct Tagged {
     images: Vec<String>,
     snapshots: Vec<String>,
+    pub(super) learned: Instant,
+}
+
+impl Default for Tagged {
+    fn default() -> Tagged {
+        Tagged { images: Vec::new(), snapshots: Vec::new(), learned: Instant::now() }
+    }
 }
 
 pub(super) async fn find_tagged(ec2: &Client, o: &Options) -> anyhow::Result<Tagged> {
@@ -38,6 +49,7 @@ pub(super) async fn find_tagged(ec2: &Client, o: &Options) -> anyhow::Result<Tag
             }
         }
     }
+    found.learned = Instant::now();
     Ok(found)
 }
 
@@ -46,7 +58,10 @@ pub(super) async fn find_ami(ec2: &Client, o: &Options, tagged: &Tagged) -> anyh
     if tagged.images.is_empty() {
         return Ok(None);
     }
-    let out = ec2.describe_images().set_image_ids(Some(tagged.images.clone())).send().await.sdk("DescribeImages")?;
+    let ids = Some(tagged.images.clone());
+    let out =
+        retry::call("DescribeImages", Some(tagged.learned), || ec2.describe_images().set_image_ids(ids.clone()).send())
+            .await?;
     let mut found: Vec<Image> = out
         .images()
         .iter()
@@ -66,12 +81,11 @@ pub(super) async fn find_snapshot(ec2: &Client, o: &Options, tagged: &Tagged) ->
     if tagged.snapshots.is_empty() {
         return Ok(None);
     }
-    let out = ec2
-        .describe_snapshots()
-        .set_snapshot_ids(Some(tagged.snapshots.clone()))
-        .send()
-        .await
-        .sdk("DescribeSnapshots")?;
+    let ids = Some(tagged.snapshots.clone());
+    let out = retry::call("DescribeSnapshots", Some(tagged.learned), || {
+        ec2.describe_snapshots().set_snapshot_ids(ids.clone()).send()
+    })
+    .await?;
     Ok(out
         .snapshots()
         .iter()

@@ -21,7 +21,7 @@ use aws_sdk_ec2::{
 use fleet_tls::TlsFiles;
 
 use crate::{
-    aws::Aws,
+    aws::{Aws, SdkResultExt as _},
     progress::{Board, Line},
     results::{PublishResults, TargetResult},
     retry::{self},
@@ -175,7 +175,7 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
     if let Some(img) = find_ami(ec2, o, &tagged).await? {
         let id = img.image_id().unwrap_or_default().to_owned();
         if img.state() == Some(&ImageState::Pending) {
-            wait_image(ec2, &id, None, o.timeouts.image, line).await?;
+            wait_image(ec2, &id, Some(tagged.learned), o.timeouts.image, line).await?;
         }
         r.reused = true;
         r.ami_id = Some(id);
@@ -190,7 +190,7 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
     let (snapshot, volume_gib, snap_made) = match left_over {
         Some((snap, gib)) => {
             tracing::info!(snapshot = %snap, "registering a snapshot left by an earlier run");
-            (snap, gib, None)
+            (snap, gib, Some(tagged.learned))
         }
         None => {
             let Some((snap, gib)) = unpack_and_snapshot(ec2, t, o, line, r).await? else {
@@ -202,13 +202,22 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
     r.snapshot_id = Some(snapshot.clone());
     wait_snapshot(ec2, &snapshot, snap_made, o.timeouts.snapshot, line).await?;
     line.step("registering the AMI");
-    let (ami, name, owner) = register::register(ec2, o, &snapshot, snap_made, volume_gib).await?;
+    let registered = register::register(ec2, o, &snapshot, snap_made, volume_gib).await?;
     let ami_made = Some(Instant::now());
+    let (ami, name) = (registered.id, registered.name);
     r.ami_id = Some(ami.clone());
     r.ami_name = Some(name.clone());
     if r.account_id.is_none() {
-        r.account_id = owner;
+        r.account_id = registered.owner;
     }
+    if registered.snapshot != snapshot {
+        // Another run of this leaf registered its AMI first (two pipelines,
+        // or a re-run while the first still ran): that AMI is the leaf's,
+        // and the snapshot this run made backs nothing.
+        discard_snapshot(ec2, &snapshot).await;
+        r.snapshot_id = Some(registered.snapshot.clone());
+    }
+    let snapshot = registered.snapshot;
     wait_image(ec2, &ami, ami_made, o.timeouts.image, line).await?;
     line.step("tagging");
     let final_tags: Vec<_> = o.final_tags(&name).iter().map(|(k, v)| tags::tag(k, v)).collect();
@@ -228,4 +237,22 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
     }
     tracing::info!(%ami, %snapshot, "published");
     Ok(())
+}
+
+/// Delete a snapshot of this leaf that no AMI uses (this run's, when
+/// another run's AMI of the leaf won). It has completed, so EC2 knows it:
+/// NotFound means deleted already (by an attempt whose answer was lost).
+/// Failure is not the publish's: the snapshot still carries its
+/// pending-expiry tag, so `expire` removes it.
+async fn discard_snapshot(ec2: &Client, snapshot: &str) {
+    let r = ec2
+        .delete_snapshot()
+        .snapshot_id(snapshot)
+        .send()
+        .await
+        .or_code(&["InvalidSnapshot.NotFound"], format!("DeleteSnapshot {snapshot}"));
+    match r {
+        Ok(_) => tracing::info!(%snapshot, "deleted this run's snapshot: another run's AMI of the leaf is used"),
+        Err(e) => tracing::warn!(%snapshot, "{e:#}; it expires by its tag instead"),
+    }
 }

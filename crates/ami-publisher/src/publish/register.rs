@@ -107,8 +107,18 @@ pub(super) enum Registered {
     NameTaken,
 }
 
-/// RegisterImage; returns (AMI id, name, owner). `snap_made`: when this run
-/// made the snapshot. EC2 takes no idempotency token for it, but a name is
+/// The AMI a publish ends with.
+pub(super) struct Ami {
+    pub(super) id: String,
+    pub(super) name: String,
+    pub(super) owner: Option<String>,
+    /// The snapshot it boots from: the one registered, or, when an AMI of
+    /// this leaf that another run registered was adopted, that AMI's.
+    pub(super) snapshot: String,
+}
+
+/// RegisterImage; returns the AMI. `snap_made`: when this run made (or
+/// learned) the snapshot. EC2 takes no idempotency token for it, but a name is
 /// unique per account and region: an attempt whose answer was lost is found
 /// by the name and the snapshot. When the name is taken by an AMI of this
 /// very leaf (a run interrupted before tagging), that AMI is adopted; when
@@ -119,7 +129,7 @@ pub(super) async fn register(
     snapshot: &str,
     snap_made: Option<Instant>,
     gib: i32,
-) -> anyhow::Result<(String, String, Option<String>)> {
+) -> anyhow::Result<Ami> {
     let name = if o.force {
         // Names are unique per account and region: a forced remake is told
         // apart by the time.
@@ -179,7 +189,7 @@ pub(super) async fn register(
     match sent {
         Registered::Made(id) if !id.is_empty() => {
             tracing::info!(ami = %id, %name, "registered");
-            Ok((id, name, None))
+            Ok(Ami { id, name, owner: None, snapshot: snapshot.to_owned() })
         }
         Registered::Made(_) => bail!("RegisterImage {name} returned no image id"),
         Registered::NameTaken => {
@@ -204,8 +214,17 @@ pub(super) async fn register(
                     o.leaf
                 );
             }
-            tracing::info!(ami = %id, "adopting the AMI an interrupted run registered");
-            Ok((id, name, img.owner_id().map(str::to_owned)))
+            let Some(root) = root_snapshot(&img) else {
+                bail!("the AMI {id} of {}/{} that holds the name '{name}' has no root snapshot", o.stream, o.leaf);
+            };
+            tracing::info!(ami = %id, snapshot = %root, "adopting the AMI an interrupted or concurrent run registered");
+            Ok(Ami { id, name, owner: img.owner_id().map(str::to_owned), snapshot: root.to_owned() })
         }
     }
+}
+
+/// The snapshot an AMI boots from, as EC2 describes the AMI.
+fn root_snapshot(img: &Image) -> Option<&str> {
+    let root = img.root_device_name()?;
+    img.block_device_mappings().iter().find(|m| m.device_name() == Some(root))?.ebs()?.snapshot_id()
 }

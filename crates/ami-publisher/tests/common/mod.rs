@@ -45,6 +45,58 @@ impl<'w> Publisher<'w> {
         out
     }
 
+    /// The publisher started with `args`, its output to files in the world's
+    /// directory (not waited for).
+    pub fn spawn(&self, args: &[&str]) -> (std::process::Child, PathBuf) {
+        let log = self.world.path(&format!("publisher-{}.log", nonce()));
+        let file = std::fs::File::create(&log).unwrap();
+        eprintln!("$ ami-publisher {} (output in {})", args.join(" "), log.display());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"))
+            .envs(self.world.aws_env())
+            .env_remove("AMI_PUBLISHER_CONFIG")
+            .env("HOME", self.world.path("home"))
+            .arg("--ssl-dir")
+            .arg(&self.ssl)
+            .args(["--image-server", &self.world.imageserver_addr()])
+            .args(args)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        (child, log)
+    }
+
+    /// Publish, killing the publisher if it has not ended within `limit`
+    /// (a publish that waits without end fails the test instead of hanging
+    /// it); returns the exit code and the results file.
+    pub fn publish_within(
+        &self,
+        limit: Duration,
+        stream: &str,
+        leaf: &str,
+        extra: &[&str],
+    ) -> (i32, PublishResults) {
+        let results = self.world.path(&format!("results-{}-{leaf}-{}.json", stream.replace('/', "_"), nonce()));
+        let mut args = vec!["publish", stream, leaf, "--results", results.to_str().unwrap()];
+        args.extend(extra);
+        let started = std::time::Instant::now();
+        let (mut child, log) = self.spawn(&args);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > limit {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!("ami-publisher {} was still running after {limit:?}", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        eprintln!("-> {status} in {:.1?}\n{}", started.elapsed(), std::fs::read_to_string(&log).unwrap_or_default());
+        (status.code().unwrap_or(-1), PublishResults::read(&results).unwrap())
+    }
+
     /// Publish; returns the exit code and the results file.
     pub fn publish(&self, stream: &str, leaf: &str, extra: &[&str]) -> (i32, PublishResults) {
         let results = self.world.path(&format!("results-{}-{leaf}-{}.json", stream.replace('/', "_"), nonce()));
