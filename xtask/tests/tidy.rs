@@ -297,6 +297,42 @@ fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
     assert!(missing.is_empty() && extra.is_empty(), "{}: missing {missing:?}, not called {extra:?}", path.display());
 }
 
+/// docs/world.md's conformance table has one row for every action of the
+/// publisher's IAM policy (EC2 actions by their bare name, others with
+/// their service prefix), and no row for an EC2 action the policy lacks.
+#[test]
+fn the_conformance_table_has_a_row_for_each_action_of_the_iam_policy() {
+    let doc = fs::read_to_string(root().join("docs/world.md")).unwrap();
+    let section = doc.split("## Conformance").nth(1).expect("docs/world.md has no Conformance section");
+    let section = section.split("\n## ").next().unwrap();
+    let mut rows = std::collections::BTreeSet::new();
+    for line in section.lines().filter(|l| l.starts_with("| ")) {
+        let name = line.split('|').nth(1).unwrap().trim();
+        if name == "action" || name.starts_with("---") {
+            continue;
+        }
+        let name = if name.contains(':') { name.to_owned() } else { format!("ec2:{name}") };
+        assert!(rows.insert(name.clone()), "docs/world.md: two conformance rows for {name}");
+    }
+    let policy: serde_json::Value =
+        serde_json::from_slice(&fs::read(root().join("deploy/ami-publisher-iam-policy.json")).unwrap()).unwrap();
+    let mut listed = std::collections::BTreeSet::new();
+    for st in policy["Statement"].as_array().unwrap() {
+        for a in st["Action"].as_array().unwrap() {
+            listed.insert(a.as_str().unwrap().to_owned());
+        }
+    }
+    assert!(listed.len() > 20, "{listed:?}");
+    let missing: Vec<_> = listed.difference(&rows).collect();
+    // STS calls need no permission in this policy (the roles' trust
+    // policies grant them), but a publish makes them: they have rows too.
+    let extra: Vec<_> = rows.difference(&listed).filter(|r| !r.starts_with("sts:")).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "docs/world.md conformance rows: missing {missing:?}, not in the policy {extra:?}"
+    );
+}
+
 /// `cargo xtask dist` writes completions and man pages that know every
 /// subcommand.
 #[test]

@@ -10,8 +10,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use aws_config::{
     BehaviorVersion, Region, SdkConfig, meta::region::RegionProviderChain, profile::ProfileFileRegionProvider,
-    retry::RetryConfig,
-    timeout::TimeoutConfig,
+    retry::RetryConfig, timeout::TimeoutConfig,
 };
 use aws_sdk_ec2::{
     Client,

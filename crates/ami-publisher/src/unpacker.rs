@@ -124,10 +124,9 @@ pub async fn ensure_running(
     if inst.state != InstanceStateName::Pending.as_str() {
         note("starting the instance");
         tracing::info!(instance = id, "starting stopped unpacker instance");
-        let started = retry::call(&format!("StartInstances {id}"), learned, || {
-            ec2.start_instances().instance_ids(id).send()
-        })
-        .await;
+        let started =
+            retry::call(&format!("StartInstances {id}"), learned, || ec2.start_instances().instance_ids(id).send())
+                .await;
         if let Err(e) = started {
             // The SDK's retry of an attempt whose answer was lost finds the
             // instance starting already (IncorrectInstanceState): fine.

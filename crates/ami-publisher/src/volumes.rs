@@ -244,10 +244,9 @@ async fn grow(
     line.step(format!("growing {volume} to {gib} GiB"));
     // Learned from the unpacker just now: EC2 may not know it everywhere yet.
     let learned = Some(Instant::now());
-    let v = retry::call(&format!("DescribeVolumes {volume}"), learned, || {
-        ec2.describe_volumes().volume_ids(volume).send()
-    })
-    .await?;
+    let v =
+        retry::call(&format!("DescribeVolumes {volume}"), learned, || ec2.describe_volumes().volume_ids(volume).send())
+            .await?;
     let size_now = v.volumes().first().and_then(Volume::size).unwrap_or(0);
     let device = v.volumes().first().and_then(|v| attachment_here(v, &inst.instance_id)).unwrap_or_default();
     // EC2 lets the instance use the new size once the modification is
@@ -339,9 +338,11 @@ async fn modifying_to(ec2: &Client, volume: &str, gib: i32) -> anyhow::Result<bo
         .send()
         .await
         .or_code(&[NO_MODIFICATION], format!("DescribeVolumesModifications {volume}"))?;
-    Ok(out.as_ref().map_or(&[][..], |o| o.volumes_modifications()).iter().any(|m| {
-        m.target_size().is_some_and(|t| t >= gib) && m.modification_state().is_some_and(|s| *s != M::Failed)
-    }))
+    Ok(out
+        .as_ref()
+        .map_or(&[][..], |o| o.volumes_modifications())
+        .iter()
+        .any(|m| m.target_size().is_some_and(|t| t >= gib) && m.modification_state().is_some_and(|s| *s != M::Failed)))
 }
 
 /// A volume for a stream that has none: a free one, else one of ours left

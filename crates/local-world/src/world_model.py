@@ -34,6 +34,8 @@
 #                                         connection closed): half before
 #                                         EC2 acted, half after
 #                           P in 0..1; D like 2s, 500ms, 1m (not scaled).
+#                           A share may be limited to some EC2 actions:
+#                           lost=0.6@CreateVolume+RegisterImage.
 #   LOCAL_WORLD_SEED        integer; every random decision is drawn from it,
 #                           so a failing run can be replayed. Without it a
 #                           seed is chosen and printed.
@@ -73,19 +75,39 @@ COPY_BYTES_PER_SECOND = 40 << 20
 SNAPSHOT_BLOCK = 512 << 10
 
 # EC2 request rate limits per account and region, each API action with
-# its own bucket: (bucket size, refill per second) by action category.
+# its own bucket: (bucket size, refill per second) by action category, and
+# the actions the throttling page names with buckets of their own ("Request
+# throttling for the Amazon EC2 API", EC2 developer guide; figures as of
+# 2026, issue 17).
 NON_MUTATING = (100, 20.0)
 UNFILTERED_NON_MUTATING = (50, 10.0)
-MUTATING = (200, 5.0)
+MUTATING = (50, 5.0)
 RESOURCE_INTENSIVE = (50, 5.0)
 RESOURCE_INTENSIVE_ACTIONS = frozenset(
     {
-        "CopyImage",
         "CreateImage",
         "CreateSnapshot",
         "CreateVolume",
         "RegisterImage",
-        "RunInstances",
+    }
+)
+OWN_BUCKETS = {
+    "CopyImage": (50, 1.0),
+    "RunInstances": (5, 2.0),
+    "CreateTags": (100, 10.0),
+    "DeleteTags": (100, 10.0),
+}
+# The non-mutating actions whose calls without filters, ids or a page size
+# draw on the smaller unfiltered bucket (the others keep their own).
+UNFILTERED_ACTIONS = frozenset(
+    {
+        "DescribeInstances",
+        "DescribeInstanceStatus",
+        "DescribeNetworkInterfaces",
+        "DescribeSecurityGroups",
+        "DescribeSnapshots",
+        "DescribeSpotInstanceRequests",
+        "DescribeVolumes",
     }
 )
 READ_PREFIXES = ("Describe", "Get", "List", "Search")
@@ -113,7 +135,9 @@ def parse_duration(text):
 
 
 def parse_faults(text):
-    faults = {}
+    """The faults and their shares, and the actions some shares are
+    limited to."""
+    faults, only = {}, {}
     for item in (p.strip() for p in text.split(",")):
         if not item:
             continue
@@ -131,6 +155,7 @@ def parse_faults(text):
                 raise Refused(f"LOCAL_WORLD_FAULTS: lag={value.strip()} is not a duration (like 2s, 500ms, 1m)")
             faults[name] = seconds
         else:
+            value, at, actions = value.partition("@")
             try:
                 share = float(value)
             except ValueError:
@@ -138,16 +163,23 @@ def parse_faults(text):
             if share is None or not 0.0 <= share <= 1.0:
                 raise Refused(f"LOCAL_WORLD_FAULTS: {name}={value.strip()} is not a share between 0 and 1")
             faults[name] = share
-    return faults
+            if at:
+                names = [a.strip() for a in actions.split("+")]
+                bad = [a for a in names if not re.fullmatch(r"[A-Z][A-Za-z0-9]+", a)]
+                if bad or not names:
+                    raise Refused(f"LOCAL_WORLD_FAULTS: {name}=...@{actions.strip()} is not a list of actions like CreateVolume+RegisterImage")
+                only[name] = frozenset(names)
+    return faults, only
 
 
 class Config:
     """The world variables, checked."""
 
-    def __init__(self, pace="aws", scale=DEFAULT_TIME_SCALE, faults=None, seed=0, seed_given=True):
+    def __init__(self, pace="aws", scale=DEFAULT_TIME_SCALE, faults=None, seed=0, seed_given=True, only=None):
         self.pace = pace
         self.scale = scale
         self.faults = faults or {}
+        self.only = only or {}
         self.seed = seed
         self.seed_given = seed_given
 
@@ -160,7 +192,9 @@ class Config:
         return self.paced or bool(self.faults)
 
     def describe(self):
-        faults = ",".join(f"{k}={v}" for k, v in self.faults.items()) or "none"
+        faults = ",".join(
+            f"{k}={v}" + ("@" + "+".join(sorted(self.only[k])) if k in self.only else "") for k, v in self.faults.items()
+        ) or "none"
         return f"pace={self.pace} time-scale={self.scale} faults={faults} seed={self.seed}"
 
 
@@ -177,7 +211,7 @@ def config_from_env(env):
             scale = -1.0
         if not 0.0 < scale <= 100.0:
             raise Refused(f"LOCAL_WORLD_TIME_SCALE: '{scale_text}' is not a factor above 0 (1 = AWS's own durations)")
-    faults = parse_faults(env.get("LOCAL_WORLD_FAULTS", ""))
+    faults, only = parse_faults(env.get("LOCAL_WORLD_FAULTS", ""))
     seed_text = env.get("LOCAL_WORLD_SEED", "").strip()
     if seed_text:
         if not re.fullmatch(r"\d{1,19}", seed_text):
@@ -185,7 +219,7 @@ def config_from_env(env):
         seed, given = int(seed_text), True
     else:
         seed, given = int.from_bytes(os.urandom(4), "little"), False
-    return Config(pace, scale, faults, seed, given)
+    return Config(pace, scale, faults, seed, given, only)
 
 
 class Model:
@@ -225,7 +259,11 @@ class Model:
         return self.between("latency", key, READ_LATENCY if is_read(action) else WRITE_LATENCY)
 
     def chance(self, fault, key):
+        """Whether `fault` strikes call `key` (account/region/action/n)."""
         share = self.config.faults.get(fault)
+        only = self.config.only.get(fault)
+        if only is not None and key.split("/")[2] not in only:
+            return False
         return share is not None and self.draw(fault, key) < share
 
     def lag(self, key):
@@ -237,13 +275,16 @@ class Model:
         """False when the action's bucket is empty (RequestLimitExceeded)."""
         if not self.config.buckets:
             return True
+        unfiltered = unfiltered and action in UNFILTERED_ACTIONS
         if is_read(action):
             size, rate = UNFILTERED_NON_MUTATING if unfiltered else NON_MUTATING
+        elif action in OWN_BUCKETS:
+            size, rate = OWN_BUCKETS[action]
         elif action in RESOURCE_INTENSIVE_ACTIONS:
             size, rate = RESOURCE_INTENSIVE
         else:
             size, rate = MUTATING
-        key = (account, region, action, unfiltered and is_read(action))
+        key = (account, region, action, unfiltered)
         now = time.monotonic()
         with self._lock:
             tokens, then = self._buckets.get(key, (float(size), now))

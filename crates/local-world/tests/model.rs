@@ -278,21 +278,48 @@ async fn throttling_refuses_the_configured_share_and_replays_with_its_seed() {
 async fn a_burst_beyond_an_actions_token_bucket_is_throttled_until_it_refills() {
     let world = World::start(&one_target().pace("aws")).await.unwrap();
     let ec2 = bare_client(&world).await;
-    // DescribeVpcs without filters: EC2's bucket for unfiltered,
-    // unpaginated reads holds 50 calls and refills 10 a second.
+    // DescribeVolumes without filters: EC2's bucket for unfiltered,
+    // unpaginated calls of the big listings holds 50 calls and refills 10
+    // a second.
     let mut answers = Vec::new();
     for _ in 0..120 {
-        answers.push(ec2.describe_vpcs().send().await.map_err(|e| e.code().map(str::to_owned)));
+        answers.push(ec2.describe_volumes().send().await.map_err(|e| e.code().map(str::to_owned)));
     }
     assert!(answers[..50].iter().all(Result::is_ok), "refused within the bucket: {answers:?}");
     let refused =
         answers[50..].iter().filter(|a| a.as_ref().err() == Some(&Some("RequestLimitExceeded".into()))).count();
     assert!(refused >= 20, "only {refused} of 70 calls past the bucket were refused");
-    assert_eq!(world.api_outcomes(APP, "bucket").get("DescribeVpcs").copied(), Some(refused as u64));
-    // Other actions have buckets of their own.
-    ec2.describe_subnets().send().await.unwrap();
+    assert_eq!(world.api_outcomes(APP, "bucket").get("DescribeVolumes").copied(), Some(refused as u64));
+    // Other actions have buckets of their own, and a listing EC2 does not
+    // name among the big ones keeps the bucket of 100 unfiltered.
+    for i in 0..80 {
+        let vpcs = ec2.describe_vpcs().send().await;
+        assert!(vpcs.is_ok(), "DescribeVpcs {i} refused: {vpcs:?}");
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    ec2.describe_vpcs().send().await.unwrap();
+    ec2.describe_volumes().send().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutating_actions_share_ec2s_smaller_bucket_and_tags_have_a_bigger_one() {
+    let world = World::start(&one_target().pace("aws")).await.unwrap();
+    let ec2 = bare_client(&world).await;
+    // A mutating action with no bucket of its own: 50 calls, 5 a second.
+    let mut deletes = Vec::new();
+    for i in 0..60 {
+        deletes.push(
+            ec2.delete_key_pair().key_name(format!("none-{i}")).send().await.map_err(|e| e.code().map(str::to_owned)),
+        );
+    }
+    assert!(deletes[..50].iter().all(Result::is_ok), "refused within the bucket: {deletes:?}");
+    let refused = deletes[50..].iter().filter(|a| a.is_err()).count();
+    assert!(refused >= 5, "only {refused} of 10 DeleteKeyPair past a bucket of 50 were refused");
+    // CreateTags: 100 calls, 10 a second.
+    let vpc = ec2.describe_vpcs().send().await.unwrap().vpcs()[0].vpc_id().unwrap().to_owned();
+    for i in 0..90 {
+        let tagged = ec2.create_tags().resources(&vpc).tags(tag("n", &i.to_string())).send().await;
+        assert!(tagged.is_ok(), "CreateTags {i} refused: {tagged:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -403,9 +430,7 @@ async fn a_second_snapshot_of_a_volume_within_15_seconds_is_refused() {
     let world = World::start(&one_target()).await.unwrap();
     let t = &world.targets[0];
     let ec2 = bare_client(&world).await;
-    let vol = |c: &aws_sdk_ec2::Client| {
-        c.create_volume().size(1).availability_zone(&t.availability_zone).send()
-    };
+    let vol = |c: &aws_sdk_ec2::Client| c.create_volume().size(1).availability_zone(&t.availability_zone).send();
     let id = vol(&ec2).await.unwrap().volume_id().unwrap().to_owned();
     let other = vol(&ec2).await.unwrap().volume_id().unwrap().to_owned();
     ec2.create_snapshot().volume_id(&id).send().await.unwrap();
@@ -440,7 +465,11 @@ async fn data_volumes(world: &World) -> Vec<String> {
     let t = &world.targets[0];
     let own = world.ec2(&t.account, &t.region).await;
     let d = own.describe_volumes().send().await.unwrap();
-    d.volumes().iter().filter_map(|v| v.volume_id().map(str::to_owned)).filter(|v| !t.root_volumes.contains(v)).collect()
+    d.volumes()
+        .iter()
+        .filter_map(|v| v.volume_id().map(str::to_owned))
+        .filter(|v| !t.root_volumes.contains(v))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -488,6 +517,7 @@ async fn bad_world_variables_are_refused_naming_the_variable() {
         ("LOCAL_WORLD_FAULTS", "throttle=0.2,slow=1", "unknown fault 'slow'"),
         ("LOCAL_WORLD_FAULTS", "throttle=1.5", "throttle=1.5 is not a share between 0 and 1"),
         ("LOCAL_WORLD_FAULTS", "error=-0.1", "error=-0.1 is not a share between 0 and 1"),
+        ("LOCAL_WORLD_FAULTS", "lost=0.5@create-volume", "lost=...@create-volume is not a list of actions"),
         ("LOCAL_WORLD_FAULTS", "lag=2 seconds", "lag=2 seconds is not a duration"),
         ("LOCAL_WORLD_FAULTS", "lost", "'lost' needs a value"),
         ("LOCAL_WORLD_PACE", "fast", "unknown pace 'fast'"),

@@ -69,13 +69,7 @@ impl<'w> Publisher<'w> {
     /// Publish, killing the publisher if it has not ended within `limit`
     /// (a publish that waits without end fails the test instead of hanging
     /// it); returns the exit code and the results file.
-    pub fn publish_within(
-        &self,
-        limit: Duration,
-        stream: &str,
-        leaf: &str,
-        extra: &[&str],
-    ) -> (i32, PublishResults) {
+    pub fn publish_within(&self, limit: Duration, stream: &str, leaf: &str, extra: &[&str]) -> (i32, PublishResults) {
         let results = self.world.path(&format!("results-{}-{leaf}-{}.json", stream.replace('/', "_"), nonce()));
         let mut args = vec!["publish", stream, leaf, "--results", results.to_str().unwrap()];
         args.extend(extra);
