@@ -259,15 +259,7 @@ async fn grow(
     // another one. It is looked for a while before the volume is replaced.
     let mut under_way: Option<Instant> = None;
     loop {
-        // EC2 answers InvalidVolumeModification.NotFound for a volume that
-        // was never modified (aws-sdk-rust#1346): no modification.
-        let out = ec2
-            .describe_volumes_modifications()
-            .volume_ids(volume)
-            .send()
-            .await
-            .or_code(&[NO_MODIFICATION], format!("DescribeVolumesModifications {volume}"))?;
-        let mods = out.as_ref().map_or(&[][..], |o| o.volumes_modifications());
+        let mods = modifications(ec2, volume).await?;
         let latest = mods.iter().rev().find(|m| m.target_size().is_some_and(|t| t >= gib));
         match latest.and_then(|m| m.modification_state()) {
             Some(M::Optimizing | M::Completed) => break,
@@ -332,17 +324,23 @@ async fn grow(
 /// done, as EC2 says now.
 async fn modifying_to(ec2: &Client, volume: &str, gib: i32) -> anyhow::Result<bool> {
     use aws_sdk_ec2::types::VolumeModificationState as M;
+    Ok(modifications(ec2, volume)
+        .await?
+        .iter()
+        .any(|m| m.target_size().is_some_and(|t| t >= gib) && m.modification_state().is_some_and(|s| *s != M::Failed)))
+}
+
+/// The modifications of `volume` EC2 knows of. EC2 answers
+/// InvalidVolumeModification.NotFound for a volume that was never modified
+/// (aws-sdk-rust#1346): none.
+async fn modifications(ec2: &Client, volume: &str) -> anyhow::Result<Vec<aws_sdk_ec2::types::VolumeModification>> {
     let out = ec2
         .describe_volumes_modifications()
         .volume_ids(volume)
         .send()
         .await
         .or_code(&[NO_MODIFICATION], format!("DescribeVolumesModifications {volume}"))?;
-    Ok(out
-        .as_ref()
-        .map_or(&[][..], |o| o.volumes_modifications())
-        .iter()
-        .any(|m| m.target_size().is_some_and(|t| t >= gib) && m.modification_state().is_some_and(|s| *s != M::Failed)))
+    Ok(out.map(|o| o.volumes_modifications().to_vec()).unwrap_or_default())
 }
 
 /// A volume for a stream that has none: a free one, else one of ours left

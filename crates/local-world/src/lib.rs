@@ -129,7 +129,8 @@ impl Drop for Moto {
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
 const WORLD_MODEL: &str = include_str!("world_model.py");
 /// The launcher's modules, one per EC2 behaviour moto lacks (`world/`).
-const WORLD_MODULES: [(&str, &str); 2] = [
+const WORLD_MODULES: [(&str, &str); 3] = [
+    ("failed_states.py", include_str!("world/failed_states.py")),
     ("snapshot_limits.py", include_str!("world/snapshot_limits.py")),
     ("volume_modifications.py", include_str!("world/volume_modifications.py")),
 ];

@@ -25,7 +25,8 @@
 #    written afterwards.
 # 5. ModifyVolume and DescribeVolumesModifications as EC2 answers them
 #    (world/volume_modifications.py), and CreateSnapshot's per-volume limits
-#    (world/snapshot_limits.py). Each behaviour added since is a module of
+#    (world/snapshot_limits.py), snapshots and AMIs that end failed
+#    (world/failed_states.py, fault fail=P). Each behaviour added since is a module of
 #    its own under world/, with its EC2 source in its header.
 #
 # 6. Pace (LOCAL_WORLD_PACE=aws, the default): every call takes a latency,
@@ -323,7 +324,7 @@ def copy_image(self):
 
 amis_responses.AmisResponse.copy_image = copy_image
 
-from world import snapshot_limits, volume_modifications
+from world import failed_states, snapshot_limits, volume_modifications
 
 volume_modifications.install()
 # Outermost, so that a refused snapshot is refused before anything is made.
@@ -382,9 +383,13 @@ def _before(until):
     return until is not None and time.monotonic() < until
 
 
-def _created(resource_id):
+def _created(resource_id, resource=None, kind=None):
+    """A resource the call being served made: lag applies to its id, and a
+    snapshot or AMI (`resource` of `kind`) may be decided to fail."""
     if _modelled():
         _CALL.created.append(resource_id)
+        if resource is not None:
+            failed_states.mark(resource, kind, MODEL, _CALL.key)
 
 
 # Volumes: creating -> available; attachments: attaching -> attached,
@@ -548,7 +553,7 @@ def _pace_new_snapshot(snapshot, volume_id):
     volume = snapshot.volume
     base = _LAST_SNAPSHOT.get(volume_id) or getattr(volume, "snapshot_id", None)
     _LAST_SNAPSHOT[volume_id] = snapshot.id
-    _created(snapshot.id)
+    _created(snapshot.id, snapshot, "snapshot")
     if not (_modelled() and CONFIG.paced):
         return
     snapshot.started = time.monotonic()
@@ -567,7 +572,7 @@ def _pace_new_snapshot(snapshot, volume_id):
 def _pace_copied_snapshot(snapshot, source_snapshot_id):
     """CopySnapshot (and CopyImage's copies): pending while the source's
     data is copied."""
-    _created(snapshot.id)
+    _created(snapshot.id, snapshot, "snapshot")
     if _modelled() and CONFIG.paced:
         snapshot.started = time.monotonic()
         data = world_model.data_bytes(_snapshot_file(source_snapshot_id))
@@ -593,10 +598,11 @@ def _set_ami_state(self, value):
 
 
 Ami.state = property(_ami_state, _set_ami_state)
+failed_states.install(Snapshot, Ami)
 
 
 def _pace_new_image(ami):
-    _created(ami.id)
+    _created(ami.id, ami, "image")
     if _modelled() and CONFIG.paced:
         ami.ready_at = _pending_until("image", world_model.AMI_REGISTERING)
 

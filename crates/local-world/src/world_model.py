@@ -33,6 +33,9 @@
 #                                         comes (held 10 minutes, then the
 #                                         connection closed): half before
 #                                         EC2 acted, half after
+#                             fail=P      share of the snapshots and AMIs
+#                                         a tool makes that end `error` /
+#                                         `failed` after their pending time
 #                           P in 0..1; D like 2s, 500ms, 1m (not scaled).
 #                           A share may be limited to some EC2 actions:
 #                           lost=0.6@CreateVolume+RegisterImage.
@@ -49,7 +52,7 @@ import threading
 import time
 
 DEFAULT_TIME_SCALE = 0.02
-KNOWN_FAULTS = ("throttle", "error", "lag", "lost", "hang")
+KNOWN_FAULTS = ("throttle", "error", "lag", "lost", "hang", "fail")
 PACES = ("aws", "instant")
 
 # Latency per call at scale 1, seconds (uniform in the range).

@@ -446,6 +446,58 @@ async fn a_second_snapshot_of_a_volume_within_15_seconds_is_refused() {
     assert_eq!(own.describe_snapshots().filters(of_id).send().await.unwrap().snapshots().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_or_an_ami_can_end_failed_after_its_pending_time() {
+    // Every snapshot fails: pending, then `error` for good.
+    let world = World::start(&one_target().faults("fail=1@CreateSnapshot")).await.unwrap();
+    let t = &world.targets[0];
+    let ec2 = bare_client(&world).await;
+    let vol = ec2.create_volume().size(1).availability_zone(&t.availability_zone).send().await.unwrap();
+    let snap = ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await.unwrap();
+    let snap = snap.snapshot_id().unwrap().to_owned();
+    let seen = states("snapshot", "error", || async {
+        let d = ec2.describe_snapshots().snapshot_ids(&snap).send().await.unwrap();
+        d.snapshots()[0].state().unwrap().as_str().to_owned()
+    })
+    .await;
+    assert_eq!(seen, ["pending", "error"]);
+    drop(world);
+
+    // Only AMIs fail: the snapshot completes, the AMI made of it fails.
+    let world = World::start(&one_target().faults("fail=1@RegisterImage")).await.unwrap();
+    let t = &world.targets[0];
+    let ec2 = bare_client(&world).await;
+    let vol = ec2.create_volume().size(1).availability_zone(&t.availability_zone).send().await.unwrap();
+    let snap = ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await.unwrap();
+    let snap = snap.snapshot_id().unwrap().to_owned();
+    let seen = states("snapshot", "completed", || async {
+        let d = ec2.describe_snapshots().snapshot_ids(&snap).send().await.unwrap();
+        d.snapshots()[0].state().unwrap().as_str().to_owned()
+    })
+    .await;
+    assert_eq!(seen.last().map(String::as_str), Some("completed"));
+    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
+        .build();
+    let ami = ec2
+        .register_image()
+        .name("fails")
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(root)
+        .virtualization_type("hvm")
+        .send()
+        .await
+        .unwrap();
+    let ami = ami.image_id().unwrap().to_owned();
+    let seen = states("AMI", "failed", || async {
+        let d = ec2.describe_images().image_ids(&ami).send().await.unwrap();
+        d.images()[0].state().unwrap().as_str().to_owned()
+    })
+    .await;
+    assert_eq!(seen, ["pending", "failed"]);
+}
+
 /// A client of the world's only target that calls as [`APP`], never
 /// retries, and gives up on an attempt after `timeout`.
 async fn impatient_client(world: &World, timeout: Duration) -> aws_sdk_ec2::Client {
@@ -485,9 +537,9 @@ async fn a_withheld_answer_never_comes_whether_ec2_acted_or_not() {
     }
     assert_eq!(world.api_outcomes(APP, "hang").get("CreateVolume"), Some(&n));
     // Some were carried out before their answer was held back, some not.
-    let made = data_volumes(&world).await.len();
+    let made = data_volumes(&world).await.len() as u64;
     eprintln!("{made} of {n} withheld creates were carried out");
-    assert!(made > 0 && made < n as usize, "{made} of {n}");
+    assert!(made > 0 && made < n, "{made} of {n}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -506,9 +558,9 @@ async fn any_mutating_call_can_lose_its_answer_before_or_after_acting() {
     // Reads keep their answers.
     ec2.describe_volumes().volume_ids(&id).send().await.unwrap();
     let d = own.describe_volumes().volume_ids(&id).send().await.unwrap();
-    let applied = d.volumes()[0].tags().len();
+    let applied = d.volumes()[0].tags().len() as u64;
     eprintln!("{applied} of {n} CreateTags whose answers were lost were carried out");
-    assert!(applied > 0 && applied < n as usize, "{applied} of {n}");
+    assert!(applied > 0 && applied < n, "{applied} of {n}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -36,12 +36,18 @@ mod register;
 use self::{
     capture::unpack_and_snapshot,
     existing::{Tagged, find_ami, find_snapshot, find_tagged},
-    register::{wait_image, wait_snapshot},
+    register::{dated_name, deregister_failed, is_failed_end, wait_image, wait_snapshot},
 };
 pub(crate) use self::{
     existing::image_named,
     register::{image_available, snapshot_completed},
 };
+
+/// How many times a snapshot that ended in `error`, and an AMI that ended
+/// `failed`, is made again before the target fails: a resource that fails
+/// again and again points at a cause a retry does not fix (a KMS key, a
+/// quota).
+const FAILED_ENDS: u32 = 2;
 
 /// How long each kind of wait may last.
 #[derive(Debug, Clone, Copy)]
@@ -172,10 +178,20 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
         line.step("looking for an existing AMI");
         find_tagged(ec2, o).await?
     };
-    if let Some(img) = find_ami(ec2, o, &tagged).await? {
+    let found = find_ami(ec2, o, &tagged).await?;
+    if let Some(img) = found {
         let id = img.image_id().unwrap_or_default().to_owned();
         if img.state() == Some(&ImageState::Pending) {
-            wait_image(ec2, &id, Some(tagged.learned), o.timeouts.image, line).await?;
+            match wait_image(ec2, &id, Some(tagged.learned), o.timeouts.image, line).await {
+                Ok(()) => {}
+                // It failed: made again below, from its snapshot.
+                Err(e) if is_failed_end(&e) => {
+                    tracing::warn!("{e:#}");
+                    deregister_failed(ec2, &id).await?;
+                    return made(ec2, t, o, line, r, &tagged).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
         r.reused = true;
         r.ami_id = Some(id);
@@ -185,25 +201,80 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
         tracing::info!(ami = ?r.ami_id, "an AMI of this leaf is already there");
         return Ok(());
     }
-    let left_over = find_snapshot(ec2, o, &tagged).await?;
-    // When this run made the snapshot: EC2 may not know its id everywhere yet.
-    let (snapshot, volume_gib, snap_made) = match left_over {
-        Some((snap, gib)) => {
-            tracing::info!(snapshot = %snap, "registering a snapshot left by an earlier run");
-            (snap, gib, Some(tagged.learned))
-        }
-        None => {
-            let Some((snap, gib)) = unpack_and_snapshot(ec2, t, o, line, r).await? else {
-                return Ok(());
-            };
-            (snap, gib, Some(Instant::now()))
+    made(ec2, t, o, line, r, &tagged).await
+}
+
+/// The leaf's AMI made: from a snapshot an earlier run left, or from a new
+/// one.
+async fn made(
+    ec2: &Client,
+    t: &Target,
+    o: &Options,
+    line: &Line,
+    r: &mut TargetResult,
+    tagged: &Tagged,
+) -> anyhow::Result<()> {
+    let mut left_over = find_snapshot(ec2, o, tagged).await?;
+    // A snapshot that ends in `error` is deleted and taken again (the
+    // volume still holds the leaf), at most FAILED_ENDS times.
+    let mut failed = 0;
+    let (snapshot, volume_gib, snap_made) = loop {
+        // When this run made the snapshot: EC2 may not know its id everywhere yet.
+        let (snap, gib, made) = match left_over.take() {
+            Some((snap, gib)) => {
+                tracing::info!(snapshot = %snap, "registering a snapshot left by an earlier run");
+                (snap, gib, Some(tagged.learned))
+            }
+            None => {
+                let Some((snap, gib)) = unpack_and_snapshot(ec2, t, o, line, r).await? else {
+                    return Ok(());
+                };
+                (snap, gib, Some(Instant::now()))
+            }
+        };
+        r.snapshot_id = Some(snap.clone());
+        match wait_snapshot(ec2, &snap, made, o.timeouts.snapshot, line).await {
+            Ok(()) => break (snap, gib, made),
+            Err(e) if is_failed_end(&e) && failed < FAILED_ENDS => {
+                failed += 1;
+                tracing::warn!(snapshot = %snap, "{e:#}; deleting it and taking another");
+                discard_snapshot(ec2, &snap).await;
+            }
+            Err(e) => return Err(e),
         }
     };
-    r.snapshot_id = Some(snapshot.clone());
-    wait_snapshot(ec2, &snapshot, snap_made, o.timeouts.snapshot, line).await?;
-    line.step("registering the AMI");
-    let registered = register::register(ec2, o, &snapshot, snap_made, volume_gib).await?;
-    let ami_made = Some(Instant::now());
+    // An AMI that ends `failed` is deregistered and registered again under
+    // a dated name (the failed one may keep its name for a while), at most
+    // FAILED_ENDS times; one never adopts it.
+    let mut name = if o.force { dated_name(&o.ami_name) } else { o.ami_name.clone() };
+    let mut failed = 0;
+    let (registered, ami_made) = loop {
+        line.step("registering the AMI");
+        let attempt = match register::register(ec2, o, &name, &snapshot, snap_made, volume_gib).await {
+            Ok(registered) => {
+                let ami_made = Instant::now();
+                match wait_image(ec2, &registered.id, Some(ami_made), o.timeouts.image, line).await {
+                    Ok(()) => Ok((registered, ami_made)),
+                    Err(e) if is_failed_end(&e) => {
+                        deregister_failed(ec2, &registered.id).await?;
+                        Err(e)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(done) => break done,
+            Err(e) if is_failed_end(&e) && failed < FAILED_ENDS => {
+                failed += 1;
+                name = dated_name(&o.ami_name);
+                tracing::warn!("{e:#}; registering again as '{name}'");
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let ami_made = Some(ami_made);
     let (ami, name) = (registered.id, registered.name);
     r.ami_id = Some(ami.clone());
     r.ami_name = Some(name.clone());
@@ -218,7 +289,6 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
         r.snapshot_id = Some(registered.snapshot.clone());
     }
     let snapshot = registered.snapshot;
-    wait_image(ec2, &ami, ami_made, o.timeouts.image, line).await?;
     line.step("tagging");
     let final_tags: Vec<_> = o.final_tags(&name).iter().map(|(k, v)| tags::tag(k, v)).collect();
     retry::call(&format!("CreateTags on {ami} and {snapshot}"), ami_made, || {
@@ -240,8 +310,9 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
 }
 
 /// Delete a snapshot of this leaf that no AMI uses (this run's, when
-/// another run's AMI of the leaf won). It has completed, so EC2 knows it:
-/// NotFound means deleted already (by an attempt whose answer was lost).
+/// another run's AMI of the leaf won, or one that ended in `error`). EC2
+/// has shown its state, so it knows it: NotFound means deleted already (by
+/// an attempt whose answer was lost).
 /// Failure is not the publish's: the snapshot still carries its
 /// pending-expiry tag, so `expire` removes it.
 async fn discard_snapshot(ec2: &Client, snapshot: &str) {

@@ -10,12 +10,24 @@ use aws_sdk_ec2::{
 };
 
 use crate::{
+    aws::SdkResultExt as _,
     progress::Line,
     retry::{self, Seen},
     tags,
 };
 
 use super::{Options, existing::image_named};
+
+/// A snapshot that ended in `error`, or an AMI that ended `failed`: it will
+/// never be ready, and is replaced (EC2 documents no other way out).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct FailedEnd(String);
+
+/// Whether `e` is (or was caused by) a [`FailedEnd`].
+pub(crate) fn is_failed_end(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<FailedEnd>().is_some()
+}
 
 /// Wait for a snapshot to complete; `fresh`: when this run made it.
 pub(super) async fn wait_snapshot(
@@ -44,10 +56,9 @@ pub(crate) async fn snapshot_completed(
         };
         Ok(match out.snapshots().first() {
             Some(s) if s.state() == Some(&SnapshotState::Completed) => Seen::Ready(()),
-            Some(s) if s.state() == Some(&SnapshotState::Error) => Seen::Failed(anyhow::anyhow!(
-                "snapshot {snapshot} failed: {}",
-                s.state_message().unwrap_or("no reason given")
-            )),
+            Some(s) if s.state() == Some(&SnapshotState::Error) => Seen::Failed(anyhow::Error::new(FailedEnd(
+                format!("snapshot {snapshot} failed: {}", s.state_message().unwrap_or("no reason given")),
+            ))),
             Some(s) => {
                 Seen::NotYet(format!("{} {}", s.state().map_or("?", |s| s.as_str()), s.progress().unwrap_or_default()))
             }
@@ -86,6 +97,12 @@ pub(crate) async fn image_available(
         Ok(match out.images().first() {
             Some(i) if i.state() == Some(&ImageState::Available) => Seen::Ready(()),
             Some(i) if i.state() == Some(&ImageState::Pending) => Seen::NotYet("pending".to_owned()),
+            Some(i) if matches!(i.state(), Some(ImageState::Failed | ImageState::Error)) => {
+                Seen::Failed(anyhow::Error::new(FailedEnd(format!(
+                    "AMI {ami} failed: {}",
+                    i.state_reason().and_then(|r| r.message()).unwrap_or("no reason given")
+                ))))
+            }
             Some(i) => Seen::Failed(anyhow::anyhow!(
                 "AMI {ami} is {}: {}",
                 i.state().map_or("?", |s| s.as_str()),
@@ -117,27 +134,41 @@ pub(super) struct Ami {
     pub(super) snapshot: String,
 }
 
-/// RegisterImage; returns the AMI. `snap_made`: when this run made (or
-/// learned) the snapshot. EC2 takes no idempotency token for it, but a name is
-/// unique per account and region: an attempt whose answer was lost is found
-/// by the name and the snapshot. When the name is taken by an AMI of this
-/// very leaf (a run interrupted before tagging), that AMI is adopted; when
-/// it is taken by anything else, the error says so.
+/// The name of a remade AMI: `base` and the time, as names are unique per
+/// account and region (`--force`, or an AMI that failed).
+pub(super) fn dated_name(base: &str) -> String {
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    crate::ami_name_chars(&format!("{base} {}", now.trim_end_matches('Z').replace(':', ".")))
+}
+
+/// Deregister an AMI that failed. NotFound: deregistered already (by an
+/// attempt whose answer was lost).
+pub(super) async fn deregister_failed(ec2: &Client, ami: &str) -> anyhow::Result<()> {
+    ec2.deregister_image()
+        .image_id(ami)
+        .send()
+        .await
+        .or_code(&["InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"], format!("DeregisterImage {ami}"))?;
+    tracing::warn!(%ami, "deregistered an AMI that failed");
+    Ok(())
+}
+
+/// RegisterImage as `name`; returns the AMI. `snap_made`: when this run
+/// made (or learned) the snapshot. EC2 takes no idempotency token for it,
+/// but a name is unique per account and region: an attempt whose answer
+/// was lost is found by the name and the snapshot. When the name is taken
+/// by an AMI of this very leaf (a run interrupted before tagging), that
+/// AMI is adopted (the caller's wait finds out if it failed, and deregisters
+/// it). When the name is taken by anything else, the error says so.
 pub(super) async fn register(
     ec2: &Client,
     o: &Options,
+    name: &str,
     snapshot: &str,
     snap_made: Option<Instant>,
     gib: i32,
 ) -> anyhow::Result<Ami> {
-    let name = if o.force {
-        // Names are unique per account and region: a forced remake is told
-        // apart by the time.
-        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        crate::ami_name_chars(&format!("{} {}", o.ami_name, now.trim_end_matches('Z').replace(':', ".")))
-    } else {
-        o.ami_name.clone()
-    };
+    let name = name.to_owned();
     let root = BlockDeviceMapping::builder()
         .device_name(&o.root_device_name)
         .ebs(

@@ -22,18 +22,22 @@ impl<'w> Publisher<'w> {
         Publisher { ssl: world.ssl_dir(Role::AmiPublisher).unwrap(), world }
     }
 
-    pub fn run(&self, args: &[&str]) -> Output {
-        let t = std::time::Instant::now();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"))
-            .envs(self.world.aws_env())
+    /// The publisher's command line with `args`, set up for the world.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"));
+        c.envs(self.world.aws_env())
             .env_remove("AMI_PUBLISHER_CONFIG")
             .env("HOME", self.world.path("home"))
             .arg("--ssl-dir")
             .arg(&self.ssl)
             .args(["--image-server", &self.world.imageserver_addr()])
-            .args(args)
-            .output()
-            .unwrap();
+            .args(args);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let t = std::time::Instant::now();
+        let out = self.command(args).output().unwrap();
         eprintln!(
             "$ ami-publisher {}\n-> {} in {:.1?}\n{}{}",
             args.join(" "),
@@ -51,18 +55,7 @@ impl<'w> Publisher<'w> {
         let log = self.world.path(&format!("publisher-{}.log", nonce()));
         let file = std::fs::File::create(&log).unwrap();
         eprintln!("$ ami-publisher {} (output in {})", args.join(" "), log.display());
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"))
-            .envs(self.world.aws_env())
-            .env_remove("AMI_PUBLISHER_CONFIG")
-            .env("HOME", self.world.path("home"))
-            .arg("--ssl-dir")
-            .arg(&self.ssl)
-            .args(["--image-server", &self.world.imageserver_addr()])
-            .args(args)
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
+        let child = self.command(args).stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
         (child, log)
     }
 
