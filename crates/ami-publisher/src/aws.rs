@@ -252,8 +252,22 @@ where
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     match e.as_service_error() {
-        Some(s) => format!("{}: {}", s.code().unwrap_or("error"), s.message().unwrap_or("")),
+        Some(s) => {
+            let code = s.code().unwrap_or("error");
+            format!("{code}: {}{}", s.message().unwrap_or(""), hint(code))
+        }
         None => image_client::error_chain(e),
+    }
+}
+
+/// What a user can do about an EC2 error code that says little by itself.
+fn hint(code: &str) -> &'static str {
+    if code.starts_with("Insufficient") && code.ends_with("Capacity") {
+        // A server error the SDK retried: the shortage outlasted them.
+        " (EC2 is short of capacity in this Availability Zone now; publish again later, \
+         or use an unpacker instance in another zone)"
+    } else {
+        ""
     }
 }
 

@@ -570,3 +570,41 @@ async fn a_failed_ami_of_the_leaf_holding_its_name_is_deregistered_not_adopted()
     let ids: Vec<_> = gone.images().iter().filter_map(|i| i.image_id()).collect();
     assert!(!ids.contains(&failed.as_str()), "the failed AMI is still registered: {ids:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capacity_shortage_fails_its_target_alone_saying_what_to_do() {
+    // Seed 18 (found by replaying world_model.py's draws): us-east-1 has no
+    // volume capacity for every attempt; eu-west-1's first one succeeds.
+    let world = world_with(&["first"], &["us-east-1", "eu-west-1"], "capacity=0.5@CreateVolume", 18).await;
+    let p = Publisher::new(&world);
+    let stream = "base/short";
+    add_image(&world, stream, "1", &disk(4 * MIB, 18)).await;
+    let targets = targets_of(&world);
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &["--max-retries", "2"]));
+    assert_ne!(code, 0, "{r:#?}");
+    let short = r.targets.iter().find(|t| t.region == "us-east-1").unwrap();
+    let error = short.error.as_deref().unwrap_or_default();
+    assert!(error.contains("InsufficientVolumeCapacity") && error.contains("later"), "{error}");
+    let other = r.targets.iter().find(|t| t.region == "eu-west-1").unwrap();
+    assert!(other.ok() && other.ami_id.is_some(), "{other:#?}");
+    assert_eq!(world.api_outcomes("ami-publisher", "capacity").get("CreateVolume"), Some(&3));
+    // Nothing of the stream in the short target.
+    let c = census(&world, "first", "us-east-1", stream).await;
+    assert!(c.amis.is_empty() && c.snapshots.is_empty() && c.volumes.is_empty(), "{c:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_throttling_of_the_role_a_target_assumes_is_retried() {
+    let world = world_with(&["second"], &["us-east-1", "eu-west-1"], "throttle=0.6@AssumeRole", 1).await;
+    let p = Publisher::new(&world);
+    let stream = "base/assumed";
+    let file = add_image(&world, stream, "1", &disk(4 * MIB, 1)).await;
+    let before = untagged_before(&world).await;
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets_of(&world), &[]));
+    assert_eq!(code, 0, "{r:#?}");
+    // aws-config's credential provider calls STS without the app name
+    // ("-"); the world's own AssumeRole is told apart by its session name.
+    let throttled = world.api_outcomes("-", "throttle");
+    assert!(throttled.get("AssumeRole").copied().unwrap_or(0) > 0, "no AssumeRole was throttled: {throttled:?}");
+    check_one_of_each(&world, stream, &file, &before).await;
+}

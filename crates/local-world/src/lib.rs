@@ -751,6 +751,28 @@ fn holds_image(copy: &Path, image: &Path) -> anyhow::Result<()> {
 
 /// SDK configuration from explicit profile files (the world's own clients).
 pub async fn sdk_config(config: &Path, credentials: &Path, profile: &str, region: &str) -> aws_config::SdkConfig {
+    let loader = load_profile(config, credentials, profile, region);
+    if profile != "second" {
+        return loader.load().await;
+    }
+    // The world's own AssumeRole into the second account names its session
+    // WORLD_SESSION, so the launcher serves it as the world's (no faults):
+    // aws-config's provider calls STS without the app name.
+    let first = load_profile(config, credentials, "first", region).load().await;
+    let role =
+        aws_config::sts::AssumeRoleProvider::builder(format!("arn:aws:iam::{SECOND_ACCOUNT_ID}:role/AmiPublisher"))
+            .session_name(WORLD_SESSION)
+            .configure(&first)
+            .build()
+            .await;
+    loader.credentials_provider(role).load().await
+}
+
+/// The session name of the world's own AssumeRole calls (moto_launch.py
+/// knows it too).
+pub const WORLD_SESSION: &str = "local-world";
+
+fn load_profile(config: &Path, credentials: &Path, profile: &str, region: &str) -> aws_config::ConfigLoader {
     use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
     let files = EnvConfigFiles::builder()
         .with_file(EnvConfigFileKind::Config, config)
@@ -767,6 +789,4 @@ pub async fn sdk_config(config: &Path, credentials: &Path, profile: &str, region
         .profile_name(profile)
         .region(Region::new(region.to_owned()))
         .app_name(aws_config::AppName::new("local-world").expect("a valid app name"))
-        .load()
-        .await
 }

@@ -352,6 +352,8 @@ LOCK = threading.RLock()
 # world's own), its key for random draws, ids it created, and work to do
 # once the lock is released.
 _CALL = threading.local()
+# The session name of the world's own AssumeRole calls (lib.rs WORLD_SESSION).
+WORLD_SESSION = "local-world"
 # Resource id -> monotonic time until which it is unknown (lag).
 _UNSEEN = {}
 # Volume id -> its newest snapshot, the base of the next one's increment.
@@ -764,6 +766,15 @@ def _ec2_error(status, code, message):
     return status, {"Content-Type": "text/xml;charset=UTF-8", "status": str(status)}, body
 
 
+def _sts_error(status, code, message):
+    body = (
+        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+        f"<Error><Type>Sender</Type><Code>{code}</Code><Message>{_xml(message)}</Message></Error>"
+        f"<RequestId>{__import__('uuid').uuid4()}</RequestId></ErrorResponse>"
+    )
+    return status, {"Content-Type": "text/xml", "status": str(status)}, body
+
+
 def _xml(text):
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -823,6 +834,10 @@ def call_action(self):
     service, action = self.service_name, self._get_action()
     agent = self.headers.get("User-Agent", "")
     app = next((p[len("app/") :] for p in agent.split() if p.startswith("app/")), "-")
+    if service == "sts" and action == "AssumeRole" and self.querystring.get("RoleSessionName") == [WORLD_SESSION]:
+        # The world's own AssumeRole (lib.rs names its session so: the SDK's
+        # credential provider does not send the app name).
+        app = "local-world"
     if app == "local-world" or service not in ("ec2", "sts"):
         with LOCK:
             _log(service, action, app, "ok")
@@ -842,6 +857,14 @@ def call_action(self):
     if faulty and MODEL.chance("error", key):
         _log(service, action, app, "error")
         return _server_error(key, "error-kind")
+    if service == "sts" and MODEL.chance("throttle", key):
+        # STS throttles too, with its own code and error shape.
+        _log(service, action, app, "throttle")
+        return _sts_error(400, "Throttling", "Rate exceeded")
+    if faulty and action in world_model.CAPACITY_CODES and MODEL.chance("capacity", key):
+        _log(service, action, app, "capacity")
+        code, message = world_model.CAPACITY_CODES[action]
+        return _ec2_error(500, code, message)
     mutating = faulty and not world_model.is_read(action)
     withheld = faulty and MODEL.chance("hang", key)
     if withheld and MODEL.draw("hang-kind", key) < 0.5:

@@ -36,6 +36,16 @@
 #                             fail=P      share of the snapshots and AMIs
 #                                         a tool makes that end `error` /
 #                                         `failed` after their pending time
+#                             capacity=P  share of CreateVolume refused
+#                                         InsufficientVolumeCapacity, of
+#                                         RunInstances and StartInstances
+#                                         InsufficientInstanceCapacity (500)
+#                             load=P      share of every bucket that other
+#                                         tools of the account use: a tool
+#                                         starts with and refills only the
+#                                         rest (EC2's buckets are per account)
+#                           throttle applies to STS calls too (400
+#                           Throttling).
 #                           P in 0..1; D like 2s, 500ms, 1m (not scaled).
 #                           A share may be limited to some EC2 actions:
 #                           lost=0.6@CreateVolume+RegisterImage.
@@ -52,7 +62,7 @@ import threading
 import time
 
 DEFAULT_TIME_SCALE = 0.02
-KNOWN_FAULTS = ("throttle", "error", "lag", "lost", "hang", "fail")
+KNOWN_FAULTS = ("throttle", "error", "lag", "lost", "hang", "fail", "capacity", "load")
 PACES = ("aws", "instant")
 
 # Latency per call at scale 1, seconds (uniform in the range).
@@ -118,6 +128,24 @@ READ_PREFIXES = ("Describe", "Get", "List", "Search")
 # EC2 actions of those the world serves that take a ClientToken (checked
 # against botocore's EC2 service model: each input shape's members).
 CLIENT_TOKEN_ACTIONS = frozenset({"CopyImage", "CreateVolume", "RunInstances"})
+
+
+# EC2's capacity refusals, server errors that make nothing ("Error codes
+# for the Amazon EC2 API", server errors).
+CAPACITY_CODES = {
+    "CreateVolume": (
+        "InsufficientVolumeCapacity",
+        "Not enough EBS capacity for this volume in the Availability Zone (local world: capacity).",
+    ),
+    "RunInstances": (
+        "InsufficientInstanceCapacity",
+        "Not enough capacity for this instance type in the Availability Zone (local world: capacity).",
+    ),
+    "StartInstances": (
+        "InsufficientInstanceCapacity",
+        "Not enough capacity for this instance type in the Availability Zone (local world: capacity).",
+    ),
+}
 
 
 class Refused(Exception):
@@ -288,6 +316,10 @@ class Model:
         else:
             size, rate = MUTATING
         key = (account, region, action, unfiltered)
+        # What other tools of the account leave of the bucket.
+        only = self.config.only.get("load")
+        left = 1.0 - (self.config.faults.get("load", 0.0) if only is None or action in only else 0.0)
+        size, rate = size * left, rate * left
         now = time.monotonic()
         with self._lock:
             tokens, then = self._buckets.get(key, (float(size), now))

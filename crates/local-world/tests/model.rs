@@ -498,6 +498,44 @@ async fn a_snapshot_or_an_ami_can_end_failed_after_its_pending_time() {
     assert_eq!(seen, ["pending", "failed"]);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn capacity_shortages_and_sts_throttling_refuse_with_ec2s_and_stss_codes() {
+    let world = World::start(&one_target().faults("capacity=1,throttle=1@GetCallerIdentity")).await.unwrap();
+    let t = &world.targets[0];
+    let ec2 = bare_client(&world).await;
+    let refused = ec2.create_volume().size(1).availability_zone(&t.availability_zone).send().await.unwrap_err();
+    assert_eq!(refused.code(), Some("InsufficientVolumeCapacity"), "{refused:?}");
+    assert_eq!(refused.raw_response().map(|r| r.status().as_u16()), Some(500));
+    assert!(data_volumes(&world).await.is_empty(), "a refused CreateVolume made a volume");
+    // Other actions have no capacity to lack.
+    ec2.describe_volumes().send().await.unwrap();
+    assert_eq!(world.api_outcomes(APP, "capacity").get("CreateVolume"), Some(&1));
+
+    let config = world.sdk_config_as(APP, &t.account, &t.region).await.unwrap();
+    let sts = aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::config::Builder::from(&config).retry_config(RetryConfig::disabled()).build(),
+    );
+    let throttled = sts.get_caller_identity().send().await.unwrap_err();
+    assert_eq!(throttled.code(), Some("Throttling"), "{throttled:?}");
+    assert_eq!(throttled.raw_response().map(|r| r.status().as_u16()), Some(400));
+    assert_eq!(world.api_outcomes(APP, "throttle").get("GetCallerIdentity"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_background_load_leaves_a_tool_part_of_each_bucket() {
+    // Other tools of the account take 60% of every bucket: of the 50 calls
+    // of the unfiltered DescribeVolumes bucket, 20 are left.
+    let world = World::start(&one_target().pace("aws").faults("load=0.6")).await.unwrap();
+    let ec2 = bare_client(&world).await;
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        answers.push(ec2.describe_volumes().send().await.is_ok());
+    }
+    assert!(answers[..19].iter().all(|ok| *ok), "refused within what the load leaves: {answers:?}");
+    let refused = answers[20..].iter().filter(|ok| !**ok).count();
+    assert!(refused >= 15, "only {refused} of 20 calls past the 20 left were refused");
+}
+
 /// A client of the world's only target that calls as [`APP`], never
 /// retries, and gives up on an attempt after `timeout`.
 async fn impatient_client(world: &World, timeout: Duration) -> aws_sdk_ec2::Client {
