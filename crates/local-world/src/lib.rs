@@ -265,6 +265,33 @@ pub struct World {
 impl Drop for World {
     fn drop(&mut self) {
         self.attacher.abort();
+        if self.variable("LOCAL_WORLD_FAULTS").is_some_and(|f| !f.trim().is_empty()) {
+            eprintln!("local-world: faults that struck: {}", self.struck());
+        }
+    }
+}
+
+impl World {
+    /// How many snapshots and AMIs the `fail` fault made fail, if any.
+    pub fn failed(&self) -> Option<usize> {
+        let log = std::fs::read_to_string(self.dir.path().join("failed.log")).ok()?;
+        Some(log.lines().count()).filter(|n| *n > 0)
+    }
+
+    /// How many calls each fault answered, of every tool: "throttle 12,
+    /// lost 3" (for a run's log, so that a replay can be told what to
+    /// expect).
+    pub fn struck(&self) -> String {
+        const FAULTS: [&str; 7] = ["bucket", "throttle", "error", "lag", "lost", "hang", "capacity"];
+        let log = std::fs::read_to_string(self.dir.path().join("api-calls.log")).unwrap_or_default();
+        let counts: Vec<String> = FAULTS
+            .iter()
+            .map(|f| (f, log.lines().filter(|l| l.split(' ').nth(3) == Some(*f)).count()))
+            .filter(|(_, n)| *n > 0)
+            .map(|(f, n)| format!("{f} {n}"))
+            .chain(self.failed().into_iter().map(|n| format!("fail {n}")))
+            .collect();
+        if counts.is_empty() { "none".to_owned() } else { counts.join(", ") }
     }
 }
 

@@ -15,6 +15,7 @@
 # time as usual and then shows the failed state for good. The world's own
 # calls never fail.
 
+import os
 import threading
 
 # Attribute set on a resource decided to fail.
@@ -50,6 +51,11 @@ def mark(resource, kind, model, call_key):
         _MADE[counter] = n + 1
     if model.chance("fail", f"{counter}{n}"):
         resource.__dict__[MARK] = True
+        # One line per resource decided to fail, for the world's summary.
+        world = os.environ.get("LOCAL_WORLD_DIR")
+        if world:
+            with _LOCK, open(os.path.join(world, "failed.log"), "a") as log:
+                log.write(f"{kind} {resource.id} {action_key}\n")
 
 
 def install(snapshot_cls, ami_cls):
