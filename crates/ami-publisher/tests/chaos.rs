@@ -608,3 +608,71 @@ async fn sts_throttling_of_the_role_a_target_assumes_is_retried() {
     assert!(throttled.get("AssumeRole").copied().unwrap_or(0) > 0, "no AssumeRole was throttled: {throttled:?}");
     check_one_of_each(&world, stream, &file, &before).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pending_ami_of_the_leaf_that_then_fails_is_deregistered_and_made_again() {
+    // EC2's own durations, so that an AMI stays pending (until its
+    // snapshot completes) while the publisher finds it. Seed 11 (found by
+    // replaying failed_states.py's draws): us-east-1's first AMI is made;
+    // eu-west-1's first fails and its second is made.
+    let plan = Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into(), "eu-west-1".into()] }
+        .pace("aws")
+        .time_scale(1.0)
+        .faults("fail=0.5@RegisterImage")
+        .seed(11);
+    let world = World::start(&plan).await.unwrap();
+    let p = Publisher::new(&world);
+    let stream = "base/late";
+    add_image(&world, stream, "1", &disk(4 * MIB, 12)).await;
+    let (code, r) = p.publish(stream, "1", &["--targets", "first,us-east-1"]);
+    assert_eq!(code, 0, "{r:#?}");
+
+    // In eu-west-1, an AMI of this leaf (its tags say so) is pending, as a
+    // run still going, or killed, leaves it; it will fail.
+    let config = world.sdk_config_as("tester", "first", "eu-west-1").await.unwrap();
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let vol = ec2.create_volume().availability_zone("eu-west-1a").size(1).send().await.unwrap();
+    let snap = loop {
+        match ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await {
+            Ok(s) => break s.snapshot_id().unwrap().to_owned(),
+            Err(e) if e.code() == Some("IncorrectState") => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
+        .build();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    let tags = aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(aws_sdk_ec2::types::ResourceType::Image)
+        .tags(tag("ImageDigest", &r.image_id))
+        .tags(tag("ImageStream", stream))
+        .tags(tag("ImageLeaf", "1"))
+        .build();
+    let pending = ec2
+        .register_image()
+        .name("base/late/1")
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(root)
+        .tag_specifications(tags)
+        .send()
+        .await
+        .unwrap();
+    let pending = pending.image_id().unwrap().to_owned();
+
+    let (code, r) = p.publish(stream, "1", &["--targets", "first,eu-west-1"]);
+    assert_eq!(code, 0, "{r:#?}");
+    let t = &r.targets[0];
+    assert!(!t.reused, "the pending AMI was reported as the leaf's: {t:#?}");
+    assert_ne!(t.ami_id.as_deref(), Some(pending.as_str()), "{t:#?}");
+    // Deregistered while its name was free to take again: the new AMI has
+    // the leaf's own name, not a dated one.
+    assert_eq!(t.ami_name.as_deref(), Some("base/late/1"), "{t:#?}");
+    let images = ec2.describe_images().owners("self").send().await.unwrap();
+    let ids: Vec<_> = images.images().iter().filter_map(|i| i.image_id()).collect();
+    assert!(!ids.contains(&pending.as_str()), "the failed AMI is still registered: {ids:?}");
+    assert_eq!(ids.len(), 1, "{ids:?}");
+}
