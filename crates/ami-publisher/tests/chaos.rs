@@ -520,36 +520,7 @@ async fn a_failed_ami_of_the_leaf_holding_its_name_is_deregistered_not_adopted()
     // name and failed, as an interrupted run can leave it.
     let config = world.sdk_config_as("tester", "first", "eu-west-1").await.unwrap();
     let ec2 = aws_sdk_ec2::Client::new(&config);
-    let vol = ec2.create_volume().availability_zone("eu-west-1a").size(1).send().await.unwrap();
-    let snap = loop {
-        match ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await {
-            Ok(s) => break s.snapshot_id().unwrap().to_owned(),
-            Err(e) if e.code() == Some("IncorrectState") => {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await
-            }
-            Err(e) => panic!("{e:?}"),
-        }
-    };
-    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
-        .device_name("/dev/xvda")
-        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
-        .build();
-    let digest = aws_sdk_ec2::types::Tag::builder().key("ImageDigest").value(&r.image_id).build();
-    let failed = ec2
-        .register_image()
-        .name("base/refailed/1")
-        .root_device_name("/dev/xvda")
-        .block_device_mappings(root)
-        .tag_specifications(
-            aws_sdk_ec2::types::TagSpecification::builder()
-                .resource_type(aws_sdk_ec2::types::ResourceType::Image)
-                .tags(digest)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let failed = failed.image_id().unwrap().to_owned();
+    let failed = register_by_hand(&ec2, "eu-west-1a", "base/refailed/1", &[("ImageDigest", &r.image_id)]).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let d = ec2.describe_images().image_ids(&failed).send().await.unwrap();
@@ -631,37 +602,8 @@ async fn a_pending_ami_of_the_leaf_that_then_fails_is_deregistered_and_made_agai
     // run still going, or killed, leaves it; it will fail.
     let config = world.sdk_config_as("tester", "first", "eu-west-1").await.unwrap();
     let ec2 = aws_sdk_ec2::Client::new(&config);
-    let vol = ec2.create_volume().availability_zone("eu-west-1a").size(1).send().await.unwrap();
-    let snap = loop {
-        match ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await {
-            Ok(s) => break s.snapshot_id().unwrap().to_owned(),
-            Err(e) if e.code() == Some("IncorrectState") => {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await
-            }
-            Err(e) => panic!("{e:?}"),
-        }
-    };
-    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
-        .device_name("/dev/xvda")
-        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
-        .build();
-    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
-    let tags = aws_sdk_ec2::types::TagSpecification::builder()
-        .resource_type(aws_sdk_ec2::types::ResourceType::Image)
-        .tags(tag("ImageDigest", &r.image_id))
-        .tags(tag("ImageStream", stream))
-        .tags(tag("ImageLeaf", "1"))
-        .build();
-    let pending = ec2
-        .register_image()
-        .name("base/late/1")
-        .root_device_name("/dev/xvda")
-        .block_device_mappings(root)
-        .tag_specifications(tags)
-        .send()
-        .await
-        .unwrap();
-    let pending = pending.image_id().unwrap().to_owned();
+    let leaf_tags = [("ImageDigest", r.image_id.as_str()), ("ImageStream", stream), ("ImageLeaf", "1")];
+    let pending = register_by_hand(&ec2, "eu-west-1a", "base/late/1", &leaf_tags).await;
 
     let (code, r) = p.publish(stream, "1", &["--targets", "first,eu-west-1"]);
     assert_eq!(code, 0, "{r:#?}");
@@ -675,4 +617,38 @@ async fn a_pending_ami_of_the_leaf_that_then_fails_is_deregistered_and_made_agai
     let ids: Vec<_> = images.images().iter().filter_map(|i| i.image_id()).collect();
     assert!(!ids.contains(&pending.as_str()), "the failed AMI is still registered: {ids:?}");
     assert_eq!(ids.len(), 1, "{ids:?}");
+}
+
+/// An AMI registered by a tool other than the publisher, named `name` and
+/// tagged with `tags`, of a new empty volume's snapshot in `zone`.
+async fn register_by_hand(ec2: &aws_sdk_ec2::Client, zone: &str, name: &str, tags: &[(&str, &str)]) -> String {
+    let vol = ec2.create_volume().availability_zone(zone).size(1).send().await.unwrap();
+    let snap = loop {
+        match ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await {
+            Ok(s) => break s.snapshot_id().unwrap().to_owned(),
+            Err(e) if e.code() == Some("IncorrectState") => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
+        .build();
+    let mut spec =
+        aws_sdk_ec2::types::TagSpecification::builder().resource_type(aws_sdk_ec2::types::ResourceType::Image);
+    for (k, v) in tags {
+        spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
+    }
+    let ami = ec2
+        .register_image()
+        .name(name)
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(root)
+        .tag_specifications(spec.build())
+        .send()
+        .await
+        .unwrap();
+    ami.image_id().unwrap().to_owned()
 }
