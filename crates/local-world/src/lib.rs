@@ -129,9 +129,10 @@ impl Drop for Moto {
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
 const WORLD_MODEL: &str = include_str!("world_model.py");
 /// The launcher's modules, one per EC2 behaviour moto lacks (`world/`).
-const WORLD_MODULES: [(&str, &str); 3] = [
+const WORLD_MODULES: [(&str, &str); 4] = [
     ("failed_states.py", include_str!("world/failed_states.py")),
     ("snapshot_limits.py", include_str!("world/snapshot_limits.py")),
+    ("tag_lag.py", include_str!("world/tag_lag.py")),
     ("volume_modifications.py", include_str!("world/volume_modifications.py")),
 ];
 
@@ -278,6 +279,12 @@ impl World {
         Some(log.lines().count()).filter(|n| *n > 0)
     }
 
+    /// How many tag changes the `lag` fault had seen late, if any.
+    pub fn tags_seen_late(&self) -> Option<usize> {
+        let log = std::fs::read_to_string(self.dir.path().join("tag-lag.log")).ok()?;
+        Some(log.lines().count()).filter(|n| *n > 0)
+    }
+
     /// How many calls each fault answered, of every tool: "throttle 12,
     /// lost 3" (for a run's log, so that a replay can be told what to
     /// expect).
@@ -290,6 +297,7 @@ impl World {
             .filter(|(_, n)| *n > 0)
             .map(|(f, n)| format!("{f} {n}"))
             .chain(self.failed().into_iter().map(|n| format!("fail {n}")))
+            .chain(self.tags_seen_late().into_iter().map(|n| format!("tag changes seen late {n}")))
             .collect();
         if counts.is_empty() { "none".to_owned() } else { counts.join(", ") }
     }

@@ -26,7 +26,8 @@
 # 5. ModifyVolume and DescribeVolumesModifications as EC2 answers them
 #    (world/volume_modifications.py), and CreateSnapshot's per-volume limits
 #    (world/snapshot_limits.py), snapshots and AMIs that end failed
-#    (world/failed_states.py, fault fail=P). Each behaviour added since is a module of
+#    (world/failed_states.py, fault fail=P), tag changes seen late
+#    (world/tag_lag.py, fault lag=D). Each behaviour added since is a module of
 #    its own under world/, with its EC2 source in its header.
 #
 # 6. Pace (LOCAL_WORLD_PACE=aws, the default): every call takes a latency,
@@ -324,7 +325,7 @@ def copy_image(self):
 
 amis_responses.AmisResponse.copy_image = copy_image
 
-from world import failed_states, snapshot_limits, volume_modifications
+from world import failed_states, snapshot_limits, tag_lag, volume_modifications
 
 volume_modifications.install()
 # Outermost, so that a refused snapshot is refused before anything is made.
@@ -337,6 +338,7 @@ from moto.core.responses import BaseResponse
 from moto.ec2.models import instances as moto_instances
 
 MODEL = world_model.Model(CONFIG)
+tag_lag.install(lambda: _modelled(), lambda action: _serving(action), MODEL, lambda: _CALL.key)
 Instance = moto_instances.Instance
 InstanceBackend = moto_instances.InstanceBackend
 InstanceState = moto_instances.InstanceState

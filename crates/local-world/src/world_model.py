@@ -21,8 +21,12 @@
 #                             error=P     share answered 500 InternalError or
 #                                         503 Unavailable (nothing done)
 #                             lag=D       a resource is unknown (NotFound) to
-#                                         calls naming it for a time drawn
-#                                         in 0..D after it was created
+#                                         calls naming it, and left out of
+#                                         lists, for a time drawn in 0..D
+#                                         after it was created; a tag
+#                                         change (CreateTags, DeleteTags)
+#                                         is seen late for a time drawn
+#                                         the same way
 #                             lost=P      share of mutating calls whose
 #                                         answer is lost: a third before EC2
 #                                         acted (a dropped connection, nothing
@@ -47,8 +51,9 @@
 #                           throttle applies to STS calls too (400
 #                           Throttling).
 #                           P in 0..1; D like 2s, 500ms, 1m (not scaled).
-#                           A share may be limited to some EC2 actions:
-#                           lost=0.6@CreateVolume+RegisterImage.
+#                           A fault may be limited to some EC2 actions:
+#                           lost=0.6@CreateVolume+RegisterImage (for lag,
+#                           the actions that create or change tags).
 #   LOCAL_WORLD_SEED        integer; every random decision is drawn from it,
 #                           so a failing run can be replayed. Without it a
 #                           seed is chosen and printed.
@@ -180,13 +185,13 @@ def parse_faults(text):
             raise Refused(f"LOCAL_WORLD_FAULTS: '{name}' needs a value, like {name}={'2s' if name == 'lag' else '0.1'}")
         if name in faults:
             raise Refused(f"LOCAL_WORLD_FAULTS: '{name}' is given twice")
+        value, at, actions = value.partition("@")
         if name == "lag":
             seconds = parse_duration(value)
             if seconds is None:
                 raise Refused(f"LOCAL_WORLD_FAULTS: lag={value.strip()} is not a duration (like 2s, 500ms, 1m)")
             faults[name] = seconds
         else:
-            value, at, actions = value.partition("@")
             try:
                 share = float(value)
             except ValueError:
@@ -194,12 +199,12 @@ def parse_faults(text):
             if share is None or not 0.0 <= share <= 1.0:
                 raise Refused(f"LOCAL_WORLD_FAULTS: {name}={value.strip()} is not a share between 0 and 1")
             faults[name] = share
-            if at:
-                names = [a.strip() for a in actions.split("+")]
-                bad = [a for a in names if not re.fullmatch(r"[A-Z][A-Za-z0-9]+", a)]
-                if bad or not names:
-                    raise Refused(f"LOCAL_WORLD_FAULTS: {name}=...@{actions.strip()} is not a list of actions like CreateVolume+RegisterImage")
-                only[name] = frozenset(names)
+        if at:
+            names = [a.strip() for a in actions.split("+")]
+            bad = [a for a in names if not re.fullmatch(r"[A-Z][A-Za-z0-9]+", a)]
+            if bad or not names:
+                raise Refused(f"LOCAL_WORLD_FAULTS: {name}=...@{actions.strip()} is not a list of actions like CreateVolume+RegisterImage")
+            only[name] = frozenset(names)
     return faults, only
 
 
@@ -298,7 +303,11 @@ class Model:
         return share is not None and self.draw(fault, key) < share
 
     def lag(self, key):
-        """How long a resource made by call `key` stays unknown."""
+        """How long a resource made by call `key` stays unknown (or a tag
+        change it made is seen late)."""
+        only = self.config.only.get("lag")
+        if only is not None and key.split("/")[2] not in only:
+            return 0.0
         limit = self.config.faults.get("lag")
         return 0.0 if not limit else limit * self.draw("lag", key)
 

@@ -229,6 +229,44 @@ pub(super) async fn delete_snapshot(ec2: &Client, id: &str) -> anyhow::Result<()
     Ok(())
 }
 
+/// Remove tag `key` from AMIs on which it did not show (it may have been
+/// set too recently to show), in calls of at most [`UNTAG_BATCH`] AMIs.
+/// DeleteTags of a key a resource does not have changes nothing.
+async fn untag_unseen(ec2: &Client, amis: &[String], key: &str) -> anyhow::Result<()> {
+    for batch in amis.chunks(UNTAG_BATCH) {
+        tracing::debug!(key, amis = batch.len(), "taking the tag off AMIs it may not show on yet");
+        let done = ec2
+            .delete_tags()
+            .set_resources(Some(batch.to_vec()))
+            .tags(Tag::builder().key(key).build())
+            .send()
+            .await
+            .or_code(&["InvalidAMIID.NotFound"], format!("DeleteTags {key} on {} AMIs", batch.len()))?;
+        if done.is_none() {
+            // One of them was deregistered meanwhile: the others alone.
+            untag_each(ec2, batch, key).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Each AMI alone, skipping those that are gone.
+async fn untag_each(ec2: &Client, amis: &[String], key: &str) -> anyhow::Result<()> {
+    for id in amis {
+        ec2.delete_tags()
+            .resources(id)
+            .tags(Tag::builder().key(key).build())
+            .send()
+            .await
+            .or_code(&["InvalidAMIID.NotFound"], format!("DeleteTags {key} on {id}"))?;
+    }
+    Ok(())
+}
+
+/// AMIs per DeleteTags call (EC2 takes up to 1,000 resource ids and
+/// recommends smaller batches).
+const UNTAG_BATCH: usize = 200;
+
 /// Remove tag `key` from a resource.
 async fn untag(ec2: &Client, id: &str, key: &str) -> anyhow::Result<()> {
     ec2.delete_tags()
@@ -303,6 +341,13 @@ pub async fn delete_tags(ctx: &Ctx<'_>, key: &str, amis: &AmiMap) -> Vec<Report<
 
 /// `set-exclusive-tags KEY VALUE RESULTS...`: tag these AMIs and take KEY off
 /// every other AMI of the same stream in the target.
+///
+/// EC2's tags are eventually consistent: a KEY that a run set seconds ago
+/// (the previous `set-exclusive-tags` of a pipeline that tags twice in a
+/// row) may not show yet in the TagSet or a `tag-key` filter. So the other
+/// AMIs of the stream are found by the stream's tag (set when each was
+/// registered, long before) and KEY is deleted from every one of them,
+/// showing or not; the rows name those on which it showed.
 pub async fn set_exclusive_tags(ctx: &Ctx<'_>, key: &str, value: &str, amis: &AmiMap) -> Vec<Report<Acted>> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
@@ -312,20 +357,28 @@ pub async fn set_exclusive_tags(ctx: &Ctx<'_>, key: &str, value: &str, amis: &Am
         streams.sort_unstable();
         streams.dedup();
         for stream in streams {
-            let others = ec2
+            let mut unseen = Vec::new();
+            let mut pages = ec2
                 .describe_images()
                 .owners("self")
                 .filters(tag_filter(tags::STREAM, stream))
-                .filters(Filter::builder().name("tag-key").values(key).build())
-                .send()
-                .await
-                .sdk("DescribeImages")?;
-            for img in others.images() {
-                let Some(id) = img.image_id() else { continue };
-                if ours.iter().any(|a| a.ami == id) {
-                    continue;
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for img in page.sdk("DescribeImages")?.images() {
+                    let Some(id) = img.image_id() else { continue };
+                    if ours.iter().any(|a| a.ami == id) {
+                        continue;
+                    }
+                    if tags::value(img.tags(), key).is_some() {
+                        out.push(ctx.act("delete tag", id, key, || untag(ec2, id, key)).await?);
+                    } else {
+                        unseen.push(id.to_owned());
+                    }
                 }
-                out.push(ctx.act("delete tag", id, key, || untag(ec2, id, key)).await?);
+            }
+            if !ctx.dry_run {
+                untag_unseen(ec2, &unseen, key).await?;
             }
         }
         for ListedAmi { ami, .. } in ours {
