@@ -2,7 +2,7 @@
 //!
 //! This binary is light on purpose: `pki` and `mutants` build without the
 //! AWS SDK. The commands that stand up the local world or need
-//! ami-publisher's CLI definition (demo, world, bench, dist) are handed to
+//! ami-publisher's CLI definition (demo, world, bench, soak, dist) are handed to
 //! `xtask-world` (xtask/world), which this process becomes (exec), so that
 //! Ctrl-C and exit codes reach the user unchanged.
 
@@ -36,7 +36,14 @@ Commands:
                   figures to docs/benchmarks.md; --quick: smaller sizes;
                   --only publisher: just the publisher's 1 vs 24 targets;
                   --only imageserver-memory: peak RSS with 4, 16, 64 readers;
-                  --only decode-fuzz: 100,000 cases per property test
+                  --only decode-fuzz: 100,000 cases per property test;
+                  --only soak: just the soak below
+  soak            20 publishes of one stream to 6 targets under every fault
+                  the world models (leaves that grow and shrink, one leaf
+                  twice at once, a publisher killed mid-run), side by side
+                  with the same steps fault-free; counts every resource
+                  after each step and writes leaks, failures by cause and
+                  the time ratio to docs/benchmarks.md; --steps N
   mutants         mutation testing (cargo-mutants) of the integrity-critical
                   modules; `cargo xtask mutants --help` for more
 ";
@@ -45,7 +52,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("pki") => pki(&args[1..]),
-        Some("demo" | "bench" | "dist" | "world") => Err(world_tasks(&args)),
+        Some("demo" | "bench" | "soak" | "dist" | "world") => Err(world_tasks(&args)),
         Some("mutants") if args.iter().take_while(|a| *a != "--").any(|a| a == "--help" || a == "-h") => {
             println!("{}", mutants::USAGE);
             return ExitCode::SUCCESS;

@@ -208,69 +208,6 @@ impl Aws {
     }
 }
 
-/// Context for the result of an SDK call.
-pub trait SdkResultExt<T> {
-    /// Its error as one line naming what was asked ([`sdk_error`]).
-    fn sdk(self, what: impl std::fmt::Display) -> anyhow::Result<T>;
-    /// As [`SdkResultExt::sdk`], but an error with one of `codes` is a fine
-    /// answer: `Ok(None)` (a delete of what is already gone, a duplicate
-    /// that is already there).
-    fn or_code(self, codes: &[&str], what: impl std::fmt::Display) -> anyhow::Result<Option<T>>;
-}
-
-impl<T, E> SdkResultExt<T> for Result<T, aws_sdk_ec2::error::SdkError<E>>
-where
-    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    fn sdk(self, what: impl std::fmt::Display) -> anyhow::Result<T> {
-        self.map_err(|e| sdk_error(&what.to_string(), e))
-    }
-
-    fn or_code(self, codes: &[&str], what: impl std::fmt::Display) -> anyhow::Result<Option<T>> {
-        match self {
-            Ok(t) => Ok(Some(t)),
-            Err(e) if crate::retry::code(&e).is_some_and(|c| codes.contains(&c)) => Ok(None),
-            Err(e) => Err(sdk_error(&what.to_string(), e)),
-        }
-    }
-}
-
-/// The error of an SDK call as one line: code, message, and what was asked.
-pub fn sdk_error<E, R>(what: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> anyhow::Error
-where
-    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    anyhow::anyhow!("{what}: {}", sdk_detail(&e))
-}
-
-/// The error of an SDK call as one line: its code and message, or what
-/// went wrong on the way.
-pub fn sdk_detail<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> String
-where
-    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    match e.as_service_error() {
-        Some(s) => {
-            let code = s.code().unwrap_or("error");
-            format!("{code}: {}{}", s.message().unwrap_or(""), hint(code))
-        }
-        None => image_client::error_chain(e),
-    }
-}
-
-/// What a user can do about an EC2 error code that says little by itself.
-fn hint(code: &str) -> &'static str {
-    if code.starts_with("Insufficient") && code.ends_with("Capacity") {
-        // A server error the SDK retried: the shortage outlasted them.
-        " (EC2 is short of capacity in this Availability Zone now; publish again later, \
-         or use an unpacker instance in another zone)"
-    } else {
-        ""
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::sections;

@@ -3,6 +3,7 @@
 //! image-unpacker instance in each target, and writes results files.
 //!
 //! - [`targets`]: `ACCOUNT,REGION` patterns and their expansion;
+//! - [`errors`]: what an EC2 error answer means, and how it reads;
 //! - [`aws`]: profiles, SDK configuration, retries;
 //! - [`retry`]: what the SDK cannot retry: fresh ids, untokened creates, waits;
 //! - [`unpacker`]: finding, starting and dialing unpacker instances;
@@ -14,6 +15,7 @@
 
 pub mod aws;
 pub mod cli;
+pub mod errors;
 pub mod ops;
 pub mod progress;
 pub mod publish;

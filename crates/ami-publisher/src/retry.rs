@@ -23,8 +23,15 @@
 //!   resource is ready, bounded by the user's timeout flag; NotFound on a
 //!   fresh id and errors the SDK gave up on that are transient
 //!   (throttling, 5xx) only make it poll again.
+//! - **Pauses.** The loops that interleave their own calls (an unpacker's
+//!   stream state, a volume modification, dialing an unpacker) stay beside
+//!   those calls, and pause for the named durations here
+//!   ([`BUSY_PAUSE`], [`STREAM_POLL`], [`MODIFICATION_POLL`],
+//!   [`DIAL_FIRST_WAIT`]); [`look_for`] is the one look after a lost answer.
+//!
+//! What an error answer means (its code, NotFound, throttled, transient)
+//! is [`crate::errors`]'s.
 
-use crate::aws::SdkResultExt as _;
 use std::{
     future::Future,
     time::{Duration, Instant},
@@ -34,10 +41,10 @@ use anyhow::bail;
 use aws_sdk_ec2::{
     Client,
     config::retry::RetryConfig,
-    error::{ProvideErrorMetadata, SdkError},
+    error::ProvideErrorMetadata,
 };
 
-use crate::aws::sdk_error;
+use crate::errors::{Failed, SdkResultExt as _, code, is_not_found, is_throttled, is_transient, sdk_error};
 
 /// How long after its creation NotFound on an id this run made means "not
 /// yet". EC2 documents no bound; in practice it is seconds.
@@ -71,22 +78,50 @@ fn poll_pause(started: Instant, deadline: Instant) -> Duration {
     d.min(deadline.saturating_duration_since(Instant::now()))
 }
 
+/// Fixed pauses of the loops that wait on an unpacker or on an EC2 state
+/// that no SDK waiter covers (they live beside the calls they pace, since
+/// each interleaves its own calls; their pacing is here):
+///
+/// - the unpacker answered ABORTED: another caller's operation on the
+///   stream runs; a bind ends in milliseconds, a capture in seconds;
+pub const BUSY_PAUSE: Duration = Duration::from_millis(300);
+/// - an unpacker's stream state (scanning, unpacking, a capture hold), asked
+///   of the unpacker itself: cheap, and a waiting publish starts sooner;
+pub const STREAM_POLL: Duration = Duration::from_millis(500);
+/// - a volume modification, and the new size as the unpacker sees it: one
+///   DescribeVolumesModifications a second per target is far within EC2's
+///   20 per second for describes, and the kernel sees a new size in seconds;
+pub const MODIFICATION_POLL: Duration = Duration::from_secs(1);
+/// - dialing an unpacker that does not answer yet (starting, restarting):
+///   doubling from [`DIAL_FIRST_WAIT`] to [`DIAL_MAX_WAIT`], since an
+///   instance boots in tens of seconds.
+pub const DIAL_FIRST_WAIT: Duration = Duration::from_millis(200);
+pub const DIAL_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// Look for what a call whose answer was lost may have made (or what holds
+/// a name a create was refused for), for up to [`LOOK_FOR`]: `find` is
+/// asked at once and then after pauses growing from 1 s to 4 s.
+pub async fn look_for<T, F, Fut>(mut find: F) -> anyhow::Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + LOOK_FOR;
+    let mut look = Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
+    loop {
+        if let Some(t) = find().await? {
+            return Ok(Some(t));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        look.sleep(Some(deadline)).await;
+    }
+}
+
 /// The longest back-off between two attempts of an untokened create (the
 /// SDK's own limit).
 const MAX_BACKOFF: Duration = Duration::from_secs(20);
-
-/// EC2 error codes that say an id does not exist (or not yet, when fresh).
-const NOT_FOUND: &[&str] = &[
-    "InvalidVolume.NotFound",
-    "InvalidSnapshot.NotFound",
-    "InvalidAMIID.NotFound",
-    "InvalidInstanceID.NotFound",
-    "InvalidAttachment.NotFound",
-];
-
-/// Error codes by which EC2 refuses a call for its rate, without acting.
-const THROTTLED: &[&str] =
-    &["RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled", "RequestThrottledException"];
 
 /// Refusals for a per-resource limit that passes with time, with nothing
 /// done, and how long to pause before asking again (jittered by up to a
@@ -108,38 +143,6 @@ pub fn wait_out<E: ProvideErrorMetadata>(e: &Failed<E>) -> Option<Duration> {
     let c = code(e)?;
     let pause = WAIT_OUT.iter().find(|(w, _)| *w == c)?.1;
     Some(pause + pause.mul_f64(fastrand::f64() / 5.0))
-}
-
-/// Error codes of a failure on EC2's side: the call may or may not have acted.
-const SERVER_FAULT: &[&str] = &["InternalError", "InternalFailure", "Unavailable", "ServiceUnavailable"];
-
-type Failed<E> = SdkError<E>;
-
-/// The EC2 error code of a failed call.
-pub fn code<E: ProvideErrorMetadata>(e: &Failed<E>) -> Option<&str> {
-    e.as_service_error().and_then(ProvideErrorMetadata::code)
-}
-
-/// Whether the call failed because one of the ids it names does not exist.
-pub fn is_not_found<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
-    code(e).is_some_and(|c| NOT_FOUND.contains(&c))
-}
-
-/// Whether EC2 refused the call for its rate (nothing was done).
-pub fn is_throttled<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
-    code(e).is_some_and(|c| THROTTLED.contains(&c))
-}
-
-/// Whether the call failed in a way that may not last (throttling, a
-/// server fault, a timeout, a lost connection).
-pub fn is_transient<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
-    match e {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
-        SdkError::ServiceError(s) => {
-            is_throttled(e) || s.raw().status().is_server_error() || code(e).is_some_and(|c| SERVER_FAULT.contains(&c))
-        }
-        _ => false,
-    }
 }
 
 /// A jittered, exponentially growing pause.
@@ -335,18 +338,10 @@ where
             return Err(sdk_error(what, e));
         }
         if !is_throttled(&e) {
-            tracing::info!(what, error = %crate::aws::sdk_detail(&e), "the answer was lost; looking for what it made");
-            let deadline = Instant::now() + LOOK_FOR;
-            let mut look = Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
-            loop {
-                if let Some(t) = find().await? {
-                    tracing::info!(what, "found what the attempt whose answer was lost made");
-                    return Ok(t);
-                }
-                if Instant::now() >= deadline {
-                    break;
-                }
-                look.sleep(Some(deadline)).await;
+            tracing::info!(what, error = %crate::errors::sdk_detail(&e), "the answer was lost; looking for what it made");
+            if let Some(t) = look_for(&mut find).await? {
+                tracing::info!(what, "found what the attempt whose answer was lost made");
+                return Ok(t);
             }
         }
         backoff.sleep(None).await;

@@ -13,7 +13,7 @@ use fleet_tls::TlsFiles;
 use unpacker_client::{self as uc, GetStatusRequest};
 
 use crate::{
-    aws::SdkResultExt as _,
+    errors::SdkResultExt as _,
     retry::{self, Seen},
 };
 
@@ -192,7 +192,7 @@ pub async fn dial_instance(
 /// Dial the unpacker at `addr` until it answers GetStatus, or `timeout`.
 pub async fn dial(addr: &str, tls: &TlsFiles, timeout: Duration) -> anyhow::Result<uc::Client> {
     let deadline = Instant::now() + timeout;
-    let mut wait = Duration::from_millis(200);
+    let mut wait = retry::DIAL_FIRST_WAIT;
     loop {
         let err = match uc::connect(addr, tls).await {
             Ok(mut c) => match c.get_status(GetStatusRequest {}).await {
@@ -213,6 +213,6 @@ pub async fn dial(addr: &str, tls: &TlsFiles, timeout: Duration) -> anyhow::Resu
         }
         tracing::debug!(addr, error = %err, "unpacker not answering yet");
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
+        wait = (wait * 2).min(retry::DIAL_MAX_WAIT);
     }
 }

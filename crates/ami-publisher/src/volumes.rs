@@ -16,8 +16,8 @@ use aws_sdk_ec2::{
 use unpacker_client::{self as uc, AddDeviceRequest, AssociateRequest, ForgetStreamRequest, RemoveDeviceRequest};
 
 use crate::{
-    aws::SdkResultExt as _,
-    aws::sdk_error,
+    errors::SdkResultExt as _,
+    errors::sdk_error,
     progress::Line,
     retry::{self, Seen},
     tags::{self, tag_filter},
@@ -270,7 +270,7 @@ async fn grow(
                     Ok(_) => {}
                     // Once in six hours per volume; but the SDK's retry of
                     // our own attempt whose answer was lost meets this too.
-                    Err(e) if retry::code(&e) == Some("VolumeModificationRateExceeded") => {
+                    Err(e) if crate::errors::code(&e) == Some("VolumeModificationRateExceeded") => {
                         if modifying_to(ec2, volume, gib).await? {
                             tracing::info!(volume, "our modification, whose answer was lost, is under way");
                         } else {
@@ -278,7 +278,7 @@ async fn grow(
                             return Ok(false);
                         }
                     }
-                    Err(e) if retry::code(&e) == Some("IncorrectModificationState") => {
+                    Err(e) if crate::errors::code(&e) == Some("IncorrectModificationState") => {
                         tracing::info!(volume, "{}; looking for it", sdk_error("ModifyVolume", e));
                         under_way = Some(Instant::now());
                     }
@@ -297,7 +297,7 @@ async fn grow(
             _ if Instant::now() > deadline => {
                 bail!("{volume} was not grown to {gib} GiB within {:?}", spec.timeout);
             }
-            _ => tokio::time::sleep(Duration::from_secs(1)).await,
+            _ => tokio::time::sleep(retry::MODIFICATION_POLL).await,
         }
     }
     // The kernel, then the unpacker, see the new size shortly after.
@@ -316,7 +316,7 @@ async fn grow(
         if Instant::now() > deadline {
             bail!("the unpacker still sees {volume} as {} bytes after growing it to {gib} GiB", d.size_bytes);
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(retry::MODIFICATION_POLL).await;
     }
 }
 
@@ -383,7 +383,7 @@ impl Patience {
     pub(crate) async fn again<T>(&self, r: &Result<T, tonic::Status>) -> bool {
         let busy = matches!(r, Err(s) if s.code() == tonic::Code::Aborted);
         if busy && Instant::now() < self.0 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(retry::BUSY_PAUSE).await;
             return true;
         }
         false
@@ -638,14 +638,14 @@ pub async fn detach_and_delete(ec2: &Client, instance_id: &str, volume: &str, ti
         // Detached already: by the first attempt of this call (its answer
         // lost, the SDK asked again), or by someone else.
         Err(e)
-            if retry::code(&e) == Some("IncorrectState") && attached_to(ec2, volume, instance_id).await?.is_none() => {}
+            if crate::errors::code(&e) == Some("IncorrectState") && attached_to(ec2, volume, instance_id).await?.is_none() => {}
         Err(e) => return Err(sdk_error(&format!("DetachVolume {volume}"), e)),
     }
     wait_available(ec2, volume, None, timeout).await.with_context(|| format!("detaching {volume}"))?;
     match ec2.delete_volume().volume_id(volume).send().await {
         Ok(_) => Ok(()),
         // Deleted by an attempt whose answer was lost.
-        Err(e) if retry::code(&e) == Some("InvalidVolume.NotFound") => Ok(()),
+        Err(e) if crate::errors::code(&e) == Some("InvalidVolume.NotFound") => Ok(()),
         Err(e) => Err(sdk_error(&format!("DeleteVolume {volume}"), e)),
     }
 }

@@ -704,3 +704,34 @@ async fn an_exclusive_tag_moved_twice_in_a_row_ends_on_one_ami_though_tags_show_
     let holders: Vec<&str> = tagged.images().iter().filter_map(|i| i.image_id()).collect();
     assert_eq!(holders, [two.as_str()], "Latest should be on leaf 2's AMI alone (leaf 1's: {one})");
 }
+
+/// Two runs of one leaf at once, and the first AMI fails: its run makes it
+/// again under a dated name while the other run's snapshot (second on the
+/// volume, so 15 s later) is registered under the plain name the failed
+/// AMI gave up. Both runs still end on one AMI of the leaf, and name it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_leaf_twice_at_once_with_a_failed_ami_ends_on_one_ami_named_by_both() {
+    // Seed 20 (found by replaying failed_states.py's draws): the target's
+    // first AMI fails, the next two are made.
+    let world = world_with(&["first"], &["us-east-1"], "fail=0.5@RegisterImage", 20).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/twicefailed";
+    let file = add_image(&world, stream, "1", &disk(8 * MIB, 43)).await;
+    let before = untagged_before(&world).await;
+    let args = with_targets(&targets, &[]);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| p.publish(stream, "1", &args));
+        let b = s.spawn(|| p.publish(stream, "1", &args));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(world.failed(), Some(1), "the first AMI should have failed");
+    let held = check_one_of_each(&world, stream, &file, &before).await;
+    for (code, r) in [a, b] {
+        assert_eq!(code, 0, "{r:#?}");
+        let t = &r.targets[0];
+        let c = &held[&(t.account.clone(), t.region.clone())];
+        assert_eq!(t.ami_id.as_ref(), Some(&c.amis[0]), "{t:#?}");
+        assert_eq!(t.snapshot_id.as_ref(), Some(&c.snapshots[0]), "{t:#?}");
+    }
+}

@@ -37,12 +37,22 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let doc = util::root().join("docs/benchmarks.md");
     let old = std::fs::read_to_string(&doc).unwrap_or_default();
     let marker = format!("\n## {PUBLISHER_TITLE}");
+    let soak_marker = format!("\n## {}", crate::soak::TITLE);
+    let old_soak = old.find(&soak_marker).map(|i| {
+        let rest = &old[i + 1..];
+        rest[..rest.find("\n## ").map_or(rest.len(), |j| j + 1)].to_owned()
+    });
     if only_publisher {
         let rows = crate::bench_publisher::run(&work, 8)?;
         let mut md = old.find(&marker).map_or(old.clone(), |i| old[..i].to_owned());
         md.push('\n');
         publisher_table(&mut md, &rows);
+        md.push_str(old_soak.as_deref().unwrap_or_default());
         return write_doc(&doc, &md);
+    }
+    if args.windows(2).any(|w| w[0] == "--only" && w[1] == "soak") {
+        let rows = crate::soak::rows(&work, 20)?;
+        return put_section(&doc, crate::soak::TITLE, &crate::soak::section(&rows));
     }
     if args.windows(2).any(|w| w[0] == "--only" && w[1] == "decode-fuzz") {
         let row = decode_fuzz(if quick { 10_000 } else { 100_000 })?;
@@ -178,7 +188,27 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     table(&mut md, "image-unpacker", &unpacker_rows);
     let publisher_rows = crate::bench_publisher::run(&work, 8)?;
     publisher_table(&mut md, &publisher_rows);
+    let soak_rows = crate::soak::rows(&work, 20)?;
+    md.push_str(&crate::soak::section(&soak_rows));
     write_doc(&doc, &md)
+}
+
+/// Put section `## TITLE` (`body` starts with that line) into the document:
+/// in place of the old one, else before the hand-written section (or at
+/// the end).
+pub(crate) fn put_section(doc: &std::path::Path, title: &str, body: &str) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(doc).unwrap_or_default();
+    let marker = format!("\n## {title}\n");
+    let md = if let Some(i) = old.find(&marker) {
+        let rest = &old[i + 1..];
+        let end = rest.find("\n## ").map_or(old.len(), |j| i + 1 + j + 1);
+        format!("{}{body}{}", &old[..i + 1], &old[end..])
+    } else if let Some(i) = old.find(MUTATION_TITLE) {
+        format!("{}\n{body}{}", old[..i].trim_end(), &old[i..])
+    } else {
+        format!("{}\n\n{body}", old.trim_end())
+    };
+    write_doc(doc, &md)
 }
 
 /// Run `n` `imagetool verify IMAGE` processes at once and wait for all.
@@ -321,7 +351,7 @@ fn write_doc(doc: &std::path::Path, md: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn table(md: &mut String, title: &str, rows: &[Row]) {
+pub(crate) fn table(md: &mut String, title: &str, rows: &[Row]) {
     let _ = writeln!(md, "## {title}\n\n| what | figure | goal | met |\n|---|---|---|---|");
     for r in rows {
         row_line(md, r);

@@ -1,6 +1,6 @@
 //! `xtask-world`: the commands of `cargo xtask` that stand up the local
 //! world (crates/local-world) as the stand-in for AWS, or need
-//! ami-publisher's CLI definition: demo, world, bench, dist. `cargo xtask`
+//! ami-publisher's CLI definition: demo, world, bench, soak, dist. `cargo xtask`
 //! hands these to this binary, so that its light commands (pki, mutants)
 //! build without the AWS SDK.
 //!
@@ -12,6 +12,7 @@ mod bench_publisher;
 mod bench_unpacker;
 mod demo;
 mod dist;
+mod soak;
 mod util;
 mod world;
 
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("world") => world::run(&args[1..]),
         other => {
             eprintln!("xtask-world: unknown command {other:?}; run `cargo xtask help`");

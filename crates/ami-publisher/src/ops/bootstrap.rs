@@ -11,7 +11,7 @@ use aws_sdk_ec2::{Client, types::Tag};
 
 use super::{Acted, Ctx, Report, images::delete_snapshot, launch::newest_of_stream_in};
 use crate::{
-    aws::{SdkResultExt as _, sdk_error},
+    errors::{SdkResultExt as _, sdk_error},
     publish::{image_available, image_named, snapshot_completed},
     retry, tags,
     targets::Target,

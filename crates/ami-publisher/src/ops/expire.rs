@@ -9,7 +9,7 @@ use super::{
     images::{delete_snapshot, deregister},
     unpackers::terminate,
 };
-use crate::{aws::SdkResultExt as _, retry, tags, unpacker, volumes};
+use crate::{errors::SdkResultExt as _, tags, unpacker, volumes};
 
 /// Whether tags say the resource has expired (None: no ExpiresAt).
 fn expired(tags: &[Tag], now: SystemTime) -> Option<bool> {
@@ -62,14 +62,14 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
             match ec2.delete_snapshot().snapshot_id(id).send().await {
                 // Or deleted by an attempt whose answer was lost.
                 Ok(_) => out.push(ctx.described("delete", id, "snapshot")),
-                Err(e) if retry::code(&e) == Some("InvalidSnapshot.NotFound") => {
+                Err(e) if crate::errors::code(&e) == Some("InvalidSnapshot.NotFound") => {
                     out.push(ctx.described("delete", id, "snapshot"));
                 }
                 // Still backing an AMI that has not expired: keep it.
-                Err(e) if retry::code(&e) == Some("InvalidSnapshot.InUse") => {
+                Err(e) if crate::errors::code(&e) == Some("InvalidSnapshot.InUse") => {
                     out.push(Acted::kept(id, "in use by an AMI"));
                 }
-                Err(e) => return Err(crate::aws::sdk_error(&format!("DeleteSnapshot {id}"), e)),
+                Err(e) => return Err(crate::errors::sdk_error(&format!("DeleteSnapshot {id}"), e)),
             }
         }
         let vols = ec2.describe_volumes().filters(has_expiry()).send().await.sdk("DescribeVolumes")?;

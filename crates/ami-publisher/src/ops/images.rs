@@ -16,7 +16,7 @@ use aws_sdk_ec2::{
 
 use super::{Acted, Ctx, Report, output::row};
 use crate::{
-    aws::SdkResultExt as _,
+    errors::SdkResultExt as _,
     results::PublishResults,
     tags::{self, tag_filter},
     targets::Target,

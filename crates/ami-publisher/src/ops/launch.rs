@@ -11,7 +11,7 @@ use super::{
     unpackers::terminate,
 };
 use crate::{
-    aws::SdkResultExt as _,
+    errors::SdkResultExt as _,
     retry,
     tags::{self, tag_filter},
     unpacker::{self, UnpackerInstance},

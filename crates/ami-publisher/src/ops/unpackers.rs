@@ -15,7 +15,7 @@ use unpacker_client::{self as uc, GetStatusRequest, PrepareForUnpackRequest, Str
 
 use super::{Acted, Ctx, Report, output::row};
 use crate::{
-    aws::SdkResultExt as _,
+    errors::SdkResultExt as _,
     tags, unpacker,
     volumes::{self, VolumeSpec},
 };

@@ -80,7 +80,7 @@ pub(super) async fn unpack_and_snapshot(
             Err(Step::Busy(s)) if Instant::now() < deadline => {
                 line.step("the stream is busy; waiting");
                 tracing::info!(stream = %o.stream, "{}; waiting", s.message());
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(retry::STREAM_POLL).await;
             }
             Err(Step::Busy(s)) => bail!("{} (gave up after {patience:?})", s.message()),
             Err(Step::Failed(e)) => return Err(e),
@@ -290,6 +290,6 @@ pub(super) async fn wait_stream_idle(
                 state.as_str_name().trim_start_matches("STREAM_STATE_").to_lowercase()
             ));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(retry::STREAM_POLL).await;
     }
 }

@@ -8,7 +8,7 @@ use aws_sdk_ec2::{
 
 use std::time::Instant;
 
-use crate::{aws::SdkResultExt as _, retry, tags};
+use crate::{errors::SdkResultExt as _, retry, tags};
 
 use super::Options;
 
@@ -55,14 +55,19 @@ pub(super) async fn find_tagged(ec2: &Client, o: &Options) -> anyhow::Result<Tag
 
 /// An AMI (available or on its way) tagged with this leaf and image id.
 pub(super) async fn find_ami(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<Option<Image>> {
+    Ok(of_leaf(ec2, o, tagged).await?.into_iter().max_by(|a, b| a.creation_date().cmp(&b.creation_date())))
+}
+
+/// The tagged AMIs of this leaf that are available or on their way.
+async fn of_leaf(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<Vec<Image>> {
     if tagged.images.is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let ids = Some(tagged.images.clone());
     let out =
         retry::call("DescribeImages", Some(tagged.learned), || ec2.describe_images().set_image_ids(ids.clone()).send())
             .await?;
-    let mut found: Vec<Image> = out
+    Ok(out
         .images()
         .iter()
         .filter(|i| matches!(i.state(), Some(ImageState::Available | ImageState::Pending)))
@@ -71,9 +76,16 @@ pub(super) async fn find_ami(ec2: &Client, o: &Options, tagged: &Tagged) -> anyh
                 && tags::value(i.tags(), tags::LEAF) == Some(o.leaf.as_str())
         })
         .cloned()
-        .collect();
-    found.sort_by(|a, b| b.creation_date().cmp(&a.creation_date()));
-    Ok(found.into_iter().next())
+        .collect())
+}
+
+/// The AMI of this leaf (available or on its way) made first, then with
+/// the lowest id: the leaf's one AMI when two runs each made one.
+pub(super) async fn first_ami(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<Option<Image>> {
+    Ok(of_leaf(ec2, o, tagged)
+        .await?
+        .into_iter()
+        .min_by(|a, b| a.creation_date().cmp(&b.creation_date()).then(a.image_id().cmp(&b.image_id()))))
 }
 
 /// A snapshot of this leaf (completed or pending) and its size in GiB.

@@ -21,7 +21,8 @@ use aws_sdk_ec2::{
 use fleet_tls::TlsFiles;
 
 use crate::{
-    aws::{Aws, SdkResultExt as _},
+    aws::Aws,
+    errors::SdkResultExt as _,
     progress::{Board, Line},
     results::{PublishResults, TargetResult},
     retry::{self},
@@ -275,6 +276,8 @@ async fn made(
         }
     };
     let ami_made = Some(ami_made);
+    // A forced publish makes an AMI of its own, beside the leaf's others.
+    let registered = if o.force { registered } else { register::settle(ec2, o, registered, &snapshot, line).await? };
     let (ami, name) = (registered.id, registered.name);
     r.ami_id = Some(ami.clone());
     r.ami_name = Some(name.clone());

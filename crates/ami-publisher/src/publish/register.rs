@@ -10,7 +10,7 @@ use aws_sdk_ec2::{
 };
 
 use crate::{
-    aws::SdkResultExt as _,
+    errors::SdkResultExt as _,
     progress::Line,
     retry::{self, Seen},
     tags,
@@ -144,13 +144,57 @@ pub(super) fn dated_name(base: &str) -> String {
 /// Deregister an AMI that failed. NotFound: deregistered already (by an
 /// attempt whose answer was lost).
 pub(super) async fn deregister_failed(ec2: &Client, ami: &str) -> anyhow::Result<()> {
+    deregister(ec2, ami).await?;
+    tracing::warn!(%ami, "deregistered an AMI that failed");
+    Ok(())
+}
+
+/// DeregisterImage; NotFound: deregistered already (by an attempt whose
+/// answer was lost).
+async fn deregister(ec2: &Client, ami: &str) -> anyhow::Result<()> {
     ec2.deregister_image()
         .image_id(ami)
         .send()
         .await
         .or_code(&["InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"], format!("DeregisterImage {ami}"))?;
-    tracing::warn!(%ami, "deregistered an AMI that failed");
     Ok(())
+}
+
+/// The leaf's one AMI, when two runs of it made one each.
+///
+/// The AMI's name serialises two runs of a leaf (the second's RegisterImage
+/// is refused, and it adopts the first's AMI), but not when one run's AMI
+/// failed and was made again under a dated name while the other run
+/// registered the name the failed one had given up. So each run, once its
+/// AMI (`ours`, made from `snapshot` when it is this run's) is available,
+/// looks for the leaf's AMIs: the one made first (then the lowest id) is
+/// the leaf's. A run whose AMI is not that one waits for it, deregisters
+/// its own, and uses that one; should that one fail instead, its run makes
+/// it again under a later date, and this run's stays the leaf's.
+pub(super) async fn settle(ec2: &Client, o: &Options, ours: Ami, snapshot: &str, line: &Line) -> anyhow::Result<Ami> {
+    let tagged = super::existing::find_tagged(ec2, o).await?;
+    let Some(first) = super::existing::first_ami(ec2, o, &tagged).await? else { return Ok(ours) };
+    let Some(id) = first.image_id().filter(|id| *id != ours.id) else { return Ok(ours) };
+    tracing::info!(ami = %id, ours = %ours.id, "another run made an AMI of this leaf first");
+    line.step(format!("using {id}, made first by another run"));
+    if first.state() == Some(&aws_sdk_ec2::types::ImageState::Pending) {
+        match wait_image(ec2, id, Some(tagged.learned), o.timeouts.image, line).await {
+            Ok(()) => {}
+            Err(e) if is_failed_end(&e) => return Ok(ours),
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(root) = root_snapshot(&first) else { return Ok(ours) };
+    if ours.snapshot == snapshot {
+        deregister(ec2, &ours.id).await?;
+        tracing::info!(ami = %ours.id, "deregistered this run's AMI of the leaf: another run's was made first");
+    }
+    Ok(Ami {
+        id: id.to_owned(),
+        name: first.name().unwrap_or_default().to_owned(),
+        owner: first.owner_id().map(str::to_owned),
+        snapshot: root.to_owned(),
+    })
 }
 
 /// RegisterImage as `name`; returns the AMI. `snap_made`: when this run
@@ -204,7 +248,7 @@ pub(super) async fn register(
             async move {
                 match req.send().await {
                     Ok(out) => Ok(Registered::Made(out.image_id().unwrap_or_default().to_owned())),
-                    Err(e) if retry::code(&e) == Some("InvalidAMIName.Duplicate") => Ok(Registered::NameTaken),
+                    Err(e) if crate::errors::code(&e) == Some("InvalidAMIName.Duplicate") => Ok(Registered::NameTaken),
                     Err(e) => Err(e),
                 }
             }
@@ -225,15 +269,8 @@ pub(super) async fn register(
         Registered::Made(_) => bail!("RegisterImage {name} returned no image id"),
         Registered::NameTaken => {
             // The AMI holding the name may be new enough not to be listed yet.
-            let deadline = Instant::now() + retry::LOOK_FOR;
-            let img = loop {
-                if let Some(img) = image_named(ec2, &name).await? {
-                    break img;
-                }
-                if Instant::now() > deadline {
-                    bail!("RegisterImage {name}: the name is taken, but no AMI of this account has it");
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(img) = retry::look_for(|| image_named(ec2, &name)).await? else {
+                bail!("RegisterImage {name}: the name is taken, but no AMI of this account has it");
             };
             let ours = tags::value(img.tags(), tags::DIGEST) == Some(o.image_id.as_str()) || uses_snapshot(&img);
             let id = img.image_id().unwrap_or_default().to_owned();
@@ -255,7 +292,7 @@ pub(super) async fn register(
 }
 
 /// The snapshot an AMI boots from, as EC2 describes the AMI.
-fn root_snapshot(img: &Image) -> Option<&str> {
+pub(super) fn root_snapshot(img: &Image) -> Option<&str> {
     let root = img.root_device_name()?;
     img.block_device_mappings().iter().find(|m| m.device_name() == Some(root))?.ebs()?.snapshot_id()
 }

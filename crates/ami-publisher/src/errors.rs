@@ -1,0 +1,115 @@
+//! What an EC2 error answer means: its code, whether it says an id is
+//! unknown, that EC2 refused for its rate, or that the call may or may not
+//! have acted; and how it reads in a message. Below [`crate::aws`] (which
+//! builds the clients) and [`crate::retry`] (which acts on these).
+
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+
+/// EC2 error codes that say an id does not exist (or not yet, when fresh).
+const NOT_FOUND: &[&str] = &[
+    "InvalidVolume.NotFound",
+    "InvalidSnapshot.NotFound",
+    "InvalidAMIID.NotFound",
+    "InvalidInstanceID.NotFound",
+    "InvalidAttachment.NotFound",
+];
+
+/// Error codes by which EC2 refuses a call for its rate, without acting.
+const THROTTLED: &[&str] =
+    &["RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled", "RequestThrottledException"];
+
+/// Error codes of a failure on EC2's side: the call may or may not have acted.
+const SERVER_FAULT: &[&str] = &["InternalError", "InternalFailure", "Unavailable", "ServiceUnavailable"];
+
+/// A failed SDK call.
+pub type Failed<E> = SdkError<E>;
+
+/// The EC2 error code of a failed call.
+pub fn code<E: ProvideErrorMetadata>(e: &Failed<E>) -> Option<&str> {
+    e.as_service_error().and_then(ProvideErrorMetadata::code)
+}
+
+/// Whether the call failed because one of the ids it names does not exist.
+pub fn is_not_found<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
+    code(e).is_some_and(|c| NOT_FOUND.contains(&c))
+}
+
+/// Whether EC2 refused the call for its rate (nothing was done).
+pub fn is_throttled<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
+    code(e).is_some_and(|c| THROTTLED.contains(&c))
+}
+
+/// Whether the call failed in a way that may not last (throttling, a
+/// server fault, a timeout, a lost connection).
+pub fn is_transient<E: ProvideErrorMetadata>(e: &Failed<E>) -> bool {
+    match e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(s) => {
+            is_throttled(e) || s.raw().status().is_server_error() || code(e).is_some_and(|c| SERVER_FAULT.contains(&c))
+        }
+        _ => false,
+    }
+}
+
+/// Context for the result of an SDK call.
+pub trait SdkResultExt<T> {
+    /// Its error as one line naming what was asked ([`sdk_error`]).
+    fn sdk(self, what: impl std::fmt::Display) -> anyhow::Result<T>;
+    /// As [`SdkResultExt::sdk`], but an error with one of `codes` is a fine
+    /// answer: `Ok(None)` (a delete of what is already gone, a duplicate
+    /// that is already there).
+    fn or_code(self, codes: &[&str], what: impl std::fmt::Display) -> anyhow::Result<Option<T>>;
+}
+
+impl<T, E> SdkResultExt<T> for Result<T, aws_sdk_ec2::error::SdkError<E>>
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    fn sdk(self, what: impl std::fmt::Display) -> anyhow::Result<T> {
+        self.map_err(|e| sdk_error(&what.to_string(), e))
+    }
+
+    fn or_code(self, codes: &[&str], what: impl std::fmt::Display) -> anyhow::Result<Option<T>> {
+        match self {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if code(&e).is_some_and(|c| codes.contains(&c)) => Ok(None),
+            Err(e) => Err(sdk_error(&what.to_string(), e)),
+        }
+    }
+}
+
+/// The error of an SDK call as one line: code, message, and what was asked.
+pub fn sdk_error<E, R>(what: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> anyhow::Error
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    anyhow::anyhow!("{what}: {}", sdk_detail(&e))
+}
+
+/// The error of an SDK call as one line: its code and message, or what
+/// went wrong on the way.
+pub fn sdk_detail<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match e.as_service_error() {
+        Some(s) => {
+            let code = s.code().unwrap_or("error");
+            format!("{code}: {}{}", s.message().unwrap_or(""), hint(code))
+        }
+        None => image_client::error_chain(e),
+    }
+}
+
+/// What a user can do about an EC2 error code that says little by itself.
+fn hint(code: &str) -> &'static str {
+    if code.starts_with("Insufficient") && code.ends_with("Capacity") {
+        // A server error the SDK retried: the shortage outlasted them.
+        " (EC2 is short of capacity in this Availability Zone now; publish again later, \
+         or use an unpacker instance in another zone)"
+    } else {
+        ""
+    }
+}
