@@ -71,6 +71,13 @@ const POLL_FIRST_WAIT: Duration = Duration::from_millis(500);
 const POLL_MAX_WAIT: Duration = Duration::from_secs(15);
 const POLL_SHARE: f64 = 0.25;
 
+/// How long one poll of a wait may take before the next is sent instead.
+/// A poll is a describe, which EC2 answers in well under a second, and
+/// asking again is harmless: one not answered in this time is as good as
+/// lost, and waiting for it the whole `--call-timeout` (meant for calls
+/// that act) would hold up noticing that the resource is ready.
+const POLL_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
 /// The pause before the next poll of a wait that began at `started`.
 fn poll_pause(started: Instant, deadline: Instant) -> Duration {
     let step = started.elapsed().mul_f64(POLL_SHARE).clamp(POLL_FIRST_WAIT, POLL_MAX_WAIT);
@@ -269,7 +276,15 @@ where
     let deadline = started + timeout;
     let mut last: String;
     loop {
-        match poll().await {
+        let Ok(answer) = tokio::time::timeout(POLL_ANSWER_WITHIN, poll()).await else {
+            last = format!("a poll not answered within {POLL_ANSWER_WITHIN:?}");
+            tracing::debug!(what, "{last}; polling again");
+            if Instant::now() >= deadline {
+                bail!("waiting for {what}: not done within {timeout:?} (last seen: {last})");
+            }
+            continue;
+        };
+        match answer {
             Ok(Seen::Ready(t)) => return Ok(t),
             Ok(Seen::NotYet(state)) => last = state,
             Ok(Seen::Failed(e)) => return Err(e.context(format!("waiting for {what}"))),

@@ -735,3 +735,54 @@ async fn the_same_leaf_twice_at_once_with_a_failed_ami_ends_on_one_ami_named_by_
         assert_eq!(t.snapshot_id.as_ref(), Some(&c.snapshots[0]), "{t:#?}");
     }
 }
+
+/// EC2 drops a deleted resource's tags eventually: DescribeTags may still
+/// name a snapshot the publish deleted (one that ended `error`). The same
+/// leaf published again right after finds its AMI and snapshot all the
+/// same, without waiting on the deleted one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_snapshot_still_listed_by_its_tags_does_not_hold_up_the_next_publish() {
+    // Seed 2 (found by replaying the world's draws): the first snapshot
+    // ends `error` and is deleted; its tags are listed for 110 s more.
+    let world = world_with(&["first"], &["us-east-1"], "fail=0.5@CreateSnapshot,lag=120s@DeleteSnapshot", 2).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let args = with_targets(&targets, &[]);
+    let stream = "base/stale";
+    let file = add_image(&world, stream, "1", &disk(8 * MIB, 47)).await;
+    let before = untagged_before(&world).await;
+    let (code, first) = p.publish(stream, "1", &args);
+    assert_eq!(code, 0, "{first:#?}");
+    assert_eq!(world.failed(), Some(1), "the first snapshot should have failed");
+    assert!(world.tags_seen_late().is_some(), "the deleted snapshot's tags should still be listed");
+    // Far below the 110 s its tags are still listed.
+    let (code, again) = p.publish_within(std::time::Duration::from_secs(60), stream, "1", &args);
+    assert_eq!(code, 0, "{again:#?}");
+    let (a, b) = (&first.targets[0], &again.targets[0]);
+    assert!(b.reused, "{b:#?}");
+    assert_eq!((&b.ami_id, &b.snapshot_id), (&a.ami_id, &a.snapshot_id));
+    check_one_of_each(&world, stream, &file, &before).await;
+}
+
+/// A poll of a wait that gets no answer is given up on after a few
+/// seconds and the next one sent, whatever `--call-timeout` (meant for
+/// calls that act) allows: a withheld DescribeSnapshots does not hold up
+/// noticing that the snapshot is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poll_that_gets_no_answer_is_replaced_by_the_next_without_waiting_out_the_call_timeout() {
+    // Seed 23 (found by replaying the world's draws): the first poll of
+    // each target's snapshot is withheld, and one more in eu-west-1.
+    let world = world_with(&["first"], &["us-east-1", "eu-west-1"], "hang=0.3@DescribeSnapshots", 23).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/polls";
+    let file = add_image(&world, stream, "1", &disk(8 * MIB, 53)).await;
+    let before = untagged_before(&world).await;
+    // Each withheld poll would cost the 60 s call timeout.
+    let limit = std::time::Duration::from_secs(50);
+    let (code, r) = p.publish_within(limit, stream, "1", &with_targets(&targets, &["--call-timeout", "60s"]));
+    assert_eq!(code, 0, "{r:#?}");
+    let hung = world.api_outcomes("ami-publisher", "hang");
+    assert!(hung.get("DescribeSnapshots").copied().unwrap_or(0) >= 2, "{hung:?}");
+    check_one_of_each(&world, stream, &file, &before).await;
+}

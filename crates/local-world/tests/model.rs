@@ -705,3 +705,61 @@ async fn tag_changes_are_seen_late_by_every_read_and_then_seen() {
     assert_eq!(with(&ec2, "tag:a", "2").await, [changed]);
     assert_eq!(world.tags_seen_late(), Some(3), "a, b and c");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_resources_tags_go_with_it_seen_late_like_any_tag_change() {
+    // Seed 1 (found by replaying world_model.py's draws): the DeleteVolume's
+    // tag removal is seen after 8.0 s.
+    let world = World::start(&one_target().faults("lag=20s@DeleteVolume").seed(1)).await.unwrap();
+    let t = &world.targets[0];
+    let own = world.ec2(&t.account, &t.region).await;
+    let ec2 = bare_client(&world).await;
+    let made = ec2
+        .create_volume()
+        .size(1)
+        .availability_zone(&t.availability_zone)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Volume)
+                .tags(tag("Stream", "s"))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = made.volume_id().unwrap().to_owned();
+    let listed = |c: &aws_sdk_ec2::Client| {
+        let c = c.clone();
+        async move {
+            let f = Filter::builder().name("key").values("Stream").build();
+            let out = c.describe_tags().filters(f).send().await.unwrap();
+            out.tags().iter().filter_map(|t| t.resource_id().map(str::to_owned)).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(&ec2).await, [id.as_str()]);
+    // Not yet available: wait, as a tool would, then delete.
+    states("the volume", "available", || {
+        let own = own.clone();
+        let id = id.clone();
+        async move {
+            let d = own.describe_volumes().volume_ids(&id).send().await.unwrap();
+            d.volumes()[0].state().unwrap().as_str().to_owned()
+        }
+    })
+    .await;
+    let started = Instant::now();
+    ec2.delete_volume().volume_id(&id).send().await.unwrap();
+    // EC2 itself has dropped them (the world's own view)...
+    assert_eq!(listed(&own).await, Vec::<String>::new());
+    // ... but a tool's DescribeTags still names the deleted volume, whose
+    // describe answers NotFound.
+    assert_eq!(listed(&ec2).await, [id.as_str()]);
+    let e = ec2.describe_volumes().volume_ids(&id).send().await.unwrap_err();
+    assert_eq!(e.code(), Some("InvalidVolume.NotFound"));
+    while !listed(&ec2).await.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(20), "the deleted volume's tags never went");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gone = started.elapsed();
+    assert!(gone > Duration::from_secs(7) && gone < Duration::from_secs(10), "{gone:?}");
+}

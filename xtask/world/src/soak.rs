@@ -291,17 +291,22 @@ fn kill_after(s: &Side) -> Duration {
     Duration::from_secs_f64(if typical == f64::MAX { 10.0 } else { typical / 3.0 })
 }
 
-/// An EC2 error code in a target's error, else its first words.
+/// The EC2 error code in a target's error ("WHAT: CODE: message"; a
+/// what may be an action's name too), else its first words.
 fn cause(error: &str) -> String {
-    let code = error.split(": ").find(|w| {
-        w.len() > 3
-            && w.chars().next().is_some_and(|c| c.is_ascii_uppercase())
-            && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
-            && w.chars().any(|c| c.is_ascii_lowercase())
-    });
-    match code {
-        Some(c) => c.to_owned(),
-        None => error.split_whitespace().take(6).collect::<Vec<_>>().join(" "),
+    let codes: Vec<&str> = error
+        .split(": ")
+        .filter(|w| {
+            w.len() > 3
+                && w.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+                && w.chars().any(|c| c.is_ascii_lowercase())
+        })
+        .collect();
+    match codes[..] {
+        [] => error.split_whitespace().take(6).collect::<Vec<_>>().join(" "),
+        [only] => only.to_owned(),
+        [_, code, ..] => code.to_owned(),
     }
 }
 

@@ -8,7 +8,7 @@ use aws_sdk_ec2::{
 
 use std::time::Instant;
 
-use crate::{errors::SdkResultExt as _, retry, tags};
+use crate::{errors::SdkResultExt as _, tags};
 
 use super::Options;
 
@@ -63,10 +63,11 @@ async fn of_leaf(ec2: &Client, o: &Options, tagged: &Tagged) -> anyhow::Result<V
     if tagged.images.is_empty() {
         return Ok(Vec::new());
     }
-    let ids = Some(tagged.images.clone());
-    let out =
-        retry::call("DescribeImages", Some(tagged.learned), || ec2.describe_images().set_image_ids(ids.clone()).send())
-            .await?;
+    // By a filter, not by ids: DescribeTags may still list an AMI that was
+    // deregistered (EC2 drops a gone resource's tags eventually), and an id
+    // that does not exist fails a describe by ids as a whole.
+    let ids = filter("image-id", &tagged.images);
+    let out = ec2.describe_images().owners("self").filters(ids).send().await.sdk("DescribeImages")?;
     Ok(out
         .images()
         .iter()
@@ -93,11 +94,10 @@ pub(super) async fn find_snapshot(ec2: &Client, o: &Options, tagged: &Tagged) ->
     if tagged.snapshots.is_empty() {
         return Ok(None);
     }
-    let ids = Some(tagged.snapshots.clone());
-    let out = retry::call("DescribeSnapshots", Some(tagged.learned), || {
-        ec2.describe_snapshots().set_snapshot_ids(ids.clone()).send()
-    })
-    .await?;
+    // By a filter, not by ids (see `of_leaf`): a deleted snapshot (one that
+    // failed, or that backs nothing) may still be listed by DescribeTags.
+    let ids = filter("snapshot-id", &tagged.snapshots);
+    let out = ec2.describe_snapshots().owner_ids("self").filters(ids).send().await.sdk("DescribeSnapshots")?;
     Ok(out
         .snapshots()
         .iter()
@@ -108,6 +108,10 @@ pub(super) async fn find_snapshot(ec2: &Client, o: &Options, tagged: &Tagged) ->
         })
         .max_by(|a, b| a.start_time().map(|t| t.secs()).cmp(&b.start_time().map(|t| t.secs())))
         .and_then(|s| Some((s.snapshot_id()?.to_owned(), s.volume_size().unwrap_or(1)))))
+}
+
+fn filter(name: &str, values: &[String]) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder().name(name).set_values(Some(values.to_vec())).build()
 }
 
 /// This account's AMI called `name`, if EC2 lists one.

@@ -17,6 +17,14 @@
 # with the resource itself, whose own lag already hides it. The world's own
 # calls always see the truth.
 #
+# A deleted resource's tags go with it (DeleteSnapshot, DeleteVolume,
+# DeregisterImage), which moto does not do (5.1.22 and 5.2.5 keep them in
+# DescribeTags for good, naming ids that no longer exist). EC2 drops them,
+# eventually like any tag change: for a tool's delete, DescribeTags and the
+# filters may still list them for a time drawn the same way (then naming an
+# id whose describe answers NotFound). Terminated instances keep their tags
+# while EC2 still lists them (about an hour), as in moto.
+#
 # Each change seen late adds a line to $LOCAL_WORLD_DIR/tag-lag.log
 # ("resource key seconds"), for the world's summary of what struck.
 
@@ -25,6 +33,8 @@ import threading
 import time
 import types
 
+from moto.ec2.models.amis import AmiBackend
+from moto.ec2.models.elastic_block_store import EBSBackend
 from moto.ec2.models.tags import TagBackend
 
 _LOCK = threading.Lock()
@@ -41,8 +51,8 @@ def install(modelled, serving, model, call_key):
     delete = TagBackend.delete_tags
     describe = TagBackend.describe_tags
 
-    def changing(self, resource_ids, tags, apply):
-        if not (modelled() and (serving("CreateTags") or serving("DeleteTags"))):
+    def changing(self, resource_ids, tags, apply, always=False):
+        if not (modelled() and (always or serving("CreateTags") or serving("DeleteTags"))):
             return apply()
         before = {rid: dict(self.tags.get(rid, {})) for rid in resource_ids}
         result = apply()
@@ -96,6 +106,24 @@ def install(modelled, serving, model, call_key):
     TagBackend.create_tags = create_tags
     TagBackend.delete_tags = delete_tags
     TagBackend.describe_tags = describe_tags
+
+    def forgetting(method):
+        def deleting(self, resource_id, *args, **kwargs):
+            result = method(self, resource_id, *args, **kwargs)
+            tags = dict(self.tags.get(resource_id, {}))
+            if tags:
+                remove = lambda: self.tags.pop(resource_id, None)  # noqa: E731
+                if modelled():
+                    changing(self, [resource_id], tags, remove, always=True)
+                else:
+                    remove()
+            return result
+
+        return deleting
+
+    EBSBackend.delete_snapshot = forgetting(EBSBackend.delete_snapshot)
+    EBSBackend.delete_volume = forgetting(EBSBackend.delete_volume)
+    AmiBackend.deregister_image = forgetting(AmiBackend.deregister_image)
 
 
 def _note(resource_id, key, seconds):
