@@ -400,3 +400,41 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
     assert!(again.iter().all(|a| a["action"] == "kept"), "{again:?}");
     assert_eq!(images("second", "eu-west-1").await.len(), 1);
 }
+
+/// Every argument an operation takes is checked before any AWS call: a bad
+/// one exits 2 naming it, and the emulator counts no call of the tool.
+#[tokio::test(flavor = "multi_thread")]
+async fn operations_refuse_bad_arguments_before_any_aws_call() {
+    let world =
+        World::start(&Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into()] }).await.unwrap();
+    let p = Publisher::new(&world);
+    let not_a_key = world.path("not-a-key.pub");
+    std::fs::write(&not_a_key, "hello\n").unwrap();
+    let missing = world.path("missing");
+    let no_dir = world.path("no-such-dir/out.csv");
+    let (not_a_key, missing, no_dir) =
+        (not_a_key.to_str().unwrap(), missing.to_str().unwrap(), no_dir.to_str().unwrap());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["add-volumes", "0"], "invalid value '0' for '<SIZE_GIB>'"),
+        (vec!["add-volumes", "16385"], "invalid value '16385' for '<SIZE_GIB>'"),
+        (vec!["import-key-pair", "fleet", missing], "reading public key"),
+        (vec!["import-key-pair", "fleet", not_a_key], "does not look like an OpenSSH public key"),
+        (vec!["launch-instances", "--user-data", missing, "base/x"], "reading --user-data"),
+        (vec!["set-tags-on-unpackers"], "give the tags to set with --tags"),
+        (vec!["--results", no_dir, "launch-instances", "base/x"], "cannot be written"),
+        (vec!["list-unused-images", "--unused-images-csv", no_dir], "cannot be written"),
+        (vec!["list-used-images", "--old-image-instances-csv", no_dir], "cannot be written"),
+        (vec!["delete", missing], "missing"),
+        (vec!["stop-idle-unpackers", "--max-idle-time", "soon"], "--max-idle-time"),
+        (vec!["--unpacker-timeout", "5 parsecs", "list-unpackers"], "--unpacker-timeout"),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = ["--targets", "first,*"].iter().copied().chain(args.iter().copied()).collect();
+        let out = p.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
+    }
+    // `first,*` would have asked DescribeRegions.
+    assert_eq!(world.api_calls("ami-publisher"), Default::default(), "refused arguments made AWS calls");
+}

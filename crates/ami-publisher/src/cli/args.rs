@@ -161,7 +161,11 @@ pub enum Command {
     /// copying it encrypted and registering it. Re-running is a no-op.
     CopyBootstrapImage { stream: String },
     /// Create and attach an encrypted volume of SIZE_GIB to each unpacker.
-    AddVolumes { size_gib: u64 },
+    AddVolumes {
+        /// 1 to 16384 (EBS's largest gp3 volume, 16 TiB).
+        #[arg(value_parser = clap::value_parser!(u64).range(1..=16384))]
+        size_gib: u64,
+    },
     /// Deregister the AMIs in results files and delete their snapshots.
     Delete {
         #[arg(required = true)]

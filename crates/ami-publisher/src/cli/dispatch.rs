@@ -38,6 +38,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     if let Command::Publish { stream, leaf, force } = &cli.command {
         return run_publish(&cli, stream, leaf, *force).await;
     }
+    // Everything the command line names is read and checked before any AWS
+    // call (a refusal exits 2, naming what was wrong).
+    let inputs = refuse(read_inputs(&cli))?;
     let aws = refuse(Aws::new(cli.retry()).await)?;
     // Commands on results files take their targets from the files.
     let from_results = match &cli.command {
@@ -71,9 +74,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let outcome = match &cli.command {
         Command::Publish { .. } => unreachable!("handled above"),
         Command::AddVolumes { size_gib } => {
-            if *size_gib == 0 || *size_gib > 16384 {
-                return Err(Refused(anyhow::anyhow!("SIZE_GIB must be 1 to 16384, not {size_gib}")).into());
-            }
             show(ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk(), cli.kms_key_id.as_deref()).await, json, q)
         }
         Command::CopyBootstrapImage { stream } => {
@@ -83,18 +83,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::DeleteTags { tag_key, .. } => show(ops::delete_tags(&ctx, tag_key, &amis).await, json, q),
         Command::DeleteTagsOnUnpackers { tag_key } => show(ops::tag_unpackers(&ctx, &[], Some(tag_key)).await, json, q),
         Command::Expire => show(ops::expire(&ctx, SystemTime::now()).await, json, q),
-        Command::ImportKeyPair { name, pubkey_file } => {
-            let key = refuse(
-                std::fs::read(pubkey_file).with_context(|| format!("reading public key {}", pubkey_file.display())),
-            )?;
-            if !key.starts_with(b"ssh-") && !key.starts_with(b"ecdsa-") {
-                return Err(Refused(anyhow::anyhow!(
-                    "{} does not look like an OpenSSH public key (ssh-ed25519 ..., ssh-rsa ..., ecdsa-...)",
-                    pubkey_file.display()
-                ))
-                .into());
-            }
-            show(ops::import_key_pair(&ctx, name, &key).await, json, q)
+        Command::ImportKeyPair { name, .. } => {
+            show(ops::import_key_pair(&ctx, name, inputs.public_key.as_deref().unwrap_or_default()).await, json, q)
         }
         Command::ListImages { search } => {
             show(ops::list_images(&ctx, &search.search_tags, &search.exclude_search_tags).await, json, q)
@@ -128,13 +118,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
         }
         Command::LaunchInstances { launch, .. } | Command::LaunchInstancesForImages { launch, .. } => {
-            let user_data = match &launch.user_data {
-                Some(p) => {
-                    let raw = refuse(std::fs::read(p).with_context(|| format!("reading user data {}", p.display())))?;
-                    Some(aws_smithy_types::base64::encode(&raw))
-                }
-                None => None,
-            };
+            let user_data = inputs.user_data.as_deref().map(aws_smithy_types::base64::encode);
             let mut tags = vec![(crate::tags::NAME.to_owned(), cli.instance_name.clone())];
             tags.extend(cli.tags.iter().cloned());
             if let Some(d) = cli.expires_in {
@@ -169,12 +153,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::SetExclusiveTags { tag_key, tag_value, .. } => {
             show(ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, json, q)
         }
-        Command::SetTagsOnUnpackers => {
-            if cli.tags.is_empty() {
-                return Err(Refused(anyhow::anyhow!("give the tags to set with --tags K=V,...")).into());
-            }
-            show(ops::tag_unpackers(&ctx, &cli.tags, None).await, json, q)
-        }
+        Command::SetTagsOnUnpackers => show(ops::tag_unpackers(&ctx, &cli.tags, None).await, json, q),
         Command::StartInstances => show(ops::start_instances(&ctx).await, json, q),
         // Quiet: cron mails only what it did.
         Command::StopIdleUnpackers { max_idle_time } => {
@@ -183,6 +162,51 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::TerminateInstances => show(ops::terminate_instances(&ctx).await, json, q),
     };
     Ok(outcome)
+}
+
+/// The files a command reads, read before any AWS call.
+#[derive(Default)]
+struct Inputs {
+    /// `import-key-pair`'s public key.
+    public_key: Option<Vec<u8>>,
+    /// `launch-instances`' `--user-data`.
+    user_data: Option<Vec<u8>>,
+}
+
+/// Read and check what the command line names beyond what clap checks:
+/// files to read, files to write, and flags a command needs.
+fn read_inputs(cli: &Cli) -> anyhow::Result<Inputs> {
+    let mut inputs = Inputs::default();
+    if let Some(p) = &cli.results {
+        check_writable(p)?;
+    }
+    match &cli.command {
+        Command::ImportKeyPair { pubkey_file, .. } => {
+            let key = std::fs::read(pubkey_file).with_context(|| format!("reading public key {}", pubkey_file.display()))?;
+            if !key.starts_with(b"ssh-") && !key.starts_with(b"ecdsa-") {
+                bail!(
+                    "{} does not look like an OpenSSH public key (ssh-ed25519 ..., ssh-rsa ..., ecdsa-...)",
+                    pubkey_file.display()
+                );
+            }
+            inputs.public_key = Some(key);
+        }
+        Command::LaunchInstances { launch, .. } | Command::LaunchInstancesForImages { launch, .. } => {
+            if let Some(p) = &launch.user_data {
+                inputs.user_data = Some(std::fs::read(p).with_context(|| format!("reading --user-data {}", p.display()))?);
+            }
+        }
+        Command::SetTagsOnUnpackers if cli.tags.is_empty() => bail!("give the tags to set with --tags K=V,..."),
+        _ => {}
+    }
+    if let Command::ListUnusedImages { usage } | Command::ListUsedImages { usage } | Command::DeleteUnusedImages { usage } =
+        &cli.command
+    {
+        for p in [&usage.unused_images_csv, &usage.old_image_instances_csv].into_iter().flatten() {
+            check_writable(p)?;
+        }
+    }
+    Ok(inputs)
 }
 
 /// Print an operation's reports; whether every target succeeded.
@@ -228,7 +252,7 @@ fn check_writable(path: &Path) -> anyhow::Result<()> {
     tempfile::Builder::new()
         .prefix(".results-check-")
         .tempfile_in(dir)
-        .with_context(|| format!("the results file {} cannot be written in {}", path.display(), dir.display()))?;
+        .with_context(|| format!("{} cannot be written: no file can be made in {}", path.display(), dir.display()))?;
     Ok(())
 }
 
