@@ -19,11 +19,7 @@ const CHAOS: &str = "throttle=0.2,error=0.02,lag=2s";
 /// A world of `accounts` x `regions` at EC2's pace with `faults`, seeded
 /// (the world prints the seed, so a failure can be replayed).
 async fn world_with(accounts: &[&str], regions: &[&str], faults: &str, seed: u64) -> World {
-    let plan = Plan {
-        accounts: accounts.iter().map(|s| (*s).to_owned()).collect(),
-        regions: regions.iter().map(|s| (*s).to_owned()).collect(),
-    }
-    .pace("aws")
+    let plan = Plan::of(accounts, regions).pace("aws")
     .faults(faults)
     .seed(seed);
     World::start(&plan).await.unwrap()
@@ -409,7 +405,7 @@ async fn a_publisher_killed_while_setting_up_a_volume_holds_up_the_next_for_unde
     // EC2's own durations: the volume is `creating` for seconds, long
     // enough to kill the publisher while it holds the lease.
     let plan =
-        Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into()] }.pace("aws").time_scale(1.0).seed(5);
+        Plan::of(&["first"], &["us-east-1"]).pace("aws").time_scale(1.0).seed(5);
     let world = World::start(&plan).await.unwrap();
     let p = Publisher::new(&world);
     let targets = targets_of(&world);
@@ -594,7 +590,7 @@ async fn a_pending_ami_of_the_leaf_that_then_fails_is_deregistered_and_made_agai
     // snapshot completes) while the publisher finds it. Seed 11 (found by
     // replaying failed_states.py's draws): us-east-1's first AMI is made;
     // eu-west-1's first fails and its second is made.
-    let plan = Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into(), "eu-west-1".into()] }
+    let plan = Plan::of(&["first"], &["us-east-1", "eu-west-1"])
         .pace("aws")
         .time_scale(1.0)
         .faults("fail=0.5@RegisterImage")

@@ -120,10 +120,7 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volume_is_grown() {
-    let mut world = World::start(&Plan {
-        accounts: vec!["first".into()],
-        regions: vec!["us-east-1".into(), "us-west-2".into(), "eu-west-1".into()],
-    })
+    let mut world = World::start(&Plan::of(&["first"], &["us-east-1", "us-west-2", "eu-west-1"]))
     .await
     .unwrap();
     let targets = targets_of(&world);
@@ -202,7 +199,7 @@ async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volum
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_arguments_are_refused_before_any_resource_is_made() {
     let world =
-        World::start(&Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into()] }).await.unwrap();
+        World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
     add_image(&world, "s/x", "1", &disk(4 * MIB, 3)).await;
     let p = Publisher::new(&world);
     let cases: [(&[&str], &str); 6] = [
@@ -266,7 +263,7 @@ async fn bad_arguments_are_refused_before_any_resource_is_made() {
 async fn an_interrupted_publish_is_finished_by_a_rerun_and_leaks_nothing() {
     use unpacker_client::{GetStatusRequest, StreamState};
     let world =
-        World::start(&Plan { accounts: vec!["second".into()], regions: vec!["eu-west-1".into()] }).await.unwrap();
+        World::start(&Plan::of(&["second"], &["eu-west-1"])).await.unwrap();
     let stream = "big/image";
     let file = add_image(&world, stream, "1", &disk(256 * MIB, 11)).await;
     let p = Publisher::new(&world);
@@ -380,7 +377,7 @@ async fn tagged_snapshots(world: &World, digest: &str) -> Vec<aws_sdk_ec2::types
 #[tokio::test(flavor = "multi_thread")]
 async fn a_taken_ami_name_is_adopted_when_ours_and_refused_when_not() {
     let world =
-        World::start(&Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into()] }).await.unwrap();
+        World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
     let p = Publisher::new(&world);
     let target = ["--targets", "first,us-east-1"];
     let ec2 = world.ec2("first", "us-east-1").await;

@@ -20,7 +20,7 @@ use unpacker_client::AddDeviceRequest;
 const APP: &str = "world-test";
 
 fn one_target() -> Plan {
-    Plan { accounts: vec!["first".into()], regions: vec!["us-east-1".into()] }
+    Plan::of(&["first"], &["us-east-1"])
 }
 
 /// An EC2 client of the world's only target that calls as [`APP`] and never
