@@ -38,11 +38,7 @@ use std::{
 };
 
 use anyhow::bail;
-use aws_sdk_ec2::{
-    Client,
-    config::retry::RetryConfig,
-    error::ProvideErrorMetadata,
-};
+use aws_sdk_ec2::{Client, config::retry::RetryConfig, error::ProvideErrorMetadata};
 
 use crate::errors::{Failed, SdkResultExt as _, code, is_not_found, is_throttled, is_transient, sdk_error};
 

@@ -638,7 +638,8 @@ pub async fn detach_and_delete(ec2: &Client, instance_id: &str, volume: &str, ti
         // Detached already: by the first attempt of this call (its answer
         // lost, the SDK asked again), or by someone else.
         Err(e)
-            if crate::errors::code(&e) == Some("IncorrectState") && attached_to(ec2, volume, instance_id).await?.is_none() => {}
+            if crate::errors::code(&e) == Some("IncorrectState")
+                && attached_to(ec2, volume, instance_id).await?.is_none() => {}
         Err(e) => return Err(sdk_error(&format!("DetachVolume {volume}"), e)),
     }
     wait_available(ec2, volume, None, timeout).await.with_context(|| format!("detaching {volume}"))?;

@@ -19,9 +19,7 @@ const CHAOS: &str = "throttle=0.2,error=0.02,lag=2s";
 /// A world of `accounts` x `regions` at EC2's pace with `faults`, seeded
 /// (the world prints the seed, so a failure can be replayed).
 async fn world_with(accounts: &[&str], regions: &[&str], faults: &str, seed: u64) -> World {
-    let plan = Plan::of(accounts, regions).pace("aws")
-    .faults(faults)
-    .seed(seed);
+    let plan = Plan::of(accounts, regions).pace("aws").faults(faults).seed(seed);
     World::start(&plan).await.unwrap()
 }
 
@@ -404,8 +402,7 @@ async fn the_same_leaf_published_twice_at_once_leaves_one_snapshot_named_by_both
 async fn a_publisher_killed_while_setting_up_a_volume_holds_up_the_next_for_under_a_minute() {
     // EC2's own durations: the volume is `creating` for seconds, long
     // enough to kill the publisher while it holds the lease.
-    let plan =
-        Plan::of(&["first"], &["us-east-1"]).pace("aws").time_scale(1.0).seed(5);
+    let plan = Plan::of(&["first"], &["us-east-1"]).pace("aws").time_scale(1.0).seed(5);
     let world = World::start(&plan).await.unwrap();
     let p = Publisher::new(&world);
     let targets = targets_of(&world);
@@ -682,7 +679,8 @@ async fn an_exclusive_tag_moved_twice_in_a_row_ends_on_one_ami_though_tags_show_
         files.push((r.targets[0].ami_id.clone().unwrap(), path));
     }
     let tag = |file: &std::path::Path| {
-        let out = p.run(&[&all[..], &["--json", "set-exclusive-tags", "Latest", "yes", file.to_str().unwrap()]].concat());
+        let out =
+            p.run(&[&all[..], &["--json", "set-exclusive-tags", "Latest", "yes", file.to_str().unwrap()]].concat());
         records(&json_of(&out))
     };
     tag(&files[0].1);

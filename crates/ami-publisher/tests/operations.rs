@@ -32,10 +32,7 @@ async fn instance_state(world: &World, i: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lifecycle_subcommands_change_exactly_what_they_say() {
-    let world =
-        World::start(&Plan::of(&["first"], &["us-east-1", "eu-west-1"]))
-            .await
-            .unwrap();
+    let world = World::start(&Plan::of(&["first"], &["us-east-1", "eu-west-1"])).await.unwrap();
     let p = Publisher::new(&world);
     let targets = targets_of(&world);
     let all = with_targets(&targets, &[]);
@@ -180,8 +177,7 @@ async fn lifecycle_subcommands_change_exactly_what_they_say() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn image_usage_and_launching_instances() {
-    let world =
-        World::start(&Plan::of(&["second"], &["us-west-2"])).await.unwrap();
+    let world = World::start(&Plan::of(&["second"], &["us-west-2"])).await.unwrap();
     let p = Publisher::new(&world);
     let targets = targets_of(&world);
     let stream = "apps/api";
@@ -319,9 +315,7 @@ async fn root_snapshot(ec2: &aws_sdk_ec2::Client, img: &aws_sdk_ec2::types::Imag
 /// re-encrypted, then registered); the share ends with the copy.
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_bootstrap_image_fills_the_targets_without_one() {
-    let world = World::start(&Plan::of(&["first", "second"], &["us-east-1", "eu-west-1"]))
-    .await
-    .unwrap();
+    let world = World::start(&Plan::of(&["first", "second"], &["us-east-1", "eu-west-1"])).await.unwrap();
     let p = Publisher::new(&world);
     let targets = targets_of(&world);
     let stream = "boot/unpacker";
@@ -402,8 +396,7 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
 /// one exits 2 naming it, and the emulator counts no call of the tool.
 #[tokio::test(flavor = "multi_thread")]
 async fn operations_refuse_bad_arguments_before_any_aws_call() {
-    let world =
-        World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
     let p = Publisher::new(&world);
     let not_a_key = world.path("not-a-key.pub");
     std::fs::write(&not_a_key, "hello\n").unwrap();

@@ -120,9 +120,7 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volume_is_grown() {
-    let mut world = World::start(&Plan::of(&["first"], &["us-east-1", "us-west-2", "eu-west-1"]))
-    .await
-    .unwrap();
+    let mut world = World::start(&Plan::of(&["first"], &["us-east-1", "us-west-2", "eu-west-1"])).await.unwrap();
     let targets = targets_of(&world);
     let stream = "apps/web";
     let file1 = add_image(&world, stream, "1", &disk(24 * MIB, 7)).await;
@@ -198,8 +196,7 @@ async fn a_down_unpacker_fails_alone_a_stopped_instance_is_started_a_small_volum
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_arguments_are_refused_before_any_resource_is_made() {
-    let world =
-        World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
     add_image(&world, "s/x", "1", &disk(4 * MIB, 3)).await;
     let p = Publisher::new(&world);
     let cases: [(&[&str], &str); 6] = [
@@ -262,8 +259,7 @@ async fn bad_arguments_are_refused_before_any_resource_is_made() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_publish_is_finished_by_a_rerun_and_leaks_nothing() {
     use unpacker_client::{GetStatusRequest, StreamState};
-    let world =
-        World::start(&Plan::of(&["second"], &["eu-west-1"])).await.unwrap();
+    let world = World::start(&Plan::of(&["second"], &["eu-west-1"])).await.unwrap();
     let stream = "big/image";
     let file = add_image(&world, stream, "1", &disk(256 * MIB, 11)).await;
     let p = Publisher::new(&world);
@@ -376,8 +372,7 @@ async fn tagged_snapshots(world: &World, digest: &str) -> Vec<aws_sdk_ec2::types
 /// AMI, which is refused with a way out (--force), leaking nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_taken_ami_name_is_adopted_when_ours_and_refused_when_not() {
-    let world =
-        World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
     let p = Publisher::new(&world);
     let target = ["--targets", "first,us-east-1"];
     let ec2 = world.ec2("first", "us-east-1").await;

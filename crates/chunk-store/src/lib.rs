@@ -166,7 +166,6 @@ impl ChunkStore {
     }
 }
 
-
 pub use image_format::codec::compress;
 
 /// Write `bytes` to a new file at `path` and fsync it.

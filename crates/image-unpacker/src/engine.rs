@@ -3,7 +3,7 @@
 //!
 //! **Invariants:** a chunk reaches the device only after its digest was
 //! checked (the writer takes only a `VerifiedChunk`); writes go only
-//! through a `ClaimedDevice` (see `core::claims`); memory is bounded by
+//! through a [`DeviceWriter`] (`core::claims::ClaimedDevice`); memory is bounded by
 //! [`WRITE_QUEUE`] chunks whatever the image size.
 
 use std::{
@@ -24,7 +24,10 @@ use image_client::{Client, ClientError};
 use image_format::{ChunkReader, ChunkRef, Diff, Digest, Manifest, is_zero};
 use tokio::sync::mpsc;
 
-use crate::{core::ClaimedDevice, metrics::Metrics, verified};
+use crate::{
+    metrics::Metrics,
+    verified::{self, VerifiedChunk},
+};
 
 /// Verified chunks waiting for the writer. With the fetch pipeline's own
 /// read-ahead this keeps network and disk busy at once.
@@ -61,11 +64,23 @@ pub fn bytes_to_write(target: &Manifest, diff: &Diff) -> u64 {
     diff.fetch.iter().map(|(i, _)| *i).chain(diff.zero.iter().copied()).map(|i| target.chunk_len(i) as u64).sum()
 }
 
+/// What [`apply`] writes through: verified chunks and zeros, nothing else.
+/// The unpacker's one implementation, `core::claims::ClaimedDevice`, is
+/// made only for a stream that is bound to the device and busy.
+pub(crate) trait DeviceWriter {
+    /// Write `chunk` at `offset`.
+    fn write_chunk(&self, chunk: &VerifiedChunk, offset: u64) -> std::io::Result<()>;
+    /// Write `len` zero bytes at `offset`.
+    fn write_zeros(&mut self, offset: u64, len: usize) -> std::io::Result<()>;
+    /// Flush what was written to the device.
+    fn sync(&self) -> std::io::Result<()>;
+}
+
 /// Write `diff` onto `device` so that it holds `target`: zero chunks first
 /// (local work while the first fetches travel), then fetched chunks as they
 /// arrive. Flushes the device before returning.
 pub(crate) async fn apply(
-    mut device: ClaimedDevice,
+    mut device: impl DeviceWriter + Send + 'static,
     client: Client,
     target: &Manifest,
     diff: &Diff,
@@ -192,10 +207,10 @@ pub fn read_back(path: &Path, m: &Manifest, done: &AtomicU64) -> std::io::Result
 }
 
 /// Send the device's first `size` bytes in [`RAW_PIECE`] pieces.
-pub(crate) fn send_raw(
+pub(crate) fn send_raw<E>(
     path: &Path,
     size: u64,
-    tx: &mpsc::Sender<Result<fleet_proto::unpacker::RawData, crate::core::Error>>,
+    tx: &mpsc::Sender<Result<fleet_proto::unpacker::RawData, E>>,
 ) -> std::io::Result<()> {
     let mut file = File::open(path)?.take(size);
     let mut offset = 0u64;
@@ -367,7 +382,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let size = bytes.len() as u64 - 100;
         let (tx, mut rx) = mpsc::channel(8);
-        send_raw(&path, size, &tx).unwrap();
+        send_raw::<()>(&path, size, &tx).unwrap();
         drop(tx);
         let mut got = Vec::new();
         let mut pieces = Vec::new();
@@ -382,7 +397,7 @@ mod tests {
 
         // A device shorter than asked for is an error that says so.
         let (tx, _rx) = mpsc::channel(8);
-        let err = send_raw(&path, bytes.len() as u64 + 5, &tx).unwrap_err();
+        let err = send_raw::<()>(&path, bytes.len() as u64 + 5, &tx).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
         assert_eq!(err.to_string(), format!("the device ended after {} of {} bytes", bytes.len(), bytes.len() + 5));
     }

@@ -1,12 +1,11 @@
-//! Plain-HTTP `/status` (JSON) and `/metrics` (Prometheus text) on their own
-//! port, for monitoring without a client certificate.
+//! The unpacker's counters, and their Prometheus text for `/metrics` (served
+//! with `/status` on a plain-HTTP port of its own, for monitoring without a
+//! client certificate: see `core::status`).
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::Instant,
 };
-
-use crate::core::Unpacker;
 
 /// Counters the unpacker keeps.
 #[derive(Debug)]
@@ -71,18 +70,5 @@ impl Metrics {
         }
         p.gauge("unpacker_uptime_seconds", "Seconds since start", self.started.elapsed().as_secs() as f64);
         p.finish()
-    }
-}
-
-/// What /status and /metrics (see `fleet_daemon::serve_metrics`) show.
-impl fleet_daemon::Monitored for Unpacker {
-    type Status = serde_json::Value;
-
-    async fn status_page(&self) -> serde_json::Value {
-        self.status_json()
-    }
-
-    fn metrics_page(&self) -> String {
-        self.metrics().render()
     }
 }

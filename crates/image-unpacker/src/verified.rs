@@ -2,7 +2,7 @@
 //! only be made by [`fetch`], which hands on what
 //! `image_client::fetch_chunks` verified (decompressed into exactly the
 //! length the manifest gives, then hashed and compared). A
-//! [`crate::core::ClaimedDevice`] writes nothing else, so the compiler
+//! [`crate::engine::DeviceWriter`] (the unpacker's `ClaimedDevice`) writes nothing else, so the compiler
 //! rejects writing an unchecked chunk. This module must not offer any other
 //! way to make one.
 

@@ -75,4 +75,3 @@ impl World {
         if counts.is_empty() { "none".to_owned() } else { counts.join(", ") }
     }
 }
-

@@ -649,7 +649,12 @@ async fn tag_changes_are_seen_late_by_every_read_and_then_seen() {
     let ec2 = bare_client(&world).await;
     let started = Instant::now();
     ec2.create_tags().resources(&changed).tags(tag("a", "2")).tags(tag("b", "new")).send().await.unwrap();
-    ec2.delete_tags().resources(&removed).tags(aws_sdk_ec2::types::Tag::builder().key("c").build()).send().await.unwrap();
+    ec2.delete_tags()
+        .resources(&removed)
+        .tags(aws_sdk_ec2::types::Tag::builder().key("c").build())
+        .send()
+        .await
+        .unwrap();
 
     let tags_of = |c: &aws_sdk_ec2::Client, id: &str| {
         let (c, id) = (c.clone(), id.to_owned());

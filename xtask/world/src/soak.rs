@@ -180,17 +180,20 @@ pub(crate) fn rows(work: &Path, steps: usize) -> anyhow::Result<Vec<Row>> {
             next_image(&image, *kind, leaf)?;
             for s in &sides {
                 let builder = s.world.ssl_dir(Role::ImageBuilder)?;
-                util::imagetool(&bins, s.world.imageserver.addr, &builder, &["add", &format!("{STREAM}/{leaf}"), path(&image)?])?;
+                util::imagetool(
+                    &bins,
+                    s.world.imageserver.addr,
+                    &builder,
+                    &["add", &format!("{STREAM}/{leaf}"), path(&image)?],
+                )?;
             }
         }
         let leaf = leaf.to_string();
         let step = i + 1;
         std::thread::scope(|scope| -> anyhow::Result<()> {
             let (bins, rt, leaf) = (&bins, &rt, &leaf);
-            let handles: Vec<_> = sides
-                .iter_mut()
-                .map(|s| scope.spawn(move || one_step(rt, bins, work, s, step, *kind, leaf)))
-                .collect();
+            let handles: Vec<_> =
+                sides.iter_mut().map(|s| scope.spawn(move || one_step(rt, bins, work, s, step, *kind, leaf))).collect();
             for h in handles {
                 h.join().map_err(|_| anyhow::anyhow!("a soak step panicked"))??;
             }
@@ -253,7 +256,8 @@ fn one_step(
             let (a, b) = (a.wait()?, b.wait()?);
             for (x, y) in a.targets.iter().zip(&b.targets) {
                 if x.ok() && y.ok() && (x.ami_id != y.ami_id || x.snapshot_id != y.snapshot_id) {
-                    s.disagreements.push(format!("step {step} {},{}: {:?} vs {:?}", x.account, x.region, x.ami_id, y.ami_id));
+                    s.disagreements
+                        .push(format!("step {step} {},{}: {:?} vs {:?}", x.account, x.region, x.ami_id, y.ami_id));
                 }
             }
             // What a pipeline acts on: either run's results; the second's.
@@ -278,7 +282,12 @@ fn one_step(
         s.reruns += 1;
         results = run("rerun")?.wait()?.targets;
         for t in results.iter().filter(|t| !t.ok()) {
-            s.still_failed.push(format!("step {step} {},{}: {}", t.account, t.region, t.error.as_deref().unwrap_or("")));
+            s.still_failed.push(format!(
+                "step {step} {},{}: {}",
+                t.account,
+                t.region,
+                t.error.as_deref().unwrap_or("")
+            ));
         }
     }
     s.secs.push(t.elapsed().as_secs_f64());
@@ -381,7 +390,7 @@ async fn census(world: &World, t: &local_world::Target) -> anyhow::Result<Census
             Some(_) => {}
             None => {
                 c.untagged.insert(id);
-            },
+            }
         }
     }
     for s in ec2.describe_snapshots().owner_ids("self").send().await?.snapshots() {
@@ -391,7 +400,7 @@ async fn census(world: &World, t: &local_world::Target) -> anyhow::Result<Census
             Some(_) => {}
             None => {
                 c.untagged.insert(id);
-            },
+            }
         }
     }
     for v in ec2.describe_volumes().send().await?.volumes() {
@@ -402,7 +411,7 @@ async fn census(world: &World, t: &local_world::Target) -> anyhow::Result<Census
             None if t.root_volumes.contains(&id) => {}
             None => {
                 c.untagged.insert(id);
-            },
+            }
         }
     }
     for r in ec2.describe_instances().send().await?.reservations() {
@@ -495,7 +504,8 @@ fn report(sides: &[Side], plan: &[Kind]) -> Vec<Row> {
     }
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{} {n}", k.name())).collect();
     // Publish time: the steps that publish one new leaf once.
-    let plain: Vec<usize> = (0..plan.len()).filter(|i| matches!(plan[*i], Kind::Next | Kind::Grow | Kind::Shrink)).collect();
+    let plain: Vec<usize> =
+        (0..plan.len()).filter(|i| matches!(plan[*i], Kind::Next | Kind::Grow | Kind::Shrink)).collect();
     let sum = |s: &Side| plain.iter().map(|i| s.secs[*i]).sum::<f64>();
     let ratio = sum(faulty) / sum(clean);
     let causes = |s: &Side| {
@@ -509,13 +519,19 @@ fn report(sides: &[Side], plan: &[Kind]) -> Vec<Row> {
         if s.leaks.is_empty() {
             "0".to_owned()
         } else {
-            format!("{} ({})", s.leaks.len(), s.leaks.iter().map(|(id, w)| format!("{id}: {w}")).collect::<Vec<_>>().join("; "))
+            format!(
+                "{} ({})",
+                s.leaks.len(),
+                s.leaks.iter().map(|(id, w)| format!("{id}: {w}")).collect::<Vec<_>>().join("; ")
+            )
         }
     };
     let targets = faulty.world.targets.len();
     vec![
         Row {
-            what: format!("steps: publishes of one stream to {targets} targets (2 accounts x 3 regions), on each world"),
+            what: format!(
+                "steps: publishes of one stream to {targets} targets (2 accounts x 3 regions), on each world"
+            ),
             figure: format!("{} ({})", plan.len(), kinds.join(", ")),
             goal: "20".into(),
             met: Some(plan.len() >= 20),

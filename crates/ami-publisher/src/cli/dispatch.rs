@@ -182,7 +182,8 @@ fn read_inputs(cli: &Cli) -> anyhow::Result<Inputs> {
     }
     match &cli.command {
         Command::ImportKeyPair { pubkey_file, .. } => {
-            let key = std::fs::read(pubkey_file).with_context(|| format!("reading public key {}", pubkey_file.display()))?;
+            let key =
+                std::fs::read(pubkey_file).with_context(|| format!("reading public key {}", pubkey_file.display()))?;
             if !key.starts_with(b"ssh-") && !key.starts_with(b"ecdsa-") {
                 bail!(
                     "{} does not look like an OpenSSH public key (ssh-ed25519 ..., ssh-rsa ..., ecdsa-...)",
@@ -193,14 +194,16 @@ fn read_inputs(cli: &Cli) -> anyhow::Result<Inputs> {
         }
         Command::LaunchInstances { launch, .. } | Command::LaunchInstancesForImages { launch, .. } => {
             if let Some(p) = &launch.user_data {
-                inputs.user_data = Some(std::fs::read(p).with_context(|| format!("reading --user-data {}", p.display()))?);
+                inputs.user_data =
+                    Some(std::fs::read(p).with_context(|| format!("reading --user-data {}", p.display()))?);
             }
         }
         Command::SetTagsOnUnpackers if cli.tags.is_empty() => bail!("give the tags to set with --tags K=V,..."),
         _ => {}
     }
-    if let Command::ListUnusedImages { usage } | Command::ListUsedImages { usage } | Command::DeleteUnusedImages { usage } =
-        &cli.command
+    if let Command::ListUnusedImages { usage }
+    | Command::ListUsedImages { usage }
+    | Command::DeleteUnusedImages { usage } = &cli.command
     {
         for p in [&usage.unused_images_csv, &usage.old_image_instances_csv].into_iter().flatten() {
             check_writable(p)?;

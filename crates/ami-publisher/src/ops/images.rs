@@ -358,12 +358,8 @@ pub async fn set_exclusive_tags(ctx: &Ctx<'_>, key: &str, value: &str, amis: &Am
         streams.dedup();
         for stream in streams {
             let mut unseen = Vec::new();
-            let mut pages = ec2
-                .describe_images()
-                .owners("self")
-                .filters(tag_filter(tags::STREAM, stream))
-                .into_paginator()
-                .send();
+            let mut pages =
+                ec2.describe_images().owners("self").filters(tag_filter(tags::STREAM, stream)).into_paginator().send();
             while let Some(page) = pages.next().await {
                 for img in page.sdk("DescribeImages")?.images() {
                     let Some(id) = img.image_id() else { continue };

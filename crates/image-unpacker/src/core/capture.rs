@@ -12,7 +12,7 @@ use fleet_proto::unpacker::{Capture, PrepareForCaptureRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{BusyGuard, Error, RawStream, Unpacker, check_stream};
+use super::{BusyGuard, Error, RawStream, Unpacker, check_stream, claims::Binding};
 use crate::{
     engine::{self, ReadBack},
     metrics::Metrics,
@@ -32,7 +32,7 @@ impl Unpacker {
     }
 
     async fn capture(&self, busy: BusyGuard, r: PrepareForCaptureRequest) -> Result<Capture, Error> {
-        let (volume_id, path, _, content) = self.binding(&r.stream)?;
+        let (Binding { volume_id, path, .. }, content) = self.bound_content(&r.stream)?;
         let (leaf, phase) = {
             let state = self.state();
             let s = &state.streams[&r.stream];
@@ -87,7 +87,7 @@ impl Unpacker {
     pub(crate) fn get_raw(&self, stream: &str) -> Result<RawStream, Error> {
         check_stream(stream)?;
         let busy = self.mark_busy(stream, "get-raw")?;
-        let (volume_id, path, _, content) = self.binding(stream)?;
+        let (Binding { volume_id, path, .. }, content) = self.bound_content(stream)?;
         let Content::Known(m) = content else {
             return Err(Error::failed_precondition(format!(
                 "what device {volume_id} holds is not known; prepare and unpack first"

@@ -24,7 +24,7 @@ use fleet_proto::unpacker::{
 use super::{BusyGuard, Error, Unpacker, check_stream, check_volume};
 use crate::{
     blockdev, devices,
-    state::{Content, DeviceRecord, Phase, StreamRecord},
+    state::{Content, DeviceRecord, Phase, State, StreamRecord},
     verified::VerifiedChunk,
 };
 
@@ -44,22 +44,19 @@ pub(crate) struct ClaimedDevice {
     zeros: Vec<u8>,
 }
 
-impl ClaimedDevice {
-    /// Write `chunk` at `offset`.
-    pub(crate) fn write_chunk(&self, chunk: &VerifiedChunk, offset: u64) -> std::io::Result<()> {
+impl crate::engine::DeviceWriter for ClaimedDevice {
+    fn write_chunk(&self, chunk: &VerifiedChunk, offset: u64) -> std::io::Result<()> {
         self.file.write_all_at(chunk.bytes(), offset)
     }
 
-    /// Write `len` zero bytes at `offset`.
-    pub(crate) fn write_zeros(&mut self, offset: u64, len: usize) -> std::io::Result<()> {
+    fn write_zeros(&mut self, offset: u64, len: usize) -> std::io::Result<()> {
         if self.zeros.len() < len {
             self.zeros.resize(len, 0);
         }
         self.file.write_all_at(&self.zeros[..len], offset)
     }
 
-    /// Flush what was written to the device.
-    pub(crate) fn sync(&self) -> std::io::Result<()> {
+    fn sync(&self) -> std::io::Result<()> {
         self.file.sync_all()
     }
 }
@@ -71,24 +68,53 @@ pub(super) fn device_error(e: blockdev::DeviceError) -> Error {
     }
 }
 
+/// The device a stream is bound to, as the state records it.
+pub(super) struct Binding {
+    pub(super) volume_id: String,
+    pub(super) path: PathBuf,
+    pub(super) size: u64,
+}
+
 impl Unpacker {
     /// Open the device bound to the stream `busy` marks, for writing.
     pub(super) fn claim_for_write(&self, busy: &BusyGuard) -> Result<ClaimedDevice, Error> {
-        let (_, path, _, _) = self.binding(&busy.stream)?;
+        let path = self.binding(&busy.stream)?.path;
         let file = blockdev::open_for_write(&path).map_err(device_error)?;
         Ok(ClaimedDevice { file, zeros: Vec::new() })
     }
 
-    /// Look up a stream's device: (volume id, path, size, content).
-    pub(super) fn binding(&self, stream: &str) -> Result<(String, PathBuf, u64, Content), Error> {
+    /// The device a stream is bound to (not what it holds: see
+    /// [`Unpacker::bound_content`]).
+    pub(super) fn binding(&self, stream: &str) -> Result<Binding, Error> {
         let state = self.state();
+        let (rec, dev) = Self::bound(&state, stream)?;
+        Ok(Binding { volume_id: rec.volume_id.clone(), path: dev.path.clone(), size: dev.size })
+    }
+
+    /// The stream's binding and what its device holds (a copy of the
+    /// manifest, when known: taken once per call that needs it).
+    pub(super) fn bound_content(&self, stream: &str) -> Result<(Binding, Content), Error> {
+        let state = self.state();
+        let (rec, dev) = Self::bound(&state, stream)?;
+        let b = Binding { volume_id: rec.volume_id.clone(), path: dev.path.clone(), size: dev.size };
+        Ok((b, dev.content.clone()))
+    }
+
+    /// Whether what the stream's device holds is known (a scan or an
+    /// unpack said), without copying it.
+    pub(super) fn knows_content(&self, stream: &str) -> Result<bool, Error> {
+        let state = self.state();
+        Ok(Self::bound(&state, stream)?.1.content != Content::Unknown)
+    }
+
+    fn bound<'a>(state: &'a State, stream: &str) -> Result<(&'a StreamRecord, &'a DeviceRecord), Error> {
         let rec = state.streams.get(stream).ok_or_else(|| {
             Error::failed_precondition(format!("stream {stream} is not associated with a device; associate it first"))
         })?;
         let dev = state.devices.get(&rec.volume_id).ok_or_else(|| {
             Error::failed_precondition(format!("device {} of stream {stream} was removed", rec.volume_id))
         })?;
-        Ok((rec.volume_id.clone(), dev.path.clone(), dev.size, dev.content.clone()))
+        Ok((rec, dev))
     }
 
     /// AddDevice: wait for the volume to appear under the device directory,

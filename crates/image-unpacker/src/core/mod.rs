@@ -3,7 +3,7 @@
 //! decides lives here, split by concern:
 //!
 //! - `claims`: devices (found, claimed, removed), stream bindings, the
-//!   set-up lease, and [`ClaimedDevice`], the only handle the engine writes
+//!   set-up lease, and `ClaimedDevice`, the only `engine::DeviceWriter`, the handle the engine writes
 //!   through;
 //! - `holds`: capture holds, and waiting for them;
 //! - `scan`: PrepareForUnpack (learning what a device holds);
@@ -33,7 +33,6 @@ use std::{
     time::Instant,
 };
 
-pub(crate) use claims::ClaimedDevice;
 use fleet_proto::unpacker::{Progress, RawData};
 use fleet_tls::TlsFiles;
 use futures::Stream;

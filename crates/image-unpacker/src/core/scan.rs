@@ -13,7 +13,7 @@ use fleet_proto::unpacker::{PrepareForUnpackRequest, Progress};
 use image_format::DEFAULT_CHUNK_SIZE;
 use tokio::sync::mpsc;
 
-use super::{BusyGuard, Error, ProgressStream, Unpacker, check_stream};
+use super::{BusyGuard, Error, ProgressStream, Unpacker, check_stream, claims::Binding};
 use crate::{
     engine,
     metrics::Metrics,
@@ -25,8 +25,7 @@ impl Unpacker {
     /// content is known and may be kept, which needs no wait).
     pub(crate) fn prepare_for_unpack(&self, r: PrepareForUnpackRequest) -> Result<ProgressStream, Error> {
         check_stream(&r.stream)?;
-        let (_, _, _, known) = self.binding(&r.stream)?;
-        if r.skip_if_prepared && known != Content::Unknown {
+        if r.skip_if_prepared && self.knows_content(&r.stream)? {
             return self.start_prepare(r);
         }
         let stream = r.stream.clone();
@@ -35,7 +34,7 @@ impl Unpacker {
 
     fn start_prepare(&self, r: PrepareForUnpackRequest) -> Result<ProgressStream, Error> {
         let busy = self.mark_busy(&r.stream, "prepare-for-unpack")?;
-        let (_, _, _, content) = self.binding(&r.stream)?;
+        let (_, content) = self.bound_content(&r.stream)?;
         let stream = r.stream.clone();
         if r.skip_if_prepared && content != Content::Unknown {
             let mut state = self.state();
@@ -80,7 +79,7 @@ impl Unpacker {
         chunk_size: u32,
         progress: &mpsc::Sender<Result<Progress, Error>>,
     ) -> Result<(), Error> {
-        let (volume_id, path, size, _) = self.binding(stream)?;
+        let Binding { volume_id, path, size } = self.binding(stream)?;
         {
             let mut state = self.state();
             state.set_content(&volume_id, Content::Unknown).map_err(Error::internal)?;

@@ -78,3 +78,16 @@ impl Unpacker {
         })
     }
 }
+
+/// What /status and /metrics (see `fleet_daemon::serve_metrics`) show.
+impl fleet_daemon::Monitored for Unpacker {
+    type Status = serde_json::Value;
+
+    async fn status_page(&self) -> serde_json::Value {
+        self.status_json()
+    }
+
+    fn metrics_page(&self) -> String {
+        self.metrics().render()
+    }
+}

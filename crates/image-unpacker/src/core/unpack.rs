@@ -113,7 +113,8 @@ impl Unpacker {
         let fail = |e: &image_client::ClientError| client_error(&cfg.image_server, &what, e);
         let mut client = image_client::connect(&cfg.image_server, &cfg.tls).await.map_err(|e| fail(&e))?;
         let (_, manifest) = image_client::get_manifest(&mut client, &name).await.map_err(|e| fail(&e))?;
-        let (volume_id, _, size, mut content) = self.binding(stream)?;
+        let (bound, mut content) = self.bound_content(stream)?;
+        let (volume_id, size) = (bound.volume_id, bound.size);
         if manifest.size() > size {
             return Err(Error::failed_precondition(format!(
                 "{name} needs {} bytes but device {volume_id} holds only {size}",
@@ -127,7 +128,7 @@ impl Unpacker {
         };
         if !comparable {
             self.scan(stream, manifest.chunk_size(), progress).await?;
-            content = self.binding(stream)?.3;
+            content = self.bound_content(stream)?.1;
         }
         let device = self.claim_for_write(busy)?;
         let diff = match &content {
