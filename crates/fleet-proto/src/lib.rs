@@ -13,6 +13,8 @@ pub mod unpacker {
     tonic::include_proto!("fleet.unpacker.v1");
 }
 
+pub mod unpacker_view;
+
 /// Largest gRPC message either side accepts: a chunk is at most
 /// `image_format::MAX_CHUNK_SIZE` plus framing, and manifests of large disks
 /// run to a few MiB.

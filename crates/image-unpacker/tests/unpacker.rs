@@ -313,7 +313,7 @@ async fn a_fresh_volume_is_not_scanned_and_gets_no_zero_writes() {
     assert!(metrics.contains("unpacker_scans_total 0"), "{metrics}");
     assert!(metrics.contains("unpacker_unpacks_total 1"), "{metrics}");
     let status = http_get(rig.unpacker.as_ref().unwrap().metrics_addr.unwrap(), "/status").await;
-    assert!(status.contains("vol-0000000000000002") && status.contains("STREAM_STATE_UNPACKED"), "{status}");
+    assert!(status.contains("vol-0000000000000002") && status.contains("\"unpacked\""), "{status}");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use fleet_proto::unpacker_view::{DeviceView, StatusView, StreamView, state_name};
 use serde_json::json;
 use unpacker_client::{
     AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Device, ForgetStreamRequest, GetRawRequest,
@@ -128,13 +129,11 @@ fn hold_seconds(hold: Option<Duration>) -> u32 {
 }
 
 fn device_json(d: &Device) -> serde_json::Value {
-    json!({"volume_id": d.volume_id, "path": d.path, "size_bytes": d.size_bytes, "kind": d.kind, "stream": d.stream})
+    serde_json::to_value(DeviceView::from(d)).expect("a device as JSON")
 }
 
 fn stream_json(s: &StreamStatus) -> serde_json::Value {
-    json!({"stream": s.stream, "volume_id": s.volume_id, "device_path": s.device_path,
-        "state": s.state().as_str_name().trim_start_matches("STREAM_STATE_").to_lowercase(),
-        "leaf": s.leaf, "image_id": s.image_id, "image_size": s.image_size})
+    serde_json::to_value(StreamView::from(s)).expect("a stream as JSON")
 }
 
 fn bar(json: bool) -> ProgressBar {
@@ -177,9 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::GetStatus => {
             let s = c.get_status(GetStatusRequest {}).await?.into_inner();
-            let v = json!({"version": s.version, "image_server": s.image_server, "idle_seconds": s.idle_seconds,
-                "busy": s.busy, "devices": s.devices.iter().map(device_json).collect::<Vec<_>>(),
-                "streams": s.streams.iter().map(stream_json).collect::<Vec<_>>()});
+            let v = serde_json::to_value(StatusView::from(&s)).expect("the status as JSON");
             let mut t = format!(
                 "image-unpacker {} (imageserver {}); idle {}s{}\nDEVICES\n",
                 s.version,
@@ -192,15 +189,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             t += "STREAMS\n";
             for st in &s.streams {
-                let j = stream_json(st);
-                t += &format!(
-                    "  {:30} {:24} {:10} {} {}\n",
-                    st.stream,
-                    st.volume_id,
-                    j["state"].as_str().unwrap_or(""),
-                    st.leaf,
-                    st.image_id
-                );
+                let state = state_name(st.state());
+                t += &format!("  {:30} {:24} {:10} {} {}\n", st.stream, st.volume_id, state, st.leaf, st.image_id);
             }
             out(v, t.trim_end().to_owned());
         }
@@ -225,8 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Associate { stream, volume_id } => {
             let s = c.associate_stream_with_device(AssociateRequest { stream, volume_id }).await?.into_inner();
-            let j = stream_json(&s);
-            out(j.clone(), format!("{} bound to {} ({})", s.stream, s.volume_id, j["state"].as_str().unwrap_or("")));
+            out(stream_json(&s), format!("{} bound to {} ({})", s.stream, s.volume_id, state_name(s.state())));
         }
         Cmd::PrepareForUnpack { stream, skip_if_prepared, do_not_wait } => {
             let req = PrepareForUnpackRequest { stream, skip_if_prepared, do_not_wait };
@@ -236,8 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             b.finish_and_clear();
             match last.result {
                 Some(s) => {
-                    let j = stream_json(&s);
-                    out(j.clone(), format!("{} on {}: {}", s.stream, s.volume_id, j["state"].as_str().unwrap_or("")));
+                    out(stream_json(&s), format!("{} on {}: {}", s.stream, s.volume_id, state_name(s.state())));
                 }
                 None => out(json!({"phase": last.phase}), format!("{} (not waiting)", last.phase)),
             }

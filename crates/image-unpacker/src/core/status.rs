@@ -2,7 +2,10 @@
 //! the protobuf views of a stream and a device. Read-only, apart from
 //! dropping capture holds that ran out.
 
-use fleet_proto::unpacker::{Device, Status as UnpackerStatus, StreamStatus};
+use fleet_proto::{
+    unpacker::{Device, Status as UnpackerStatus, StreamStatus},
+    unpacker_view::StatusView,
+};
 
 use super::Unpacker;
 use crate::state::{DeviceRecord, State, now_unix};
@@ -60,31 +63,18 @@ impl Unpacker {
         }
     }
 
-    /// [`Unpacker::status`] as JSON, for the HTTP status page.
-    pub fn status_json(&self) -> serde_json::Value {
-        let s = self.status();
-        serde_json::json!({
-            "version": s.version,
-            "image_server": s.image_server,
-            "idle_seconds": s.idle_seconds,
-            "busy": s.busy,
-            "devices": s.devices.iter().map(|d| serde_json::json!({
-                "volume_id": d.volume_id, "path": d.path, "size_bytes": d.size_bytes, "kind": d.kind, "stream": d.stream,
-            })).collect::<Vec<_>>(),
-            "streams": s.streams.iter().map(|t| serde_json::json!({
-                "stream": t.stream, "volume_id": t.volume_id, "state": t.state().as_str_name(),
-                "leaf": t.leaf, "image_id": t.image_id, "image_size": t.image_size, "hold_seconds": t.hold_seconds, "hold_leaf": t.hold_leaf,
-            })).collect::<Vec<_>>(),
-        })
+    /// The status as the `/status` page shows it.
+    pub fn status_view(&self) -> StatusView {
+        StatusView::from(&self.status())
     }
 }
 
 /// What /status and /metrics (see `fleet_daemon::serve_metrics`) show.
 impl fleet_daemon::Monitored for Unpacker {
-    type Status = serde_json::Value;
+    type Status = StatusView;
 
-    async fn status_page(&self) -> serde_json::Value {
-        self.status_json()
+    async fn status_page(&self) -> StatusView {
+        self.status_view()
     }
 
     fn metrics_page(&self) -> String {
