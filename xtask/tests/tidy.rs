@@ -77,19 +77,58 @@ fn crate_graph_follows_the_architecture() {
     let ours: Vec<String> =
         crate_dirs().iter().map(|d| d.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert!(ours.len() >= 15, "crates/ holds the workspace's crates: {ours:?}");
+    // The manifests as cargo reads them, not as text.
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--offline", "--no-deps", "--format-version", "1"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let packages = meta["packages"].as_array().unwrap();
     for name in &ours {
         let Some((_, may)) = allowed.iter().find(|(k, _)| k == name) else {
             panic!("crate {name} is not in the crate graph of docs/ARCHITECTURE.md (and this test)");
         };
-        let toml = fs::read_to_string(root().join("crates").join(name).join("Cargo.toml")).unwrap();
-        let deps = toml.split("\n[").find(|s| s.starts_with("dependencies]")).unwrap_or("");
-        for line in deps.lines().skip(1) {
-            let dep = line.split(['.', ' ', '=']).next().unwrap_or("").trim();
+        let package = packages.iter().find(|p| p["name"] == name.as_str()).expect("a workspace member");
+        let normal = package["dependencies"].as_array().unwrap().iter().filter(|d| d["kind"].is_null());
+        for dep in normal.filter_map(|d| d["name"].as_str()) {
             if ours.iter().any(|o| o == dep) {
                 assert!(may.contains(&"*") || may.contains(&dep), "{name} may not depend on {dep}");
             }
         }
     }
+}
+
+/// Every member takes each dependency from `[workspace.dependencies]`
+/// (`name.workspace = true`, features added at most), so that one version
+/// and one set of default features is decided in one place.
+#[test]
+fn every_dependency_comes_from_the_workspace_table() {
+    let workspace: toml::Table = fs::read_to_string(root().join("Cargo.toml")).unwrap().parse().unwrap();
+    let table = workspace["workspace"]["dependencies"].as_table().unwrap();
+    let mut manifests: Vec<PathBuf> = crate_dirs().iter().map(|d| d.join("Cargo.toml")).collect();
+    manifests.extend([root().join("xtask/Cargo.toml"), root().join("xtask/world/Cargo.toml")]);
+    let mut strays = Vec::new();
+    for manifest in &manifests {
+        let doc: toml::Table = fs::read_to_string(manifest).unwrap().parse().unwrap();
+        let mut sections: Vec<&toml::Table> = Vec::new();
+        for kind in ["dependencies", "dev-dependencies", "build-dependencies"] {
+            sections.extend(doc.get(kind).and_then(toml::Value::as_table));
+            // [target.'cfg(...)'.dependencies] too.
+            for t in doc.get("target").and_then(toml::Value::as_table).into_iter().flat_map(|t| t.values()) {
+                sections.extend(t.get(kind).and_then(toml::Value::as_table));
+            }
+        }
+        for (name, spec) in sections.iter().flat_map(|s| s.iter()) {
+            let inherited = spec.get("workspace").and_then(toml::Value::as_bool) == Some(true);
+            if !inherited || !table.contains_key(name) {
+                strays.push(format!("{}: {name}", manifest.strip_prefix(root()).unwrap().display()));
+            }
+        }
+    }
+    assert!(strays.is_empty(), "dependencies not taken from [workspace.dependencies]: {strays:?}");
+    assert!(manifests.len() >= 17, "{manifests:?}");
 }
 
 /// Every module says what it is for.

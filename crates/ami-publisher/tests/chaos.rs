@@ -780,3 +780,76 @@ async fn a_poll_that_gets_no_answer_is_replaced_by_the_next_without_waiting_out_
     assert!(hung.get("DescribeSnapshots").copied().unwrap_or(0) >= 2, "{hung:?}");
     check_one_of_each(&world, stream, &file, &before).await;
 }
+
+/// A publisher killed between its read-back and its snapshot (a cancelled
+/// CI job) leaves the unpacker holding the volume at its leaf. It kept that
+/// hold renewed to a minute while it worked, so the next leaf's publish
+/// waits about a minute, not the five minutes the read-back asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_killed_while_capturing_holds_up_the_next_leaf_for_about_a_minute() {
+    // Seed 3 (found by replaying the world's draws): the first
+    // CreateSnapshot gets no answer, the next ones do.
+    let world = world_with(&["first"], &["us-east-1"], "hang=0.5@CreateSnapshot", 3).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/capturekilled";
+    add_image(&world, stream, "1", &disk(4 * MIB, 61)).await;
+    let mut two = disk(4 * MIB, 61);
+    two[..MIB].fill(9);
+    let file2 = add_image(&world, stream, "2", &two).await;
+
+    let results = world.path("capture-killed.json");
+    let mut args = with_targets(&targets, &["--call-timeout", "10m"]);
+    args.extend(["publish", stream, "1", "--results", results.to_str().unwrap()]);
+    let (mut child, _) = p.spawn(&args);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !world.api_outcomes("ami-publisher", "hang").contains_key("CreateSnapshot") {
+        assert!(std::time::Instant::now() < deadline, "the publisher never asked for its snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // The hold's minute (renewed up to the kill) + a publish: far below
+    // the 300 s the read-back's hold asked for.
+    let limit = std::time::Duration::from_secs(120);
+    let (code, r) = p.publish_within(limit, stream, "2", &with_targets(&targets, &[]));
+    assert_eq!(code, 0, "{r:#?}");
+    assert_snapshot_holds(&world, r.targets[0].snapshot_id.as_deref().unwrap(), &file2).await;
+}
+
+/// A publish whose snapshot is slow to start (its CreateSnapshot gets no
+/// answer for longer than the hold's one-minute term) keeps renewing its
+/// hold: a publish of the next leaf waits, and each snapshot holds its own
+/// leaf's bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_hold_is_renewed_while_the_snapshot_is_slow_to_start() {
+    // Seed 50 (found by replaying the world's draws): the first
+    // CreateSnapshot gets no answer and does nothing; the next ones are
+    // answered.
+    let world = world_with(&["first"], &["us-east-1"], "hang=0.5@CreateSnapshot", 50).await;
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/slowsnap";
+    let file1 = add_image(&world, stream, "1", &disk(4 * MIB, 71)).await;
+    let mut two = disk(4 * MIB, 71);
+    two[..MIB].fill(3);
+    let file2 = add_image(&world, stream, "2", &two).await;
+    // Longer than the hold's term: the hold lives only by its renewals.
+    let slow = with_targets(&targets, &["--call-timeout", "75s"]);
+    let fast = with_targets(&targets, &[]);
+    let (one, two) = std::thread::scope(|s| {
+        let one = s.spawn(|| p.publish(stream, "1", &slow));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !world.api_outcomes("ami-publisher", "hang").contains_key("CreateSnapshot") {
+            assert!(std::time::Instant::now() < deadline, "the first snapshot was never asked for");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let two = s.spawn(|| p.publish(stream, "2", &fast));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    for ((code, r), file) in [(one, &file1), (two, &file2)] {
+        assert_eq!(code, 0, "{r:#?}");
+        assert_snapshot_holds(&world, r.targets[0].snapshot_id.as_deref().unwrap(), file).await;
+    }
+}

@@ -12,8 +12,8 @@ use std::pin::Pin;
 use fleet_proto::unpacker::{
     AddDeviceRequest, AssociateRequest, Capture, ClaimDeviceRequest, Device, Empty, ForgetStreamRequest, GetRawRequest,
     GetStatusRequest, Lease, LeaseRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, RawData,
-    ReleaseCaptureRequest, RemoveDeviceRequest, Status as UnpackerStatus, StreamStatus, UnpackImageRequest,
-    image_unpacker_server::ImageUnpacker,
+    ReleaseCaptureRequest, RemoveDeviceRequest, RenewCaptureHoldRequest, Status as UnpackerStatus, StreamStatus,
+    UnpackImageRequest, image_unpacker_server::ImageUnpacker,
 };
 use fleet_tls::{Right, Rights};
 use futures::{Stream, StreamExt as _};
@@ -37,6 +37,7 @@ pub const RIGHTS: Rights = Rights::new(&[
     ("/fleet.unpacker.v1.ImageUnpacker/UnpackImage", Right::DriveUnpacker),
     ("/fleet.unpacker.v1.ImageUnpacker/PrepareForCapture", Right::DriveUnpacker),
     ("/fleet.unpacker.v1.ImageUnpacker/ReleaseCapture", Right::DriveUnpacker),
+    ("/fleet.unpacker.v1.ImageUnpacker/RenewCaptureHold", Right::DriveUnpacker),
     ("/fleet.unpacker.v1.ImageUnpacker/ForgetStream", Right::DriveUnpacker),
     ("/fleet.unpacker.v1.ImageUnpacker/GetRaw", Right::DriveUnpacker),
 ]);
@@ -129,6 +130,12 @@ impl ImageUnpacker for Unpacker {
     async fn release_capture(&self, req: Request<ReleaseCaptureRequest>) -> Result<Response<Empty>, Status> {
         let r = req.into_inner();
         Unpacker::release_capture(self, &r.stream, &r.hold_id)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn renew_capture_hold(&self, req: Request<RenewCaptureHoldRequest>) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        Unpacker::renew_capture_hold(self, &r.stream, &r.hold_id, r.hold_seconds)?;
         Ok(Response::new(Empty {}))
     }
 

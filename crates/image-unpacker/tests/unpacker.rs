@@ -15,7 +15,7 @@ use tonic::{Code, Request, Response, Status};
 use unpacker_client::{
     AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Client, ForgetStreamRequest, GetRawRequest,
     GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, ReleaseCaptureRequest, RemoveDeviceRequest,
-    StreamState, UnpackImageRequest, UnpackStats,
+    RenewCaptureHoldRequest, StreamState, UnpackImageRequest, UnpackStats,
 };
 
 const CHUNK: u32 = 64 * 1024;
@@ -237,6 +237,41 @@ async fn a_capture_hold_keeps_writers_off_until_released() {
     unpack(&mut c, "3").await.unwrap();
     assert!(t.elapsed() >= Duration::from_millis(1000), "the unpack waited for the hold: {:?}", t.elapsed());
     assert_eq!(dev.read(third.len()).unwrap(), third);
+}
+
+/// A caller renews its hold to a short term: when it is gone (a killed
+/// publisher), its hold ends that soon, and a waiting unpack of another
+/// leaf goes ahead. Renewing a hold the caller does not have is NOT_FOUND.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hold_renewed_to_a_short_term_ends_then_and_lets_a_waiting_unpack_go() {
+    let mut rig = Rig::new().await;
+    let (a, b) = (disk(53), disk(54));
+    rig.add("1", &a).await;
+    rig.add("2", &b).await;
+    let mut c = rig.client().await;
+    let dev = rig.bound_device(&mut c, "vol-00000000000000c2", 64 * CHUNK as u64, true).await;
+    unpack_holding(&mut c, "1", 600).await.unwrap();
+    let mut other = rig.client().await;
+    let second = tokio::spawn(async move { unpack(&mut other, "2").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!second.is_finished(), "the 600 s hold keeps leaf 2 off");
+    let renew = |id: &str, seconds: u32| RenewCaptureHoldRequest {
+        stream: STREAM.into(),
+        hold_id: id.into(),
+        hold_seconds: seconds,
+    };
+    let e = c.renew_capture_hold(renew("someone-else", 2)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let t = std::time::Instant::now();
+    c.renew_capture_hold(renew("test", 2)).await.unwrap();
+    let status = c.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let st = status.streams.iter().find(|s| s.stream == STREAM).unwrap();
+    assert!(st.hold_seconds <= 2, "the hold now ends in 2 s: {st:?}");
+    tokio::time::timeout(Duration::from_secs(30), second).await.unwrap().unwrap().unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(1500), "not before the renewed hold ended: {:?}", t.elapsed());
+    assert_eq!(dev.read(b.len()).unwrap(), b);
+    let e = c.renew_capture_hold(renew("test", 60)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "a hold that ran out is not renewed: {e:?}");
 }
 
 /// A capture hold outlives a restart of the daemon (say, a crash between a

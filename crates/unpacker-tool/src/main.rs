@@ -4,8 +4,8 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use fleet_proto::unpacker_view::{DeviceView, StatusView, StreamView, state_name};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use unpacker_client::{
     AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Device, ForgetStreamRequest, GetRawRequest,

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, bail};
 use aws_sdk_ec2::{Client, types::ResourceType};
 use unpacker_client::{
-    self as uc, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, ReleaseCaptureRequest, UnpackImageRequest,
+    self as uc, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, ReleaseCaptureRequest,
+    RenewCaptureHoldRequest, UnpackImageRequest,
 };
 
 use crate::{
@@ -92,7 +93,11 @@ pub(super) async fn unpack_and_snapshot(
         r.bytes_written = Some(st.bytes_written);
         tracing::info!(fetched = st.bytes_fetched, written = st.bytes_written, seconds = st.seconds, "unpacked");
     }
+    // The unpack took a hold: keep it short while this run works, so that
+    // if the run dies, the next leaf's publish waits a minute at most.
+    let renewal = HoldRenewal::start(c.clone(), &o.stream, &hold_id);
     let snapped = capture_and_snapshot(ec2, &mut c, o, (&volume, volume_learned), &hold_id, line).await;
+    drop(renewal);
     let release = ReleaseCaptureRequest { stream: o.stream.clone(), hold_id: hold_id.clone() };
     if let Err(s) = c.release_capture(release).await {
         // An older unpacker has no holds; otherwise the hold runs out by itself.
@@ -187,6 +192,11 @@ pub(super) async fn capture_and_snapshot(
         }
         line.step("the stream is busy; waiting to read back");
     };
+    // The read-back held the volume for CAPTURE_HOLD_SECONDS: back to the
+    // short term at once.
+    let req =
+        RenewCaptureHoldRequest { stream: o.stream.clone(), hold_id: hold_id.to_owned(), hold_seconds: HOLD_TERM };
+    renew_hold(c, req).await;
     if cap.volume_id != volume {
         bail!("the unpacker read back {}, not {volume}, for {}; not snapshotting", cap.volume_id, o.stream);
     }
@@ -242,6 +252,55 @@ pub(super) async fn capture_and_snapshot(
     Ok((snap, gib))
 }
 
+/// The term this publish renews its capture hold to while it works, and
+/// how often: a publisher that dies leaves a hold that ends within
+/// [`HOLD_TERM`]. The first holds (UnpackImage, PrepareForCapture) ask for
+/// [`UNPACK_HOLD_SECONDS`] and [`CAPTURE_HOLD_SECONDS`], which an unpacker
+/// without RenewCaptureHold keeps.
+pub(super) const HOLD_TERM: u32 = 60;
+const HOLD_RENEW_EVERY: Duration = Duration::from_secs(20);
+
+/// Renews this publish's capture hold to [`HOLD_TERM`] until dropped.
+struct HoldRenewal(tokio::task::JoinHandle<()>);
+
+impl HoldRenewal {
+    fn start(mut c: uc::Client, stream: &str, hold_id: &str) -> HoldRenewal {
+        let req =
+            RenewCaptureHoldRequest { stream: stream.to_owned(), hold_id: hold_id.to_owned(), hold_seconds: HOLD_TERM };
+        HoldRenewal(tokio::spawn(async move {
+            loop {
+                if !renew_hold(&mut c, req.clone()).await {
+                    return;
+                }
+                tokio::time::sleep(HOLD_RENEW_EVERY).await;
+            }
+        }))
+    }
+}
+
+impl Drop for HoldRenewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renew a capture hold to [`HOLD_TERM`]; whether to go on renewing it.
+async fn renew_hold(c: &mut uc::Client, req: RenewCaptureHoldRequest) -> bool {
+    match c.renew_capture_hold(req).await {
+        Ok(_) => true,
+        // An unpacker from before RenewCaptureHold keeps the long hold.
+        Err(s) if s.code() == tonic::Code::Unimplemented => false,
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            tracing::warn!("the capture hold is gone: {}", s.message());
+            false
+        }
+        Err(s) => {
+            tracing::debug!("renewing the capture hold: {}", s.message());
+            true
+        }
+    }
+}
+
 /// This publish's id for its capture holds: ReleaseCapture ends only its own.
 pub(super) fn hold_id() -> String {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
@@ -250,9 +309,10 @@ pub(super) fn hold_id() -> String {
 
 /// How long the unpacker holds a volume at the leaf after the unpack (until
 /// the read-back starts) and after the read-back (until CreateSnapshot has
-/// returned); released as soon as it has. A publisher killed in between
-/// makes a publish of another leaf of the stream wait at most this long; a
-/// re-run of the same leaf does not wait.
+/// returned); released as soon as it has, and renewed to [`HOLD_TERM`]
+/// meanwhile. A publisher killed in between makes a publish of another
+/// leaf of the stream wait about [`HOLD_TERM`] (this long with an unpacker
+/// that cannot renew); a re-run of the same leaf does not wait.
 pub(super) const UNPACK_HOLD_SECONDS: u32 = 120;
 pub(super) const CAPTURE_HOLD_SECONDS: u32 = 300;
 

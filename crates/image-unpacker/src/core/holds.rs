@@ -95,6 +95,32 @@ impl Unpacker {
         Ok(())
     }
 
+    /// RenewCaptureHold: the caller `id`'s hold on `stream` ends `seconds`
+    /// from now (capped at [`MAX_HOLD`]; at least 1 s), sooner or later than
+    /// it did. NOT_FOUND when the caller holds nothing there (its hold ran
+    /// out, or it never took one).
+    pub(crate) fn renew_capture_hold(&self, stream: &str, id: &str, seconds: u32) -> Result<(), Error> {
+        check_stream(stream)?;
+        let span = Duration::from_secs(u64::from(seconds.max(1))).min(MAX_HOLD);
+        let until = now_unix_ms().saturating_add(u64::try_from(span.as_millis()).unwrap_or(u64::MAX));
+        let mut state = self.state();
+        Self::holds_left(&mut state, stream);
+        let Some(end) = state.capture_holds.get_mut(stream).and_then(|h| h.until_unix_ms.get_mut(id)) else {
+            return Err(Error::not_found(format!("no capture hold {id} on {stream} (it ran out, or was never taken)")));
+        };
+        let shorter = until < *end;
+        *end = until;
+        if let Err(e) = state.save() {
+            tracing::warn!(stream, "capture hold renewal not saved: {e:#}");
+        }
+        drop(state);
+        if shorter {
+            // A waiter may now be due sooner than it thinks.
+            self.0.released.notify_waiters();
+        }
+        Ok(())
+    }
+
     /// Drop every hold on `stream` (its device no longer holds the leaf).
     pub(super) fn release_all(&self, stream: &str) {
         let mut state = self.state();
