@@ -244,7 +244,7 @@ async fn a_capture_hold_keeps_writers_off_until_released() {
 /// leaf goes ahead. Renewing a hold the caller does not have is NOT_FOUND.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hold_renewed_to_a_short_term_ends_then_and_lets_a_waiting_unpack_go() {
-    let mut rig = Rig::new().await;
+    let rig = Rig::new().await;
     let (a, b) = (disk(53), disk(54));
     rig.add("1", &a).await;
     rig.add("2", &b).await;

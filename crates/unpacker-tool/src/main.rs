@@ -10,7 +10,7 @@ use serde_json::json;
 use unpacker_client::{
     AddDeviceRequest, AssociateRequest, ClaimDeviceRequest, Device, ForgetStreamRequest, GetRawRequest,
     GetStatusRequest, PrepareForCaptureRequest, PrepareForUnpackRequest, Progress, ReleaseCaptureRequest,
-    RemoveDeviceRequest, StreamStatus, UnpackImageRequest,
+    RemoveDeviceRequest, RenewCaptureHoldRequest, StreamStatus, UnpackImageRequest,
 };
 
 /// Drive an image-unpacker by hand.
@@ -98,6 +98,13 @@ enum Cmd {
     },
     /// End a capture hold on STREAM.
     ReleaseCapture { stream: String },
+    /// Make this --hold-id's capture hold on STREAM end DURATION from now
+    /// (sooner or later than it did).
+    RenewCaptureHold {
+        stream: String,
+        #[arg(value_parser = humantime::parse_duration, value_name = "DURATION")]
+        hold: Duration,
+    },
     /// Unbind a stream from its device.
     ForgetStream { stream: String },
     /// Copy the image bytes on the stream's device to OUT (written atomically).
@@ -262,6 +269,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ReleaseCapture { stream } => {
             c.release_capture(ReleaseCaptureRequest { stream: stream.clone(), hold_id: cli.hold_id.clone() }).await?;
             out(json!({"released": stream}), format!("released the capture hold on {stream}"));
+        }
+        Cmd::RenewCaptureHold { stream, hold } => {
+            let seconds = hold_seconds(Some(hold));
+            let req =
+                RenewCaptureHoldRequest { stream: stream.clone(), hold_id: cli.hold_id.clone(), hold_seconds: seconds };
+            c.renew_capture_hold(req).await?;
+            out(
+                json!({"renewed": stream, "hold_seconds": seconds}),
+                format!("the capture hold on {stream} ends in {seconds} s"),
+            );
         }
         Cmd::ForgetStream { stream } => {
             c.forget_stream(ForgetStreamRequest { stream: stream.clone() }).await?;

@@ -52,8 +52,16 @@ async fn drives_an_unpacker_from_the_command_line() {
     let r = run(&["unpack-image", "apps/web", "7"]).await.unwrap();
     assert_eq!(r["chunks_written"], 6);
     assert_eq!(r["image_id"], added.image_id.as_str());
-    let cap = run(&["prepare-for-capture", "apps/web"]).await.unwrap();
+    let cap = run(&["prepare-for-capture", "apps/web", "--hold", "10m"]).await.unwrap();
     assert_eq!(cap["device_digest"], blake3::hash(&image).to_hex().as_str());
+    let st = run(&["get-status"]).await.unwrap();
+    assert!(st["streams"][0]["hold_seconds"].as_u64().unwrap() > 500, "{st}");
+    run(&["renew-capture-hold", "apps/web", "30s"]).await.unwrap();
+    let st = run(&["get-status"]).await.unwrap();
+    assert!(st["streams"][0]["hold_seconds"].as_u64().unwrap() <= 30, "{st}");
+    run(&["release-capture", "apps/web"]).await.unwrap();
+    let st = run(&["get-status"]).await.unwrap();
+    assert_eq!(st["streams"][0]["hold_seconds"], 0, "{st}");
     let out = dir.path().join("back.raw");
     run(&["get-raw", "apps/web", &out.display().to_string()]).await.unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), image);

@@ -4,7 +4,9 @@
 //!
 //! Each hold has an owner (the caller's hold id): several callers capturing
 //! the same leaf each hold it, and ReleaseCapture ends only the caller's
-//! own. While any hold lasts, an unpack of another leaf, a scan and
+//! own, and RenewCaptureHold sets when the caller's own ends (a caller
+//! keeps its hold short and renews it while it works, so that the hold of
+//! a caller that died ends soon). While any hold lasts, an unpack of another leaf, a scan and
 //! ForgetStream wait for all of them to end (released, or their time runs
 //! out). Reads, captures and an unpack of the held leaf itself (which
 //! changes nothing, and is what a re-run of an interrupted publish does) go
