@@ -9,7 +9,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    image_client::cli::init_tracing("warn", false);
+    fleet_cli::init_tracing("warn", false);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(cli::run(cli)) {
         Ok(Outcome::AllSucceeded) => ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 //! plain-HTTP `/status` and `/metrics` listener ([`serve_metrics`]), the
 //! Prometheus text format ([`Prometheus`]) and the `--metrics-listen` flag
 //! ([`parse_metrics_listen`]). Log set-up is not here: every fleet binary,
-//! daemon or client, shares `image_client::cli::init_tracing`.
+//! daemon or client, shares `fleet_cli::init_tracing`.
 //!
 //! This crate knows nothing of images, devices, AWS or gRPC services: a
 //! daemon hands it a way to stop, a status to serialise and its counters,

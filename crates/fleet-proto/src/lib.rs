@@ -20,8 +20,25 @@ pub mod unpacker_view;
 /// run to a few MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// The port an imageserver listens on unless told otherwise.
+pub const IMAGESERVER_PORT: u16 = 6971;
+
 /// The port an image-unpacker listens on unless told otherwise.
 pub const UNPACKER_PORT: u16 = 6974;
+
+/// The environment variable every program reads the imageserver's address
+/// from (imagetool, image-unpacker, ami-publisher).
+pub const IMAGE_SERVER_ENV: &str = "IMAGE_SERVER";
+
+/// The imageserver address a client uses unless told otherwise.
+pub fn default_image_server() -> String {
+    format!("localhost:{IMAGESERVER_PORT}")
+}
+
+/// The image-unpacker address unpacker-tool uses unless told otherwise.
+pub fn default_unpacker() -> String {
+    format!("localhost:{UNPACKER_PORT}")
+}
 
 impl std::fmt::Display for unpacker::UnpackStats {
     /// One line: what an unpack wrote, zeroed and left alone.

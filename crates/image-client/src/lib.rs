@@ -15,8 +15,6 @@ use futures::{Stream, StreamExt};
 use image_format::{Digest, ImageName, Manifest, ManifestError};
 use tonic::transport::{Channel, Endpoint};
 
-pub mod cli;
-
 pub use fleet_proto::imageserver;
 
 /// A connected imageserver client.

@@ -45,9 +45,6 @@ pub use crate::core::{ServiceConfig, Unpacker};
 pub use metrics::Metrics;
 pub use service::RIGHTS;
 
-/// Default gRPC port.
-pub const DEFAULT_PORT: u16 = 6974;
-
 /// Everything the daemon needs, validated before any port is bound.
 #[derive(Debug, Clone)]
 pub struct Config {

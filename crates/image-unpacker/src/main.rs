@@ -17,7 +17,7 @@ use fleet_tls::TlsFiles;
 #[command(version, about, long_about)]
 struct Args {
     /// Address for gRPC over mutual TLS.
-    #[arg(long, default_value = "0.0.0.0:6974")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], fleet_proto::UNPACKER_PORT)))]
     listen: SocketAddr,
     /// Address for plain-HTTP /status and /metrics (Prometheus); "off" disables.
     #[arg(long, default_value = "127.0.0.1:6975", value_parser = fleet_daemon::parse_metrics_listen)]
@@ -26,7 +26,7 @@ struct Args {
     #[arg(long, default_value = "/var/lib/image-unpacker")]
     state_dir: PathBuf,
     /// The imageserver to read images from (HOST:PORT).
-    #[arg(long, env = "IMAGE_SERVER", default_value = "localhost:6971", value_name = "HOST:PORT")]
+    #[arg(long, env = fleet_proto::IMAGE_SERVER_ENV, default_value_t = fleet_proto::default_image_server(), value_name = "HOST:PORT")]
     image_server: String,
     /// Directory of device links named by volume id (Nitro: nvme-Amazon_Elastic_Block_Store_vol…).
     #[arg(long, default_value = "/dev/disk/by-id")]
@@ -50,7 +50,7 @@ const MAX_BLOCKING_THREADS: usize = 8;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    image_client::cli::init_tracing("info", args.log_json);
+    fleet_cli::init_tracing("info", args.log_json);
     let config = image_unpacker::Config {
         listen: args.listen,
         metrics_listen: args.metrics_listen,

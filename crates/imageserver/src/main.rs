@@ -12,7 +12,7 @@ use fleet_tls::TlsFiles;
 #[command(version, about, long_about = None)]
 struct Args {
     /// Address for gRPC over mutual TLS.
-    #[arg(long, default_value = "0.0.0.0:6971")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], fleet_proto::IMAGESERVER_PORT)))]
     listen: SocketAddr,
     /// Address for plain-HTTP /status and /metrics (Prometheus); "off" disables.
     #[arg(long, default_value = "127.0.0.1:6972", value_parser = fleet_daemon::parse_metrics_listen)]
@@ -43,7 +43,7 @@ const MAX_BLOCKING_THREADS: usize = 32;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    image_client::cli::init_tracing("info", args.log_json);
+    fleet_cli::init_tracing("info", args.log_json);
     let config = imageserver::Config {
         listen: args.listen,
         metrics_listen: args.metrics_listen,

@@ -19,10 +19,10 @@ use imagetool::{Progress, client::rpc};
 #[command(version, about)]
 struct Cli {
     /// imageserver to talk to.
-    #[arg(long, global = true, env = "IMAGESERVER", default_value = "localhost:6971", value_name = "HOST:PORT")]
+    #[arg(long, global = true, env = fleet_proto::IMAGE_SERVER_ENV, default_value_t = fleet_proto::default_image_server(), value_name = "HOST:PORT")]
     server: String,
     #[command(flatten)]
-    tls: image_client::cli::TlsArgs,
+    tls: fleet_cli::TlsArgs,
     /// Print results as JSON on stdout (no progress bars).
     #[arg(long, global = true)]
     json: bool,
@@ -82,7 +82,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    image_client::cli::init_tracing("warn", false);
+    fleet_cli::init_tracing("warn", false);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,

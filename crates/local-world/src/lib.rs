@@ -58,7 +58,7 @@ pub const SECOND_ACCOUNT_ID: &str = "111111111111";
 /// The profiles the world writes.
 pub const ACCOUNTS: [&str; 2] = ["first", "second"];
 /// The port unpackers listen on (as in production).
-pub const UNPACKER_PORT: u16 = image_unpacker::DEFAULT_PORT;
+pub const UNPACKER_PORT: u16 = fleet_proto::UNPACKER_PORT;
 
 /// A second address octet (the world's unpackers listen on 127.OCTET.N.10)
 /// that no other live world on this machine uses: worlds run at once in

@@ -15,9 +15,6 @@ use tonic::transport::Channel;
 
 pub use fleet_proto::unpacker::*;
 
-/// The port an unpacker listens on unless told otherwise.
-pub const DEFAULT_PORT: u16 = fleet_proto::UNPACKER_PORT;
-
 /// A connected unpacker client.
 pub type Client = ImageUnpackerClient<Channel>;
 

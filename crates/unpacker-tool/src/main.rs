@@ -24,10 +24,10 @@ use unpacker_client::{
 #[command(version, about, long_about)]
 struct Cli {
     /// The unpacker to drive.
-    #[arg(long, global = true, env = "IMAGE_UNPACKER", default_value = "localhost:6974", value_name = "HOST:PORT")]
+    #[arg(long, global = true, env = "IMAGE_UNPACKER", default_value_t = fleet_proto::default_unpacker(), value_name = "HOST:PORT")]
     unpacker: String,
     #[command(flatten)]
-    tls: image_client::cli::TlsArgs,
+    tls: fleet_cli::TlsArgs,
     /// Print results as JSON on stdout (no progress bars).
     #[arg(long, global = true)]
     json: bool,
@@ -113,7 +113,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    image_client::cli::init_tracing("warn", false);
+    fleet_cli::init_tracing("warn", false);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,

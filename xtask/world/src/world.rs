@@ -59,8 +59,7 @@ fn print_exports(world: &World, bins: &std::path::Path) -> anyhow::Result<()> {
     for (name, value) in world.aws_env() {
         println!("export {name}={}", quote(&value));
     }
-    println!("export IMAGE_SERVER={}  # ami-publisher", quote(&image_server));
-    println!("export IMAGESERVER={}  # imagetool", quote(&image_server));
+    println!("export IMAGE_SERVER={}  # ami-publisher and imagetool", quote(&image_server));
     println!("export SSL_DIR={}  # ami-publisher's certificate", quote(&path(&publisher)?));
     println!("export BUILDER_SSL_DIR={}  # imagetool's (image-builder) certificate", quote(&path(&builder)?));
     println!("export PATH={}:\"$PATH\"", quote(&path(bins)?));

@@ -46,13 +46,13 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "ACCOUNT,REGION", value_delimiter = ' ')]
     pub skip_targets: Vec<TargetSpec>,
     /// The imageserver to read image manifests from (the unpackers use their own setting).
-    #[arg(long, global = true, env = "IMAGE_SERVER", default_value = "localhost:6971", value_name = "HOST:PORT")]
+    #[arg(long, global = true, env = fleet_proto::IMAGE_SERVER_ENV, default_value_t = fleet_proto::default_image_server(), value_name = "HOST:PORT")]
     pub image_server: String,
     /// Value of the Name tag of unpacker instances.
     #[arg(long, global = true, default_value = "ImageUnpacker", value_name = "NAME")]
     pub instance_name: String,
     /// Port image-unpacker listens on.
-    #[arg(long, global = true, default_value_t = 6974, value_name = "PORT")]
+    #[arg(long, global = true, default_value_t = fleet_proto::UNPACKER_PORT, value_name = "PORT")]
     pub unpacker_port: u16,
     /// Extra tags for AMIs and snapshots: KEY=VALUE,KEY=VALUE.
     #[arg(long, global = true, value_delimiter = ',', value_parser = crate::tags::parse_pair, value_name = "K=V,...")]
@@ -132,7 +132,7 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "30m", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub image_timeout: Duration,
     #[command(flatten)]
-    pub tls: image_client::cli::TlsArgs,
+    pub tls: fleet_cli::TlsArgs,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,4 +1,5 @@
-//! What every fleet command line shares: certificate flags and log set-up.
+//! What every fleet command line shares: client certificate flags and log
+//! set-up (the daemons, the tools and ami-publisher alike).
 
 use std::path::PathBuf;
 
