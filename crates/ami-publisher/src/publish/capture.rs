@@ -72,12 +72,12 @@ pub(super) async fn unpack_and_snapshot(
     // Another publish of the stream may be using the volume: wait for it
     // (at most as long as its capture hold can last), and start again when
     // it slips in between (the unpacker says ABORTED).
-    let hold_id = hold_id();
+    let holds = Holds { id: hold_id(), renewable: renewable(&mut c, &o.stream).await };
     let patience = o.timeouts.unpacker.max(Duration::from_secs(CAPTURE_HOLD_SECONDS.into()));
     let deadline = Instant::now() + patience;
     let last = loop {
         wait_stream_idle(&mut c, &o.stream, &o.leaf, deadline, line).await?;
-        match prepare_and_unpack(&mut c, o, &hold_id, line).await {
+        match prepare_and_unpack(&mut c, o, &holds, line).await {
             Err(Step::Busy(s)) if Instant::now() < deadline => {
                 line.step("the stream is busy; waiting");
                 tracing::info!(stream = %o.stream, "{}; waiting", s.message());
@@ -95,10 +95,10 @@ pub(super) async fn unpack_and_snapshot(
     }
     // The unpack took a hold: keep it short while this run works, so that
     // if the run dies, the next leaf's publish waits a minute at most.
-    let renewal = HoldRenewal::start(c.clone(), &o.stream, &hold_id);
-    let snapped = capture_and_snapshot(ec2, &mut c, o, (&volume, volume_learned), &hold_id, line).await;
+    let renewal = holds.renewable.then(|| HoldRenewal::start(c.clone(), &o.stream, &holds.id));
+    let snapped = capture_and_snapshot(ec2, &mut c, o, (&volume, volume_learned), &holds, line).await;
     drop(renewal);
-    let release = ReleaseCaptureRequest { stream: o.stream.clone(), hold_id: hold_id.clone() };
+    let release = ReleaseCaptureRequest { stream: o.stream.clone(), hold_id: holds.id.clone() };
     if let Err(s) = c.release_capture(release).await {
         // An older unpacker has no holds; otherwise the hold runs out by itself.
         if s.code() != tonic::Code::Unimplemented {
@@ -143,7 +143,7 @@ pub(super) fn corrupt(o: &Options, s: &tonic::Status) -> anyhow::Error {
 pub(super) async fn prepare_and_unpack(
     c: &mut uc::Client,
     o: &Options,
-    hold_id: &str,
+    holds: &Holds,
     line: &Line,
 ) -> Result<Progress, Step> {
     line.step("preparing");
@@ -153,8 +153,8 @@ pub(super) async fn prepare_and_unpack(
     let req = UnpackImageRequest {
         stream: o.stream.clone(),
         leaf: o.leaf.clone(),
-        hold_seconds: UNPACK_HOLD_SECONDS,
-        hold_id: hold_id.to_owned(),
+        hold_seconds: holds.after_unpack(),
+        hold_id: holds.id.clone(),
     };
     let s = c.unpack_image(req).await.map_err(step("UnpackImage", o))?.into_inner();
     let what = format!("unpacking {}/{}", o.stream, o.leaf);
@@ -173,7 +173,7 @@ pub(super) async fn capture_and_snapshot(
     c: &mut uc::Client,
     o: &Options,
     (volume, learned): (&str, Instant),
-    hold_id: &str,
+    holds: &Holds,
     line: &Line,
 ) -> anyhow::Result<(String, i32)> {
     line.step("reading back");
@@ -183,8 +183,8 @@ pub(super) async fn capture_and_snapshot(
     let cap = loop {
         let req = PrepareForCaptureRequest {
             stream: o.stream.clone(),
-            hold_seconds: CAPTURE_HOLD_SECONDS,
-            hold_id: hold_id.to_owned(),
+            hold_seconds: holds.after_read_back(),
+            hold_id: holds.id.clone(),
         };
         let r = c.prepare_for_capture(req).await;
         if !patience.again(&r).await {
@@ -192,11 +192,6 @@ pub(super) async fn capture_and_snapshot(
         }
         line.step("the stream is busy; waiting to read back");
     };
-    // The read-back held the volume for CAPTURE_HOLD_SECONDS: back to the
-    // short term at once.
-    let req =
-        RenewCaptureHoldRequest { stream: o.stream.clone(), hold_id: hold_id.to_owned(), hold_seconds: HOLD_TERM };
-    renew_hold(c, req).await;
     if cap.volume_id != volume {
         bail!("the unpacker read back {}, not {volume}, for {}; not snapshotting", cap.volume_id, o.stream);
     }
@@ -252,13 +247,43 @@ pub(super) async fn capture_and_snapshot(
     Ok((snap, gib))
 }
 
-/// The term this publish renews its capture hold to while it works, and
-/// how often: a publisher that dies leaves a hold that ends within
-/// [`HOLD_TERM`]. The first holds (UnpackImage, PrepareForCapture) ask for
-/// [`UNPACK_HOLD_SECONDS`] and [`CAPTURE_HOLD_SECONDS`], which an unpacker
-/// without RenewCaptureHold keeps.
+/// The term of this publish's capture holds, renewed every
+/// [`HOLD_RENEW_EVERY`] while it works: a publisher that dies leaves a hold
+/// that ends within [`HOLD_TERM`] (see [`Holds`]).
 pub(super) const HOLD_TERM: u32 = 60;
 const HOLD_RENEW_EVERY: Duration = Duration::from_secs(20);
+
+/// This publish's capture holds: its id, and whether the unpacker renews
+/// holds (RenewCaptureHold). When it does, every hold this publish asks
+/// for lasts [`HOLD_TERM`] and is renewed while the publish works; the
+/// unpacker finishes an unpack or a read-back whose caller died and takes
+/// the hold it asked for, so a short one is what bounds the wait of the
+/// next leaf. When it does not, the long holds of before.
+pub(super) struct Holds {
+    pub(super) id: String,
+    pub(super) renewable: bool,
+}
+
+impl Holds {
+    fn after_unpack(&self) -> u32 {
+        if self.renewable { HOLD_TERM } else { UNPACK_HOLD_SECONDS }
+    }
+
+    fn after_read_back(&self) -> u32 {
+        if self.renewable { HOLD_TERM } else { CAPTURE_HOLD_SECONDS }
+    }
+}
+
+/// Whether the unpacker renews capture holds: a renewal of a hold nobody
+/// has is NOT_FOUND there, UNIMPLEMENTED on an unpacker from before.
+async fn renewable(c: &mut uc::Client, stream: &str) -> bool {
+    let req = RenewCaptureHoldRequest {
+        stream: stream.to_owned(),
+        hold_id: "ami-publisher/probe".to_owned(),
+        hold_seconds: 1,
+    };
+    matches!(c.renew_capture_hold(req).await, Err(s) if s.code() == tonic::Code::NotFound)
+}
 
 /// Renews this publish's capture hold to [`HOLD_TERM`] until dropped.
 struct HoldRenewal(tokio::task::JoinHandle<()>);
