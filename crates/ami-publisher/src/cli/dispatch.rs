@@ -8,8 +8,9 @@ use anyhow::{Context as _, bail};
 use crate::{
     aws::Aws,
     progress::Board,
-    publish::{self, Options, Timeouts},
+    publish::{self, Options},
     results::{PublishResults, write_json_atomic},
+    settings::{Settings, Timeouts},
     targets::{self},
     values::BootMode,
 };
@@ -59,13 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         aws: &aws,
         targets,
         max_concurrency: cli.max_concurrency,
-        instance_name: cli.instance_name.clone(),
-        unpacker_port: cli.unpacker_port,
-        tls: cli.tls.files(),
-        unpacker_timeout: cli.unpacker_timeout,
-        volume_timeout: cli.volume_timeout,
-        snapshot_timeout: cli.snapshot_timeout,
-        image_timeout: cli.image_timeout,
+        settings: settings(&cli),
         dry_run: cli.dry_run,
         board: Board::new(!cli.json, &names),
     };
@@ -307,9 +302,7 @@ async fn prepare_publish(
         leaf: leaf.to_owned(),
         image_id: image_id.clone(),
         image_size: info.size_bytes,
-        instance_name: cli.instance_name.clone(),
-        unpacker_port: cli.unpacker_port,
-        tls,
+        settings: settings(cli),
         tags: cli.tags.clone(),
         expires_at: cli.expires_in.map(|d| crate::tags::rfc3339(SystemTime::now() + d)),
         description: format!("{stream}/{leaf} (image {}), published by ami-publisher", &image_id[..16]),
@@ -324,14 +317,23 @@ async fn prepare_publish(
         kms_key_id: cli.kms_key_id.clone(),
         min_free_bytes: cli.min_free_bytes,
         ignore_missing_unpackers: cli.ignore_missing_unpackers,
+    };
+    Ok((opts, targets, aws))
+}
+
+/// The unpackers and timeouts of this run, for publish and the operations.
+fn settings(cli: &Cli) -> Settings {
+    Settings {
+        instance_name: cli.instance_name.clone(),
+        unpacker_port: cli.unpacker_port,
+        tls: cli.tls.files(),
         timeouts: Timeouts {
             unpacker: cli.unpacker_timeout,
             volume: cli.volume_timeout,
             snapshot: cli.snapshot_timeout,
             image: cli.image_timeout,
         },
-    };
-    Ok((opts, targets, aws))
+    }
 }
 
 fn human_bytes(n: u64) -> String {

@@ -12,7 +12,7 @@ use aws_sdk_ec2::{Client, types::Tag};
 use super::{Acted, Ctx, Report, images::delete_snapshot, launch::newest_of_stream_in};
 use crate::{
     errors::{SdkResultExt as _, sdk_error},
-    publish::{image_available, image_named, snapshot_completed},
+    ready::{image_available, image_named, snapshot_completed},
     retry, tags,
     targets::Target,
 };
@@ -128,7 +128,7 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
             copy_across_accounts(ctx, shares, src, dest).await?
         };
         let made = Some(std::time::Instant::now());
-        image_available(&ec2, &new_ami, made, ctx.image_timeout)
+        image_available(&ec2, &new_ami, made, ctx.settings.timeouts.image)
             .await
             .context("the copy is tagged: a re-run reports it, and copies nothing while it is pending")?;
         Ok(vec![ctx.described("copy", &new_ami, what)])
@@ -338,7 +338,7 @@ async fn copy_across_accounts(
             mappings.push(m);
             continue;
         };
-        let to = SnapshotDest { ec2, account: &dest_account, kms_key_id, timeout: ctx.snapshot_timeout };
+        let to = SnapshotDest { ec2, account: &dest_account, kms_key_id, timeout: ctx.settings.timeouts.snapshot };
         match copy_shared_snapshot(shares, &src_ec2, src, snap, &to).await {
             Ok(new_snap) => {
                 let ebs = m.ebs().cloned().unwrap_or_else(|| EbsBlockDevice::builder().build());

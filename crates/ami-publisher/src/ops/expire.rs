@@ -82,7 +82,7 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
             out.push(
                 ctx.act("delete", id, "volume", || async move {
                     match attached {
-                        Some(inst) => volumes::detach_and_delete(ec2, inst, id, ctx.volume_timeout).await,
+                        Some(inst) => volumes::detach_and_delete(ec2, inst, id, ctx.settings.timeouts.volume).await,
                         // Or deleted by an attempt whose answer was lost.
                         None => ec2
                             .delete_volume()

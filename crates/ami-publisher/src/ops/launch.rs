@@ -188,8 +188,14 @@ pub async fn launch_instances(ctx: &Ctx<'_>, boot: &BootImage<'_>, spec: &Launch
             let inst = run.instances().first().context("RunInstances returned no instance")?;
             let id = inst.instance_id().unwrap_or_default().to_owned();
             let made = Some(std::time::Instant::now());
-            unpacker::wait_state(&ec2, &id, aws_sdk_ec2::types::InstanceStateName::Running, made, ctx.unpacker_timeout)
-                .await?;
+            unpacker::wait_state(
+                &ec2,
+                &id,
+                aws_sdk_ec2::types::InstanceStateName::Running,
+                made,
+                ctx.settings.timeouts.unpacker,
+            )
+            .await?;
             out.push(Launched {
                 action: "launched".into(),
                 resource: id.clone(),

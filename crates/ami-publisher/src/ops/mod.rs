@@ -26,7 +26,6 @@ use std::{future::Future, time::Duration};
 
 use anyhow::Context as _;
 use aws_sdk_ec2::Client;
-use fleet_tls::TlsFiles;
 use serde::Serialize;
 use unpacker_client::{self as uc, GetStatusRequest};
 
@@ -44,12 +43,7 @@ pub use self::{
         stop_idle_unpackers, tag_unpackers, terminate_instances,
     },
 };
-use crate::{
-    aws::Aws,
-    progress::Board,
-    targets::Target,
-    unpacker::{self, UnpackerInstance},
-};
+use crate::{aws::Aws, progress::Board, settings::Settings, targets::Target, unpacker::UnpackerInstance};
 
 /// What one target answered.
 #[derive(Debug, Clone, Serialize)]
@@ -66,15 +60,8 @@ pub struct Ctx<'a> {
     pub aws: &'a Aws,
     pub targets: Vec<Target>,
     pub max_concurrency: usize,
-    pub instance_name: String,
-    pub unpacker_port: u16,
-    pub tls: TlsFiles,
-    pub unpacker_timeout: Duration,
-    pub volume_timeout: Duration,
-    /// `--snapshot-timeout`: snapshot copies.
-    pub snapshot_timeout: Duration,
-    /// `--image-timeout`: AMI copies.
-    pub image_timeout: Duration,
+    /// The unpackers and the timeouts, as publish has them.
+    pub settings: Settings,
     pub dry_run: bool,
     pub board: Board,
 }
@@ -139,11 +126,7 @@ impl Ctx<'_> {
     /// `--unpacker-timeout` flag, but at most 10 s (a list reports an
     /// unpacker that does not answer rather than hang on it).
     fn listing_timeout(&self) -> Duration {
-        self.unpacker_timeout.min(Duration::from_secs(10))
-    }
-
-    async fn unpackers(&self, ec2: &Client) -> anyhow::Result<Vec<UnpackerInstance>> {
-        unpacker::find_all(ec2, &self.instance_name).await
+        self.settings.timeouts.unpacker.min(Duration::from_secs(10))
     }
 
     /// Every running unpacker of a target, connected, with its status.
@@ -153,15 +136,11 @@ impl Ctx<'_> {
         timeout: Duration,
     ) -> anyhow::Result<Vec<(UnpackerInstance, uc::Client, uc::Status)>> {
         let mut out = Vec::new();
-        for inst in self.unpackers(ec2).await?.into_iter().filter(|i| i.state == "running") {
-            let mut c = self.dial(&inst, timeout).await?;
+        for inst in self.settings.unpackers(ec2).await?.into_iter().filter(|i| i.state == "running") {
+            let mut c = self.settings.dial(&inst, timeout).await?;
             let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
             out.push((inst, c, s));
         }
         Ok(out)
-    }
-
-    async fn dial(&self, inst: &UnpackerInstance, timeout: Duration) -> anyhow::Result<uc::Client> {
-        unpacker::dial_instance(inst, self.unpacker_port, &self.tls, timeout).await
     }
 }

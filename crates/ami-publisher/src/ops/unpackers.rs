@@ -86,7 +86,7 @@ fn state_name(s: &StreamStatus) -> String {
 pub async fn list_unpackers(ctx: &Ctx<'_>) -> Vec<Report<UnpackerRow>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await? {
+        for inst in ctx.settings.unpackers(&ec2).await? {
             let mut row = UnpackerRow {
                 instance: inst.instance_id.clone(),
                 state: inst.state.clone(),
@@ -94,7 +94,7 @@ pub async fn list_unpackers(ctx: &Ctx<'_>) -> Vec<Report<UnpackerRow>> {
                 ..UnpackerRow::default()
             };
             if inst.state == "running" {
-                match ctx.dial(&inst, ctx.listing_timeout()).await {
+                match ctx.settings.dial(&inst, ctx.listing_timeout()).await {
                     Ok(mut c) => {
                         let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
                         row.streams = Some(s.streams.iter().map(|s| s.stream.clone()).collect::<Vec<_>>().join(" "));
@@ -154,7 +154,7 @@ pub(super) async fn terminate(ec2: &Client, id: &str) -> anyhow::Result<()> {
 pub async fn stop_idle_unpackers(ctx: &Ctx<'_>, max_idle: Duration) -> Vec<Report<Acted>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for (inst, _, s) in ctx.running(&ec2, ctx.unpacker_timeout).await? {
+        for (inst, _, s) in ctx.running(&ec2, ctx.settings.timeouts.unpacker).await? {
             let idle = Duration::from_secs(s.idle_seconds);
             if s.busy || idle < max_idle {
                 tracing::info!(instance = %inst.instance_id, idle_seconds = s.idle_seconds, busy = s.busy, "in use; left running");
@@ -180,14 +180,14 @@ pub async fn stop_idle_unpackers(ctx: &Ctx<'_>, max_idle: Duration) -> Vec<Repor
 pub async fn start_instances(ctx: &Ctx<'_>) -> Vec<Report<Acted>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await? {
+        for inst in ctx.settings.unpackers(&ec2).await? {
             if inst.state == "running" {
                 continue;
             }
             let (ec2, i) = (&ec2, &inst);
             out.push(
                 ctx.act("start", &inst.instance_id, inst.state.clone(), || async move {
-                    unpacker::ensure_running(ec2, i, ctx.unpacker_timeout, |_| {}).await.map(drop)
+                    unpacker::ensure_running(ec2, i, ctx.settings.timeouts.unpacker, |_| {}).await.map(drop)
                 })
                 .await?,
             );
@@ -201,7 +201,7 @@ pub async fn start_instances(ctx: &Ctx<'_>) -> Vec<Report<Acted>> {
 pub async fn terminate_instances(ctx: &Ctx<'_>) -> Vec<Report<Acted>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await? {
+        for inst in ctx.settings.unpackers(&ec2).await? {
             let (ec2, id) = (&ec2, inst.instance_id.as_str());
             out.push(ctx.act("terminate", id, inst.state.clone(), || terminate(ec2, id)).await?);
         }
@@ -216,9 +216,9 @@ pub async fn terminate_instances(ctx: &Ctx<'_>) -> Vec<Report<Acted>> {
 pub async fn prepare_unpackers(ctx: &Ctx<'_>, stream: Option<&str>) -> Vec<Report<PreparedRow>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await? {
-            let inst = unpacker::ensure_running(&ec2, &inst, ctx.unpacker_timeout, |_| {}).await?;
-            let mut c = ctx.dial(&inst, ctx.unpacker_timeout).await?;
+        for inst in ctx.settings.unpackers(&ec2).await? {
+            let inst = unpacker::ensure_running(&ec2, &inst, ctx.settings.timeouts.unpacker, |_| {}).await?;
+            let mut c = ctx.settings.dial(&inst, ctx.settings.timeouts.unpacker).await?;
             let s = c.get_status(GetStatusRequest {}).await.context("GetStatus")?.into_inner();
             let mut row = PreparedRow { instance: inst.instance_id.clone(), ready: true, stream: None };
             if let Some(stream) = stream {
@@ -246,7 +246,7 @@ pub async fn prepare_unpackers(ctx: &Ctx<'_>, stream: Option<&str>) -> Vec<Repor
 pub async fn tag_unpackers(ctx: &Ctx<'_>, set: &[(String, String)], delete: Option<&str>) -> Vec<Report<Acted>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await? {
+        for inst in ctx.settings.unpackers(&ec2).await? {
             let (ec2, id) = (&ec2, inst.instance_id.as_str());
             let row = if let Some(key) = delete {
                 ctx.act("delete tag", id, key, || async move {
@@ -285,21 +285,21 @@ pub async fn add_volumes(
     let volume_type = &volume_type;
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
-        for inst in ctx.unpackers(&ec2).await? {
-            let inst = unpacker::ensure_running(&ec2, &inst, ctx.unpacker_timeout, |_| {}).await?;
+        for inst in ctx.settings.unpackers(&ec2).await? {
+            let inst = unpacker::ensure_running(&ec2, &inst, ctx.settings.timeouts.unpacker, |_| {}).await?;
             // The volume's id is known only once it is made.
             if let Some(row) = ctx.would("add", &inst.instance_id, format!("{gib} GiB volume")) {
                 out.push(row);
                 continue;
             }
-            let mut c = ctx.dial(&inst, ctx.unpacker_timeout).await?;
+            let mut c = ctx.settings.dial(&inst, ctx.settings.timeouts.unpacker).await?;
             let spec = VolumeSpec {
                 stream: String::new(),
                 need_bytes: gib << 30,
                 volume_type: volume_type.clone(),
                 kms_key_id: kms_key_id.map(str::to_owned),
-                instance_name: ctx.instance_name.clone(),
-                timeout: ctx.volume_timeout,
+                instance_name: ctx.settings.instance_name.clone(),
+                timeout: ctx.settings.timeouts.volume,
             };
             let line = ctx.board.line(&t.to_string());
             let v = volumes::create_and_add(&ec2, &mut c, &inst, &spec, &line).await?;
@@ -316,12 +316,13 @@ pub async fn add_volumes(
 pub async fn remove_unused_volumes(ctx: &Ctx<'_>) -> Vec<Report<Acted>> {
     ctx.each(|ec2, _t| async move {
         let mut out = Vec::new();
-        for (inst, mut c, s) in ctx.running(&ec2, ctx.unpacker_timeout).await? {
+        for (inst, mut c, s) in ctx.running(&ec2, ctx.settings.timeouts.unpacker).await? {
             for d in s.devices.iter().filter(|d| d.stream.is_empty()) {
                 let (ec2, c, id, vol) = (&ec2, &mut c, inst.instance_id.as_str(), d.volume_id.as_str());
                 let detail = format!("unused volume on {id}");
                 out.push(
-                    ctx.act("delete", vol, detail, || volumes::remove(ec2, c, id, vol, ctx.volume_timeout)).await?,
+                    ctx.act("delete", vol, detail, || volumes::remove(ec2, c, id, vol, ctx.settings.timeouts.volume))
+                        .await?,
                 );
             }
         }

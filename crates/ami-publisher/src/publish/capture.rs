@@ -36,7 +36,7 @@ pub(super) async fn unpack_and_snapshot(
     r: &mut TargetResult,
 ) -> anyhow::Result<Option<(String, i32)>> {
     line.step("finding the unpacker");
-    let found = unpacker::find_all(ec2, &o.instance_name).await?;
+    let found = o.settings.unpackers(ec2).await?;
     let Some(inst) = found.first() else {
         if o.ignore_missing_unpackers {
             r.skipped = true;
@@ -45,23 +45,23 @@ pub(super) async fn unpack_and_snapshot(
         }
         bail!(
             "no instance tagged Name={} in {t} (launch one, or pass --ignore-missing-unpackers to skip such targets)",
-            o.instance_name
+            o.settings.instance_name
         );
     };
     if found.len() > 1 {
         tracing::warn!(count = found.len(), using = %inst.instance_id, "several unpacker instances; using the first");
     }
-    let inst = unpacker::ensure_running(ec2, inst, o.timeouts.unpacker, |s| line.step(s)).await?;
+    let inst = unpacker::ensure_running(ec2, inst, o.settings.timeouts.unpacker, |s| line.step(s)).await?;
     r.account_id = inst.account_id.clone();
-    line.step(format!("connecting to {}", unpacker::address(&inst, o.unpacker_port)?));
-    let mut c = unpacker::dial_instance(&inst, o.unpacker_port, &o.tls, o.timeouts.unpacker).await?;
+    line.step(format!("connecting to {}", unpacker::address(&inst, o.settings.unpacker_port)?));
+    let mut c = o.settings.dial(&inst, o.settings.timeouts.unpacker).await?;
     let spec = VolumeSpec {
         stream: o.stream.clone(),
         need_bytes: o.image_size.saturating_add(o.min_free_bytes),
         volume_type: o.volume_type.clone(),
         kms_key_id: o.kms_key_id.clone(),
-        instance_name: o.instance_name.clone(),
-        timeout: o.timeouts.volume,
+        instance_name: o.settings.instance_name.clone(),
+        timeout: o.settings.timeouts.volume,
     };
     let volume = volumes::ensure(ec2, &mut c, &inst, &spec, line).await?;
     // This run learned the volume's id now (or made it just before): parts
@@ -73,7 +73,7 @@ pub(super) async fn unpack_and_snapshot(
     // (at most as long as its capture hold can last), and start again when
     // it slips in between (the unpacker says ABORTED).
     let holds = Holds { id: hold_id(), renewable: renewable(&mut c, &o.stream).await };
-    let patience = o.timeouts.unpacker.max(Duration::from_secs(CAPTURE_HOLD_SECONDS.into()));
+    let patience = o.settings.timeouts.unpacker.max(Duration::from_secs(CAPTURE_HOLD_SECONDS.into()));
     let deadline = Instant::now() + patience;
     let last = loop {
         wait_stream_idle(&mut c, &o.stream, &o.leaf, deadline, line).await?;
@@ -179,7 +179,7 @@ pub(super) async fn capture_and_snapshot(
     line.step("reading back");
     // Writers of other leaves wait for this leaf's hold; a scan or capture
     // by another caller may still be running (ABORTED): try again.
-    let patience = volumes::Patience::new(o.timeouts.unpacker);
+    let patience = volumes::Patience::new(o.settings.timeouts.unpacker);
     let cap = loop {
         let req = PrepareForCaptureRequest {
             stream: o.stream.clone(),

@@ -113,15 +113,3 @@ pub(super) async fn find_snapshot(ec2: &Client, o: &Options, tagged: &Tagged) ->
 fn filter(name: &str, values: &[String]) -> aws_sdk_ec2::types::Filter {
     aws_sdk_ec2::types::Filter::builder().name(name).set_values(Some(values.to_vec())).build()
 }
-
-/// This account's AMI called `name`, if EC2 lists one.
-pub(crate) async fn image_named(ec2: &Client, name: &str) -> anyhow::Result<Option<Image>> {
-    let out = ec2
-        .describe_images()
-        .owners("self")
-        .filters(tags::filter("name", name))
-        .send()
-        .await
-        .sdk("DescribeImages by name")?;
-    Ok(out.images().first().cloned())
-}

@@ -12,13 +12,12 @@
 //! unpack, read back, snapshot under the capture hold), [`register`]
 //! (waiting for the snapshot, registering and waiting for the AMI).
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use aws_sdk_ec2::{
     Client,
     types::{ArchitectureValues, BootModeValues, ImageState, ImdsSupportValues, VolumeType},
 };
-use fleet_tls::TlsFiles;
 
 use crate::{
     aws::Aws,
@@ -26,6 +25,7 @@ use crate::{
     progress::{Board, Line},
     results::{PublishResults, TargetResult},
     retry::{self},
+    settings::Settings,
     tags,
     targets::Target,
 };
@@ -37,31 +37,15 @@ mod register;
 use self::{
     capture::unpack_and_snapshot,
     existing::{Tagged, find_ami, find_snapshot, find_tagged},
-    register::{dated_name, deregister_failed, is_failed_end, wait_image, wait_snapshot},
+    register::{dated_name, deregister_failed, wait_image, wait_snapshot},
 };
-pub(crate) use self::{
-    existing::image_named,
-    register::{image_available, snapshot_completed},
-};
+use crate::ready::is_failed_end;
 
 /// How many times a snapshot that ended in `error`, and an AMI that ended
 /// `failed`, is made again before the target fails: a resource that fails
 /// again and again points at a cause a retry does not fix (a KMS key, a
 /// quota).
 const FAILED_ENDS: u32 = 2;
-
-/// How long each kind of wait may last.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// Instance running and its image-unpacker answering.
-    pub unpacker: Duration,
-    /// Volume available, attached, and seen by the unpacker.
-    pub volume: Duration,
-    /// Snapshot completed.
-    pub snapshot: Duration,
-    /// AMI available.
-    pub image: Duration,
-}
 
 /// Everything a publish needs to know, settled before any target starts.
 #[derive(Debug, Clone)]
@@ -71,9 +55,8 @@ pub struct Options {
     /// Hex image id (manifest digest), from the imageserver.
     pub image_id: String,
     pub image_size: u64,
-    pub instance_name: String,
-    pub unpacker_port: u16,
-    pub tls: TlsFiles,
+    /// The unpackers and the timeouts, as every operation has them.
+    pub settings: Settings,
     /// Extra tags for AMI and snapshot (`--tags`).
     pub tags: Vec<(String, String)>,
     /// `ExpiresAt` value, RFC 3339.
@@ -90,7 +73,6 @@ pub struct Options {
     pub kms_key_id: Option<String>,
     pub min_free_bytes: u64,
     pub ignore_missing_unpackers: bool,
-    pub timeouts: Timeouts,
 }
 
 impl Options {
@@ -183,7 +165,7 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
     if let Some(img) = found {
         let id = img.image_id().unwrap_or_default().to_owned();
         if img.state() == Some(&ImageState::Pending) {
-            match wait_image(ec2, &id, Some(tagged.learned), o.timeouts.image, line).await {
+            match wait_image(ec2, &id, Some(tagged.learned), o.settings.timeouts.image, line).await {
                 Ok(()) => {}
                 // It failed: made again below, from its snapshot.
                 Err(e) if is_failed_end(&e) => {
@@ -234,7 +216,7 @@ async fn made(
             }
         };
         r.snapshot_id = Some(snap.clone());
-        match wait_snapshot(ec2, &snap, made, o.timeouts.snapshot, line).await {
+        match wait_snapshot(ec2, &snap, made, o.settings.timeouts.snapshot, line).await {
             Ok(()) => break (snap, gib, made),
             Err(e) if is_failed_end(&e) && failed < FAILED_ENDS => {
                 failed += 1;
@@ -254,7 +236,7 @@ async fn made(
         let attempt = match register::register(ec2, o, &name, &snapshot, snap_made, volume_gib).await {
             Ok(registered) => {
                 let ami_made = Instant::now();
-                match wait_image(ec2, &registered.id, Some(ami_made), o.timeouts.image, line).await {
+                match wait_image(ec2, &registered.id, Some(ami_made), o.settings.timeouts.image, line).await {
                     Ok(()) => Ok((registered, ami_made)),
                     Err(e) if is_failed_end(&e) => {
                         deregister_failed(ec2, &registered.id).await?;

@@ -6,28 +6,17 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::bail;
 use aws_sdk_ec2::{
     Client,
-    types::{BlockDeviceMapping, EbsBlockDevice, Image, ImageState, ResourceType, SnapshotState},
+    types::{BlockDeviceMapping, EbsBlockDevice, Image, ResourceType},
 };
 
 use crate::{
     errors::SdkResultExt as _,
     progress::Line,
-    retry::{self, Seen},
-    tags,
+    ready::{image_available, image_named, is_failed_end, snapshot_completed},
+    retry, tags,
 };
 
-use super::{Options, existing::image_named};
-
-/// A snapshot that ended in `error`, or an AMI that ended `failed`: it will
-/// never be ready, and is replaced (EC2 documents no other way out).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct FailedEnd(String);
-
-/// Whether `e` is (or was caused by) a [`FailedEnd`].
-pub(crate) fn is_failed_end(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<FailedEnd>().is_some()
-}
+use super::Options;
 
 /// Wait for a snapshot to complete; `fresh`: when this run made it.
 pub(super) async fn wait_snapshot(
@@ -41,34 +30,6 @@ pub(super) async fn wait_snapshot(
     snapshot_completed(ec2, snapshot, fresh, timeout).await
 }
 
-/// Wait for a snapshot to complete, at most `timeout`; `fresh`: when this
-/// run made it.
-pub(crate) async fn snapshot_completed(
-    ec2: &Client,
-    snapshot: &str,
-    fresh: Option<Instant>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    retry::wait(&format!("snapshot {snapshot} to complete"), timeout, fresh, move || async move {
-        let out = match ec2.describe_snapshots().snapshot_ids(snapshot).send().await {
-            Ok(out) => out,
-            Err(e) => return Err(e),
-        };
-        Ok(match out.snapshots().first() {
-            Some(s) if s.state() == Some(&SnapshotState::Completed) => Seen::Ready(()),
-            Some(s) if s.state() == Some(&SnapshotState::Error) => Seen::Failed(anyhow::Error::new(FailedEnd(
-                format!("snapshot {snapshot} failed: {}", s.state_message().unwrap_or("no reason given")),
-            ))),
-            Some(s) => {
-                Seen::NotYet(format!("{} {}", s.state().map_or("?", |s| s.as_str()), s.progress().unwrap_or_default()))
-            }
-            None if retry::still_fresh(fresh) => Seen::NotYet("not listed yet".to_owned()),
-            None => Seen::Failed(anyhow::anyhow!("snapshot {snapshot} is gone")),
-        })
-    })
-    .await
-}
-
 /// Wait for an AMI to be available; `fresh`: when this run registered it.
 pub(super) async fn wait_image(
     ec2: &Client,
@@ -79,40 +40,6 @@ pub(super) async fn wait_image(
 ) -> anyhow::Result<()> {
     line.step(format!("waiting for {ami}"));
     image_available(ec2, ami, fresh, timeout).await
-}
-
-/// Wait for an AMI to be available, at most `timeout`; `fresh`: when this
-/// run registered (or copied) it.
-pub(crate) async fn image_available(
-    ec2: &Client,
-    ami: &str,
-    fresh: Option<Instant>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    retry::wait(&format!("AMI {ami} to be available"), timeout, fresh, move || async move {
-        let out = match ec2.describe_images().image_ids(ami).send().await {
-            Ok(out) => out,
-            Err(e) => return Err(e),
-        };
-        Ok(match out.images().first() {
-            Some(i) if i.state() == Some(&ImageState::Available) => Seen::Ready(()),
-            Some(i) if i.state() == Some(&ImageState::Pending) => Seen::NotYet("pending".to_owned()),
-            Some(i) if matches!(i.state(), Some(ImageState::Failed | ImageState::Error)) => {
-                Seen::Failed(anyhow::Error::new(FailedEnd(format!(
-                    "AMI {ami} failed: {}",
-                    i.state_reason().and_then(|r| r.message()).unwrap_or("no reason given")
-                ))))
-            }
-            Some(i) => Seen::Failed(anyhow::anyhow!(
-                "AMI {ami} is {}: {}",
-                i.state().map_or("?", |s| s.as_str()),
-                i.state_reason().and_then(|r| r.message()).unwrap_or("no reason given")
-            )),
-            None if retry::still_fresh(fresh) => Seen::NotYet("not listed yet".to_owned()),
-            None => Seen::Failed(anyhow::anyhow!("AMI {ami} is gone")),
-        })
-    })
-    .await
 }
 
 /// What one RegisterImage attempt came to.
@@ -178,7 +105,7 @@ pub(super) async fn settle(ec2: &Client, o: &Options, ours: Ami, snapshot: &str,
     tracing::info!(ami = %id, ours = %ours.id, "another run made an AMI of this leaf first");
     line.step(format!("using {id}, made first by another run"));
     if first.state() == Some(&aws_sdk_ec2::types::ImageState::Pending) {
-        match wait_image(ec2, id, Some(tagged.learned), o.timeouts.image, line).await {
+        match wait_image(ec2, id, Some(tagged.learned), o.settings.timeouts.image, line).await {
             Ok(()) => {}
             Err(e) if is_failed_end(&e) => return Ok(ours),
             Err(e) => return Err(e),
