@@ -66,7 +66,7 @@ fn crate_graph_follows_the_architecture() {
         ("fleet-pki", &["fleet-tls"]),
         ("chunk-store", &["image-format", "fleet-fs"]),
         ("image-client", FORMAT),
-        ("unpacker-client", &["image-client", "fleet-proto", "fleet-tls"]),
+        ("unpacker-client", &["fleet-proto", "fleet-tls"]),
         (
             "imageserver",
             &["fleet-cli", "chunk-store", "image-client", "fleet-daemon", "image-format", "fleet-proto", "fleet-tls"],
@@ -76,10 +76,7 @@ fn crate_graph_follows_the_architecture() {
             &["fleet-cli", "image-client", "fleet-daemon", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"],
         ),
         ("imagetool", &["fleet-cli", "image-client", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"]),
-        (
-            "unpacker-tool",
-            &["fleet-cli", "unpacker-client", "image-client", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"],
-        ),
+        ("unpacker-tool", &["fleet-cli", "unpacker-client", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"]),
         (
             "ami-publisher",
             &["fleet-cli", "unpacker-client", "image-client", "fleet-fs", "image-format", "fleet-proto", "fleet-tls"],

@@ -99,7 +99,7 @@ where
             let code = s.code().unwrap_or("error");
             format!("{code}: {}{}", s.message().unwrap_or(""), hint(code))
         }
-        None => image_client::error_chain(e),
+        None => fleet_tls::dial::error_chain(e),
     }
 }
 

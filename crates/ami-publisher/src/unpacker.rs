@@ -9,7 +9,7 @@ use aws_sdk_ec2::{
     Client,
     types::{Filter, Instance, InstanceStateName},
 };
-use fleet_tls::TlsFiles;
+use fleet_tls::{TlsFiles, UNPACKER_TLS_NAME, dial};
 use unpacker_client::{self as uc, GetStatusRequest};
 
 use crate::{
@@ -200,12 +200,21 @@ pub async fn dial(addr: &str, tls: &TlsFiles, timeout: Duration) -> anyhow::Resu
                 Err(s) if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::Unauthenticated => {
                     bail!("the image-unpacker at {addr} refused this certificate: {}", s.message())
                 }
-                Err(s) => format!("{}: {}", s.code(), s.message()),
+                Err(s) => {
+                    // A certificate the unpacker refuses stays refused:
+                    // say so now rather than dial until the timeout.
+                    if dial::may_be_refusal(&s)
+                        && let Some(why) = dial::refusal(addr, tls, UNPACKER_TLS_NAME).await
+                    {
+                        bail!("{why}");
+                    }
+                    format!("{}: {}", s.code(), dial::describe_status(&s))
+                }
             },
-            Err(e @ image_client::ClientError::Tls(_)) => {
+            Err(e @ dial::DialError::Tls(_)) => {
                 return Err(e).context("loading this publisher's certificates");
             }
-            Err(e) => image_client::error_chain(&e),
+            Err(e) => dial::error_chain(&e),
         };
         if Instant::now() + wait > deadline {
             return Err(anyhow::anyhow!("{err}"))

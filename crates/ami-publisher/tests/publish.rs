@@ -466,3 +466,19 @@ async fn a_damaged_image_fails_every_target_by_name_and_makes_nothing() {
         assert!(snaps.snapshots().is_empty(), "{snaps:#?}");
     }
 }
+
+/// A publisher certificate the unpacker refuses is named at once, not
+/// dialled again until `--unpacker-timeout` ends: no retry can cure it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unpacker_that_refuses_the_certificate_is_named_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = test_support::fleet(dir.path()).await.unwrap();
+    let addr = fleet.unpacker.addr.to_string();
+    for refused in fleet.pki.refused(fleet_pki::Role::AmiPublisher).unwrap() {
+        let t = std::time::Instant::now();
+        let err = ami_publisher::unpacker::dial(&addr, &refused.tls, Duration::from_secs(120)).await.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(refused.named_by), "{}: {msg}", refused.who);
+        assert!(t.elapsed() < Duration::from_secs(60), "{}: took {:?}", refused.who, t.elapsed());
+    }
+}

@@ -15,7 +15,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
 };
-use time::{Duration, OffsetDateTime};
+pub use time::Duration;
+use time::OffsetDateTime;
 
 /// Errors while making or writing certificates.
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dial;
 mod rights;
 
 pub use rights::{Rights, RightsLayer, RightsService, peer_of_extensions};

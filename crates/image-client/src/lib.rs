@@ -7,13 +7,14 @@
 
 #![forbid(unsafe_code)]
 
-use std::{error::Error as _, time::Duration};
-
 use fleet_proto::imageserver::{FetchChunksRequest, GetManifestRequest, ImageInfo, image_server_client};
-use fleet_tls::{IMAGESERVER_TLS_NAME, TlsFiles};
+use fleet_tls::{
+    IMAGESERVER_TLS_NAME, TlsFiles,
+    dial::{DialError, connect_channel, describe_status},
+};
 use futures::{Stream, StreamExt};
 use image_format::{Digest, ImageName, Manifest, ManifestError};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub use fleet_proto::imageserver;
 
@@ -24,18 +25,13 @@ pub type Client = image_server_client::ImageServerClient<Channel>;
 pub const VERIFY_PARALLELISM: usize = 2;
 /// Digests per FetchChunks request: bounds request size, not memory.
 pub const FETCH_BATCH: usize = 16 * 1024;
-/// HTTP/2 windows: large enough that one stream fills a fast link.
-pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors talking to an imageserver.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach {addr}: {detail}")]
-    Connect { addr: String, detail: String },
+    /// No connection: the address, or this client's certificate files.
     #[error(transparent)]
-    Tls(#[from] fleet_tls::TlsError),
+    Dial(#[from] DialError),
     #[error("{what}: {} ({:?})", describe_status(.status), .status.code())]
     Rpc { what: String, status: tonic::Status },
     #[error("manifest of {name} from the server is invalid: {source}")]
@@ -54,81 +50,10 @@ pub enum ClientError {
     ShortStream { received: usize, wanted: usize },
 }
 
-/// A short form of an error and all its sources, for messages.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    with_sources(e.to_string(), e.source())
-}
-
-/// `s` followed by each error in the chain from `cur` that it does not
-/// already say.
-fn with_sources(mut s: String, mut cur: Option<&dyn std::error::Error>) -> String {
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-/// A status's message with the errors under it (a transport error says only
-/// "transport error" on its own), and what a TLS alert from the server
-/// means for this client.
-pub fn describe_status(status: &tonic::Status) -> String {
-    let mut s = with_sources(status.message().to_owned(), std::error::Error::source(status));
-    if let Some(hint) = tls_alert_hint(&s) {
-        s.push_str(" (");
-        s.push_str(hint);
-        s.push(')');
-    }
-    s
-}
-
-/// What a fatal TLS alert the server sent says about this client's
-/// certificate; rustls names the alert in its error ("received fatal alert:
-/// CertificateExpired").
-pub fn tls_alert_hint(text: &str) -> Option<&'static str> {
-    if !text.contains("alert") {
-        return None;
-    }
-    let hints: [(&str, &str); 6] = [
-        ("CertificateExpired", "the server refused this client's certificate: it has expired or is not yet valid"),
-        ("UnknownCA", "the server refused this client's certificate: it is not signed by the CA the server trusts"),
-        ("CertificateRevoked", "the server refused this client's certificate: it was revoked"),
-        ("CertificateRequired", "the server wants a client certificate and none was sent"),
-        ("BadCertificate", "the server refused this client's certificate as unacceptable"),
-        ("DecryptError", "the server could not verify this client's key: does the key match the certificate?"),
-    ];
-    hints.iter().find(|(alert, _)| text.contains(alert)).map(|(_, hint)| *hint)
-}
-
 /// An RPC error with what was being done.
 pub fn rpc(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ClientError {
     let what = what.into();
     move |status| ClientError::Rpc { what, status }
-}
-
-/// Connect to `addr` (`HOST:PORT`) over mutual TLS, expecting the server's
-/// certificate to name `server_name`.
-pub async fn connect_channel(addr: &str, tls: &TlsFiles, server_name: &str) -> Result<Channel, ClientError> {
-    let cfg = tls.client_config(server_name)?;
-    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-        .map_err(|e| ClientError::Connect { addr: addr.to_owned(), detail: format!("bad address: {e}") })?
-        .tls_config(cfg)
-        .map_err(|e| ClientError::Connect { addr: addr.to_owned(), detail: error_chain(&e) })?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    endpoint.connect().await.map_err(|e| {
-        let mut detail = e.source().map(error_chain).unwrap_or_else(|| e.to_string());
-        if let Some(hint) = tls_alert_hint(&detail) {
-            detail = format!("{detail} ({hint})");
-        }
-        ClientError::Connect { addr: addr.to_owned(), detail }
-    })
 }
 
 /// Connect to an imageserver.

@@ -173,7 +173,7 @@ async fn check_matrix(
     let mut failures = Vec::new();
     let mut refusals = 0;
     for caller in callers {
-        let channel = image_client::connect_channel(addr, &caller.tls, server_name).await.unwrap();
+        let channel = fleet_tls::dial::connect_channel(addr, &caller.tls, server_name).await.unwrap();
         for (path, right) in rights.entries() {
             let (code, message) = call(channel.clone(), path).await;
             let allowed = caller.rights.contains(right);
@@ -245,8 +245,9 @@ async fn a_method_without_an_entry_is_refused_over_tls() {
     spec.common_name = "everything".to_owned();
     spec.rights = Right::ALL.to_vec();
     let tls = pki.issue("everything", &spec).unwrap();
-    let channel =
-        image_client::connect_channel(&server.addr.to_string(), &tls, fleet_tls::IMAGESERVER_TLS_NAME).await.unwrap();
+    let channel = fleet_tls::dial::connect_channel(&server.addr.to_string(), &tls, fleet_tls::IMAGESERVER_TLS_NAME)
+        .await
+        .unwrap();
     let (code, message) = call(channel, "/fleet.imageserver.v1.ImageServer/NotARealMethod").await;
     assert_eq!(code, Code::PermissionDenied, "{message}");
     assert!(message.contains("'/fleet.imageserver.v1.ImageServer/NotARealMethod' has no entry"), "{message}");

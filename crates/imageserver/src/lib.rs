@@ -104,8 +104,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let serving = fleet_daemon::Serving::spawn(|stop| async move {
         Server::builder()
             .tls_config(tls)?
-            .initial_stream_window_size(image_client::STREAM_WINDOW)
-            .initial_connection_window_size(image_client::CONNECTION_WINDOW)
+            .initial_stream_window_size(fleet_tls::dial::STREAM_WINDOW)
+            .initial_connection_window_size(fleet_tls::dial::CONNECTION_WINDOW)
             .tcp_nodelay(true)
             // Every call passes the rights table first: see `service::RIGHTS`.
             .layer(rights)

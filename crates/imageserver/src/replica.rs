@@ -24,7 +24,7 @@ pub(crate) fn spawn(master: String, tls: TlsFiles, service: ImageService) {
                     wait = RETRY_MIN;
                 }
                 Err(e) => {
-                    tracing::warn!(%master, error = %image_client::error_chain(&*e), retry_in = ?wait, "replication interrupted");
+                    tracing::warn!(%master, error = %fleet_tls::dial::error_chain(&*e), retry_in = ?wait, "replication interrupted");
                 }
             }
             tokio::time::sleep(wait).await;

@@ -6,8 +6,12 @@ use clap::{Parser, Subcommand};
 use fleet_proto::imageserver::{
     CollectGarbageRequest, DeleteImageRequest, FindLatestImageRequest, ImageInfo, ListImagesRequest, ListStreamsRequest,
 };
+use fleet_tls::{IMAGESERVER_TLS_NAME, TlsFiles};
 use image_format::ImageName;
-use imagetool::{Progress, client::rpc};
+use imagetool::{
+    Progress,
+    client::{ClientError, rpc},
+};
 
 /// Put disk images into an imageserver and read them back.
 ///
@@ -135,8 +139,9 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
 
+/// Run the command; a failure after connecting names a certificate the
+/// imageserver refuses.
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let progress = if cli.json { Progress::Hidden } else { Progress::Bars };
     // Names are checked before anything touches the network.
     let name = match &cli.command {
         Cmd::Add { image, .. } | Cmd::Get { image, .. } | Cmd::Verify { image } | Cmd::Delete { image } => {
@@ -146,7 +151,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => None,
     };
     let tls = cli.tls.files();
-    let mut client = imagetool::client::connect(&cli.server, &tls).await?;
+    let server = cli.server.clone();
+    let e = match command(cli, name, &tls).await {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    if matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Dial(_))) {
+        // Not connected: the error says why (an alert is named there).
+        return Err(e);
+    }
+    match fleet_cli::refused_certificate(&format!("{e:#}"), &server, &tls, IMAGESERVER_TLS_NAME).await {
+        Some(why) => Err(e.context(why)),
+        None => Err(e),
+    }
+}
+
+async fn command(cli: Cli, name: Option<ImageName>, tls: &TlsFiles) -> anyhow::Result<()> {
+    let progress = if cli.json { Progress::Hidden } else { Progress::Bars };
+    let mut client = imagetool::client::connect(&cli.server, tls).await?;
     match cli.command {
         Cmd::Add { file, chunk_size, .. } => {
             let name = name.expect("parsed above");

@@ -113,3 +113,50 @@ async fn a_pipeline_adds_lists_shows_gets_verifies_and_deletes() {
     let (_, out, _) = run(s(&["--json", "list"])).await.unwrap();
     assert_eq!(json(&out), serde_json::json!([]));
 }
+
+/// Every command names a client certificate the imageserver refuses (an
+/// expired one, one from another CA), whatever the transport made of the
+/// refusal, and the refused commands change nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_command_names_a_refused_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = test_support::Pki::new(&dir.path().join("pki")).unwrap();
+    let server = test_support::imageserver(&pki, &dir.path().join("data")).await.unwrap();
+    let addr = server.addr.to_string();
+    let file = dir.path().join("disk.raw");
+    std::fs::write(&file, test_support::noise(1 << 20, 3)).unwrap();
+    let builder = pki.role(Role::ImageBuilder).unwrap();
+    let mut c = imagetool::client::connect(&addr, &builder).await.unwrap();
+    let name = image_format::ImageName::parse("s/1").unwrap();
+    imagetool::add(&mut c, &name, &file, 1 << 19, imagetool::Progress::Hidden).await.unwrap();
+    let (f, out) = (file.to_str().unwrap(), dir.path().join("out.raw"));
+    let out = out.to_str().unwrap();
+    let commands: [&[&str]; 9] = [
+        &["add", "s/2", f],
+        &["get", "s/1", out],
+        &["list"],
+        &["list", "s"],
+        &["show", "s/1"],
+        &["show", "s"],
+        &["verify", "s/1"],
+        &["delete", "s/1"],
+        &["gc"],
+    ];
+    for refused in pki.refused(Role::ImageBuilder).unwrap() {
+        let ssl = refused.tls.cert.parent().unwrap().to_owned();
+        for args in commands {
+            let (addr, ssl) = (addr.clone(), ssl.clone());
+            let owned: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+            let (ok, _, err) = tokio::task::spawn_blocking(move || {
+                imagetool(&addr, &ssl, &owned.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+            .await
+            .unwrap();
+            assert!(!ok && err.contains(refused.named_by), "{} certificate, {args:?}: {err}", refused.who);
+        }
+    }
+    let (ok, stdout, _) = imagetool(&addr, builder.cert.parent().unwrap(), &["--json", "list", "s"]);
+    let images = json(&stdout);
+    assert!(ok && images.as_array().map(Vec::len) == Some(1), "nothing changed: {stdout}");
+    assert!(!Path::new(out).exists(), "no output file was written");
+}

@@ -40,6 +40,40 @@ impl Pki {
     pub fn role(&self, role: Role) -> anyhow::Result<TlsFiles> {
         self.issue(role.name(), &LeafSpec::for_role(role))
     }
+
+    /// Two ssl dirs of `role` that a daemon of this CA refuses, each
+    /// trusting this CA (so only the client's own certificate is wrong):
+    /// `expired` (ended yesterday) and `foreign` (signed by another CA);
+    /// with each, the words a refusal must be named by.
+    pub fn refused(&self, role: Role) -> anyhow::Result<[Refused; 2]> {
+        let mut spec = LeafSpec::for_role(role);
+        spec.valid_from = -time_days(30);
+        spec.valid_until = -time_days(1);
+        let expired = self.issue("expired", &spec)?;
+        let other = Ca::new("another CA")?;
+        let d = self.dir.join("foreign");
+        fleet_pki::write_ssl_dir(&d, &self.ca, &other.issue(&LeafSpec::for_role(role))?)?;
+        Ok([
+            Refused { who: "expired", tls: expired, named_by: "it has expired" },
+            Refused {
+                who: "foreign",
+                tls: TlsFiles::from_ssl_dir(&d),
+                named_by: "not signed by the CA the server trusts",
+            },
+        ])
+    }
+}
+
+/// A client certificate a daemon refuses (see [`Pki::refused`]).
+pub struct Refused {
+    pub who: &'static str,
+    pub tls: TlsFiles,
+    /// What an error must say to name the refusal.
+    pub named_by: &'static str,
+}
+
+fn time_days(d: i64) -> fleet_pki::Duration {
+    fleet_pki::Duration::days(d)
 }
 
 /// Start an imageserver on `127.0.0.1:0` with its data under `data_dir`.

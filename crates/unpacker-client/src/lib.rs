@@ -9,8 +9,10 @@
 #![forbid(unsafe_code)]
 
 use fleet_proto::unpacker::image_unpacker_client::ImageUnpackerClient;
-use fleet_tls::{TlsFiles, UNPACKER_TLS_NAME};
-use image_client::ClientError;
+use fleet_tls::{
+    TlsFiles, UNPACKER_TLS_NAME,
+    dial::{DialError, connect_channel},
+};
 use tonic::transport::Channel;
 
 pub use fleet_proto::unpacker::*;
@@ -20,8 +22,8 @@ pub type Client = ImageUnpackerClient<Channel>;
 
 /// Connect to an unpacker at `addr` (`HOST:PORT`) over mutual TLS; its
 /// certificate must name `image-unpacker`.
-pub async fn connect(addr: &str, tls: &TlsFiles) -> Result<Client, ClientError> {
-    let channel = image_client::connect_channel(addr, tls, UNPACKER_TLS_NAME).await?;
+pub async fn connect(addr: &str, tls: &TlsFiles) -> Result<Client, DialError> {
+    let channel = connect_channel(addr, tls, UNPACKER_TLS_NAME).await?;
     Ok(Client::new(channel)
         .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES))

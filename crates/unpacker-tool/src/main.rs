@@ -5,6 +5,10 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fleet_proto::unpacker_view::{DeviceView, StatusView, StreamView, state_name};
+use fleet_tls::{
+    TlsFiles, UNPACKER_TLS_NAME,
+    dial::{self, DialError},
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use unpacker_client::{
@@ -118,13 +122,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // A status from the unpacker: its code and message, with what
-            // lies under a transport error (a TLS alert names a refused
-            // certificate).
-            match e.downcast_ref::<tonic::Status>() {
-                Some(s) => eprintln!("unpacker-tool: {} ({:?})", image_client::describe_status(s), s.code()),
-                None => eprintln!("unpacker-tool: {e:#}"),
-            }
+            eprintln!("unpacker-tool: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -170,9 +168,33 @@ fn show_progress(b: &ProgressBar) -> impl FnMut(&Progress) + '_ {
     }
 }
 
+/// Run the command; a failure says what lies under a transport error, and
+/// names a certificate the unpacker refuses.
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let tls = cli.tls.files();
-    let mut c = unpacker_client::connect(&cli.unpacker, &tls).await?;
+    let addr = cli.unpacker.clone();
+    let e = match command(cli, &tls).await {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    if e.downcast_ref::<DialError>().is_some() {
+        // Not connected: the error says why (an alert is named there).
+        return Err(e);
+    }
+    // A status from the unpacker: its code and message, with what lies
+    // under a transport error.
+    let e = match e.downcast::<tonic::Status>() {
+        Ok(s) => anyhow::anyhow!("{} ({:?})", dial::describe_status(&s), s.code()),
+        Err(e) => e,
+    };
+    match fleet_cli::refused_certificate(&format!("{e:#}"), &addr, &tls, UNPACKER_TLS_NAME).await {
+        Some(why) => Err(e.context(why)),
+        None => Err(e),
+    }
+}
+
+async fn command(cli: Cli, tls: &TlsFiles) -> anyhow::Result<()> {
+    let mut c = unpacker_client::connect(&cli.unpacker, tls).await?;
     let out = |v: serde_json::Value, text: String| {
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));

@@ -83,3 +83,60 @@ async fn drives_an_unpacker_from_the_command_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every command names a client certificate the unpacker refuses (an
+/// expired one, one from another CA), whatever the transport made of the
+/// refusal, and the refused commands change nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_command_names_a_refused_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let test_support::Fleet { pki, server: _server, unpacker: u } = test_support::fleet(dir.path()).await.unwrap();
+    let addr = u.addr.to_string();
+    let good = pki.role(Role::AmiPublisher).unwrap();
+    let dev = ScratchDevice::new(&dir.path().join("vol.img"), 4 << 20).unwrap();
+    let devpath = dev.path.display().to_string();
+    tool(&addr, good.cert.parent().unwrap(), &["claim-device", "vol-0000000000000a01", &devpath]);
+    tool(&addr, good.cert.parent().unwrap(), &["associate", "apps/web", "vol-0000000000000a01"]);
+    let before = tool(&addr, good.cert.parent().unwrap(), &["get-status"]);
+    let out = dir.path().join("back.raw").display().to_string();
+    let commands: [&[&str]; 12] = [
+        &["get-status"],
+        &["add-device", "vol-0000000000000b02", "--timeout", "1s"],
+        &["remove-device", "vol-0000000000000a01"],
+        &["claim-device", "vol-0000000000000c03", &devpath],
+        &["associate", "apps/db", "vol-0000000000000a01"],
+        &["prepare-for-unpack", "apps/web"],
+        &["unpack-image", "apps/web", "7"],
+        &["prepare-for-capture", "apps/web"],
+        &["release-capture", "apps/web"],
+        &["renew-capture-hold", "apps/web", "1m"],
+        &["forget-stream", "apps/web"],
+        &["get-raw", "apps/web", &out],
+    ];
+    for refused in pki.refused(Role::AmiPublisher).unwrap() {
+        let ssl = refused.tls.cert.parent().unwrap().to_owned();
+        for args in commands {
+            let (addr, ssl) = (addr.clone(), ssl.clone());
+            let owned: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(env!("CARGO_BIN_EXE_unpacker-tool"))
+                    .args(["--unpacker", &addr, "--ssl-dir"])
+                    .arg(&ssl)
+                    .args(&owned)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains(refused.named_by),
+                "{} certificate, {args:?}: {err}",
+                refused.who
+            );
+        }
+    }
+    let after = tool(&addr, good.cert.parent().unwrap(), &["get-status"]);
+    assert_eq!((&after["devices"], &after["streams"]), (&before["devices"], &before["streams"]), "nothing changed");
+    assert!(!std::path::Path::new(&out).exists(), "no output file was written");
+}

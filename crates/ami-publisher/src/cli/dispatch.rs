@@ -287,12 +287,26 @@ async fn prepare_publish(
     }
     let tls = cli.tls.files();
     let mut images = image_client::connect(&cli.image_server, &tls).await.context("connecting to the imageserver")?;
-    let (info, manifest) = image_client::get_manifest(&mut images, &name).await.map_err(|e| match &e {
-        image_client::ClientError::Rpc { status, .. } if status.code() == tonic::Code::NotFound => {
-            anyhow::anyhow!("image {name} is not on the imageserver at {}", cli.image_server)
+    let (info, manifest) = match image_client::get_manifest(&mut images, &name).await {
+        Ok(got) => got,
+        Err(image_client::ClientError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
+            bail!("image {name} is not on the imageserver at {}", cli.image_server)
         }
-        _ => anyhow::Error::new(e),
-    })?;
+        Err(e) => {
+            // Under TLS 1.3 a certificate the imageserver refuses shows up
+            // here, as a transport error: name it.
+            use fleet_tls::dial;
+            let named = dial::tls_alert_hint(&dial::error_chain(&e)).is_some();
+            let why = match named {
+                true => None,
+                false => dial::refusal(&cli.image_server, &tls, fleet_tls::IMAGESERVER_TLS_NAME).await,
+            };
+            return Err(match why {
+                Some(why) => anyhow::Error::new(e).context(why),
+                None => e.into(),
+            });
+        }
+    };
     let image_id = manifest.image_id().to_hex();
     let ami_name = render_name(&cli.ami_name, stream, leaf, &image_id)?;
     let aws = Aws::new(cli.retry()).await?;

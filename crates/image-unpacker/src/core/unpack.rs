@@ -27,7 +27,7 @@ use crate::{
 fn client_error(server: &str, what: &str, e: &image_client::ClientError) -> Error {
     use image_client::ClientError as E;
     use tonic::Code;
-    let msg = image_client::error_chain(e);
+    let msg = fleet_tls::dial::error_chain(e);
     if e.is_data_loss() {
         return Error::data_loss(format!(
             "{what}: imageserver {server} sent damaged data: {msg}; not retried: the imageserver's store needs repair \
@@ -62,7 +62,7 @@ fn client_error(server: &str, what: &str, e: &image_client::ClientError) -> Erro
             };
             Error::new(kind, format!("{what}: imageserver {server}: {msg}"))
         }
-        E::Connect { .. } | E::Tls(_) => Error::unavailable(format!("{what}: {msg}")),
+        E::Dial(_) => Error::unavailable(format!("{what}: {msg}")),
         _ => Error::data_loss(format!("{what}: imageserver {server}: {msg}")),
     }
 }
