@@ -1,11 +1,13 @@
 //! The plain-HTTP monitoring listener: `/status` (JSON) and `/metrics`
-//! (Prometheus text) on a port of their own, so monitoring needs no client
+//! (OpenMetrics text, which Prometheus scrapes) on a port of their own, so monitoring needs no client
 //! certificate.
 
 use std::{future::Future, net::SocketAddr};
 
 use anyhow::Context as _;
-use axum::{Json, Router, extract::State, routing::get};
+use axum::{Json, Router, extract::State, http::header, routing::get};
+
+use crate::METRICS_CONTENT_TYPE;
 
 /// What a daemon shows its monitors. Cloned once per request.
 ///
@@ -18,8 +20,8 @@ pub trait Monitored: Clone + Send + Sync + 'static {
     /// The daemon's status now. Blocking work belongs in `spawn_blocking`.
     fn status_page(&self) -> impl Future<Output = Self::Status> + Send;
 
-    /// The body of `/metrics`: Prometheus text, as built by
-    /// [`Prometheus`](crate::Prometheus).
+    /// The body of `/metrics`: the daemon's registry as
+    /// [`metrics_text`](crate::metrics_text) writes it.
     fn metrics_page(&self) -> String;
 }
 
@@ -28,7 +30,10 @@ pub trait Monitored: Clone + Send + Sync + 'static {
 /// (the real port when `addr` asked for port 0).
 pub async fn serve_metrics<M: Monitored>(addr: SocketAddr, monitored: M) -> anyhow::Result<SocketAddr> {
     let app = Router::new()
-        .route("/metrics", get(|State(m): State<M>| async move { m.metrics_page() }))
+        .route(
+            "/metrics",
+            get(|State(m): State<M>| async move { ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], m.metrics_page()) }),
+        )
         .route("/status", get(|State(m): State<M>| async move { Json(m.status_page().await) }))
         .with_state(monitored);
     let listener =

@@ -1,7 +1,7 @@
 //! The plumbing every daemon of the fleet repeats, written once: the run
 //! loop that stops on SIGINT or SIGTERM ([`run_until_signal`]), the
 //! plain-HTTP `/status` and `/metrics` listener ([`serve_metrics`]), the
-//! Prometheus text format ([`Prometheus`]) and the `--metrics-listen` flag
+//! `/metrics` text of a prometheus-client registry ([`metrics_text`]) and the `--metrics-listen` flag
 //! ([`parse_metrics_listen`]). Log set-up is not here: every fleet binary,
 //! daemon or client, shares `fleet_cli::init_tracing`.
 //!
@@ -13,10 +13,10 @@
 
 mod cli;
 mod http;
-mod prometheus;
+mod metrics;
 mod run;
 
 pub use cli::{BadMetricsListen, parse_metrics_listen};
 pub use http::{Monitored, serve_metrics};
-pub use prometheus::Prometheus;
+pub use metrics::{Counter, Gauge, METRICS_CONTENT_TYPE, Registry, metrics_text};
 pub use run::{Daemon, Serving, run_until_signal};

@@ -1,19 +1,23 @@
 //! The monitoring listener over real HTTP on loopback.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{net::SocketAddr, sync::Arc};
 
-use fleet_daemon::{Monitored, Prometheus, serve_metrics};
+use fleet_daemon::{Counter, Monitored, Registry, metrics_text, serve_metrics};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Fake {
-    requests: Arc<AtomicU64>,
+    requests: Counter,
+    registry: Arc<Registry>,
+}
+
+impl Default for Fake {
+    fn default() -> Self {
+        let requests = Counter::default();
+        let mut registry = Registry::default();
+        registry.register("fake_requests", "Metrics pages served", requests.clone());
+        Fake { requests, registry: Arc::new(registry) }
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -31,19 +35,25 @@ impl Monitored for Fake {
     }
 
     fn metrics_page(&self) -> String {
-        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        Prometheus::new().counter("fake_requests_total", "Metrics pages served", n).finish()
+        self.requests.inc();
+        metrics_text(&self.registry)
     }
 }
 
 /// One HTTP/1.1 request; returns the status line and the body.
 async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let (line, _, body) = get_with_head(addr, path).await;
+    (line, body)
+}
+
+/// One HTTP/1.1 request; returns the status line, the header and the body.
+async fn get_with_head(addr: SocketAddr, path: &str) -> (String, String, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     let (head, body) = out.split_once("\r\n\r\n").expect("a header and a body");
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
+    (head.lines().next().unwrap().to_owned(), head.to_lowercase(), body.to_owned())
 }
 
 #[tokio::test]
@@ -59,16 +69,17 @@ async fn status_and_metrics_are_served_on_the_bound_port() {
     assert_eq!(status, serde_json::json!({"role": "fake", "busy": false}));
 
     for n in 1..=2 {
-        let (line, body) = get(addr, "/metrics").await;
+        let (line, head, body) = get_with_head(addr, "/metrics").await;
         assert_eq!(line, "HTTP/1.1 200 OK");
+        assert!(head.contains("content-type: application/openmetrics-text; version=1.0.0"), "{head}");
         assert_eq!(
             body,
             format!(
-                "# HELP fake_requests_total Metrics pages served\n# TYPE fake_requests_total counter\nfake_requests_total {n}\n"
+                "# HELP fake_requests Metrics pages served.\n# TYPE fake_requests counter\nfake_requests_total {n}\n# EOF\n"
             )
         );
     }
-    assert_eq!(fake.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(fake.requests.get(), 2);
 
     let (line, _) = get(addr, "/nothing").await;
     assert_eq!(line, "HTTP/1.1 404 Not Found");

@@ -76,28 +76,16 @@ pub fn inspect(path: &Path) -> Result<(Kind, u64), DeviceError> {
 /// parameter, so each layer can be tested on a crafted tree.
 const SYSTEM_ROOT: &str = "/";
 
-/// Major and minor numbers of a `dev_t` (glibc's encoding, as Linux uses).
-fn major_minor(dev: u64) -> (u64, u64) {
-    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0fff);
-    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0x00ff);
-    (major, minor)
-}
-
-/// The `dev_t` of a major and minor number (the inverse of [`major_minor`]).
-fn makedev(major: u64, minor: u64) -> u64 {
-    ((major & 0xffff_f000) << 32) | ((major & 0x0fff) << 8) | ((minor & 0xffff_ff00) << 12) | (minor & 0x00ff)
-}
-
-/// `MAJOR:MINOR`, as sysfs and mountinfo write a device number.
+/// `MAJOR:MINOR`, as sysfs and mountinfo write a device number (rustix
+/// splits a `dev_t` as glibc does).
 fn dev_id(dev: u64) -> String {
-    let (major, minor) = major_minor(dev);
-    format!("{major}:{minor}")
+    format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev))
 }
 
 /// The device number in a sysfs `dev` file (`MAJOR:MINOR` and a newline).
 fn parse_dev_id(text: &str) -> Option<u64> {
     let (major, minor) = text.trim().split_once(':')?;
-    Some(makedev(major.parse().ok()?, minor.parse().ok()?))
+    Some(rustix::fs::makedev(major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// A block device and its partitions, as `(dev_t, device node)`: the
@@ -355,7 +343,7 @@ mod tests {
         let lines = unrelated_mounts(&t);
         t.mountinfo(&lines.iter().map(String::as_str).collect::<Vec<_>>());
         let canon = t.path("dev/sdz");
-        (t, canon, makedev(241, 0))
+        (t, canon, rustix::fs::makedev(241, 0))
     }
 
     fn check(t: &Tree, canon: &Path, rdev: u64, root_dev: Option<u64>) -> Result<(), DeviceError> {
@@ -368,28 +356,17 @@ mod tests {
     }
 
     #[test]
-    fn dev_numbers_split_like_glibc() {
+    fn dev_numbers_read_and_written_as_sysfs_does() {
         // loop0 is 7:0, nvme0n1p1 often 259:1, a large minor 8:300.
-        assert_eq!(major_minor(0x0700), (7, 0));
-        assert_eq!(major_minor((259 << 8) | 1), (259, 1));
-        assert_eq!(major_minor(0x0010_082c), (8, 300));
-        assert_eq!(makedev(8, 300), 0x0010_082c);
-        assert_eq!(makedev(259, 1), 0x0001_0301);
-        assert_eq!(dev_id(makedev(259, 1)), "259:1");
-    }
-
-    #[test]
-    fn dev_numbers_round_trip_with_large_majors_and_minors() {
+        assert_eq!(dev_id(0x0700), "7:0");
+        assert_eq!(dev_id(0x0010_082c), "8:300");
+        assert_eq!(parse_dev_id("259:1\n"), Some(0x0001_0301));
         let values = [0u32, 1, 7, 255, 256, 300, 4095, 4096, 0x000f_ffff, 0x0010_0000, 0x1234_5678, u32::MAX];
         for major in values {
             for minor in values {
-                let (ma, mi) = (u64::from(major), u64::from(minor));
-                let dev = makedev(ma, mi);
-                // rustix computes glibc's encoding independently.
-                assert_eq!(dev, rustix::fs::makedev(major, minor), "makedev({major}, {minor})");
-                assert_eq!(major_minor(dev), (ma, mi), "dev_t {dev:#x}");
-                assert_eq!(dev_id(dev), format!("{major}:{minor}"));
-                assert_eq!(parse_dev_id(&format!("{major}:{minor}\n")), Some(dev));
+                let text = format!("{major}:{minor}");
+                let dev = parse_dev_id(&format!("{text}\n")).unwrap();
+                assert_eq!(dev_id(dev), text, "dev_t {dev:#x}");
             }
         }
         assert_eq!(parse_dev_id("8"), None);
@@ -457,20 +434,23 @@ a line without a separator
         assert_eq!(
             family,
             vec![
-                (makedev(241, 0), canon.clone()),
-                (makedev(241, 1), t.path("dev/sdz1")),
-                (makedev(241, 2), t.path("dev/sdz2")),
-                (makedev(259, 1 << 19), t.path("dev/sdz17")),
+                (rustix::fs::makedev(241, 0), canon.clone()),
+                (rustix::fs::makedev(241, 1), t.path("dev/sdz1")),
+                (rustix::fs::makedev(241, 2), t.path("dev/sdz2")),
+                (rustix::fs::makedev(259, 1 << 19), t.path("dev/sdz17")),
             ]
         );
         // A device sysfs does not know is its own family.
-        assert_eq!(device_family(&t.root, makedev(242, 0), &canon), vec![(makedev(242, 0), canon.clone())]);
+        assert_eq!(
+            device_family(&t.root, rustix::fs::makedev(242, 0), &canon),
+            vec![(rustix::fs::makedev(242, 0), canon.clone())]
+        );
     }
 
     #[test]
     fn a_free_device_passes_every_layer() {
         let (t, canon, rdev) = free_disk();
-        check(&t, &canon, rdev, Some(makedev(254, 0))).unwrap();
+        check(&t, &canon, rdev, Some(rustix::fs::makedev(254, 0))).unwrap();
         check(&t, &canon, rdev, None).unwrap();
     }
 
@@ -531,7 +511,7 @@ a line without a separator
     fn a_device_holding_root_is_refused() {
         let (t, canon, rdev) = free_disk();
         // By the device number of `/`, for the disk or any partition.
-        for root_dev in [makedev(241, 0), makedev(241, 2), makedev(259, 1 << 19)] {
+        for root_dev in [rustix::fs::makedev(241, 0), rustix::fs::makedev(241, 2), rustix::fs::makedev(259, 1 << 19)] {
             let err = check(&t, &canon, rdev, Some(root_dev)).unwrap_err();
             assert!(matches!(err, DeviceError::HoldsRoot { .. }), "{err}");
         }

@@ -2,73 +2,80 @@
 //! with `/status` on a plain-HTTP port of its own, for monitoring without a
 //! client certificate: see `core::status`).
 
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::Instant,
-};
+use std::time::Instant;
 
-/// Counters the unpacker keeps.
+use fleet_daemon::{Counter, Gauge, Registry, metrics_text};
+
+/// Counters the unpacker keeps, each registered for `/metrics`.
 #[derive(Debug)]
 pub struct Metrics {
     started: Instant,
-    pub unpacks: AtomicU64,
-    pub unpack_failures: AtomicU64,
-    pub scans: AtomicU64,
-    pub chunks_fetched: AtomicU64,
-    pub bytes_fetched: AtomicU64,
-    pub chunks_written: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub chunks_zeroed: AtomicU64,
-    pub captures: AtomicU64,
-    pub capture_mismatches: AtomicU64,
-    pub requests_denied: AtomicU64,
+    registry: Registry,
+    uptime: Gauge,
+    pub unpacks: Counter,
+    pub unpack_failures: Counter,
+    pub scans: Counter,
+    pub chunks_fetched: Counter,
+    pub bytes_fetched: Counter,
+    pub chunks_written: Counter,
+    pub bytes_written: Counter,
+    pub chunks_zeroed: Counter,
+    pub captures: Counter,
+    pub capture_mismatches: Counter,
+    pub requests_denied: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let z = || AtomicU64::new(0);
-        Metrics {
+        let c = Counter::default;
+        let mut m = Metrics {
             started: Instant::now(),
-            unpacks: z(),
-            unpack_failures: z(),
-            scans: z(),
-            chunks_fetched: z(),
-            bytes_fetched: z(),
-            chunks_written: z(),
-            bytes_written: z(),
-            chunks_zeroed: z(),
-            captures: z(),
-            capture_mismatches: z(),
-            requests_denied: z(),
+            registry: Registry::default(),
+            uptime: Gauge::default(),
+            unpacks: c(),
+            unpack_failures: c(),
+            scans: c(),
+            chunks_fetched: c(),
+            bytes_fetched: c(),
+            chunks_written: c(),
+            bytes_written: c(),
+            chunks_zeroed: c(),
+            captures: c(),
+            capture_mismatches: c(),
+            requests_denied: c(),
+        };
+        // Each counter appears as NAME_total.
+        let counters: [(&str, &str, &Counter); 11] = [
+            ("unpacker_unpacks", "Unpacks finished", &m.unpacks),
+            ("unpacker_unpack_failures", "Unpacks that failed", &m.unpack_failures),
+            ("unpacker_scans", "Device scans finished", &m.scans),
+            ("unpacker_chunks_fetched", "Verified chunks received from the imageserver", &m.chunks_fetched),
+            ("unpacker_bytes_fetched", "Compressed bytes received from the imageserver", &m.bytes_fetched),
+            ("unpacker_chunks_written", "Chunks written to devices", &m.chunks_written),
+            ("unpacker_bytes_written", "Chunk bytes written to devices", &m.bytes_written),
+            ("unpacker_chunks_zeroed", "Chunks zeroed on devices", &m.chunks_zeroed),
+            ("unpacker_captures", "Devices read back and verified for capture", &m.captures),
+            ("unpacker_capture_mismatches", "Read-backs that found wrong bytes", &m.capture_mismatches),
+            ("unpacker_requests_denied", "Requests refused for lack of a right", &m.requests_denied),
+        ];
+        let mut registry = Registry::default();
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
         }
+        registry.register("unpacker_uptime_seconds", "Seconds since start", m.uptime.clone());
+        m.registry = registry;
+        m
     }
 }
 
 impl Metrics {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub fn add(counter: &Counter, n: u64) {
+        counter.inc_by(n);
     }
 
-    /// The counters in Prometheus text format.
+    /// The `/metrics` page.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 11] = [
-            ("unpacker_unpacks_total", "Unpacks finished", &self.unpacks),
-            ("unpacker_unpack_failures_total", "Unpacks that failed", &self.unpack_failures),
-            ("unpacker_scans_total", "Device scans finished", &self.scans),
-            ("unpacker_chunks_fetched_total", "Verified chunks received from the imageserver", &self.chunks_fetched),
-            ("unpacker_bytes_fetched_total", "Compressed bytes received from the imageserver", &self.bytes_fetched),
-            ("unpacker_chunks_written_total", "Chunks written to devices", &self.chunks_written),
-            ("unpacker_bytes_written_total", "Chunk bytes written to devices", &self.bytes_written),
-            ("unpacker_chunks_zeroed_total", "Chunks zeroed on devices", &self.chunks_zeroed),
-            ("unpacker_captures_total", "Devices read back and verified for capture", &self.captures),
-            ("unpacker_capture_mismatches_total", "Read-backs that found wrong bytes", &self.capture_mismatches),
-            ("unpacker_requests_denied_total", "Requests refused for lack of a right", &self.requests_denied),
-        ];
-        let mut p = fleet_daemon::Prometheus::new();
-        for (name, help, v) in rows {
-            p.counter(name, help, v.load(Ordering::Relaxed));
-        }
-        p.gauge("unpacker_uptime_seconds", "Seconds since start", self.started.elapsed().as_secs() as f64);
-        p.finish()
+        self.uptime.set(i64::try_from(self.started.elapsed().as_secs()).unwrap_or(i64::MAX));
+        metrics_text(&self.registry)
     }
 }

@@ -7,7 +7,6 @@
 use std::{
     io::Read as _,
     os::unix::fs::FileExt as _,
-    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -93,7 +92,7 @@ async fn a_caller_that_goes_away_mid_capture_leaves_the_stream_busy_until_the_re
     eprintln!("a read-back of {} MiB took {full:?}", SIZE >> 20);
     assert_eq!(first.device_digest, want);
     let captures = &running.unpacker.metrics().captures;
-    assert_eq!(captures.load(Ordering::Relaxed), 1);
+    assert_eq!(captures.get(), 1);
 
     // Another capture whose caller gives up after a few milliseconds.
     let started = Instant::now();
@@ -120,7 +119,7 @@ async fn a_caller_that_goes_away_mid_capture_leaves_the_stream_busy_until_the_re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("the stream was busy for {:?} after the caller left", started.elapsed());
-    assert_eq!(captures.load(Ordering::Relaxed), 2, "the abandoned capture was completed and counted");
+    assert_eq!(captures.get(), 2, "the abandoned capture was completed and counted");
     let status = other.get_status(GetStatusRequest {}).await.unwrap().into_inner();
     let st = status.streams.iter().find(|s| s.stream == STREAM).unwrap();
     assert_eq!(st.state(), StreamState::Verified);
@@ -130,7 +129,7 @@ async fn a_caller_that_goes_away_mid_capture_leaves_the_stream_busy_until_the_re
     let again = capture(&mut other).await.unwrap();
     assert_eq!(again.device_digest, first.device_digest);
     assert_eq!(again.image_id, first.image_id);
-    assert_eq!(captures.load(Ordering::Relaxed), 3);
+    assert_eq!(captures.get(), 3);
     drop(dev);
     running.stop().await.unwrap();
 }

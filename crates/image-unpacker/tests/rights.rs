@@ -226,9 +226,8 @@ async fn every_role_against_every_rpc_of_both_daemons() {
     assert!(failures.is_empty(), "{} wrong answers:\n{}", failures.len(), failures.join("\n"));
 
     // Each refusal was counted, and nothing else was.
-    let denied = |m: &std::sync::atomic::AtomicU64| m.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(denied(&server.metrics.requests_denied), server_refusals);
-    assert_eq!(denied(&unpacker.unpacker.metrics().requests_denied), unpacker_refusals);
+    assert_eq!(server.metrics.requests_denied.get(), server_refusals);
+    assert_eq!(unpacker.unpacker.metrics().requests_denied.get(), unpacker_refusals);
 
     unpacker.stop().await.unwrap();
     server.stop().await.unwrap();

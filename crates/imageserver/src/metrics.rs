@@ -1,81 +1,80 @@
 //! The imageserver's counters and what its monitoring port shows: the
-//! Prometheus page and the `/status` JSON. The listener itself is
+//! `/metrics` page and the `/status` JSON. The listener itself is
 //! `fleet_daemon::serve_metrics`.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use chunk_store::ChunkStore;
-use fleet_daemon::{Monitored, Prometheus};
+use fleet_daemon::{Counter, Gauge, Monitored, Registry, metrics_text};
 
-/// Counters the server keeps.
+/// Counters the server keeps, each registered for `/metrics`.
 #[derive(Debug)]
 pub struct Metrics {
     started: Instant,
-    pub chunks_served: AtomicU64,
-    pub bytes_served: AtomicU64,
-    pub chunks_received: AtomicU64,
-    pub chunks_stored: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub chunks_rejected: AtomicU64,
-    pub images_committed: AtomicU64,
-    pub images_deleted: AtomicU64,
-    pub images_replicated: AtomicU64,
-    pub requests_denied: AtomicU64,
+    registry: Registry,
+    uptime: Gauge,
+    pub chunks_served: Counter,
+    pub bytes_served: Counter,
+    pub chunks_received: Counter,
+    pub chunks_stored: Counter,
+    pub bytes_received: Counter,
+    pub chunks_rejected: Counter,
+    pub images_committed: Counter,
+    pub images_deleted: Counter,
+    pub images_replicated: Counter,
+    pub requests_denied: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
+        let c = Counter::default;
+        let mut m = Metrics {
             started: Instant::now(),
-            chunks_served: AtomicU64::new(0),
-            bytes_served: AtomicU64::new(0),
-            chunks_received: AtomicU64::new(0),
-            chunks_stored: AtomicU64::new(0),
-            bytes_received: AtomicU64::new(0),
-            chunks_rejected: AtomicU64::new(0),
-            images_committed: AtomicU64::new(0),
-            images_deleted: AtomicU64::new(0),
-            images_replicated: AtomicU64::new(0),
-            requests_denied: AtomicU64::new(0),
+            registry: Registry::default(),
+            uptime: Gauge::default(),
+            chunks_served: c(),
+            bytes_served: c(),
+            chunks_received: c(),
+            chunks_stored: c(),
+            bytes_received: c(),
+            chunks_rejected: c(),
+            images_committed: c(),
+            images_deleted: c(),
+            images_replicated: c(),
+            requests_denied: c(),
+        };
+        // Each counter appears as NAME_total.
+        let counters: [(&str, &str, &Counter); 10] = [
+            ("imageserver_chunks_served", "Chunks sent to clients", &m.chunks_served),
+            ("imageserver_bytes_served", "Compressed chunk bytes sent to clients", &m.bytes_served),
+            ("imageserver_chunks_received", "Chunks received in uploads", &m.chunks_received),
+            ("imageserver_chunks_stored", "Chunks newly stored", &m.chunks_stored),
+            ("imageserver_bytes_received", "Compressed chunk bytes received", &m.bytes_received),
+            ("imageserver_chunks_rejected", "Uploaded chunks refused (bad digest or frame)", &m.chunks_rejected),
+            ("imageserver_images_committed", "Images committed", &m.images_committed),
+            ("imageserver_images_deleted", "Images deleted", &m.images_deleted),
+            ("imageserver_images_replicated", "Images copied from the master", &m.images_replicated),
+            ("imageserver_requests_denied", "Requests refused for lack of a right", &m.requests_denied),
+        ];
+        let mut registry = Registry::default();
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
         }
+        registry.register("imageserver_uptime_seconds", "Seconds since start", m.uptime.clone());
+        m.registry = registry;
+        m
     }
 }
 
 impl Metrics {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub(crate) fn add(counter: &Counter, n: u64) {
+        counter.inc_by(n);
     }
 
-    /// The counters in Prometheus text format.
+    /// The `/metrics` page.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 10] = [
-            ("imageserver_chunks_served_total", "Chunks sent to clients", &self.chunks_served),
-            ("imageserver_bytes_served_total", "Compressed chunk bytes sent to clients", &self.bytes_served),
-            ("imageserver_chunks_received_total", "Chunks received in uploads", &self.chunks_received),
-            ("imageserver_chunks_stored_total", "Chunks newly stored", &self.chunks_stored),
-            ("imageserver_bytes_received_total", "Compressed chunk bytes received", &self.bytes_received),
-            (
-                "imageserver_chunks_rejected_total",
-                "Uploaded chunks refused (bad digest or frame)",
-                &self.chunks_rejected,
-            ),
-            ("imageserver_images_committed_total", "Images committed", &self.images_committed),
-            ("imageserver_images_deleted_total", "Images deleted", &self.images_deleted),
-            ("imageserver_images_replicated_total", "Images copied from the master", &self.images_replicated),
-            ("imageserver_requests_denied_total", "Requests refused for lack of a right", &self.requests_denied),
-        ];
-        let mut page = Prometheus::new();
-        for (name, help, v) in rows {
-            page.counter(name, help, v.load(Ordering::Relaxed));
-        }
-        page.gauge("imageserver_uptime_seconds", "Seconds since start", self.uptime_seconds() as f64);
-        page.finish()
+        self.uptime.set(i64::try_from(self.uptime_seconds()).unwrap_or(i64::MAX));
+        metrics_text(&self.registry)
     }
 
     fn uptime_seconds(&self) -> u64 {

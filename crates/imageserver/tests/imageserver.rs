@@ -318,7 +318,7 @@ async fn a_replica_catches_up_and_follows_the_master() {
     let out = rdir.path().join("out.raw");
     imagetool::get(&mut reader, &n2, &out, Progress::Hidden).await.unwrap();
     assert_eq!(read(&out), v2);
-    assert_eq!(replica.metrics.images_replicated.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(replica.metrics.images_replicated.get(), 2);
 
     // The replica refuses writes.
     let rw = master.ca.issue(&LeafSpec::for_role(Role::ImageBuilder)).unwrap();

@@ -146,18 +146,17 @@ pub fn write_csv<R: Row>(path: &std::path::Path, reports: &[Report<R>], columns:
                 .ok_or_else(|| anyhow::anyhow!("no column '{c}' in these rows (they have {})", R::COLUMNS.join(", ")))
         })
         .collect::<anyhow::Result<_>>()?;
-    let quote = |s: &str| {
-        if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_owned() }
-    };
-    let mut text = format!("account,region,{}\n", columns.join(","));
+    let mut w = csv::WriterBuilder::new().terminator(csv::Terminator::Any(b'\n')).from_writer(Vec::new());
+    w.write_record(["account", "region"].iter().chain(columns))?;
     for r in reports {
         for rec in &r.records {
             let cells = rec.cells();
-            let picked: Vec<String> = index.iter().map(|&i| quote(&cells[i])).collect();
-            text += &format!("{},{},{}\n", quote(&r.account), quote(&r.region), picked.join(","));
+            let picked = index.iter().map(|&i| cells[i].as_str());
+            w.write_record([r.account.as_str(), r.region.as_str()].into_iter().chain(picked))?;
         }
     }
-    crate::results::write_atomic(path, text.as_bytes())
+    let text = w.into_inner().map_err(|e| anyhow::anyhow!("CSV of {}: {}", path.display(), e.error()))?;
+    crate::results::write_atomic(path, &text)
 }
 
 #[cfg(test)]
