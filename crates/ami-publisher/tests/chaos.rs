@@ -23,6 +23,37 @@ async fn world_with(accounts: &[&str], regions: &[&str], faults: &str, seed: u64
     World::start(&plan).await.unwrap()
 }
 
+/// Where most tests here start: a world (see [`world_with`]), its targets,
+/// the image STREAM/1 of `bytes` on the imageserver (its file), and what
+/// the world held untagged before the publisher ran.
+struct Scene {
+    world: World,
+    targets: Vec<String>,
+    file: std::path::PathBuf,
+    before: BTreeMap<Target, Vec<String>>,
+}
+
+async fn scene(accounts: &[&str], regions: &[&str], faults: &str, seed: u64, stream: &str, bytes: Vec<u8>) -> Scene {
+    let world = world_with(accounts, regions, faults, seed).await;
+    let targets = targets_of(&world);
+    let file = add_image(&world, stream, "1", &bytes).await;
+    let before = untagged_before(&world).await;
+    Scene { world, targets, file, before }
+}
+
+/// Run `ami-publisher ARGS` and kill it as soon as `reached` holds (looked
+/// at every 20 ms); `never` says what did not happen within a minute.
+fn kill_when(p: &Publisher, args: &[&str], never: &str, reached: impl Fn() -> bool) {
+    let (mut child, _) = p.spawn(args);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reached() {
+        assert!(std::time::Instant::now() < deadline, "{never}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// What one target holds, as the emulator lists it.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Census {
@@ -171,12 +202,10 @@ async fn a_create_whose_answer_was_lost_and_is_retried_makes_nothing_twice() {
     // create. Only the creates: at this share on every call, some call
     // would lose all its SDK attempts, which tests nothing of creates.
     let lost_creates = "lost=0.6@CreateVolume+CreateSnapshot+RegisterImage";
-    let world = world_with(&["first", "second"], &["us-east-1", "eu-west-1"], lost_creates, 5).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/lost";
-    let file = add_image(&world, stream, "1", &disk(8 * MIB, 5)).await;
-    let before = untagged_before(&world).await;
+    let Scene { world, targets, file, before } =
+        scene(&["first", "second"], &["us-east-1", "eu-west-1"], lost_creates, 5, stream, disk(8 * MIB, 5)).await;
+    let p = Publisher::new(&world);
 
     let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
     assert_eq!(code, 0, "{r:#?}");
@@ -203,11 +232,10 @@ async fn snapshots_and_instances(world: &World, account: &str, region: &str) -> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn copies_and_launches_whose_answers_were_lost_make_nothing_twice() {
-    let world = world_with(&["first", "second"], &["us-east-1", "eu-west-1"], "lost=0.6", 7).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "boot/lost";
-    add_image(&world, stream, "1", &disk(4 * MIB, 7)).await;
+    let Scene { world, targets, .. } =
+        scene(&["first", "second"], &["us-east-1", "eu-west-1"], "lost=0.6", 7, stream, disk(4 * MIB, 7)).await;
+    let p = Publisher::new(&world);
     let (code, r) = p.publish(stream, "1", &["--targets", "first,us-east-1"]);
     assert_eq!(code, 0, "{r:#?}");
     let mut before = BTreeMap::new();
@@ -268,11 +296,10 @@ async fn copies_and_launches_whose_answers_were_lost_make_nothing_twice() {
 /// the run ends instead of waiting for a quota that never comes back.
 #[tokio::test(flavor = "multi_thread")]
 async fn throttling_without_end_fails_each_target_after_its_retries_and_makes_nothing() {
-    let world = world_with(&["first"], &["us-east-1", "eu-west-1"], "throttle=1", 7).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/throttled";
-    add_image(&world, stream, "1", &disk(4 * MIB, 7)).await;
+    let Scene { world, targets, .. } =
+        scene(&["first"], &["us-east-1", "eu-west-1"], "throttle=1", 7, stream, disk(4 * MIB, 7)).await;
+    let p = Publisher::new(&world);
     let before = untagged_before(&world).await;
 
     // Each call is tried 1 + N times: a run allowing 3 retries makes twice
@@ -320,12 +347,10 @@ async fn answers_that_never_come_are_given_up_on_and_every_target_is_published()
     // withholds two reads before EC2 answers and three creates after EC2
     // acted, on all four targets between them.
     let faults = "hang=0.15@CreateVolume+AttachVolume+CreateSnapshot+RegisterImage+DescribeInstances+DescribeTags";
-    let world = world_with(&["first", "second"], &["us-east-1", "eu-west-1"], faults, 30).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/withheld";
-    let file = add_image(&world, stream, "1", &disk(8 * MIB, 17)).await;
-    let before = untagged_before(&world).await;
+    let Scene { world, targets, file, before } =
+        scene(&["first", "second"], &["us-east-1", "eu-west-1"], faults, 30, stream, disk(8 * MIB, 17)).await;
+    let p = Publisher::new(&world);
 
     // Far below the 10 minutes an answer is held back.
     let limit = std::time::Duration::from_secs(240);
@@ -345,11 +370,10 @@ async fn answers_that_never_come_are_given_up_on_and_every_target_is_published()
 /// right after another waits it out instead of failing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leaf_published_right_after_another_waits_out_the_volumes_snapshot_rate() {
-    let world = world_with(&["first"], &["us-east-1", "eu-west-1"], "", 3).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/rate";
-    add_image(&world, stream, "1", &disk(8 * MIB, 31)).await;
+    let Scene { world, targets, .. } =
+        scene(&["first"], &["us-east-1", "eu-west-1"], "", 3, stream, disk(8 * MIB, 31)).await;
+    let p = Publisher::new(&world);
     let mut two = disk(8 * MIB, 31);
     two[..MIB].fill(7);
     let file2 = add_image(&world, stream, "2", &two).await;
@@ -370,12 +394,10 @@ async fn a_leaf_published_right_after_another_waits_out_the_volumes_snapshot_rat
 /// one AMI and one snapshot of it, and both results files name them.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_leaf_published_twice_at_once_leaves_one_snapshot_named_by_both() {
-    let world = world_with(&["first"], &["us-east-1", "eu-west-1"], "", 4).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/twice";
-    let file = add_image(&world, stream, "1", &disk(8 * MIB, 41)).await;
-    let before = untagged_before(&world).await;
+    let Scene { world, targets, file, before } =
+        scene(&["first"], &["us-east-1", "eu-west-1"], "", 4, stream, disk(8 * MIB, 41)).await;
+    let p = Publisher::new(&world);
     let args = with_targets(&targets, &[]);
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| p.publish(stream, "1", &args));
@@ -413,14 +435,9 @@ async fn a_publisher_killed_while_setting_up_a_volume_holds_up_the_next_for_unde
     let results = world.path("killed.json");
     let mut args = with_targets(&targets, &[]);
     args.extend(["publish", stream, "1", "--results", results.to_str().unwrap()]);
-    let (mut child, _) = p.spawn(&args);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !world.api_calls("ami-publisher").contains_key("CreateVolume") {
-        assert!(std::time::Instant::now() < deadline, "the publisher never created a volume");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when(&p, &args, "the publisher never created a volume", || {
+        world.api_calls("ami-publisher").contains_key("CreateVolume")
+    });
 
     // Lease (45 s at most) + a publish at EC2's pace (a snapshot alone
     // is pending 15 s): well under the 10 minutes a dead holder's lease
@@ -436,12 +453,11 @@ async fn a_publisher_killed_while_setting_up_a_volume_holds_up_the_next_for_unde
 /// out of lists). The first run publishes every target with one of each.
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_answers_of_any_call_and_slow_consistency_still_publish_on_the_first_run() {
-    let world = world_with(&["first", "second"], &["us-east-1", "eu-west-1"], "lost=0.3,lag=25s", 6).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/slow";
-    let file = add_image(&world, stream, "1", &disk(8 * MIB, 61)).await;
-    let before = untagged_before(&world).await;
+    let Scene { world, targets, file, before } =
+        scene(&["first", "second"], &["us-east-1", "eu-west-1"], "lost=0.3,lag=25s", 6, stream, disk(8 * MIB, 61))
+            .await;
+    let p = Publisher::new(&world);
     let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
     assert_eq!(code, 0, "{r:#?}");
     assert!(r.targets.iter().all(|t| t.ok()), "{r:#?}");
@@ -461,12 +477,10 @@ async fn snapshots_and_amis_that_end_failed_are_made_again_and_none_is_kept() {
     // 3 snapshots and 5 AMIs fail over the 4 targets, at most 2 in a row
     // of one kind on one target.
     let faults = "fail=0.5@CreateSnapshot+RegisterImage";
-    let world = world_with(&["first", "second"], &["us-east-1", "eu-west-1"], faults, 201).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/failing";
-    let file = add_image(&world, stream, "1", &disk(8 * MIB, 18)).await;
-    let before = untagged_before(&world).await;
+    let Scene { world, targets, file, before } =
+        scene(&["first", "second"], &["us-east-1", "eu-west-1"], faults, 201, stream, disk(8 * MIB, 18)).await;
+    let p = Publisher::new(&world);
 
     let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
     assert_eq!(code, 0, "{r:#?}");
@@ -488,11 +502,10 @@ async fn snapshots_and_amis_that_end_failed_are_made_again_and_none_is_kept() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ami_that_fails_every_time_fails_its_target_by_name_and_keeps_no_failed_ami() {
-    let world = world_with(&["first"], &["us-east-1"], "fail=1@RegisterImage", 3).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/hopeless";
-    add_image(&world, stream, "1", &disk(4 * MIB, 3)).await;
+    let Scene { world, targets, .. } =
+        scene(&["first"], &["us-east-1"], "fail=1@RegisterImage", 3, stream, disk(4 * MIB, 3)).await;
+    let p = Publisher::new(&world);
     let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[]));
     assert_ne!(code, 0, "{r:#?}");
     let error = r.targets[0].error.as_deref().unwrap_or_default();
@@ -707,12 +720,10 @@ async fn an_exclusive_tag_moved_twice_in_a_row_ends_on_one_ami_though_tags_show_
 async fn the_same_leaf_twice_at_once_with_a_failed_ami_ends_on_one_ami_named_by_both() {
     // Seed 20 (found by replaying failed_states.py's draws): the target's
     // first AMI fails, the next two are made.
-    let world = world_with(&["first"], &["us-east-1"], "fail=0.5@RegisterImage", 20).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/twicefailed";
-    let file = add_image(&world, stream, "1", &disk(8 * MIB, 43)).await;
-    let before = untagged_before(&world).await;
+    let Scene { world, targets, file, before } =
+        scene(&["first"], &["us-east-1"], "fail=0.5@RegisterImage", 20, stream, disk(8 * MIB, 43)).await;
+    let p = Publisher::new(&world);
     let args = with_targets(&targets, &[]);
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| p.publish(stream, "1", &args));
@@ -738,13 +749,12 @@ async fn the_same_leaf_twice_at_once_with_a_failed_ami_ends_on_one_ami_named_by_
 async fn a_deleted_snapshot_still_listed_by_its_tags_does_not_hold_up_the_next_publish() {
     // Seed 2 (found by replaying the world's draws): the first snapshot
     // ends `error` and is deleted; its tags are listed for 110 s more.
-    let world = world_with(&["first"], &["us-east-1"], "fail=0.5@CreateSnapshot,lag=120s@DeleteSnapshot", 2).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
-    let args = with_targets(&targets, &[]);
     let stream = "base/stale";
-    let file = add_image(&world, stream, "1", &disk(8 * MIB, 47)).await;
-    let before = untagged_before(&world).await;
+    let faults = "fail=0.5@CreateSnapshot,lag=120s@DeleteSnapshot";
+    let Scene { world, targets, file, before } =
+        scene(&["first"], &["us-east-1"], faults, 2, stream, disk(8 * MIB, 47)).await;
+    let p = Publisher::new(&world);
+    let args = with_targets(&targets, &[]);
     let (code, first) = p.publish(stream, "1", &args);
     assert_eq!(code, 0, "{first:#?}");
     assert_eq!(world.failed(), Some(1), "the first snapshot should have failed");
@@ -766,12 +776,11 @@ async fn a_deleted_snapshot_still_listed_by_its_tags_does_not_hold_up_the_next_p
 async fn a_poll_that_gets_no_answer_is_replaced_by_the_next_without_waiting_out_the_call_timeout() {
     // Seed 23 (found by replaying the world's draws): the first poll of
     // each target's snapshot is withheld, and one more in eu-west-1.
-    let world = world_with(&["first"], &["us-east-1", "eu-west-1"], "hang=0.3@DescribeSnapshots", 23).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/polls";
-    let file = add_image(&world, stream, "1", &disk(8 * MIB, 53)).await;
-    let before = untagged_before(&world).await;
+    let Scene { world, targets, file, before } =
+        scene(&["first"], &["us-east-1", "eu-west-1"], "hang=0.3@DescribeSnapshots", 23, stream, disk(8 * MIB, 53))
+            .await;
+    let p = Publisher::new(&world);
     // Each withheld poll would cost the 60 s call timeout.
     let limit = std::time::Duration::from_secs(50);
     let (code, r) = p.publish_within(limit, stream, "1", &with_targets(&targets, &["--call-timeout", "60s"]));
@@ -789,11 +798,10 @@ async fn a_poll_that_gets_no_answer_is_replaced_by_the_next_without_waiting_out_
 async fn a_publisher_killed_while_capturing_holds_up_the_next_leaf_for_about_a_minute() {
     // Seed 3 (found by replaying the world's draws): the first
     // CreateSnapshot gets no answer, the next ones do.
-    let world = world_with(&["first"], &["us-east-1"], "hang=0.5@CreateSnapshot", 3).await;
-    let p = Publisher::new(&world);
-    let targets = targets_of(&world);
     let stream = "base/capturekilled";
-    add_image(&world, stream, "1", &disk(4 * MIB, 61)).await;
+    let Scene { world, targets, .. } =
+        scene(&["first"], &["us-east-1"], "hang=0.5@CreateSnapshot", 3, stream, disk(4 * MIB, 61)).await;
+    let p = Publisher::new(&world);
     let mut two = disk(4 * MIB, 61);
     two[..MIB].fill(9);
     let file2 = add_image(&world, stream, "2", &two).await;
@@ -801,14 +809,9 @@ async fn a_publisher_killed_while_capturing_holds_up_the_next_leaf_for_about_a_m
     let results = world.path("capture-killed.json");
     let mut args = with_targets(&targets, &["--call-timeout", "10m"]);
     args.extend(["publish", stream, "1", "--results", results.to_str().unwrap()]);
-    let (mut child, _) = p.spawn(&args);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !world.api_outcomes("ami-publisher", "hang").contains_key("CreateSnapshot") {
-        assert!(std::time::Instant::now() < deadline, "the publisher never asked for its snapshot");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when(&p, &args, "the publisher never asked for its snapshot", || {
+        world.api_outcomes("ami-publisher", "hang").contains_key("CreateSnapshot")
+    });
 
     // The hold's minute (renewed up to the kill) + a publish: far below
     // the 300 s the read-back's hold asked for.

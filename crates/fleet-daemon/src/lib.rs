@@ -18,5 +18,5 @@ mod run;
 
 pub use cli::{BadMetricsListen, parse_metrics_listen};
 pub use http::{Monitored, serve_metrics};
-pub use metrics::{Counter, Gauge, METRICS_CONTENT_TYPE, Registry, metrics_text};
+pub use metrics::{Counter, Gauge, METRICS_CONTENT_TYPE, Registry, metrics_text, registry_of};
 pub use run::{Daemon, Serving, run_until_signal};

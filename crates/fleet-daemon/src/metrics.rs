@@ -11,6 +11,17 @@ pub use prometheus_client::{
 /// The media type of the `/metrics` page.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// A registry of a daemon's `counters` (name, help, counter; each is
+/// exposed as `NAME_total`) and its uptime gauge `uptime` (name, gauge).
+pub fn registry_of(counters: &[(&str, &str, &Counter)], uptime: (&str, &Gauge)) -> Registry {
+    let mut registry = Registry::default();
+    for (name, help, counter) in counters {
+        registry.register(*name, *help, (*counter).clone());
+    }
+    registry.register(uptime.0, "Seconds since start", uptime.1.clone());
+    registry
+}
+
 /// The text of a `/metrics` page: every metric of `registry`, then `# EOF`.
 /// A counter registered as `x` is exposed as `x_total`.
 pub fn metrics_text(registry: &Registry) -> String {

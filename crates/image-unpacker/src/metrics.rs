@@ -45,7 +45,7 @@ impl Default for Metrics {
             requests_denied: c(),
         };
         // Each counter appears as NAME_total.
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: &[(&str, &str, &Counter)] = &[
             ("unpacker_unpacks", "Unpacks finished", &m.unpacks),
             ("unpacker_unpack_failures", "Unpacks that failed", &m.unpack_failures),
             ("unpacker_scans", "Device scans finished", &m.scans),
@@ -58,12 +58,7 @@ impl Default for Metrics {
             ("unpacker_capture_mismatches", "Read-backs that found wrong bytes", &m.capture_mismatches),
             ("unpacker_requests_denied", "Requests refused for lack of a right", &m.requests_denied),
         ];
-        let mut registry = Registry::default();
-        for (name, help, counter) in counters {
-            registry.register(name, help, counter.clone());
-        }
-        registry.register("unpacker_uptime_seconds", "Seconds since start", m.uptime.clone());
-        m.registry = registry;
+        m.registry = fleet_daemon::registry_of(counters, ("unpacker_uptime_seconds", &m.uptime));
         m
     }
 }

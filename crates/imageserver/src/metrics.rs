@@ -44,7 +44,7 @@ impl Default for Metrics {
             requests_denied: c(),
         };
         // Each counter appears as NAME_total.
-        let counters: [(&str, &str, &Counter); 10] = [
+        let counters: &[(&str, &str, &Counter)] = &[
             ("imageserver_chunks_served", "Chunks sent to clients", &m.chunks_served),
             ("imageserver_bytes_served", "Compressed chunk bytes sent to clients", &m.bytes_served),
             ("imageserver_chunks_received", "Chunks received in uploads", &m.chunks_received),
@@ -56,12 +56,7 @@ impl Default for Metrics {
             ("imageserver_images_replicated", "Images copied from the master", &m.images_replicated),
             ("imageserver_requests_denied", "Requests refused for lack of a right", &m.requests_denied),
         ];
-        let mut registry = Registry::default();
-        for (name, help, counter) in counters {
-            registry.register(name, help, counter.clone());
-        }
-        registry.register("imageserver_uptime_seconds", "Seconds since start", m.uptime.clone());
-        m.registry = registry;
+        m.registry = fleet_daemon::registry_of(counters, ("imageserver_uptime_seconds", &m.uptime));
         m
     }
 }
