@@ -75,28 +75,13 @@ impl Kind {
 }
 
 /// The 20 steps (repeated when more are asked).
-const STEPS: [Kind; 20] = [
-    Kind::Next,
-    Kind::Next,
-    Kind::Twice,
-    Kind::Next,
-    Kind::Killed,
-    Kind::Grow,
-    Kind::Shrink,
-    Kind::Next,
-    Kind::Again,
-    Kind::Twice,
-    Kind::Next,
-    Kind::Killed,
-    Kind::Grow,
-    Kind::Shrink,
-    Kind::Next,
-    Kind::Twice,
-    Kind::Next,
-    Kind::Killed,
-    Kind::Next,
-    Kind::Next,
-];
+const STEPS: [Kind; 20] = {
+    use Kind::{Again, Grow, Killed, Next, Shrink, Twice};
+    [
+        Next, Next, Twice, Next, Killed, Grow, Shrink, Next, Again, Twice, // the first ten
+        Next, Killed, Grow, Shrink, Next, Twice, Next, Killed, Next, Next, // and ten more
+    ]
+};
 
 /// `cargo xtask soak [--steps N]`: the soak alone; its rows replace the
 /// soak section of docs/benchmarks.md.
