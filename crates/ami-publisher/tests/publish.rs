@@ -231,6 +231,17 @@ async fn bad_arguments_are_refused_before_any_resource_is_made() {
     }
     assert_eq!(world.api_calls("ami-publisher"), before, "a value refused at parse time makes no AWS call");
 
+    // A certificate the imageserver refuses is named (under TLS 1.3 the
+    // first call sees only a transport error), before any AWS call.
+    for refused in world.pki.refused(fleet_pki::Role::AmiPublisher).unwrap() {
+        let ssl = refused.tls.cert.parent().unwrap().to_owned();
+        let out = Publisher { world: &world, ssl }.run(&["--targets", "first,us-east-1", "publish", "s/x", "1"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", refused.who);
+        assert!(err.contains(refused.named_by), "{}: {err}", refused.who);
+    }
+    assert_eq!(world.api_calls("ami-publisher"), before, "a refused certificate makes no AWS call");
+
     let ec2 = world.ec2("first", "us-east-1").await;
     let vols = ec2.describe_volumes().filters(Filter::builder().name("tag-key").values("ImageStream").build()).send();
     assert!(vols.await.unwrap().volumes().is_empty(), "no volume was made");
