@@ -13,12 +13,14 @@
 //! - [`publish`]: the publish of one leaf to one target, and to all;
 //! - [`results`]: results files;
 //! - [`ops`]: the lifecycle and operations subcommands (expire, lists, tags, ...);
+//! - [`policy`]: the IAM policy that lets the tool touch only what it made;
 //! - [`cli`]: the command line, its config file, and the final table.
 
 pub mod aws;
 pub mod cli;
 pub mod errors;
 pub mod ops;
+pub mod policy;
 pub mod progress;
 pub mod publish;
 pub mod ready;

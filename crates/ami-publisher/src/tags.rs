@@ -21,6 +21,12 @@ pub const EXPIRES_AT: &str = "ExpiresAt";
 pub const CREATE_TOKEN: &str = "ImageCreateToken";
 /// On unpacker volumes: the instance the volume was made for.
 pub const UNPACKER_INSTANCE: &str = "ImageUnpackerInstance";
+/// On everything ami-publisher makes, from the call that makes it
+/// (TagSpecifications): `ManagedBy=ami-fleet`. The IAM policy lets the tool
+/// change or delete only what carries it (`ami-publisher iam-policy`).
+pub const MANAGED_BY: &str = "ManagedBy";
+/// The value of [`MANAGED_BY`].
+pub const MANAGED_BY_VALUE: &str = "ami-fleet";
 
 /// How long a snapshot made by a publish that has not yet registered its AMI
 /// stays before `expire` may delete it. A re-run of the publish within this
@@ -31,11 +37,19 @@ pub fn tag(k: &str, v: &str) -> Tag {
     Tag::builder().key(k).value(v).build()
 }
 
+/// The tags of a create call: `tags`, and `ManagedBy=ami-fleet` (see
+/// [`MANAGED_BY`]).
 pub fn spec(kind: ResourceType, tags: &[(String, String)]) -> TagSpecification {
-    TagSpecification::builder()
-        .resource_type(kind)
-        .set_tags(Some(tags.iter().map(|(k, v)| tag(k, v)).collect()))
-        .build()
+    made(kind, tags.iter().map(|(k, v)| tag(k, v)).collect())
+}
+
+/// [`spec`] of ready-made tags. `ManagedBy=ami-fleet` replaces any
+/// `ManagedBy` among them (a copy of an image something else made is this
+/// tool's to delete).
+pub fn made(kind: ResourceType, mut tags: Vec<Tag>) -> TagSpecification {
+    tags.retain(|t| t.key() != Some(MANAGED_BY));
+    tags.push(tag(MANAGED_BY, MANAGED_BY_VALUE));
+    TagSpecification::builder().resource_type(kind).set_tags(Some(tags)).build()
 }
 
 pub fn filter(name: &str, value: &str) -> Filter {

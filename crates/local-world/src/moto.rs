@@ -67,16 +67,33 @@ impl Drop for Moto {
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
 const WORLD_MODEL: &str = include_str!("world_model.py");
 /// The launcher's modules, one per EC2 behaviour moto lacks (`world/`).
-const WORLD_MODULES: [(&str, &str); 4] = [
+const WORLD_MODULES: [(&str, &str); 5] = [
     ("failed_states.py", include_str!("world/failed_states.py")),
+    ("iam_policy.py", include_str!("world/iam_policy.py")),
     ("snapshot_limits.py", include_str!("world/snapshot_limits.py")),
     ("tag_lag.py", include_str!("world/tag_lag.py")),
     ("volume_modifications.py", include_str!("world/volume_modifications.py")),
 ];
 
 /// The world variables (see `world_model.py` and docs/world.md).
-pub const WORLD_VARIABLES: [&str; 4] =
-    ["LOCAL_WORLD_PACE", "LOCAL_WORLD_TIME_SCALE", "LOCAL_WORLD_FAULTS", "LOCAL_WORLD_SEED"];
+pub const WORLD_VARIABLES: [&str; 5] =
+    ["LOCAL_WORLD_PACE", "LOCAL_WORLD_TIME_SCALE", "LOCAL_WORLD_FAULTS", "LOCAL_WORLD_SEED", "LOCAL_WORLD_IAM"];
+
+/// The IAM policy the product ships, which the world enforces on
+/// ami-publisher's EC2 calls (`world/iam_policy.py`) unless
+/// `LOCAL_WORLD_IAM=off`.
+const PUBLISHER_POLICY: &str = include_str!("../../../deploy/ami-publisher-iam-policy.json");
+/// `LOCAL_WORLD_IAM` when neither the plan nor the process sets it.
+pub const IAM_DEFAULT: &str = "enforce";
+
+/// Whether the world enforces the publisher's IAM policy.
+fn enforces_iam(vars: &[(String, String)]) -> anyhow::Result<bool> {
+    match vars.iter().rev().find(|(k, _)| k == "LOCAL_WORLD_IAM").map_or(IAM_DEFAULT, |(_, v)| v.as_str()) {
+        "enforce" => Ok(true),
+        "off" => Ok(false),
+        other => anyhow::bail!("LOCAL_WORLD_IAM={other}: it is enforce (the default) or off"),
+    }
+}
 
 /// The world variables for one world: the plan's, else the process's. A
 /// seed is chosen here when none is given, so that it can be reported.
@@ -118,11 +135,19 @@ pub(crate) fn start_moto(dir: &Path, vars: &[(String, String)]) -> anyhow::Resul
     for (name, text) in WORLD_MODULES {
         std::fs::write(dir.join("world").join(name), text)?;
     }
+    let policy = dir.join("ami-publisher-iam-policy.json");
+    if enforces_iam(vars)? {
+        std::fs::write(&policy, PUBLISHER_POLICY)?;
+    }
     let python = server.with_file_name("python");
     let mut cmd = Command::new(python);
     cmd.arg(&launcher).env("LOCAL_WORLD_DIR", dir);
     for name in WORLD_VARIABLES {
         cmd.env_remove(name);
+    }
+    cmd.env_remove("LOCAL_WORLD_IAM_POLICY");
+    if enforces_iam(vars)? {
+        cmd.env("LOCAL_WORLD_IAM_POLICY", &policy);
     }
     let child = cmd
         .envs(vars.iter().map(|(k, v)| (k, v)))

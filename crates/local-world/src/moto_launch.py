@@ -77,6 +77,19 @@ except world_model.Refused as refused:
     print(f"local-world: {refused}", file=sys.stderr, flush=True)
     sys.exit(2)
 
+# 10. IAM (world/iam_policy.py): with LOCAL_WORLD_IAM_POLICY naming a
+#     policy file, every EC2 call ami-publisher makes is evaluated against
+#     it and refused with UnauthorizedOperation when it does not allow it.
+from world import iam_policy
+
+try:
+    IAM_POLICY = iam_policy.load(os.environ["LOCAL_WORLD_IAM_POLICY"]) if os.environ.get("LOCAL_WORLD_IAM_POLICY") else None
+except (OSError, ValueError) as e:
+    print(f"local-world: LOCAL_WORLD_IAM_POLICY: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+# The app (User-Agent app/NAME) whose calls the policy governs.
+IAM_APP = "ami-publisher"
+
 # 9 (continued). moto registers some 1,200 public AMIs per region (ECS
 # images mostly) and DescribeImages filters all of them on every call: 130 ms
 # of this one process per call, while EC2 answers an owner's DescribeImages
@@ -886,6 +899,10 @@ def call_action(self):
             _log(service, action, app, "lag")
             code, message = next(v for p, v in _NOT_FOUND.items() if unseen.startswith(p))
             return _ec2_error(400, code, message.format(unseen))
+        refused = _unauthorized(self, service, action, app, params, account, region)
+        if refused is not None:
+            _log(service, action, app, "UnauthorizedOperation")
+            return _ec2_error(403, "UnauthorizedOperation", refused)
         token_key = (account, region, action, token)
         if token and token_key in _TOKENS:
             before, status, headers, body = _TOKENS[token_key]
@@ -926,6 +943,27 @@ def call_action(self):
         return _ec2_error(500, "InternalError", "An internal error has occurred.")
     _log(service, action, app, "ok" if answer[0] < 400 else _error_code(answer[2]))
     return answer
+
+
+def _unauthorized(response, service, action, app, params, account, region):
+    """The UnauthorizedOperation message when the IAM policy refuses this
+    call (see world/iam_policy.py), else None."""
+    if IAM_POLICY is None or app != IAM_APP or service != "ec2":
+        return None
+    backend = response.ec2_backend
+
+    def resource_tags(resource_id):
+        return dict(backend.tags.get(resource_id, {}))
+
+    def attached_instance(volume_id):
+        try:
+            attachment = backend.get_volume(volume_id).attachment
+            return attachment.instance.id if attachment else None
+        except Exception:
+            return None
+
+    user = f"arn:aws:iam::{account}:user/{IAM_APP}"
+    return iam_policy.refusal(IAM_POLICY, action, params, account, region, resource_tags, attached_instance, user)
 
 
 def _error_code(body):

@@ -56,6 +56,12 @@ impl Plan {
         self.with("LOCAL_WORLD_FAULTS", faults)
     }
 
+    /// This plan with `LOCAL_WORLD_IAM` (`enforce`, the default, or `off`).
+    #[must_use]
+    pub fn iam(self, iam: &str) -> Plan {
+        self.with("LOCAL_WORLD_IAM", iam)
+    }
+
     /// This plan with `LOCAL_WORLD_SEED`.
     #[must_use]
     pub fn seed(self, seed: u64) -> Plan {

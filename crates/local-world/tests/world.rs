@@ -79,3 +79,86 @@ async fn world_starts_with_two_accounts_and_attaches_volumes_like_nitro() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The world's IAM evaluator (src/world/iam_policy.py) passes its own tests
+/// (allow, explicit deny, resource ARNs, a missing tag, a wrong value, the
+/// condition operators, tagging on create), and loads the shipped policy.
+#[test]
+fn the_iam_evaluator_passes_its_own_tests() {
+    let python = local_world::ensure_moto().unwrap().with_file_name("python");
+    let out = std::process::Command::new(python)
+        .args(["-m", "unittest", "-v", "test_iam_policy"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/world"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("SHIPPED_POLICY", concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ami-publisher-iam-policy.json"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && report.contains("\nOK"), "{report}");
+    assert!(report.contains("Ran 18 tests"), "{report}");
+}
+
+/// With the shipped policy enforced (the default), ami-publisher may not
+/// delete a snapshot it did not make, nor make a volume without its tag;
+/// it may delete what carries ManagedBy=ami-fleet. Refusals are EC2's
+/// UnauthorizedOperation, naming the action and the resource.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_world_enforces_the_publishers_iam_policy() {
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let t = &world.targets[0];
+    let own = aws_sdk_ec2::Client::new(&world.sdk_config(&t.account, &t.region).await);
+    let config = world.sdk_config_as("ami-publisher", &t.account, &t.region).await.unwrap();
+    let publisher = aws_sdk_ec2::Client::new(&config);
+    let zone = format!("{}a", t.region);
+    let tagged = |kind: ResourceType, tags: &[(&str, &str)]| {
+        TagSpecification::builder()
+            .resource_type(kind)
+            .set_tags(Some(tags.iter().map(|(k, v)| Tag::builder().key(*k).value(*v).build()).collect()))
+            .build()
+    };
+    // Made by someone else (the world's own client): untagged.
+    let vol = own.create_volume().availability_zone(&zone).size(1).send().await.unwrap();
+    let snap = own.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await.unwrap();
+    let foreign = snap.snapshot_id().unwrap();
+    let err = publisher.delete_snapshot().snapshot_id(foreign).send().await.unwrap_err();
+    let err = err.into_service_error();
+    assert_eq!(aws_sdk_ec2::error::ProvideErrorMetadata::code(&err), Some("UnauthorizedOperation"));
+    let message = aws_sdk_ec2::error::ProvideErrorMetadata::message(&err).unwrap_or_default();
+    assert!(message.contains("ec2:DeleteSnapshot") && message.contains(foreign), "{message}");
+    assert_eq!(own.describe_snapshots().snapshot_ids(foreign).send().await.unwrap().snapshots().len(), 1);
+
+    // A create without the tag is refused; with it, allowed, and what it
+    // made may be deleted.
+    let err = publisher.create_volume().availability_zone(&zone).size(1).send().await.unwrap_err();
+    assert_eq!(
+        aws_sdk_ec2::error::ProvideErrorMetadata::code(&err.into_service_error()),
+        Some("UnauthorizedOperation")
+    );
+    let made = publisher
+        .create_volume()
+        .availability_zone(&zone)
+        .size(1)
+        .tag_specifications(tagged(ResourceType::Volume, &[("ManagedBy", "ami-fleet")]))
+        .send()
+        .await
+        .unwrap();
+    let made = made.volume_id().unwrap();
+    // A volume is `creating` for a while; delete once it is available.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match publisher.delete_volume().volume_id(made).send().await {
+            Ok(_) => break,
+            Err(e) => {
+                let e = e.into_service_error();
+                let code = aws_sdk_ec2::error::ProvideErrorMetadata::code(&e).unwrap_or_default().to_owned();
+                assert_ne!(code, "UnauthorizedOperation", "{e:?}");
+                assert!(std::time::Instant::now() < deadline, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // The same world with enforcement off lets anything through.
+    let open = World::start(&Plan::of(&["first"], &["us-east-1"]).iam("off")).await.unwrap();
+    let config = open.sdk_config_as("ami-publisher", &t.account, &t.region).await.unwrap();
+    aws_sdk_ec2::Client::new(&config).create_volume().availability_zone(&zone).size(1).send().await.unwrap();
+}

@@ -39,6 +39,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     if let Command::Publish { stream, leaf, force } = &cli.command {
         return run_publish(&cli, stream, leaf, *force).await;
     }
+    if let Command::IamPolicy = &cli.command {
+        let policy = crate::policy::publisher_policy(&cli.instance_name);
+        println!("{}", serde_json::to_string_pretty(&policy)?);
+        return Ok(Outcome::AllSucceeded);
+    }
     // Everything the command line names is read and checked before any AWS
     // call (a refusal exits 2, naming what was wrong).
     let inputs = refuse(read_inputs(&cli))?;
@@ -67,7 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let amis: std::collections::HashMap<_, _> = from_results.unwrap_or_default().into_iter().collect();
     let (json, q) = (cli.json, false);
     let outcome = match &cli.command {
-        Command::Publish { .. } => unreachable!("handled above"),
+        Command::Publish { .. } | Command::IamPolicy => unreachable!("handled above"),
         Command::AddVolumes { size_gib } => {
             show(ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk(), cli.kms_key_id.as_deref()).await, json, q)
         }

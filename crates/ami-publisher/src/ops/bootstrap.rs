@@ -92,10 +92,7 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
         // before the copy is available.
         let mut copy_tags = identity_tags(&src.image);
         copy_tags.push(tags::tag("CopiedFrom", &format!("{}/{src_ami}", src.target.region)));
-        let tagging = aws_sdk_ec2::types::TagSpecification::builder()
-            .resource_type(aws_sdk_ec2::types::ResourceType::Image)
-            .set_tags(Some(copy_tags.clone()))
-            .build();
+        let tagging = tags::made(aws_sdk_ec2::types::ResourceType::Image, copy_tags.clone());
         let new_ami = if src.target.account == t.account {
             // A token per copy: the SDK's retry of an attempt whose answer
             // was lost gets that attempt's copy. A re-run finds a copy by
@@ -113,12 +110,7 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
                 .tag_specifications(tagging)
                 // The copy's snapshots too: EC2 tags every new snapshot
                 // with these, so none is left in the account unattributed.
-                .tag_specifications(
-                    aws_sdk_ec2::types::TagSpecification::builder()
-                        .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
-                        .set_tags(Some(copy_tags))
-                        .build(),
-                )
+                .tag_specifications(tags::made(aws_sdk_ec2::types::ResourceType::Snapshot, copy_tags))
                 .send()
                 .await
                 .sdk(format!("CopyImage {what}"))?;
@@ -257,10 +249,7 @@ async fn copy_shared_snapshot(
         let token = retry::token();
         let mut copy_tags = identity_tags(&src.image);
         copy_tags.push(tags::tag(tags::CREATE_TOKEN, &token));
-        let tagging = aws_sdk_ec2::types::TagSpecification::builder()
-            .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
-            .set_tags(Some(copy_tags))
-            .build();
+        let tagging = tags::made(aws_sdk_ec2::types::ResourceType::Snapshot, copy_tags);
         let description = format!("copied from {}/{snap} for an AMI of {}", src.target, src.image.name().unwrap_or(""));
         let (new_snap, _) = retry::create_untokened(
             ec2,

@@ -230,12 +230,10 @@ pub async fn import_key_pair(ctx: &Ctx<'_>, name: &str, key: &[u8]) -> Vec<Repor
             .import_key_pair()
             .key_name(name)
             .public_key_material(aws_sdk_ec2::primitives::Blob::new(key))
-            .tag_specifications(
-                aws_sdk_ec2::types::TagSpecification::builder()
-                    .resource_type(aws_sdk_ec2::types::ResourceType::KeyPair)
-                    .tags(tags::tag(tags::CREATE_TOKEN, &token))
-                    .build(),
-            )
+            .tag_specifications(tags::made(
+                aws_sdk_ec2::types::ResourceType::KeyPair,
+                vec![tags::tag(tags::CREATE_TOKEN, &token)],
+            ))
             .send()
             .await
             .or_code(&["InvalidKeyPair.Duplicate"], "ImportKeyPair")?;

@@ -1,0 +1,137 @@
+//! `ami-publisher iam-policy`: the IAM policy that lets the publisher touch
+//! only what it made. deploy/ami-publisher-iam-policy.json is its output
+//! with the default options (a tidy test keeps them equal), and the local
+//! world enforces that file on the publisher's calls.
+//!
+//! - Reads stay broad: EC2's Describe calls cannot be scoped by resource.
+//! - Every create carries `ManagedBy=ami-fleet` in the same call
+//!   (TagSpecifications) and the policy requires it (`aws:RequestTag`);
+//!   CreateTags is allowed on a new resource only as part of the create
+//!   (`ec2:CreateAction`).
+//! - Every change (tags, delete, deregister, attach, detach, modify, share,
+//!   start, stop, terminate) is allowed only on resources that carry
+//!   `ManagedBy=ami-fleet` (`aws:ResourceTag`), and on the unpacker
+//!   instances by their `Name` tag.
+//!
+//! Sources: EC2's "Actions, resources, and condition keys" (which resources
+//! each action is authorized on) and "Grant permission to tag resources
+//! during creation".
+
+use serde_json::{Value, json};
+
+use crate::tags::{MANAGED_BY, MANAGED_BY_VALUE};
+
+/// The creates the publisher makes, each with its tags in the call.
+const CREATES: [&str; 7] =
+    ["CopyImage", "CopySnapshot", "CreateSnapshot", "CreateVolume", "ImportKeyPair", "RegisterImage", "RunInstances"];
+
+fn ec2(actions: &[&str]) -> Vec<String> {
+    actions.iter().map(|a| format!("ec2:{a}")).collect()
+}
+
+/// A statement allowing `actions` to make `resource` only with the tag.
+fn created(sid: &str, actions: &[&str], resource: &str) -> Value {
+    json!({
+        "Sid": sid,
+        "Effect": "Allow",
+        "Action": ec2(actions),
+        "Resource": resource,
+        "Condition": { "StringEquals": { format!("aws:RequestTag/{MANAGED_BY}"): MANAGED_BY_VALUE } }
+    })
+}
+
+/// The policy for unpacker instances tagged `Name=<instance_name>`.
+pub fn publisher_policy(instance_name: &str) -> Value {
+    let ours = json!({ "StringEquals": { format!("aws:ResourceTag/{MANAGED_BY}"): MANAGED_BY_VALUE } });
+    let (volume, snapshot, image, instance, key_pair) = (
+        "arn:aws:ec2:*:*:volume/*",
+        "arn:aws:ec2:*::snapshot/*",
+        "arn:aws:ec2:*::image/*",
+        "arn:aws:ec2:*:*:instance/*",
+        "arn:aws:ec2:*:*:key-pair/*",
+    );
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "ReadFleetState",
+                "Effect": "Allow",
+                "Action": ec2(&[
+                    "DescribeImages", "DescribeInstances", "DescribeKeyPairs", "DescribeRegions",
+                    "DescribeSecurityGroups", "DescribeSnapshotAttribute", "DescribeSnapshots", "DescribeSubnets",
+                    "DescribeTags", "DescribeVolumes", "DescribeVolumesModifications", "DescribeVpcs",
+                ]),
+                "Resource": "*"
+            },
+            // Each create on the kind it makes only: the request's tags are
+            // in the context of every resource a call names, so a create
+            // allowed on "volume/*" would let CreateSnapshot read any volume.
+            created("CreateTaggedVolumes", &["CreateVolume"], volume),
+            created("CreateTaggedSnapshots", &["CopySnapshot", "CreateSnapshot"], snapshot),
+            created("CreateTaggedImages", &["CopyImage", "RegisterImage"], image),
+            created("LaunchTaggedInstances", &["RunInstances"], instance),
+            created("ImportTaggedKeyPairs", &["ImportKeyPair"], key_pair),
+            {
+                "Sid": "TagOnlyWhileCreating",
+                "Effect": "Allow",
+                "Action": ec2(&["CreateTags"]),
+                "Resource": [volume, snapshot, image, instance, key_pair],
+                "Condition": { "StringEquals": { "ec2:CreateAction": CREATES } }
+            },
+            {
+                "Sid": "ChangeOnlyWhatItMade",
+                "Effect": "Allow",
+                "Action": ec2(&[
+                    "AttachVolume", "CreateSnapshot", "CreateTags", "DeleteSnapshot", "DeleteTags", "DeleteVolume",
+                    "DeregisterImage", "DetachVolume", "ModifySnapshotAttribute", "ModifyVolume", "RegisterImage",
+                    "StartInstances", "StopInstances", "TerminateInstances",
+                ]),
+                "Resource": [volume, snapshot, image, instance],
+                "Condition": ours
+            },
+            {
+                "Sid": "DriveTheUnpackers",
+                "Effect": "Allow",
+                "Action": ec2(&["AttachVolume", "CreateTags", "DetachVolume", "StartInstances", "StopInstances"]),
+                "Resource": instance,
+                "Condition": { "StringEquals": { "aws:ResourceTag/Name": instance_name } }
+            },
+            {
+                "Sid": "LaunchFromAnyImageIntoTheNetwork",
+                "Effect": "Allow",
+                "Action": ec2(&["RunInstances"]),
+                "Resource": [
+                    image,
+                    "arn:aws:ec2:*:*:subnet/*",
+                    "arn:aws:ec2:*:*:security-group/*",
+                    "arn:aws:ec2:*:*:network-interface/*",
+                    volume,
+                    key_pair
+                ]
+            },
+            {
+                "Sid": "PassTheUnpackerRole",
+                "Effect": "Allow",
+                "Action": ["iam:PassRole"],
+                "Resource": "arn:aws:iam::*:role/ImageUnpacker",
+                "Condition": { "StringEquals": { "iam:PassedToService": "ec2.amazonaws.com" } }
+            }
+        ]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_policy_is_the_default_output() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ami-publisher-iam-policy.json");
+        let shipped: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(
+            shipped,
+            publisher_policy("ImageUnpacker"),
+            "deploy/ami-publisher-iam-policy.json is `ami-publisher iam-policy` (write it again from that)"
+        );
+    }
+}
