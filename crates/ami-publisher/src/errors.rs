@@ -105,7 +105,13 @@ where
 
 /// What a user can do about an EC2 error code that says little by itself.
 fn hint(code: &str) -> &'static str {
-    if code.starts_with("Insufficient") && code.ends_with("Capacity") {
+    if code == "UnauthorizedOperation" {
+        // EC2's own message is encoded (sts:DecodeAuthorizationMessage).
+        " (the IAM policy this tool ships, `ami-publisher iam-policy`, lets it change only resources tagged \
+         ManagedBy=ami-fleet, which ami-publisher puts on everything it makes, and the unpacker instances by \
+         their Name tag: a resource without that tag was not made by ami-publisher; if it was made by an \
+         older version, tag it ManagedBy=ami-fleet)"
+    } else if code.starts_with("Insufficient") && code.ends_with("Capacity") {
         // A server error the SDK retried: the shortage outlasted them.
         " (EC2 is short of capacity in this Availability Zone now; publish again later, \
          or use an unpacker instance in another zone)"

@@ -92,7 +92,9 @@ pub fn publisher_policy(instance_name: &str) -> Value {
             {
                 "Sid": "DriveTheUnpackers",
                 "Effect": "Allow",
-                "Action": ec2(&["AttachVolume", "CreateTags", "DetachVolume", "StartInstances", "StopInstances"]),
+                "Action": ec2(&[
+                    "AttachVolume", "CreateTags", "DeleteTags", "DetachVolume", "StartInstances", "StopInstances",
+                ]),
                 "Resource": instance,
                 "Condition": { "StringEquals": { "aws:ResourceTag/Name": instance_name } }
             },

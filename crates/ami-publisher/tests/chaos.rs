@@ -534,7 +534,8 @@ async fn a_failed_ami_of_the_leaf_holding_its_name_is_deregistered_not_adopted()
     // name and failed, as an interrupted run can leave it.
     let config = world.sdk_config_as("tester", "first", "eu-west-1").await.unwrap();
     let ec2 = aws_sdk_ec2::Client::new(&config);
-    let failed = register_by_hand(&ec2, "eu-west-1a", "base/refailed/1", &[("ImageDigest", &r.image_id)]).await;
+    let leaf_tags = [("ImageDigest", r.image_id.as_str()), ("ManagedBy", "ami-fleet")];
+    let failed = register_by_hand(&ec2, "eu-west-1a", "base/refailed/1", &leaf_tags).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let d = ec2.describe_images().image_ids(&failed).send().await.unwrap();
@@ -616,7 +617,8 @@ async fn a_pending_ami_of_the_leaf_that_then_fails_is_deregistered_and_made_agai
     // run still going, or killed, leaves it; it will fail.
     let config = world.sdk_config_as("tester", "first", "eu-west-1").await.unwrap();
     let ec2 = aws_sdk_ec2::Client::new(&config);
-    let leaf_tags = [("ImageDigest", r.image_id.as_str()), ("ImageStream", stream), ("ImageLeaf", "1")];
+    let leaf_tags =
+        [("ImageDigest", r.image_id.as_str()), ("ImageStream", stream), ("ImageLeaf", "1"), ("ManagedBy", "ami-fleet")];
     let pending = register_by_hand(&ec2, "eu-west-1a", "base/late/1", &leaf_tags).await;
 
     let (code, r) = p.publish(stream, "1", &["--targets", "first,eu-west-1"]);
@@ -633,8 +635,9 @@ async fn a_pending_ami_of_the_leaf_that_then_fails_is_deregistered_and_made_agai
     assert_eq!(ids.len(), 1, "{ids:?}");
 }
 
-/// An AMI registered by a tool other than the publisher, named `name` and
-/// tagged with `tags`, of a new empty volume's snapshot in `zone`.
+/// An AMI registered by hand (as an earlier run left it, when `tags` hold
+/// ManagedBy=ami-fleet), named `name` and tagged with `tags`, of a new
+/// empty volume's snapshot in `zone`.
 async fn register_by_hand(ec2: &aws_sdk_ec2::Client, zone: &str, name: &str, tags: &[(&str, &str)]) -> String {
     let vol = ec2.create_volume().availability_zone(zone).size(1).send().await.unwrap();
     let snap = loop {

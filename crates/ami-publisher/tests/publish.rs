@@ -388,17 +388,21 @@ async fn a_taken_ami_name_is_adopted_when_ours_and_refused_when_not() {
     let target = ["--targets", "first,us-east-1"];
     let ec2 = world.ec2("first", "us-east-1").await;
 
-    // Ours: publish, then strip the AMI's tags as if the run had died right
-    // after RegisterImage. The re-run adopts that AMI and tags it.
+    // Ours: publish, then strip the AMI's tags but the ManagedBy that
+    // RegisterImage sets with it, as if the run had died before tagging.
+    // The re-run adopts that AMI and tags it.
     add_image(&world, "apps/own", "1", &disk(4 * MIB, 31)).await;
     let (code, r) = p.publish("apps/own", "1", &target);
     assert_eq!(code, 0, "{r:#?}");
     let ami = r.targets[0].ami_id.clone().unwrap();
     let tags = tags_of_image(&world, "first", "us-east-1", &ami).await;
-    let keys: Vec<aws_sdk_ec2::types::Tag> =
-        tags.iter().map(|(k, _)| aws_sdk_ec2::types::Tag::builder().key(k).build()).collect();
+    let keys: Vec<aws_sdk_ec2::types::Tag> = tags
+        .iter()
+        .filter(|(k, _)| k != "ManagedBy")
+        .map(|(k, _)| aws_sdk_ec2::types::Tag::builder().key(k).build())
+        .collect();
     ec2.delete_tags().resources(&ami).set_tags(Some(keys)).send().await.unwrap();
-    assert!(tags_of_image(&world, "first", "us-east-1", &ami).await.is_empty());
+    assert_eq!(tags_of_image(&world, "first", "us-east-1", &ami).await.len(), 1);
     let (code, again) = p.publish("apps/own", "1", &target);
     assert_eq!(code, 0, "{again:#?}");
     assert_eq!(again.targets[0].ami_id.as_deref(), Some(ami.as_str()), "adopted, not a second AMI");
