@@ -635,41 +635,6 @@ async fn a_pending_ami_of_the_leaf_that_then_fails_is_deregistered_and_made_agai
     assert_eq!(ids.len(), 1, "{ids:?}");
 }
 
-/// An AMI registered by hand (as an earlier run left it, when `tags` hold
-/// ManagedBy=ami-fleet), named `name` and tagged with `tags`, of a new
-/// empty volume's snapshot in `zone`.
-async fn register_by_hand(ec2: &aws_sdk_ec2::Client, zone: &str, name: &str, tags: &[(&str, &str)]) -> String {
-    let vol = ec2.create_volume().availability_zone(zone).size(1).send().await.unwrap();
-    let snap = loop {
-        match ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await {
-            Ok(s) => break s.snapshot_id().unwrap().to_owned(),
-            Err(e) if e.code() == Some("IncorrectState") => {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await
-            }
-            Err(e) => panic!("{e:?}"),
-        }
-    };
-    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
-        .device_name("/dev/xvda")
-        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
-        .build();
-    let mut spec =
-        aws_sdk_ec2::types::TagSpecification::builder().resource_type(aws_sdk_ec2::types::ResourceType::Image);
-    for (k, v) in tags {
-        spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
-    }
-    let ami = ec2
-        .register_image()
-        .name(name)
-        .root_device_name("/dev/xvda")
-        .block_device_mappings(root)
-        .tag_specifications(spec.build())
-        .send()
-        .await
-        .unwrap();
-    ami.image_id().unwrap().to_owned()
-}
-
 /// EC2's tags are eventually consistent: a `set-exclusive-tags` run right
 /// after another (a pipeline that tags leaf 1 and then leaf 2, or a re-run)
 /// does not see the tag the first run set. The key still ends on leaf 2's

@@ -428,3 +428,41 @@ async fn operations_refuse_bad_arguments_before_any_aws_call() {
     // `first,*` would have asked DescribeRegions.
     assert_eq!(world.api_calls("ami-publisher"), Default::default(), "refused arguments made AWS calls");
 }
+
+/// With the shipped IAM policy enforced in the world (the default), `expire`
+/// and `delete` pointed at an AMI ami-publisher did not make (no
+/// ManagedBy=ami-fleet: found by its ExpiresAt, or named in a results file
+/// edited by hand) are refused by EC2, say why, and leave it.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_tool_did_not_make_is_refused_by_iam_and_left_alone() {
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let config = world.sdk_config_as("tester", "first", "us-east-1").await.unwrap();
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let tags = [("ImageStream", "s/foreign"), ("ImageLeaf", "1"), ("ExpiresAt", "2001-01-01T00:00:00Z")];
+    let foreign = register_by_hand(&ec2, "us-east-1a", "someone-elses", &tags).await;
+    let still_there = || async {
+        let out = ec2.describe_images().image_ids(&foreign).send().await.unwrap();
+        out.images().len() == 1
+    };
+
+    let refused = |out: std::process::Output, what: &str| {
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{what}: {text}");
+        assert!(text.contains("UnauthorizedOperation") && text.contains(&foreign), "{what}: {text}");
+        assert!(text.contains("was not made by ami-publisher"), "{what}: {text}");
+    };
+    refused(p.run(&["--targets", "first,us-east-1", "expire"]), "expire");
+    assert!(still_there().await, "expire left it");
+
+    // A results file of a real publish, edited to name the foreign AMI.
+    add_image(&world, "s/mine", "1", &disk(4 * MIB, 5)).await;
+    let (code, r) = p.publish("s/mine", "1", &["--targets", "first,us-east-1"]);
+    assert_eq!(code, 0, "{r:#?}");
+    let mine = r.targets[0].ami_id.clone().unwrap();
+    let edited = world.path("edited.json");
+    let text = serde_json::to_string(&r).unwrap().replace(&mine, &foreign);
+    std::fs::write(&edited, text).unwrap();
+    refused(p.run(&["delete", edited.to_str().unwrap()]), "delete");
+    assert!(still_there().await, "delete left it");
+}

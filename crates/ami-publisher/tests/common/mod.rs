@@ -166,3 +166,38 @@ pub async fn root_snapshot_of(world: &World, account: &str, region: &str, ami: &
 pub async fn assert_snapshot_holds(world: &World, snapshot: &str, image: &std::path::Path) {
     world.check_snapshot(snapshot, image, Duration::from_secs(30)).await.unwrap();
 }
+
+/// An AMI registered by hand (as an earlier run left it, when `tags` hold
+/// ManagedBy=ami-fleet), named `name` and tagged with `tags`, of a new
+/// empty volume's snapshot in `zone`.
+pub async fn register_by_hand(ec2: &aws_sdk_ec2::Client, zone: &str, name: &str, tags: &[(&str, &str)]) -> String {
+    let vol = ec2.create_volume().availability_zone(zone).size(1).send().await.unwrap();
+    let snap = loop {
+        match ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await {
+            Ok(s) => break s.snapshot_id().unwrap().to_owned(),
+            Err(e) if aws_sdk_ec2::error::ProvideErrorMetadata::code(&e) == Some("IncorrectState") => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
+        .build();
+    let mut spec =
+        aws_sdk_ec2::types::TagSpecification::builder().resource_type(aws_sdk_ec2::types::ResourceType::Image);
+    for (k, v) in tags {
+        spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
+    }
+    let ami = ec2
+        .register_image()
+        .name(name)
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(root)
+        .tag_specifications(spec.build())
+        .send()
+        .await
+        .unwrap();
+    ami.image_id().unwrap().to_owned()
+}
