@@ -84,7 +84,7 @@ pub const WORLD_VARIABLES: [&str; 5] =
 /// `LOCAL_WORLD_IAM=off`.
 const PUBLISHER_POLICY: &str = include_str!("../../../deploy/ami-publisher-iam-policy.json");
 /// `LOCAL_WORLD_IAM` when neither the plan nor the process sets it.
-pub const IAM_DEFAULT: &str = "enforce";
+pub(crate) const IAM_DEFAULT: &str = "enforce";
 
 /// Whether the world enforces the publisher's IAM policy.
 fn enforces_iam(vars: &[(String, String)]) -> anyhow::Result<bool> {
