@@ -40,8 +40,43 @@ fn created(sid: &str, actions: &[&str], resource: &str) -> Value {
     })
 }
 
-/// The policy for unpacker instances tagged `Name=<instance_name>`.
-pub fn publisher_policy(instance_name: &str) -> Value {
+/// What a customer managed KMS key (`--kms-key-id`) needs the caller to be
+/// allowed, only through EC2 (`kms:ViaService`): EBS asks KMS on the
+/// caller's behalf for a data key and a grant for each encrypted volume,
+/// snapshot copy and AMI copy ("Amazon EBS encryption", permissions for
+/// IAM users). An alias is matched by `kms:ResourceAliases`; the default
+/// key aws/ebs needs nothing here (its key policy allows EBS's callers).
+fn key_statement(key: &str) -> Value {
+    let via_ec2 = json!({ "StringLike": { "kms:ViaService": "ec2.*.amazonaws.com" } });
+    let (resource, condition) = if key.starts_with("arn:aws:kms:") && key.contains(":alias/") {
+        let alias = &key[key.find("alias/").unwrap_or(0)..];
+        ("arn:aws:kms:*:*:key/*".to_owned(), Some(alias.to_owned()))
+    } else if key.starts_with("arn:") {
+        (key.to_owned(), None)
+    } else if key.starts_with("alias/") {
+        ("arn:aws:kms:*:*:key/*".to_owned(), Some(key.to_owned()))
+    } else {
+        (format!("arn:aws:kms:*:*:key/{key}"), None)
+    };
+    let mut condition_block = via_ec2;
+    if let Some(alias) = condition {
+        condition_block["ForAnyValue:StringEquals"] = json!({ "kms:ResourceAliases": alias });
+    }
+    json!({
+        "Sid": "EncryptWithTheConfiguredKey",
+        "Effect": "Allow",
+        "Action": [
+            "kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
+            "kms:ReEncryptFrom", "kms:ReEncryptTo"
+        ],
+        "Resource": resource,
+        "Condition": condition_block
+    })
+}
+
+/// The policy for unpacker instances tagged `Name=<instance_name>`, and
+/// the customer managed key `kms_key`, if one is used.
+pub fn publisher_policy(instance_name: &str, kms_key: Option<&str>) -> Value {
     let ours = json!({ "StringEquals": { format!("aws:ResourceTag/{MANAGED_BY}"): MANAGED_BY_VALUE } });
     let (volume, snapshot, image, instance, key_pair) = (
         "arn:aws:ec2:*:*:volume/*",
@@ -50,7 +85,7 @@ pub fn publisher_policy(instance_name: &str) -> Value {
         "arn:aws:ec2:*:*:instance/*",
         "arn:aws:ec2:*:*:key-pair/*",
     );
-    json!({
+    let mut policy = json!({
         "Version": "2012-10-17",
         "Statement": [
             {
@@ -119,7 +154,11 @@ pub fn publisher_policy(instance_name: &str) -> Value {
                 "Condition": { "StringEquals": { "iam:PassedToService": "ec2.amazonaws.com" } }
             }
         ]
-    })
+    });
+    if let (Some(key), Some(statements)) = (kms_key, policy["Statement"].as_array_mut()) {
+        statements.push(key_statement(key));
+    }
+    policy
 }
 
 #[cfg(test)]
@@ -132,8 +171,34 @@ mod tests {
         let shipped: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(
             shipped,
-            publisher_policy("ImageUnpacker"),
+            publisher_policy("ImageUnpacker", None),
             "deploy/ami-publisher-iam-policy.json is `ami-publisher iam-policy` (write it again from that)"
+        );
+    }
+
+    #[test]
+    fn a_configured_key_is_allowed_only_through_ec2() {
+        let statement = |key: &str| {
+            let p = publisher_policy("U", Some(key));
+            p["Statement"].as_array().unwrap().last().unwrap().clone()
+        };
+        let arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        let s = statement(arn);
+        assert_eq!(s["Resource"], arn);
+        assert_eq!(s["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com");
+        assert!(s["Condition"].get("ForAnyValue:StringEquals").is_none());
+        let s = statement("alias/images");
+        assert_eq!(s["Resource"], "arn:aws:kms:*:*:key/*");
+        assert_eq!(s["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"], "alias/images");
+        let s = statement("arn:aws:kms:eu-west-1:123456789012:alias/images");
+        assert_eq!(s["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"], "alias/images");
+        assert_eq!(statement("1234abcd")["Resource"], "arn:aws:kms:*:*:key/1234abcd");
+        assert!(
+            publisher_policy("U", None)["Statement"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["Sid"] != "EncryptWithTheConfiguredKey")
         );
     }
 }

@@ -466,3 +466,26 @@ async fn what_the_tool_did_not_make_is_refused_by_iam_and_left_alone() {
     refused(p.run(&["delete", edited.to_str().unwrap()]), "delete");
     assert!(still_there().await, "delete left it");
 }
+
+/// `ami-publisher iam-policy` prints the policy deploy/ ships (with the
+/// default options), as JSON, without any AWS call or configuration.
+#[test]
+fn the_printed_iam_policy_is_the_one_in_deploy() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"))
+        .arg("iam-policy")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ami-publisher-iam-policy.json");
+    let shipped: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(printed, shipped);
+    let other = std::process::Command::new(env!("CARGO_BIN_EXE_ami-publisher"))
+        .args(["--instance-name", "Unpacker2", "iam-policy"])
+        .output()
+        .unwrap();
+    let other: Value = serde_json::from_slice(&other.stdout).unwrap();
+    assert!(other.to_string().contains("\"aws:ResourceTag/Name\":\"Unpacker2\""), "{other}");
+}

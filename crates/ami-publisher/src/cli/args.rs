@@ -189,9 +189,10 @@ pub enum Command {
     /// Import an SSH public key as key pair NAME into every target.
     ImportKeyPair { name: String, pubkey_file: PathBuf },
     /// Print the IAM policy this tool needs, for the unpackers named by
-    /// --instance-name: reads anywhere; creates only with the tag
-    /// ManagedBy=ami-fleet in the same call; changes and deletes only of
-    /// what carries that tag (and of the unpacker instances). Calls no AWS.
+    /// --instance-name and the key of --kms-key-id: reads anywhere; creates
+    /// only with the tag ManagedBy=ami-fleet in the same call; changes and
+    /// deletes only of what carries that tag (and of the unpacker
+    /// instances); the key only through EC2. Calls no AWS.
     IamPolicy,
     /// Launch an instance from BOOT_IMAGE (an AMI id, or the newest AMI of
     /// that stream) in every target, tagged Name=--instance-name; with

@@ -40,7 +40,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         return run_publish(&cli, stream, leaf, *force).await;
     }
     if let Command::IamPolicy = &cli.command {
-        let policy = crate::policy::publisher_policy(&cli.instance_name);
+        let policy = crate::policy::publisher_policy(&cli.instance_name, cli.kms_key_id.as_deref());
         println!("{}", serde_json::to_string_pretty(&policy)?);
         return Ok(Outcome::AllSucceeded);
     }
