@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use aws_sdk_ec2::error::ProvideErrorMetadata as _;
 use common::*;
 use local_world::{Plan, World};
 
