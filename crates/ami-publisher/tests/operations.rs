@@ -454,6 +454,37 @@ async fn what_the_tool_did_not_make_is_refused_by_iam_and_left_alone() {
     };
     refused(p.run(&["--targets", "first,us-east-1", "expire"]), "expire");
     assert!(still_there().await, "expire left it");
+    refused(
+        p.run(&["--targets", "first,us-east-1", "delete-unused-images", "--search-tags", "ImageStream=s/foreign"]),
+        "delete-unused-images",
+    );
+    assert!(still_there().await, "delete-unused-images left it");
+
+    // A volume someone else made, expired by its tag: expire is refused on
+    // it too and leaves it. (The AMI's ExpiresAt goes first: expire stops a
+    // target at its first refusal.)
+    let expiry = aws_sdk_ec2::types::Tag::builder().key("ExpiresAt").build();
+    ec2.delete_tags().resources(&foreign).tags(expiry).send().await.unwrap();
+    let expired = aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(aws_sdk_ec2::types::ResourceType::Volume)
+        .tags(aws_sdk_ec2::types::Tag::builder().key("ExpiresAt").value("2001-01-01T00:00:00Z").build())
+        .build();
+    let vol = ec2.create_volume().availability_zone("us-east-1a").size(1).tag_specifications(expired).send().await;
+    let vol = vol.unwrap().volume_id().unwrap().to_owned();
+    let out = p.run(&["--targets", "first,us-east-1", "expire"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains(&vol) && text.contains("UnauthorizedOperation"), "{text}");
+    assert_eq!(ec2.describe_volumes().volume_ids(&vol).send().await.unwrap().volumes().len(), 1);
+
+    // The world's unpacker instances were not launched by ami-publisher:
+    // terminate-instances is refused and they keep running.
+    let out = p.run(&["--targets", "first,us-east-1", "terminate-instances"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("UnauthorizedOperation"), "{text}");
+    let unpacker = &world.targets[0].instance_id;
+    let d = ec2.describe_instances().instance_ids(unpacker).send().await.unwrap();
+    let state = d.reservations()[0].instances()[0].state().and_then(|s| s.name()).map(|n| n.as_str().to_owned());
+    assert_eq!(state.as_deref(), Some("running"));
 
     // A results file of a real publish, edited to name the foreign AMI.
     add_image(&world, "s/mine", "1", &disk(4 * MIB, 5)).await;
