@@ -429,60 +429,49 @@ async fn operations_refuse_bad_arguments_before_any_aws_call() {
     assert_eq!(world.api_calls("ami-publisher"), Default::default(), "refused arguments made AWS calls");
 }
 
-/// With the shipped IAM policy enforced in the world (the default), `expire`
-/// and `delete` pointed at an AMI ami-publisher did not make (no
-/// ManagedBy=ami-fleet: found by its ExpiresAt, or named in a results file
-/// edited by hand) are refused by EC2, say why, and leave it.
-#[tokio::test(flavor = "multi_thread")]
-async fn what_the_tool_did_not_make_is_refused_by_iam_and_left_alone() {
-    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
-    let p = Publisher::new(&world);
-    let config = world.sdk_config_as("tester", "first", "us-east-1").await.unwrap();
-    let ec2 = aws_sdk_ec2::Client::new(&config);
+/// An AMI, and a volume, that someone else made (no ManagedBy), each
+/// tagged as expired long ago; made with the world's own client, which
+/// neither faults nor IAM touch.
+async fn foreign_expired(world: &World) -> (aws_sdk_ec2::Client, String, String) {
+    let ec2 = world.ec2("first", "us-east-1").await;
     let tags = [("ImageStream", "s/foreign"), ("ImageLeaf", "1"), ("ExpiresAt", "2001-01-01T00:00:00Z")];
-    let foreign = register_by_hand(&ec2, "us-east-1a", "someone-elses", &tags).await;
-    let still_there = || async {
-        let out = ec2.describe_images().image_ids(&foreign).send().await.unwrap();
-        out.images().len() == 1
-    };
-
-    let refused = |out: std::process::Output, what: &str| {
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(!out.status.success(), "{what}: {text}");
-        assert!(text.contains("UnauthorizedOperation") && text.contains(&foreign), "{what}: {text}");
-        assert!(text.contains("was not made by ami-publisher"), "{what}: {text}");
-    };
-    refused(p.run(&["--targets", "first,us-east-1", "expire"]), "expire");
-    assert!(still_there().await, "expire left it");
-    refused(
-        p.run(&["--targets", "first,us-east-1", "delete-unused-images", "--search-tags", "ImageStream=s/foreign"]),
-        "delete-unused-images",
-    );
-    assert!(still_there().await, "delete-unused-images left it");
-
-    // A volume someone else made, expired by its tag: expire is refused on
-    // it too and leaves it. (The AMI's ExpiresAt goes first: expire stops a
-    // target at its first refusal.)
-    let expiry = aws_sdk_ec2::types::Tag::builder().key("ExpiresAt").build();
-    ec2.delete_tags().resources(&foreign).tags(expiry).send().await.unwrap();
+    let ami = register_by_hand(&ec2, "us-east-1a", "someone-elses", &tags).await;
     let expired = aws_sdk_ec2::types::TagSpecification::builder()
         .resource_type(aws_sdk_ec2::types::ResourceType::Volume)
         .tags(aws_sdk_ec2::types::Tag::builder().key("ExpiresAt").value("2001-01-01T00:00:00Z").build())
         .build();
     let vol = ec2.create_volume().availability_zone("us-east-1a").size(1).tag_specifications(expired).send().await;
     let vol = vol.unwrap().volume_id().unwrap().to_owned();
-    let out = p.run(&["--targets", "first,us-east-1", "expire"]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success() && text.contains(&vol) && text.contains("UnauthorizedOperation"), "{text}");
-    assert_eq!(ec2.describe_volumes().volume_ids(&vol).send().await.unwrap().volumes().len(), 1);
+    (ec2, ami, vol)
+}
 
-    // The world's unpacker instances were not launched by ami-publisher:
-    // terminate-instances is refused and they keep running.
-    let out = p.run(&["--targets", "first,us-east-1", "terminate-instances"]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success() && text.contains("UnauthorizedOperation"), "{text}");
-    let unpacker = &world.targets[0].instance_id;
-    let d = ec2.describe_instances().instance_ids(unpacker).send().await.unwrap();
+/// With the shipped IAM policy enforced in the world (the default),
+/// `delete-unused-images` (a broad search), `delete` (a results file
+/// edited by hand) and `terminate-instances` (the world's unpackers, which
+/// ami-publisher did not launch) pointed at what ami-publisher did not make
+/// are refused by EC2, say why, and leave it.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_tool_did_not_make_is_refused_by_iam_and_left_alone() {
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let (ec2, foreign, _) = foreign_expired(&world).await;
+    let still_there = || async {
+        let out = ec2.describe_images().image_ids(&foreign).send().await.unwrap();
+        out.images().len() == 1
+    };
+    let refused = |out: std::process::Output, what: &str, resource: &str| {
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{what}: {text}");
+        assert!(text.contains("UnauthorizedOperation") && text.contains(resource), "{what}: {text}");
+        assert!(text.contains("was not made by ami-publisher"), "{what}: {text}");
+    };
+    let search = ["--targets", "first,us-east-1", "delete-unused-images", "--search-tags", "ImageStream=s/foreign"];
+    refused(p.run(&search), "delete-unused-images", &foreign);
+    assert!(still_there().await, "delete-unused-images left it");
+
+    let unpacker = world.targets[0].instance_id.clone();
+    refused(p.run(&["--targets", "first,us-east-1", "terminate-instances"]), "terminate-instances", &unpacker);
+    let d = ec2.describe_instances().instance_ids(&unpacker).send().await.unwrap();
     let state = d.reservations()[0].instances()[0].state().and_then(|s| s.name()).map(|n| n.as_str().to_owned());
     assert_eq!(state.as_deref(), Some("running"));
 
@@ -494,10 +483,29 @@ async fn what_the_tool_did_not_make_is_refused_by_iam_and_left_alone() {
     let edited = world.path("edited.json");
     let text = serde_json::to_string(&r).unwrap().replace(&mine, &foreign);
     std::fs::write(&edited, text).unwrap();
-    refused(p.run(&["delete", edited.to_str().unwrap()]), "delete");
+    refused(p.run(&["delete", edited.to_str().unwrap()]), "delete", &foreign);
     assert!(still_there().await, "delete left it");
 }
 
+/// `expire` acts only on what ami-publisher made: an expired AMI and
+/// volume without ManagedBy=ami-fleet are listed as kept and left, whether
+/// or not IAM would refuse them (here it is off), and the run succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn expire_leaves_what_the_tool_did_not_make_even_where_iam_would_allow_it() {
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"]).iam("off")).await.unwrap();
+    let p = Publisher::new(&world);
+    let (ec2, ami, vol) = foreign_expired(&world).await;
+    let out = p.run(&["--targets", "first,us-east-1", "--json", "expire"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = records(&json_of(&out));
+    for id in [&ami, &vol] {
+        let row = rows.iter().find(|r| r["resource"] == id.as_str()).unwrap_or_else(|| panic!("{id}: {rows:?}"));
+        assert_eq!(row["action"], "kept", "{row}");
+        assert!(row["detail"].as_str().unwrap().contains("not made by ami-publisher"), "{row}");
+    }
+    assert_eq!(ec2.describe_images().image_ids(&ami).send().await.unwrap().images().len(), 1);
+    assert_eq!(ec2.describe_volumes().volume_ids(&vol).send().await.unwrap().volumes().len(), 1);
+}
 /// `ami-publisher iam-policy` prints the policy deploy/ ships (with the
 /// default options), as JSON, without any AWS call or configuration.
 #[test]

@@ -953,6 +953,17 @@ def _unauthorized(response, service, action, app, params, account, region):
     backend = response.ec2_backend
 
     def resource_tags(resource_id):
+        # None for a resource that does not exist (any more): EC2 answers
+        # its NotFound then, as to a call IAM allowed.
+        stores = {"vol-": backend.volumes, "snap-": backend.snapshots, "ami-": backend.amis}
+        store = next((v for k, v in stores.items() if resource_id.startswith(k)), None)
+        if store is not None and resource_id not in store:
+            return None
+        if resource_id.startswith("i-"):
+            try:
+                backend.get_instance(resource_id)
+            except Exception:
+                return None
         return dict(backend.tags.get(resource_id, {}))
 
     def attached_instance(volume_id):

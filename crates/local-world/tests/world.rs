@@ -95,7 +95,7 @@ fn the_iam_evaluator_passes_its_own_tests() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && report.contains("\nOK"), "{report}");
-    assert!(report.contains("Ran 18 tests"), "{report}");
+    assert!(report.contains("Ran 19 tests"), "{report}");
 }
 
 /// With the shipped policy enforced (the default), ami-publisher may not

@@ -183,8 +183,10 @@ pub enum Command {
         #[arg(value_name = "KEY")]
         tag_key: String,
     },
-    /// Delete every AMI, snapshot, volume and instance whose ExpiresAt tag is
-    /// in the past (one "now" for all targets); an AMI's snapshots go with it.
+    /// Delete every AMI, snapshot, volume and instance ami-publisher made
+    /// (tagged ManagedBy=ami-fleet) whose ExpiresAt tag is in the past (one
+    /// "now" for all targets); an AMI's snapshots go with it. Expired
+    /// resources it did not make are listed as kept and left alone.
     Expire,
     /// Import an SSH public key as key pair NAME into every target.
     ImportKeyPair { name: String, pubkey_file: PathBuf },

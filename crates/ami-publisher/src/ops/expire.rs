@@ -1,4 +1,5 @@
-//! `expire`: everything this tool made whose `ExpiresAt` tag has passed.
+//! `expire`: everything this tool made (`ManagedBy=ami-fleet`) whose
+//! `ExpiresAt` tag has passed.
 
 use std::time::SystemTime;
 
@@ -23,6 +24,21 @@ fn expired(tags: &[Tag], now: SystemTime) -> Option<bool> {
     }
 }
 
+/// Whether a resource is this tool's to expire now: its ExpiresAt has
+/// passed and it carries `ManagedBy=ami-fleet`. One that has expired but was
+/// not made by ami-publisher is reported kept and left alone: the IAM policy
+/// would refuse it, and that refusal would stop the target's cleanup.
+fn due(tags: &[Tag], now: SystemTime, id: &str, out: &mut Vec<Acted>) -> bool {
+    if expired(tags, now) != Some(true) {
+        return false;
+    }
+    if tags::value(tags, tags::MANAGED_BY) != Some(tags::MANAGED_BY_VALUE) {
+        out.push(Acted::kept(id, "expired, but not made by ami-publisher (no ManagedBy=ami-fleet): left alone"));
+        return false;
+    }
+    true
+}
+
 /// `expire`: delete every AMI, snapshot, volume and instance whose ExpiresAt
 /// is in the past (one `now` for all targets). An AMI's snapshots go with it.
 pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
@@ -34,7 +50,7 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
         let mut gone_snapshots = Vec::new();
         for img in images.images() {
             let Some(id) = img.image_id() else { continue };
-            if expired(img.tags(), now) != Some(true) {
+            if !due(img.tags(), now, id, &mut out) {
                 continue;
             }
             let snaps: Vec<String> = img
@@ -52,7 +68,7 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
             ec2.describe_snapshots().owner_ids("self").filters(has_expiry()).send().await.sdk("DescribeSnapshots")?;
         for s in snaps.snapshots() {
             let Some(id) = s.snapshot_id() else { continue };
-            if expired(s.tags(), now) != Some(true) || gone_snapshots.iter().any(|g| g == id) {
+            if gone_snapshots.iter().any(|g| g == id) || !due(s.tags(), now, id, &mut out) {
                 continue;
             }
             if let Some(row) = ctx.would("delete", id, "snapshot") {
@@ -75,7 +91,7 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
         let vols = ec2.describe_volumes().filters(has_expiry()).send().await.sdk("DescribeVolumes")?;
         for v in vols.volumes() {
             let Some(id) = v.volume_id() else { continue };
-            if expired(v.tags(), now) != Some(true) {
+            if !due(v.tags(), now, id, &mut out) {
                 continue;
             }
             let attached = v.attachments().iter().find_map(|a| a.instance_id());
@@ -105,7 +121,7 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
             .sdk("DescribeInstances")?;
         for i in insts.reservations().iter().flat_map(|r| r.instances()) {
             let Some(id) = i.instance_id() else { continue };
-            if expired(i.tags(), now) != Some(true) {
+            if !due(i.tags(), now, id, &mut out) {
                 continue;
             }
             out.push(ctx.act("terminate", id, "instance", || terminate(ec2, id)).await?);

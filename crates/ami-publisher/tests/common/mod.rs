@@ -175,7 +175,13 @@ pub async fn register_by_hand(ec2: &aws_sdk_ec2::Client, zone: &str, name: &str,
     let snap = loop {
         match ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await {
             Ok(s) => break s.snapshot_id().unwrap().to_owned(),
-            Err(e) if aws_sdk_ec2::error::ProvideErrorMetadata::code(&e) == Some("IncorrectState") => {
+            // Not available yet, or not known yet (a lagging world).
+            Err(e)
+                if matches!(
+                    aws_sdk_ec2::error::ProvideErrorMetadata::code(&e),
+                    Some("IncorrectState" | "InvalidVolume.NotFound")
+                ) =>
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await
             }
             Err(e) => panic!("{e:?}"),

@@ -34,6 +34,12 @@
 #   authorized to perform this operation." (EC2 adds an encoded message
 #   that sts:DecodeAuthorizationMessage reads; here its plain form follows).
 #
+# A resource a call names that does not exist (any more) is not authorized
+# on: EC2 answers its NotFound error, as it does to a caller whose policy
+# allows the call (the world's assumption: EC2's documentation does not say
+# which answer comes first; a tool that retries a delete whose answer was
+# lost must be told "gone", and is, on the unscoped policies it replaces).
+#
 # Not modelled: policies other than the tool's identity policy (SCPs,
 # permission boundaries, session policies, resource policies, KMS key
 # policies), iam:PassRole (an IAM action, not an EC2 one), and condition
@@ -260,8 +266,14 @@ class Request:
 
     def existing(self, resource_id, kind=None, extra=None):
         kind = kind or _kind_of(resource_id) or "unknown"
+        tags = self.resource_tags(resource_id)
+        if tags is None:
+            # No such resource (or no longer): EC2 answers its NotFound, so
+            # that a retried delete of what is gone is told "gone", not
+            # "refused".
+            return
         context = dict(self.context)
-        for k, v in self.resource_tags(resource_id).items():
+        for k, v in tags.items():
             context[f"aws:resourcetag/{k}".lower()] = v
             context[f"ec2:resourcetag/{k}".lower()] = v
         context.update(extra or {})

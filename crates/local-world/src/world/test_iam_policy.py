@@ -74,6 +74,11 @@ class Tags(unittest.TestCase):
         p = policy(allow("ec2:DeleteSnapshot", "*", {"StringEquals": {"aws:resourcetag/managedby": "ami-fleet"}}))
         self.assertIsNone(refusal(p, "DeleteSnapshot", {"SnapshotId": ["snap-1"]}, {"snap-1": OURS}))
 
+    def test_a_resource_that_does_not_exist_is_left_to_its_not_found(self):
+        gone = lambda r: None  # noqa: E731
+        r = iam.refusal(self.p, "DeleteSnapshot", {"SnapshotId": ["snap-1"]}, ACCOUNT, REGION, gone)
+        self.assertIsNone(r)
+
     def test_every_resource_of_a_call_must_be_allowed(self):
         p = policy(allow(["ec2:CreateTags"], "*", ONLY_OURS))
         params = {"ResourceId.1": ["snap-1"], "ResourceId.2": ["ami-2"], "Tag.1.Key": ["K"], "Tag.1.Value": ["v"]}
