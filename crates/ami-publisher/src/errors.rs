@@ -119,3 +119,51 @@ fn hint(code: &str) -> &'static str {
         ""
     }
 }
+
+/// The first EC2 resource id (`ami-`, `snap-`, `vol-`, `i-` and hex) in
+/// `text`.
+fn resource_id_in(text: &str) -> Option<&str> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).find(|w| {
+        ["ami-", "snap-", "vol-", "i-"]
+            .iter()
+            .any(|p| w.strip_prefix(p).is_some_and(|hex| hex.len() >= 8 && hex.chars().all(|c| c.is_ascii_hexdigit())))
+    })
+}
+
+/// For a target that failed with `UnauthorizedOperation`: the likely cause,
+/// from the tags of the first resource the error names (DescribeTags, which
+/// the policy allows everywhere): it does not carry `ManagedBy=ami-fleet`
+/// (not made by ami-publisher), carries another `ManagedBy`, or carries
+/// ours (then the policy in use is not the one the tool prints).
+pub async fn unauthorized_cause(ec2: &aws_sdk_ec2::Client, error: &str) -> Option<String> {
+    if !error.contains("UnauthorizedOperation") {
+        return None;
+    }
+    let id = resource_id_in(error)?;
+    let out = ec2.describe_tags().filters(crate::tags::filter("resource-id", id)).send().await.ok()?;
+    let managed = out.tags().iter().find(|t| t.key() == Some(crate::tags::MANAGED_BY)).and_then(|t| t.value());
+    Some(match managed {
+        Some(crate::tags::MANAGED_BY_VALUE) => format!(
+            "{id} carries ManagedBy=ami-fleet, so the IAM policy in use is not the one `ami-publisher iam-policy` \
+             prints for these options"
+        ),
+        Some(other) => format!("{id} carries ManagedBy={other}: another tool made it, not ami-publisher"),
+        None => format!("{id} does not carry the tag ManagedBy=ami-fleet: it was not made by ami-publisher"),
+    })
+}
+
+#[cfg(test)]
+mod cause_tests {
+    use super::resource_id_in;
+
+    #[test]
+    fn the_first_resource_id_of_a_message_is_found() {
+        assert_eq!(resource_id_in("DeregisterImage ami-0123abcd: Unauthorized"), Some("ami-0123abcd"));
+        assert_eq!(
+            resource_id_in("on resource: arn:aws:ec2:us-east-1::snapshot/snap-0123456789abcdef0 because"),
+            Some("snap-0123456789abcdef0")
+        );
+        assert_eq!(resource_id_in("instance/i-0aa11bb22cc33dd44."), Some("i-0aa11bb22cc33dd44"));
+        assert_eq!(resource_id_in("ami-fleet and vol-xyz and i-12"), None);
+    }
+}

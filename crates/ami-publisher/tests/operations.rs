@@ -464,6 +464,8 @@ async fn what_the_tool_did_not_make_is_refused_by_iam_and_left_alone() {
         assert!(!out.status.success(), "{what}: {text}");
         assert!(text.contains("UnauthorizedOperation") && text.contains(resource), "{what}: {text}");
         assert!(text.contains("was not made by ami-publisher"), "{what}: {text}");
+        let cause = format!("likely cause: {resource} does not carry the tag ManagedBy=ami-fleet");
+        assert!(text.contains(&cause), "{what}: {text}");
     };
     let search = ["--targets", "first,us-east-1", "delete-unused-images", "--search-tags", "ImageStream=s/foreign"];
     refused(p.run(&search), "delete-unused-images", &foreign);

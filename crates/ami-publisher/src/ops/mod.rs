@@ -76,16 +76,15 @@ impl Ctx<'_> {
         let f = &f;
         crate::fanout(&self.targets, self.max_concurrency, |t| async move {
             let ec2 = self.aws.ec2(&t).await;
-            let r = f(ec2, t.clone()).await;
-            if let Err(e) = &r {
-                tracing::error!(error = %format!("{e:#}"), "target failed");
+            let r = f(ec2.clone(), t.clone()).await;
+            let mut error = r.as_ref().err().map(|e| format!("{e:#}"));
+            if let Some(e) = &mut error {
+                if let Some(cause) = crate::errors::unauthorized_cause(&ec2, e).await {
+                    *e = format!("{e}; likely cause: {cause}");
+                }
+                tracing::error!(error = %e, "target failed");
             }
-            Report {
-                account: t.account.clone(),
-                region: t.region.clone(),
-                error: r.as_ref().err().map(|e| format!("{e:#}")),
-                records: r.unwrap_or_default(),
-            }
+            Report { account: t.account.clone(), region: t.region.clone(), error, records: r.unwrap_or_default() }
         })
         .await
     }

@@ -110,7 +110,12 @@ pub async fn publish(
     let results = crate::fanout(targets, max_concurrency, |t| async move {
         let line = board.line(&t.to_string());
         let ec2 = aws.ec2(&t).await;
-        let r = publish_one(&ec2, &t, opts, &line).await;
+        let mut r = publish_one(&ec2, &t, opts, &line).await;
+        if let Some(e) = &mut r.error
+            && let Some(cause) = crate::errors::unauthorized_cause(&ec2, e).await
+        {
+            *e = format!("{e}; likely cause: {cause}");
+        }
         match &r.error {
             None if r.skipped => line.finish("skipped: no unpacker"),
             None => line.finish(format!(
