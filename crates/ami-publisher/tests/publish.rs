@@ -59,6 +59,13 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
         assert!(tags.iter().any(|(k, _)| k == "ExpiresAt"), "{ami} has no ExpiresAt: {tags:?}");
         // The unpacker volume is encrypted and stays attached for the next leaf.
         let ec2 = world.ec2(&t.account, &t.region).await;
+        // Registered as asked: IMDSv2 required (the default), ENA not
+        // claimed (--ena-support not given); the world keeps and describes
+        // what RegisterImage was given.
+        let d = ec2.describe_images().image_ids(ami).send().await.unwrap();
+        let img = &d.images()[0];
+        assert_eq!(img.ena_support(), Some(false), "{ami}");
+        assert_eq!(img.imds_support(), Some(&aws_sdk_ec2::types::ImdsSupportValues::V20), "{ami}");
         let v = ec2.describe_volumes().volume_ids(t.volume_id.as_deref().unwrap()).send().await.unwrap();
         assert_eq!(v.volumes()[0].encrypted(), Some(true));
         // The fresh volume needed every non-zero chunk and nothing more.

@@ -192,6 +192,12 @@ def _clean_mapping(m):
 
 _register_response = amis_responses.AmisResponse.register_image
 
+# 11. What RegisterImage is given is kept and described (world/image_attributes.py).
+from moto.ec2.models.amis import AmiBackend as _AmiBackend
+from world import image_attributes
+
+image_attributes.install(_AmiBackend)
+
 
 def _refuse_taken_name(backend, name):
     for ami in backend.amis.values():
@@ -222,6 +228,7 @@ def register_image(self):
             setattr(ami, attr, value)
     if raw:
         _adopt_snapshots(self.ec2_backend, ami, [_clean_mapping(m) for m in raw])
+    image_attributes.keep(ami, self._get_param)
     tags = self._parse_tag_specification().get("image", {})
     if tags:
         ami.add_tags(tags)
@@ -308,6 +315,7 @@ def copy_image(self):
     source_region = self._get_param("SourceRegion")
     source = ec2_backends[self.ec2_backend.account_id][source_region].amis.get(self._get_param("SourceImageId"))
     ami = self.ec2_backend.amis[result.result["ImageId"]]
+    image_attributes.copy(source, ami)
     tag_specs = self._parse_tag_specification()
     tags = tag_specs.get("image", {})
     if tags:

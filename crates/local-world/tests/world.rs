@@ -162,3 +162,60 @@ async fn the_world_enforces_the_publishers_iam_policy() {
     let config = open.sdk_config_as("ami-publisher", &t.account, &t.region).await.unwrap();
     aws_sdk_ec2::Client::new(&config).create_volume().availability_zone(&zone).size(1).send().await.unwrap();
 }
+
+/// RegisterImage's attributes are kept and described, as EC2 does (moto
+/// dropped them, and answered DescribeImageAttribute of tpmSupport with a
+/// 500), and a CopyImage copy has its source's.
+#[tokio::test(flavor = "multi_thread")]
+async fn registered_image_attributes_are_kept_described_and_copied() {
+    use aws_sdk_ec2::types::{
+        BlockDeviceMapping, BootModeValues, EbsBlockDevice, ImageAttributeName, ImdsSupportValues, TpmSupportValues,
+    };
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let vol = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.unwrap();
+    let snap = ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await.unwrap();
+    let root = BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(EbsBlockDevice::builder().snapshot_id(snap.snapshot_id().unwrap()).build())
+        .build();
+    let ami = ec2
+        .register_image()
+        .name("attrs")
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(root)
+        .ena_support(true)
+        .sriov_net_support("simple")
+        .tpm_support(TpmSupportValues::V20)
+        .uefi_data("QU1aTlVFRkk=")
+        .imds_support(ImdsSupportValues::V20)
+        .boot_mode(BootModeValues::Uefi)
+        .send()
+        .await
+        .unwrap();
+    let ami = ami.image_id().unwrap().to_owned();
+    let copy = ec2.copy_image().source_region("us-east-1").source_image_id(&ami).name("attrs-copy").send().await;
+    let copy = copy.unwrap().image_id().unwrap().to_owned();
+    for id in [&ami, &copy] {
+        let d = ec2.describe_images().image_ids(id).send().await.unwrap();
+        let i = &d.images()[0];
+        assert_eq!(i.ena_support(), Some(true), "{id}: {i:?}");
+        assert_eq!(i.sriov_net_support(), Some("simple"), "{id}");
+        assert_eq!(i.tpm_support(), Some(&TpmSupportValues::V20), "{id}");
+        assert_eq!(i.imds_support(), Some(&ImdsSupportValues::V20), "{id}");
+        assert_eq!(i.boot_mode(), Some(&BootModeValues::Uefi), "{id}");
+        let attr = |name: ImageAttributeName| ec2.describe_image_attribute().image_id(id).attribute(name).send();
+        let tpm = attr(ImageAttributeName::TpmSupport).await.unwrap();
+        assert_eq!(tpm.tpm_support().and_then(|v| v.value()), Some("v2.0"), "{id}");
+        let uefi = attr(ImageAttributeName::UefiData).await.unwrap();
+        assert_eq!(uefi.uefi_data().and_then(|v| v.value()), Some("QU1aTlVFRkk="), "{id}");
+        let imds = attr(ImageAttributeName::ImdsSupport).await.unwrap();
+        assert_eq!(imds.imds_support().and_then(|v| v.value()), Some("v2.0"), "{id}");
+    }
+    // An AMI never given TpmSupport answers it empty, not with an error.
+    let plain = ec2.describe_images().owners("amazon").send().await.unwrap();
+    if let Some(base) = plain.images().first().and_then(|i| i.image_id()) {
+        let tpm = ec2.describe_image_attribute().image_id(base).attribute(ImageAttributeName::TpmSupport).send();
+        assert!(tpm.await.unwrap().tpm_support().and_then(|v| v.value()).is_none());
+    }
+}
