@@ -49,16 +49,3 @@ pub fn init_tracing(default_level: &str, json: bool) {
         let _ = builder.try_init();
     }
 }
-
-/// When a command that reached `addr` failed with `message`, and the
-/// message does not already say why: whether the server refuses this
-/// client's certificate (expired, another CA, ...), as a sentence to put
-/// before the message. Under TLS 1.3 the refusal can surface as a bare
-/// "connection was not ready" or "broken pipe"; this asks the server again
-/// (see [`fleet_tls::dial::refusal`]).
-pub async fn refused_certificate(message: &str, addr: &str, tls: &TlsFiles, server_name: &str) -> Option<String> {
-    if fleet_tls::dial::tls_alert_hint(message).is_some() {
-        return None;
-    }
-    fleet_tls::dial::refusal(addr, tls, server_name).await
-}

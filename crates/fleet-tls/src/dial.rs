@@ -126,6 +126,15 @@ pub async fn refusal(addr: &str, tls: &TlsFiles, server_name: &str) -> Option<St
     Some(format!("{server_name} at {addr}: {hint} ({text})"))
 }
 
+/// [`refusal`], for a call that failed with `message`, unless the message
+/// already names the alert (then it says why itself).
+pub async fn unnamed_refusal(message: &str, addr: &str, tls: &TlsFiles, server_name: &str) -> Option<String> {
+    if tls_alert_hint(message).is_some() {
+        return None;
+    }
+    refusal(addr, tls, server_name).await
+}
+
 /// One connection's handshake and first read; the error's text, if any.
 async fn probe(addr: &str, tls: &TlsFiles, server_name: &str) -> Result<(), String> {
     let config = rustls_client_config(tls).map_err(|_| String::new())?;

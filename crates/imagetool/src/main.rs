@@ -160,7 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // Not connected: the error says why (an alert is named there).
         return Err(e);
     }
-    match fleet_cli::refused_certificate(&format!("{e:#}"), &server, &tls, IMAGESERVER_TLS_NAME).await {
+    match fleet_tls::dial::unnamed_refusal(&format!("{e:#}"), &server, &tls, IMAGESERVER_TLS_NAME).await {
         Some(why) => Err(e.context(why)),
         None => Err(e),
     }

@@ -187,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(s) => anyhow::anyhow!("{} ({:?})", dial::describe_status(&s), s.code()),
         Err(e) => e,
     };
-    match fleet_cli::refused_certificate(&format!("{e:#}"), &addr, &tls, UNPACKER_TLS_NAME).await {
+    match dial::unnamed_refusal(&format!("{e:#}"), &addr, &tls, UNPACKER_TLS_NAME).await {
         Some(why) => Err(e.context(why)),
         None => Err(e),
     }

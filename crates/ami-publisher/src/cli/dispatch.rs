@@ -300,12 +300,9 @@ async fn prepare_publish(
         Err(e) => {
             // Under TLS 1.3 a certificate the imageserver refuses shows up
             // here, as a transport error: name it.
-            use fleet_tls::dial;
-            let named = dial::tls_alert_hint(&dial::error_chain(&e)).is_some();
-            let why = match named {
-                true => None,
-                false => dial::refusal(&cli.image_server, &tls, fleet_tls::IMAGESERVER_TLS_NAME).await,
-            };
+            let message = fleet_tls::dial::error_chain(&e);
+            let server = fleet_tls::IMAGESERVER_TLS_NAME;
+            let why = fleet_tls::dial::unnamed_refusal(&message, &cli.image_server, &tls, server).await;
             return Err(match why {
                 Some(why) => anyhow::Error::new(e).context(why),
                 None => e.into(),
