@@ -12,6 +12,7 @@
 //! - [`volumes`]: the stream's volume on an unpacker;
 //! - [`publish`]: the publish of one leaf to one target, and to all;
 //! - [`results`]: results files;
+//! - [`sharing`]: who may launch and copy an AMI (accounts, organizations, OUs);
 //! - [`ops`]: the lifecycle and operations subcommands (expire, lists, tags, ...);
 //! - [`policy`]: the IAM policy that lets the tool touch only what it made;
 //! - [`cli`]: the command line, its config file, and the final table.
@@ -27,6 +28,7 @@ pub mod ready;
 pub mod results;
 pub mod retry;
 pub mod settings;
+pub mod sharing;
 pub mod tags;
 pub mod targets;
 pub mod unpacker;

@@ -92,7 +92,7 @@ pub fn publisher_policy(instance_name: &str, kms_key: Option<&str>) -> Value {
                 "Sid": "ReadFleetState",
                 "Effect": "Allow",
                 "Action": ec2(&[
-                    "DescribeImages", "DescribeInstances", "DescribeKeyPairs", "DescribeRegions",
+                    "DescribeImageAttribute", "DescribeImages", "DescribeInstances", "DescribeKeyPairs", "DescribeRegions",
                     "DescribeSecurityGroups", "DescribeSnapshotAttribute", "DescribeSnapshots", "DescribeSubnets",
                     "DescribeTags", "DescribeVolumes", "DescribeVolumesModifications", "DescribeVpcs",
                 ]),
@@ -118,7 +118,8 @@ pub fn publisher_policy(instance_name: &str, kms_key: Option<&str>) -> Value {
                 "Effect": "Allow",
                 "Action": ec2(&[
                     "AttachVolume", "CreateSnapshot", "CreateTags", "DeleteSnapshot", "DeleteTags", "DeleteVolume",
-                    "DeregisterImage", "DetachVolume", "ModifySnapshotAttribute", "ModifyVolume", "RegisterImage",
+                    "DeregisterImage", "DetachVolume", "ModifyImageAttribute", "ModifySnapshotAttribute", "ModifyVolume",
+                    "RegisterImage",
                     "StartInstances", "StopInstances", "TerminateInstances",
                 ]),
                 "Resource": [volume, snapshot, image, instance],

@@ -37,6 +37,9 @@ pub struct TargetResult {
     /// No unpacker in this target and `--ignore-missing-unpackers` was given.
     #[serde(default)]
     pub skipped: bool,
+    /// Whom the AMI was shared with (`--share-with-*`), for `unshare`.
+    #[serde(default, skip_serializing_if = "crate::sharing::Grantees::is_empty")]
+    pub shared_with: crate::sharing::Grantees,
     /// Bytes the unpacker fetched from the imageserver for this publish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_fetched: Option<u64>,

@@ -3,7 +3,7 @@
 //! before any AWS call (never at RegisterImage, after a snapshot exists).
 //! Each converts to the AWS SDK's own type only where a request is built.
 
-use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues, ImdsSupportValues, VolumeType};
+use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues, ImdsSupportValues, TpmSupportValues, VolumeType};
 use clap::ValueEnum;
 
 /// The AMI's architecture.
@@ -62,6 +62,22 @@ impl Imds {
     }
 }
 
+/// NitroTPM support of the AMI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Tpm {
+    /// TPM 2.0 (needs UEFI boot).
+    #[value(name = "v2.0")]
+    V2,
+}
+
+impl Tpm {
+    pub fn sdk(self) -> TpmSupportValues {
+        match self {
+            Tpm::V2 => TpmSupportValues::V20,
+        }
+    }
+}
+
 /// EBS types a stream's volume and an AMI's root volume can have: the boot
 /// volume types that need no provisioned IOPS (io1 and io2 do, and the
 /// publisher sets none; st1 and sc1 cannot boot).
@@ -101,5 +117,8 @@ mod tests {
         }
         assert_eq!(Imds::V2.sdk().unwrap().as_str(), "v2.0");
         assert_eq!(Imds::None.sdk(), None);
+        for t in Tpm::value_variants() {
+            assert_eq!(t.to_possible_value().unwrap().get_name(), t.sdk().as_str());
+        }
     }
 }

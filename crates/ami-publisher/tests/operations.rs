@@ -320,7 +320,11 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
     let targets = targets_of(&world);
     let stream = "boot/unpacker";
     let image = add_image(&world, stream, "1", &disk(4 * MIB, 9)).await;
-    let (code, r) = p.publish(stream, "1", &["--targets", "first,us-east-1"]);
+    // A UEFI image with its variable store, which a copy must carry.
+    let uefi = world.path("vars.b64");
+    std::fs::write(&uefi, "dmFycw==\n").unwrap();
+    let boot = ["--boot-mode", "uefi", "--tpm-support", "v2.0", "--uefi-data", uefi.to_str().unwrap()];
+    let (code, r) = p.publish(stream, "1", &[&["--targets", "first,us-east-1"][..], &boot[..]].concat());
     assert_eq!(code, 0);
     let source = r.targets[0].ami_id.clone().unwrap();
     let source_snap = r.targets[0].snapshot_id.clone().unwrap();
@@ -359,6 +363,18 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
         assert!(tags.contains(&("CopiedFrom".into(), format!("us-east-1/{source}"))), "{tags:?}");
         assert_eq!(img.name(), src_img[0].name());
         assert_eq!(img.architecture(), src_img[0].architecture());
+        assert_eq!(img.boot_mode().map(|m| m.as_str()), Some("uefi"), "{account},{region}");
+        assert_eq!(img.tpm_support().map(|m| m.as_str()), Some("v2.0"), "{account},{region}");
+        let vars = world
+            .ec2(account, region)
+            .await
+            .describe_image_attribute()
+            .image_id(img.image_id().unwrap())
+            .attribute(aws_sdk_ec2::types::ImageAttributeName::UefiData)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(vars.uefi_data().and_then(|v| v.value()), Some("dmFycw=="), "{account},{region}");
         // Its own snapshot, encrypted, in the target's account.
         let ec2 = world.ec2(account, region).await;
         let snap = root_snapshot(&ec2, img).await;
@@ -404,6 +420,7 @@ async fn operations_refuse_bad_arguments_before_any_aws_call() {
     let no_dir = world.path("no-such-dir/out.csv");
     let (not_a_key, missing, no_dir) =
         (not_a_key.to_str().unwrap(), missing.to_str().unwrap(), no_dir.to_str().unwrap());
+    let long_description = "{stream}".repeat(50);
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["add-volumes", "0"], "invalid value '0' for '<SIZE_GIB>'"),
         (vec!["add-volumes", "16385"], "invalid value '16385' for '<SIZE_GIB>'"),
@@ -417,6 +434,19 @@ async fn operations_refuse_bad_arguments_before_any_aws_call() {
         (vec!["delete", missing], "missing"),
         (vec!["stop-idle-unpackers", "--max-idle-time", "soon"], "--max-idle-time"),
         (vec!["--unpacker-timeout", "5 parsecs", "list-unpackers"], "--unpacker-timeout"),
+        (vec!["share", missing, "--share-with-accounts", "12345"], "'12345' is not an AWS account id"),
+        (vec!["share", missing, "--share-with-organizations", "o-abc"], "'o-abc' is not an organization ARN"),
+        (vec!["share", missing, "--share-with-ous", "ou-ab12-cd34ef56"], "is not an OU ARN"),
+        (vec!["share", missing], "share with whom?"),
+        (vec!["share", "--public", missing], "give --allow-public-image as well"),
+        (vec!["unshare", "--public", "--allow-public-image", missing], "cannot make an AMI with encrypted"),
+        (vec!["publish", "--public", "base/x", "1"], "give --allow-public-image as well"),
+        (vec!["publish", "--tpm-support", "v2.0", "base/x", "1"], "--tpm-support needs --boot-mode uefi"),
+        (vec!["publish", "--tpm-support", "v1.2", "base/x", "1"], "invalid value 'v1.2' for '--tpm-support"),
+        (vec!["publish", "--uefi-data", missing, "base/x", "1"], "--uefi-data needs --boot-mode uefi"),
+        (vec!["publish", "--boot-mode", "uefi", "--uefi-data", missing, "base/x", "1"], "reading --uefi-data"),
+        (vec!["publish", "--boot-mode", "uefi", "--uefi-data", not_a_key, "base/x", "1"], "not base64 text"),
+        (vec!["publish", "--description", &long_description, "base/x", "1"], "EC2 takes at most 255"),
     ];
     for (args, want) in cases {
         let args: Vec<&str> = ["--targets", "first,*"].iter().copied().chain(args.iter().copied()).collect();
@@ -529,4 +559,163 @@ fn the_printed_iam_policy_is_the_one_in_deploy() {
         .unwrap();
     let other: Value = serde_json::from_slice(&other.stdout).unwrap();
     assert!(other.to_string().contains("\"aws:ResourceTag/Name\":\"Unpacker2\""), "{other}");
+}
+
+/// The grantees an AMI's launch permission names, as its owner sees them.
+async fn launch_permissions(ec2: &aws_sdk_ec2::Client, ami: &str) -> Vec<String> {
+    let out = ec2
+        .describe_image_attribute()
+        .image_id(ami)
+        .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+        .send()
+        .await
+        .unwrap();
+    let mut v: Vec<String> = out
+        .launch_permissions()
+        .iter()
+        .map(|p| {
+            p.user_id()
+                .or(p.organization_arn())
+                .or(p.organizational_unit_arn())
+                .or(p.group().map(|g| g.as_str()))
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The accounts a snapshot's createVolumePermission names.
+async fn volume_permissions(ec2: &aws_sdk_ec2::Client, snapshot: &str) -> Vec<String> {
+    let out = ec2
+        .describe_snapshot_attribute()
+        .snapshot_id(snapshot)
+        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+        .send()
+        .await
+        .unwrap();
+    out.create_volume_permissions().iter().filter_map(|p| p.user_id().map(str::to_owned)).collect()
+}
+
+/// Issue 20: publish shares each target's AMI with the consumer account (and
+/// an organization); the consumer then sees, launches and copies it. A
+/// re-run changes nothing; `share --dry-run` changes nothing; `unshare`
+/// takes back exactly what the results file says was given, leaving a
+/// permission someone else gave, after which the consumer can neither see
+/// nor launch the AMI.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_that() {
+    use local_world::{CONSUMER, CONSUMER_ACCOUNT_ID};
+    let world = World::start(&Plan::of(&["first", "second"], &["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/shared";
+    add_image(&world, stream, "1", &disk(4 * MIB, 20)).await;
+    let org = "arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5";
+    let share = ["--share-with-accounts", CONSUMER_ACCOUNT_ID, "--share-with-organizations", org];
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &share));
+    assert_eq!(code, 0);
+    for t in &r.targets {
+        assert_eq!(t.shared_with.accounts, [CONSUMER_ACCOUNT_ID], "{t:?}");
+        assert_eq!(t.shared_with.organizations, [org], "{t:?}");
+        let owner = world.ec2(&t.account, &t.region).await;
+        let (ami, snap) = (t.ami_id.as_deref().unwrap(), t.snapshot_id.as_deref().unwrap());
+        let mut want = vec![CONSUMER_ACCOUNT_ID.to_owned(), org.to_owned()];
+        want.sort();
+        assert_eq!(launch_permissions(&owner, ami).await, want);
+        assert_eq!(volume_permissions(&owner, snap).await, [CONSUMER_ACCOUNT_ID]);
+    }
+
+    // The consumer sees both AMIs, launches one and copies the other.
+    let consumer = world.ec2(CONSUMER, "us-east-1").await;
+    let amis: Vec<String> = r.targets.iter().map(|t| t.ami_id.clone().unwrap()).collect();
+    let seen = consumer.describe_images().executable_users("self").send().await.unwrap();
+    let mut seen: Vec<&str> = seen.images().iter().filter_map(|i| i.image_id()).collect();
+    seen.sort_unstable();
+    let mut want: Vec<&str> = amis.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(seen, want, "the consumer sees exactly the AMIs shared with it");
+    let subnet = consumer.describe_subnets().send().await.unwrap().subnets()[0].subnet_id().unwrap().to_owned();
+    let launched = consumer
+        .run_instances()
+        .image_id(&amis[0])
+        .min_count(1)
+        .max_count(1)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .subnet_id(&subnet)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(launched.instances()[0].image_id(), Some(amis[0].as_str()));
+    let copy = consumer
+        .copy_image()
+        .source_image_id(&amis[1])
+        .source_region("us-east-1")
+        .name("consumer's copy")
+        .encrypted(true)
+        .send()
+        .await
+        .unwrap();
+    let copied = consumer.describe_images().image_ids(copy.image_id().unwrap()).send().await.unwrap();
+    assert_eq!(copied.images()[0].owner_id(), Some(CONSUMER_ACCOUNT_ID), "the copy is the consumer's own");
+
+    // A re-run and `share` of what is shared change nothing; a dry run neither.
+    let before = world.api_calls("ami-publisher");
+    let (code, again) = p.publish(stream, "1", &with_targets(&targets, &share));
+    assert_eq!(code, 0);
+    assert!(again.targets.iter().all(|t| t.reused), "{again:?}");
+    let results = world.path("shared-results.json");
+    ami_publisher::results::write_json_atomic(&results, &r).unwrap();
+    let results = results.to_str().unwrap();
+    let kept = records(&json_of(&p.run(&[&["--json", "share", results][..], &share[..]].concat())));
+    assert_eq!(kept.len(), 6, "2 AMIs x (snapshot, account, organization): {kept:?}");
+    assert!(kept.iter().all(|a| a["action"] == "shared already"), "{kept:?}");
+    let after = world.api_calls("ami-publisher");
+    for action in ["ModifyImageAttribute", "ModifySnapshotAttribute"] {
+        assert_eq!(after.get(action), before.get(action), "{action} called though all was shared");
+    }
+
+    // Someone else shares the first AMI with another account too.
+    let other = "333333333333";
+    let home = world.ec2("first", "us-east-1").await;
+    home.modify_image_attribute()
+        .image_id(&amis[0])
+        .launch_permission(
+            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                .add(aws_sdk_ec2::types::LaunchPermission::builder().user_id(other).build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let dry = records(&json_of(&p.run(&["--json", "--dry-run", "unshare", results])));
+    assert_eq!(dry.iter().filter(|a| a["action"] == "would unshare").count(), 6, "{dry:?}");
+    assert_eq!(world.api_calls("ami-publisher").get("ModifyImageAttribute"), before.get("ModifyImageAttribute"));
+
+    let done = records(&json_of(&p.run(&["--json", "unshare", results])));
+    assert_eq!(done.iter().filter(|a| a["action"] == "unshare").count(), 6, "{done:?}");
+    for t in &r.targets {
+        let owner = world.ec2(&t.account, &t.region).await;
+        let (ami, snap) = (t.ami_id.as_deref().unwrap(), t.snapshot_id.as_deref().unwrap());
+        let left = if t.account == "first" { vec![other.to_owned()] } else { vec![] };
+        assert_eq!(launch_permissions(&owner, ami).await, left, "{}: only what was given is taken back", t.account);
+        assert!(volume_permissions(&owner, snap).await.is_empty());
+    }
+    // The consumer no longer sees or launches them.
+    let seen = consumer.describe_images().executable_users("self").send().await.unwrap();
+    assert!(seen.images().is_empty(), "{seen:?}");
+    let refused = consumer
+        .run_instances()
+        .image_id(&amis[1])
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(&subnet)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(aws_sdk_ec2::error::ProvideErrorMetadata::code(&refused), Some("InvalidAMIID.NotFound"));
+    // Again: nothing left to take back.
+    let again = records(&json_of(&p.run(&["--json", "unshare", results])));
+    assert!(again.iter().all(|a| a["action"] == "not shared"), "{again:?}");
 }

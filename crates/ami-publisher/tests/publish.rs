@@ -82,10 +82,42 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
     }
     let changed = (3 * chunk) as u64;
     let file2 = add_image(&world, stream, "2", &leaf2).await;
-    let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &[]));
+    // ... registered with the boot options asked for.
+    let uefi = world.path("vars.b64");
+    std::fs::write(&uefi, "QU1JIFVFRkkg\nZGF0YQ==\n").unwrap();
+    let boot = [
+        "--boot-mode",
+        "uefi",
+        "--tpm-support",
+        "v2.0",
+        "--uefi-data",
+        uefi.to_str().unwrap(),
+        "--sriov-net-support",
+        "--ena-support",
+        "--description",
+        "{stream} {leaf}: {image_id}",
+    ];
+    let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &boot));
     assert_eq!(code, 0, "{r2:#?}");
     for (a, b) in r.targets.iter().zip(&r2.targets) {
         assert!(b.ok() && !b.reused, "{b:#?}");
+        let ec2 = world.ec2(&b.account, &b.region).await;
+        let ami = b.ami_id.as_deref().unwrap();
+        let d = ec2.describe_images().image_ids(ami).send().await.unwrap();
+        let img = &d.images()[0];
+        assert_eq!(img.boot_mode().map(|m| m.as_str()), Some("uefi"), "{ami}");
+        assert_eq!(img.tpm_support().map(|m| m.as_str()), Some("v2.0"), "{ami}");
+        assert_eq!(img.sriov_net_support(), Some("simple"), "{ami}");
+        assert_eq!(img.ena_support(), Some(true), "{ami}");
+        assert_eq!(img.description(), Some(format!("{stream} 2: {}", r2.image_id).as_str()), "{ami}");
+        let attr = ec2
+            .describe_image_attribute()
+            .image_id(ami)
+            .attribute(aws_sdk_ec2::types::ImageAttributeName::UefiData)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(attr.uefi_data().and_then(|v| v.value()), Some("QU1JIFVFRkkgZGF0YQ=="), "{ami}");
         assert_eq!(a.volume_id, b.volume_id, "the stream's volume is reused");
         let fetched = b.bytes_fetched.unwrap();
         assert!(fetched as f64 <= changed as f64 * 1.05, "{}: fetched {fetched} for {changed} changed", b.region);

@@ -55,6 +55,12 @@ use test_support::Pki;
 pub const FIRST_ACCOUNT_ID: &str = "123456789012";
 /// The account `second` assumes a role in.
 pub const SECOND_ACCOUNT_ID: &str = "111111111111";
+/// An account that publishes nothing and has no unpacker: it only uses
+/// what the others share with it. No profile names it; the world's own
+/// clients reach it (`world.ec2(CONSUMER, region)`) by a role from `first`.
+pub const CONSUMER: &str = "consumer";
+/// The consumer's account id.
+pub const CONSUMER_ACCOUNT_ID: &str = "222222222222";
 /// The profiles the world writes.
 pub const ACCOUNTS: [&str; 2] = ["first", "second"];
 /// The port unpackers listen on (as in production).

@@ -194,9 +194,12 @@ _register_response = amis_responses.AmisResponse.register_image
 
 # 11. What RegisterImage is given is kept and described (world/image_attributes.py).
 from moto.ec2.models.amis import AmiBackend as _AmiBackend
-from world import image_attributes
+from world import image_attributes, shared_images
 
 image_attributes.install(_AmiBackend)
+# 12. AMIs shared with other accounts can be seen, launched and copied by
+#     them (world/shared_images.py).
+shared_images.install()
 
 
 def _refuse_taken_name(backend, name):
@@ -308,12 +311,11 @@ _copy_image_response = amis_responses.AmisResponse.copy_image
 
 
 def copy_image(self):
-    from moto.ec2.models import ec2_backends
-
     _refuse_taken_name(self.ec2_backend, self._get_param("Name"))
     result = _copy_image_response(self)
     source_region = self._get_param("SourceRegion")
-    source = ec2_backends[self.ec2_backend.account_id][source_region].amis.get(self._get_param("SourceImageId"))
+    # Its own AMI, or one another account shared with it (checked by the copy above).
+    source = shared_images.find(self.ec2_backend, self._get_param("SourceImageId"), source_region)
     ami = self.ec2_backend.amis[result.result["ImageId"]]
     image_attributes.copy(source, ami)
     tag_specs = self._parse_tag_specification()

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use aws_config::{BehaviorVersion, Region};
 
-use crate::SECOND_ACCOUNT_ID;
+use crate::{CONSUMER, CONSUMER_ACCOUNT_ID, SECOND_ACCOUNT_ID};
 
 pub(crate) fn write_profiles(dir: &Path, endpoint: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
     let aws = dir.join("aws");
@@ -31,21 +31,23 @@ pub(crate) fn write_profiles(dir: &Path, endpoint: &str) -> anyhow::Result<(Path
 }
 
 /// SDK configuration from explicit profile files (the world's own clients).
+/// `CONSUMER` has no profile of its own (so that no tool's "every
+/// profile" includes it): it is reached by a role from `first`.
 pub async fn sdk_config(config: &Path, credentials: &Path, profile: &str, region: &str) -> aws_config::SdkConfig {
-    let loader = load_profile(config, credentials, profile, region);
-    if profile != "second" {
-        return loader.load().await;
-    }
-    // The world's own AssumeRole into the second account names its session
+    let (loader, role_account) = match profile {
+        "second" => (load_profile(config, credentials, profile, region), SECOND_ACCOUNT_ID),
+        CONSUMER => (load_profile(config, credentials, "first", region), CONSUMER_ACCOUNT_ID),
+        _ => return load_profile(config, credentials, profile, region).load().await,
+    };
+    // The world's own AssumeRole into another account names its session
     // WORLD_SESSION, so the launcher serves it as the world's (no faults):
     // aws-config's provider calls STS without the app name.
     let first = load_profile(config, credentials, "first", region).load().await;
-    let role =
-        aws_config::sts::AssumeRoleProvider::builder(format!("arn:aws:iam::{SECOND_ACCOUNT_ID}:role/AmiPublisher"))
-            .session_name(WORLD_SESSION)
-            .configure(&first)
-            .build()
-            .await;
+    let role = aws_config::sts::AssumeRoleProvider::builder(format!("arn:aws:iam::{role_account}:role/AmiPublisher"))
+        .session_name(WORLD_SESSION)
+        .configure(&first)
+        .build()
+        .await;
     loader.credentials_provider(role).load().await
 }
 

@@ -6,8 +6,9 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
+    sharing,
     targets::TargetSpec,
-    values::{Architecture, BootMode, EbsType, Imds},
+    values::{Architecture, BootMode, EbsType, Imds, Tpm},
 };
 
 /// Publish images from the imageserver as identical, encrypted AMIs in many
@@ -69,9 +70,30 @@ pub struct Cli {
     /// AMI architecture.
     #[arg(long, global = true, value_enum, default_value = "x86_64")]
     pub architecture: Architecture,
+    /// Mark AMIs as supporting Intel 82599 VF enhanced networking
+    /// (SriovNetSupport=simple), for instance types that use it.
+    #[arg(long, global = true)]
+    pub sriov_net_support: bool,
     /// AMI boot mode (default: EC2's).
     #[arg(long, global = true, value_enum)]
     pub boot_mode: Option<BootMode>,
+    /// NitroTPM for instances of the AMI ("v2.0"); needs --boot-mode uefi.
+    #[arg(long, global = true, value_enum)]
+    pub tpm_support: Option<Tpm>,
+    /// The AMI's UEFI variable store: a file holding its base64 text (as
+    /// python-uefivars writes it), at most 64000 characters; needs --boot-mode uefi
+    /// or uefi-preferred.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub uefi_data: Option<PathBuf>,
+    /// AMI description; {stream}, {leaf} and {image_id} are replaced (at
+    /// most 255 characters).
+    #[arg(
+        long,
+        global = true,
+        default_value = "{stream}/{leaf} (image {image_id}), published by ami-publisher",
+        value_name = "TEMPLATE"
+    )]
+    pub description: String,
     /// Instances from the AMI require IMDSv2 ("v2.0"); "none" leaves EC2's default.
     #[arg(long, global = true, value_enum, default_value = "v2.0")]
     pub imds_support: Imds,
@@ -84,6 +106,27 @@ pub struct Cli {
     /// KMS key for new volumes (default: the account's EBS default key).
     #[arg(long, global = true, value_name = "KEY")]
     pub kms_key_id: Option<String>,
+    /// Share AMIs with these AWS accounts: they may launch them, and read
+    /// their snapshots so that they can copy them.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = sharing::parse_account, value_name = "ID,...")]
+    pub share_with_accounts: Vec<String>,
+    /// Share AMIs with every account of these organizations (launch only:
+    /// EC2 cannot share snapshots with an organization).
+    #[arg(long, global = true, value_delimiter = ',', value_parser = sharing::parse_organization, value_name = "ARN,...")]
+    pub share_with_organizations: Vec<String>,
+    /// Share AMIs with every account of these organizational units and the
+    /// OUs below them (launch only).
+    #[arg(long, global = true, value_delimiter = ',', value_parser = sharing::parse_ou, value_name = "ARN,...")]
+    pub share_with_ous: Vec<String>,
+    /// Make AMIs public (launchable by every AWS account). Refused unless
+    /// --allow-public-image is given too; and refused then as well, as
+    /// the AMIs ami-publisher makes are encrypted, which EC2 cannot make
+    /// public.
+    #[arg(long, global = true)]
+    pub public: bool,
+    /// Confirms that --public is meant.
+    #[arg(long, global = true)]
+    pub allow_public_image: bool,
     /// Free space a stream's volume keeps beyond the image (e.g. 256MiB, 2GiB).
     #[arg(long, global = true, default_value = "256MiB", value_parser = parse_size, value_name = "BYTES")]
     pub min_free_bytes: u64,
@@ -160,6 +203,22 @@ pub enum Command {
     /// within an account; across accounts by sharing the root snapshot,
     /// copying it encrypted and registering it. Re-running is a no-op.
     CopyBootstrapImage { stream: String },
+    /// Share the AMIs in results files (and, with accounts, their
+    /// snapshots) with the accounts, organizations and OUs of
+    /// --share-with-accounts, --share-with-organizations and
+    /// --share-with-ous. What is shared already is left as it is.
+    Share {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Take back what `share` or `publish --share-with-*` gave the AMIs in
+    /// results files: the grantees of the --share-with-* flags, or, with
+    /// none, those each results file says its AMIs were shared with.
+    /// Other permissions are left as they are.
+    Unshare {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
     /// Create and attach an encrypted volume of SIZE_GIB to each unpacker.
     AddVolumes {
         /// 1 to 16384 (EBS's largest gp3 volume, 16 TiB).
@@ -362,6 +421,15 @@ pub fn positive_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Cli {
+    /// The grantees of the --share-with-* flags.
+    pub fn grantees(&self) -> sharing::Grantees {
+        sharing::Grantees {
+            accounts: self.share_with_accounts.clone(),
+            organizations: self.share_with_organizations.clone(),
+            ous: self.share_with_ous.clone(),
+        }
+    }
+
     /// How AWS calls are retried and bounded in time.
     pub fn retry(&self) -> crate::aws::Retry {
         crate::aws::Retry {

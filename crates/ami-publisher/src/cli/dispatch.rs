@@ -12,7 +12,7 @@ use crate::{
     results::{PublishResults, write_json_atomic},
     settings::{Settings, Timeouts},
     targets::{self},
-    values::BootMode,
+    values::{BootMode, Tpm},
 };
 
 use super::args::{Cli, Command};
@@ -53,7 +53,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Delete { results_files }
         | Command::DeleteTags { results_files, .. }
         | Command::SetExclusiveTags { results_files, .. }
-        | Command::LaunchInstancesForImages { results_files, .. } => Some(refuse(ops::amis_by_target(results_files))?),
+        | Command::LaunchInstancesForImages { results_files, .. }
+        | Command::Share { results_files }
+        | Command::Unshare { results_files } => Some(refuse(ops::amis_by_target(results_files))?),
         _ => None,
     };
     let targets = match &from_results {
@@ -153,6 +155,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::SetExclusiveTags { tag_key, tag_value, .. } => {
             show(ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, json, q)
         }
+        Command::Share { .. } => show(ops::share(&ctx, &cli.grantees(), &amis).await, json, q),
+        Command::Unshare { .. } => show(ops::unshare(&ctx, &cli.grantees(), &amis).await, json, q),
         Command::SetTagsOnUnpackers => show(ops::tag_unpackers(&ctx, &cli.tags, None).await, json, q),
         Command::StartInstances => show(ops::start_instances(&ctx).await, json, q),
         // Quiet: cron mails only what it did.
@@ -199,6 +203,13 @@ fn read_inputs(cli: &Cli) -> anyhow::Result<Inputs> {
             }
         }
         Command::SetTagsOnUnpackers if cli.tags.is_empty() => bail!("give the tags to set with --tags K=V,..."),
+        Command::Share { .. } => {
+            refuse_public(cli)?;
+            if cli.grantees().is_empty() {
+                bail!("share with whom? give --share-with-accounts, --share-with-organizations or --share-with-ous");
+            }
+        }
+        Command::Unshare { .. } => refuse_public(cli)?,
         _ => {}
     }
     if let Command::ListUnusedImages { usage }
@@ -246,6 +257,70 @@ pub(super) fn render_name(template: &str, stream: &str, leaf: &str, image_id: &s
     Ok(name)
 }
 
+/// The AMI description from its template (`--description`).
+fn render_description(template: &str, stream: &str, leaf: &str, image_id: &str) -> anyhow::Result<String> {
+    let d = template.replace("{stream}", stream).replace("{leaf}", leaf).replace("{image_id}", image_id);
+    if d.chars().count() > 255 {
+        bail!(
+            "the AMI description from --description '{template}' is {} characters; EC2 takes at most 255",
+            d.chars().count()
+        );
+    }
+    Ok(d)
+}
+
+/// Boot options read from files.
+struct BootOptions {
+    uefi_data: Option<String>,
+}
+
+/// Check the boot options against each other (as RegisterImage would,
+/// but before any snapshot exists) and read --uefi-data.
+fn boot_options(cli: &Cli) -> anyhow::Result<BootOptions> {
+    let uefi = matches!(cli.boot_mode, Some(BootMode::Uefi));
+    if cli.tpm_support.is_some() && !uefi {
+        bail!("--tpm-support needs --boot-mode uefi (NitroTPM is only offered to UEFI instances)");
+    }
+    let uefi_data = match &cli.uefi_data {
+        None => None,
+        Some(_) if !matches!(cli.boot_mode, Some(BootMode::Uefi | BootMode::UefiPreferred)) => {
+            bail!("--uefi-data needs --boot-mode uefi or uefi-preferred (a legacy BIOS boot reads no UEFI variables)")
+        }
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading --uefi-data {}", p.display()))?;
+            let data: String = text.split_whitespace().collect();
+            let base64 = data.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+            if data.is_empty() || !base64 || !data.len().is_multiple_of(4) {
+                bail!("--uefi-data {}: not base64 text (the variable store as python-uefivars writes it)", p.display());
+            }
+            if data.len() > 64_000 {
+                bail!("--uefi-data {}: {} characters; EC2 takes at most 64000", p.display(), data.len());
+            }
+            Some(data)
+        }
+    };
+    Ok(BootOptions { uefi_data })
+}
+
+/// `--public` is refused: without --allow-public-image, as a guard; with
+/// it, because EC2 does not make an AMI with encrypted volumes public (EC2
+/// User Guide, "Make your AMI publicly available", its limitations), and
+/// every AMI this tool makes is encrypted.
+fn refuse_public(cli: &Cli) -> anyhow::Result<()> {
+    if cli.public && !cli.allow_public_image {
+        bail!(
+            "--public makes an AMI launchable by every AWS account: give --allow-public-image as well if that is meant"
+        );
+    }
+    if cli.public {
+        bail!(
+            "--public: the AMIs ami-publisher makes are encrypted, and EC2 cannot make an AMI with encrypted \
+             snapshots public; share them with accounts, organizations or OUs instead (--share-with-*)"
+        );
+    }
+    Ok(())
+}
+
 /// Check that FILE can be written, before a long run (and leave no trace).
 fn check_writable(path: &Path) -> anyhow::Result<()> {
     let dir = match path.parent() {
@@ -284,6 +359,10 @@ async fn prepare_publish(
     force: bool,
 ) -> anyhow::Result<(Options, Vec<targets::Target>, Aws)> {
     let name = image_format::ImageName::new(stream, leaf).context("bad image name")?;
+    let boot = boot_options(cli)?;
+    refuse_public(cli)?;
+    // The description's length, checked before the image id is known (every one is 64 hex digits).
+    render_description(&cli.description, stream, leaf, &"0".repeat(64))?;
     if cli.targets.is_empty() {
         bail!("no targets: give --targets ACCOUNT,REGION (or `targets` in the config file)");
     }
@@ -311,6 +390,7 @@ async fn prepare_publish(
     };
     let image_id = manifest.image_id().to_hex();
     let ami_name = render_name(&cli.ami_name, stream, leaf, &image_id)?;
+    let description = render_description(&cli.description, stream, leaf, &image_id)?;
     let aws = Aws::new(cli.retry()).await?;
     let targets = resolve_targets(cli, &aws).await?;
     let opts = Options {
@@ -321,18 +401,22 @@ async fn prepare_publish(
         settings: settings(cli),
         tags: cli.tags.clone(),
         expires_at: cli.expires_in.map(|d| crate::tags::rfc3339(SystemTime::now() + d)),
-        description: format!("{stream}/{leaf} (image {}), published by ami-publisher", &image_id[..16]),
+        description,
         ami_name,
         force,
         ena_support: cli.ena_support,
+        sriov_net_support: cli.sriov_net_support,
         architecture: cli.architecture.sdk(),
         boot_mode: cli.boot_mode.map(BootMode::sdk),
+        tpm_support: cli.tpm_support.map(Tpm::sdk),
+        uefi_data: boot.uefi_data,
         imds_support: cli.imds_support.sdk(),
         root_device_name: cli.root_device_name.clone(),
         volume_type: cli.volume_type.sdk(),
         kms_key_id: cli.kms_key_id.clone(),
         min_free_bytes: cli.min_free_bytes,
         ignore_missing_unpackers: cli.ignore_missing_unpackers,
+        shares: cli.grantees(),
     };
     Ok((opts, targets, aws))
 }

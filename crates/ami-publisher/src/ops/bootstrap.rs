@@ -7,13 +7,18 @@
 use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Context as _, bail};
-use aws_sdk_ec2::{Client, types::Tag};
+use aws_sdk_ec2::{
+    Client,
+    types::{ImageAttributeName, Tag},
+};
 
 use super::{Acted, Ctx, Report, images::delete_snapshot, launch::newest_of_stream_in};
 use crate::{
-    errors::{SdkResultExt as _, sdk_error},
+    errors::SdkResultExt as _,
     ready::{image_available, image_named, snapshot_completed},
-    retry, tags,
+    retry,
+    sharing::{self, Permission},
+    tags,
     targets::Target,
 };
 
@@ -163,36 +168,24 @@ struct Share {
 
 impl Shares {
     async fn share(&self, src: &Client, snap: &str, account: &str) -> anyhow::Result<()> {
-        use aws_sdk_ec2::types::SnapshotAttributeName as A;
         let mut held = self.0.lock().await;
         let share = held.entry((snap.to_owned(), account.to_owned())).or_default();
         if share.copies == 0 {
-            let now = src
-                .describe_snapshot_attribute()
-                .snapshot_id(snap)
-                .attribute(A::CreateVolumePermission)
-                .send()
-                .await
-                .sdk(format!("DescribeSnapshotAttribute {snap}"))?;
-            let already = now.create_volume_permissions().iter().any(|p| p.user_id() == Some(account));
+            let already = sharing::volume_permissions(src, snap, None).await?.iter().any(|a| a == account);
             if !already {
-                src.modify_snapshot_attribute()
-                    .snapshot_id(snap)
-                    .attribute(A::CreateVolumePermission)
-                    .operation_type(aws_sdk_ec2::types::OperationType::Add)
-                    .user_ids(account)
-                    .send()
-                    .await
-                    .sdk(format!("sharing {snap} with account {account}"))
-                    .context(
-                        "note: a snapshot encrypted with the account's default aws/ebs key cannot be shared; \
-                         publish the source with --kms-key-id of a customer-managed key the destination may use",
-                    )?;
+                sharing::change(src, &Self::permission(snap, account), true, None).await.context(
+                    "note: a snapshot encrypted with the account's default aws/ebs key cannot be shared; \
+                     publish the source with --kms-key-id of a customer-managed key the destination may use",
+                )?;
             }
             share.added = !already;
         }
         share.copies += 1;
         Ok(())
+    }
+
+    fn permission(snap: &str, account: &str) -> Permission {
+        Permission::CreateVolume { snapshot: snap.to_owned(), account: account.to_owned() }
     }
 
     async fn unshare(&self, src: &Client, snap: &str, account: &str) {
@@ -208,16 +201,8 @@ impl Shares {
         if !added {
             return;
         }
-        let r = src
-            .modify_snapshot_attribute()
-            .snapshot_id(snap)
-            .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
-            .operation_type(aws_sdk_ec2::types::OperationType::Remove)
-            .user_ids(account)
-            .send()
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(snapshot = snap, account, "could not stop sharing the snapshot: {}", sdk_error("", e));
+        if let Err(e) = sharing::change(src, &Self::permission(snap, account), false, None).await {
+            tracing::warn!(snapshot = snap, account, "could not stop sharing the snapshot: {e:#}");
         }
     }
 }
@@ -315,6 +300,7 @@ async fn copy_across_accounts(
     let mut copies: Vec<String> = Vec::new();
     let mut mappings = Vec::new();
     let mut failure = None;
+    let mut uefi_data = None;
     for m in src.image.block_device_mappings() {
         let Some(snap) = m.ebs().and_then(|e| e.snapshot_id()) else {
             // An empty volume or an instance store: as it is, but a KMS key
@@ -358,6 +344,19 @@ async fn copy_across_accounts(
         failure = Some(anyhow::anyhow!("the source AMI has no EBS snapshot to copy"));
     }
     let copies_made = Some(std::time::Instant::now());
+    // The UEFI variable store is not in DescribeImages; CopyImage carries
+    // it, and so does a copy across accounts.
+    if failure.is_none() && src.image.boot_mode().is_some() {
+        let id = src.image.image_id().unwrap_or_default();
+        match retry::call(&format!("DescribeImageAttribute uefiData of {id}"), None, || {
+            src_ec2.describe_image_attribute().image_id(id).attribute(ImageAttributeName::UefiData).send()
+        })
+        .await
+        {
+            Ok(out) => uefi_data = out.uefi_data().and_then(|v| v.value()).map(str::to_owned),
+            Err(e) => failure = Some(e),
+        }
+    }
     let registered = match failure {
         Some(e) => Err(e),
         None => {
@@ -377,6 +376,7 @@ async fn copy_across_accounts(
                     .set_sriov_net_support(src.image.sriov_net_support().map(str::to_owned))
                     .set_boot_mode(src.image.boot_mode().map(|b| b.as_str().into()))
                     .set_tpm_support(src.image.tpm_support().map(|b| b.as_str().into()))
+                    .set_uefi_data(uefi_data)
                     .set_imds_support(src.image.imds_support().map(|b| b.as_str().into()))
                     .tag_specifications(tagging),
             )

@@ -284,6 +284,8 @@ pub struct ListedAmi {
     pub ami: String,
     pub snapshot: Option<String>,
     pub stream: String,
+    /// Whom the results file says it was shared with.
+    pub shared_with: crate::sharing::Grantees,
 }
 
 /// AMIs of results files, by target.
@@ -300,6 +302,7 @@ pub fn amis_by_target(files: &[PathBuf]) -> anyhow::Result<BTreeMap<Target, Vec<
                     ami,
                     snapshot: t.snapshot_id,
                     stream: r.stream.clone(),
+                    shared_with: t.shared_with,
                 });
             }
         }

@@ -9,6 +9,7 @@
 //! - [`expire`]: everything whose `ExpiresAt` has passed;
 //! - [`launch`]: instances from AMIs, and SSH key pairs;
 //! - [`bootstrap`]: copying a stream's AMI into targets that lack one;
+//! - [`share`]: sharing AMIs of results files, and taking it back;
 //! - [`unpackers`]: unpacker instances, their streams and volumes;
 //! - [`output`]: rows, tables, JSON and CSV.
 //!
@@ -20,6 +21,7 @@ pub mod expire;
 pub mod images;
 pub mod launch;
 pub mod output;
+pub mod share;
 pub mod unpackers;
 
 use std::{future::Future, time::Duration};
@@ -38,6 +40,7 @@ pub use self::{
     },
     launch::{BootImage, LaunchSpec, import_key_pair, launch_instances},
     output::{Acted, Row, print, write_csv},
+    share::{share, unshare},
     unpackers::{
         add_volumes, list_streams, list_unpackers, prepare_unpackers, remove_unused_volumes, start_instances,
         stop_idle_unpackers, tag_unpackers, terminate_instances,

@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime};
 
 use aws_sdk_ec2::{
     Client,
-    types::{ArchitectureValues, BootModeValues, ImageState, ImdsSupportValues, VolumeType},
+    types::{ArchitectureValues, BootModeValues, ImageState, ImdsSupportValues, TpmSupportValues, VolumeType},
 };
 
 use crate::{
@@ -26,6 +26,7 @@ use crate::{
     results::{PublishResults, TargetResult},
     retry::{self},
     settings::Settings,
+    sharing::{self, Grantees},
     tags,
     targets::Target,
 };
@@ -65,14 +66,20 @@ pub struct Options {
     pub description: String,
     pub force: bool,
     pub ena_support: bool,
+    pub sriov_net_support: bool,
     pub architecture: ArchitectureValues,
     pub boot_mode: Option<BootModeValues>,
+    pub tpm_support: Option<TpmSupportValues>,
+    /// Base64 of the UEFI variable store (`--uefi-data`).
+    pub uefi_data: Option<String>,
     pub imds_support: Option<ImdsSupportValues>,
     pub root_device_name: String,
     pub volume_type: VolumeType,
     pub kms_key_id: Option<String>,
     pub min_free_bytes: u64,
     pub ignore_missing_unpackers: bool,
+    /// Whom the AMI is shared with (`--share-with-*`).
+    pub shares: Grantees,
 }
 
 impl Options {
@@ -152,11 +159,30 @@ pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> 
         image_id: o.image_id.clone(),
         ..TargetResult::default()
     };
-    if let Err(e) = run(ec2, t, o, line, &mut r).await {
+    let mut done = run(ec2, t, o, line, &mut r).await;
+    if done.is_ok() && !o.shares.is_empty() {
+        done = share(ec2, o, line, &mut r).await;
+    }
+    if let Err(e) = done {
         r.error = Some(format!("{e:#}"));
     }
     r.seconds = start.elapsed().as_secs_f64();
     r
+}
+
+/// Share the target's AMI (and its snapshot, with accounts) as
+/// `--share-with-*` asks; only what is not shared yet is changed.
+async fn share(ec2: &Client, o: &Options, line: &Line, r: &mut TargetResult) -> anyhow::Result<()> {
+    let Some(ami) = r.ami_id.clone() else { return Ok(()) };
+    line.step(format!("sharing with {}", o.shares.summary()));
+    // An AMI this run made was seen available just now; EC2 may still be
+    // catching up elsewhere.
+    let fresh = (!r.reused).then(Instant::now);
+    let snapshots: Vec<String> = r.snapshot_id.iter().cloned().collect();
+    let added = sharing::share(ec2, &ami, &snapshots, &o.shares, fresh).await?;
+    tracing::info!(%ami, added = added.len(), "shared with {}", o.shares.summary());
+    r.shared_with = o.shares.clone();
+    Ok(())
 }
 
 async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetResult) -> anyhow::Result<()> {

@@ -160,7 +160,10 @@ pub(super) async fn register(
         .block_device_mappings(root)
         .virtualization_type("hvm")
         .ena_support(o.ena_support)
+        .set_sriov_net_support(o.sriov_net_support.then(|| "simple".to_owned()))
         .set_boot_mode(o.boot_mode.clone())
+        .set_tpm_support(o.tpm_support.clone())
+        .set_uefi_data(o.uefi_data.clone())
         .set_imds_support(o.imds_support.clone())
         .tag_specifications(tags::spec(ResourceType::Image, &o.final_tags(&name)));
     let uses_snapshot = |img: &Image| {

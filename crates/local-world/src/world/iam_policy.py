@@ -358,6 +358,7 @@ def request(action, params, account, region, resource_tags, attached_instance=la
         names = {
             "DeleteSnapshot": ["SnapshotId"],
             "ModifySnapshotAttribute": ["SnapshotId"],
+            "ModifyImageAttribute": ["ImageId"],
             "DeleteVolume": ["VolumeId"],
             "ModifyVolume": ["VolumeId"],
             "DeregisterImage": ["ImageId"],
