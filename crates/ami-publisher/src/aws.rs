@@ -186,6 +186,13 @@ impl Aws {
         Client::from_conf(conf)
     }
 
+    /// A KMS client for a target (its keys are checked before use).
+    pub async fn kms(&self, target: &Target) -> aws_sdk_kms::Client {
+        let c = self.config(&target.account).await;
+        let conf = aws_sdk_kms::config::Builder::from(&c).region(Region::new(target.region.clone())).build();
+        aws_sdk_kms::Client::from_conf(conf)
+    }
+
     /// An STS client for a target (the caller's identity).
     pub async fn sts(&self, target: &Target) -> aws_sdk_sts::Client {
         let c = self.config(&target.account).await;

@@ -7,7 +7,8 @@
 //! - [`aws`]: profiles, SDK configuration, retries;
 //! - [`retry`]: what the SDK cannot retry: fresh ids, untokened creates, waits;
 //! - [`unpacker`]: finding, starting and dialing unpacker instances;
-//! - [`settings`]: the unpackers and timeouts publish and the operations share;
+//! - [`settings`]: the unpackers, keys and timeouts publish and the operations share;
+//! - [`keys`]: each target's KMS key, and whether it can serve (KMS calls);
 //! - [`ready`]: waits for snapshots and AMIs, and AMIs by name;
 //! - [`volumes`]: the stream's volume on an unpacker;
 //! - [`publish`]: the publish of one leaf to one target, and to all;
@@ -20,6 +21,7 @@
 pub mod aws;
 pub mod cli;
 pub mod errors;
+pub mod keys;
 pub mod ops;
 pub mod policy;
 pub mod progress;

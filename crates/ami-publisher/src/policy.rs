@@ -75,8 +75,8 @@ fn key_statement(key: &str) -> Value {
 }
 
 /// The policy for unpacker instances tagged `Name=<instance_name>`, and
-/// the customer managed key `kms_key`, if one is used.
-pub fn publisher_policy(instance_name: &str, kms_key: Option<&str>) -> Value {
+/// the customer managed keys `kms_keys` (none: the accounts' default keys).
+pub fn publisher_policy(instance_name: &str, kms_keys: &[&str]) -> Value {
     let ours = json!({ "StringEquals": { format!("aws:ResourceTag/{MANAGED_BY}"): MANAGED_BY_VALUE } });
     let (volume, snapshot, image, instance, key_pair) = (
         "arn:aws:ec2:*:*:volume/*",
@@ -95,8 +95,17 @@ pub fn publisher_policy(instance_name: &str, kms_key: Option<&str>) -> Value {
                     "DescribeImageAttribute", "DescribeImages", "DescribeInstances", "DescribeKeyPairs", "DescribeRegions",
                     "DescribeSecurityGroups", "DescribeSnapshotAttribute", "DescribeSnapshots", "DescribeSubnets",
                     "DescribeTags", "DescribeVolumes", "DescribeVolumesModifications", "DescribeVpcs",
+                    "GetEbsDefaultKmsKeyId",
                 ]),
                 "Resource": "*"
+            },
+            {
+                // Each target's key is checked before anything is made:
+                // what it is, and whom its policy lets use it.
+                "Sid": "CheckTheKeys",
+                "Effect": "Allow",
+                "Action": ["kms:DescribeKey", "kms:GetKeyPolicy"],
+                "Resource": "arn:aws:kms:*:*:key/*"
             },
             // Each create on the kind it makes only: the request's tags are
             // in the context of every resource a call names, so a create
@@ -156,8 +165,14 @@ pub fn publisher_policy(instance_name: &str, kms_key: Option<&str>) -> Value {
             }
         ]
     });
-    if let (Some(key), Some(statements)) = (kms_key, policy["Statement"].as_array_mut()) {
-        statements.push(key_statement(key));
+    if let Some(statements) = policy["Statement"].as_array_mut() {
+        for (i, key) in kms_keys.iter().enumerate() {
+            let mut s = key_statement(key);
+            if i > 0 {
+                s["Sid"] = json!(format!("EncryptWithTheConfiguredKey{}", i + 1));
+            }
+            statements.push(s);
+        }
     }
     policy
 }
@@ -172,7 +187,7 @@ mod tests {
         let shipped: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(
             shipped,
-            publisher_policy("ImageUnpacker", None),
+            publisher_policy("ImageUnpacker", &[]),
             "deploy/ami-publisher-iam-policy.json is `ami-publisher iam-policy` (write it again from that)"
         );
     }
@@ -180,7 +195,7 @@ mod tests {
     #[test]
     fn a_configured_key_is_allowed_only_through_ec2() {
         let statement = |key: &str| {
-            let p = publisher_policy("U", Some(key));
+            let p = publisher_policy("U", &[key]);
             p["Statement"].as_array().unwrap().last().unwrap().clone()
         };
         let arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
@@ -195,7 +210,7 @@ mod tests {
         assert_eq!(s["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"], "alias/images");
         assert_eq!(statement("1234abcd")["Resource"], "arn:aws:kms:*:*:key/1234abcd");
         assert!(
-            publisher_policy("U", None)["Statement"]
+            publisher_policy("U", &[])["Statement"]
                 .as_array()
                 .unwrap()
                 .iter()

@@ -37,6 +37,10 @@ pub struct TargetResult {
     /// No unpacker in this target and `--ignore-missing-unpackers` was given.
     #[serde(default)]
     pub skipped: bool,
+    /// The KMS key (ARN) its volumes and snapshots are encrypted with, as
+    /// checked before the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<String>,
     /// Whom the AMI was shared with (`--share-with-*`), for `unshare`.
     #[serde(default, skip_serializing_if = "crate::sharing::Grantees::is_empty")]
     pub shared_with: crate::sharing::Grantees,

@@ -8,7 +8,10 @@ use aws_sdk_ec2::Client;
 use fleet_tls::TlsFiles;
 use unpacker_client as uc;
 
-use crate::unpacker::{self, UnpackerInstance};
+use crate::{
+    keys::Keys,
+    unpacker::{self, UnpackerInstance},
+};
 
 /// How long each kind of wait may last.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +36,8 @@ pub struct Settings {
     /// This run's client certificate, key and CA.
     pub tls: TlsFiles,
     pub timeouts: Timeouts,
+    /// The KMS key of each target (`--kms-key-id`, `--target-kms-key`).
+    pub keys: Keys,
 }
 
 impl Settings {

@@ -324,7 +324,12 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
     let uefi = world.path("vars.b64");
     std::fs::write(&uefi, "dmFycw==\n").unwrap();
     let boot = ["--boot-mode", "uefi", "--tpm-support", "v2.0", "--uefi-data", uefi.to_str().unwrap()];
-    let (code, r) = p.publish(stream, "1", &[&["--targets", "first,us-east-1"][..], &boot[..]].concat());
+    // Under a customer managed key the second account may use: EC2 shares no
+    // snapshot encrypted with the AWS managed key.
+    let second_id = world.targets.iter().find(|t| t.account == "second").unwrap().account_id.clone();
+    let key = customer_key(&world, "first", "us-east-1", "alias/boot", &[&second_id]).await;
+    let source_args = [&["--targets", "first,us-east-1", "--kms-key-id", key.as_str()][..], &boot[..]].concat();
+    let (code, r) = p.publish(stream, "1", &source_args);
     assert_eq!(code, 0);
     let source = r.targets[0].ami_id.clone().unwrap();
     let source_snap = r.targets[0].snapshot_id.clone().unwrap();
@@ -599,11 +604,14 @@ async fn volume_permissions(ec2: &aws_sdk_ec2::Client, snapshot: &str) -> Vec<St
 }
 
 /// Issue 20: publish shares each target's AMI with the consumer account (and
-/// an organization); the consumer then sees, launches and copies it. A
-/// re-run changes nothing; `share --dry-run` changes nothing; `unshare`
-/// takes back exactly what the results file says was given, leaving a
-/// permission someone else gave, after which the consumer can neither see
-/// nor launch the AMI.
+/// an organization), encrypted with each target's own customer managed key
+/// (`[kms-keys]` in the config file). Sharing under the AWS managed key,
+/// or under a key whose policy does not let the consumer use it, is refused
+/// before anything is made. The consumer then sees, launches and copies
+/// the AMIs. A re-run changes nothing; `share` of what is shared changes
+/// nothing; `unshare` takes back exactly what the results file says was
+/// given, leaving a permission someone else gave, after which the consumer
+/// can neither see nor launch the AMIs.
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_that() {
     use local_world::{CONSUMER, CONSUMER_ACCOUNT_ID};
@@ -614,13 +622,66 @@ async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_tha
     add_image(&world, stream, "1", &disk(4 * MIB, 20)).await;
     let org = "arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5";
     let share = ["--share-with-accounts", CONSUMER_ACCOUNT_ID, "--share-with-organizations", org];
-    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &share));
+    let publish_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["publish", stream, "1"].iter().map(|s| (*s).to_owned()).collect();
+        v.extend(with_targets(&targets, &share).iter().map(|s| (*s).to_owned()));
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let refused = |extra: &[&str], want: &str| {
+        let before = world.api_calls("ami-publisher");
+        let args = publish_args(extra);
+        let out = p.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(want), "expected '{want}' in: {err}");
+        assert!(err.contains("nothing was made"), "{err}");
+        assert_eq!(
+            writes_since(&world, "ami-publisher", &before),
+            Vec::<String>::new(),
+            "a refused publish changed things"
+        );
+        err
+    };
+
+    // Under each account's default key (aws/ebs): refused, nothing made.
+    refused(&[], "AWS managed key alias/aws/ebs");
+    // Each target its own key; the second's policy does not let the consumer in.
+    let first_key = customer_key(&world, "first", "us-east-1", "alias/ami-shared", &[CONSUMER_ACCOUNT_ID]).await;
+    let second_key = customer_key(&world, "second", "us-east-1", "alias/ami-other", &[]).await;
+    let config = world.path("keys.toml");
+    std::fs::write(
+        &config,
+        format!("[kms-keys]\n\"first,us-east-1\" = \"alias/ami-shared\"\n\"second,*\" = \"{second_key}\"\n"),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let err = refused(&["--config", config], &format!("does not let account(s) {CONSUMER_ACCOUNT_ID} use the key"));
+    assert!(err.contains("second,us-east-1") && !err.contains("first,us-east-1:"), "only the second's key: {err}");
+    let second_id = world.targets.iter().find(|t| t.account == "second").unwrap().account_id.clone();
+    aws_sdk_kms::Client::new(&world.sdk_config("second", "us-east-1").await)
+        .put_key_policy()
+        .key_id(&second_key)
+        .policy_name("default")
+        .policy(key_policy(&second_id, &[CONSUMER_ACCOUNT_ID]))
+        .send()
+        .await
+        .unwrap();
+
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &[&share[..], &["--config", config]].concat()));
     assert_eq!(code, 0);
     for t in &r.targets {
         assert_eq!(t.shared_with.accounts, [CONSUMER_ACCOUNT_ID], "{t:?}");
         assert_eq!(t.shared_with.organizations, [org], "{t:?}");
         let owner = world.ec2(&t.account, &t.region).await;
         let (ami, snap) = (t.ami_id.as_deref().unwrap(), t.snapshot_id.as_deref().unwrap());
+        // The target's own key is on its volume and its snapshot.
+        let key = if t.account == "first" { &first_key } else { &second_key };
+        assert_eq!(t.kms_key.as_ref(), Some(key), "{t:?}");
+        let v = owner.describe_volumes().volume_ids(t.volume_id.as_deref().unwrap()).send().await.unwrap();
+        assert_eq!(v.volumes()[0].kms_key_id(), Some(key.as_str()), "{t:?}");
+        let s = owner.describe_snapshots().snapshot_ids(snap).send().await.unwrap();
+        assert_eq!(s.snapshots()[0].kms_key_id(), Some(key.as_str()), "{t:?}");
         let mut want = vec![CONSUMER_ACCOUNT_ID.to_owned(), org.to_owned()];
         want.sort();
         assert_eq!(launch_permissions(&owner, ami).await, want);
@@ -662,7 +723,7 @@ async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_tha
 
     // A re-run and `share` of what is shared change nothing; a dry run neither.
     let before = world.api_calls("ami-publisher");
-    let (code, again) = p.publish(stream, "1", &with_targets(&targets, &share));
+    let (code, again) = p.publish(stream, "1", &with_targets(&targets, &[&share[..], &["--config", config]].concat()));
     assert_eq!(code, 0);
     assert!(again.targets.iter().all(|t| t.reused), "{again:?}");
     let results = world.path("shared-results.json");

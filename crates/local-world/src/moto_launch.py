@@ -200,6 +200,12 @@ image_attributes.install(_AmiBackend)
 # 12. AMIs shared with other accounts can be seen, launched and copied by
 #     them (world/shared_images.py).
 shared_images.install()
+# 13. KMS keys as EBS uses them: GetEbsDefaultKmsKeyId, AWS managed keys,
+#     the key of volumes and snapshots, no sharing under aws/ebs
+#     (world/kms_keys.py).
+from world import kms_keys
+
+kms_keys.install()
 
 
 def _refuse_taken_name(backend, name):

@@ -103,9 +103,17 @@ pub struct Cli {
     /// EBS type of unpacker volumes and of the AMI's root volume.
     #[arg(long, global = true, value_enum, default_value = "gp3")]
     pub volume_type: EbsType,
-    /// KMS key for new volumes (default: the account's EBS default key).
-    #[arg(long, global = true, value_name = "KEY")]
+    /// KMS key for new volumes, snapshot copies and AMI copies (default:
+    /// the account's EBS default key in each region). Checked with KMS
+    /// before anything is made; AMIs shared with other accounts need a
+    /// customer managed key they may use.
+    #[arg(long, global = true, value_parser = crate::keys::parse_key, value_name = "KEY")]
     pub kms_key_id: Option<String>,
+    /// The KMS key of some targets: ACCOUNT,REGION=KEY (either part of the
+    /// target may be '*'; the most specific match wins over --kms-key-id).
+    /// In the config file: a table `[kms-keys]` of "ACCOUNT,REGION" = "KEY".
+    #[arg(long, global = true, value_parser = crate::keys::parse_target_key, value_name = "ACCOUNT,REGION=KEY")]
+    pub target_kms_key: Vec<(TargetSpec, String)>,
     /// Share AMIs with these AWS accounts: they may launch them, and read
     /// their snapshots so that they can copy them.
     #[arg(long, global = true, value_delimiter = ',', value_parser = sharing::parse_account, value_name = "ID,...")]

@@ -29,6 +29,29 @@ pub fn parse_args(args: Vec<OsString>) -> Result<Cli, clap::Error> {
     let table: toml::Table = toml::from_str(&text).map_err(|e| fail(format!("config file {}: {e}", path.display())))?;
     let mut extra: Vec<OsString> = Vec::new();
     for (key, value) in &table {
+        if key == "kms-keys" {
+            // `[kms-keys]`: "ACCOUNT,REGION" = "KEY", one --target-kms-key each.
+            let Some(keys) = value.as_table() else {
+                return Err(fail(format!(
+                    "config file {}: 'kms-keys' is a table of \"ACCOUNT,REGION\" = \"KEY\"",
+                    path.display()
+                )));
+            };
+            if matches!(m.value_source("target_kms_key"), Some(ValueSource::CommandLine)) {
+                continue;
+            }
+            for (target, k) in keys {
+                let Some(k) = k.as_str() else {
+                    return Err(fail(format!(
+                        "config file {}: kms-keys.\"{target}\" must be a string",
+                        path.display()
+                    )));
+                };
+                extra.push("--target-kms-key".into());
+                extra.push(format!("{target}={k}").into());
+            }
+            continue;
+        }
         let Some(arg) =
             cmd.get_arguments().find(|a| a.is_global_set() && a.get_long() == Some(key.as_str()) && key != "config")
         else {

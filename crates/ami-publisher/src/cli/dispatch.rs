@@ -7,6 +7,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     aws::Aws,
+    keys::Keys,
     progress::Board,
     publish::{self, Options},
     results::{PublishResults, write_json_atomic},
@@ -40,7 +41,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         return run_publish(&cli, stream, leaf, *force).await;
     }
     if let Command::IamPolicy = &cli.command {
-        let policy = crate::policy::publisher_policy(&cli.instance_name, cli.kms_key_id.as_deref());
+        let keys = settings(&cli).keys;
+        let policy = crate::policy::publisher_policy(&cli.instance_name, &keys.all());
         println!("{}", serde_json::to_string_pretty(&policy)?);
         return Ok(Outcome::AllSucceeded);
     }
@@ -76,11 +78,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let outcome = match &cli.command {
         Command::Publish { .. } | Command::IamPolicy => unreachable!("handled above"),
         Command::AddVolumes { size_gib } => {
-            show(ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk(), cli.kms_key_id.as_deref()).await, json, q)
+            show(ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk()).await, json, q)
         }
-        Command::CopyBootstrapImage { stream } => {
-            show(ops::copy_bootstrap_image(&ctx, stream, cli.kms_key_id.as_deref()).await, json, q)
-        }
+        Command::CopyBootstrapImage { stream } => show(ops::copy_bootstrap_image(&ctx, stream).await, json, q),
         Command::Delete { .. } => show(ops::delete(&ctx, &amis).await, json, q),
         Command::DeleteTags { tag_key, .. } => show(ops::delete_tags(&ctx, tag_key, &amis).await, json, q),
         Command::DeleteTagsOnUnpackers { tag_key } => show(ops::tag_unpackers(&ctx, &[], Some(tag_key)).await, json, q),
@@ -393,12 +393,14 @@ async fn prepare_publish(
     let description = render_description(&cli.description, stream, leaf, &image_id)?;
     let aws = Aws::new(cli.retry()).await?;
     let targets = resolve_targets(cli, &aws).await?;
+    let settings = settings(cli);
+    let keys = crate::keys::preflight(&aws, &targets, &settings.keys, &cli.grantees(), cli.max_concurrency).await?;
     let opts = Options {
         stream: stream.to_owned(),
         leaf: leaf.to_owned(),
         image_id: image_id.clone(),
         image_size: info.size_bytes,
-        settings: settings(cli),
+        settings,
         tags: cli.tags.clone(),
         expires_at: cli.expires_in.map(|d| crate::tags::rfc3339(SystemTime::now() + d)),
         description,
@@ -413,10 +415,10 @@ async fn prepare_publish(
         imds_support: cli.imds_support.sdk(),
         root_device_name: cli.root_device_name.clone(),
         volume_type: cli.volume_type.sdk(),
-        kms_key_id: cli.kms_key_id.clone(),
         min_free_bytes: cli.min_free_bytes,
         ignore_missing_unpackers: cli.ignore_missing_unpackers,
         shares: cli.grantees(),
+        keys: keys.into_iter().map(|(t, c)| (t, c.arn)).collect(),
     };
     Ok((opts, targets, aws))
 }
@@ -433,6 +435,7 @@ fn settings(cli: &Cli) -> Settings {
             snapshot: cli.snapshot_timeout,
             image: cli.image_timeout,
         },
+        keys: Keys { default: cli.kms_key_id.clone(), by_target: cli.target_kms_key.clone() },
     }
 }
 

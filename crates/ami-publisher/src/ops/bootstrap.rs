@@ -39,7 +39,7 @@ fn area(region: &str) -> &str {
 /// of the world): CopyImage within an account (encrypted), or across
 /// accounts by sharing the root snapshot, copying it encrypted, and
 /// registering it. Targets that have one are skipped.
-pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Option<&str>) -> Vec<Report<Acted>> {
+pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str) -> Vec<Report<Acted>> {
     // First, who has one: the newest available AMI of the stream, or a
     // copy still pending (from an earlier run that did not wait it out).
     let found = crate::fanout(&ctx.targets, ctx.max_concurrency, |t| async move {
@@ -98,6 +98,7 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str, kms_key_id: Optio
         let mut copy_tags = identity_tags(&src.image);
         copy_tags.push(tags::tag("CopiedFrom", &format!("{}/{src_ami}", src.target.region)));
         let tagging = tags::made(aws_sdk_ec2::types::ResourceType::Image, copy_tags.clone());
+        let kms_key_id = ctx.settings.keys.for_target(&t);
         let new_ami = if src.target.account == t.account {
             // A token per copy: the SDK's retry of an attempt whose answer
             // was lost gets that attempt's copy. A re-run finds a copy by

@@ -276,12 +276,7 @@ pub async fn tag_unpackers(ctx: &Ctx<'_>, set: &[(String, String)], delete: Opti
 }
 
 /// `add-volumes SIZE_GIB`: a new encrypted volume on every running unpacker.
-pub async fn add_volumes(
-    ctx: &Ctx<'_>,
-    gib: u64,
-    volume_type: VolumeType,
-    kms_key_id: Option<&str>,
-) -> Vec<Report<Acted>> {
+pub async fn add_volumes(ctx: &Ctx<'_>, gib: u64, volume_type: VolumeType) -> Vec<Report<Acted>> {
     let volume_type = &volume_type;
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
@@ -297,7 +292,7 @@ pub async fn add_volumes(
                 stream: String::new(),
                 need_bytes: gib << 30,
                 volume_type: volume_type.clone(),
-                kms_key_id: kms_key_id.map(str::to_owned),
+                kms_key_id: ctx.settings.keys.for_target(&t).map(str::to_owned),
                 instance_name: ctx.settings.instance_name.clone(),
                 timeout: ctx.settings.timeouts.volume,
             };

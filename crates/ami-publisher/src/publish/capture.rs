@@ -59,7 +59,7 @@ pub(super) async fn unpack_and_snapshot(
         stream: o.stream.clone(),
         need_bytes: o.image_size.saturating_add(o.min_free_bytes),
         volume_type: o.volume_type.clone(),
-        kms_key_id: o.kms_key_id.clone(),
+        kms_key_id: o.settings.keys.for_target(t).map(str::to_owned),
         instance_name: o.settings.instance_name.clone(),
         timeout: o.settings.timeouts.volume,
     };

@@ -75,11 +75,12 @@ pub struct Options {
     pub imds_support: Option<ImdsSupportValues>,
     pub root_device_name: String,
     pub volume_type: VolumeType,
-    pub kms_key_id: Option<String>,
     pub min_free_bytes: u64,
     pub ignore_missing_unpackers: bool,
     /// Whom the AMI is shared with (`--share-with-*`).
     pub shares: Grantees,
+    /// Each target's KMS key (ARN), as checked before the run.
+    pub keys: std::collections::HashMap<Target, String>,
 }
 
 impl Options {
@@ -155,6 +156,7 @@ pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> 
     let mut r = TargetResult {
         account: t.account.clone(),
         region: t.region.clone(),
+        kms_key: o.keys.get(t).cloned(),
         size_bytes: o.image_size,
         image_id: o.image_id.clone(),
         ..TargetResult::default()

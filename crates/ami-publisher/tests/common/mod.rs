@@ -207,3 +207,46 @@ pub async fn register_by_hand(ec2: &aws_sdk_ec2::Client, zone: &str, name: &str,
         .unwrap();
     ami.image_id().unwrap().to_owned()
 }
+
+/// A customer managed KMS key in `account`/`region` with alias `alias`,
+/// whose key policy lets its own account do everything and each of
+/// `shared_with` use it as EBS does for a shared snapshot. Returns its ARN.
+pub async fn customer_key(world: &World, account: &str, region: &str, alias: &str, shared_with: &[&str]) -> String {
+    let kms = aws_sdk_kms::Client::new(&world.sdk_config(account, region).await);
+    let owner =
+        world.targets.iter().find(|t| t.account == account).expect("a target of that account").account_id.clone();
+    let key = kms.create_key().policy(key_policy(&owner, shared_with)).send().await.unwrap();
+    let meta = key.key_metadata().unwrap();
+    kms.create_alias().alias_name(alias).target_key_id(meta.key_id()).send().await.unwrap();
+    meta.arn().unwrap().to_owned()
+}
+
+/// A key policy: `owner` may do everything, `shared_with` what EBS needs.
+pub fn key_policy(owner: &str, shared_with: &[&str]) -> String {
+    let mut statements = vec![serde_json::json!({
+        "Sid": "Owner", "Effect": "Allow", "Principal": {"AWS": format!("arn:aws:iam::{owner}:root")},
+        "Action": "kms:*", "Resource": "*"
+    })];
+    if !shared_with.is_empty() {
+        let principals: Vec<String> = shared_with.iter().map(|a| format!("arn:aws:iam::{a}:root")).collect();
+        statements.push(serde_json::json!({
+            "Sid": "SharedAccounts", "Effect": "Allow", "Principal": {"AWS": principals},
+            "Action": ["kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
+                       "kms:ReEncrypt*"],
+            "Resource": "*"
+        }));
+    }
+    serde_json::json!({"Version": "2012-10-17", "Statement": statements}).to_string()
+}
+
+/// The calls of `app` since `before` that change something (not a
+/// Describe, Get or List).
+pub fn writes_since(world: &World, app: &str, before: &std::collections::BTreeMap<String, u64>) -> Vec<String> {
+    world
+        .api_calls(app)
+        .into_iter()
+        .filter(|(a, n)| before.get(a) != Some(n))
+        .map(|(a, _)| a)
+        .filter(|a| !a.starts_with("Describe") && !a.starts_with("Get") && !a.starts_with("List"))
+        .collect()
+}
