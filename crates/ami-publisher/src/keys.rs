@@ -294,9 +294,9 @@ pub fn allows(policy: &Value, account: &str) -> bool {
     SHARED_ACCOUNT_ACTIONS.iter().all(|action| {
         let matching =
             |st: &&Value| names_account(st, account) && listed(&st["Action"]).iter().any(|a| like(a, action));
-        let allowed = statements.iter().filter(|s| s["Effect"] == "Allow").any(|s| matching(&s));
+        let allowed = statements.iter().filter(|s| s["Effect"] == "Allow").any(|s| matching(s));
         let denied =
-            statements.iter().filter(|s| s["Effect"] == "Deny" && s.get("Condition").is_none()).any(|s| matching(&s));
+            statements.iter().filter(|s| s["Effect"] == "Deny" && s.get("Condition").is_none()).any(|s| matching(s));
         allowed && !denied
     })
 }
