@@ -279,8 +279,9 @@ fn unpacker_user_data_matches_the_unit_and_the_instance_policy() {
 /// EC2 actions the publisher's code calls: `.describe_images()` and the
 /// like, and SDK waiters (which poll a Describe action).
 fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
-    const VERBS: [&str; 14] = [
+    const VERBS: [&str; 15] = [
         "describe",
+        "get_ebs",
         "create",
         "delete",
         "attach",
@@ -295,6 +296,8 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
         "modify",
         "run",
     ];
+    // The KMS operations the publisher calls (its keys are checked).
+    const KMS_ACTIONS: [&str; 2] = ["describe_key", "get_key_policy"];
     // Getters that look like operations.
     const NOT_ACTIONS: [&str; 3] = ["start_time", "delete_on_termination", "create_volume_permissions"];
     let mut files = Vec::new();
@@ -316,6 +319,8 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
                     "ec2:Describe{}s",
                     pascal(noun.unwrap_or_else(|| panic!("unknown waiter {ident}")))
                 ));
+            } else if KMS_ACTIONS.contains(&ident.as_str()) {
+                out.insert(format!("kms:{}", pascal(&ident)));
             } else if VERBS.iter().any(|v| ident.starts_with(&format!("{v}_"))) {
                 out.insert(format!("ec2:{}", pascal(&ident)));
             }
@@ -324,8 +329,8 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
     out
 }
 
-/// deploy/ami-publisher-iam-policy.json lists exactly the EC2 actions the
-/// publisher calls: least privilege, kept in step with the code.
+/// deploy/ami-publisher-iam-policy.json lists exactly the EC2 and KMS
+/// actions the publisher calls: least privilege, kept in step with the code.
 #[test]
 fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
     let code = ec2_actions_in_code();
@@ -336,7 +341,7 @@ fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
     for st in policy["Statement"].as_array().unwrap() {
         for a in st["Action"].as_array().unwrap() {
             let a = a.as_str().unwrap();
-            if a.starts_with("ec2:") {
+            if a.starts_with("ec2:") || a.starts_with("kms:") {
                 listed.insert(a.to_owned());
             }
         }

@@ -117,31 +117,49 @@ pub struct KeyCheck {
 pub const SHARED_ACCOUNT_ACTIONS: [&str; 5] =
     ["kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom"];
 
+/// Why a key check did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key cannot serve this run (what KMS said of it).
+    #[error("{0}")]
+    Refused(String),
+    /// A call failed (after the SDK's retries): nothing is known of the key.
+    #[error("{0:#}")]
+    Call(anyhow::Error),
+}
+
+macro_rules! refuse {
+    ($($arg:tt)*) => { return Err(KeyError::Refused(format!($($arg)*))) };
+}
+
 /// Check a target's key for this run: usable for EBS, and, when the AMIs
 /// are shared, shareable with `shares`. `named`: the key configured, or the
-/// account's default as EC2 reported it. Err: why the run cannot go on.
-pub async fn check(kms: &Client, named: &str, shares: &Grantees) -> anyhow::Result<KeyCheck> {
-    let described = kms.describe_key().key_id(named).send().await.map_err(|e| {
-        let e = aws_sdk_kms::Error::from(e.into_service_error());
-        match e.code() {
-            Some("NotFoundException") => anyhow::anyhow!("KMS key {named} does not exist here"),
-            Some("AccessDeniedException") => anyhow::anyhow!(
-                "this role may not DescribeKey {named}, so it cannot be checked (or, likely, used): allow \
-                 kms:DescribeKey on it"
-            ),
-            _ => anyhow::Error::new(e).context(format!("DescribeKey {named}")),
+/// account's default as EC2 reported it.
+pub async fn check(kms: &Client, named: &str, shares: &Grantees) -> Result<KeyCheck, KeyError> {
+    let described = match kms.describe_key().key_id(named).send().await {
+        Ok(d) => d,
+        Err(e) => {
+            let e = aws_sdk_kms::Error::from(e.into_service_error());
+            match e.code() {
+                Some("NotFoundException") => refuse!("KMS key {named} does not exist here"),
+                Some("AccessDeniedException") => refuse!(
+                    "this role may not DescribeKey {named}, so it cannot be checked (or, likely, used): allow \
+                     kms:DescribeKey on it"
+                ),
+                _ => return Err(KeyError::Call(anyhow::Error::new(e).context(format!("DescribeKey {named}")))),
+            }
         }
-    })?;
-    let Some(meta) = described.key_metadata() else { anyhow::bail!("DescribeKey {named} answered no key") };
+    };
+    let Some(meta) = described.key_metadata() else { refuse!("DescribeKey {named} answered no key") };
     let arn = meta.arn().unwrap_or(meta.key_id()).to_owned();
     let state = meta.key_state().map(|s| s.as_str().to_owned()).unwrap_or_default();
     if state != "Enabled" {
-        anyhow::bail!("KMS key {named} ({arn}) is {state}, not Enabled: EBS cannot encrypt with it");
+        refuse!("KMS key {named} ({arn}) is {state}, not Enabled: EBS cannot encrypt with it");
     }
     let spec = meta.key_spec().map(|s| s.as_str()).unwrap_or("SYMMETRIC_DEFAULT");
     let usage = meta.key_usage().map(|s| s.as_str()).unwrap_or("ENCRYPT_DECRYPT");
     if spec != "SYMMETRIC_DEFAULT" || usage != "ENCRYPT_DECRYPT" {
-        anyhow::bail!(
+        refuse!(
             "KMS key {named} is {spec} for {usage}: EBS only encrypts with symmetric encryption keys \
              (SYMMETRIC_DEFAULT, ENCRYPT_DECRYPT)"
         );
@@ -152,7 +170,7 @@ pub async fn check(kms: &Client, named: &str, shares: &Grantees) -> anyhow::Resu
         return Ok(out);
     }
     if !customer_managed {
-        anyhow::bail!(
+        refuse!(
             "the AMIs would be encrypted with the AWS managed key {named} ({arn}), which cannot be shared: EC2 \
              refuses to share its snapshots and no other account may use it. Give a customer managed key \
              (--kms-key-id, or [kms-keys] per target) whose key policy lets {} use it",
@@ -162,12 +180,14 @@ pub async fn check(kms: &Client, named: &str, shares: &Grantees) -> anyhow::Resu
     if !shares.accounts.is_empty() {
         match kms.get_key_policy().key_id(&arn).policy_name("default").send().await {
             Ok(p) => {
-                let policy: Value = serde_json::from_str(p.policy().unwrap_or("{}"))
-                    .map_err(|e| anyhow::anyhow!("the key policy of {arn} is not JSON: {e}"))?;
+                let policy: Value = match serde_json::from_str(p.policy().unwrap_or("{}")) {
+                    Ok(v) => v,
+                    Err(e) => refuse!("the key policy of {arn} is not JSON: {e}"),
+                };
                 let refused: Vec<&str> =
                     shares.accounts.iter().map(String::as_str).filter(|a| !allows(&policy, a)).collect();
                 if !refused.is_empty() {
-                    anyhow::bail!(
+                    refuse!(
                         "the key policy of {named} ({arn}) does not let account(s) {} use the key, so they could \
                          neither launch nor copy the AMIs: allow them {}",
                         refused.join(", "),
@@ -206,21 +226,22 @@ pub async fn target_key(ec2: &aws_sdk_ec2::Client, configured: Option<&str>) -> 
 
 /// Check every target's key before a publish makes anything (see
 /// [`check`]), all targets at once. Err: every target whose key cannot
-/// serve, one line each.
+/// serve, one line each: the run is refused. A target whose checks could
+/// not be made (a call that failed after its retries) is that target's
+/// failure alone: its entry holds the error, and the others go on.
 pub async fn preflight(
     aws: &crate::aws::Aws,
     targets: &[Target],
     keys: &Keys,
     shares: &Grantees,
     max_concurrency: usize,
-) -> anyhow::Result<Vec<(Target, KeyCheck)>> {
+) -> anyhow::Result<Vec<(Target, Result<KeyCheck, String>)>> {
     let checked = crate::fanout(targets, max_concurrency, |t| async move {
         let ec2 = aws.ec2(&t).await;
-        let r = async {
-            let named = target_key(&ec2, keys.for_target(&t)).await?;
-            check(&aws.kms(&t).await, &named, shares).await
-        }
-        .await;
+        let r = match target_key(&ec2, keys.for_target(&t)).await {
+            Ok(named) => check(&aws.kms(&t).await, &named, shares).await,
+            Err(e) => Err(KeyError::Call(e.context("finding the account's default EBS key"))),
+        };
         (t, r)
     })
     .await;
@@ -232,9 +253,10 @@ pub async fn preflight(
                 for u in &c.unchecked {
                     tracing::warn!(target = %t, "{u}");
                 }
-                out.push((t, c));
+                out.push((t, Ok(c)));
             }
-            Err(e) => refused.push(format!("  {t}: {e:#}")),
+            Err(KeyError::Refused(why)) => refused.push(format!("  {t}: {why}")),
+            Err(KeyError::Call(e)) => out.push((t, Err(format!("checking the KMS key: {e:#}")))),
         }
     }
     if !refused.is_empty() {
@@ -294,9 +316,8 @@ pub fn allows(policy: &Value, account: &str) -> bool {
     SHARED_ACCOUNT_ACTIONS.iter().all(|action| {
         let matching =
             |st: &&Value| names_account(st, account) && listed(&st["Action"]).iter().any(|a| like(a, action));
-        let allowed = statements.iter().filter(|s| s["Effect"] == "Allow").any(|s| matching(s));
-        let denied =
-            statements.iter().filter(|s| s["Effect"] == "Deny" && s.get("Condition").is_none()).any(|s| matching(s));
+        let allowed = statements.iter().filter(|s| s["Effect"] == "Allow").any(&matching);
+        let denied = statements.iter().filter(|s| s["Effect"] == "Deny" && s.get("Condition").is_none()).any(matching);
         allowed && !denied
     })
 }

@@ -235,7 +235,10 @@ async fn copies_and_launches_whose_answers_were_lost_make_nothing_twice() {
     let Scene { world, targets, .. } =
         scene(&["first", "second"], &["us-east-1", "eu-west-1"], "lost=0.6", 7, stream, disk(4 * MIB, 7)).await;
     let p = Publisher::new(&world);
-    let (code, r) = p.publish(stream, "1", &["--targets", "first,us-east-1"]);
+    // Under a key the second account may use, so that its snapshot can be shared.
+    let second = world.targets.iter().find(|t| t.account == "second").unwrap().account_id.clone();
+    let key = customer_key(&world, "first", "us-east-1", "alias/boot", &[&second]).await;
+    let (code, r) = p.publish(stream, "1", &["--targets", "first,us-east-1", "--kms-key-id", &key]);
     assert_eq!(code, 0, "{r:#?}");
     let mut before = BTreeMap::new();
     for t in &world.targets {

@@ -779,4 +779,17 @@ async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_tha
     // Again: nothing left to take back.
     let again = records(&json_of(&p.run(&["--json", "unshare", results])));
     assert!(again.iter().all(|a| a["action"] == "not shared"), "{again:?}");
+
+    // `share` with an account the keys' policies do not let in: refused in
+    // each target before anything there changes.
+    let before = world.api_calls("ami-publisher");
+    let out = p.run(&["--json", "share", results, "--share-with-accounts", other]);
+    assert_eq!(out.status.code(), Some(1));
+    let reports: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for r in reports.as_array().unwrap() {
+        let e = r["error"].as_str().unwrap_or_default();
+        assert!(e.contains(&format!("does not let account(s) {other} use the key")), "{r}");
+        assert!(e.contains("nothing was changed here"), "{r}");
+    }
+    assert_eq!(writes_since(&world, "ami-publisher", &before), Vec::<String>::new());
 }

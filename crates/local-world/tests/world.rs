@@ -219,3 +219,76 @@ async fn registered_image_attributes_are_kept_described_and_copied() {
         assert!(tpm.await.unwrap().tpm_support().and_then(|v| v.value()).is_none());
     }
 }
+
+/// The keys EBS uses, as EC2 and KMS describe them: the account's default
+/// is the AWS managed aws/ebs until changed, a snapshot carries its
+/// volume's key, a volume shows its key's ARN, and a snapshot under the
+/// AWS managed key cannot be shared with another account (moto lacked
+/// GetEbsDefaultKmsKeyId, called every key customer managed, gave
+/// snapshots no key and shared anything).
+#[tokio::test(flavor = "multi_thread")]
+async fn ebs_keys_are_described_carried_and_aws_managed_ones_never_shared() {
+    use aws_sdk_ec2::types::{CreateVolumePermission, CreateVolumePermissionModifications};
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let kms = aws_sdk_kms::Client::new(&world.sdk_config("first", "us-east-1").await);
+    let default = ec2.get_ebs_default_kms_key_id().send().await.unwrap();
+    assert_eq!(default.kms_key_id(), Some("alias/aws/ebs"));
+    let snapshot_under = |key: Option<String>| {
+        let ec2 = ec2.clone();
+        async move {
+            let vol = ec2
+                .create_volume()
+                .availability_zone("us-east-1a")
+                .size(1)
+                .encrypted(true)
+                .set_kms_key_id(key)
+                .send()
+                .await
+                .unwrap();
+            let snap = ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await.unwrap();
+            let d = ec2.describe_snapshots().snapshot_ids(snap.snapshot_id().unwrap()).send().await.unwrap();
+            (vol.kms_key_id().map(str::to_owned), d.snapshots()[0].clone())
+        }
+    };
+    let share = |snapshot: String| {
+        let ec2 = ec2.clone();
+        async move {
+            let add = CreateVolumePermission::builder().user_id(SECOND_ACCOUNT_ID).build();
+            ec2.modify_snapshot_attribute()
+                .snapshot_id(snapshot)
+                .create_volume_permission(CreateVolumePermissionModifications::builder().add(add).build())
+                .send()
+                .await
+        }
+    };
+    // Under the default key: the AWS managed aws/ebs, and never shared.
+    let aws_ebs = kms.describe_key().key_id("alias/aws/ebs").send().await.unwrap();
+    let aws_ebs = aws_ebs.key_metadata().unwrap();
+    assert_eq!(aws_ebs.key_manager(), Some(&aws_sdk_kms::types::KeyManagerType::Aws));
+    let (_, snap) = snapshot_under(None).await;
+    assert_eq!(snap.kms_key_id(), aws_ebs.arn());
+    let refused = share(snap.snapshot_id().unwrap().to_owned()).await.unwrap_err();
+    assert_eq!(aws_sdk_ec2::error::ProvideErrorMetadata::code(&refused), Some("InvalidParameter"), "{refused:?}");
+    let held = ec2
+        .describe_snapshot_attribute()
+        .snapshot_id(snap.snapshot_id().unwrap())
+        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+        .send()
+        .await
+        .unwrap();
+    assert!(held.create_volume_permissions().is_empty(), "{held:?}");
+    // Under a customer managed key named by its alias: the ARN everywhere, and shared.
+    let key = kms.create_key().send().await.unwrap();
+    let key = key.key_metadata().unwrap();
+    assert_eq!(key.key_manager(), Some(&aws_sdk_kms::types::KeyManagerType::Customer));
+    kms.create_alias().alias_name("alias/images").target_key_id(key.key_id()).send().await.unwrap();
+    let (volume_key, snap) = snapshot_under(Some("alias/images".to_owned())).await;
+    assert_eq!(volume_key.as_deref(), key.arn());
+    assert_eq!(snap.kms_key_id(), key.arn());
+    share(snap.snapshot_id().unwrap().to_owned()).await.unwrap();
+    // The account's default, once changed, is that key.
+    ec2.modify_ebs_default_kms_key_id().kms_key_id(key.key_id()).send().await.unwrap();
+    let default = ec2.get_ebs_default_kms_key_id().send().await.unwrap();
+    assert_eq!(default.kms_key_id(), key.arn());
+}

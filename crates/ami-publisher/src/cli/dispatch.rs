@@ -418,7 +418,7 @@ async fn prepare_publish(
         min_free_bytes: cli.min_free_bytes,
         ignore_missing_unpackers: cli.ignore_missing_unpackers,
         shares: cli.grantees(),
-        keys: keys.into_iter().map(|(t, c)| (t, c.arn)).collect(),
+        keys: keys.into_iter().map(|(t, c)| (t, c.map(|c| c.arn))).collect(),
     };
     Ok((opts, targets, aws))
 }

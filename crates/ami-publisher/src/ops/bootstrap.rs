@@ -174,10 +174,13 @@ impl Shares {
         if share.copies == 0 {
             let already = sharing::volume_permissions(src, snap, None).await?.iter().any(|a| a == account);
             if !already {
-                sharing::change(src, &Self::permission(snap, account), true, None).await.context(
-                    "note: a snapshot encrypted with the account's default aws/ebs key cannot be shared; \
-                     publish the source with --kms-key-id of a customer-managed key the destination may use",
-                )?;
+                sharing::change(src, &Self::permission(snap, account), true, None).await.with_context(|| {
+                    format!(
+                        "the source snapshot {snap} cannot be shared with account {account} for the copy (one \
+                         encrypted with the AWS managed key aws/ebs never can: publish the source with a customer \
+                         managed key the destination may use, --kms-key-id)"
+                    )
+                })?;
             }
             share.added = !already;
         }

@@ -3,16 +3,43 @@
 //! [`crate::sharing`]'s; here is which permissions each target's AMIs get
 //! or lose, as rows.
 
-use crate::sharing::{self, Grantees, Permission};
+use anyhow::Context as _;
+
+use crate::{
+    keys, retry,
+    sharing::{self, Grantees, Permission},
+};
 
 use super::{Acted, AmiMap, Ctx, Report, images::ListedAmi};
 
 /// `share RESULTS...`: give every AMI (and, for accounts, its snapshot)
 /// the permissions `grantees` need that it lacks.
+///
+/// Each snapshot's key is checked first ([`keys::check`]): a target whose
+/// AMIs are under the AWS managed key, or under a key whose policy does not
+/// let the accounts use it, fails before anything in it changes.
 pub async fn share(ctx: &Ctx<'_>, grantees: &Grantees, amis: &AmiMap) -> Vec<Report<Acted>> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
-        for a in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
+        let listed = amis.get(&t).map(Vec::as_slice).unwrap_or_default();
+        let kms = ctx.aws.kms(&t).await;
+        for a in listed {
+            for snapshot in snapshots(a) {
+                let found = retry::call(&format!("DescribeSnapshots {snapshot}"), None, || {
+                    ec2.describe_snapshots().snapshot_ids(&snapshot).send()
+                })
+                .await?;
+                let Some(key) = found.snapshots().first().and_then(|s| s.kms_key_id()) else { continue };
+                let checked = keys::check(&kms, key, grantees)
+                    .await
+                    .map_err(anyhow::Error::new)
+                    .with_context(|| format!("{} cannot be shared as asked; nothing was changed here", a.ami))?;
+                for u in checked.unchecked {
+                    tracing::warn!(ami = %a.ami, "{u}");
+                }
+            }
+        }
+        for a in listed {
             for (p, holds) in sharing::held(&ec2, &a.ami, &snapshots(a), grantees, None).await? {
                 out.push(if holds {
                     already(&p, "shared already")

@@ -79,8 +79,9 @@ pub struct Options {
     pub ignore_missing_unpackers: bool,
     /// Whom the AMI is shared with (`--share-with-*`).
     pub shares: Grantees,
-    /// Each target's KMS key (ARN), as checked before the run.
-    pub keys: std::collections::HashMap<Target, String>,
+    /// Each target's KMS key (ARN), as checked before the run, or why it
+    /// could not be checked (the target then fails at once).
+    pub keys: std::collections::HashMap<Target, Result<String, String>>,
 }
 
 impl Options {
@@ -156,12 +157,15 @@ pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> 
     let mut r = TargetResult {
         account: t.account.clone(),
         region: t.region.clone(),
-        kms_key: o.keys.get(t).cloned(),
+        kms_key: o.keys.get(t).and_then(|k| k.as_ref().ok()).cloned(),
         size_bytes: o.image_size,
         image_id: o.image_id.clone(),
         ..TargetResult::default()
     };
-    let mut done = run(ec2, t, o, line, &mut r).await;
+    let mut done = match o.keys.get(t) {
+        Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
+        _ => run(ec2, t, o, line, &mut r).await,
+    };
     if done.is_ok() && !o.shares.is_empty() {
         done = share(ec2, o, line, &mut r).await;
     }
