@@ -1,6 +1,7 @@
 //! AWS access: profiles from the standard profile files, one SDK
-//! configuration (and so one credentials cache) per profile, one EC2 client
-//! per target. Endpoints, roles (`role_arn` + `source_profile`), SSO and
+//! configuration (and so one credentials cache) per profile or account of
+//! the organization (reached by a role from `--org-profile`), one EC2
+//! client per target. Endpoints, roles (`role_arn` + `source_profile`), SSO and
 //! credential processes are aws-config's business; retries use the SDK's
 //! standard retry mode, with a retry quota per target (see [`Aws::ec2`]).
 //! What the SDK cannot retry on its own is in [`crate::retry`].
@@ -18,7 +19,7 @@ use aws_sdk_ec2::{
 };
 use tokio::sync::{Mutex, OnceCell};
 
-use crate::targets::Target;
+use crate::{org::OrgScope, targets::Target};
 
 /// How API calls are retried, and how long they may take.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +48,18 @@ pub struct Aws {
     http: aws_types::sdk_config::SharedHttpClient,
     /// One configuration per profile, loaded once, profiles in parallel.
     configs: Mutex<HashMap<String, Arc<OnceCell<SdkConfig>>>>,
+    /// Accounts found in the organization, by id: how each is reached.
+    org_accounts: std::sync::Mutex<HashMap<String, Reach>>,
     partitions: Mutex<HashMap<Target, RetryPartition>>,
+}
+
+/// How an account found in the organization is reached.
+#[derive(Debug, Clone)]
+enum Reach {
+    /// As the profile that listed it (the account it is in).
+    Profile(String),
+    /// Through this role, assumed from that profile.
+    Role { from: String, role_arn: String },
 }
 
 /// Retry tokens of one target's quota. The SDK's standard mode spends 5 on
@@ -121,7 +133,14 @@ impl Aws {
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
-        Ok(Aws { profiles, retry, http, configs: Mutex::default(), partitions: Mutex::default() })
+        Ok(Aws {
+            profiles,
+            retry,
+            http,
+            configs: Mutex::default(),
+            org_accounts: std::sync::Mutex::default(),
+            partitions: Mutex::default(),
+        })
     }
 
     /// Known profile names.
@@ -134,7 +153,63 @@ impl Aws {
         cell.get_or_init(|| self.load_config(profile)).await.clone()
     }
 
-    async fn load_config(&self, profile: &str) -> SdkConfig {
+    async fn load_config(&self, account: &str) -> SdkConfig {
+        let reach = self.org_accounts.lock().expect("not poisoned").get(account).cloned();
+        match reach {
+            None => self.loader(account).load().await,
+            Some(Reach::Profile(p)) => self.loader(&p).load().await,
+            Some(Reach::Role { from, role_arn }) => {
+                let source = self.loader(&from).load().await;
+                let role = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+                    .session_name("ami-publisher")
+                    .configure(&source)
+                    .build()
+                    .await;
+                self.loader(&from).credentials_provider(role).load().await
+            }
+        }
+    }
+
+    /// The ids of the ACTIVE accounts of `scope`, listed from profile
+    /// `from`; each is then reached through role `role_name` in it (the
+    /// account `from` is in, as `from` itself).
+    pub async fn org_accounts(&self, from: &str, role_name: &str, scope: &OrgScope) -> anyhow::Result<Vec<String>> {
+        if !self.profiles.iter().any(|p| p == from) {
+            anyhow::bail!(
+                "--org-profile '{from}' is not a profile in the AWS profile files (found: {})",
+                self.profiles.join(", ")
+            );
+        }
+        let config = self.config(from).await;
+        let own = aws_sdk_sts::Client::new(&config)
+            .get_caller_identity()
+            .send()
+            .await
+            .with_context(|| format!("GetCallerIdentity of profile {from}"))?
+            .account
+            .unwrap_or_default();
+        // Organizations answers in us-east-1 for the aws partition.
+        let org = aws_sdk_organizations::Client::from_conf(
+            aws_sdk_organizations::config::Builder::from(&config).region(Region::from_static("us-east-1")).build(),
+        );
+        let ids = crate::org::active_accounts(&org, scope)
+            .await
+            .with_context(|| format!("listing the organization's accounts as profile {from}"))?;
+        let mut known = self.org_accounts.lock().expect("not poisoned");
+        for id in &ids {
+            let reach = if *id == own {
+                Reach::Profile(from.to_owned())
+            } else {
+                Reach::Role { from: from.to_owned(), role_arn: format!("arn:aws:iam::{id}:role/{role_name}") }
+            };
+            known.insert(id.clone(), reach);
+        }
+        Ok(ids)
+    }
+
+    /// The SDK configuration loader of a profile, with this run's HTTP
+    /// client, retries and timeouts.
+    fn loader(&self, profile: &str) -> aws_config::ConfigLoader {
         let retry = RetryConfig::standard()
             .with_max_attempts(self.retry.max_retries.saturating_add(1))
             .with_initial_backoff(self.retry.wait);
@@ -160,8 +235,6 @@ impl Aws {
             .app_name(aws_config::AppName::new("ami-publisher").expect("a valid app name"))
             .retry_config(retry)
             .timeout_config(timeouts)
-            .load()
-            .await
     }
 
     /// An EC2 client for a target. Every client of a target shares the

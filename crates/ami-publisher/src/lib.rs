@@ -3,6 +3,7 @@
 //! image-unpacker instance in each target, and writes results files.
 //!
 //! - [`targets`]: `ACCOUNT,REGION` patterns and their expansion;
+//! - [`org`]: targets from AWS Organizations (Organizations calls);
 //! - [`errors`]: what an EC2 error answer means, and how it reads;
 //! - [`aws`]: profiles, SDK configuration, retries;
 //! - [`retry`]: what the SDK cannot retry: fresh ids, untokened creates, waits;
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod errors;
 pub mod keys;
 pub mod ops;
+pub mod org;
 pub mod policy;
 pub mod progress;
 pub mod publish;

@@ -74,9 +74,21 @@ fn key_statement(key: &str) -> Value {
     })
 }
 
-/// The policy for unpacker instances tagged `Name=<instance_name>`, and
-/// the customer managed keys `kms_keys` (none: the accounts' default keys).
-pub fn publisher_policy(instance_name: &str, kms_keys: &[&str]) -> Value {
+/// Where the publisher's role is: the unpacker instances are tagged
+/// `Name=<instance_name>`, the customer managed keys are `kms_keys` (none:
+/// the accounts' default keys), and accounts of `org:` targets are reached
+/// through role `org_role_name` in them.
+pub struct PolicyFor<'a> {
+    pub instance_name: &'a str,
+    pub kms_keys: &'a [&'a str],
+    pub org_role_name: &'a str,
+}
+
+/// The publisher's policy (see [`PolicyFor`]). The organization statement
+/// matters only where `--org-profile` runs: it lists the organization's
+/// accounts and assumes the role in each.
+pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
+    let PolicyFor { instance_name, kms_keys, org_role_name } = *to;
     let ours = json!({ "StringEquals": { format!("aws:ResourceTag/{MANAGED_BY}"): MANAGED_BY_VALUE } });
     let (volume, snapshot, image, instance, key_pair) = (
         "arn:aws:ec2:*:*:volume/*",
@@ -157,6 +169,21 @@ pub fn publisher_policy(instance_name: &str, kms_keys: &[&str]) -> Value {
                 ]
             },
             {
+                "Sid": "ListTheOrganizationsAccounts",
+                "Effect": "Allow",
+                "Action": [
+                    "organizations:ListAccounts", "organizations:ListAccountsForParent",
+                    "organizations:ListOrganizationalUnitsForParent"
+                ],
+                "Resource": "*"
+            },
+            {
+                "Sid": "ReachTheOrganizationsAccounts",
+                "Effect": "Allow",
+                "Action": ["sts:AssumeRole"],
+                "Resource": format!("arn:aws:iam::*:role/{org_role_name}")
+            },
+            {
                 "Sid": "PassTheUnpackerRole",
                 "Effect": "Allow",
                 "Action": ["iam:PassRole"],
@@ -187,7 +214,11 @@ mod tests {
         let shipped: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(
             shipped,
-            publisher_policy("ImageUnpacker", &[]),
+            publisher_policy(&PolicyFor {
+                instance_name: "ImageUnpacker",
+                kms_keys: &[],
+                org_role_name: "OrganizationAccountAccessRole"
+            }),
             "deploy/ami-publisher-iam-policy.json is `ami-publisher iam-policy` (write it again from that)"
         );
     }
@@ -195,7 +226,7 @@ mod tests {
     #[test]
     fn a_configured_key_is_allowed_only_through_ec2() {
         let statement = |key: &str| {
-            let p = publisher_policy("U", &[key]);
+            let p = publisher_policy(&PolicyFor { instance_name: "U", kms_keys: &[key], org_role_name: "R" });
             p["Statement"].as_array().unwrap().last().unwrap().clone()
         };
         let arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
@@ -210,7 +241,7 @@ mod tests {
         assert_eq!(s["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"], "alias/images");
         assert_eq!(statement("1234abcd")["Resource"], "arn:aws:kms:*:*:key/1234abcd");
         assert!(
-            publisher_policy("U", &[])["Statement"]
+            publisher_policy(&PolicyFor { instance_name: "U", kms_keys: &[], org_role_name: "R" })["Statement"]
                 .as_array()
                 .unwrap()
                 .iter()

@@ -1,13 +1,18 @@
-//! Targets: (account, region) pairs. An account is an AWS profile name.
+//! Targets: (account, region) pairs. An account is an AWS profile name, or
+//! the id of an account found in the organization.
 //!
 //! `--targets ACCOUNT,REGION`: an empty (or `*`) account means every profile
-//! in the profile files; an empty (or `*`) region means every region enabled
-//! in that account (DescribeRegions). `--skip-targets` takes the same syntax
-//! and removes what it matches from the expanded list.
+//! in the profile files; `org:*`, `org:ROOT_ID` or `org:OU_ID` means the
+//! ACTIVE accounts of the organization, or of that root or OU and those
+//! below it ([`crate::org`]); an empty (or `*`) region means every region
+//! enabled in that account (DescribeRegions). `--skip-targets` takes the
+//! same syntax and removes what it matches from the expanded list.
 
 use std::{collections::BTreeSet, fmt, str::FromStr};
 
 use anyhow::Context as _;
+
+use crate::org::OrgScope;
 
 /// One `ACCOUNT,REGION` pattern from the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +21,8 @@ pub struct TargetSpec {
     pub account: Option<String>,
     /// `None`: every enabled region.
     pub region: Option<String>,
+    /// `org:...`: the accounts of the organization (then `account` is None).
+    pub org: Option<OrgScope>,
 }
 
 /// Why a target pattern was refused.
@@ -52,6 +59,23 @@ impl FromStr for TargetSpec {
         };
         let region = region.unwrap_or("").trim();
         let account = account.trim();
+        if !wildcard(region) && !valid_region(region) {
+            return Err(SpecError::BadPart { spec: spec.into(), part: region.into(), what: "region name" });
+        }
+        if let Some(scope) = account.strip_prefix("org:") {
+            let Some(org) = OrgScope::parse(scope) else {
+                return Err(SpecError::BadPart {
+                    spec: spec.into(),
+                    part: account.into(),
+                    what: "organization scope (org:*, org:r-ROOT or org:ou-OU)",
+                });
+            };
+            return Ok(TargetSpec {
+                account: None,
+                region: (!wildcard(region)).then(|| region.to_owned()),
+                org: Some(org),
+            });
+        }
         if !wildcard(account) && !valid_profile(account) {
             return Err(SpecError::BadPart { spec: spec.into(), part: account.into(), what: "profile name" });
         }
@@ -61,20 +85,28 @@ impl FromStr for TargetSpec {
         Ok(TargetSpec {
             account: (!wildcard(account)).then(|| account.to_owned()),
             region: (!wildcard(region)).then(|| region.to_owned()),
+            org: None,
         })
     }
 }
 
 impl fmt::Display for TargetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{},{}", self.account.as_deref().unwrap_or("*"), self.region.as_deref().unwrap_or("*"))
+        let region = self.region.as_deref().unwrap_or("*");
+        match &self.org {
+            Some(org) => write!(f, "{org},{region}"),
+            None => write!(f, "{},{region}", self.account.as_deref().unwrap_or("*")),
+        }
     }
 }
 
 impl TargetSpec {
-    /// Whether this pattern matches a concrete target.
+    /// Whether this pattern matches a concrete target (an `org:` pattern
+    /// matches nothing until [`expand`] has replaced it by its accounts).
     pub fn matches(&self, t: &Target) -> bool {
-        self.account.as_ref().is_none_or(|a| *a == t.account) && self.region.as_ref().is_none_or(|r| *r == t.region)
+        self.org.is_none()
+            && self.account.as_ref().is_none_or(|a| *a == t.account)
+            && self.region.as_ref().is_none_or(|r| *r == t.region)
     }
 }
 
@@ -94,20 +126,49 @@ impl fmt::Display for Target {
 /// Expand patterns into concrete targets, in a stable order, minus the
 /// skipped ones. `profiles` lists the known profiles; `regions_of` answers
 /// "which regions are enabled in this account" (called once per account that
-/// needs it).
-pub async fn expand<F, Fut>(
+/// needs it); `org_accounts` answers "which accounts are in this part of the
+/// organization" (called once per `org:` scope).
+pub async fn expand<F, Fut, G, GFut>(
     specs: &[TargetSpec],
     skip: &[TargetSpec],
     profiles: &[String],
     mut regions_of: F,
+    mut org_accounts: G,
 ) -> anyhow::Result<Vec<Target>>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Vec<String>>>,
+    G: FnMut(OrgScope) -> GFut,
+    GFut: std::future::Future<Output = anyhow::Result<Vec<String>>>,
 {
+    // `org:` patterns become one pattern per account of theirs.
+    let mut found: std::collections::HashMap<OrgScope, Vec<String>> = Default::default();
+    let mut org_ids = BTreeSet::new();
     for s in specs.iter().chain(skip) {
+        if let Some(scope) = &s.org
+            && !found.contains_key(scope)
+        {
+            let ids = org_accounts(scope.clone()).await.with_context(|| format!("listing the accounts of {scope}"))?;
+            org_ids.extend(ids.iter().cloned());
+            found.insert(scope.clone(), ids);
+        }
+    }
+    let concrete = |list: &[TargetSpec]| -> Vec<TargetSpec> {
+        list.iter()
+            .flat_map(|s| match &s.org {
+                None => vec![s.clone()],
+                Some(scope) => found[scope]
+                    .iter()
+                    .map(|a| TargetSpec { account: Some(a.clone()), region: s.region.clone(), org: None })
+                    .collect(),
+            })
+            .collect()
+    };
+    let (specs, skip) = (concrete(specs), concrete(skip));
+    for s in specs.iter().chain(&skip) {
         if let Some(a) = &s.account
             && !profiles.contains(a)
+            && !org_ids.contains(a)
         {
             anyhow::bail!(
                 "unknown AWS profile '{a}' in target '{s}' (profiles found: {}; they come from \
@@ -125,7 +186,7 @@ where
     };
     let mut out = BTreeSet::new();
     let mut regions_cache: std::collections::HashMap<String, Vec<String>> = Default::default();
-    for s in specs {
+    for s in &specs {
         let accounts = match &s.account {
             Some(a) => vec![a.clone()],
             None => all_accounts.clone(),
@@ -175,17 +236,53 @@ mod tests {
         let specs: Vec<TargetSpec> = vec!["*,r-1".parse().unwrap(), "a,".parse().unwrap()];
         let skip: Vec<TargetSpec> = vec!["b,r-1".parse().unwrap()];
         let mut asked = Vec::new();
-        let got = expand(&specs, &skip, &profiles, |a| {
-            asked.push(a.clone());
-            async move { Ok(vec!["r-1".to_owned(), "r-2".to_owned()]) }
-        })
+        let got = expand(
+            &specs,
+            &skip,
+            &profiles,
+            |a| {
+                asked.push(a.clone());
+                async move { Ok(vec!["r-1".to_owned(), "r-2".to_owned()]) }
+            },
+            |_| async { Ok(vec![]) },
+        )
         .await
         .unwrap();
         let got: Vec<String> = got.iter().map(ToString::to_string).collect();
         assert_eq!(got, ["a,r-1", "a,r-2"]);
         assert_eq!(asked, ["a"]);
         let bad: Vec<TargetSpec> = vec!["nobody,r-1".parse().unwrap()];
-        let e = expand(&bad, &[], &profiles, |_| async { Ok(vec![]) }).await.unwrap_err();
+        let e = expand(&bad, &[], &profiles, |_| async { Ok(vec![]) }, |_| async { Ok(vec![]) }).await.unwrap_err();
         assert!(e.to_string().contains("unknown AWS profile 'nobody'"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn organization_scopes_become_their_accounts_and_can_be_skipped() {
+        let profiles = vec!["default".to_owned()];
+        let specs: Vec<TargetSpec> = vec!["org:ou-ab12-cd34ef56,r-1".parse().unwrap(), "org:*,r-2".parse().unwrap()];
+        let skip: Vec<TargetSpec> = vec!["222222222222,*".parse().unwrap()];
+        let mut asked = Vec::new();
+        let got = expand(
+            &specs,
+            &skip,
+            &profiles,
+            |_| async { Ok(vec![]) },
+            |scope| {
+                asked.push(scope.to_string());
+                async move {
+                    Ok(match scope {
+                        OrgScope::All => vec!["111111111111".to_owned(), "222222222222".to_owned()],
+                        OrgScope::Under(_) => vec!["111111111111".to_owned()],
+                    })
+                }
+            },
+        )
+        .await
+        .unwrap();
+        let got: Vec<String> = got.iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["111111111111,r-1", "111111111111,r-2"]);
+        assert_eq!(asked, ["org:ou-ab12-cd34ef56", "org:*"]);
+        assert!(matches!("org:nope,r-1".parse::<TargetSpec>(), Err(SpecError::BadPart { .. })));
+        assert_eq!("org:r-ab12,".parse::<TargetSpec>().unwrap().to_string(), "org:r-ab12,*");
     }
 }

@@ -793,3 +793,88 @@ async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_tha
     }
     assert_eq!(writes_since(&world, "ami-publisher", &before), Vec::<String>::new());
 }
+
+/// Issue 20: targets from the world's AWS Organization. `org:*` is every
+/// ACTIVE account (a closed one and one that left are not targets), an OU
+/// is followed down to the OUs below it, `--skip-targets` removes an
+/// account by its id, and each account is reached through the role in it;
+/// a publish over an OU makes the AMI in its accounts that have an
+/// unpacker, named by account id in the results.
+#[tokio::test(flavor = "multi_thread")]
+async fn targets_come_from_the_organization() {
+    use local_world::{CONSUMER_ACCOUNT_ID, FIRST_ACCOUNT_ID, NESTED_ACCOUNT_ID, SECOND_ACCOUNT_ID};
+    let world = World::start(&Plan::of(&["first", "second"], &["us-east-1"]).with_organization()).await.unwrap();
+    let org = world.organization.clone().unwrap();
+    let p = Publisher::new(&world);
+    let listed = |targets: &[&str]| {
+        let mut args = vec!["--json", "list-unpackers"];
+        for t in targets {
+            if t.starts_with("--") {
+                args.push(t);
+            } else {
+                args.extend(["--targets", t]);
+            }
+        }
+        let v = json_of(&p.run(&args));
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert!(r["error"].is_null(), "{r}");
+                (r["account"].as_str().unwrap().to_owned(), r["records"].as_array().unwrap().len())
+            })
+            .collect::<Vec<_>>()
+    };
+    // Every ACTIVE account; the two with unpackers list one each.
+    let all = listed(&["org:*,us-east-1"]);
+    let want: Vec<(String, usize)> = vec![
+        (SECOND_ACCOUNT_ID.to_owned(), 1),
+        (FIRST_ACCOUNT_ID.to_owned(), 1),
+        (CONSUMER_ACCOUNT_ID.to_owned(), 0),
+        (NESTED_ACCOUNT_ID.to_owned(), 0),
+    ];
+    let mut all_sorted = all.clone();
+    all_sorted.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(all_sorted, want_sorted, "closed and departed accounts are not targets");
+    // An OU and the OU below it; the root; a skipped account.
+    let publishers = format!("org:{},us-east-1", org.ou("publishers"));
+    let ids = |v: Vec<(String, usize)>| v.into_iter().map(|(a, _)| a).collect::<Vec<_>>();
+    assert_eq!(ids(listed(&[&publishers])), [SECOND_ACCOUNT_ID, NESTED_ACCOUNT_ID]);
+    assert_eq!(ids(listed(&[&format!("org:{},us-east-1", org.root_id)])).len(), 4);
+    let skip = format!("--skip-targets={NESTED_ACCOUNT_ID},*");
+    let skipped = listed(&[&publishers, &skip]);
+    assert_eq!(ids(skipped), [SECOND_ACCOUNT_ID]);
+
+    // A publish over the OU: the second account's unpacker makes its AMI.
+    add_image(&world, "base/org", "1", &disk(4 * MIB, 21)).await;
+    let (code, r) = p.publish("base/org", "1", &["--targets", &publishers, "--ignore-missing-unpackers"]);
+    assert_eq!(code, 0, "{r:#?}");
+    let by_account: Vec<(&str, bool)> = r.targets.iter().map(|t| (t.account.as_str(), t.skipped)).collect();
+    assert_eq!(by_account, [(SECOND_ACCOUNT_ID, false), (NESTED_ACCOUNT_ID, true)]);
+    let made = r.targets[0].ami_id.as_deref().unwrap();
+    let second = world.ec2("second", "us-east-1").await;
+    assert_eq!(second.describe_images().image_ids(made).send().await.unwrap().images().len(), 1);
+
+    // Wrong scopes and role names are refused by name, before any call.
+    let before = world.api_calls("ami-publisher");
+    for (args, want) in [
+        (vec!["--targets", "org:o-abcdefghij,us-east-1", "list-unpackers"], "organization scope"),
+        (
+            vec!["--targets", "org:*,us-east-1", "--org-role-name", "no spaces", "list-unpackers"],
+            "not an IAM role name",
+        ),
+    ] {
+        let out = p.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(world.api_calls("ami-publisher"), before);
+    // A profile that cannot list the organization's accounts is named.
+    let out = p.run(&["--targets", "org:*,us-east-1", "--org-profile", "second", "list-unpackers"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("as profile second"), "{err}");
+}

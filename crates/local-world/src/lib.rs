@@ -31,10 +31,12 @@
 mod attacher;
 mod calls;
 mod moto;
+mod organization;
 mod plan;
 mod profiles;
 
 pub use moto::{MOTO_VERSION, WORLD_VARIABLES, ensure_moto};
+pub use organization::{CLOSED_ACCOUNT_ID, DEPARTED_ACCOUNT_ID, NESTED_ACCOUNT_ID, Organization};
 pub use plan::Plan;
 pub use profiles::{WORLD_SESSION, sdk_config};
 
@@ -125,6 +127,8 @@ pub struct World {
     pub pki: Pki,
     pub imageserver: imageserver::Running,
     pub targets: Vec<Target>,
+    /// The world's AWS Organization, when the plan asked for one.
+    pub organization: Option<Organization>,
     pub config_file: PathBuf,
     pub credentials_file: PathBuf,
     /// Snapshot id -> copy of the bytes behind it.
@@ -170,6 +174,7 @@ impl World {
             pki,
             imageserver,
             targets: Vec::new(),
+            organization: None,
             config_file,
             credentials_file,
             snapshots: Arc::default(),
@@ -189,6 +194,10 @@ impl World {
                     .with_context(|| format!("target {account},{region}"))?;
                 world.targets.push(t);
             }
+        }
+        if plan.organization {
+            let config = world.sdk_config("first", "us-east-1").await;
+            world.organization = Some(organization::create(&config).await.context("the world's organization")?);
         }
         world.attacher = attacher::spawn(&world);
         Ok(world)

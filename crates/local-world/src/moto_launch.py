@@ -206,6 +206,11 @@ shared_images.install()
 from world import kms_keys
 
 kms_keys.install()
+# 14. The world's organization gets accounts of the ids it names
+#     (world/organization.py).
+from world import organization
+
+organization.install()
 
 
 def _refuse_taken_name(backend, name):

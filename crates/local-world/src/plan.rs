@@ -12,6 +12,8 @@ pub struct Plan {
     /// World variables for this world only, in the order given (a later
     /// value of a name wins).
     pub variables: Vec<(String, String)>,
+    /// Whether the world has an AWS Organization (see [`crate::Organization`]).
+    pub organization: bool,
 }
 
 impl Plan {
@@ -21,6 +23,7 @@ impl Plan {
             accounts: accounts.iter().map(|s| (*s).to_owned()).collect(),
             regions: regions.iter().map(|s| (*s).to_owned()).collect(),
             variables: Vec::new(),
+            organization: false,
         }
     }
 
@@ -35,6 +38,13 @@ impl Plan {
     pub fn with(mut self, name: &str, value: &str) -> Plan {
         self.variables.retain(|(k, _)| k != name);
         self.variables.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// This plan with an AWS Organization, `first` its management account.
+    #[must_use]
+    pub fn with_organization(mut self) -> Plan {
+        self.organization = true;
         self
     }
 

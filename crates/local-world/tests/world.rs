@@ -292,3 +292,63 @@ async fn ebs_keys_are_described_carried_and_aws_managed_ones_never_shared() {
     let default = ec2.get_ebs_default_kms_key_id().send().await.unwrap();
     assert_eq!(default.kms_key_id(), key.arn());
 }
+
+/// Launch permissions for an organization or an OU let exactly the accounts
+/// in it (an OU's: also in the OUs below it) see and launch the AMI, as
+/// EC2's "Share an AMI with organizations or OUs" describes.
+#[tokio::test(flavor = "multi_thread")]
+async fn organization_and_ou_launch_permissions_reach_their_accounts() {
+    use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, LaunchPermission, LaunchPermissionModifications};
+    use local_world::CONSUMER;
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"]).with_organization()).await.unwrap();
+    let org = world.organization.clone().unwrap();
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let vol = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.unwrap();
+    let snap = ec2.create_snapshot().volume_id(vol.volume_id().unwrap()).send().await.unwrap();
+    let root = BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(EbsBlockDevice::builder().snapshot_id(snap.snapshot_id().unwrap()).build())
+        .build();
+    let ami = ec2.register_image().name("org-shared").root_device_name("/dev/xvda").block_device_mappings(root);
+    let ami = ami.send().await.unwrap().image_id().unwrap().to_owned();
+    let set = |p: LaunchPermission, add: bool| {
+        let (ec2, ami) = (ec2.clone(), ami.clone());
+        async move {
+            let m = if add {
+                LaunchPermissionModifications::builder().add(p).build()
+            } else {
+                LaunchPermissionModifications::builder().remove(p).build()
+            };
+            ec2.modify_image_attribute().image_id(ami).launch_permission(m).send().await.unwrap();
+        }
+    };
+    let seen_by = |who: &'static str| {
+        let (w, ami) = (&world, ami.clone());
+        async move {
+            let c = w.ec2(who, "us-east-1").await;
+            c.describe_images()
+                .owners(FIRST_ACCOUNT_ID)
+                .send()
+                .await
+                .unwrap()
+                .images()
+                .iter()
+                .any(|i| i.image_id() == Some(&ami))
+        }
+    };
+    let second = "second";
+    assert!(!seen_by(CONSUMER).await && !seen_by(second).await, "not shared yet");
+    // The consumers' OU: the consumer, not the second account.
+    let consumers = LaunchPermission::builder().organizational_unit_arn(org.ou_arn("consumers")).build();
+    set(consumers.clone(), true).await;
+    assert!(seen_by(CONSUMER).await && !seen_by(second).await);
+    set(consumers, false).await;
+    // The publishers' OU reaches the second account (directly in it).
+    let publishers = LaunchPermission::builder().organizational_unit_arn(org.ou_arn("publishers")).build();
+    set(publishers.clone(), true).await;
+    assert!(!seen_by(CONSUMER).await && seen_by(second).await);
+    set(publishers, false).await;
+    // The organization reaches both.
+    set(LaunchPermission::builder().organization_arn(&org.arn).build(), true).await;
+    assert!(seen_by(CONSUMER).await && seen_by(second).await);
+}

@@ -18,8 +18,10 @@ use crate::{
 /// ~/.aws/config and ~/.aws/credentials, or AWS_CONFIG_FILE and
 /// AWS_SHARED_CREDENTIALS_FILE; roles, SSO and endpoints as the AWS CLI has
 /// them). An empty or '*' part means all: every profile, or every region
-/// enabled in the account. Repeat --targets, or give several in one quoted
-/// argument separated by spaces.
+/// enabled in the account. ACCOUNT may also be org:* (every ACTIVE account
+/// of the organization), org:r-ROOT or org:ou-OU (the accounts below it),
+/// listed from --org-profile and reached through --org-role-name. Repeat
+/// --targets, or give several in one quoted argument separated by spaces.
 ///
 /// Each target needs an instance tagged Name=ImageUnpacker (--instance-name)
 /// running image-unpacker; a stopped one is started. The publisher dials its
@@ -46,6 +48,14 @@ pub struct Cli {
     /// Targets to leave out (same syntax).
     #[arg(long, global = true, value_name = "ACCOUNT,REGION", value_delimiter = ' ')]
     pub skip_targets: Vec<TargetSpec>,
+    /// The profile that lists the organization's accounts for `org:`
+    /// targets (its management account, or a delegated administrator).
+    #[arg(long, global = true, default_value = "default", value_name = "PROFILE")]
+    pub org_profile: String,
+    /// The role assumed in each account of an `org:` target, from
+    /// --org-profile.
+    #[arg(long, global = true, default_value = "OrganizationAccountAccessRole", value_parser = parse_role_name, value_name = "NAME")]
+    pub org_role_name: String,
     /// The imageserver to read image manifests from (the unpackers use their own setting).
     #[arg(long, global = true, env = fleet_proto::IMAGE_SERVER_ENV, default_value_t = fleet_proto::default_image_server(), value_name = "HOST:PORT")]
     pub image_server: String,
@@ -416,6 +426,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("'{s}': unknown unit '{unit}' (use K, M, G, T, KiB, MiB, GiB or TiB)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// An IAM role name (with an optional path): up to 64 characters of
+/// letters, digits and `+=,.@_-` (IAM's rule), path parts separated by `/`.
+pub fn parse_role_name(s: &str) -> Result<String, String> {
+    let name = s.rsplit('/').next().unwrap_or(s);
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-/".contains(c))
+        && !s.starts_with('/');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("'{s}' is not an IAM role name (letters, digits and +=,.@_-, at most 64)"))
+    }
 }
 
 /// Parse a duration that is more than zero (a zero timeout would fail

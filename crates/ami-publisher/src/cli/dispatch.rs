@@ -42,7 +42,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     }
     if let Command::IamPolicy = &cli.command {
         let keys = settings(&cli).keys;
-        let policy = crate::policy::publisher_policy(&cli.instance_name, &keys.all());
+        let policy = crate::policy::publisher_policy(&crate::policy::PolicyFor {
+            instance_name: &cli.instance_name,
+            kms_keys: &keys.all(),
+            org_role_name: &cli.org_role_name,
+        });
         println!("{}", serde_json::to_string_pretty(&policy)?);
         return Ok(Outcome::AllSucceeded);
     }
@@ -234,14 +238,14 @@ async fn resolve_targets(cli: &Cli, aws: &Aws) -> anyhow::Result<Vec<targets::Ta
     if cli.targets.is_empty() {
         bail!("no targets: give --targets ACCOUNT,REGION (or `targets` in the config file)");
     }
-    let targets =
-        targets::expand(
-            &cli.targets,
-            &cli.skip_targets,
-            aws.profiles(),
-            |a| async move { aws.enabled_regions(&a).await },
-        )
-        .await?;
+    let targets = targets::expand(
+        &cli.targets,
+        &cli.skip_targets,
+        aws.profiles(),
+        |a| async move { aws.enabled_regions(&a).await },
+        |scope| async move { aws.org_accounts(&cli.org_profile, &cli.org_role_name, &scope).await },
+    )
+    .await?;
     if targets.is_empty() {
         bail!("the --targets given, minus --skip-targets, leave no target");
     }
