@@ -249,8 +249,15 @@ pub async fn volume_permissions(ec2: &Client, snapshot: &str, fresh: Option<Inst
     Ok(out.create_volume_permissions().iter().filter_map(|p| p.user_id().map(str::to_owned)).collect())
 }
 
-/// Give (`add`) or take back one permission.
-pub async fn change(ec2: &Client, p: &Permission, add: bool, fresh: Option<Instant>) -> anyhow::Result<()> {
+/// Give (`add`) or take back one permission; with `dry_run`, only ask EC2
+/// whether it would be allowed (it then answers DryRunOperation, an error).
+pub async fn change(
+    ec2: &Client,
+    p: &Permission,
+    add: bool,
+    fresh: Option<Instant>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
     let verb = if add { "add" } else { "remove" };
     match p {
         Permission::Launch { ami, grantee } => {
@@ -261,7 +268,7 @@ pub async fn change(ec2: &Client, p: &Permission, add: bool, fresh: Option<Insta
                 LaunchPermissionModifications::builder().set_remove(Some(one)).build()
             };
             retry::call(&format!("ModifyImageAttribute {ami} ({verb} launch permission for {grantee})"), fresh, || {
-                ec2.modify_image_attribute().image_id(ami).launch_permission(m.clone()).send()
+                ec2.modify_image_attribute().image_id(ami).launch_permission(m.clone()).dry_run(dry_run).send()
             })
             .await?;
         }
@@ -275,7 +282,13 @@ pub async fn change(ec2: &Client, p: &Permission, add: bool, fresh: Option<Insta
             retry::call(
                 &format!("ModifySnapshotAttribute {snapshot} ({verb} createVolumePermission for {account})"),
                 fresh,
-                || ec2.modify_snapshot_attribute().snapshot_id(snapshot).create_volume_permission(m.clone()).send(),
+                || {
+                    ec2.modify_snapshot_attribute()
+                        .snapshot_id(snapshot)
+                        .create_volume_permission(m.clone())
+                        .dry_run(dry_run)
+                        .send()
+                },
             )
             .await?;
         }
@@ -295,7 +308,7 @@ pub async fn share(
     let mut added = Vec::new();
     for (p, holds) in held(ec2, ami, snapshots, grantees, fresh).await? {
         if !holds {
-            change(ec2, &p, true, fresh).await?;
+            change(ec2, &p, true, fresh, false).await?;
             tracing::info!(resource = p.resource(), "shared: {}", p.detail());
             added.push(p);
         }

@@ -42,7 +42,7 @@ pub struct VolumeSpec {
 }
 
 impl VolumeSpec {
-    fn gib(&self) -> i32 {
+    pub fn gib(&self) -> i32 {
         i32::try_from(self.need_bytes.div_ceil(GIB).max(1)).unwrap_or(i32::MAX)
     }
 }

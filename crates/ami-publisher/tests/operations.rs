@@ -629,18 +629,14 @@ async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_tha
         v
     };
     let refused = |extra: &[&str], want: &str| {
-        let before = world.api_calls("ami-publisher");
+        let before = mark(&world);
         let args = publish_args(extra);
         let out = p.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(want), "expected '{want}' in: {err}");
         assert!(err.contains("nothing was made"), "{err}");
-        assert_eq!(
-            writes_since(&world, "ami-publisher", &before),
-            Vec::<String>::new(),
-            "a refused publish changed things"
-        );
+        assert_eq!(writes_since(&world, &before), Vec::<String>::new(), "a refused publish changed things");
         err
     };
 
@@ -782,7 +778,7 @@ async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_tha
 
     // `share` with an account the keys' policies do not let in: refused in
     // each target before anything there changes.
-    let before = world.api_calls("ami-publisher");
+    let before = mark(&world);
     let out = p.run(&["--json", "share", results, "--share-with-accounts", other]);
     assert_eq!(out.status.code(), Some(1));
     let reports: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -791,7 +787,7 @@ async fn shared_amis_are_used_by_the_consumer_and_unshare_takes_back_exactly_tha
         assert!(e.contains(&format!("does not let account(s) {other} use the key")), "{r}");
         assert!(e.contains("nothing was changed here"), "{r}");
     }
-    assert_eq!(writes_since(&world, "ami-publisher", &before), Vec::<String>::new());
+    assert_eq!(writes_since(&world, &before), Vec::<String>::new());
 }
 
 /// Issue 20: targets from the world's AWS Organization. `org:*` is every

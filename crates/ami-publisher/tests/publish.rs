@@ -536,3 +536,93 @@ async fn an_unpacker_that_refuses_the_certificate_is_named_at_once() {
         assert!(t.elapsed() < Duration::from_secs(60), "{}: took {:?}", refused.who, t.elapsed());
     }
 }
+
+/// Issue 20: `publish --dry-run` says per target what the publish would do,
+/// making no change (EC2's DryRun only, counted apart in the emulator's
+/// log), and the real run then does exactly that: the AMI made or reused,
+/// the stream's volume reused or made, the bytes written, the name, the key
+/// and the shares.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_plans_what_the_real_run_then_does() {
+    use local_world::CONSUMER_ACCOUNT_ID;
+    let world = World::start(&Plan::of(&["first", "second"], &["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "base/planned";
+    let leaf1 = disk(8 * MIB, 31);
+    add_image(&world, stream, "1", &leaf1).await;
+    // Keys the consumer may use, one per account, from the config file.
+    let mut config = String::from("[kms-keys]\n");
+    for t in &world.targets {
+        let key = customer_key(&world, &t.account, &t.region, "alias/planned", &[CONSUMER_ACCOUNT_ID]).await;
+        config += &format!("\"{},{}\" = \"{key}\"\n", t.account, t.region);
+    }
+    let config_file = world.path("planned.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let common = ["--config", config_file.to_str().unwrap(), "--share-with-accounts", CONSUMER_ACCOUNT_ID];
+    // Leaf 1 in the first target only: its stream has a volume there.
+    let (code, _) = p.publish(stream, "1", &[&["--targets", targets[0].as_str()][..], &common[..]].concat());
+    assert_eq!(code, 0);
+    let mut leaf2 = leaf1.clone();
+    let chunk = image_format::DEFAULT_CHUNK_SIZE as usize;
+    leaf2[2 * MIB..2 * MIB + chunk].copy_from_slice(&test_support::noise(chunk, 77));
+    add_image(&world, stream, "2", &leaf2).await;
+
+    let args: Vec<&str> =
+        [&with_targets(&targets, &common)[..], &["--json", "--dry-run", "publish", stream, "2"]].concat();
+    let before = mark(&world);
+    let out = p.run(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plans: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(writes_since(&world, &before), Vec::<String>::new(), "a dry run changed things");
+    assert!(!world.api_outcomes("ami-publisher", "DryRunOperation").is_empty(), "EC2 was asked with DryRun");
+    assert_eq!(plans.len(), 2);
+    for plan in &plans {
+        assert!(plan["error"].is_null(), "{plan}");
+        assert_eq!(plan["ami"], "make", "{plan}");
+        let perms: Vec<&str> = plan["permissions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert!(perms.iter().all(|p| p.ends_with(": allowed")), "{perms:?}");
+        assert!(perms.iter().any(|p| p.starts_with("CreateSnapshot") || p.starts_with("CreateVolume")), "{perms:?}");
+    }
+    assert!(plans[0]["volume"].as_str().unwrap().starts_with("reuse vol-"), "{}", plans[0]);
+    assert!(plans[1]["volume"].as_str().unwrap().starts_with("make "), "{}", plans[1]);
+
+    // The real run does what the plan said.
+    let real: Vec<&str> = args.iter().copied().filter(|a| *a != "--dry-run" && *a != "--json").collect();
+    let results = world.path("planned-results.json");
+    let out = p.run(&[&real[..], &["--results", results.to_str().unwrap()]].concat());
+    assert!(out.status.success());
+    let r = PublishResults::read(&results).unwrap();
+    for (plan, t) in plans.iter().zip(&r.targets) {
+        assert_eq!(
+            (plan["account"].as_str(), plan["region"].as_str()),
+            (Some(t.account.as_str()), Some(t.region.as_str()))
+        );
+        assert_eq!(plan["ami"] == "reuse", t.reused, "{plan} / {t:?}");
+        assert_eq!(plan["ami_name"].as_str(), t.ami_name.as_deref(), "{plan} / {t:?}");
+        assert_eq!(plan["kms_key"].as_str(), t.kms_key.as_deref(), "{plan} / {t:?}");
+        assert_eq!(plan["bytes_to_write"].as_u64(), t.bytes_written, "{plan} / {t:?}");
+        let volume = plan["volume"].as_str().unwrap();
+        match volume.strip_prefix("reuse ") {
+            Some(v) => assert_eq!(Some(v), t.volume_id.as_deref(), "{plan} / {t:?}"),
+            None => assert!(volume.starts_with("make ") && t.volume_id.is_some(), "{plan} / {t:?}"),
+        }
+        let shares: Vec<&str> = plan["shares"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(
+            shares,
+            [
+                format!("launch: account {CONSUMER_ACCOUNT_ID}"),
+                format!("copy (create volumes): account {CONSUMER_ACCOUNT_ID}")
+            ]
+        );
+        assert_eq!(t.shared_with.accounts, [CONSUMER_ACCOUNT_ID]);
+    }
+    // Planned again: every AMI is there to reuse, with nothing left to share.
+    let out = p.run(&args);
+    let again: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for (plan, t) in again.iter().zip(&r.targets) {
+        assert_eq!(plan["ami"], "reuse", "{plan}");
+        assert_eq!(plan["existing"].as_str(), t.ami_id.as_deref());
+        assert!(plan.get("shares").is_none(), "{plan}");
+    }
+}

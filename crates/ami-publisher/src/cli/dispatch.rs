@@ -340,9 +340,21 @@ fn check_writable(path: &Path) -> anyhow::Result<()> {
 
 async fn run_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> anyhow::Result<Outcome> {
     // Everything that can be refused is refused before any AWS resource is made.
-    let (opts, targets, aws) = refuse(prepare_publish(cli, stream, leaf, force).await)?;
+    let Prepared { opts, targets, aws, manifest, images } = refuse(prepare_publish(cli, stream, leaf, force).await)?;
     let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
     let board = Board::new(!cli.json, &names);
+    if cli.dry_run {
+        let plans = publish::plan(&aws, &targets, &opts, &manifest, &images, cli.max_concurrency, &board).await;
+        if let Some(path) = &cli.results {
+            write_json_atomic(path, &plans)?;
+        }
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&plans)?);
+        } else {
+            print!("{}", plan_table(&opts, &plans));
+        }
+        return Ok(if plans.iter().all(|p| p.error.is_none()) { Outcome::AllSucceeded } else { Outcome::SomeFailed });
+    }
     tracing::info!(targets = targets.len(), stream, leaf, image_id = %opts.image_id, "publishing");
     let results = publish::publish(&aws, &targets, &opts, cli.max_concurrency, &board).await;
     if let Some(path) = &cli.results {
@@ -356,12 +368,17 @@ async fn run_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> anyhow
     Ok(if results.targets.iter().all(|t| t.ok()) { Outcome::AllSucceeded } else { Outcome::SomeFailed })
 }
 
-async fn prepare_publish(
-    cli: &Cli,
-    stream: &str,
-    leaf: &str,
-    force: bool,
-) -> anyhow::Result<(Options, Vec<targets::Target>, Aws)> {
+/// A publish ready to run: everything checked that can be before it acts.
+struct Prepared {
+    opts: Options,
+    targets: Vec<targets::Target>,
+    aws: Aws,
+    /// The leaf's manifest, and the imageserver (for a plan's other leaves).
+    manifest: image_format::Manifest,
+    images: image_client::Client,
+}
+
+async fn prepare_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> anyhow::Result<Prepared> {
     let name = image_format::ImageName::new(stream, leaf).context("bad image name")?;
     let boot = boot_options(cli)?;
     refuse_public(cli)?;
@@ -424,7 +441,43 @@ async fn prepare_publish(
         shares: cli.grantees(),
         keys: keys.into_iter().map(|(t, c)| (t, c.map(|c| c.arn))).collect(),
     };
-    Ok((opts, targets, aws))
+    Ok(Prepared { opts, targets, aws, manifest, images })
+}
+
+/// The table of a `publish --dry-run`.
+fn plan_table(o: &Options, plans: &[publish::TargetPlan]) -> String {
+    let mut s = format!("plan for {}/{} (image {}), nothing done:\n", o.stream, o.leaf, &o.image_id[..16]);
+    for p in plans {
+        s += &format!("{},{}\n", p.account, p.region);
+        if let Some(e) = &p.error {
+            s += &format!("  FAILED: {e}\n");
+            continue;
+        }
+        let mut item = |k: &str, v: &str| s += &format!("  {k:<16} {v}\n");
+        item("AMI", &format!("{}{}", p.ami, p.existing.as_deref().map(|e| format!(" {e}")).unwrap_or_default()));
+        if let Some(n) = &p.ami_name {
+            item("name", n);
+        }
+        if let Some(k) = &p.kms_key {
+            item("key", k);
+        }
+        if let Some(u) = &p.unpacker {
+            item("unpacker", u);
+        }
+        if let Some(v) = &p.volume {
+            item("volume", v);
+        }
+        if let Some(b) = p.bytes_to_write {
+            item("bytes to write", &human_bytes(b));
+        }
+        for sh in &p.shares {
+            item("share", sh);
+        }
+        for perm in &p.permissions {
+            item("permission", perm);
+        }
+    }
+    s
 }
 
 /// The unpackers and timeouts of this run, for publish and the operations.

@@ -174,7 +174,7 @@ impl Shares {
         if share.copies == 0 {
             let already = sharing::volume_permissions(src, snap, None).await?.iter().any(|a| a == account);
             if !already {
-                sharing::change(src, &Self::permission(snap, account), true, None).await.with_context(|| {
+                sharing::change(src, &Self::permission(snap, account), true, None, false).await.with_context(|| {
                     format!(
                         "the source snapshot {snap} cannot be shared with account {account} for the copy (one \
                          encrypted with the AWS managed key aws/ebs never can: publish the source with a customer \
@@ -205,7 +205,7 @@ impl Shares {
         if !added {
             return;
         }
-        if let Err(e) = sharing::change(src, &Self::permission(snap, account), false, None).await {
+        if let Err(e) = sharing::change(src, &Self::permission(snap, account), false, None, false).await {
             tracing::warn!(snapshot = snap, account, "could not stop sharing the snapshot: {e:#}");
         }
     }

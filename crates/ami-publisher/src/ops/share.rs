@@ -44,7 +44,7 @@ pub async fn share(ctx: &Ctx<'_>, grantees: &Grantees, amis: &AmiMap) -> Vec<Rep
                 out.push(if holds {
                     already(&p, "shared already")
                 } else {
-                    ctx.act("share", p.resource(), p.detail(), || sharing::change(&ec2, &p, true, None)).await?
+                    ctx.act("share", p.resource(), p.detail(), || sharing::change(&ec2, &p, true, None, false)).await?
                 });
             }
         }
@@ -74,7 +74,8 @@ pub async fn unshare(ctx: &Ctx<'_>, grantees: &Grantees, amis: &AmiMap) -> Vec<R
             held.sort_by_key(|(p, _)| matches!(p, Permission::CreateVolume { .. }));
             for (p, holds) in held {
                 out.push(if holds {
-                    ctx.act("unshare", p.resource(), p.detail(), || sharing::change(&ec2, &p, false, None)).await?
+                    ctx.act("unshare", p.resource(), p.detail(), || sharing::change(&ec2, &p, false, None, false))
+                        .await?
                 } else {
                     already(&p, "not shared")
                 });

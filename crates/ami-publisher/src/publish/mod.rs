@@ -10,7 +10,8 @@
 //! By phase: [`existing`] (what a target already has: the AMI, or a
 //! snapshot an interrupted run left), [`capture`] (the unpacker's part:
 //! unpack, read back, snapshot under the capture hold), [`register`]
-//! (waiting for the snapshot, registering and waiting for the AMI).
+//! (waiting for the snapshot, registering and waiting for the AMI), and
+//! [`plan`] (`--dry-run`: what each target would do, by reads and DryRun).
 
 use std::time::{Instant, SystemTime};
 
@@ -33,7 +34,10 @@ use crate::{
 
 mod capture;
 mod existing;
+mod plan;
 mod register;
+
+pub use self::plan::{TargetPlan, bytes_to_write, plan};
 
 use self::{
     capture::unpack_and_snapshot,

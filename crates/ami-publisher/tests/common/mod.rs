@@ -239,14 +239,27 @@ pub fn key_policy(owner: &str, shared_with: &[&str]) -> String {
     serde_json::json!({"Version": "2012-10-17", "Statement": statements}).to_string()
 }
 
-/// The calls of `app` since `before` that change something (not a
-/// Describe, Get or List).
-pub fn writes_since(world: &World, app: &str, before: &std::collections::BTreeMap<String, u64>) -> Vec<String> {
-    world
-        .api_calls(app)
-        .into_iter()
-        .filter(|(a, n)| before.get(a) != Some(n))
-        .map(|(a, _)| a)
+/// The publisher's calls so far, to compare with later ([`writes_since`]).
+pub struct Mark {
+    calls: std::collections::BTreeMap<String, u64>,
+    dry_runs: std::collections::BTreeMap<String, u64>,
+}
+
+pub fn mark(world: &World) -> Mark {
+    Mark { calls: world.api_calls("ami-publisher"), dry_runs: world.api_outcomes("ami-publisher", "DryRunOperation") }
+}
+
+/// The publisher's calls since `before` that change something: not a
+/// Describe, Get or List, nor a DryRun (which EC2 answers DryRunOperation).
+pub fn writes_since(world: &World, before: &Mark) -> Vec<String> {
+    let now = mark(world);
+    let delta = |m: &std::collections::BTreeMap<String, u64>, b: &std::collections::BTreeMap<String, u64>, a: &str| {
+        m.get(a).copied().unwrap_or(0) - b.get(a).copied().unwrap_or(0)
+    };
+    now.calls
+        .keys()
+        .filter(|a| delta(&now.calls, &before.calls, a) > delta(&now.dry_runs, &before.dry_runs, a))
         .filter(|a| !a.starts_with("Describe") && !a.starts_with("Get") && !a.starts_with("List"))
+        .cloned()
         .collect()
 }

@@ -1,0 +1,287 @@
+//! `publish --dry-run`: what a publish would do in each target, found by
+//! reads only, with EC2's DryRun asking whether each write it would make
+//! is allowed. Nothing is made, started, attached, bound or shared.
+//!
+//! Per target: the key (checked before, as for a real run); the AMI of
+//! this leaf that would be reused, or the snapshot an interrupted run left
+//! that would be registered, or else the unpacker (reachable?), the
+//! stream's volume (reused, grown, a free one, or made) and the bytes the
+//! unpacker would write (from the manifests of the leaf the volume holds
+//! and of this one); the AMI name; the permissions sharing would add. A
+//! real run right after does what the plan says (a test holds them equal).
+
+use serde::Serialize;
+
+use aws_sdk_ec2::{Client, types::ResourceType};
+use image_format::{ImageName, Manifest};
+use unpacker_client as uc;
+
+use crate::{progress::Line, sharing, tags, targets::Target, volumes::VolumeSpec};
+
+use super::{
+    Options,
+    existing::{find_ami, find_snapshot, find_tagged},
+};
+
+/// What a publish would do in one target.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct TargetPlan {
+    pub account: String,
+    pub region: String,
+    /// The key (ARN) volumes and snapshots would be encrypted with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<String>,
+    /// `reuse` (an AMI of the leaf is there), `register` (a snapshot an
+    /// interrupted run left), `make`, or `skip` (no unpacker, and allowed).
+    pub ami: String,
+    /// The AMI reused, or the snapshot registered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub existing: Option<String>,
+    /// The unpacker instance and what it would need: `running`, `start`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unpacker: Option<String>,
+    /// `reuse VOL`, `grow VOL to N GiB`, `use free VOL`, `make N GiB`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// Bytes the unpacker would write (changed chunks and chunks that
+    /// become zero); None when the volume's content is not known (it is
+    /// scanned first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_to_write: Option<u64>,
+    /// The name the AMI would get.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ami_name: Option<String>,
+    /// Permissions sharing would add ("launch: account ...").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<String>,
+    /// Each write EC2 was asked about with DryRun: "CreateVolume: allowed".
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<String>,
+    /// Why this target could not be planned (or would fail).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The plan of every target, at most `max_concurrency` at once.
+pub async fn plan(
+    aws: &crate::aws::Aws,
+    targets: &[Target],
+    o: &Options,
+    manifest: &Manifest,
+    images: &image_client::Client,
+    max_concurrency: usize,
+    board: &crate::progress::Board,
+) -> Vec<TargetPlan> {
+    crate::fanout(targets, max_concurrency, |t| async move {
+        let line = board.line(&t.to_string());
+        let ec2 = aws.ec2(&t).await;
+        let mut p = TargetPlan { account: t.account.clone(), region: t.region.clone(), ..TargetPlan::default() };
+        match o.keys.get(&t) {
+            Some(Err(e)) => p.error = Some(e.clone()),
+            key => {
+                p.kms_key = key.and_then(|k| k.as_ref().ok()).cloned();
+                if let Err(e) = plan_one(&ec2, &t, o, manifest, images.clone(), &line, &mut p).await {
+                    p.error = Some(format!("{e:#}"));
+                }
+            }
+        }
+        line.finish(match &p.error {
+            None => format!("would {}", p.ami),
+            Some(e) => format!("FAILED: {e}"),
+        });
+        p
+    })
+    .await
+}
+
+/// Whether EC2 says a DryRun request would be allowed.
+fn dry_run_answer<E: aws_sdk_ec2::error::ProvideErrorMetadata>(action: &str, r: Result<impl Sized, E>) -> String {
+    match r {
+        Ok(_) => format!("{action}: allowed (EC2 acted on a DryRun?)"),
+        Err(e) => match e.code() {
+            Some("DryRunOperation") => format!("{action}: allowed"),
+            Some("UnauthorizedOperation") => format!("{action}: REFUSED by IAM"),
+            other => format!("{action}: not known ({})", other.unwrap_or("no answer")),
+        },
+    }
+}
+
+async fn plan_one(
+    ec2: &Client,
+    t: &Target,
+    o: &Options,
+    manifest: &Manifest,
+    mut images: image_client::Client,
+    line: &Line,
+    p: &mut TargetPlan,
+) -> anyhow::Result<()> {
+    line.step("looking for an existing AMI");
+    let tagged = if o.force { super::existing::Tagged::default() } else { find_tagged(ec2, o).await? };
+    if let Some(img) = find_ami(ec2, o, &tagged).await? {
+        let ami = img.image_id().unwrap_or_default().to_owned();
+        p.ami = "reuse".into();
+        p.existing = Some(ami.clone());
+        p.ami_name = img.name().map(str::to_owned);
+        let snap = find_snapshot(ec2, o, &tagged).await?.map(|(s, _)| s);
+        return plan_shares(ec2, o, &ami, snap, p).await;
+    }
+    p.ami_name = Some(if o.force { super::register::dated_name(&o.ami_name) } else { o.ami_name.clone() });
+    if let Some((snap, _)) = find_snapshot(ec2, o, &tagged).await? {
+        p.ami = "register".into();
+        p.existing = Some(snap);
+        return plan_shares_new(o, p);
+    }
+    line.step("finding the unpacker");
+    let found = o.settings.unpackers(ec2).await?;
+    let Some(inst) = found.first() else {
+        if o.ignore_missing_unpackers {
+            p.ami = "skip".into();
+            return Ok(());
+        }
+        anyhow::bail!("no instance tagged Name={} in {t}", o.settings.instance_name);
+    };
+    p.ami = "make".into();
+    if inst.state != "running" {
+        p.unpacker = Some(format!("start {}", inst.instance_id));
+        let r = ec2.start_instances().instance_ids(&inst.instance_id).dry_run(true).send().await;
+        p.permissions.push(dry_run_answer("StartInstances", r));
+        // A stopped unpacker cannot be asked what it holds.
+        p.volume = Some("known once the unpacker runs".into());
+        return plan_shares_new(o, p);
+    }
+    p.unpacker = Some(format!("running {}", inst.instance_id));
+    line.step("asking the unpacker");
+    let mut c = o.settings.dial(inst, o.settings.timeouts.unpacker.min(std::time::Duration::from_secs(30))).await?;
+    let status = c.get_status(uc::GetStatusRequest {}).await?.into_inner();
+    let spec = VolumeSpec {
+        stream: o.stream.clone(),
+        need_bytes: o.image_size.saturating_add(o.min_free_bytes),
+        volume_type: o.volume_type.clone(),
+        kms_key_id: o.settings.keys.for_target(t).map(str::to_owned),
+        instance_name: o.settings.instance_name.clone(),
+        timeout: o.settings.timeouts.volume,
+    };
+    let size_of = |vol: &str| status.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
+    let bound = status.streams.iter().find(|s| s.stream == o.stream);
+    let volume = match bound {
+        Some(b) if size_of(&b.volume_id) >= spec.need_bytes => {
+            p.volume = Some(format!("reuse {}", b.volume_id));
+            Some(b.volume_id.clone())
+        }
+        Some(b) => {
+            p.volume = Some(format!("grow {} to {} GiB", b.volume_id, spec.gib()));
+            Some(b.volume_id.clone())
+        }
+        None => match status
+            .devices
+            .iter()
+            .filter(|d| d.stream.is_empty() && d.size_bytes >= spec.need_bytes)
+            .min_by_key(|d| d.size_bytes)
+        {
+            Some(free) => {
+                p.volume = Some(format!("use free {}", free.volume_id));
+                Some(free.volume_id.clone())
+            }
+            None => {
+                p.volume = Some(format!("make {} GiB", spec.gib()));
+                let r = ec2
+                    .create_volume()
+                    .availability_zone(&inst.availability_zone)
+                    .size(spec.gib())
+                    .volume_type(spec.volume_type.clone())
+                    .encrypted(true)
+                    .set_kms_key_id(spec.kms_key_id.clone())
+                    .tag_specifications(tags::spec(
+                        ResourceType::Volume,
+                        &[(tags::STREAM.to_owned(), o.stream.clone())],
+                    ))
+                    .dry_run(true)
+                    .send()
+                    .await;
+                p.permissions.push(dry_run_answer("CreateVolume", r));
+                None
+            }
+        },
+    };
+    // What the unpacker would write: from the leaf the volume holds (a new
+    // volume holds zeros; a free one is scanned first, so not known).
+    p.bytes_to_write = match bound {
+        Some(b) if !b.leaf.is_empty() => {
+            let held = ImageName::new(&o.stream, &b.leaf)?;
+            let (_, old) = image_client::get_manifest(&mut images, &held).await?;
+            Some(bytes_to_write(manifest, Some(&old)))
+        }
+        Some(_) => None,
+        None if volume.is_none() => Some(bytes_to_write(manifest, None)),
+        None => None,
+    };
+    if let Some(v) = &volume {
+        let r = ec2
+            .create_snapshot()
+            .volume_id(v)
+            .tag_specifications(tags::spec(ResourceType::Snapshot, &o.identity_tags()))
+            .dry_run(true)
+            .send()
+            .await;
+        p.permissions.push(dry_run_answer("CreateSnapshot", r));
+    }
+    plan_shares_new(o, p)
+}
+
+/// Bytes an unpack writes to turn a device holding `from` (None: zeros)
+/// into `to`: the chunks it fetches, and those that become zero.
+pub fn bytes_to_write(to: &Manifest, from: Option<&Manifest>) -> u64 {
+    let diff = to.diff_from(from);
+    diff.fetch.iter().map(|(i, _)| *i).chain(diff.zero.iter().copied()).map(|i| to.chunk_len(i) as u64).sum()
+}
+
+/// Every permission sharing would add to an AMI made by this run.
+fn plan_shares_new(o: &Options, p: &mut TargetPlan) -> anyhow::Result<()> {
+    for g in o.shares.each() {
+        p.shares.push(format!("launch: {g}"));
+        if let sharing::Grantee::Account(a) = g {
+            p.shares.push(format!("copy (create volumes): account {a}"));
+        }
+    }
+    Ok(())
+}
+
+/// The permissions sharing would add to an AMI that is there, and whether
+/// EC2 would allow each change (DryRun).
+async fn plan_shares(
+    ec2: &Client,
+    o: &Options,
+    ami: &str,
+    snap: Option<String>,
+    p: &mut TargetPlan,
+) -> anyhow::Result<()> {
+    if o.shares.is_empty() {
+        return Ok(());
+    }
+    let snaps: Vec<String> = snap.into_iter().collect();
+    for (perm, holds) in sharing::held(ec2, ami, &snaps, &o.shares, None).await? {
+        if holds {
+            continue;
+        }
+        p.shares.push(perm.detail());
+        let action = match perm {
+            sharing::Permission::Launch { .. } => "ModifyImageAttribute",
+            sharing::Permission::CreateVolume { .. } => "ModifySnapshotAttribute",
+        };
+        let answer = match sharing::change(ec2, &perm, true, None, true).await {
+            Ok(()) => format!("{action} on {}: allowed (EC2 acted on a DryRun?)", perm.resource()),
+            Err(e) => {
+                let text = format!("{e:#}");
+                if text.contains("DryRunOperation") {
+                    format!("{action} on {}: allowed", perm.resource())
+                } else if text.contains("UnauthorizedOperation") {
+                    format!("{action} on {}: REFUSED by IAM", perm.resource())
+                } else {
+                    format!("{action} on {}: not known ({text})", perm.resource())
+                }
+            }
+        };
+        p.permissions.push(answer);
+    }
+    Ok(())
+}
