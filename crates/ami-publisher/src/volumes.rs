@@ -36,7 +36,13 @@ pub struct VolumeSpec {
     /// Bytes the volume must hold: image size plus `--min-free-bytes`.
     pub need_bytes: u64,
     pub volume_type: VolumeType,
+    /// The key new volumes are encrypted with, as configured (None: the
+    /// account's default).
     pub kms_key_id: Option<String>,
+    /// That key's ARN, when known: a volume under another key is not used
+    /// for the stream (its snapshots, and so the AMIs, would carry that
+    /// key), but replaced.
+    pub key_arn: Option<String>,
     pub instance_name: String,
     pub timeout: Duration,
 }
@@ -44,6 +50,17 @@ pub struct VolumeSpec {
 impl VolumeSpec {
     pub fn gib(&self) -> i32 {
         i32::try_from(self.need_bytes.div_ceil(GIB).max(1)).unwrap_or(i32::MAX)
+    }
+
+    /// Whether `volume` is encrypted with another key than this spec's
+    /// (false when the spec's key is not known).
+    pub async fn other_key(&self, ec2: &Client, volume: &str) -> anyhow::Result<bool> {
+        let Some(want) = &self.key_arn else { return Ok(false) };
+        let out = retry::call(&format!("DescribeVolumes {volume}"), None, || {
+            ec2.describe_volumes().volume_ids(volume).send()
+        })
+        .await?;
+        Ok(out.volumes().first().and_then(|v| v.kms_key_id()) != Some(want.as_str()))
     }
 }
 
@@ -186,14 +203,20 @@ async fn ensure_with(
     let size_of = |vol: &str| status.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
     if let Some(bound) = status.streams.iter().find(|s| s.stream == spec.stream) {
         let have = size_of(&bound.volume_id);
-        if have >= spec.need_bytes {
+        let other_key = spec.other_key(ec2, &bound.volume_id).await?;
+        if !other_key && have >= spec.need_bytes {
             return Ok(bound.volume_id.clone());
         }
-        if grow(ec2, c, inst, &bound.volume_id, spec, line).await? {
+        if !other_key && grow(ec2, c, inst, &bound.volume_id, spec, line).await? {
             return Ok(bound.volume_id.clone());
         }
-        line.step(format!("replacing {} ({} GiB is too small)", bound.volume_id, have / GIB));
-        tracing::info!(volume = %bound.volume_id, have, need = spec.need_bytes, "stream volume too small; replacing it");
+        if other_key {
+            line.step(format!("replacing {} (encrypted with another key)", bound.volume_id));
+            tracing::info!(volume = %bound.volume_id, "stream volume under another KMS key; replacing it");
+        } else {
+            line.step(format!("replacing {} ({} GiB is too small)", bound.volume_id, have / GIB));
+            tracing::info!(volume = %bound.volume_id, have, need = spec.need_bytes, "stream volume too small; replacing it");
+        }
         let new = create_and_add(ec2, c, inst, spec, line).await?;
         forget(c, &spec.stream, spec.timeout).await?;
         associate(c, &spec.stream, &new, spec.timeout).await?;
@@ -354,14 +377,17 @@ async fn choose(
     status: &uc::Status,
     taken: &[String],
 ) -> anyhow::Result<String> {
-    if let Some(free) = status
+    let mut free: Vec<_> = status
         .devices
         .iter()
         .filter(|d| d.stream.is_empty() && d.size_bytes >= spec.need_bytes && !taken.contains(&d.volume_id))
-        .min_by_key(|d| d.size_bytes)
-    {
-        line.step(format!("using free volume {}", free.volume_id));
-        return Ok(free.volume_id.clone());
+        .collect();
+    free.sort_by_key(|d| d.size_bytes);
+    for d in free {
+        if !spec.other_key(ec2, &d.volume_id).await? {
+            line.step(format!("using free volume {}", d.volume_id));
+            return Ok(d.volume_id.clone());
+        }
     }
     if let Some(v) = adopt(ec2, c, inst, spec, line).await? {
         return Ok(v);

@@ -626,3 +626,41 @@ async fn a_dry_run_plans_what_the_real_run_then_does() {
         assert!(plan.get("shares").is_none(), "{plan}");
     }
 }
+
+/// A stream's volume made under one key (here the account's default) is
+/// not used once the target's key is another: its snapshots, and so the
+/// AMIs, would carry the old key, which the accounts shared with may not
+/// use (or, aws/ebs, EC2 would not share at all). The plan says so, and the
+/// run replaces the volume by one under the target's key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_volume_under_another_key_is_replaced() {
+    use local_world::CONSUMER_ACCOUNT_ID;
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let stream = "base/rekeyed";
+    add_image(&world, stream, "1", &disk(4 * MIB, 41)).await;
+    let (code, r1) = p.publish(stream, "1", &["--targets", "first,us-east-1"]);
+    assert_eq!(code, 0);
+    let old = r1.targets[0].volume_id.clone().unwrap();
+    add_image(&world, stream, "2", &disk(4 * MIB, 42)).await;
+    let key = customer_key(&world, "first", "us-east-1", "alias/rekeyed", &[CONSUMER_ACCOUNT_ID]).await;
+    let args =
+        ["--targets", "first,us-east-1", "--kms-key-id", "alias/rekeyed", "--share-with-accounts", CONSUMER_ACCOUNT_ID];
+    let out = p.run(&[&args[..], &["--json", "--dry-run", "publish", stream, "2"]].concat());
+    let plans: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let volume = plans[0]["volume"].as_str().unwrap();
+    assert!(volume.contains(&format!("replacing {old} (encrypted with another key)")), "{}", plans[0]);
+
+    let (code, r2) = p.publish(stream, "2", &args);
+    assert_eq!(code, 0, "{r2:#?}");
+    let t = &r2.targets[0];
+    assert_ne!(t.volume_id.as_deref(), Some(old.as_str()), "a new volume");
+    assert_eq!(t.kms_key.as_deref(), Some(key.as_str()));
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let snap = ec2.describe_snapshots().snapshot_ids(t.snapshot_id.as_deref().unwrap()).send().await.unwrap();
+    assert_eq!(snap.snapshots()[0].kms_key_id(), Some(key.as_str()));
+    assert_eq!(t.shared_with.accounts, [CONSUMER_ACCOUNT_ID]);
+    // The old volume is retired.
+    let gone = ec2.describe_volumes().volume_ids(&old).send().await;
+    assert!(gone.is_err() || gone.unwrap().volumes().iter().all(|v| v.state().map(|s| s.as_str()) == Some("deleting")));
+}

@@ -160,7 +160,9 @@ pub struct Cli {
     /// Print the results as JSON on stdout (no progress, no table).
     #[arg(long, global = true)]
     pub json: bool,
-    /// Print what a destructive command would do, and do nothing.
+    /// Print what a command would do, and do nothing: for publish, a plan
+    /// per target (AMI reused or made, the stream's volume, bytes to write,
+    /// name, key, shares) with EC2's DryRun answer for each write.
     #[arg(long, global = true)]
     pub dry_run: bool,
     /// Retries of a throttled or failed AWS call (SDK standard retry mode,

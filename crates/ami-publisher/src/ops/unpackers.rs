@@ -293,6 +293,7 @@ pub async fn add_volumes(ctx: &Ctx<'_>, gib: u64, volume_type: VolumeType) -> Ve
                 need_bytes: gib << 30,
                 volume_type: volume_type.clone(),
                 kms_key_id: ctx.settings.keys.for_target(&t).map(str::to_owned),
+                key_arn: None,
                 instance_name: ctx.settings.instance_name.clone(),
                 timeout: ctx.settings.timeouts.volume,
             };

@@ -60,6 +60,7 @@ pub(super) async fn unpack_and_snapshot(
         need_bytes: o.image_size.saturating_add(o.min_free_bytes),
         volume_type: o.volume_type.clone(),
         kms_key_id: o.settings.keys.for_target(t).map(str::to_owned),
+        key_arn: o.keys.get(t).and_then(|k| k.as_ref().ok()).cloned(),
         instance_name: o.settings.instance_name.clone(),
         timeout: o.settings.timeouts.volume,
     };

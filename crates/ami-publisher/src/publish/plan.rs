@@ -158,11 +158,26 @@ async fn plan_one(
         need_bytes: o.image_size.saturating_add(o.min_free_bytes),
         volume_type: o.volume_type.clone(),
         kms_key_id: o.settings.keys.for_target(t).map(str::to_owned),
+        key_arn: o.keys.get(t).and_then(|k| k.as_ref().ok()).cloned(),
         instance_name: o.settings.instance_name.clone(),
         timeout: o.settings.timeouts.volume,
     };
     let size_of = |vol: &str| status.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
-    let bound = status.streams.iter().find(|s| s.stream == o.stream);
+    let mut bound = status.streams.iter().find(|s| s.stream == o.stream);
+    let mut replaced = None;
+    if let Some(b) = bound
+        && spec.other_key(ec2, &b.volume_id).await?
+    {
+        // Replaced by a new volume under the target's key, as the real run does.
+        replaced = Some(b.volume_id.clone());
+        bound = None;
+    }
+    let mut free = Vec::new();
+    for d in status.devices.iter().filter(|d| d.stream.is_empty() && d.size_bytes >= spec.need_bytes) {
+        if replaced.is_none() && !spec.other_key(ec2, &d.volume_id).await? {
+            free.push(d);
+        }
+    }
     let volume = match bound {
         Some(b) if size_of(&b.volume_id) >= spec.need_bytes => {
             p.volume = Some(format!("reuse {}", b.volume_id));
@@ -172,18 +187,16 @@ async fn plan_one(
             p.volume = Some(format!("grow {} to {} GiB", b.volume_id, spec.gib()));
             Some(b.volume_id.clone())
         }
-        None => match status
-            .devices
-            .iter()
-            .filter(|d| d.stream.is_empty() && d.size_bytes >= spec.need_bytes)
-            .min_by_key(|d| d.size_bytes)
-        {
+        None => match free.into_iter().min_by_key(|d| d.size_bytes) {
             Some(free) => {
                 p.volume = Some(format!("use free {}", free.volume_id));
                 Some(free.volume_id.clone())
             }
             None => {
-                p.volume = Some(format!("make {} GiB", spec.gib()));
+                p.volume = Some(match &replaced {
+                    Some(old) => format!("make {} GiB, replacing {old} (encrypted with another key)", spec.gib()),
+                    None => format!("make {} GiB", spec.gib()),
+                });
                 let r = ec2
                     .create_volume()
                     .availability_zone(&inst.availability_zone)
