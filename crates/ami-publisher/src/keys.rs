@@ -12,8 +12,9 @@
 //! snapshots encrypted with the AWS managed key aws/ebs (ModifySnapshotAttribute
 //! in the EC2 API reference), and no other account may use that key. For
 //! accounts it is shared with, the key policy (GetKeyPolicy) must let them
-//! use the key as EBS does for them (the User Guide's "Share a KMS key":
-//! kms:CreateGrant, kms:Decrypt, kms:DescribeKey,
+//! use the key as EBS does for them (the EBS User Guide's "Share the KMS
+//! key used to encrypt a shared Amazon EBS snapshot": kms:CreateGrant,
+//! kms:Decrypt, kms:DescribeKey, kms:GenerateDataKey,
 //! kms:GenerateDataKeyWithoutPlaintext, kms:ReEncrypt*); a policy this role
 //! may not read, and access for organizations and OUs, are reported as not
 //! checked.
@@ -96,6 +97,9 @@ pub fn parse_target_key(s: &str) -> Result<(TargetSpec, String), String> {
     let (target, key) =
         s.split_once('=').ok_or_else(|| format!("'{s}': give ACCOUNT,REGION=KEY, e.g. prod,eu-west-1=alias/ami"))?;
     let spec: TargetSpec = target.parse().map_err(|e| format!("{e}"))?;
+    if spec.org.is_some() {
+        return Err(format!("'{s}': keys are given per profile or account id, not per org: scope"));
+    }
     Ok((spec, parse_key(key)?))
 }
 
@@ -113,9 +117,15 @@ pub struct KeyCheck {
 }
 
 /// The actions EBS needs an account to be allowed on the key of a snapshot
-/// shared with it ("Share a KMS key").
-pub const SHARED_ACCOUNT_ACTIONS: [&str; 5] =
-    ["kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom"];
+/// shared with it (see the module's documentation).
+pub const SHARED_ACCOUNT_ACTIONS: [&str; 6] = [
+    "kms:CreateGrant",
+    "kms:Decrypt",
+    "kms:DescribeKey",
+    "kms:GenerateDataKey",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:ReEncryptFrom",
+];
 
 /// Why a key check did not pass.
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +378,7 @@ mod tests {
         assert!(parse_target_key("prod,eu-west-1").unwrap_err().contains("ACCOUNT,REGION=KEY"));
         assert!(parse_target_key("prod,EU=alias/x").is_err());
         assert!(parse_target_key("prod,eu-west-1=not a key").unwrap_err().contains("is not a KMS key"));
+        assert!(parse_target_key("org:*,eu-west-1=alias/ami").unwrap_err().contains("not per org: scope"));
     }
 
     #[test]
@@ -382,8 +393,8 @@ mod tests {
         assert!(allows(&policy(vec![]), "111111111111"));
         assert!(!allows(&policy(vec![]), "222222222222"));
         let shared = json!({"Effect": "Allow", "Principal": {"AWS": ["arn:aws:iam::222222222222:root"]},
-                            "Action": ["kms:Decrypt", "kms:DescribeKey", "kms:CreateGrant",
-                                       "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*"], "Resource": "*"});
+                            "Action": ["kms:Decrypt", "kms:DescribeKey", "kms:CreateGrant", "kms:GenerateDataKey*",
+                                       "kms:ReEncrypt*"], "Resource": "*"});
         assert!(allows(&policy(vec![shared.clone()]), "222222222222"));
         assert!(!allows(&policy(vec![shared.clone()]), "333333333333"));
         let mut partial = shared.clone();

@@ -165,10 +165,14 @@ where
             .collect()
     };
     let (specs, skip) = (concrete(specs), concrete(skip));
-    for s in specs.iter().chain(&skip) {
+    // A skipped account id that is not (or no longer) a target is skipped
+    // anyway; an unknown profile name is refused, as it is likely a typo.
+    let an_account_id = |a: &str| a.len() == 12 && a.bytes().all(|b| b.is_ascii_digit());
+    for (s, skipping) in specs.iter().map(|s| (s, false)).chain(skip.iter().map(|s| (s, true))) {
         if let Some(a) = &s.account
             && !profiles.contains(a)
             && !org_ids.contains(a)
+            && !(skipping && an_account_id(a))
         {
             anyhow::bail!(
                 "unknown AWS profile '{a}' in target '{s}' (profiles found: {}; they come from \
@@ -260,7 +264,7 @@ mod tests {
     async fn organization_scopes_become_their_accounts_and_can_be_skipped() {
         let profiles = vec!["default".to_owned()];
         let specs: Vec<TargetSpec> = vec!["org:ou-ab12-cd34ef56,r-1".parse().unwrap(), "org:*,r-2".parse().unwrap()];
-        let skip: Vec<TargetSpec> = vec!["222222222222,*".parse().unwrap()];
+        let skip: Vec<TargetSpec> = vec!["222222222222,*".parse().unwrap(), "999999999999,*".parse().unwrap()];
         let mut asked = Vec::new();
         let got = expand(
             &specs,

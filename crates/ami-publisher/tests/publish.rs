@@ -617,6 +617,11 @@ async fn a_dry_run_plans_what_the_real_run_then_does() {
         );
         assert_eq!(t.shared_with.accounts, [CONSUMER_ACCOUNT_ID]);
     }
+    // A region the account has not enabled is named in the plan.
+    let out = p.run(&["--json", "--dry-run", "--targets", "first,ap-east-1", "publish", stream, "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let off: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(off[0]["error"].as_str().unwrap().contains("region ap-east-1 is not enabled"), "{}", off[0]);
     // Planned again: every AMI is there to reuse, with nothing left to share.
     let out = p.run(&args);
     let again: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
@@ -646,6 +651,21 @@ async fn a_stream_volume_under_another_key_is_replaced() {
     let key = customer_key(&world, "first", "us-east-1", "alias/rekeyed", &[CONSUMER_ACCOUNT_ID]).await;
     let args =
         ["--targets", "first,us-east-1", "--kms-key-id", "alias/rekeyed", "--share-with-accounts", CONSUMER_ACCOUNT_ID];
+    // Leaf 1's AMI is there, under aws/ebs: asked to share it, the publish
+    // says why it cannot, and shares nothing.
+    let (code, again) = p.publish(stream, "1", &args);
+    assert_eq!(code, 1);
+    let e = again.targets[0].error.as_deref().unwrap_or_default();
+    assert!(e.contains("cannot be shared as asked; nothing was shared") && e.contains("AWS managed key"), "{e}");
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let held = ec2
+        .describe_image_attribute()
+        .image_id(r1.targets[0].ami_id.as_deref().unwrap())
+        .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+        .send()
+        .await
+        .unwrap();
+    assert!(held.launch_permissions().is_empty(), "{held:?}");
     let out = p.run(&[&args[..], &["--json", "--dry-run", "publish", stream, "2"]].concat());
     let plans: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let volume = plans[0]["volume"].as_str().unwrap();
@@ -656,7 +676,6 @@ async fn a_stream_volume_under_another_key_is_replaced() {
     let t = &r2.targets[0];
     assert_ne!(t.volume_id.as_deref(), Some(old.as_str()), "a new volume");
     assert_eq!(t.kms_key.as_deref(), Some(key.as_str()));
-    let ec2 = world.ec2("first", "us-east-1").await;
     let snap = ec2.describe_snapshots().snapshot_ids(t.snapshot_id.as_deref().unwrap()).send().await.unwrap();
     assert_eq!(snap.snapshots()[0].kms_key_id(), Some(key.as_str()));
     assert_eq!(t.shared_with.accounts, [CONSUMER_ACCOUNT_ID]);

@@ -323,10 +323,17 @@ _copy_image_response = amis_responses.AmisResponse.copy_image
 
 def copy_image(self):
     _refuse_taken_name(self.ec2_backend, self._get_param("Name"))
-    result = _copy_image_response(self)
     source_region = self._get_param("SourceRegion")
-    # Its own AMI, or one another account shared with it (checked by the copy above).
+    # Its own AMI, or one another account shared with it; of another
+    # account's, every snapshot must be readable by the caller too
+    # (createVolumePermission), checked before anything is made.
     source = shared_images.find(self.ec2_backend, self._get_param("SourceImageId"), source_region)
+    if source.owner_id != self.ec2_backend.account_id:
+        for m in getattr(source, "registered_mappings", None) or []:
+            sid = (m.get("Ebs") or {}).get("SnapshotId")
+            if sid:
+                _shared_snapshot(self.ec2_backend, sid, source_region)
+    result = _copy_image_response(self)
     ami = self.ec2_backend.amis[result.result["ImageId"]]
     image_attributes.copy(source, ami)
     tag_specs = self._parse_tag_specification()

@@ -351,4 +351,11 @@ async fn organization_and_ou_launch_permissions_reach_their_accounts() {
     // The organization reaches both.
     set(LaunchPermission::builder().organization_arn(&org.arn).build(), true).await;
     assert!(seen_by(CONSUMER).await && seen_by(second).await);
+    // Launching is not copying: without read access to the snapshot the
+    // consumer's CopyImage is refused, and makes nothing.
+    let consumer = world.ec2(CONSUMER, "us-east-1").await;
+    let refused = consumer.copy_image().source_image_id(&ami).source_region("us-east-1").name("copy").send().await;
+    assert_eq!(aws_sdk_ec2::error::ProvideErrorMetadata::code(&refused.unwrap_err()), Some("InvalidSnapshot.NotFound"));
+    let own = consumer.describe_images().owners("self").send().await.unwrap();
+    assert!(own.images().is_empty(), "{own:?}");
 }

@@ -346,7 +346,9 @@ async fn run_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> anyhow
     if cli.dry_run {
         let plans = publish::plan(&aws, &targets, &opts, &manifest, &images, cli.max_concurrency, &board).await;
         if let Some(path) = &cli.results {
-            write_json_atomic(path, &plans)?;
+            // A plan is not a results file: `delete`, `unshare` and the
+            // others read that file (it may be set in the config file).
+            tracing::warn!("--dry-run: {} is left as it is (use --json for the plan)", path.display());
         }
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&plans)?);

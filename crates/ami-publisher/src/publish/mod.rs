@@ -15,6 +15,8 @@
 
 use std::time::{Instant, SystemTime};
 
+use anyhow::Context as _;
+
 use aws_sdk_ec2::{
     Client,
     types::{ArchitectureValues, BootModeValues, ImageState, ImdsSupportValues, TpmSupportValues, VolumeType},
@@ -123,7 +125,8 @@ pub async fn publish(
     let results = crate::fanout(targets, max_concurrency, |t| async move {
         let line = board.line(&t.to_string());
         let ec2 = aws.ec2(&t).await;
-        let mut r = publish_one(&ec2, &t, opts, &line).await;
+        let kms = aws.kms(&t).await;
+        let mut r = publish_one(&ec2, &kms, &t, opts, &line).await;
         if let Some(e) = &mut r.error
             && let Some(cause) = crate::errors::unauthorized_cause(&ec2, e).await
         {
@@ -156,7 +159,13 @@ pub async fn publish(
 }
 
 /// One target; never fails, the error goes into the result.
-pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> TargetResult {
+pub async fn publish_one(
+    ec2: &Client,
+    kms: &aws_sdk_kms::Client,
+    t: &Target,
+    o: &Options,
+    line: &Line,
+) -> TargetResult {
     let start = Instant::now();
     let mut r = TargetResult {
         account: t.account.clone(),
@@ -171,7 +180,7 @@ pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> 
         _ => run(ec2, t, o, line, &mut r).await,
     };
     if done.is_ok() && !o.shares.is_empty() {
-        done = share(ec2, o, line, &mut r).await;
+        done = share(ec2, kms, o, line, &mut r).await;
     }
     if let Err(e) = done {
         r.error = Some(format!("{e:#}"));
@@ -182,16 +191,42 @@ pub async fn publish_one(ec2: &Client, t: &Target, o: &Options, line: &Line) -> 
 
 /// Share the target's AMI (and its snapshot, with accounts) as
 /// `--share-with-*` asks; only what is not shared yet is changed.
-async fn share(ec2: &Client, o: &Options, line: &Line, r: &mut TargetResult) -> anyhow::Result<()> {
+///
+/// The key checked before the run is the one new volumes get; an AMI of
+/// the leaf that was there already (or a snapshot an earlier run left) may
+/// be under another, so the snapshot's own key is checked first when it
+/// differs, and nothing is changed when it cannot be shared.
+async fn share(
+    ec2: &Client,
+    kms: &aws_sdk_kms::Client,
+    o: &Options,
+    line: &Line,
+    r: &mut TargetResult,
+) -> anyhow::Result<()> {
     let Some(ami) = r.ami_id.clone() else { return Ok(()) };
     line.step(format!("sharing with {}", o.shares.summary()));
     // An AMI this run made was seen available just now; EC2 may still be
     // catching up elsewhere.
     let fresh = (!r.reused).then(Instant::now);
     let snapshots: Vec<String> = r.snapshot_id.iter().cloned().collect();
+    for snapshot in &snapshots {
+        let found = retry::call(&format!("DescribeSnapshots {snapshot}"), fresh, || {
+            ec2.describe_snapshots().snapshot_ids(snapshot).send()
+        })
+        .await?;
+        let Some(key) = found.snapshots().first().and_then(|s| s.kms_key_id()).map(str::to_owned) else { continue };
+        if r.kms_key.as_deref() != Some(key.as_str()) {
+            crate::keys::check(kms, &key, &o.shares).await.map_err(anyhow::Error::new).with_context(|| {
+                format!("{ami} is encrypted with {key}, not the target's key, and cannot be shared as asked; nothing was shared")
+            })?;
+            r.kms_key = Some(key);
+        }
+    }
+    // Recorded before sharing: a share that fails part-way is still taken
+    // back by `unshare` of this results file.
+    r.shared_with = o.shares.clone();
     let added = sharing::share(ec2, &ami, &snapshots, &o.shares, fresh).await?;
     tracing::info!(%ami, added = added.len(), "shared with {}", o.shares.summary());
-    r.shared_with = o.shares.clone();
     Ok(())
 }
 
@@ -221,7 +256,11 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
         r.ami_id = Some(id);
         r.ami_name = img.name().map(str::to_owned);
         r.account_id = img.owner_id().map(str::to_owned);
-        r.snapshot_id = find_snapshot(ec2, o, &tagged).await?.map(|(s, _)| s);
+        // The snapshot it boots from (a tagged one may be another run's).
+        r.snapshot_id = match register::root_snapshot(&img) {
+            Some(s) => Some(s.to_owned()),
+            None => find_snapshot(ec2, o, &tagged).await?.map(|(s, _)| s),
+        };
         tracing::info!(ami = ?r.ami_id, "an AMI of this leaf is already there");
         return Ok(());
     }

@@ -80,7 +80,18 @@ pub async fn plan(
             Some(Err(e)) => p.error = Some(e.clone()),
             key => {
                 p.kms_key = key.and_then(|k| k.as_ref().ok()).cloned();
-                if let Err(e) = plan_one(&ec2, &t, o, manifest, images.clone(), &line, &mut p).await {
+                // The region must be enabled in the account (DescribeRegions
+                // lists those), or every call there fails.
+                let enabled = match aws.enabled_regions(&t.account).await {
+                    Ok(regions) if regions.contains(&t.region) => Ok(()),
+                    Ok(_) => Err(anyhow::anyhow!("region {} is not enabled in this account", t.region)),
+                    Err(e) => Err(e),
+                };
+                let planned = match enabled {
+                    Ok(()) => plan_one(&ec2, &t, o, manifest, images.clone(), &line, &mut p).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = planned {
                     p.error = Some(format!("{e:#}"));
                 }
             }
@@ -122,7 +133,10 @@ async fn plan_one(
         p.ami = "reuse".into();
         p.existing = Some(ami.clone());
         p.ami_name = img.name().map(str::to_owned);
-        let snap = find_snapshot(ec2, o, &tagged).await?.map(|(s, _)| s);
+        let snap = match super::register::root_snapshot(&img) {
+            Some(s) => Some(s.to_owned()),
+            None => find_snapshot(ec2, o, &tagged).await?.map(|(s, _)| s),
+        };
         return plan_shares(ec2, o, &ami, snap, p).await;
     }
     p.ami_name = Some(if o.force { super::register::dated_name(&o.ami_name) } else { o.ami_name.clone() });

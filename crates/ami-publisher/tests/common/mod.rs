@@ -231,8 +231,8 @@ pub fn key_policy(owner: &str, shared_with: &[&str]) -> String {
         let principals: Vec<String> = shared_with.iter().map(|a| format!("arn:aws:iam::{a}:root")).collect();
         statements.push(serde_json::json!({
             "Sid": "SharedAccounts", "Effect": "Allow", "Principal": {"AWS": principals},
-            "Action": ["kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
-                       "kms:ReEncrypt*"],
+            "Action": ["kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKey",
+                       "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*"],
             "Resource": "*"
         }));
     }

@@ -23,7 +23,7 @@
 # - CopyImage of an AMI shared with the caller is allowed ("Copy an AMI":
 #   "you can copy an AMI that another account has shared with you"), and
 #   needs read access to its snapshots (createVolumePermission), which the
-#   world's CopySnapshot already checks.
+#   world's CopyImage checks before it makes anything (moto_launch.py).
 # - ModifySnapshotAttribute takes the accounts either as UserIds with an
 #   OperationType or as CreateVolumePermission.Add/Remove lists of UserId
 #   and Group (EC2 API reference); moto reads only the first form.
