@@ -16,8 +16,7 @@ use crate::{
     retry::{self},
     tags,
     targets::Target,
-    unpacker,
-    volumes::{self, VolumeSpec},
+    unpacker, volumes,
 };
 
 use super::Options;
@@ -55,15 +54,7 @@ pub(super) async fn unpack_and_snapshot(
     r.account_id = inst.account_id.clone();
     line.step(format!("connecting to {}", unpacker::address(&inst, o.settings.unpacker_port)?));
     let mut c = o.settings.dial(&inst, o.settings.timeouts.unpacker).await?;
-    let spec = VolumeSpec {
-        stream: o.stream.clone(),
-        need_bytes: o.image_size.saturating_add(o.min_free_bytes),
-        volume_type: o.volume_type.clone(),
-        kms_key_id: o.settings.keys.for_target(t).map(str::to_owned),
-        key_arn: o.keys.get(t).and_then(|k| k.as_ref().ok()).cloned(),
-        instance_name: o.settings.instance_name.clone(),
-        timeout: o.settings.timeouts.volume,
-    };
+    let spec = o.volume_spec(t);
     let volume = volumes::ensure(ec2, &mut c, &inst, &spec, line).await?;
     // This run learned the volume's id now (or made it just before): parts
     // of EC2 may not know it yet.

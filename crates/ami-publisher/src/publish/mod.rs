@@ -102,6 +102,24 @@ impl Options {
         t
     }
 
+    /// The key (ARN) checked for `t` before the run, if its check passed.
+    fn key_arn(&self, t: &Target) -> Option<String> {
+        self.keys.get(t).and_then(|k| k.as_ref().ok()).cloned()
+    }
+
+    /// What the stream's volume in `t` must be.
+    fn volume_spec(&self, t: &Target) -> crate::volumes::VolumeSpec {
+        crate::volumes::VolumeSpec {
+            stream: self.stream.clone(),
+            need_bytes: self.image_size.saturating_add(self.min_free_bytes),
+            volume_type: self.volume_type.clone(),
+            kms_key_id: self.settings.keys.for_target(t).map(str::to_owned),
+            key_arn: self.key_arn(t),
+            instance_name: self.settings.instance_name.clone(),
+            timeout: self.settings.timeouts.volume,
+        }
+    }
+
     /// All tags of the finished AMI and snapshot.
     fn final_tags(&self, name: &str) -> Vec<(String, String)> {
         let mut t = vec![(tags::NAME.to_owned(), name.to_owned())];
@@ -170,7 +188,7 @@ pub async fn publish_one(
     let mut r = TargetResult {
         account: t.account.clone(),
         region: t.region.clone(),
-        kms_key: o.keys.get(t).and_then(|k| k.as_ref().ok()).cloned(),
+        kms_key: o.key_arn(t),
         size_bytes: o.image_size,
         image_id: o.image_id.clone(),
         ..TargetResult::default()

@@ -16,7 +16,7 @@ use aws_sdk_ec2::{Client, types::ResourceType};
 use image_format::{ImageName, Manifest};
 use unpacker_client as uc;
 
-use crate::{progress::Line, sharing, tags, targets::Target, volumes::VolumeSpec};
+use crate::{progress::Line, sharing, tags, targets::Target};
 
 use super::{
     Options,
@@ -78,8 +78,8 @@ pub async fn plan(
         let mut p = TargetPlan { account: t.account.clone(), region: t.region.clone(), ..TargetPlan::default() };
         match o.keys.get(&t) {
             Some(Err(e)) => p.error = Some(e.clone()),
-            key => {
-                p.kms_key = key.and_then(|k| k.as_ref().ok()).cloned();
+            _ => {
+                p.kms_key = o.key_arn(&t);
                 // The region must be enabled in the account (DescribeRegions
                 // lists those), or every call there fails.
                 let enabled = match aws.enabled_regions(&t.account).await {
@@ -167,15 +167,7 @@ async fn plan_one(
     line.step("asking the unpacker");
     let mut c = o.settings.dial(inst, o.settings.timeouts.unpacker.min(std::time::Duration::from_secs(30))).await?;
     let status = c.get_status(uc::GetStatusRequest {}).await?.into_inner();
-    let spec = VolumeSpec {
-        stream: o.stream.clone(),
-        need_bytes: o.image_size.saturating_add(o.min_free_bytes),
-        volume_type: o.volume_type.clone(),
-        kms_key_id: o.settings.keys.for_target(t).map(str::to_owned),
-        key_arn: o.keys.get(t).and_then(|k| k.as_ref().ok()).cloned(),
-        instance_name: o.settings.instance_name.clone(),
-        timeout: o.settings.timeouts.volume,
-    };
+    let spec = o.volume_spec(t);
     let size_of = |vol: &str| status.devices.iter().find(|d| d.volume_id == vol).map_or(0, |d| d.size_bytes);
     let mut bound = status.streams.iter().find(|s| s.stream == o.stream);
     let mut replaced = None;
