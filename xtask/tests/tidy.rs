@@ -279,9 +279,10 @@ fn unpacker_user_data_matches_the_unit_and_the_instance_policy() {
 /// EC2 actions the publisher's code calls: `.describe_images()` and the
 /// like, and SDK waiters (which poll a Describe action).
 fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
-    const VERBS: [&str; 15] = [
+    const VERBS: [&str; 16] = [
         "describe",
         "get_ebs",
+        "get_allowed",
         "create",
         "delete",
         "attach",
@@ -298,6 +299,14 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
     ];
     // The KMS operations the publisher calls (its keys are checked).
     const KMS_ACTIONS: [&str; 2] = ["describe_key", "get_key_policy"];
+    // The SSM operations (the fleet's pointer).
+    const SSM_ACTIONS: [&str; 5] = [
+        "get_parameter",
+        "get_parameter_history",
+        "label_parameter_version",
+        "put_parameter",
+        "unlabel_parameter_version",
+    ];
     // Getters that look like operations.
     const NOT_ACTIONS: [&str; 3] = ["start_time", "delete_on_termination", "create_volume_permissions"];
     let mut files = Vec::new();
@@ -321,6 +330,8 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
                 ));
             } else if KMS_ACTIONS.contains(&ident.as_str()) {
                 out.insert(format!("kms:{}", pascal(&ident)));
+            } else if SSM_ACTIONS.contains(&ident.as_str()) {
+                out.insert(format!("ssm:{}", pascal(&ident)));
             } else if VERBS.iter().any(|v| ident.starts_with(&format!("{v}_"))) {
                 out.insert(format!("ec2:{}", pascal(&ident)));
             }
@@ -329,7 +340,7 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
     out
 }
 
-/// deploy/ami-publisher-iam-policy.json lists exactly the EC2 and KMS
+/// deploy/ami-publisher-iam-policy.json lists exactly the EC2, KMS and SSM
 /// actions the publisher calls: least privilege, kept in step with the code.
 #[test]
 fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
@@ -341,7 +352,7 @@ fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
     for st in policy["Statement"].as_array().unwrap() {
         for a in st["Action"].as_array().unwrap() {
             let a = a.as_str().unwrap();
-            if a.starts_with("ec2:") || a.starts_with("kms:") {
+            if a.starts_with("ec2:") || a.starts_with("kms:") || a.starts_with("ssm:") {
                 listed.insert(a.to_owned());
             }
         }

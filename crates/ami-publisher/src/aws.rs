@@ -51,7 +51,12 @@ pub struct Aws {
     /// Accounts found in the organization, by id: how each is reached.
     org_accounts: std::sync::Mutex<HashMap<String, Reach>>,
     partitions: Mutex<HashMap<Target, RetryPartition>>,
+    /// Each account's (profile's or organization account's) id, asked once.
+    ids: Mutex<HashMap<String, Arc<AccountId>>>,
 }
+
+/// An account's id once asked (GetCallerIdentity), or why it could not be.
+type AccountId = OnceCell<Result<String, String>>;
 
 /// How an account found in the organization is reached.
 #[derive(Debug, Clone)]
@@ -140,6 +145,7 @@ impl Aws {
             configs: Mutex::default(),
             org_accounts: std::sync::Mutex::default(),
             partitions: Mutex::default(),
+            ids: Mutex::default(),
         })
     }
 
@@ -266,11 +272,54 @@ impl Aws {
         aws_sdk_kms::Client::from_conf(conf)
     }
 
+    /// An SSM client for a target (the fleet's pointer).
+    pub async fn ssm(&self, target: &Target) -> aws_sdk_ssm::Client {
+        let c = self.config(&target.account).await;
+        let conf = aws_sdk_ssm::config::Builder::from(&c).region(Region::new(target.region.clone())).build();
+        aws_sdk_ssm::Client::from_conf(conf)
+    }
+
     /// An STS client for a target (the caller's identity).
     pub async fn sts(&self, target: &Target) -> aws_sdk_sts::Client {
         let c = self.config(&target.account).await;
         let conf = aws_sdk_sts::config::Builder::from(&c).region(Region::new(target.region.clone())).build();
         aws_sdk_sts::Client::from_conf(conf)
+    }
+
+    /// The 12-digit id of an account (a profile, or an organization
+    /// account's id), from GetCallerIdentity, asked once per run.
+    pub async fn account_id(&self, account: &str) -> anyhow::Result<String> {
+        let cell = self.ids.lock().await.entry(account.to_owned()).or_default().clone();
+        let id = cell
+            .get_or_init(|| async {
+                let config = self.config(account).await;
+                match aws_sdk_sts::Client::new(&config).get_caller_identity().send().await {
+                    Ok(out) => out.account.ok_or_else(|| "GetCallerIdentity answered no account".to_owned()),
+                    Err(e) => {
+                        Err(format!("{:#}", anyhow::Error::new(e).context(format!("GetCallerIdentity of {account}"))))
+                    }
+                }
+            })
+            .await;
+        id.clone().map_err(anyhow::Error::msg)
+    }
+
+    /// How this run can act as account `id`: as an organization account
+    /// listed for the targets, else as the first profile whose identity is
+    /// in it. None: no profile or listed account reaches it (profiles whose
+    /// identity cannot be asked are passed over).
+    pub async fn reach(&self, id: &str) -> Option<String> {
+        if self.org_accounts.lock().expect("not poisoned").contains_key(id) {
+            return Some(id.to_owned());
+        }
+        for p in &self.profiles {
+            match self.account_id(p).await {
+                Ok(a) if a == id => return Some(p.clone()),
+                Ok(_) => {}
+                Err(e) => tracing::debug!("profile {p} passed over: {e:#}"),
+            }
+        }
+        None
     }
 
     /// Regions enabled in an account (asked in the profile's own region).

@@ -22,6 +22,7 @@
 use aws_sdk_kms::{Client, error::ProvideErrorMetadata as _, types::KeyManagerType};
 use serde_json::Value;
 
+use crate::values::wildcard;
 use crate::{
     sharing::Grantees,
     targets::{Target, TargetSpec},
@@ -287,21 +288,6 @@ fn listed(v: &Value) -> Vec<&str> {
     }
 }
 
-/// Whether an IAM-style pattern (`*` and `?` wildcards, case-insensitive
-/// for actions) matches.
-fn like(pattern: &str, value: &str) -> bool {
-    fn go(p: &[u8], v: &[u8]) -> bool {
-        match (p.first(), v.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], v) || (!v.is_empty() && go(p, &v[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &v[1..]),
-            (Some(a), Some(b)) if a.eq_ignore_ascii_case(b) => go(&p[1..], &v[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), value.as_bytes())
-}
-
 /// Whether a statement's principal names `account` (its root, any of its
 /// principals, or everyone).
 fn names_account(st: &Value, account: &str) -> bool {
@@ -325,7 +311,7 @@ pub fn allows(policy: &Value, account: &str) -> bool {
     };
     SHARED_ACCOUNT_ACTIONS.iter().all(|action| {
         let matching =
-            |st: &&Value| names_account(st, account) && listed(&st["Action"]).iter().any(|a| like(a, action));
+            |st: &&Value| names_account(st, account) && listed(&st["Action"]).iter().any(|a| wildcard(a, action, true));
         let allowed = statements.iter().filter(|s| s["Effect"] == "Allow").any(&matching);
         let denied = statements.iter().filter(|s| s["Effect"] == "Deny" && s.get("Condition").is_none()).any(matching);
         allowed && !denied

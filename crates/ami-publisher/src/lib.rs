@@ -10,21 +10,25 @@
 //! - [`unpacker`]: finding, starting and dialing unpacker instances;
 //! - [`settings`]: the unpackers, keys and timeouts publish and the operations share;
 //! - [`keys`]: each target's KMS key, and whether it can serve (KMS calls);
+//! - [`allowed`]: whether accounts an AMI is shared with may use it (their Allowed AMIs);
 //! - [`ready`]: waits for snapshots and AMIs, and AMIs by name;
 //! - [`volumes`]: the stream's volume on an unpacker;
 //! - [`publish`]: the publish of one leaf to one target, and to all;
 //! - [`results`]: results files;
 //! - [`sharing`]: who may launch and copy an AMI (accounts, organizations, OUs);
+//! - [`pointer`]: the fleet's pointer, an SSM parameter per target (SSM calls);
 //! - [`ops`]: the lifecycle and operations subcommands (expire, lists, tags, ...);
 //! - [`policy`]: the IAM policy that lets the tool touch only what it made;
 //! - [`cli`]: the command line, its config file, and the final table.
 
+pub mod allowed;
 pub mod aws;
 pub mod cli;
 pub mod errors;
 pub mod keys;
 pub mod ops;
 pub mod org;
+pub mod pointer;
 pub mod policy;
 pub mod progress;
 pub mod publish;

@@ -77,18 +77,21 @@ fn key_statement(key: &str) -> Value {
 /// Where the publisher's role is: the unpacker instances are tagged
 /// `Name=<instance_name>`, the customer managed keys are `kms_keys` (none:
 /// the accounts' default keys), and accounts of `org:` targets are reached
-/// through role `org_role_name` in them.
+/// through role `org_role_name` in them; the fleet's pointers are named by
+/// `ssm_parameter` (None: any parameter).
 pub struct PolicyFor<'a> {
     pub instance_name: &'a str,
     pub kms_keys: &'a [&'a str],
     pub org_role_name: &'a str,
+    pub ssm_parameter: Option<&'a crate::pointer::Template>,
 }
 
 /// The publisher's policy (see [`PolicyFor`]). The organization statement
 /// matters only where `--org-profile` runs: it lists the organization's
 /// accounts and assumes the role in each.
 pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
-    let PolicyFor { instance_name, kms_keys, org_role_name } = *to;
+    let PolicyFor { instance_name, kms_keys, org_role_name, ssm_parameter } = *to;
+    let parameters = ssm_parameter.map_or_else(|| "*".to_owned(), crate::pointer::Template::iam_pattern);
     let ours = json!({ "StringEquals": { format!("aws:ResourceTag/{MANAGED_BY}"): MANAGED_BY_VALUE } });
     let (volume, snapshot, image, instance, key_pair) = (
         "arn:aws:ec2:*:*:volume/*",
@@ -107,7 +110,7 @@ pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
                     "DescribeImageAttribute", "DescribeImages", "DescribeInstances", "DescribeKeyPairs", "DescribeRegions",
                     "DescribeSecurityGroups", "DescribeSnapshotAttribute", "DescribeSnapshots", "DescribeSubnets",
                     "DescribeTags", "DescribeVolumes", "DescribeVolumesModifications", "DescribeVpcs",
-                    "GetEbsDefaultKmsKeyId",
+                    "GetAllowedImagesSettings", "GetEbsDefaultKmsKeyId",
                 ]),
                 "Resource": "*"
             },
@@ -184,6 +187,16 @@ pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
                 "Resource": format!("arn:aws:iam::*:role/{org_role_name}")
             },
             {
+                // The fleet's pointer: read, moved, labelled; nothing else.
+                "Sid": "MoveTheFleetsPointer",
+                "Effect": "Allow",
+                "Action": [
+                    "ssm:GetParameter", "ssm:GetParameterHistory", "ssm:LabelParameterVersion", "ssm:PutParameter",
+                    "ssm:UnlabelParameterVersion"
+                ],
+                "Resource": format!("arn:aws:ssm:*:*:parameter{parameters}")
+            },
+            {
                 "Sid": "PassTheUnpackerRole",
                 "Effect": "Allow",
                 "Action": ["iam:PassRole"],
@@ -217,7 +230,8 @@ mod tests {
             publisher_policy(&PolicyFor {
                 instance_name: "ImageUnpacker",
                 kms_keys: &[],
-                org_role_name: "OrganizationAccountAccessRole"
+                org_role_name: "OrganizationAccountAccessRole",
+                ssm_parameter: None,
             }),
             "deploy/ami-publisher-iam-policy.json is `ami-publisher iam-policy` (write it again from that)"
         );
@@ -226,7 +240,12 @@ mod tests {
     #[test]
     fn a_configured_key_is_allowed_only_through_ec2() {
         let statement = |key: &str| {
-            let p = publisher_policy(&PolicyFor { instance_name: "U", kms_keys: &[key], org_role_name: "R" });
+            let p = publisher_policy(&PolicyFor {
+                instance_name: "U",
+                kms_keys: &[key],
+                org_role_name: "R",
+                ssm_parameter: None,
+            });
             p["Statement"].as_array().unwrap().last().unwrap().clone()
         };
         let arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
@@ -241,7 +260,8 @@ mod tests {
         assert_eq!(s["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"], "alias/images");
         assert_eq!(statement("1234abcd")["Resource"], "arn:aws:kms:*:*:key/1234abcd");
         assert!(
-            publisher_policy(&PolicyFor { instance_name: "U", kms_keys: &[], org_role_name: "R" })["Statement"]
+            publisher_policy(&PolicyFor { instance_name: "U", kms_keys: &[], org_role_name: "R", ssm_parameter: None })
+                ["Statement"]
                 .as_array()
                 .unwrap()
                 .iter()

@@ -44,6 +44,12 @@ pub struct TargetResult {
     /// Whom the AMI was shared with (`--share-with-*`), for `unshare`.
     #[serde(default, skip_serializing_if = "crate::sharing::Grantees::is_empty")]
     pub shared_with: crate::sharing::Grantees,
+    /// The fleet's pointer (--ssm-parameter) this run pointed at the AMI,
+    /// and the version that holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm_parameter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm_version: Option<i64>,
     /// Bytes the unpacker fetched from the imageserver for this publish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_fetched: Option<u64>,

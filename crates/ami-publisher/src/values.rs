@@ -2,6 +2,7 @@
 //! parsed: a wrong value exits 2 naming the flag and the values it takes,
 //! before any AWS call (never at RegisterImage, after a snapshot exists).
 //! Each converts to the AWS SDK's own type only where a request is built.
+//! Also [`wildcard`]: the `*`/`?` patterns of IAM actions and EC2 names.
 
 use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues, ImdsSupportValues, TpmSupportValues, VolumeType};
 use clap::ValueEnum;
@@ -99,6 +100,34 @@ impl EbsType {
     }
 }
 
+/// Whether `value` matches `pattern`, where `*` stands for any run of
+/// characters and `?` for one, as IAM actions and EC2 image names are
+/// written; `fold_case`: ASCII letters match either case (IAM actions do,
+/// EC2 names do not).
+pub fn wildcard(pattern: &str, value: &str, fold_case: bool) -> bool {
+    let (p, v): (Vec<char>, Vec<char>) = (pattern.chars().collect(), value.chars().collect());
+    let same = |a: char, b: char| a == b || (fold_case && a.eq_ignore_ascii_case(&b));
+    // Greedy, going back to the last `*` on a mismatch: linear in practice.
+    let (mut pi, mut vi) = (0, 0);
+    let mut last_star: Option<(usize, usize)> = None;
+    while vi < v.len() {
+        if pi < p.len() && p[pi] == '*' {
+            last_star = Some((pi, vi));
+            pi += 1;
+        } else if pi < p.len() && (p[pi] == '?' || same(p[pi], v[vi])) {
+            pi += 1;
+            vi += 1;
+        } else if let Some((star, from)) = last_star {
+            pi = star + 1;
+            vi = from + 1;
+            last_star = Some((star, from + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +149,20 @@ mod tests {
         for t in Tpm::value_variants() {
             assert_eq!(t.to_possible_value().unwrap().get_name(), t.sdk().as_str());
         }
+    }
+
+    #[test]
+    fn wildcards_match_as_aws_writes_them() {
+        assert!(wildcard("kms:*", "kms:Decrypt", true));
+        assert!(wildcard("KMS:decrypt", "kms:Decrypt", true));
+        assert!(!wildcard("KMS:decrypt", "kms:Decrypt", false));
+        assert!(wildcard("web-?-*", "web-1-2026", false));
+        assert!(!wildcard("web-?-*", "web-12-2026", false));
+        assert!(wildcard("*a*b", "xaxxab", false));
+        assert!(!wildcard("*a*b", "xaxxa", false));
+        assert!(wildcard("[x] *", "[x] 1", false), "brackets stand for themselves");
+        assert!(!wildcard("[x] *", "x 1", false));
+        assert!(wildcard("", "", false) && !wildcard("", "a", false) && wildcard("*", "", false));
+        assert!(!wildcard(&"*a".repeat(40), &"a".repeat(39), false));
     }
 }

@@ -874,3 +874,123 @@ async fn targets_come_from_the_organization() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("as profile second"), "{err}");
 }
+
+/// Allowed AMIs in an account a publish shares with: `enabled` with
+/// criteria that leave the owner out refuses the plan, the publish and
+/// `share` before anything changes; `audit-mode` lets it go on with a
+/// warning; criteria that admit the owner let the account see and launch
+/// the AMI. An account no profile reaches is named as not checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn allowed_amis_of_a_shared_account_are_judged_before_anything_is_made() {
+    use aws_sdk_ec2::types::{AllowedImagesSettingsEnabledState as State, ImageCriterionRequest};
+    use local_world::CONSUMER_ACCOUNT_ID;
+    let world = World::start(&Plan::of(&["first", "second"], &["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let id_of = |a: &str| world.targets.iter().find(|t| t.account == a).unwrap().account_id.clone();
+    let (owner, second_id) = (id_of("first"), id_of("second"));
+    let stream = "base/allowed";
+    add_image(&world, stream, "1", &disk(4 * MIB, 21)).await;
+    customer_key(&world, "first", "us-east-1", "alias/ami-allowed", &[&second_id, CONSUMER_ACCOUNT_ID]).await;
+    let grantees = format!("{second_id},{CONSUMER_ACCOUNT_ID}");
+    let args: Vec<&str> =
+        vec!["--targets", "first,us-east-1", "--kms-key-id", "alias/ami-allowed", "--share-with-accounts", &grantees];
+    let second = world.ec2("second", "us-east-1").await;
+    let criteria = |providers: &[&str], names: &[&str]| {
+        let mut c = ImageCriterionRequest::builder();
+        for p in providers {
+            c = c.image_providers(*p);
+        }
+        for n in names {
+            c = c.image_names(*n);
+        }
+        c.build()
+    };
+    let set = |state: State, c: ImageCriterionRequest| {
+        let second = second.clone();
+        async move {
+            second.replace_image_criteria_in_allowed_images_settings().image_criteria(c).send().await.unwrap();
+            second.enable_allowed_images_settings().allowed_images_settings_state(state).send().await.unwrap();
+        }
+    };
+
+    // Enabled, and only Amazon's AMIs: the plan and the publish are refused.
+    set(State::Enabled, criteria(&["amazon"], &[])).await;
+    for dry in [true, false] {
+        let before = mark(&world);
+        let mut run = vec!["publish", stream, "1"];
+        if dry {
+            run.insert(0, "--dry-run");
+        }
+        run.extend(&args);
+        let out = p.run(&run);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("nothing was made"), "{err}");
+        assert!(err.contains(&format!("account {second_id} has Allowed AMIs enabled in us-east-1")), "{err}");
+        assert!(err.contains("could neither see nor launch it") && err.contains(&format!("add {owner}")), "{err}");
+        assert_eq!(writes_since(&world, &before), Vec::<String>::new(), "a refused publish changed things");
+    }
+
+    // Audit mode: the publish goes on, and says what enabling would do.
+    set(State::AuditMode, criteria(&["amazon"], &[])).await;
+    let results = world.path("allowed-results.json");
+    let mut run = vec!["publish", stream, "1", "--results", results.to_str().unwrap()];
+    run.extend(&args);
+    let out = p.run(&run);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("account {second_id} has Allowed AMIs in audit-mode")), "{err}");
+    assert!(err.contains(&format!("account {CONSUMER_ACCOUNT_ID}: Allowed AMIs not checked")), "{err}");
+    let r = ami_publisher::results::PublishResults::read(&results).unwrap();
+    let ami = r.targets[0].ami_id.clone().unwrap();
+    let seen = second.describe_images().image_ids(&ami).send().await.unwrap();
+    assert_eq!(seen.images()[0].image_allowed(), Some(false), "the account's audit says the same");
+
+    // Enabled, the owner admitted by name: the plan says so, and the
+    // account sees and launches the AMI.
+    let name = seen.images()[0].name().unwrap().to_owned();
+    let prefix = format!("{}*", &name[..name.len() / 2]);
+    set(State::Enabled, criteria(&[&owner], &[&prefix])).await;
+    let mut run = vec!["--json", "--dry-run", "publish", stream, "1"];
+    run.extend(&args);
+    let plan = json_of(&p.run(&run));
+    let lines: Vec<&str> = plan[0]["allowed_amis"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(
+        lines,
+        [
+            format!("account {second_id}: Allowed AMIs enabled in us-east-1, admitted"),
+            format!(
+                "account {CONSUMER_ACCOUNT_ID}: Allowed AMIs not checked (no profile or organization account reaches it)"
+            ),
+        ]
+    );
+    assert_eq!(second.describe_images().image_ids(&ami).send().await.unwrap().images().len(), 1);
+    let subnet = second.describe_subnets().send().await.unwrap().subnets()[0].subnet_id().unwrap().to_owned();
+    let launch = || {
+        second
+            .run_instances()
+            .image_id(&ami)
+            .min_count(1)
+            .max_count(1)
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .subnet_id(&subnet)
+            .send()
+    };
+    assert_eq!(launch().await.unwrap().instances()[0].image_id(), Some(ami.as_str()));
+
+    // Another name: hidden from the account, and `share` refuses to add to it.
+    set(State::Enabled, criteria(&[&owner], &["another-*"])).await;
+    let hidden = second.describe_images().image_ids(&ami).send().await.unwrap_err();
+    assert_eq!(aws_sdk_ec2::error::ProvideErrorMetadata::code(&hidden), Some("InvalidAMIID.NotFound"));
+    let refused = launch().await.unwrap_err();
+    assert_eq!(aws_sdk_ec2::error::ProvideErrorMetadata::code(&refused), Some("InvalidAMIID.NotFound"));
+    let before = mark(&world);
+    let out = p.run(&["--json", "share", results.to_str().unwrap(), "--share-with-accounts", &second_id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failed = report[0]["error"].as_str().unwrap_or_default();
+    assert!(failed.contains(&format!("{ami} cannot be shared as asked")), "{report}");
+    assert!(failed.contains("no criterion admits"), "{report}");
+    assert_eq!(writes_since(&world, &before), Vec::<String>::new());
+}

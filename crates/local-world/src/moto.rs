@@ -67,7 +67,8 @@ impl Drop for Moto {
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
 const WORLD_MODEL: &str = include_str!("world_model.py");
 /// The launcher's modules, one per EC2 behaviour moto lacks (`world/`).
-const WORLD_MODULES: [(&str, &str); 9] = [
+const WORLD_MODULES: [(&str, &str); 11] = [
+    ("allowed_images.py", include_str!("world/allowed_images.py")),
     ("failed_states.py", include_str!("world/failed_states.py")),
     ("iam_policy.py", include_str!("world/iam_policy.py")),
     ("image_attributes.py", include_str!("world/image_attributes.py")),
@@ -75,6 +76,7 @@ const WORLD_MODULES: [(&str, &str); 9] = [
     ("organization.py", include_str!("world/organization.py")),
     ("shared_images.py", include_str!("world/shared_images.py")),
     ("snapshot_limits.py", include_str!("world/snapshot_limits.py")),
+    ("ssm_images.py", include_str!("world/ssm_images.py")),
     ("tag_lag.py", include_str!("world/tag_lag.py")),
     ("volume_modifications.py", include_str!("world/volume_modifications.py")),
 ];

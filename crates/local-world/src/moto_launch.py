@@ -211,6 +211,16 @@ kms_keys.install()
 from world import organization
 
 organization.install()
+# 15. Allowed AMIs: which other accounts' AMIs an account sees and launches
+#     (world/allowed_images.py).
+from world import allowed_images
+
+allowed_images.install()
+# 16. Parameters of data type aws:ec2:image are validated after PutParameter
+#     answers (world/ssm_images.py).
+from world import ssm_images
+
+ssm_images.install(lambda: _pending_until("ssm-image", world_model.SSM_IMAGE_VALIDATION))
 
 
 def _refuse_taken_name(backend, name):

@@ -82,6 +82,8 @@ INSTANCE_PENDING = (10.0, 25.0)
 INSTANCE_STOPPING = (15.0, 40.0)
 INSTANCE_SHUTTING_DOWN = (10.0, 30.0)
 AMI_REGISTERING = (3.0, 8.0)
+# Validation of an aws:ec2:image parameter version (SSM answers first).
+SSM_IMAGE_VALIDATION = (1.0, 5.0)
 # A snapshot is pending for a fixed part plus the time to copy the blocks
 # changed since the volume's previous snapshot (all written blocks for a
 # first snapshot); a snapshot copy for a fixed part plus its data.

@@ -124,6 +124,13 @@ pub struct Cli {
     /// In the config file: a table `[kms-keys]` of "ACCOUNT,REGION" = "KEY".
     #[arg(long, global = true, value_parser = crate::keys::parse_target_key, value_name = "ACCOUNT,REGION=KEY")]
     pub target_kms_key: Vec<(TargetSpec, String)>,
+    /// The fleet's pointer: an SSM parameter (data type aws:ec2:image) per
+    /// target that `publish` and `promote` point at the leaf's AMI, and
+    /// `rollback` points back. The name may hold {stream}, {leaf},
+    /// {account} and {region}, e.g. /ami-fleet/{stream}/latest. Each
+    /// version is labelled leaf-LEAF, so NAME:leaf-LEAF resolves to a leaf.
+    #[arg(long, global = true, value_parser = crate::pointer::Template::parse, value_name = "TEMPLATE")]
+    pub ssm_parameter: Option<crate::pointer::Template>,
     /// Share AMIs with these AWS accounts: they may launch them, and read
     /// their snapshots so that they can copy them.
     #[arg(long, global = true, value_delimiter = ',', value_parser = sharing::parse_account, value_name = "ID,...")]
@@ -231,6 +238,22 @@ pub enum Command {
         #[arg(required = true)]
         results_files: Vec<PathBuf>,
     },
+    /// Point every target's --ssm-parameter at the AMI of STREAM/LEAF (a
+    /// new version, labelled leaf-LEAF). When a target has no AMI of the
+    /// leaf, nothing changes anywhere, unless --partial.
+    Promote {
+        stream: String,
+        leaf: String,
+        /// Promote in the targets that have the leaf, though others lack it.
+        #[arg(long)]
+        partial: bool,
+    },
+    /// Point every target's --ssm-parameter back at the AMI it held before
+    /// its current one (a new version; the history is kept).
+    Rollback { stream: String },
+    /// Where every target's --ssm-parameter points: version, AMI, leaf;
+    /// flags pointers at AMIs that are gone and targets that disagree.
+    ListPointers { stream: String },
     /// Take back what `share` or `publish --share-with-*` gave the AMIs in
     /// results files: the grantees of the --share-with-* flags, or, with
     /// none, those each results file says its AMIs were shared with.

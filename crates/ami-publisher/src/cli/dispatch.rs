@@ -46,6 +46,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             instance_name: &cli.instance_name,
             kms_keys: &keys.all(),
             org_role_name: &cli.org_role_name,
+            ssm_parameter: cli.ssm_parameter.as_ref(),
         });
         println!("{}", serde_json::to_string_pretty(&policy)?);
         return Ok(Outcome::AllSucceeded);
@@ -160,6 +161,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             show(ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, json, q)
         }
         Command::Share { .. } => show(ops::share(&ctx, &cli.grantees(), &amis).await, json, q),
+        Command::Promote { stream, leaf, partial } => {
+            let template = cli.ssm_parameter.as_ref().expect("checked in read_inputs");
+            show(ops::promote(&ctx, template, stream, leaf, *partial).await, json, q)
+        }
+        Command::Rollback { stream } => {
+            let template = cli.ssm_parameter.as_ref().expect("checked in read_inputs");
+            show(ops::rollback(&ctx, template, stream).await, json, q)
+        }
+        Command::ListPointers { stream } => {
+            let template = cli.ssm_parameter.as_ref().expect("checked in read_inputs");
+            show(ops::list_pointers(&ctx, template, stream).await, json, q)
+        }
         Command::Unshare { .. } => show(ops::unshare(&ctx, &cli.grantees(), &amis).await, json, q),
         Command::SetTagsOnUnpackers => show(ops::tag_unpackers(&ctx, &cli.tags, None).await, json, q),
         Command::StartInstances => show(ops::start_instances(&ctx).await, json, q),
@@ -214,6 +227,14 @@ fn read_inputs(cli: &Cli) -> anyhow::Result<Inputs> {
             }
         }
         Command::Unshare { .. } => refuse_public(cli)?,
+        Command::Promote { .. } | Command::Rollback { .. } | Command::ListPointers { .. } => {
+            let Some(template) = &cli.ssm_parameter else {
+                bail!("which pointer? give --ssm-parameter TEMPLATE (e.g. /ami-fleet/{{stream}}/latest)")
+            };
+            if template.uses_leaf() && !matches!(cli.command, Command::Promote { .. }) {
+                bail!("--ssm-parameter {template}: a pointer that moves between leaves cannot be named by {{leaf}}");
+            }
+        }
         _ => {}
     }
     if let Command::ListUnusedImages { usage }
@@ -416,8 +437,17 @@ async fn prepare_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> an
     let description = render_description(&cli.description, stream, leaf, &image_id)?;
     let aws = Aws::new(cli.retry()).await?;
     let targets = resolve_targets(cli, &aws).await?;
+    if let Some(template) = &cli.ssm_parameter {
+        for t in &targets {
+            template
+                .render(stream, leaf, &t.account, &t.region)
+                .map_err(|e| anyhow::anyhow!("--ssm-parameter: {e}"))?;
+        }
+    }
     let settings = settings(cli);
     let keys = crate::keys::preflight(&aws, &targets, &settings.keys, &cli.grantees(), cli.max_concurrency).await?;
+    let shared_name = if force { publish::dated_name(&ami_name) } else { ami_name.clone() };
+    let allowed = crate::allowed::preflight(&aws, &targets, &shared_name, &cli.grantees(), cli.max_concurrency).await?;
     let opts = Options {
         stream: stream.to_owned(),
         leaf: leaf.to_owned(),
@@ -442,6 +472,8 @@ async fn prepare_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> an
         ignore_missing_unpackers: cli.ignore_missing_unpackers,
         shares: cli.grantees(),
         keys: keys.into_iter().map(|(t, c)| (t, c.map(|c| c.arn))).collect(),
+        allowed: allowed.into_iter().map(|(t, f)| (t, f.into_iter().map(|f| f.line).collect())).collect(),
+        ssm_parameter: cli.ssm_parameter.clone(),
     };
     Ok(Prepared { opts, targets, aws, manifest, images })
 }
@@ -477,6 +509,12 @@ fn plan_table(o: &Options, plans: &[publish::TargetPlan]) -> String {
         }
         for perm in &p.permissions {
             item("permission", perm);
+        }
+        for a in &p.allowed_amis {
+            item("allowed AMIs", a);
+        }
+        if let Some(ptr) = &p.pointer {
+            item("pointer", ptr);
         }
     }
     s

@@ -10,6 +10,7 @@
 //! - [`launch`]: instances from AMIs, and SSH key pairs;
 //! - [`bootstrap`]: copying a stream's AMI into targets that lack one;
 //! - [`share`]: sharing AMIs of results files, and taking it back;
+//! - [`pointers`]: the fleet's pointer: promote, rollback, list;
 //! - [`unpackers`]: unpacker instances, their streams and volumes;
 //! - [`output`]: rows, tables, JSON and CSV.
 //!
@@ -21,6 +22,7 @@ pub mod expire;
 pub mod images;
 pub mod launch;
 pub mod output;
+pub mod pointers;
 pub mod share;
 pub mod unpackers;
 
@@ -40,6 +42,7 @@ pub use self::{
     },
     launch::{BootImage, LaunchSpec, import_key_pair, launch_instances},
     output::{Acted, Row, print, write_csv},
+    pointers::{list_pointers, promote, rollback},
     share::{share, unshare},
     unpackers::{
         add_volumes, list_streams, list_unpackers, prepare_unpackers, remove_unused_volumes, start_instances,

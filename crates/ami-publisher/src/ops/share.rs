@@ -6,7 +6,7 @@
 use anyhow::Context as _;
 
 use crate::{
-    keys, retry,
+    allowed, keys, retry,
     sharing::{self, Grantees, Permission},
 };
 
@@ -17,12 +17,29 @@ use super::{Acted, AmiMap, Ctx, Report, images::ListedAmi};
 ///
 /// Each snapshot's key is checked first ([`keys::check`]): a target whose
 /// AMIs are under the AWS managed key, or under a key whose policy does not
-/// let the accounts use it, fails before anything in it changes.
+/// let the accounts use it, fails before anything in it changes; so does
+/// one whose AMIs an account's Allowed AMIs settings would hide from it
+/// ([`allowed::check`]).
 pub async fn share(ctx: &Ctx<'_>, grantees: &Grantees, amis: &AmiMap) -> Vec<Report<Acted>> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
         let listed = amis.get(&t).map(Vec::as_slice).unwrap_or_default();
         let kms = ctx.aws.kms(&t).await;
+        if !grantees.accounts.is_empty() && !listed.is_empty() {
+            let ids: Vec<String> = listed.iter().map(|a| a.ami.clone()).collect();
+            let found =
+                retry::call("DescribeImages", None, || ec2.describe_images().set_image_ids(Some(ids.clone())).send())
+                    .await?;
+            for img in found.images() {
+                let (id, name) = (img.image_id().unwrap_or_default(), img.name().unwrap_or_default());
+                for f in allowed::check(ctx.aws, &t, name, grantees).await? {
+                    anyhow::ensure!(!f.refused, "{id} cannot be shared as asked; nothing was changed here: {}", f.line);
+                    if !f.line.ends_with(", admitted") {
+                        tracing::warn!(ami = %id, "{}", f.line);
+                    }
+                }
+            }
+        }
         for a in listed {
             for snapshot in snapshots(a) {
                 let found = retry::call(&format!("DescribeSnapshots {snapshot}"), None, || {

@@ -40,11 +40,12 @@ mod plan;
 mod register;
 
 pub use self::plan::{TargetPlan, bytes_to_write, plan};
+pub use self::register::dated_name;
 
 use self::{
     capture::unpack_and_snapshot,
     existing::{Tagged, find_ami, find_snapshot, find_tagged},
-    register::{dated_name, deregister_failed, wait_image, wait_snapshot},
+    register::{deregister_failed, wait_image, wait_snapshot},
 };
 use crate::ready::is_failed_end;
 
@@ -88,6 +89,11 @@ pub struct Options {
     /// Each target's KMS key (ARN), as checked before the run, or why it
     /// could not be checked (the target then fails at once).
     pub keys: std::collections::HashMap<Target, Result<String, String>>,
+    /// What each target's shared accounts' Allowed AMIs settings say of
+    /// the AMI, as checked before the run (`crate::allowed::preflight`).
+    pub allowed: std::collections::HashMap<Target, Vec<String>>,
+    /// The fleet's pointer to set in each target (`--ssm-parameter`).
+    pub ssm_parameter: Option<crate::pointer::Template>,
 }
 
 impl Options {
@@ -144,7 +150,8 @@ pub async fn publish(
         let line = board.line(&t.to_string());
         let ec2 = aws.ec2(&t).await;
         let kms = aws.kms(&t).await;
-        let mut r = publish_one(&ec2, &kms, &t, opts, &line).await;
+        let ssm = aws.ssm(&t).await;
+        let mut r = publish_one(&ec2, &kms, &ssm, &t, opts, &line).await;
         if let Some(e) = &mut r.error
             && let Some(cause) = crate::errors::unauthorized_cause(&ec2, e).await
         {
@@ -180,6 +187,7 @@ pub async fn publish(
 pub async fn publish_one(
     ec2: &Client,
     kms: &aws_sdk_kms::Client,
+    ssm: &aws_sdk_ssm::Client,
     t: &Target,
     o: &Options,
     line: &Line,
@@ -200,11 +208,41 @@ pub async fn publish_one(
     if done.is_ok() && !o.shares.is_empty() {
         done = share(ec2, kms, o, line, &mut r).await;
     }
+    if done.is_ok()
+        && let (Some(template), Some(ami)) = (&o.ssm_parameter, r.ami_id.clone())
+    {
+        done = point(ssm, template, &ami, t, o, line, &mut r).await;
+    }
     if let Err(e) = done {
         r.error = Some(format!("{e:#}"));
     }
     r.seconds = start.elapsed().as_secs_f64();
     r
+}
+
+/// How long Parameter Store may take to accept a new `aws:ec2:image`
+/// version (it checks the AMI after PutParameter answers; seconds, as a
+/// rule).
+const POINTER_ACCEPTED_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Point the fleet's pointer in this target at its AMI of the leaf.
+async fn point(
+    ssm: &aws_sdk_ssm::Client,
+    template: &crate::pointer::Template,
+    ami: &str,
+    t: &Target,
+    o: &Options,
+    line: &Line,
+    r: &mut TargetResult,
+) -> anyhow::Result<()> {
+    let name = template.render(&o.stream, &o.leaf, &t.account, &t.region).map_err(anyhow::Error::msg)?;
+    line.step(format!("pointing {name} at {ami}"));
+    // Recorded first: a pointer that fails part-way is still named.
+    r.ssm_parameter = Some(name.clone());
+    let pointed = crate::pointer::point(ssm, &name, ami, &o.leaf, POINTER_ACCEPTED_WITHIN).await?;
+    r.ssm_version = Some(pointed.version);
+    tracing::info!(parameter = %name, version = pointed.version, wrote = pointed.wrote, %ami, "pointer set");
+    Ok(())
 }
 
 /// Share the target's AMI (and its snapshot, with accounts) as

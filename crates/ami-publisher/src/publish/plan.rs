@@ -54,6 +54,14 @@ pub struct TargetPlan {
     /// Permissions sharing would add ("launch: account ...").
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<String>,
+    /// What the Allowed AMIs settings of each account it would be shared
+    /// with say of the AMI.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_amis: Vec<String>,
+    /// The fleet's pointer (--ssm-parameter): where it points now, and
+    /// whether the run would move it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pointer: Option<String>,
     /// Each write EC2 was asked about with DryRun: "CreateVolume: allowed".
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
@@ -80,6 +88,7 @@ pub async fn plan(
             Some(Err(e)) => p.error = Some(e.clone()),
             _ => {
                 p.kms_key = o.key_arn(&t);
+                p.allowed_amis = o.allowed.get(&t).cloned().unwrap_or_default();
                 // The region must be enabled in the account (DescribeRegions
                 // lists those), or every call there fails.
                 let enabled = match aws.enabled_regions(&t.account).await {
@@ -90,6 +99,10 @@ pub async fn plan(
                 let planned = match enabled {
                     Ok(()) => plan_one(&ec2, &t, o, manifest, images.clone(), &line, &mut p).await,
                     Err(e) => Err(e),
+                };
+                let planned = match (planned, &o.ssm_parameter) {
+                    (Ok(()), Some(template)) if p.ami != "skip" => plan_pointer(aws, &t, o, template, &mut p).await,
+                    (planned, _) => planned,
                 };
                 if let Err(e) = planned {
                     p.error = Some(format!("{e:#}"));
@@ -103,6 +116,29 @@ pub async fn plan(
         p
     })
     .await
+}
+
+/// Where the fleet's pointer is, and what the run would do to it.
+async fn plan_pointer(
+    aws: &crate::aws::Aws,
+    t: &Target,
+    o: &Options,
+    template: &crate::pointer::Template,
+    p: &mut TargetPlan,
+) -> anyhow::Result<()> {
+    let name = template.render(&o.stream, &o.leaf, &t.account, &t.region).map_err(anyhow::Error::msg)?;
+    let now = crate::pointer::current(&aws.ssm(t).await, &name).await?;
+    let label = crate::pointer::label(&o.leaf);
+    p.pointer = Some(match (now, p.existing.as_deref()) {
+        (Some(v), Some(ami)) if p.ami == "reuse" && v.value == ami => {
+            format!("{name} holds {ami} already (version {}); would label it {label}", v.version)
+        }
+        (Some(v), _) => {
+            format!("{name} at {} (version {}): would point at the AMI, labelled {label}", v.value, v.version)
+        }
+        (None, _) => format!("{name} is not there: would create it, pointing at the AMI, labelled {label}"),
+    });
+    Ok(())
 }
 
 /// Whether EC2 says a DryRun request would be allowed.

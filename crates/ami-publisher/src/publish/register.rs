@@ -63,7 +63,7 @@ pub(super) struct Ami {
 
 /// The name of a remade AMI: `base` and the time, as names are unique per
 /// account and region (`--force`, or an AMI that failed).
-pub(super) fn dated_name(base: &str) -> String {
+pub fn dated_name(base: &str) -> String {
     let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     crate::ami_name_chars(&format!("{base} {}", now.trim_end_matches('Z').replace(':', ".")))
 }
