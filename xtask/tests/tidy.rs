@@ -279,8 +279,10 @@ fn unpacker_user_data_matches_the_unit_and_the_instance_policy() {
 /// EC2 actions the publisher's code calls: `.describe_images()` and the
 /// like, and SDK waiters (which poll a Describe action).
 fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
-    const VERBS: [&str; 16] = [
+    const VERBS: [&str; 18] = [
         "describe",
+        "enable",
+        "disable",
         "get_ebs",
         "get_allowed",
         "create",

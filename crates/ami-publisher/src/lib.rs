@@ -11,6 +11,7 @@
 //! - [`settings`]: the unpackers, keys and timeouts publish and the operations share;
 //! - [`keys`]: each target's KMS key, and whether it can serve (KMS calls);
 //! - [`allowed`]: whether accounts an AMI is shared with may use it (their Allowed AMIs);
+//! - [`lifecycle`]: an AMI's deprecation, deregistration protection, disabling, references;
 //! - [`ready`]: waits for snapshots and AMIs, and AMIs by name;
 //! - [`volumes`]: the stream's volume on an unpacker;
 //! - [`publish`]: the publish of one leaf to one target, and to all;
@@ -26,6 +27,7 @@ pub mod aws;
 pub mod cli;
 pub mod errors;
 pub mod keys;
+pub mod lifecycle;
 pub mod ops;
 pub mod org;
 pub mod pointer;

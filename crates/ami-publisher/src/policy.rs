@@ -110,7 +110,7 @@ pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
                     "DescribeImageAttribute", "DescribeImages", "DescribeInstances", "DescribeKeyPairs", "DescribeRegions",
                     "DescribeSecurityGroups", "DescribeSnapshotAttribute", "DescribeSnapshots", "DescribeSubnets",
                     "DescribeTags", "DescribeVolumes", "DescribeVolumesModifications", "DescribeVpcs",
-                    "GetAllowedImagesSettings", "GetEbsDefaultKmsKeyId",
+                    "DescribeImageReferences", "GetAllowedImagesSettings", "GetEbsDefaultKmsKeyId",
                 ]),
                 "Resource": "*"
             },
@@ -144,6 +144,8 @@ pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
                     "AttachVolume", "CreateSnapshot", "CreateTags", "DeleteSnapshot", "DeleteTags", "DeleteVolume",
                     "DeregisterImage", "DetachVolume", "ModifyImageAttribute", "ModifySnapshotAttribute", "ModifyVolume",
                     "RegisterImage",
+                    "DisableImage", "DisableImageDeprecation", "DisableImageDeregistrationProtection", "EnableImage",
+                    "EnableImageDeprecation", "EnableImageDeregistrationProtection",
                     "StartInstances", "StopInstances", "TerminateInstances",
                 ]),
                 "Resource": [volume, snapshot, image, instance],

@@ -44,6 +44,12 @@ pub struct TargetResult {
     /// Whom the AMI was shared with (`--share-with-*`), for `unshare`.
     #[serde(default, skip_serializing_if = "crate::sharing::Grantees::is_empty")]
     pub shared_with: crate::sharing::Grantees,
+    /// When the AMI is deprecated (--deprecate-in), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecation_time: Option<String>,
+    /// Its deregistration protection (--deregistration-protection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deregistration_protection: Option<String>,
     /// The fleet's pointer (--ssm-parameter) this run pointed at the AMI,
     /// and the version that holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

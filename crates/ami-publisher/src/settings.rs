@@ -1,6 +1,6 @@
 //! What publish and every operation share, settled once from the command
-//! line: how unpacker instances are named and dialed, and how long each
-//! kind of wait may last.
+//! line: how unpacker instances are named and dialed, how long each kind
+//! of wait may last, and what the AMIs a run makes are given.
 
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// The KMS key of each target (`--kms-key-id`, `--target-kms-key`).
     pub keys: Keys,
+    /// What every AMI a run makes gets: a deprecation time, protection.
+    pub new_amis: crate::lifecycle::NewAmis,
 }
 
 impl Settings {

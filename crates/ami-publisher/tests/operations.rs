@@ -355,8 +355,10 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
     assert!(images("first", "eu-west-1").await.is_empty(), "a dry run copies nothing");
     assert!(images("second", "us-east-1").await.is_empty(), "a dry run copies nothing");
 
-    let done = records(&json_of(&run(&["--json", "copy-bootstrap-image", stream])));
+    let life = ["--deprecate-in", "7d", "--deregistration-protection"];
+    let done = records(&json_of(&run(&[&["--json", "copy-bootstrap-image", stream][..], &life].concat())));
     assert_eq!(done.iter().filter(|a| a["action"] == "copy").count(), 3, "{done:?}");
+    assert_eq!(done.iter().filter(|a| a["action"] == "give").count(), 3, "{done:?}");
     let second_id = world.targets.iter().find(|t| t.account == "second").unwrap().account_id.clone();
     for (account, region) in [("first", "eu-west-1"), ("second", "us-east-1"), ("second", "eu-west-1")] {
         let imgs = images(account, region).await;
@@ -370,6 +372,8 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
         assert_eq!(img.architecture(), src_img[0].architecture());
         assert_eq!(img.boot_mode().map(|m| m.as_str()), Some("uefi"), "{account},{region}");
         assert_eq!(img.tpm_support().map(|m| m.as_str()), Some("v2.0"), "{account},{region}");
+        assert!(img.deprecation_time().is_some(), "{account},{region}: the copy is deprecated as asked");
+        assert_eq!(img.deregistration_protection(), Some("enabled-without-cooldown"), "{account},{region}");
         let vars = world
             .ec2(account, region)
             .await
@@ -408,7 +412,7 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
 
     // A re-run is a no-op.
     let again = records(&json_of(&run(&["--json", "copy-bootstrap-image", stream])));
-    assert_eq!(again.len(), done.len(), "a row for each copy: {again:?}");
+    assert_eq!(again.len(), done.len() - 3, "a row for each target, as before less the 3 gives: {again:?}");
     assert!(again.iter().all(|a| a["action"] == "kept"), "{again:?}");
     assert_eq!(images("second", "eu-west-1").await.len(), 1);
 }

@@ -67,11 +67,12 @@ impl Drop for Moto {
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
 const WORLD_MODEL: &str = include_str!("world_model.py");
 /// The launcher's modules, one per EC2 behaviour moto lacks (`world/`).
-const WORLD_MODULES: [(&str, &str); 11] = [
+const WORLD_MODULES: [(&str, &str); 12] = [
     ("allowed_images.py", include_str!("world/allowed_images.py")),
     ("failed_states.py", include_str!("world/failed_states.py")),
     ("iam_policy.py", include_str!("world/iam_policy.py")),
     ("image_attributes.py", include_str!("world/image_attributes.py")),
+    ("image_lifecycle.py", include_str!("world/image_lifecycle.py")),
     ("kms_keys.py", include_str!("world/kms_keys.py")),
     ("organization.py", include_str!("world/organization.py")),
     ("shared_images.py", include_str!("world/shared_images.py")),

@@ -221,6 +221,11 @@ allowed_images.install()
 from world import ssm_images
 
 ssm_images.install(lambda: _pending_until("ssm-image", world_model.SSM_IMAGE_VALIDATION))
+# 17. An AMI's life: deprecation, deregistration protection, disabling, its
+#     last launch and what references it (world/image_lifecycle.py).
+from world import image_lifecycle
+
+image_lifecycle.install()
 
 
 def _refuse_taken_name(backend, name):

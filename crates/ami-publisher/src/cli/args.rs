@@ -71,6 +71,22 @@ pub struct Cli {
     /// Tag AMIs and snapshots with ExpiresAt = now + DURATION (e.g. 30d), for `expire`.
     #[arg(long, global = true, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub expires_in: Option<Duration>,
+    /// Deprecate AMIs at now + DURATION (EnableImageDeprecation; at most
+    /// 10 years): other accounts no longer list them, launches by id still
+    /// work. On publish (an AMI already there keeps a time it has),
+    /// copy-bootstrap-image and `deprecate`.
+    #[arg(long, global = true, value_parser = parse_deprecate_in, value_name = "DURATION")]
+    pub deprecate_in: Option<Duration>,
+    /// Protect AMIs from deregistration (publish, copy-bootstrap-image,
+    /// `protect`); `=cooldown` keeps them protected for 24 hours after
+    /// protection is turned off.
+    #[arg(long, global = true, value_enum, num_args = 0..=1, default_missing_value = "on", require_equals = true, value_name = "MODE")]
+    pub deregistration_protection: Option<crate::lifecycle::ProtectionMode>,
+    /// `expire`, `delete` and `delete-unused-images`: turn deregistration
+    /// protection off first, instead of keeping protected AMIs. An AMI
+    /// protected with a cooldown is kept for its 24 hours all the same.
+    #[arg(long, global = true)]
+    pub lift_protection: bool,
     /// AMI name; {stream}, {leaf} and {image_id} are replaced.
     #[arg(long, global = true, default_value = "{stream}/{leaf}", value_name = "TEMPLATE")]
     pub ami_name: String,
@@ -268,6 +284,62 @@ pub enum Command {
         #[arg(value_parser = clap::value_parser!(u64).range(1..=16384))]
         size_gib: u64,
     },
+    /// Retire a stream's old AMIs in steps, by age: deprecate, disable,
+    /// then delete (with snapshots). The --keep newest, and any AMI in use
+    /// (referenced by an instance, launch template or SSM parameter, held
+    /// by a labelled version of --ssm-parameter, or launched within
+    /// --min-unused-age), are left alone; protected AMIs are kept.
+    /// --dry-run shows the plan.
+    Retire {
+        stream: String,
+        /// Leave this many of the newest AMIs alone.
+        #[arg(long, default_value_t = 1)]
+        keep: usize,
+        /// Deprecate AMIs older than this.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        deprecate_after: Option<Duration>,
+        /// Disable AMIs older than this.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        disable_after: Option<Duration>,
+        /// Delete AMIs (and their snapshots) older than this.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        delete_after: Option<Duration>,
+        /// An AMI launched within this long counts as in use.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+        min_unused_age: Duration,
+    },
+    /// Deprecate the AMIs in results files at now + --deprecate-in.
+    Deprecate {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Take the deprecation time off the AMIs in results files.
+    Undeprecate {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Protect the AMIs in results files from deregistration
+    /// (--deregistration-protection=cooldown for the 24-hour cooldown).
+    Protect {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Turn deregistration protection off for the AMIs in results files.
+    Unprotect {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Disable the AMIs in results files: no launches, no launch
+    /// permissions (enabling gives none back; share again after).
+    Disable {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
+    /// Make disabled AMIs in results files available again.
+    Enable {
+        #[arg(required = true)]
+        results_files: Vec<PathBuf>,
+    },
     /// Deregister the AMIs in results files and delete their snapshots.
     Delete {
         #[arg(required = true)]
@@ -412,6 +484,11 @@ pub struct UsageArgs {
     /// Only images created at least this long ago.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub min_image_age: Duration,
+    /// An image launched within this long counts as used, though nothing
+    /// references it now (EC2's lastLaunchedTime, which may lag a launch
+    /// by up to 24 hours). 0s: its last launch does not count.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub min_unused_age: Duration,
     /// Also write the unused images found as CSV to FILE.
     #[arg(long, value_name = "FILE")]
     pub unused_images_csv: Option<PathBuf>,
@@ -497,4 +574,16 @@ impl Cli {
             operation_timeout: self.operation_timeout,
         }
     }
+}
+
+/// `--deprecate-in`: more than nothing, and at most EC2's 10 years.
+fn parse_deprecate_in(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("a deprecation time must be ahead: give more than 0s".into());
+    }
+    if d > crate::lifecycle::MAX_DEPRECATE_IN {
+        return Err("EC2 takes a deprecation time at most 10 years ahead".into());
+    }
+    Ok(d)
 }

@@ -58,6 +58,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     // Commands on results files take their targets from the files.
     let from_results = match &cli.command {
         Command::Delete { results_files }
+        | Command::Deprecate { results_files }
+        | Command::Undeprecate { results_files }
+        | Command::Protect { results_files }
+        | Command::Unprotect { results_files }
+        | Command::Disable { results_files }
+        | Command::Enable { results_files }
         | Command::DeleteTags { results_files, .. }
         | Command::SetExclusiveTags { results_files, .. }
         | Command::LaunchInstancesForImages { results_files, .. }
@@ -76,6 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         max_concurrency: cli.max_concurrency,
         settings: settings(&cli),
         dry_run: cli.dry_run,
+        lift_protection: cli.lift_protection,
         board: Board::new(!cli.json, &names),
     };
     let amis: std::collections::HashMap<_, _> = from_results.unwrap_or_default().into_iter().collect();
@@ -103,6 +110,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 search: &usage.search.search_tags,
                 exclude: &usage.search.exclude_search_tags,
                 min_age: usage.min_image_age,
+                unused_for: usage.min_unused_age,
+                pointer: cli.ssm_parameter.as_ref(),
                 now: SystemTime::now(),
             };
             // The reports are read before anything is deleted; one survey
@@ -115,7 +124,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 ops::write_csv(path, &unused, &["ami", "name", "created", "stream"])?;
             }
             if let Some(path) = &usage.old_image_instances_csv {
-                let used = ops::images::only(&survey, ops::Usage::Used);
+                let mut used = ops::images::only(&survey, ops::Usage::Used);
+                for r in &mut used {
+                    r.records.retain(|u| !u.instances.is_empty());
+                }
                 ops::write_csv(path, &used, &["ami", "name", "created", "instances"])?;
             }
             match &cli.command {
@@ -161,6 +173,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             show(ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, json, q)
         }
         Command::Share { .. } => show(ops::share(&ctx, &cli.grantees(), &amis).await, json, q),
+        Command::Deprecate { .. } => {
+            let at = SystemTime::now() + cli.deprecate_in.expect("checked in read_inputs");
+            show(ops::lifecycle::change(&ctx, ops::Change::Deprecate(at), &amis).await, json, q)
+        }
+        Command::Undeprecate { .. } => {
+            show(ops::lifecycle::change(&ctx, ops::Change::Undeprecate, &amis).await, json, q)
+        }
+        Command::Retire { stream, keep, deprecate_after, disable_after, delete_after, min_unused_age } => {
+            let search = [(crate::tags::STREAM.to_owned(), stream.clone())];
+            let q = ops::images::UsageSearch {
+                search: &search,
+                exclude: &[],
+                min_age: std::time::Duration::ZERO,
+                unused_for: *min_unused_age,
+                pointer: cli.ssm_parameter.as_ref(),
+                now: SystemTime::now(),
+            };
+            let steps = ops::lifecycle::Retire {
+                keep: *keep,
+                deprecate_after: *deprecate_after,
+                disable_after: *disable_after,
+                delete_after: *delete_after,
+            };
+            show(ops::lifecycle::retire(&ctx, &q, steps).await, json, false)
+        }
+        Command::Protect { .. } => {
+            let mode = cli.deregistration_protection.unwrap_or(crate::lifecycle::ProtectionMode::On);
+            show(ops::lifecycle::change(&ctx, ops::Change::Protect(mode), &amis).await, json, q)
+        }
+        Command::Unprotect { .. } => show(ops::lifecycle::change(&ctx, ops::Change::Unprotect, &amis).await, json, q),
+        Command::Disable { .. } => show(ops::lifecycle::change(&ctx, ops::Change::Disable, &amis).await, json, q),
+        Command::Enable { .. } => show(ops::lifecycle::change(&ctx, ops::Change::Enable, &amis).await, json, q),
         Command::Promote { stream, leaf, partial } => {
             let template = cli.ssm_parameter.as_ref().expect("checked in read_inputs");
             show(ops::promote(&ctx, template, stream, leaf, *partial).await, json, q)
@@ -227,6 +271,12 @@ fn read_inputs(cli: &Cli) -> anyhow::Result<Inputs> {
             }
         }
         Command::Unshare { .. } => refuse_public(cli)?,
+        Command::Retire { deprecate_after: None, disable_after: None, delete_after: None, .. } => {
+            bail!("retire how? give --deprecate-after, --disable-after or --delete-after")
+        }
+        Command::Deprecate { .. } if cli.deprecate_in.is_none() => {
+            bail!("deprecate when? give --deprecate-in DURATION (e.g. 90d)")
+        }
         Command::Promote { .. } | Command::Rollback { .. } | Command::ListPointers { .. } => {
             let Some(template) = &cli.ssm_parameter else {
                 bail!("which pointer? give --ssm-parameter TEMPLATE (e.g. /ami-fleet/{{stream}}/latest)")
@@ -513,6 +563,9 @@ fn plan_table(o: &Options, plans: &[publish::TargetPlan]) -> String {
         for a in &p.allowed_amis {
             item("allowed AMIs", a);
         }
+        for g in &p.gives {
+            item("give", g);
+        }
         if let Some(ptr) = &p.pointer {
             item("pointer", ptr);
         }
@@ -533,6 +586,10 @@ fn settings(cli: &Cli) -> Settings {
             image: cli.image_timeout,
         },
         keys: Keys { default: cli.kms_key_id.clone(), by_target: cli.target_kms_key.clone() },
+        new_amis: crate::lifecycle::NewAmis {
+            deprecate_in: cli.deprecate_in,
+            protection: cli.deregistration_protection,
+        },
     }
 }
 

@@ -129,7 +129,20 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str) -> Vec<Report<Act
         image_available(&ec2, &new_ami, made, ctx.settings.timeouts.image)
             .await
             .context("the copy is tagged: a re-run reports it, and copies nothing while it is pending")?;
-        Ok(vec![ctx.described("copy", &new_ami, what)])
+        let mut rows = vec![ctx.described("copy", &new_ami, what)];
+        let n = &ctx.settings.new_amis;
+        if n.any() {
+            let given = crate::lifecycle::give(&ec2, &new_ami, None, made, n).await?;
+            let parts: Vec<String> = [
+                given.deprecation_time.map(|t| format!("deprecated at {t}")),
+                given.protection.map(|p| format!("deregistration protection {p}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            rows.push(ctx.described("give", &new_ami, parts.join("; ")));
+        }
+        Ok(rows)
     })
     .await
 }

@@ -8,6 +8,7 @@ use aws_sdk_ec2::types::{Filter, Tag};
 use super::{
     Acted, Ctx, Report,
     images::{delete_snapshot, deregister},
+    lifecycle::may_deregister,
     unpackers::terminate,
 };
 use crate::{errors::SdkResultExt as _, tags, unpacker, volumes};
@@ -46,11 +47,18 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
         let mut out = Vec::new();
         let ec2 = &ec2;
         let has_expiry = || Filter::builder().name("tag-key").values(tags::EXPIRES_AT).build();
-        let images = ec2.describe_images().owners("self").filters(has_expiry()).send().await.sdk("DescribeImages")?;
+        let images = ec2
+            .describe_images()
+            .owners("self")
+            .filters(has_expiry())
+            .include_disabled(true)
+            .send()
+            .await
+            .sdk("DescribeImages")?;
         let mut gone_snapshots = Vec::new();
         for img in images.images() {
             let Some(id) = img.image_id() else { continue };
-            if !due(img.tags(), now, id, &mut out) {
+            if !due(img.tags(), now, id, &mut out) || !may_deregister(ctx, ec2, img, &mut out).await? {
                 continue;
             }
             let snaps: Vec<String> = img

@@ -40,15 +40,19 @@ row! {
 }
 
 row! {
-    /// An AMI old enough to be judged, and the instances that use it.
+    /// An AMI old enough to be judged, and what uses it.
     pub struct UsageRow {
         columns {
             ami: String,
             name: Option<String>,
             created: Option<String>,
             stream: Option<String>,
-            /// Instance ids, space-separated ("" for an unused AMI).
+            /// Instance ids, space-separated.
             instances: String,
+            /// Why it counts as used ("" for an unused AMI): references
+            /// ("instance i-1", "launch template lt-2", "parameter /a"),
+            /// the fleet's pointer, a recent launch; "; "-separated.
+            used_by: String,
         }
         extra {}
     }
@@ -109,22 +113,45 @@ pub enum Usage {
 }
 
 /// The search of the usage commands: images matching `search` (and not
-/// `exclude`) created at least `min_age` before `now`.
+/// `exclude`) created at least `min_age` before `now`; one launched within
+/// `unused_for` counts as used; with `pointer`, so does one a labelled
+/// version of the fleet's pointer holds.
 #[derive(Debug, Clone, Copy)]
 pub struct UsageSearch<'a> {
     pub search: &'a [(String, String)],
     pub exclude: &'a [(String, String)],
     pub min_age: Duration,
+    pub unused_for: Duration,
+    pub pointer: Option<&'a crate::pointer::Template>,
     pub now: SystemTime,
 }
 
-/// The images of a target the search finds, each with the instances
-/// (pending, running, stopping, stopped) that use it.
-async fn judged(ec2: &Client, q: &UsageSearch<'_>) -> anyhow::Result<Vec<(Image, Vec<String>)>> {
+/// One image of a usage survey.
+pub(super) struct Judged {
+    pub image: Image,
+    /// Instances (pending, running, stopping, stopped) launched from it.
+    pub instances: Vec<String>,
+    /// Everything that makes it count as used.
+    pub used_by: Vec<String>,
+}
+
+/// The images of a target the search finds, each with what uses it: what
+/// EC2 finds referencing it (DescribeImageReferences: instances, launch
+/// template versions, SSM parameters, Image Builder recipes), a labelled
+/// version of the fleet's pointer, a launch within `unused_for`. Where EC2
+/// does not answer DescribeImageReferences, instances alone are counted,
+/// and a warning says so.
+pub(super) async fn judged(
+    ctx: &Ctx<'_>,
+    ec2: &Client,
+    t: &Target,
+    q: &UsageSearch<'_>,
+) -> anyhow::Result<Vec<Judged>> {
     let imgs = ec2
         .describe_images()
         .owners("self")
         .set_filters(Some(search_filters(q.search)))
+        .include_disabled(true)
         .send()
         .await
         .sdk("DescribeImages")?;
@@ -148,7 +175,49 @@ async fn judged(ec2: &Client, q: &UsageSearch<'_>) -> anyhow::Result<Vec<(Image,
         if created.is_none_or(|c| q.now.duration_since(c).unwrap_or_default() < q.min_age) {
             continue;
         }
-        out.push((img.clone(), users.get(id).cloned().unwrap_or_default()));
+        let instances = users.get(id).cloned().unwrap_or_default();
+        out.push(Judged { image: img.clone(), instances, used_by: Vec::new() });
+    }
+    let ids: Vec<String> = out.iter().filter_map(|j| j.image.image_id().map(str::to_owned)).collect();
+    match crate::lifecycle::references(ec2, &ids).await? {
+        Some(mut refs) => {
+            for j in &mut out {
+                j.used_by = refs.remove(j.image.image_id().unwrap_or_default()).unwrap_or_default();
+            }
+        }
+        None => {
+            tracing::warn!(target = %t, "EC2 does not answer DescribeImageReferences here: only instances count as use");
+            for j in &mut out {
+                j.used_by = j.instances.iter().map(|i| format!("instance {i}")).collect();
+            }
+        }
+    }
+    if let Some(template) = q.pointer {
+        let ssm = ctx.aws.ssm(t).await;
+        let mut held: HashMap<String, Vec<(String, Vec<String>)>> = HashMap::new();
+        for j in &mut out {
+            let Some(stream) = tags::value(j.image.tags(), tags::STREAM) else { continue };
+            let Ok(name) = template.render(stream, "", &t.account, &t.region) else { continue };
+            if !held.contains_key(&name) {
+                let versions = crate::pointer::history(&ssm, &name).await?;
+                let labelled = versions.into_iter().filter(|v| !v.labels.is_empty()).map(|v| (v.value, v.labels));
+                held.insert(name.clone(), labelled.collect());
+            }
+            let id = j.image.image_id().unwrap_or_default();
+            for (_, labels) in held[&name].iter().filter(|(value, _)| value == id) {
+                j.used_by.push(format!("pointer {name} ({})", labels.join(",")));
+            }
+        }
+    }
+    if !q.unused_for.is_zero() {
+        for j in &mut out {
+            if let Some(at) = crate::lifecycle::last_launched(&j.image)
+                && q.now.duration_since(at).unwrap_or_default() < q.unused_for
+            {
+                let when = j.image.last_launched_time().unwrap_or_default();
+                j.used_by.push(format!("launched {when}"));
+            }
+        }
     }
     Ok(out)
 }
@@ -157,16 +226,17 @@ async fn judged(ec2: &Client, q: &UsageSearch<'_>) -> anyhow::Result<Vec<(Image,
 /// naming the instances that use it (one survey serves the usage lists and
 /// both CSV reports; split it with [`only`]).
 pub async fn image_usage(ctx: &Ctx<'_>, q: &UsageSearch<'_>) -> Vec<Report<UsageRow>> {
-    ctx.each(|ec2, _t| async move {
-        Ok(judged(&ec2, q)
+    ctx.each(|ec2, t| async move {
+        Ok(judged(ctx, &ec2, &t, q)
             .await?
             .into_iter()
-            .map(|(img, using)| UsageRow {
-                ami: img.image_id().unwrap_or_default().to_owned(),
-                name: owned(img.name()),
-                created: owned(img.creation_date()),
-                stream: owned(tags::value(img.tags(), tags::STREAM)),
-                instances: using.join(" "),
+            .map(|j| UsageRow {
+                ami: j.image.image_id().unwrap_or_default().to_owned(),
+                name: owned(j.image.name()),
+                created: owned(j.image.creation_date()),
+                stream: owned(tags::value(j.image.tags(), tags::STREAM)),
+                instances: j.instances.join(" "),
+                used_by: j.used_by.join("; "),
             })
             .collect())
     })
@@ -179,7 +249,7 @@ pub fn only(survey: &[Report<UsageRow>], usage: Usage) -> Vec<Report<UsageRow>> 
     survey
         .iter()
         .map(|r| Report {
-            records: r.records.iter().filter(|u| u.instances.is_empty() == (usage == Usage::Unused)).cloned().collect(),
+            records: r.records.iter().filter(|u| u.used_by.is_empty() == (usage == Usage::Unused)).cloned().collect(),
             ..r.clone()
         })
         .collect()
@@ -188,14 +258,17 @@ pub fn only(survey: &[Report<UsageRow>], usage: Usage) -> Vec<Report<UsageRow>> 
 /// `delete-unused-images`: deregister the unused images the search finds,
 /// and delete their snapshots.
 pub async fn delete_unused_images(ctx: &Ctx<'_>, q: &UsageSearch<'_>) -> Vec<Report<Acted>> {
-    ctx.each(|ec2, _t| async move {
+    ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
-        for (img, using) in judged(&ec2, q).await? {
-            if !using.is_empty() {
+        for Judged { image: img, used_by, .. } in judged(ctx, &ec2, &t, q).await? {
+            if !used_by.is_empty() {
                 continue;
             }
             let id = img.image_id().unwrap_or_default();
             let ec2 = &ec2;
+            if !super::lifecycle::may_deregister(ctx, ec2, &img, &mut out).await? {
+                continue;
+            }
             out.push(ctx.act("deregister", id, img.name().unwrap_or_default(), || deregister(ec2, id)).await?);
             for m in img.block_device_mappings() {
                 if let Some(s) = m.ebs().and_then(|e| e.snapshot_id()) {
@@ -210,7 +283,7 @@ pub async fn delete_unused_images(ctx: &Ctx<'_>, q: &UsageSearch<'_>) -> Vec<Rep
 
 /// DeregisterImage; an AMI that is gone already counts as done (the
 /// attempt whose answer was lost, or someone else, deregistered it).
-pub(super) async fn deregister(ec2: &Client, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn deregister(ec2: &Client, id: &str) -> anyhow::Result<()> {
     ec2.deregister_image()
         .image_id(id)
         .send()
@@ -318,7 +391,16 @@ pub async fn delete(ctx: &Ctx<'_>, amis: &AmiMap) -> Vec<Report<Acted>> {
     ctx.each(|ec2, t| async move {
         let mut out = Vec::new();
         let ec2 = &ec2;
-        for ListedAmi { ami, snapshot: snap, .. } in amis.get(&t).map(Vec::as_slice).unwrap_or_default() {
+        let listed = amis.get(&t).map(Vec::as_slice).unwrap_or_default();
+        let ids: Vec<String> = listed.iter().map(|a| a.ami.clone()).collect();
+        let found = crate::lifecycle::images(ec2, &ids).await?;
+        for ListedAmi { ami, snapshot: snap, .. } in listed {
+            let img = found.iter().find(|i| i.image_id() == Some(ami.as_str()));
+            if let Some(img) = img
+                && !super::lifecycle::may_deregister(ctx, ec2, img, &mut out).await?
+            {
+                continue;
+            }
             out.push(ctx.act("deregister", ami, "", || deregister(ec2, ami)).await?);
             if let Some(s) = snap {
                 out.push(ctx.act("delete", s, format!("snapshot of {ami}"), || delete_snapshot(ec2, s)).await?);

@@ -8,6 +8,7 @@
 //!   (delete, tags);
 //! - [`expire`]: everything whose `ExpiresAt` has passed;
 //! - [`launch`]: instances from AMIs, and SSH key pairs;
+//! - [`lifecycle`]: deprecation, protection, disabling; the guard before a deregistration;
 //! - [`bootstrap`]: copying a stream's AMI into targets that lack one;
 //! - [`share`]: sharing AMIs of results files, and taking it back;
 //! - [`pointers`]: the fleet's pointer: promote, rollback, list;
@@ -21,6 +22,7 @@ pub mod bootstrap;
 pub mod expire;
 pub mod images;
 pub mod launch;
+pub mod lifecycle;
 pub mod output;
 pub mod pointers;
 pub mod share;
@@ -41,6 +43,7 @@ pub use self::{
         set_exclusive_tags,
     },
     launch::{BootImage, LaunchSpec, import_key_pair, launch_instances},
+    lifecycle::Change,
     output::{Acted, Row, print, write_csv},
     pointers::{list_pointers, promote, rollback},
     share::{share, unshare},
@@ -69,6 +72,8 @@ pub struct Ctx<'a> {
     /// The unpackers and the timeouts, as publish has them.
     pub settings: Settings,
     pub dry_run: bool,
+    /// Turn deregistration protection off before deregistering.
+    pub lift_protection: bool,
     pub board: Board,
 }
 

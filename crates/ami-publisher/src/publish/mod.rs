@@ -209,6 +209,12 @@ pub async fn publish_one(
         done = share(ec2, kms, o, line, &mut r).await;
     }
     if done.is_ok()
+        && o.settings.new_amis.any()
+        && let Some(ami) = r.ami_id.clone()
+    {
+        done = give(ec2, &ami, o, line, &mut r).await;
+    }
+    if done.is_ok()
         && let (Some(template), Some(ami)) = (&o.ssm_parameter, r.ami_id.clone())
     {
         done = point(ssm, template, &ami, t, o, line, &mut r).await;
@@ -218,6 +224,19 @@ pub async fn publish_one(
     }
     r.seconds = start.elapsed().as_secs_f64();
     r
+}
+
+/// Give the target's AMI its deprecation time and protection. A reused AMI
+/// keeps a deprecation time it has.
+async fn give(ec2: &Client, ami: &str, o: &Options, line: &Line, r: &mut TargetResult) -> anyhow::Result<()> {
+    line.step("deprecation and protection");
+    let found =
+        if r.reused { crate::lifecycle::images(ec2, &[ami.to_owned()]).await?.into_iter().next() } else { None };
+    let made = (!r.reused).then(Instant::now);
+    let given = crate::lifecycle::give(ec2, ami, found.as_ref(), made, &o.settings.new_amis).await?;
+    r.deprecation_time = given.deprecation_time;
+    r.deregistration_protection = given.protection;
+    Ok(())
 }
 
 /// How long Parameter Store may take to accept a new `aws:ec2:image`

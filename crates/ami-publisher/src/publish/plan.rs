@@ -58,6 +58,9 @@ pub struct TargetPlan {
     /// with say of the AMI.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allowed_amis: Vec<String>,
+    /// What the AMI would be given (--deprecate-in, --deregistration-protection).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gives: Vec<String>,
     /// The fleet's pointer (--ssm-parameter): where it points now, and
     /// whether the run would move it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,6 +103,9 @@ pub async fn plan(
                     Ok(()) => plan_one(&ec2, &t, o, manifest, images.clone(), &line, &mut p).await,
                     Err(e) => Err(e),
                 };
+                if planned.is_ok() && p.ami != "skip" {
+                    p.gives = gives(o, p.ami == "reuse");
+                }
                 let planned = match (planned, &o.ssm_parameter) {
                     (Ok(()), Some(template)) if p.ami != "skip" => plan_pointer(aws, &t, o, template, &mut p).await,
                     (planned, _) => planned,
@@ -116,6 +122,25 @@ pub async fn plan(
         p
     })
     .await
+}
+
+/// What a run would give the AMI: a deprecation time and protection.
+fn gives(o: &Options, reused: bool) -> Vec<String> {
+    let n = &o.settings.new_amis;
+    let mut out = Vec::new();
+    if let Some(d) = n.deprecate_in {
+        let at = crate::tags::rfc3339(std::time::SystemTime::now() + d);
+        out.push(if reused {
+            format!("deprecation at {at}, unless it has a time")
+        } else {
+            format!("deprecation at {at}")
+        });
+    }
+    if let Some(mode) = n.protection {
+        let wanted = crate::lifecycle::Protection::On { cooldown: mode == crate::lifecycle::ProtectionMode::Cooldown };
+        out.push(format!("deregistration protection {wanted}"));
+    }
+    out
 }
 
 /// Where the fleet's pointer is, and what the run would do to it.
