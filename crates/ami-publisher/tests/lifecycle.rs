@@ -166,8 +166,9 @@ async fn usage_counts_references_pointers_and_recent_launches() {
             ami
         }
     };
-    let (templated, parameter, launched, pointed, unused) =
-        (made("1").await, made("2").await, made("3").await, made("4").await, made("5").await);
+    let (templated, parameter, launched, pointed, unused, guarded) =
+        (made("1").await, made("2").await, made("3").await, made("4").await, made("5").await, made("6").await);
+    ec2.enable_image_deregistration_protection().image_id(&guarded).send().await.unwrap();
     ec2.create_launch_template()
         .launch_template_name("web")
         .launch_template_data(aws_sdk_ec2::types::RequestLaunchTemplateData::builder().image_id(&templated).build())
@@ -219,13 +220,16 @@ async fn usage_counts_references_pointers_and_recent_launches() {
     assert!(why(&launched).starts_with("launched "), "a terminated instance is no use; the launch is: {used:?}");
     assert_eq!(why(&pointed), format!("pointer {pointer} (leaf-4)"), "{used:?}");
     let unused_rows = rows(&p, &[&["list-unused-images"][..], &search].concat());
-    let unused_ids: Vec<&str> = unused_rows.iter().filter_map(|r| r["ami"].as_str()).collect();
-    assert_eq!(unused_ids, [unused.as_str()]);
+    let mut unused_ids: Vec<&str> = unused_rows.iter().filter_map(|r| r["ami"].as_str()).collect();
+    unused_ids.sort_unstable();
+    let mut want = vec![unused.as_str(), guarded.as_str()];
+    want.sort_unstable();
+    assert_eq!(unused_ids, want);
     // Without the window, the launched image counts as unused.
     let plain = rows(&p, &[&["list-unused-images"][..], &search[..6]].concat());
     let mut plain: Vec<&str> = plain.iter().filter_map(|r| r["ami"].as_str()).collect();
     plain.sort_unstable();
-    let mut want = vec![launched.as_str(), unused.as_str()];
+    let mut want = vec![launched.as_str(), unused.as_str(), guarded.as_str()];
     want.sort_unstable();
     assert_eq!(plain, want);
 
@@ -236,8 +240,11 @@ async fn usage_counts_references_pointers_and_recent_launches() {
     assert_eq!(writes_since(&world, &m), Vec::<String>::new());
     let done = rows(&p, &[&["delete-unused-images"][..], &search].concat());
     assert_eq!(done.iter().filter(|r| r["action"] == "deregister").count(), 1, "{done:?}");
+    let guard = done.iter().find(|r| r["resource"] == guarded.as_str()).unwrap();
+    assert_eq!(guard["action"], "kept", "{done:?}");
+    assert!(guard["detail"].as_str().unwrap().contains("deregistration protection is on"), "{guard}");
     assert!(image(&world, &unused).await.is_none());
-    for kept in [&templated, &parameter, &launched, &pointed] {
+    for kept in [&templated, &parameter, &launched, &pointed, &guarded] {
         assert!(image(&world, kept).await.is_some(), "{kept} was deleted");
     }
 }

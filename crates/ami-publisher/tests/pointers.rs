@@ -180,3 +180,43 @@ async fn a_value_parameter_store_drops_after_answering_is_reported() {
     assert_eq!(resolve(&world, "first", "us-east-1", name).await, Some(ami.clone()));
     assert_eq!(resolve(&world, "first", "us-east-1", &format!("{name}:leaf-1")).await, Some(ami));
 }
+
+/// Parameter Store keeps 100 versions of a parameter and refuses a 101st
+/// while the oldest carries a label: the pointer takes that label off and
+/// writes, and says so in its log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pointer_with_a_hundred_versions_makes_room_for_the_next() {
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let zone = world.targets[0].availability_zone.clone();
+    let (a, b) = (
+        register_by_hand(&ec2, &zone, "hundred-a", &[("Purpose", "pointer")]).await,
+        register_by_hand(&ec2, &zone, "hundred-b", &[("Purpose", "pointer")]).await,
+    );
+    let name = "/ami-fleet/full/latest";
+    let world_ssm = ssm(&world, "first", "us-east-1").await;
+    for i in 0..100 {
+        let value = if i % 2 == 0 { &a } else { &b };
+        world_ssm
+            .put_parameter()
+            .name(name)
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .data_type("aws:ec2:image")
+            .overwrite(i > 0)
+            .send()
+            .await
+            .unwrap();
+    }
+    world_ssm.label_parameter_version().name(name).parameter_version(1).labels("leaf-old").send().await.unwrap();
+    let config = world.sdk_config_as("ami-publisher", "first", "us-east-1").await.unwrap();
+    let client = aws_sdk_ssm::Client::new(&config);
+    // The parameter holds b (version 100): pointing at a needs a 101st.
+    let pointed = ami_publisher::pointer::point(&client, name, &a, "new", Duration::from_secs(30)).await.unwrap();
+    assert!(pointed.wrote);
+    assert_eq!(pointed.version, 101);
+    assert_eq!(pointed.unlabelled, ["leaf-old"]);
+    assert_eq!(resolve(&world, "first", "us-east-1", name).await, Some(a.clone()));
+    assert_eq!(resolve(&world, "first", "us-east-1", &format!("{name}:leaf-new")).await, Some(a));
+    assert_eq!(resolve(&world, "first", "us-east-1", &format!("{name}:leaf-old")).await, None, "the old label went");
+}
