@@ -93,7 +93,10 @@ async fn an_amis_life_is_changed_and_guarded_as_asked() {
     assert_eq!(done[0]["action"], "undeprecate", "{done:?}");
     assert_eq!(image(&world, &ami).await.unwrap().deprecation_time(), None);
     assert_eq!(rows(&p, &["undeprecate", results])[0]["action"], "kept");
-    assert_eq!(rows(&p, &["disable", results])[0]["action"], "disable");
+    // By leaf, in the targets given (results files or --leaf, not both).
+    let both = p.run(&["disable", results, "--leaf", "base/life/1"]);
+    assert_eq!(both.status.code(), Some(2), "{}", String::from_utf8_lossy(&both.stderr));
+    assert_eq!(rows(&p, &["disable", "--leaf", "base/life/1", "--targets", "first,us-east-1"])[0]["action"], "disable");
     assert_eq!(image(&world, &ami).await.unwrap().state().map(|s| s.as_str()), Some("disabled"));
     let ec2 = world.ec2("first", "us-east-1").await;
     let subnet = world.targets[0].subnet_id.clone();

@@ -630,6 +630,24 @@ async fn a_dry_run_plans_what_the_real_run_then_does() {
         assert_eq!(plan["existing"].as_str(), t.ami_id.as_deref());
         assert!(plan.get("shares").is_none(), "{plan}");
     }
+    // An AMI gone but its snapshot left (as an interrupted run leaves it):
+    // the plan would register the snapshot, and EC2 is asked with DryRun.
+    let t0 = &r.targets[0];
+    let home = world.ec2(&t0.account, &t0.region).await;
+    home.deregister_image().image_id(t0.ami_id.as_deref().unwrap()).send().await.unwrap();
+    let before = mark(&world);
+    let out = p.run(&args);
+    let left: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(writes_since(&world, &before), Vec::<String>::new());
+    assert_eq!(left[0]["ami"], "register", "{}", left[0]);
+    assert_eq!(left[0]["existing"].as_str(), t0.snapshot_id.as_deref());
+    let perms: Vec<&str> = left[0]["permissions"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert!(perms.contains(&"RegisterImage: allowed"), "{perms:?}");
+    let out = p.run(&[&real[..], &["--json"]].concat());
+    assert!(out.status.success());
+    let done: PublishResults = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done.targets[0].snapshot_id, t0.snapshot_id, "the left snapshot was registered");
+    assert!(!done.targets[0].reused);
 }
 
 /// A stream's volume made under one key (here the account's default) is

@@ -308,37 +308,37 @@ pub enum Command {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, value_name = "DURATION")]
         min_unused_age: Duration,
     },
-    /// Deprecate the AMIs in results files at now + --deprecate-in.
+    /// Deprecate AMIs (of results files, or --leaf) at now + --deprecate-in.
     Deprecate {
-        #[arg(required = true)]
-        results_files: Vec<PathBuf>,
+        #[command(flatten)]
+        amis: AmiArgs,
     },
-    /// Take the deprecation time off the AMIs in results files.
+    /// Take the deprecation time off AMIs (of results files, or --leaf).
     Undeprecate {
-        #[arg(required = true)]
-        results_files: Vec<PathBuf>,
+        #[command(flatten)]
+        amis: AmiArgs,
     },
-    /// Protect the AMIs in results files from deregistration
+    /// Protect AMIs (of results files, or --leaf) from deregistration
     /// (--deregistration-protection=cooldown for the 24-hour cooldown).
     Protect {
-        #[arg(required = true)]
-        results_files: Vec<PathBuf>,
+        #[command(flatten)]
+        amis: AmiArgs,
     },
-    /// Turn deregistration protection off for the AMIs in results files.
+    /// Turn deregistration protection off (AMIs of results files, or --leaf).
     Unprotect {
-        #[arg(required = true)]
-        results_files: Vec<PathBuf>,
+        #[command(flatten)]
+        amis: AmiArgs,
     },
-    /// Disable the AMIs in results files: no launches, no launch
+    /// Disable AMIs (of results files, or --leaf): no launches, no launch
     /// permissions (enabling gives none back; share again after).
     Disable {
-        #[arg(required = true)]
-        results_files: Vec<PathBuf>,
+        #[command(flatten)]
+        amis: AmiArgs,
     },
-    /// Make disabled AMIs in results files available again.
+    /// Make disabled AMIs (of results files, or --leaf) available again.
     Enable {
-        #[arg(required = true)]
-        results_files: Vec<PathBuf>,
+        #[command(flatten)]
+        amis: AmiArgs,
     },
     /// Deregister the AMIs in results files and delete their snapshots.
     Delete {
@@ -474,6 +474,24 @@ pub struct LaunchArgs {
     /// the unpacker's certificates (deploy/image-unpacker-instance-policy.json).
     #[arg(long, value_name = "NAME")]
     pub iam_instance_profile: Option<String>,
+}
+
+/// The AMIs a lifecycle subcommand changes: those of results files, and
+/// those of leaves in every target (--targets).
+#[derive(clap::Args, Debug, Clone)]
+#[group(required = true, multiple = true)]
+pub struct AmiArgs {
+    /// Results files of publish runs.
+    pub results_files: Vec<PathBuf>,
+    /// The AMIs of STREAM/LEAF in every target (repeatable).
+    #[arg(long = "leaf", value_name = "STREAM/LEAF", value_parser = parse_leaf)]
+    pub leaves: Vec<(String, String)>,
+}
+
+/// STREAM/LEAF: the stream is everything before the last `/`.
+fn parse_leaf(s: &str) -> Result<(String, String), String> {
+    let name = image_format::ImageName::parse(s).map_err(|e| format!("'{s}' is not STREAM/LEAF: {e}"))?;
+    Ok((name.stream().to_owned(), name.leaf().to_owned()))
 }
 
 /// Image search by tags and age, with optional CSV reports.

@@ -34,6 +34,10 @@ fn refuse<T>(r: anyhow::Result<T>) -> anyhow::Result<T> {
     r.map_err(|e| Refused(e).into())
 }
 
+fn bail_refused<T>(why: &str) -> anyhow::Result<T> {
+    refuse(Err(anyhow::anyhow!("{why}")))
+}
+
 /// Run a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     use crate::ops;
@@ -57,13 +61,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let aws = refuse(Aws::new(cli.retry()).await)?;
     // Commands on results files take their targets from the files.
     let from_results = match &cli.command {
+        Command::Deprecate { amis }
+        | Command::Undeprecate { amis }
+        | Command::Protect { amis }
+        | Command::Unprotect { amis }
+        | Command::Disable { amis }
+        | Command::Enable { amis }
+            if amis.leaves.is_empty() =>
+        {
+            Some(refuse(ops::amis_by_target(&amis.results_files))?)
+        }
+        Command::Deprecate { amis }
+        | Command::Undeprecate { amis }
+        | Command::Protect { amis }
+        | Command::Unprotect { amis }
+        | Command::Disable { amis }
+        | Command::Enable { amis }
+            if !amis.results_files.is_empty() =>
+        {
+            bail_refused("give results files or --leaf, not both: the targets come from the files, or from --targets")?
+        }
         Command::Delete { results_files }
-        | Command::Deprecate { results_files }
-        | Command::Undeprecate { results_files }
-        | Command::Protect { results_files }
-        | Command::Unprotect { results_files }
-        | Command::Disable { results_files }
-        | Command::Enable { results_files }
         | Command::DeleteTags { results_files, .. }
         | Command::SetExclusiveTags { results_files, .. }
         | Command::LaunchInstancesForImages { results_files, .. }
@@ -173,12 +191,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             show(ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, json, q)
         }
         Command::Share { .. } => show(ops::share(&ctx, &cli.grantees(), &amis).await, json, q),
-        Command::Deprecate { .. } => {
+        Command::Deprecate { amis: a } => {
             let at = SystemTime::now() + cli.deprecate_in.expect("checked in read_inputs");
-            show(ops::lifecycle::change(&ctx, ops::Change::Deprecate(at), &amis).await, json, q)
+            show(ops::lifecycle::change(&ctx, ops::Change::Deprecate(at), &amis, &a.leaves).await, json, q)
         }
-        Command::Undeprecate { .. } => {
-            show(ops::lifecycle::change(&ctx, ops::Change::Undeprecate, &amis).await, json, q)
+        Command::Undeprecate { amis: a } => {
+            show(ops::lifecycle::change(&ctx, ops::Change::Undeprecate, &amis, &a.leaves).await, json, q)
         }
         Command::Retire { stream, keep, deprecate_after, disable_after, delete_after, min_unused_age } => {
             let search = [(crate::tags::STREAM.to_owned(), stream.clone())];
@@ -198,13 +216,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             };
             show(ops::lifecycle::retire(&ctx, &q, steps).await, json, false)
         }
-        Command::Protect { .. } => {
+        Command::Protect { amis: a } => {
             let mode = cli.deregistration_protection.unwrap_or(crate::lifecycle::ProtectionMode::On);
-            show(ops::lifecycle::change(&ctx, ops::Change::Protect(mode), &amis).await, json, q)
+            show(ops::lifecycle::change(&ctx, ops::Change::Protect(mode), &amis, &a.leaves).await, json, q)
         }
-        Command::Unprotect { .. } => show(ops::lifecycle::change(&ctx, ops::Change::Unprotect, &amis).await, json, q),
-        Command::Disable { .. } => show(ops::lifecycle::change(&ctx, ops::Change::Disable, &amis).await, json, q),
-        Command::Enable { .. } => show(ops::lifecycle::change(&ctx, ops::Change::Enable, &amis).await, json, q),
+        Command::Unprotect { amis: a } => {
+            show(ops::lifecycle::change(&ctx, ops::Change::Unprotect, &amis, &a.leaves).await, json, q)
+        }
+        Command::Disable { amis: a } => {
+            show(ops::lifecycle::change(&ctx, ops::Change::Disable, &amis, &a.leaves).await, json, q)
+        }
+        Command::Enable { amis: a } => {
+            show(ops::lifecycle::change(&ctx, ops::Change::Enable, &amis, &a.leaves).await, json, q)
+        }
         Command::Promote { stream, leaf, partial } => {
             let template = cli.ssm_parameter.as_ref().expect("checked in read_inputs");
             show(ops::promote(&ctx, template, stream, leaf, *partial).await, json, q)

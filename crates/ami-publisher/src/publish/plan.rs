@@ -201,8 +201,11 @@ async fn plan_one(
         return plan_shares(ec2, o, &ami, snap, p).await;
     }
     p.ami_name = Some(if o.force { super::register::dated_name(&o.ami_name) } else { o.ami_name.clone() });
-    if let Some((snap, _)) = find_snapshot(ec2, o, &tagged).await? {
+    if let Some((snap, gib)) = find_snapshot(ec2, o, &tagged).await? {
         p.ami = "register".into();
+        let name = p.ami_name.clone().unwrap_or_default();
+        let r = super::register::request(ec2, o, &name, &snap, gib).dry_run(true).send().await;
+        p.permissions.push(dry_run_answer("RegisterImage", r));
         p.existing = Some(snap);
         return plan_shares_new(o, p);
     }

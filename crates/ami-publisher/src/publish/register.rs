@@ -124,6 +124,43 @@ pub(super) async fn settle(ec2: &Client, o: &Options, ours: Ami, snapshot: &str,
     })
 }
 
+/// The RegisterImage request of an AMI named `name` on `snapshot` (the
+/// root volume `gib` GiB), as publish sends it and its plan asks with
+/// DryRun.
+pub(super) fn request(
+    ec2: &Client,
+    o: &Options,
+    name: &str,
+    snapshot: &str,
+    gib: i32,
+) -> aws_sdk_ec2::operation::register_image::builders::RegisterImageFluentBuilder {
+    let root = BlockDeviceMapping::builder()
+        .device_name(&o.root_device_name)
+        .ebs(
+            EbsBlockDevice::builder()
+                .snapshot_id(snapshot)
+                .volume_size(gib)
+                .volume_type(o.volume_type.clone())
+                .delete_on_termination(true)
+                .build(),
+        )
+        .build();
+    ec2.register_image()
+        .name(name)
+        .description(&o.description)
+        .architecture(o.architecture.clone())
+        .root_device_name(&o.root_device_name)
+        .block_device_mappings(root)
+        .virtualization_type("hvm")
+        .ena_support(o.ena_support)
+        .set_sriov_net_support(o.sriov_net_support.then(|| "simple".to_owned()))
+        .set_boot_mode(o.boot_mode.clone())
+        .set_tpm_support(o.tpm_support.clone())
+        .set_uefi_data(o.uefi_data.clone())
+        .set_imds_support(o.imds_support.clone())
+        .tag_specifications(tags::spec(ResourceType::Image, &o.final_tags(name)))
+}
+
 /// RegisterImage as `name`; returns the AMI. `snap_made`: when this run
 /// made (or learned) the snapshot. EC2 takes no idempotency token for it,
 /// but a name is unique per account and region: an attempt whose answer
@@ -140,32 +177,7 @@ pub(super) async fn register(
     gib: i32,
 ) -> anyhow::Result<Ami> {
     let name = name.to_owned();
-    let root = BlockDeviceMapping::builder()
-        .device_name(&o.root_device_name)
-        .ebs(
-            EbsBlockDevice::builder()
-                .snapshot_id(snapshot)
-                .volume_size(gib)
-                .volume_type(o.volume_type.clone())
-                .delete_on_termination(true)
-                .build(),
-        )
-        .build();
-    let req = ec2
-        .register_image()
-        .name(&name)
-        .description(&o.description)
-        .architecture(o.architecture.clone())
-        .root_device_name(&o.root_device_name)
-        .block_device_mappings(root)
-        .virtualization_type("hvm")
-        .ena_support(o.ena_support)
-        .set_sriov_net_support(o.sriov_net_support.then(|| "simple".to_owned()))
-        .set_boot_mode(o.boot_mode.clone())
-        .set_tpm_support(o.tpm_support.clone())
-        .set_uefi_data(o.uefi_data.clone())
-        .set_imds_support(o.imds_support.clone())
-        .tag_specifications(tags::spec(ResourceType::Image, &o.final_tags(&name)));
+    let req = request(ec2, o, &name, snapshot, gib);
     let uses_snapshot = |img: &Image| {
         img.block_device_mappings().iter().any(|m| m.ebs().and_then(|e| e.snapshot_id()) == Some(snapshot))
     };
