@@ -28,11 +28,39 @@ pub enum Admits {
     Depends(String),
 }
 
+/// How old an AMI is, for the criteria's age conditions.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Age {
+    /// Days since it was created (0 for one about to be made).
+    pub days: f64,
+    /// Days since its deprecation time, once that has passed.
+    pub deprecated_days: Option<f64>,
+}
+
+impl Age {
+    /// The age of an AMI that is there, as DescribeImages shows it.
+    pub fn of(img: &aws_sdk_ec2::types::Image, now: std::time::SystemTime) -> Age {
+        let days_since = |t: Option<&str>| {
+            let t = humantime::parse_rfc3339_weak(t?.trim_end_matches('Z')).ok()?;
+            Some(now.duration_since(t).ok()?.as_secs_f64() / 86400.0)
+        };
+        Age {
+            days: days_since(img.creation_date()).unwrap_or(0.0),
+            deprecated_days: days_since(img.deprecation_time()),
+        }
+    }
+}
+
 /// Whether `criteria` admit a new AMI owned by account `owner` and named
-/// `name`, with no product codes, no watermark, not deprecated. An AMI is
-/// admitted when any criterion matches it; a criterion matches when every
-/// field it sets does (EC2 API reference, ImageCriterion).
+/// `name`, with no product codes, no watermark, not deprecated.
 pub fn admits(criteria: &[ImageCriterion], owner: &str, name: &str) -> Admits {
+    admits_at(criteria, owner, name, Age::default())
+}
+
+/// Whether `criteria` admit an AMI of `age`. An AMI is admitted when any
+/// criterion matches it; a criterion matches when every field it sets does
+/// (EC2 API reference, ImageCriterion).
+pub fn admits_at(criteria: &[ImageCriterion], owner: &str, name: &str, age: Age) -> Admits {
     let mut depends = None;
     for c in criteria {
         let providers = c.image_providers();
@@ -48,8 +76,18 @@ pub fn admits(criteria: &[ImageCriterion], owner: &str, name: &str) -> Admits {
         if !names.is_empty() && !names.iter().any(|n| wildcard(n, name, false)) {
             continue;
         }
-        // CreationDateCondition and DeprecationTimeCondition: a new AMI
-        // that is not deprecated meets both.
+        if c.creation_date_condition()
+            .and_then(|d| d.maximum_days_since_created())
+            .is_some_and(|m| age.days > f64::from(m))
+        {
+            continue;
+        }
+        let deprecated_too_long = c.deprecation_time_condition().and_then(|d| d.maximum_days_since_deprecated());
+        if let (Some(max), Some(d)) = (deprecated_too_long, age.deprecated_days)
+            && d > f64::from(max)
+        {
+            continue;
+        }
         if c.scan_result_condition().is_some() {
             depends.get_or_insert_with(|| {
                 "its criterion for this owner also asks for an Amazon Inspector scan result, which only the new \
@@ -73,9 +111,9 @@ pub struct Finding {
 }
 
 /// Ask every account of `shares` this run can act as for its Allowed AMIs
-/// settings in `t`'s region, and judge the AMI `name` that `t`'s account
-/// would share with it.
-pub async fn check(aws: &Aws, t: &Target, name: &str, shares: &Grantees) -> anyhow::Result<Vec<Finding>> {
+/// settings in `t`'s region, and judge the AMI `name` (of `age`) that
+/// `t`'s account would share with it.
+pub async fn check(aws: &Aws, t: &Target, name: &str, age: Age, shares: &Grantees) -> anyhow::Result<Vec<Finding>> {
     let owner = aws.account_id(&t.account).await?;
     let mut out = Vec::new();
     for account in &shares.accounts {
@@ -104,7 +142,7 @@ pub async fn check(aws: &Aws, t: &Target, name: &str, shares: &Grantees) -> anyh
             }
         };
         let state = settings.state().unwrap_or("disabled");
-        let verdict = admits(settings.image_criteria(), &owner, name);
+        let verdict = admits_at(settings.image_criteria(), &owner, name, age);
         let by_policy = settings.managed_by().is_some_and(|m| m.as_str() == "declarative-policy");
         let fix = if by_policy {
             format!("its organization's declarative policy must add {owner} to the image providers")
@@ -156,7 +194,7 @@ pub async fn preflight(
         return Ok(HashMap::new());
     }
     let checked = crate::fanout(targets, max_concurrency, |t| async move {
-        let r = check(aws, &t, name, shares).await;
+        let r = check(aws, &t, name, Age::default(), shares).await;
         (t, r)
     })
     .await;
@@ -214,7 +252,21 @@ mod tests {
             .image_providers(owner)
             .creation_date_condition(CreationDateCondition::builder().maximum_days_since_created(1).build())
             .build();
-        assert_eq!(admits(&[young], owner, name), Admits::Yes, "a new AMI meets any age limit");
+        assert_eq!(admits(std::slice::from_ref(&young), owner, name), Admits::Yes, "a new AMI meets any age limit");
+        let old = Age { days: 10.0, deprecated_days: None };
+        assert_eq!(admits_at(&[young], owner, name, old), Admits::No, "one 10 days old does not");
+        let fresh_deprecation = ImageCriterion::builder()
+            .image_providers(owner)
+            .deprecation_time_condition(
+                aws_sdk_ec2::types::DeprecationTimeCondition::builder().maximum_days_since_deprecated(2).build(),
+            )
+            .build();
+        let long_deprecated = Age { days: 30.0, deprecated_days: Some(5.0) };
+        assert_eq!(admits_at(std::slice::from_ref(&fresh_deprecation), owner, name, long_deprecated), Admits::No);
+        assert_eq!(
+            admits_at(&[fresh_deprecation], owner, name, Age { days: 30.0, deprecated_days: None }),
+            Admits::Yes
+        );
         let scanned = ImageCriterion::builder()
             .image_providers(owner)
             .scan_result_condition(ScanResultCondition::builder().build())

@@ -65,6 +65,27 @@ impl Protection {
     pub fn protects(&self) -> bool {
         *self != Protection::Off
     }
+
+    /// Whether protection `mode` holds already: protection with the
+    /// cooldown is at least protection without it.
+    pub fn satisfies(&self, mode: ProtectionMode) -> bool {
+        match self {
+            Protection::On { cooldown } => *cooldown || mode == ProtectionMode::On,
+            _ => false,
+        }
+    }
+
+    /// A cooldown whose end has passed no longer protects (EC2 may still
+    /// show it for a moment).
+    pub fn now(self, now: SystemTime) -> Protection {
+        match &self {
+            Protection::Until(t) => match humantime::parse_rfc3339_weak(t.trim_end_matches('Z')) {
+                Ok(end) if end <= now => Protection::Off,
+                _ => self,
+            },
+            _ => self,
+        }
+    }
 }
 
 impl std::fmt::Display for Protection {
@@ -125,7 +146,7 @@ pub async fn give(
     if let Some(mode) = n.protection {
         let held = found.map_or(Protection::Off, Protection::of);
         let wanted = Protection::On { cooldown: mode == ProtectionMode::Cooldown };
-        if held != wanted {
+        if !held.satisfies(mode) {
             retry::call(&format!("EnableImageDeregistrationProtection {ami}"), made, || {
                 ec2.enable_image_deregistration_protection()
                     .image_id(ami)
@@ -134,7 +155,7 @@ pub async fn give(
             })
             .await?;
         }
-        given.protection = Some(wanted.to_string());
+        given.protection = Some(if held.satisfies(mode) { held.to_string() } else { wanted.to_string() });
     }
     Ok(given)
 }
@@ -243,9 +264,10 @@ pub fn last_launched(img: &Image) -> Option<SystemTime> {
     img.last_launched_time().and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
 }
 
-/// What references each of `ids` ([`counted`]), as "instance i-...", "launch template lt-...", "parameter
-/// /name". None: EC2 does not answer DescribeImageReferences here (an older
-/// partition, or a policy without it): the caller falls back and says so.
+/// What references each of `ids` ([`counted`]), as "instance i-...",
+/// "launch template lt-...", "parameter /name". None: EC2 does not know
+/// the action here (an older partition or endpoint): the caller falls
+/// back and says so. A refusal by IAM is an error, not a fallback.
 pub async fn references(ec2: &Client, ids: &[String]) -> anyhow::Result<Option<HashMap<String, Vec<String>>>> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
     for chunk in ids.chunks(10) {

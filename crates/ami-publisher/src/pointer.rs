@@ -141,6 +141,25 @@ pub struct Version {
     pub version: i64,
     pub value: String,
     pub labels: Vec<String>,
+    /// The version's description: `rollback from AMI` for a rollback.
+    pub description: Option<String>,
+}
+
+impl Version {
+    /// The AMI this version rolled back from, if it is a rollback.
+    pub fn rolled_back_from(&self) -> Option<&str> {
+        self.description.as_deref().and_then(|d| d.strip_prefix(ROLLBACK_FROM))
+    }
+}
+
+/// The description of a version `rollback` writes, before the AMI it left.
+pub const ROLLBACK_FROM: &str = "rollback from ";
+
+/// The version a rollback goes back to: the newest before the current one
+/// with another value. None when every version holds the current value.
+pub fn rollback_target(versions: &[Version]) -> Option<&Version> {
+    let now = versions.last()?;
+    versions.iter().rev().find(|v| v.version < now.version && v.value != now.value)
 }
 
 /// The parameter's current version, or None when there is none.
@@ -151,6 +170,7 @@ pub async fn current(ssm: &Client, name: &str) -> anyhow::Result<Option<Version>
             version: p.version(),
             value: p.value().unwrap_or_default().to_owned(),
             labels: Vec::new(),
+            description: None,
         })),
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(e),
@@ -180,6 +200,7 @@ pub async fn history(ssm: &Client, name: &str) -> anyhow::Result<Vec<Version>> {
             version: p.version(),
             value: p.value().unwrap_or_default().to_owned(),
             labels: p.labels().to_vec(),
+            description: p.description().map(str::to_owned),
         }));
         token = page.next_token().map(str::to_owned);
         if token.is_none() {
@@ -205,6 +226,19 @@ pub struct Pointed {
 /// version with the leaf. Waits (up to `wait`) until Parameter Store has
 /// accepted the value; a value it drops is an error saying so.
 pub async fn point(ssm: &Client, name: &str, ami: &str, leaf: &str, wait: Duration) -> anyhow::Result<Pointed> {
+    point_as(ssm, name, ami, Some(leaf), None, wait).await
+}
+
+/// [`point`], with the version's label optional (an AMI whose leaf is not
+/// known gets none) and a description for a new version.
+pub async fn point_as(
+    ssm: &Client,
+    name: &str,
+    ami: &str,
+    leaf: Option<&str>,
+    description: Option<&str>,
+    wait: Duration,
+) -> anyhow::Result<Pointed> {
     let held = current(ssm, name).await?;
     let mut unlabelled = Vec::new();
     let (version, wrote) = match held {
@@ -216,6 +250,7 @@ pub async fn point(ssm: &Client, name: &str, ami: &str, leaf: &str, wait: Durati
                     .value(ami)
                     .r#type(ParameterType::String)
                     .data_type(DATA_TYPE)
+                    .set_description(description.map(str::to_owned))
                     .overwrite(true)
                     .send()
             };
@@ -231,13 +266,15 @@ pub async fn point(ssm: &Client, name: &str, ami: &str, leaf: &str, wait: Durati
             (out.version(), true)
         }
     };
-    let l = label(leaf);
-    let labelled = retry::call(&format!("LabelParameterVersion {name}"), None, || {
-        ssm.label_parameter_version().name(name).parameter_version(version).labels(&l).send()
-    })
-    .await?;
-    if !labelled.invalid_labels().is_empty() {
-        anyhow::bail!("{name}: Parameter Store refused label {:?} on version {version}", labelled.invalid_labels());
+    if let Some(leaf) = leaf {
+        let l = label(leaf);
+        let labelled = retry::call(&format!("LabelParameterVersion {name}"), None, || {
+            ssm.label_parameter_version().name(name).parameter_version(version).labels(&l).send()
+        })
+        .await?;
+        if !labelled.invalid_labels().is_empty() {
+            anyhow::bail!("{name}: Parameter Store refused label {:?} on version {version}", labelled.invalid_labels());
+        }
     }
     Ok(Pointed { version, wrote, unlabelled })
 }

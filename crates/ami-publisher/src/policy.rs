@@ -115,6 +115,21 @@ pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
                 "Resource": "*"
             },
             {
+                // DescribeImageReferences looks through these with the
+                // caller's own rights (the AWS managed policy
+                // AmazonEC2ImageReferencesAccessPolicy exists for it): read
+                // only, so that no reference is missed for want of a right.
+                "Sid": "LetEc2FindWhatReferencesAnImage",
+                "Effect": "Allow",
+                "Action": [
+                    "ec2:DescribeLaunchTemplateVersions", "ec2:DescribeLaunchTemplates",
+                    "imagebuilder:GetContainerRecipe", "imagebuilder:GetImageRecipe",
+                    "imagebuilder:ListContainerRecipes", "imagebuilder:ListImageRecipes",
+                    "ssm:DescribeParameters", "ssm:GetParameters"
+                ],
+                "Resource": "*"
+            },
+            {
                 // Each target's key is checked before anything is made:
                 // what it is, and whom its policy lets use it.
                 "Sid": "CheckTheKeys",

@@ -169,8 +169,15 @@ async fn usage_counts_references_pointers_and_recent_launches() {
             ami
         }
     };
-    let (templated, parameter, launched, pointed, unused, guarded) =
-        (made("1").await, made("2").await, made("3").await, made("4").await, made("5").await, made("6").await);
+    let (templated, parameter, launched, pointed, unused, guarded, old) = (
+        made("1").await,
+        made("2").await,
+        made("3").await,
+        made("4").await,
+        made("5").await,
+        made("6").await,
+        made("7").await,
+    );
     ec2.enable_image_deregistration_protection().image_id(&guarded).send().await.unwrap();
     ec2.create_launch_template()
         .launch_template_name("web")
@@ -179,7 +186,9 @@ async fn usage_counts_references_pointers_and_recent_launches() {
         .await
         .unwrap();
     let pointer = "/ami-fleet/base/used/latest";
-    for (ami, label) in [(&pointed, "leaf-4"), (&parameter, "leaf-2")] {
+    // Three versions: an old leaf (labelled, but neither current nor what
+    // a rollback goes back to), the rollback target, the current one.
+    for (ami, label) in [(&old, "leaf-7"), (&pointed, "leaf-4"), (&parameter, "leaf-2")] {
         let put = ssm
             .put_parameter()
             .name(pointer)
@@ -219,34 +228,35 @@ async fn usage_counts_references_pointers_and_recent_launches() {
     };
     assert!(why(&templated).starts_with("launch template lt-"), "{used:?}");
     assert!(why(&parameter).contains(&format!("parameter {pointer}")), "{used:?}");
-    assert!(why(&parameter).contains("(leaf-2)"), "the pointer's labelled version too: {used:?}");
+    assert!(why(&parameter).contains(&format!("pointer {pointer} (current)")), "{used:?}");
     assert!(why(&launched).starts_with("launched "), "a terminated instance is no use; the launch is: {used:?}");
-    assert_eq!(why(&pointed), format!("pointer {pointer} (leaf-4)"), "{used:?}");
+    assert_eq!(why(&pointed), format!("pointer {pointer} (what rollback goes back to)"), "{used:?}");
     let unused_rows = rows(&p, &[&["list-unused-images"][..], &search].concat());
     let mut unused_ids: Vec<&str> = unused_rows.iter().filter_map(|r| r["ami"].as_str()).collect();
     unused_ids.sort_unstable();
-    let mut want = vec![unused.as_str(), guarded.as_str()];
+    let mut want = vec![unused.as_str(), guarded.as_str(), old.as_str()];
     want.sort_unstable();
     assert_eq!(unused_ids, want);
     // Without the window, the launched image counts as unused.
     let plain = rows(&p, &[&["list-unused-images"][..], &search[..6]].concat());
     let mut plain: Vec<&str> = plain.iter().filter_map(|r| r["ami"].as_str()).collect();
     plain.sort_unstable();
-    let mut want = vec![launched.as_str(), unused.as_str(), guarded.as_str()];
+    let mut want = vec![launched.as_str(), unused.as_str(), guarded.as_str(), old.as_str()];
     want.sort_unstable();
     assert_eq!(plain, want);
 
     let m = mark(&world);
     let would = rows(&p, &[&["--dry-run", "delete-unused-images"][..], &search].concat());
     assert!(would.iter().all(|r| r["resource"] != templated.as_str()), "{would:?}");
-    assert_eq!(would.iter().filter(|r| r["action"] == "would deregister").count(), 1, "{would:?}");
+    assert_eq!(would.iter().filter(|r| r["action"] == "would deregister").count(), 2, "{would:?}");
     assert_eq!(writes_since(&world, &m), Vec::<String>::new());
     let done = rows(&p, &[&["delete-unused-images"][..], &search].concat());
-    assert_eq!(done.iter().filter(|r| r["action"] == "deregister").count(), 1, "{done:?}");
+    assert_eq!(done.iter().filter(|r| r["action"] == "deregister").count(), 2, "{done:?}");
     let guard = done.iter().find(|r| r["resource"] == guarded.as_str()).unwrap();
     assert_eq!(guard["action"], "kept", "{done:?}");
     assert!(guard["detail"].as_str().unwrap().contains("deregistration protection is on"), "{guard}");
     assert!(image(&world, &unused).await.is_none());
+    assert!(image(&world, &old).await.is_none(), "an old labelled pointer version holds nothing");
     for kept in [&templated, &parameter, &launched, &pointed, &guarded] {
         assert!(image(&world, kept).await.is_some(), "{kept} was deleted");
     }

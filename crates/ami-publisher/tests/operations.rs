@@ -350,12 +350,13 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
     assert_eq!(root_snapshot(&home, &src_img[0]).await.snapshot_id(), Some(source_snap.as_str()));
     assert_snapshot_holds(&world, &source_snap, &image).await;
 
-    let dry = records(&json_of(&run(&["--json", "--dry-run", "copy-bootstrap-image", stream])));
+    let life = ["--deprecate-in", "7d", "--deregistration-protection"];
+    let dry = records(&json_of(&run(&[&["--json", "--dry-run", "copy-bootstrap-image", stream][..], &life].concat())));
     assert_eq!(dry.iter().filter(|a| a["action"] == "would copy").count(), 3, "{dry:?}");
+    assert_eq!(dry.iter().filter(|a| a["action"] == "would give").count(), 3, "{dry:?}");
     assert!(images("first", "eu-west-1").await.is_empty(), "a dry run copies nothing");
     assert!(images("second", "us-east-1").await.is_empty(), "a dry run copies nothing");
 
-    let life = ["--deprecate-in", "7d", "--deregistration-protection"];
     let done = records(&json_of(&run(&[&["--json", "copy-bootstrap-image", stream][..], &life].concat())));
     assert_eq!(done.iter().filter(|a| a["action"] == "copy").count(), 3, "{done:?}");
     assert_eq!(done.iter().filter(|a| a["action"] == "give").count(), 3, "{done:?}");

@@ -96,6 +96,13 @@ async fn the_fleets_pointer_follows_publish_promote_and_rollback_in_every_target
         assert_eq!(versions(&world, a, r, name).await, [first.ami_id.clone().unwrap(), t.ami_id.clone().unwrap()]);
     }
 
+    // Leaf 1 published again (reused) leaves the pointer at the newer leaf 2.
+    let (code, _) = p.publish(stream, "1", &with_pointer);
+    assert_eq!(code, 0);
+    for t in &two.targets {
+        assert_eq!(resolve(&world, &t.account, &t.region, name).await, t.ami_id, "not moved back");
+    }
+
     // Rollback: every target back at leaf 1, as a new version.
     let mut rollback = vec!["--json", "rollback", stream];
     rollback.extend(&with_pointer);
@@ -104,6 +111,16 @@ async fn the_fleets_pointer_follows_publish_promote_and_rollback_in_every_target
     for t in &one.targets {
         assert_eq!(resolve(&world, &t.account, &t.region, name).await, t.ami_id);
         assert_eq!(versions(&world, &t.account, &t.region, name).await.len(), 3, "the history is kept");
+    }
+    // Run again (a retried job): a rollback is not rolled back.
+    let again = records(&json_of(&p.run(&rollback)));
+    assert!(
+        again.iter().all(|r| r["action"] == "kept" && r["detail"].as_str().unwrap().starts_with("rolled back already")),
+        "{again:?}"
+    );
+    for t in &one.targets {
+        assert_eq!(resolve(&world, &t.account, &t.region, name).await, t.ami_id);
+        assert_eq!(versions(&world, &t.account, &t.region, name).await.len(), 3);
     }
 
     // A target without leaf 2 blocks promote, unless --partial.

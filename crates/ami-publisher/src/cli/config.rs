@@ -65,7 +65,11 @@ pub fn parse_args(args: Vec<OsString>) -> Result<Cli, clap::Error> {
             continue;
         }
         let flag = OsString::from(format!("--{key}"));
+        // `--key=value`, one argument: also right for a flag whose value
+        // is optional (and must follow an `=`).
+        let with_value = |v: String| OsString::from(format!("--{key}={v}"));
         let takes_value = arg.get_action().takes_values();
+        let value_optional = arg.get_num_args().is_some_and(|n| n.min_values() == 0);
         let scalar = |v: &toml::Value| -> Result<String, clap::Error> {
             match v {
                 toml::Value::String(s) => Ok(s.clone()),
@@ -75,21 +79,17 @@ pub fn parse_args(args: Vec<OsString>) -> Result<Cli, clap::Error> {
             }
         };
         match value {
-            toml::Value::Boolean(b) if !takes_value => {
+            toml::Value::Boolean(b) if !takes_value || value_optional => {
                 if *b {
                     extra.push(flag);
                 }
             }
             toml::Value::Array(items) => {
                 for v in items {
-                    extra.push(flag.clone());
-                    extra.push(scalar(v)?.into());
+                    extra.push(with_value(scalar(v)?));
                 }
             }
-            v if takes_value => {
-                extra.push(flag);
-                extra.push(scalar(v)?.into());
-            }
+            v if takes_value => extra.push(with_value(scalar(v)?)),
             _ => return Err(fail(format!("config file {}: '{key}' is a switch: true or false", path.display()))),
         }
     }

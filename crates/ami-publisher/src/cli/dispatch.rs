@@ -301,6 +301,14 @@ fn read_inputs(cli: &Cli) -> anyhow::Result<Inputs> {
         Command::Deprecate { .. } if cli.deprecate_in.is_none() => {
             bail!("deprecate when? give --deprecate-in DURATION (e.g. 90d)")
         }
+        Command::ListUsedImages { .. }
+        | Command::ListUnusedImages { .. }
+        | Command::DeleteUnusedImages { .. }
+        | Command::Retire { .. }
+            if cli.ssm_parameter.as_ref().is_some_and(crate::pointer::Template::uses_leaf) =>
+        {
+            bail!("--ssm-parameter: a pointer that moves between leaves cannot be named by {{leaf}}")
+        }
         Command::Promote { .. } | Command::Rollback { .. } | Command::ListPointers { .. } => {
             let Some(template) = &cli.ssm_parameter else {
                 bail!("which pointer? give --ssm-parameter TEMPLATE (e.g. /ami-fleet/{{stream}}/latest)")

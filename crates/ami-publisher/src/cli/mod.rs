@@ -61,6 +61,13 @@ mod tests {
         let cli = parse_args(args(&["--targets", "c,r-2", "publish", "s", "1", "--image-server", "other:2"])).unwrap();
         assert_eq!(cli.targets, vec!["c,r-2".parse::<TargetSpec>().unwrap()]);
         assert_eq!(cli.image_server, "other:2");
+        // A flag whose value is optional: `= "cooldown"` or `= true`.
+        std::fs::write(&cfg, "deregistration-protection = \"cooldown\"\n").unwrap();
+        let cli = parse_args(args(&["publish", "s", "1"])).unwrap();
+        assert_eq!(cli.deregistration_protection, Some(crate::lifecycle::ProtectionMode::Cooldown));
+        std::fs::write(&cfg, "deregistration-protection = true\n").unwrap();
+        let cli = parse_args(args(&["publish", "s", "1"])).unwrap();
+        assert_eq!(cli.deregistration_protection, Some(crate::lifecycle::ProtectionMode::On));
         std::fs::write(&cfg, "no-such-flag = 1\n").unwrap();
         let e = parse_args(args(&["publish", "s", "1"])).unwrap_err().to_string();
         assert!(e.contains("unknown setting 'no-such-flag'"), "{e}");

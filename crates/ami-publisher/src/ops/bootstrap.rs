@@ -91,7 +91,12 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str) -> Vec<Report<Act
         let name = src.image.name().unwrap_or(stream).to_owned();
         let what = format!("{src_ami} from {}", src.target);
         if let Some(row) = ctx.would("copy", &name, what.clone()) {
-            return Ok(vec![row]);
+            let mut rows = vec![row];
+            let n = &ctx.settings.new_amis;
+            if n.any() {
+                rows.extend(ctx.would("give", &name, gifts(n)));
+            }
+            return Ok(rows);
         }
         // Tagged as it is made, so a re-run finds it even if this one stops
         // before the copy is available.
@@ -145,6 +150,19 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str) -> Vec<Report<Act
         Ok(rows)
     })
     .await
+}
+
+/// What a copy would be given (`--deprecate-in`, `--deregistration-protection`).
+fn gifts(n: &crate::lifecycle::NewAmis) -> String {
+    let mut parts = Vec::new();
+    if let Some(d) = n.deprecate_in {
+        parts.push(format!("deprecated at {}", tags::rfc3339(std::time::SystemTime::now() + d)));
+    }
+    if let Some(mode) = n.protection {
+        let p = crate::lifecycle::Protection::On { cooldown: mode == crate::lifecycle::ProtectionMode::Cooldown };
+        parts.push(format!("deregistration protection {p}"));
+    }
+    parts.join("; ")
 }
 
 /// The tags a copy of an AMI (or of its snapshots) carries from it: all but

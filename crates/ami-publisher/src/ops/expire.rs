@@ -56,9 +56,10 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
             .await
             .sdk("DescribeImages")?;
         let mut gone_snapshots = Vec::new();
+        let mut kept_snapshots: Vec<(String, String)> = Vec::new();
         for img in images.images() {
             let Some(id) = img.image_id() else { continue };
-            if !due(img.tags(), now, id, &mut out) || !may_deregister(ctx, ec2, img, &mut out).await? {
+            if !due(img.tags(), now, id, &mut out) {
                 continue;
             }
             let snaps: Vec<String> = img
@@ -66,6 +67,11 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
                 .iter()
                 .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_owned))
                 .collect();
+            if !may_deregister(ctx, ec2, img, &mut out).await? {
+                // Its snapshots stay with it (a plan and a run say the same).
+                kept_snapshots.extend(snaps.into_iter().map(|s| (s, id.to_owned())));
+                continue;
+            }
             out.push(ctx.act("deregister", id, img.name().unwrap_or_default(), || deregister(ec2, id)).await?);
             for s in snaps {
                 out.push(ctx.act("delete", &s, format!("snapshot of {id}"), || delete_snapshot(ec2, &s)).await?);
@@ -77,6 +83,10 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
         for s in snaps.snapshots() {
             let Some(id) = s.snapshot_id() else { continue };
             if gone_snapshots.iter().any(|g| g == id) || !due(s.tags(), now, id, &mut out) {
+                continue;
+            }
+            if let Some((_, ami)) = kept_snapshots.iter().find(|(k, _)| k == id) {
+                out.push(Acted::kept(id, &format!("snapshot of {ami}, which is kept")));
                 continue;
             }
             if let Some(row) = ctx.would("delete", id, "snapshot") {

@@ -114,8 +114,8 @@ pub enum Usage {
 
 /// The search of the usage commands: images matching `search` (and not
 /// `exclude`) created at least `min_age` before `now`; one launched within
-/// `unused_for` counts as used; with `pointer`, so does one a labelled
-/// version of the fleet's pointer holds.
+/// `unused_for` counts as used; with `pointer`, so do the fleet's
+/// pointer's current AMI and the one `rollback` would go back to.
 #[derive(Debug, Clone, Copy)]
 pub struct UsageSearch<'a> {
     pub search: &'a [(String, String)],
@@ -137,10 +137,11 @@ pub(super) struct Judged {
 
 /// The images of a target the search finds, each with what uses it: what
 /// EC2 finds referencing it (DescribeImageReferences: instances, launch
-/// template versions, SSM parameters, Image Builder recipes), a labelled
-/// version of the fleet's pointer, a launch within `unused_for`. Where EC2
-/// does not answer DescribeImageReferences, instances alone are counted,
-/// and a warning says so.
+/// template versions, SSM parameters, Image Builder recipes), the
+/// instances DescribeInstances lists, the fleet's pointer (its current
+/// AMI and its rollback target), a launch within `unused_for`. Where EC2
+/// does not answer DescribeImageReferences, the rest still count, and a
+/// warning says so.
 pub(super) async fn judged(
     ctx: &Ctx<'_>,
     ec2: &Client,
@@ -186,26 +187,44 @@ pub(super) async fn judged(
             }
         }
         None => {
-            tracing::warn!(target = %t, "EC2 does not answer DescribeImageReferences here: only instances count as use");
-            for j in &mut out {
-                j.used_by = j.instances.iter().map(|i| format!("instance {i}")).collect();
+            tracing::warn!(target = %t, "EC2 does not answer DescribeImageReferences here: only instances count as use")
+        }
+    }
+    // The instances seen by DescribeInstances count whatever the references
+    // say: an index that lags must not make an AMI in use deletable.
+    for j in &mut out {
+        for i in &j.instances {
+            let row = format!("instance {i}");
+            if !j.used_by.contains(&row) {
+                j.used_by.push(row);
             }
         }
     }
+    // The fleet's pointer holds its current AMI and the one `rollback`
+    // would go back to. (Every version carries a leaf label, so "any
+    // labelled version" would hold every leaf ever published.)
     if let Some(template) = q.pointer {
         let ssm = ctx.aws.ssm(t).await;
-        let mut held: HashMap<String, Vec<(String, Vec<String>)>> = HashMap::new();
+        let mut held: HashMap<String, Vec<(String, &'static str)>> = HashMap::new();
         for j in &mut out {
             let Some(stream) = tags::value(j.image.tags(), tags::STREAM) else { continue };
-            let Ok(name) = template.render(stream, "", &t.account, &t.region) else { continue };
+            let name = template
+                .render(stream, "", &t.account, &t.region)
+                .map_err(|e| anyhow::anyhow!("--ssm-parameter: {e}"))?;
             if !held.contains_key(&name) {
                 let versions = crate::pointer::history(&ssm, &name).await?;
-                let labelled = versions.into_iter().filter(|v| !v.labels.is_empty()).map(|v| (v.value, v.labels));
-                held.insert(name.clone(), labelled.collect());
+                let mut h = Vec::new();
+                if let Some(now) = versions.last() {
+                    h.push((now.value.clone(), "current"));
+                }
+                if let Some(back) = crate::pointer::rollback_target(&versions) {
+                    h.push((back.value.clone(), "what rollback goes back to"));
+                }
+                held.insert(name.clone(), h);
             }
             let id = j.image.image_id().unwrap_or_default();
-            for (_, labels) in held[&name].iter().filter(|(value, _)| value == id) {
-                j.used_by.push(format!("pointer {name} ({})", labels.join(",")));
+            for (_, why) in held[&name].iter().filter(|(value, _)| value == id) {
+                j.used_by.push(format!("pointer {name} ({why})"));
             }
         }
     }

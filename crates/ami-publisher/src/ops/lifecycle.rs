@@ -66,7 +66,7 @@ pub async fn change(ctx: &Ctx<'_>, change: Change, amis: &AmiMap, leaves: &[(Str
 
 async fn apply(ctx: &Ctx<'_>, ec2: &Client, img: &Image, id: &str, change: Change) -> anyhow::Result<Acted> {
     let disabled = img.state().is_some_and(|s| s.as_str() == "disabled");
-    let protection = Protection::of(img);
+    let protection = Protection::of(img).now(SystemTime::now());
     Ok(match change {
         Change::Deprecate(at) => {
             let when = crate::tags::rfc3339(at);
@@ -77,7 +77,7 @@ async fn apply(ctx: &Ctx<'_>, ec2: &Client, img: &Image, id: &str, change: Chang
             let was = img.deprecation_time().unwrap_or_default().to_owned();
             ctx.act("undeprecate", id, format!("was {was}"), || lifecycle::undeprecate(ec2, id)).await?
         }
-        Change::Protect(mode) if protection == Protection::On { cooldown: mode == ProtectionMode::Cooldown } => {
+        Change::Protect(mode) if protection.satisfies(mode) => {
             Acted::kept(id, &format!("protected already ({protection})"))
         }
         Change::Protect(mode) => {
@@ -108,7 +108,7 @@ async fn apply(ctx: &Ctx<'_>, ec2: &Client, img: &Image, id: &str, change: Chang
 /// kept unless `--lift-protection`; a cooldown keeps it either way.
 pub async fn may_deregister(ctx: &Ctx<'_>, ec2: &Client, img: &Image, out: &mut Vec<Acted>) -> anyhow::Result<bool> {
     let id = img.image_id().unwrap_or_default();
-    match Protection::of(img) {
+    match Protection::of(img).now(SystemTime::now()) {
         Protection::Off => Ok(true),
         Protection::Until(t) => {
             out.push(Acted::kept(id, &format!("deregistration protection's cooldown holds it until {t}")));

@@ -37,8 +37,10 @@ async fn leaf_ami(ec2: &Client, stream: &str, leaf: &str) -> anyhow::Result<Opti
 
 /// The AMI `ami` if this account can see it here, with its tags.
 async fn image(ec2: &Client, ami: &str) -> anyhow::Result<Option<Image>> {
-    let found =
-        retry::call(&format!("DescribeImages {ami}"), None, || ec2.describe_images().image_ids(ami).send()).await;
+    let found = retry::call(&format!("DescribeImages {ami}"), None, || {
+        ec2.describe_images().image_ids(ami).include_disabled(true).include_deprecated(true).send()
+    })
+    .await;
     match found {
         Ok(out) => Ok(out.images().first().cloned()),
         Err(e) if format!("{e:#}").contains("InvalidAMIID") => Ok(None),
@@ -139,19 +141,27 @@ pub async fn rollback(ctx: &Ctx<'_>, template: &Template, stream: &str) -> Vec<R
         let ssm = &ssm;
         let versions = pointer::history(ssm, &name).await?;
         let Some(now) = versions.last() else { anyhow::bail!("{name} is not there: nothing to roll back") };
-        let Some(before) = versions.iter().rev().find(|v| v.version < now.version && v.value != now.value) else {
+        // A rollback is not rolled back: run twice (a retried job), it
+        // would put back what the first took away.
+        if let Some(from) = now.rolled_back_from() {
+            let why = format!("rolled back already (from {from}); `promote` moves it on");
+            return Ok(vec![Acted::kept(&name, &why)]);
+        }
+        let Some(before) = pointer::rollback_target(&versions) else {
             anyhow::bail!("{name} has pointed at {} in every version: nothing to roll back to", now.value)
         };
         let ami = before.value.clone();
         let Some(img) = image(&ec2, &ami).await? else {
             anyhow::bail!("{name} version {} points at {ami}, which is no longer here: not rolled back", before.version)
         };
-        let leaf = tags::value(img.tags(), tags::LEAF).unwrap_or("unknown").to_owned();
-        let (ami, leaf, at) = (&ami, &leaf, &name);
-        let detail = format!("{ami} (leaf {leaf}, version {}), from {}", before.version, now.value);
+        let leaf = tags::value(img.tags(), tags::LEAF).map(str::to_owned);
+        let description = format!("{}{}", pointer::ROLLBACK_FROM, now.value);
+        let (ami, leaf, at, description) = (&ami, leaf.as_deref(), &name, &description);
+        let detail =
+            format!("{ami} (leaf {}, version {}), from {}", leaf.unwrap_or("unknown"), before.version, now.value);
         let row = ctx
             .act("point back", &name, detail, || async move {
-                pointer::point(ssm, at, ami, leaf, ACCEPTED_WITHIN).await.map(drop)
+                pointer::point_as(ssm, at, ami, leaf, Some(description), ACCEPTED_WITHIN).await.map(drop)
             })
             .await?;
         Ok(vec![row])

@@ -32,7 +32,8 @@ pub async fn share(ctx: &Ctx<'_>, grantees: &Grantees, amis: &AmiMap) -> Vec<Rep
                     .await?;
             for img in found.images() {
                 let (id, name) = (img.image_id().unwrap_or_default(), img.name().unwrap_or_default());
-                for f in allowed::check(ctx.aws, &t, name, grantees).await? {
+                let age = allowed::Age::of(img, std::time::SystemTime::now());
+                for f in allowed::check(ctx.aws, &t, name, age, grantees).await? {
                     anyhow::ensure!(!f.refused, "{id} cannot be shared as asked; nothing was changed here: {}", f.line);
                     if !f.line.ends_with(", admitted") {
                         tracing::warn!(ami = %id, "{}", f.line);

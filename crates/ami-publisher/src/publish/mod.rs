@@ -215,9 +215,10 @@ pub async fn publish_one(
         done = give(ec2, &ami, o, line, &mut r).await;
     }
     if done.is_ok()
-        && let (Some(template), Some(ami)) = (&o.ssm_parameter, r.ami_id.clone())
+        && o.ssm_parameter.is_some()
+        && let Some(ami) = r.ami_id.clone()
     {
-        done = point(ssm, template, &ami, t, o, line, &mut r).await;
+        done = point(ec2, ssm, &ami, t, o, line, &mut r).await;
     }
     if let Err(e) = done {
         r.error = Some(format!("{e:#}"));
@@ -246,18 +247,38 @@ const POINTER_ACCEPTED_WITHIN: std::time::Duration = std::time::Duration::from_s
 
 /// Point the fleet's pointer in this target at its AMI of the leaf.
 async fn point(
+    ec2: &Client,
     ssm: &aws_sdk_ssm::Client,
-    template: &crate::pointer::Template,
     ami: &str,
     t: &Target,
     o: &Options,
     line: &Line,
     r: &mut TargetResult,
 ) -> anyhow::Result<()> {
+    let Some(template) = &o.ssm_parameter else { return Ok(()) };
     let name = template.render(&o.stream, &o.leaf, &t.account, &t.region).map_err(anyhow::Error::msg)?;
     line.step(format!("pointing {name} at {ami}"));
     // Recorded first: a pointer that fails part-way is still named.
     r.ssm_parameter = Some(name.clone());
+    // Publishing an older leaf again (to fill a new target, say) does not
+    // move the fleet back: a pointer at a newer AMI of the stream stays.
+    if r.reused
+        && let Some(now) = crate::pointer::current(ssm, &name).await?
+        && now.value != ami
+    {
+        let mut found = crate::lifecycle::images(ec2, &[now.value.clone(), ami.to_owned()]).await?;
+        found.sort_by(|a, b| a.image_id().cmp(&b.image_id()));
+        let held = found.iter().find(|i| i.image_id() == Some(now.value.as_str()));
+        let ours = found.iter().find(|i| i.image_id() == Some(ami));
+        if let (Some(held), Some(ours)) = (held, ours)
+            && crate::tags::value(held.tags(), crate::tags::STREAM) == Some(o.stream.as_str())
+            && held.creation_date() > ours.creation_date()
+        {
+            tracing::warn!(parameter = %name, held = %now.value, "left at a newer AMI of the stream; `promote` moves it");
+            r.ssm_version = Some(now.version);
+            return Ok(());
+        }
+    }
     let pointed = crate::pointer::point(ssm, &name, ami, &o.leaf, POINTER_ACCEPTED_WITHIN).await?;
     r.ssm_version = Some(pointed.version);
     tracing::info!(parameter = %name, version = pointed.version, wrote = pointed.wrote, %ami, "pointer set");
