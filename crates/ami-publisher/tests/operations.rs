@@ -411,6 +411,18 @@ async fn copy_bootstrap_image_fills_the_targets_without_one() {
         .unwrap();
     assert!(perms.create_volume_permissions().is_empty(), "{perms:?}");
 
+    // A copy that lacks what it was to be given (a run that stopped after
+    // the copy) gets it on the next run; what has it is left alone.
+    let lacking = images("second", "eu-west-1").await[0].image_id().unwrap().to_owned();
+    let second_eu = world.ec2("second", "eu-west-1").await;
+    second_eu.disable_image_deregistration_protection().image_id(&lacking).send().await.unwrap();
+    let given = records(&json_of(&run(&[&["--json", "copy-bootstrap-image", stream][..], &life].concat())));
+    let gives: Vec<&Value> = given.iter().filter(|a| a["action"] == "give").collect();
+    assert_eq!(gives.len(), 1, "{given:?}");
+    assert_eq!(gives[0]["resource"], lacking.as_str());
+    let img = &images("second", "eu-west-1").await[0];
+    assert_eq!(img.deregistration_protection(), Some("enabled-without-cooldown"));
+
     // A re-run is a no-op.
     let again = records(&json_of(&run(&["--json", "copy-bootstrap-image", stream])));
     assert_eq!(again.len(), done.len() - 3, "a row for each target, as before less the 3 gives: {again:?}");

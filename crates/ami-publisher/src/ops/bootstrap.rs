@@ -77,7 +77,27 @@ pub async fn copy_bootstrap_image(ctx: &Ctx<'_>, stream: &str) -> Vec<Report<Act
         }
         if let Some(s) = sources.iter().find(|s| s.target == t) {
             let id = s.image.image_id().unwrap_or_default();
-            return Ok(vec![Acted::kept(id, "already has an AMI of the stream")]);
+            let mut rows = vec![Acted::kept(id, "already has an AMI of the stream")];
+            // A copy an earlier run made, that stopped before giving it
+            // what it was asked to: given now (AMIs published here are
+            // left as publish made them).
+            let n = &ctx.settings.new_amis;
+            let copied = tags::value(s.image.tags(), "CopiedFrom").is_some();
+            // Only what it lacks: a deprecation time it has is kept.
+            let missing = crate::lifecycle::NewAmis {
+                deprecate_in: n.deprecate_in.filter(|_| s.image.deprecation_time().is_none()),
+                protection: n.protection.filter(|m| !crate::lifecycle::Protection::of(&s.image).satisfies(*m)),
+            };
+            if copied && missing.any() {
+                let ec2 = &ec2;
+                rows.push(
+                    ctx.act("give", id, gifts(&missing), || async move {
+                        crate::lifecycle::give(ec2, id, Some(&s.image), None, n).await.map(drop)
+                    })
+                    .await?,
+                );
+            }
+            return Ok(rows);
         }
         if let Some(id) = pending.get(&t) {
             return Ok(vec![Acted::kept(id, "a copy is still pending")]);
