@@ -25,7 +25,7 @@ use aws_sdk_ec2::{
     types::{Image, ImageReferenceOptionName, ResourceTypeRequest},
 };
 
-use crate::{errors::SdkResultExt as _, retry, tags};
+use crate::{errors::SdkResultExt as _, retry};
 
 /// The furthest ahead EC2 takes a deprecation time.
 pub const MAX_DEPRECATE_IN: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
@@ -147,13 +147,7 @@ pub async fn give(
         let held = found.map_or(Protection::Off, Protection::of);
         let wanted = Protection::On { cooldown: mode == ProtectionMode::Cooldown };
         if !held.satisfies(mode) {
-            retry::call(&format!("EnableImageDeregistrationProtection {ami}"), made, || {
-                ec2.enable_image_deregistration_protection()
-                    .image_id(ami)
-                    .with_cooldown(mode == ProtectionMode::Cooldown)
-                    .send()
-            })
-            .await?;
+            protect_fresh(ec2, ami, mode, made).await?;
         }
         given.protection = Some(if held.satisfies(mode) { held.to_string() } else { wanted.to_string() });
     }
@@ -190,7 +184,16 @@ pub async fn undeprecate(ec2: &Client, ami: &str) -> anyhow::Result<()> {
 
 /// Turn deregistration protection on.
 pub async fn protect(ec2: &Client, ami: &str, mode: ProtectionMode) -> anyhow::Result<()> {
-    retry::call(&format!("EnableImageDeregistrationProtection {ami}"), None, || {
+    protect_fresh(ec2, ami, mode, None).await
+}
+
+async fn protect_fresh(
+    ec2: &Client,
+    ami: &str,
+    mode: ProtectionMode,
+    made: Option<std::time::Instant>,
+) -> anyhow::Result<()> {
+    retry::call(&format!("EnableImageDeregistrationProtection {ami}"), made, || {
         ec2.enable_image_deregistration_protection()
             .image_id(ami)
             .with_cooldown(mode == ProtectionMode::Cooldown)
@@ -223,33 +226,25 @@ pub async fn enable(ec2: &Client, ami: &str) -> anyhow::Result<()> {
 
 /// The AMIs of `ids` as their owner sees them, disabled ones included.
 pub async fn images(ec2: &Client, ids: &[String]) -> anyhow::Result<Vec<Image>> {
-    let mut out = Vec::new();
-    for chunk in ids.chunks(100) {
-        let found = ec2
-            .describe_images()
-            .set_image_ids(Some(chunk.to_vec()))
+    // Gone ids answer NotFound for the whole call: None.
+    let describe = |ids: Vec<String>| async move {
+        let what = format!("DescribeImages {}", ids.join(" "));
+        ec2.describe_images()
+            .set_image_ids(Some(ids))
             .include_disabled(true)
             .include_deprecated(true)
             .send()
             .await
-            .or_code(&["InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"], "DescribeImages")?;
-        match found {
+            .or_code(&["InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"], what)
+    };
+    let mut out = Vec::new();
+    for chunk in ids.chunks(100) {
+        match describe(chunk.to_vec()).await? {
             Some(f) => out.extend(f.images().iter().cloned()),
             // One id of the chunk is gone: ask one by one.
             None if chunk.len() > 1 => {
                 for id in chunk {
-                    let one = ec2
-                        .describe_images()
-                        .image_ids(id)
-                        .include_disabled(true)
-                        .include_deprecated(true)
-                        .send()
-                        .await
-                        .or_code(
-                            &["InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"],
-                            format!("DescribeImages {id}"),
-                        )?;
-                    out.extend(one.iter().flat_map(|o| o.images().iter().cloned()));
+                    out.extend(describe(vec![id.clone()]).await?.iter().flat_map(|o| o.images().iter().cloned()));
                 }
             }
             None => {}
@@ -329,11 +324,6 @@ fn counted() -> Vec<ResourceTypeRequest> {
         out.push(ResourceTypeRequest::builder().resource_type(kind).build());
     }
     out
-}
-
-/// The stream tag of an image, for rows.
-pub fn stream_of(img: &Image) -> Option<&str> {
-    tags::value(img.tags(), tags::STREAM)
 }
 
 #[cfg(test)]

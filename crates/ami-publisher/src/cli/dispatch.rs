@@ -67,19 +67,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         | Command::Unprotect { amis }
         | Command::Disable { amis }
         | Command::Enable { amis }
-            if amis.leaves.is_empty() =>
+            if amis.leaves.is_empty() || !amis.results_files.is_empty() =>
         {
+            if !amis.leaves.is_empty() {
+                bail_refused(
+                    "give results files or --leaf, not both: the targets come from the files, or from --targets",
+                )?
+            }
             Some(refuse(ops::amis_by_target(&amis.results_files))?)
-        }
-        Command::Deprecate { amis }
-        | Command::Undeprecate { amis }
-        | Command::Protect { amis }
-        | Command::Unprotect { amis }
-        | Command::Disable { amis }
-        | Command::Enable { amis }
-            if !amis.results_files.is_empty() =>
-        {
-            bail_refused("give results files or --leaf, not both: the targets come from the files, or from --targets")?
         }
         Command::Delete { results_files }
         | Command::DeleteTags { results_files, .. }

@@ -35,17 +35,10 @@ async fn leaf_ami(ec2: &Client, stream: &str, leaf: &str) -> anyhow::Result<Opti
     Ok(images.last().and_then(|i| i.image_id()).map(str::to_owned))
 }
 
-/// The AMI `ami` if this account can see it here, with its tags.
+/// The AMI `ami` if this account can see it here (disabled or
+/// deprecated too), with its tags.
 async fn image(ec2: &Client, ami: &str) -> anyhow::Result<Option<Image>> {
-    let found = retry::call(&format!("DescribeImages {ami}"), None, || {
-        ec2.describe_images().image_ids(ami).include_disabled(true).include_deprecated(true).send()
-    })
-    .await;
-    match found {
-        Ok(out) => Ok(out.images().first().cloned()),
-        Err(e) if format!("{e:#}").contains("InvalidAMIID") => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(crate::lifecycle::images(ec2, &[ami.to_owned()]).await?.into_iter().next())
 }
 
 fn name_in(template: &Template, stream: &str, leaf: &str, t: &Target) -> anyhow::Result<String> {
