@@ -11,7 +11,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     println!("cargo:rerun-if-changed={}", proto_dir.display());
-    let fds = protox::compile(&files, [&proto_dir])?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    let mut compiler = protox::Compiler::new([&proto_dir])?;
+    compiler.include_imports(true).include_source_info(true).open_files(&files)?;
+    // The encoded descriptors, for gRPC server reflection (grpcurl and
+    // other tools that work without our .proto files).
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("fleet_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    tonic_prost_build::configure().bytes(".").compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -25,7 +25,8 @@ Commands:
                   three regions each, an unpacker per target; add a generated
                   disk image, publish it everywhere with ami-publisher, check
                   the bytes behind every AMI, publish a next leaf differing in
-                  a few percent and show how few bytes moved
+                  a few percent and show how few bytes moved; --store s3:
+                  the imageserver keeps its images in the world's S3
   world           the local world (moto as EC2, two accounts, an unpacker per
                   target) kept up until Ctrl-C, with export lines for trying
                   ami-publisher by hand (docs/world.md); --regions R,R...

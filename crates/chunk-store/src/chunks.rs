@@ -1,27 +1,29 @@
-//! Chunks: stored as one zstd frame each under `chunks/`, named by the
-//! BLAKE3 digest of their plain bytes; a chunk is stored only after its
-//! digest matched, and checked again when read.
+//! Chunks: one zstd frame each, named by the BLAKE3 digest of their plain
+//! bytes; a chunk is stored only after its digest matched, and checked again
+//! when read.
 
 use super::*;
 
+/// The largest zstd frame header: enough to read a frame's content size.
+const FRAME_HEADER_MAX: usize = 18;
+
 impl ChunkStore {
     /// Whether the chunk is stored.
-    pub fn has(&self, d: &Digest) -> bool {
-        self.chunk_path(d).is_file()
+    pub fn has(&self, d: &Digest) -> Result<bool> {
+        Ok(self.backend.chunk_heads(std::slice::from_ref(d), 0)?[0].is_some())
     }
 
-    /// Like [`ChunkStore::has`], and marks a present chunk as recently used so
-    /// garbage collection keeps it for the grace period (a client was just
-    /// told it need not upload it).
-    pub fn has_and_touch(&self, d: &Digest) -> bool {
-        let p = self.chunk_path(d);
-        match File::options().append(true).open(&p) {
-            Ok(f) => {
-                let _ = f.set_modified(SystemTime::now());
-                true
-            }
-            Err(_) => false,
-        }
+    /// The digests of `wanted` that are not stored, in their order. Those
+    /// that are stay for garbage collection's grace period (a writer was
+    /// just told it need not upload them): they are touched first, then,
+    /// once no collection is running, looked for, so a collection elsewhere
+    /// either sees the touch or has finished deleting before the look.
+    pub fn find_missing(&self, wanted: &[Digest]) -> Result<Vec<Digest>> {
+        let _guard = self.gc_lock.read().unwrap_or_else(|e| e.into_inner());
+        self.backend.touch(wanted)?;
+        self.backend.wait_for_gc()?;
+        let heads = self.backend.chunk_heads(wanted, 0)?;
+        Ok(wanted.iter().zip(heads).filter(|(_, h)| h.is_none()).map(|(d, _)| *d).collect())
     }
 
     /// Store a chunk given as a zstd frame. The frame is decompressed (never
@@ -32,31 +34,20 @@ impl ChunkStore {
         if Digest::of(&plain) != *d {
             return Err(StoreError::DigestMismatch { digest: *d });
         }
-        if self.has(d) {
+        if self.has(d)? {
             return Ok(false);
         }
-        self.write_chunk_file(d, zstd_data)?;
+        self.backend.chunk_write(d, zstd_data)?;
         Ok(true)
     }
 
     /// Store plain bytes (compressing them). Returns the digest.
     pub fn put_plain(&self, plain: &[u8]) -> Result<Digest> {
         let d = Digest::of(plain);
-        if !self.has(&d) {
-            let z = compress(plain);
-            self.write_chunk_file(&d, &z)?;
+        if !self.has(&d)? {
+            self.backend.chunk_write(&d, &compress(plain))?;
         }
         Ok(d)
-    }
-
-    pub(crate) fn write_chunk_file(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
-        let path = self.chunk_path(d);
-        let dir = path.parent().expect("chunk path has a parent");
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tmp = self.tmp_path();
-        write_synced(&tmp, bytes)?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        sync_dir(dir)
     }
 
     pub(crate) fn decompress(&self, zstd_data: &[u8]) -> Result<Vec<u8>, String> {
@@ -66,9 +57,17 @@ impl ChunkStore {
 
     /// The stored zstd frame of a chunk, after checking that it decompresses
     /// to bytes with the right digest. A stored chunk that fails is
-    /// [`StoreError::Corrupt`]: damage at rest, not a caller's mistake.
+    /// [`StoreError::Corrupt`]: damage at rest, not a caller's mistake. A
+    /// damaged copy in a local cache is dropped and the source read once.
     pub fn get_compressed(&self, d: &Digest) -> Result<Vec<u8>> {
-        let z = self.read_chunk_file(d)?;
+        match self.get_compressed_once(d) {
+            Err(StoreError::Corrupt { .. }) if self.backend.forget_cached(d) => self.get_compressed_once(d),
+            r => r,
+        }
+    }
+
+    fn get_compressed_once(&self, d: &Digest) -> Result<Vec<u8>> {
+        let z = self.read_chunk(d)?;
         // Checked in a buffer each thread keeps: serving a chunk allocates
         // only the frame that is sent (this is the imageserver's hot path,
         // and per-chunk buffers on many threads fragment the heap).
@@ -83,7 +82,8 @@ impl ChunkStore {
                 _ => max,
             };
             plain.reserve(want);
-            let mut dec = zstd::bulk::Decompressor::new().map_err(|e| io_err(&self.root)(e))?;
+            let mut dec = zstd::bulk::Decompressor::new()
+                .map_err(|e| StoreError::Corrupt { digest: *d, why: format!("no zstd decoder: {e}") })?;
             dec.decompress_to_buffer(&z, plain).map_err(|e| StoreError::Corrupt {
                 digest: *d,
                 why: format!("not a zstd frame of at most {} bytes: {e}", want),
@@ -99,18 +99,13 @@ impl ChunkStore {
         Ok(z)
     }
 
-    pub(crate) fn read_chunk_file(&self, d: &Digest) -> Result<Vec<u8>> {
-        let p = self.chunk_path(d);
-        match fs::read(&p) {
-            Ok(z) => Ok(z),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::MissingChunk(*d)),
-            Err(e) => Err(io_err(&p)(e)),
-        }
+    fn read_chunk(&self, d: &Digest) -> Result<Vec<u8>> {
+        self.backend.chunk_read(d)?.ok_or(StoreError::MissingChunk(*d))
     }
 
     /// The plain bytes of a chunk, digest checked.
     pub fn get_plain(&self, d: &Digest) -> Result<Vec<u8>> {
-        let z = self.read_chunk_file(d)?;
+        let z = self.read_chunk(d)?;
         let plain = self.decompress(&z).map_err(|why| StoreError::Corrupt { digest: *d, why })?;
         if Digest::of(&plain) != *d {
             return Err(StoreError::Corrupt { digest: *d, why: "its bytes do not match its digest".into() });
@@ -118,34 +113,26 @@ impl ChunkStore {
         Ok(plain)
     }
 
-    /// The plain length of a stored chunk: from its zstd frame header when
+    /// The plain length of a stored chunk (see [`ChunkStore::chunk_lens`]).
+    pub fn chunk_len(&self, d: &Digest) -> Result<u64> {
+        self.chunk_lens(std::slice::from_ref(d)).map(|l| l[0])
+    }
+
+    /// The plain lengths of stored chunks: from their zstd frame headers when
     /// the frame records it (every frame this store and its clients make
     /// does; zstd checks it when decompressing, and uploads were
     /// decompressed and hashed before being stored), else by decompressing.
-    pub fn chunk_len(&self, d: &Digest) -> Result<u64> {
-        let p = self.chunk_path(d);
-        let mut head = [0u8; 18]; // the largest zstd frame header
-        let n = match File::open(&p).and_then(|f| read_up_to(&f, &mut head)) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::MissingChunk(*d)),
-            Err(e) => return Err(io_err(&p)(e)),
-        };
-        match zstd::zstd_safe::get_frame_content_size(&head[..n]) {
-            Ok(Some(len)) => Ok(len),
-            _ => Ok(self.get_plain(d)?.len() as u64),
-        }
+    pub fn chunk_lens(&self, ds: &[Digest]) -> Result<Vec<u64>> {
+        let heads = self.backend.chunk_heads(ds, FRAME_HEADER_MAX)?;
+        ds.iter()
+            .zip(heads)
+            .map(|(d, head)| {
+                let head = head.ok_or(StoreError::MissingChunk(*d))?;
+                match zstd::zstd_safe::get_frame_content_size(&head) {
+                    Ok(Some(len)) => Ok(len),
+                    _ => Ok(self.get_plain(d)?.len() as u64),
+                }
+            })
+            .collect()
     }
-}
-
-fn read_up_to(f: &File, buf: &mut [u8]) -> io::Result<usize> {
-    use std::io::Read as _;
-    let mut filled = 0;
-    let mut f = f;
-    while filled < buf.len() {
-        match f.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }

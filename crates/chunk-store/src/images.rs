@@ -1,6 +1,6 @@
-//! Committed images: a record per leaf under `images/STREAM/_leaves/`,
-//! written only when every chunk of the manifest is there with its length;
-//! listing streams and images, with damaged records apart.
+//! Committed images: a record per leaf, created only when every chunk of the
+//! manifest is there with its length; listing streams and images, with
+//! damaged records apart.
 
 use super::*;
 
@@ -8,36 +8,21 @@ impl ChunkStore {
     /// Every chunk `m` (of image `name`) names is stored, with the length
     /// `m` gives it.
     pub(crate) fn check_chunks(&self, name: &ImageName, m: &Manifest) -> Result<()> {
-        let mut expected: std::collections::HashMap<Digest, u64> = std::collections::HashMap::new();
-        for (index, c) in m.chunks().iter().enumerate() {
-            if let ChunkRef::Data(d) = c {
-                expected.entry(*d).or_insert(index as u64);
-            }
-        }
-        let mut order: Vec<(u64, Digest)> = expected.into_iter().map(|(d, i)| (i, d)).collect();
-        order.sort_unstable();
-        let missing: Vec<Digest> = order.iter().filter(|(_, d)| !self.has(d)).map(|(_, d)| *d).collect();
+        let order = first_uses(m);
+        let digests: Vec<Digest> = order.iter().map(|(_, d)| *d).collect();
+        let present = self.backend.chunk_heads(&digests, 0)?;
+        let missing: Vec<Digest> = digests.iter().zip(&present).filter(|(_, p)| p.is_none()).map(|(d, _)| *d).collect();
         if let Some(first) = missing.first() {
             return Err(StoreError::ChunksMissing { name: name.to_string(), missing: missing.len(), first: *first });
         }
-        for (index, d) in order {
+        let lens = self.chunk_lens(&digests)?;
+        for ((index, d), stored) in order.into_iter().zip(lens) {
             let want = m.chunk_len(index) as u64;
-            let stored = self.chunk_len(&d)?;
             if stored != want {
                 return Err(StoreError::ChunkLength { digest: d, index, expected: want, stored });
             }
         }
         Ok(())
-    }
-
-    pub(crate) fn leaves_dir(&self, stream: &str) -> PathBuf {
-        let mut p = self.root.join("images");
-        p.extend(stream.split('/'));
-        p.join(LEAVES_DIR)
-    }
-
-    pub(crate) fn record_path(&self, name: &ImageName) -> PathBuf {
-        self.leaves_dir(name.stream()).join(name.leaf())
     }
 
     /// Commit an image: refused while any chunk is missing or has another
@@ -46,31 +31,23 @@ impl ChunkStore {
     /// whether it was new.
     pub fn commit(&self, name: &ImageName, manifest: &Manifest) -> Result<(StoredImage, bool)> {
         let _guard = self.gc_lock.read().unwrap_or_else(|e| e.into_inner());
+        // As for find_missing: touched, then no collection running, then
+        // checked; a collection elsewhere cannot take a chunk between the
+        // check and the record.
+        let digests: Vec<Digest> = first_uses(manifest).into_iter().map(|(_, d)| d).collect();
+        self.backend.touch(&digests)?;
+        self.backend.wait_for_gc()?;
         self.check_chunks(name, manifest)?;
-        let path = self.record_path(name);
         if let Some(existing) = self.get_image_opt(name)? {
             return already_committed(name, existing, manifest);
         }
-        let dir = path.parent().expect("record path has a parent");
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
         let committed = SystemTime::now();
-        let ms = u64::try_from(committed.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(0);
+        let ms = dir::unix_ms(committed);
         let rec = record::encode(name, ms, manifest);
-        let tmp = self.tmp_path();
-        write_synced(&tmp, &rec)?;
-        // A hard link never replaces an existing file: two racing commits of
-        // one leaf cannot both win.
-        let linked = fs::hard_link(&tmp, &path);
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {}
+        if !self.backend.record_create(name, &rec)? {
             // Another commit of the leaf got there first.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return already_committed(name, self.get_image(name)?, manifest);
-            }
-            Err(e) => return Err(io_err(&path)(e)),
+            return already_committed(name, self.get_image(name)?, manifest);
         }
-        sync_dir(dir)?;
         let stored = StoredImage {
             name: name.clone(),
             image_id: manifest.image_id(),
@@ -86,51 +63,37 @@ impl ChunkStore {
     }
 
     pub(crate) fn get_image_opt(&self, name: &ImageName) -> Result<Option<StoredImage>> {
-        let path = self.record_path(name);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        let r = record::decode(name, &bytes).map_err(|why| StoreError::BadRecord {
+        match self.backend.record_read(name)? {
+            Some(bytes) => self.decode(name, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn decode(&self, name: &ImageName, bytes: &[u8]) -> Result<StoredImage> {
+        let r = record::decode(name, bytes).map_err(|why| StoreError::BadRecord {
             name: name.to_string(),
-            path: path.clone(),
+            location: self.location(),
             why,
         })?;
-        Ok(Some(StoredImage {
+        Ok(StoredImage {
             name: name.clone(),
             image_id: r.image_id,
             manifest: r.manifest,
             committed: UNIX_EPOCH + Duration::from_millis(r.committed_ms),
-        }))
+        })
     }
 
     /// Delete a committed image (its chunks go at the next garbage
     /// collection). A damaged record can be deleted too.
     pub fn delete_image(&self, name: &ImageName) -> Result<()> {
-        let path = self.record_path(name);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NoSuchImage(name.to_string())),
-            Err(e) => return Err(io_err(&path)(e)),
-        }
-        let dir = path.parent().expect("record path has a parent");
-        sync_dir(dir)?;
-        // Prune empty directories up to images/, so empty streams vanish.
-        let images = self.root.join("images");
-        let mut d = dir.to_owned();
-        while d != images && fs::remove_dir(&d).is_ok() {
-            d.pop();
-        }
-        Ok(())
+        if self.backend.record_delete(name)? { Ok(()) } else { Err(StoreError::NoSuchImage(name.to_string())) }
     }
 
     /// Streams that hold at least one image, sorted.
     pub fn list_streams(&self) -> Result<Vec<String>> {
-        let mut out = Vec::new();
-        let images = self.root.join("images");
-        walk_streams(&images, "", &mut out)?;
+        let mut out = self.backend.streams()?;
         out.sort();
+        out.dedup();
         Ok(out)
     }
 
@@ -138,20 +101,11 @@ impl ChunkStore {
     /// leaves whose records are damaged (one bad record hides no other).
     pub fn list_images(&self, stream: &str) -> Result<Listing> {
         image_format::validate_stream(stream)?;
-        let dir = self.leaves_dir(stream);
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
-            Err(e) => return Err(io_err(&dir)(e)),
-        };
         let mut out = Listing::default();
-        for entry in entries {
-            let entry = entry.map_err(io_err(&dir))?;
-            let leaf = entry.file_name().to_string_lossy().into_owned();
+        for (leaf, bytes) in self.backend.records(stream)? {
             let Ok(name) = ImageName::new(stream, &leaf) else { continue };
-            match self.get_image_opt(&name) {
-                Ok(Some(img)) => out.images.push(img),
-                Ok(None) => {}
+            match self.decode(&name, &bytes) {
+                Ok(img) => out.images.push(img),
                 Err(StoreError::BadRecord { why, .. }) => {
                     tracing::error!(image = %name, %why, "image record is damaged; not served");
                     out.damaged.push(DamagedImage { name, why });
@@ -176,6 +130,20 @@ impl ChunkStore {
     }
 }
 
+/// The distinct chunks of a manifest with the index of each one's first
+/// use, in manifest order.
+fn first_uses(m: &Manifest) -> Vec<(u64, Digest)> {
+    let mut seen = HashSet::new();
+    m.chunks()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            ChunkRef::Data(d) if seen.insert(*d) => Some((i as u64, *d)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A commit of `name` that finds `existing` there: a no-op when it is the
 /// same image, else refused (a committed leaf never changes). The one rule
 /// for both the plain re-commit and the lost race for the name.
@@ -185,28 +153,4 @@ fn already_committed(name: &ImageName, existing: StoredImage, manifest: &Manifes
     } else {
         Err(StoreError::LeafExists { name: name.to_string(), existing: existing.image_id })
     }
-}
-
-fn walk_streams(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err(dir)(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(io_err(dir))?;
-        if !entry.file_type().map_err(io_err(dir))?.is_dir() {
-            continue;
-        }
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name == LEAVES_DIR {
-            if fs::read_dir(entry.path()).map(|mut e| e.next().is_some()).unwrap_or(false) && !prefix.is_empty() {
-                out.push(prefix.to_owned());
-            }
-            continue;
-        }
-        let child = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
-        walk_streams(&entry.path(), &child, out)?;
-    }
-    Ok(())
 }

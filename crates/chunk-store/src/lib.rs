@@ -1,42 +1,42 @@
 //! A content-addressed chunk store with committed images.
 //!
-//! Layout under the root directory:
-//! - `chunks/ab/abcdef…`: one zstd frame per chunk, named by the BLAKE3 digest
-//!   of its plain bytes;
-//! - `images/STREAM/_leaves/LEAF`: a committed image record (commit time,
-//!   name, image id and canonical manifest under a checksum, see [`record`]);
-//!   `_` cannot start a valid name component, so records never collide with
-//!   streams;
-//! - `tmp/`: files being written; emptied on open, and of stale files by
-//!   garbage collection.
+//! What it holds: chunks, one zstd frame each, named by the BLAKE3 digest of
+//! their plain bytes; and per committed leaf a record (commit time, name,
+//! image id and canonical manifest under a checksum, see [`record`]). Where
+//! it holds them is a [`Backend`]: a local directory ([`Dir`], layout in
+//! `dir`) or an S3 bucket (crate `chunk-store-s3`).
 //!
-//! **Architecture invariants:** every file appears by rename (or hard link for
-//! no-clobber) after its bytes were fsynced, so a crash leaves no torn chunk
-//! and no half image; a chunk is stored only after its digest matched, and
-//! checked again when read; an image is committed only when all its chunks are
-//! present with the lengths its manifest gives them; a committed leaf never
-//! changes unnoticed: every read of a record checks its checksum, name and
-//! image id, and a damaged record is reported as damaged, never served.
+//! **Architecture invariants**, for every backend: a chunk is stored only
+//! after its digest matched, and checked again when read; an image is
+//! committed only when all its chunks are present with the lengths its
+//! manifest gives them, and its record appears whole and at most once (the
+//! backend's atomic create); a committed leaf never changes unnoticed: every
+//! read of a record checks its checksum, name and image id, and a damaged
+//! record is reported as damaged, never served; garbage collection keeps
+//! every chunk a writer was told is there for its grace period, also when
+//! the writer is another process on the same bucket.
 
 #![forbid(unsafe_code)]
 
+mod backend;
+mod cache;
 mod chunks;
+mod dir;
 mod gc;
 mod images;
 pub mod record;
 mod upgrade;
 
-pub use gc::GcReport;
+pub use backend::{Backend, ChunkEntry};
+pub use cache::Cached;
+pub use dir::Dir;
+pub use gc::{GC_MAX, GcReport};
 
 use std::{
     collections::HashSet,
-    fs::{self, File},
     io,
     path::{Path, PathBuf},
-    sync::{
-        RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::RwLock,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -52,6 +52,8 @@ pub const STALE_TMP: Duration = Duration::from_secs(600);
 /// Errors of the store. Messages name the path, digest or image concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("object store {location}: {what}: {why}")]
+    Backend { location: String, what: String, why: String },
     #[error("I/O on '{path}': {source}")]
     Io {
         path: PathBuf,
@@ -76,8 +78,10 @@ pub enum StoreError {
     LeafExists { name: String, existing: Digest },
     #[error("cannot commit {name}: {missing} chunks are missing, first {first}")]
     ChunksMissing { name: String, missing: usize, first: Digest },
-    #[error("image record of {name} ('{path}') is damaged: {why}")]
-    BadRecord { name: String, path: PathBuf, why: RecordError },
+    #[error("image record of {name} (in {location}) is damaged: {why}")]
+    BadRecord { name: String, location: String, why: RecordError },
+    #[error("another garbage collection is running on {location} (until {until}); try again after it")]
+    GcRunning { location: String, until: String },
     #[error(
         "{count} image records are damaged (first: {first}); garbage collection would lose their chunks, so it is refused until they are deleted or restored"
     )]
@@ -121,67 +125,62 @@ pub struct Listing {
 /// The store. Cheap to share behind an `Arc`; all methods are blocking.
 #[derive(Debug)]
 pub struct ChunkStore {
-    root: PathBuf,
+    backend: Box<dyn Backend>,
+    /// The directory, when the backend is one (for tests and tools that
+    /// look at files).
+    dir: Option<PathBuf>,
     /// Commits hold it shared, garbage collection exclusively, so a chunk a
-    /// commit just checked cannot vanish under it.
+    /// commit just checked cannot vanish under it (within this process;
+    /// across processes see [`Backend::wait_for_gc`]).
     gc_lock: RwLock<()>,
-    tmp_seq: AtomicU64,
     max_chunk: usize,
 }
+
 impl ChunkStore {
-    /// Open (creating if needed) a store rooted at `root`, removing
-    /// leftovers of interrupted writes.
+    /// Open (creating if needed) a store in the local directory `root`,
+    /// removing leftovers of interrupted writes.
     pub fn open(root: &Path) -> Result<ChunkStore> {
-        for d in ["chunks", "images", "tmp"] {
-            let p = root.join(d);
-            fs::create_dir_all(&p).map_err(io_err(&p))?;
-        }
-        let tmp = root.join("tmp");
-        for entry in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
-            let path = entry.map_err(io_err(&tmp))?.path();
-            let _ = fs::remove_file(&path);
-        }
-        let store = ChunkStore {
-            root: root.to_owned(),
-            gc_lock: RwLock::new(()),
-            tmp_seq: AtomicU64::new(0),
-            max_chunk: image_format::MAX_CHUNK_SIZE as usize,
-        };
-        store.upgrade_legacy_records()?;
+        let mut store = ChunkStore::with_backend(Box::new(Dir::open(root)?))?;
+        store.dir = Some(root.to_owned());
         Ok(store)
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// A store over any backend.
+    pub fn with_backend(backend: Box<dyn Backend>) -> Result<ChunkStore> {
+        let store = ChunkStore {
+            backend,
+            dir: None,
+            gc_lock: RwLock::new(()),
+            max_chunk: image_format::MAX_CHUNK_SIZE as usize,
+        };
+        if store.backend.may_hold_legacy() {
+            store.upgrade_legacy_records()?;
+        }
+        Ok(store)
     }
 
-    fn chunk_path(&self, d: &Digest) -> PathBuf {
-        let hex = d.to_hex();
-        self.root.join("chunks").join(&hex[..2]).join(hex)
+    /// Where the store's objects are, for messages.
+    pub fn location(&self) -> String {
+        self.backend.location()
     }
 
-    fn tmp_path(&self) -> PathBuf {
-        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{}.{n}", std::process::id()))
+    /// Whether the store's objects can be reached now.
+    pub fn check(&self) -> Result<()> {
+        self.backend.check()
+    }
+
+    /// The directory of a store in a local directory.
+    pub fn root(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    #[cfg(test)]
+    fn dir(&self) -> Dir {
+        Dir::at(self.root().expect("a directory store"))
     }
 }
 
 pub use image_format::codec::compress;
-
-/// Write `bytes` to a new file at `path` and fsync it.
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    fleet_fs::write_synced(path, bytes).map_err(io_err(path))
-}
-
-/// fsync a directory so a rename or link in it is durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    fleet_fs::sync_dir(dir).map_err(io_err(dir))
-}
-
-/// Write a file atomically (see [`fleet_fs::write_atomic`]).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    fleet_fs::write_atomic(path, bytes).map_err(io_err(path))
-}
 
 #[cfg(test)]
 mod tests;

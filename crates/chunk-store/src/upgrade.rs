@@ -1,6 +1,6 @@
 //! The upgrade of format-1 image records (no checksum) to the current
-//! format, done when the store is opened, only for records that check
-//! out.
+//! format, done when a directory store is opened, only for records that
+//! check out.
 
 use super::*;
 
@@ -11,20 +11,15 @@ impl ChunkStore {
     /// reads as damaged.
     pub(crate) fn upgrade_legacy_records(&self) -> Result<()> {
         for stream in self.list_streams()? {
-            let dir = self.leaves_dir(&stream);
-            let Ok(entries) = fs::read_dir(&dir) else { continue };
-            for entry in entries {
-                let path = entry.map_err(io_err(&dir))?.path();
-                let leaf = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            for (leaf, bytes) in self.backend.records(&stream)? {
                 let Ok(name) = ImageName::new(&stream, &leaf) else { continue };
-                let bytes = fs::read(&path).map_err(io_err(&path))?;
                 let Some(legacy) = record::decode_legacy(&bytes) else { continue };
                 let checked = legacy
                     .map_err(|e| e.to_string())
                     .and_then(|(ms, m)| self.check_chunks(&name, &m).map(|()| (ms, m)).map_err(|e| e.to_string()));
                 match checked {
                     Ok((ms, m)) => {
-                        write_atomic(&path, &record::encode(&name, ms, &m))?;
+                        self.backend.record_replace(&name, &record::encode(&name, ms, &m))?;
                         tracing::info!(image = %name, "image record upgraded to format 2");
                     }
                     Err(why) => {

@@ -1,11 +1,17 @@
-//! The plain-HTTP monitoring listener: `/status` (JSON) and `/metrics`
-//! (OpenMetrics text, which Prometheus scrapes) on a port of their own, so monitoring needs no client
-//! certificate.
+//! The plain-HTTP monitoring listener: `/status` (JSON), `/metrics`
+//! (OpenMetrics text, which Prometheus scrapes), and `/livez` and `/readyz`
+//! for probes that cannot present a client certificate (Kubernetes HTTP
+//! probes, load balancer health checks), on a port of their own.
 
 use std::{future::Future, net::SocketAddr};
 
 use anyhow::Context as _;
-use axum::{Json, Router, extract::State, http::header, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    routing::get,
+};
 
 use crate::METRICS_CONTENT_TYPE;
 
@@ -23,6 +29,12 @@ pub trait Monitored: Clone + Send + Sync + 'static {
     /// The body of `/metrics`: the daemon's registry as
     /// [`metrics_text`](crate::metrics_text) writes it.
     fn metrics_page(&self) -> String;
+
+    /// Whether the daemon can do its work now (`/readyz`: 200, or 503 with
+    /// the reason). Cheap: it reads a state the daemon keeps.
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Bind `addr`, then serve `/status` and `/metrics` from `monitored` in the
@@ -35,6 +47,18 @@ pub async fn serve_metrics<M: Monitored>(addr: SocketAddr, monitored: M) -> anyh
             get(|State(m): State<M>| async move { ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], m.metrics_page()) }),
         )
         .route("/status", get(|State(m): State<M>| async move { Json(m.status_page().await) }))
+        // Alive: the process answers HTTP; restarting it would not help
+        // anything /readyz reports.
+        .route("/livez", get(|| async { "alive\n" }))
+        .route(
+            "/readyz",
+            get(|State(m): State<M>| async move {
+                match m.readiness() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                }
+            }),
+        )
         .with_state(monitored);
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics port {addr}"))?;

@@ -15,6 +15,10 @@ pub mod unpacker {
 
 pub mod unpacker_view;
 
+/// The encoded descriptors of both protocols (with their comments), which
+/// the daemons serve through gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fleet_descriptor");
+
 /// Largest gRPC message either side accepts: a chunk is at most
 /// `image_format::MAX_CHUNK_SIZE` plus framing, and manifests of large disks
 /// run to a few MiB.

@@ -11,7 +11,7 @@
 pub mod dial;
 mod rights;
 
-pub use rights::{Rights, RightsLayer, RightsService, peer_of_extensions};
+pub use rights::{PROBES, Rights, RightsLayer, RightsService, peer_of_extensions};
 
 use std::{
     fmt,

@@ -26,6 +26,15 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::{Peer, Right, peer_from_der};
 
+/// The standard services every daemon serves beside its own: gRPC health
+/// (`grpc.health.v1`, for load balancers and Kubernetes probes) and server
+/// reflection (for grpcurl). They answer only whether a service is serving
+/// and what the public protocol is, so any client whose certificate the
+/// CA signed (the TLS handshake already demands one) may call them, whatever
+/// its rights.
+pub const PROBES: [&str; 3] =
+    ["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"];
+
 /// A daemon's table: every gRPC method it serves and the right it needs.
 #[derive(Debug, Clone, Copy)]
 pub struct Rights {
@@ -50,8 +59,12 @@ impl Rights {
     }
 
     /// Whether `peer` may call `path`: refused when the table has no entry
-    /// for it, or when the peer lacks the right the entry names.
+    /// for it, or when the peer lacks the right the entry names. The
+    /// standard probes ([`PROBES`]) are open to any peer the CA signed.
     pub fn check(&self, path: &str, peer: &Peer) -> Result<(), tonic::Status> {
+        if PROBES.iter().any(|p| path.starts_with(p)) {
+            return Ok(());
+        }
         match self.needed(path) {
             None => Err(no_entry(path)),
             Some(right) if peer.has(right) => Ok(()),

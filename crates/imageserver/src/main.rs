@@ -1,6 +1,6 @@
 //! `imageserver`: serves image streams over mutual-TLS gRPC.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use fleet_tls::TlsFiles;
@@ -17,9 +17,30 @@ struct Args {
     /// Address for plain-HTTP /status and /metrics (Prometheus); "off" disables.
     #[arg(long, default_value = "127.0.0.1:6972", value_parser = fleet_daemon::parse_metrics_listen)]
     metrics_listen: std::option::Option<SocketAddr>,
-    /// Where chunks and image records live.
+    /// Where chunks and image records live, when --store is not given.
     #[arg(long, default_value = "/var/lib/imageserver")]
     data_dir: PathBuf,
+    /// Where images live: a directory, or s3://BUCKET/PREFIX, a bucket any
+    /// number of imageservers can serve at once. The bucket is reached
+    /// with the standard AWS configuration (AWS_PROFILE, AWS_REGION,
+    /// AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for MinIO and the like,
+    /// instance roles). The identity needs s3:GetObject, PutObject,
+    /// DeleteObject and ListBucket on it.
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX", value_parser = imageserver::Store::parse, conflicts_with = "data_dir")]
+    store: Option<imageserver::Store>,
+    /// Keep a local copy of chunks read from the store here (for a server
+    /// far from its bucket); needs --cache-size.
+    #[arg(long, value_name = "DIR", requires = "cache_size")]
+    cache_dir: Option<PathBuf>,
+    /// The most bytes the cache may hold (e.g. 20GiB); the least recently
+    /// read chunks go first.
+    #[arg(long, value_name = "BYTES", value_parser = fleet_cli::parse_size, requires = "cache_dir")]
+    cache_size: Option<u64>,
+    /// How often the store is checked (readiness) and, for a bucket, listed
+    /// for images other servers committed or deleted, which this server's
+    /// watchers hear of within this time.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    poll: Duration,
     /// CA certificate that signs every client (and the master, for replicas).
     #[arg(long, default_value = "/etc/ssl/CA.pem")]
     ca: PathBuf,
@@ -47,7 +68,9 @@ fn main() -> ExitCode {
     let config = imageserver::Config {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
-        data_dir: args.data_dir,
+        store: args.store.unwrap_or(imageserver::Store::Dir(args.data_dir)),
+        cache: args.cache_dir.zip(args.cache_size).map(|(dir, max_bytes)| imageserver::Cache { dir, max_bytes }),
+        poll: args.poll,
         tls: TlsFiles { ca: args.ca, cert: args.cert, key: args.key },
         replicate_from: args.replicate_from,
     };

@@ -83,12 +83,17 @@ pub(crate) struct Monitor {
     pub(crate) store: Arc<ChunkStore>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) replica_of: Option<String>,
+    pub(crate) readiness: Arc<crate::Readiness>,
 }
 
 /// The `/status` body.
 #[derive(serde::Serialize)]
 pub(crate) struct Status {
     role: &'static str,
+    /// Where the images are: a directory or s3://BUCKET/PREFIX.
+    store: String,
+    /// Empty when ready, else why not.
+    not_ready: String,
     replica_of: Option<String>,
     uptime_seconds: u64,
     streams: usize,
@@ -112,6 +117,8 @@ impl Monitored for Monitor {
         .unwrap_or((0, 0, 0));
         Status {
             role: if self.replica_of.is_some() { "replica" } else { "master" },
+            store: self.store.location(),
+            not_ready: self.readiness.get().err().unwrap_or_default(),
             replica_of: self.replica_of.clone(),
             uptime_seconds: self.metrics.uptime_seconds(),
             streams,
@@ -122,5 +129,9 @@ impl Monitored for Monitor {
 
     fn metrics_page(&self) -> String {
         self.metrics.render()
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        self.readiness.get()
     }
 }

@@ -73,9 +73,12 @@ async fn copy_image(
     let (_, manifest) = image_client::get_manifest(client, name).await?;
     let store = service.store.clone();
     let wanted = manifest.distinct_chunks();
-    let missing =
-        tokio::task::spawn_blocking(move || wanted.into_iter().filter(|(d, _)| !store.has(d)).collect::<Vec<_>>())
-            .await?;
+    let missing = tokio::task::spawn_blocking(move || {
+        let digests: Vec<_> = wanted.iter().map(|(d, _)| *d).collect();
+        let absent: std::collections::HashSet<_> = store.find_missing(&digests)?.into_iter().collect();
+        Ok::<_, chunk_store::StoreError>(wanted.into_iter().filter(|(d, _)| absent.contains(d)).collect::<Vec<_>>())
+    })
+    .await??;
     let fetched = missing.len();
     let mut chunks = image_client::fetch_chunks(client.clone(), missing);
     while let Some(chunk) = chunks.next().await {
@@ -90,7 +93,7 @@ async fn copy_image(
     if new {
         Metrics::add(&service.metrics.images_replicated, 1);
         tracing::info!(image = %name, id = %img.image_id, chunks_fetched = fetched, "image replicated");
-        service.publish(Kind::Committed, &img);
+        service.announce(Kind::Committed, &img);
     }
     Ok(())
 }
@@ -110,7 +113,7 @@ async fn delete_image(
     .await??;
     if let Some(img) = deleted {
         tracing::info!(image = %name, "image deleted on master; deleted here");
-        service.publish(Kind::Deleted, &img);
+        service.announce(Kind::Deleted, &img);
     }
     Ok(())
 }

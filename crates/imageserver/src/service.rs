@@ -4,8 +4,9 @@
 //! `tonic::Status` in one place ([`status_of`]).
 
 use std::{
+    collections::HashMap,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -71,6 +72,10 @@ pub struct ImageService {
     pub(crate) store: Arc<ChunkStore>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) events: broadcast::Sender<ImageEvent>,
+    /// What watchers were last told of each leaf (its image id, or absent
+    /// once deleted): one event per change, whether this server made it
+    /// or found it made by another server on the same bucket.
+    announced: Arc<Mutex<HashMap<ImageName, Digest>>>,
     replica_of: Option<String>,
     read_slots: Arc<Semaphore>,
 }
@@ -96,6 +101,13 @@ pub(crate) fn status_of(e: StoreError) -> Status {
             tracing::error!(error = %msg, "store failure");
             Status::internal(msg)
         }
+        // The bucket did not answer, or answered with an error: asking
+        // again later may well work.
+        StoreError::Backend { .. } => {
+            tracing::error!(error = %msg, "object store failure");
+            Status::unavailable(msg)
+        }
+        StoreError::GcRunning { .. } => Status::unavailable(msg),
     }
 }
 
@@ -140,7 +152,14 @@ pub(crate) fn info_of(img: &StoredImage) -> ImageInfo {
 impl ImageService {
     pub(crate) fn new(store: Arc<ChunkStore>, metrics: Arc<Metrics>, replica_of: Option<String>) -> ImageService {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        ImageService { store, metrics, events, replica_of, read_slots: Arc::new(Semaphore::new(READ_SLOTS)) }
+        ImageService {
+            store,
+            metrics,
+            events,
+            announced: Arc::default(),
+            replica_of,
+            read_slots: Arc::new(Semaphore::new(READ_SLOTS)),
+        }
     }
 
     fn refuse_if_replica(&self) -> Result<(), Status> {
@@ -152,8 +171,41 @@ impl ImageService {
         }
     }
 
-    pub(crate) fn publish(&self, kind: Kind, img: &StoredImage) {
-        let _ = self.events.send(ImageEvent { kind: kind as i32, info: Some(info_of(img)) });
+    /// Tell watchers of a commit (or, with `Kind::Deleted`, a deletion) of
+    /// `img`, unless they were already told.
+    pub(crate) fn announce(&self, kind: Kind, img: &StoredImage) {
+        let changed = {
+            let mut told = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+            match kind {
+                // A leaf this server deletes is news even if it was
+                // committed before the server started.
+                Kind::Deleted => {
+                    told.remove(&img.name);
+                    true
+                }
+                _ => told.insert(img.name.clone(), img.image_id) != Some(img.image_id),
+            }
+        };
+        if changed {
+            let _ = self.events.send(ImageEvent { kind: kind as i32, info: Some(info_of(img)) });
+        }
+    }
+
+    /// Tell watchers that `name` was deleted when its record could not be
+    /// read first (damaged, or deleted by another server): `always`, or
+    /// only if they were told of it.
+    pub(crate) fn announce_deleted(&self, name: &ImageName, always: bool) {
+        if self.announced.lock().unwrap_or_else(|e| e.into_inner()).remove(name).is_some() || always {
+            let info =
+                ImageInfo { stream: name.stream().to_owned(), leaf: name.leaf().to_owned(), ..Default::default() };
+            let _ = self.events.send(ImageEvent { kind: Kind::Deleted as i32, info: Some(info) });
+        }
+    }
+
+    /// Take the images there are now as known, without telling anyone.
+    pub(crate) fn known(&self, images: &[StoredImage]) {
+        let mut told = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        told.extend(images.iter().map(|i| (i.name.clone(), i.image_id)));
     }
 }
 
@@ -206,10 +258,9 @@ impl ImageServer for ImageService {
         self.refuse_if_replica()?;
         let digests = digests_of(&req.into_inner().digests)?;
         let store = self.store.clone();
-        let missing = blocking(move || {
-            Ok(digests.into_iter().filter(|d| !store.has_and_touch(d)).map(|d| d.0.to_vec().into()).collect())
-        })
-        .await?;
+        let missing =
+            blocking(move || Ok(store.find_missing(&digests)?.into_iter().map(|d| d.0.to_vec().into()).collect()))
+                .await?;
         Ok(Response::new(FindMissingChunksResponse { missing }))
     }
 
@@ -268,7 +319,7 @@ impl ImageServer for ImageService {
         if new {
             Metrics::add(&self.metrics.images_committed, 1);
             tracing::info!(image = %img.name, id = %img.image_id, "image committed");
-            self.publish(Kind::Committed, &img);
+            self.announce(Kind::Committed, &img);
         }
         Ok(Response::new(info_of(&img)))
     }
@@ -293,11 +344,10 @@ impl ImageServer for ImageService {
         .await?;
         Metrics::add(&self.metrics.images_deleted, 1);
         tracing::info!(image = %name, "image deleted");
-        let info = match &img {
-            Some(img) => info_of(img),
-            None => ImageInfo { stream: name.stream().to_owned(), leaf: name.leaf().to_owned(), ..Default::default() },
-        };
-        let _ = self.events.send(ImageEvent { kind: Kind::Deleted as i32, info: Some(info) });
+        match &img {
+            Some(img) => self.announce(Kind::Deleted, img),
+            None => self.announce_deleted(&name, true),
+        }
         Ok(Response::new(DeleteImageResponse {}))
     }
 
@@ -313,6 +363,10 @@ impl ImageServer for ImageService {
             bytes_removed: report.bytes_removed,
             chunks_kept: report.chunks_kept,
             stale_temp_files: report.stale_temp_files,
+            kept_referenced: report.kept_referenced,
+            kept_recent: report.kept_recent,
+            kept_leased: report.kept_leased,
+            stopped_early: report.stopped_early,
         }))
     }
 

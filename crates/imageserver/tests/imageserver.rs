@@ -23,27 +23,93 @@ use tonic::{
 /// Test chunk size: small, so that modest files have many chunks.
 const CHUNK: u32 = 64 * 1024;
 
+/// Where a test's imageserver keeps its images: every test of the store's
+/// rules runs on both (see the end of this file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    S3,
+}
+
+/// The bucket and prefix of the S3 variant.
+const BUCKET: &str = "test-images";
+const PREFIX: &str = "fleet";
+
 struct World {
     dir: tempfile::TempDir,
     ca: Ca,
     server: Option<imageserver::Running>,
+    /// moto's S3, for the S3 variant.
+    objects: Option<local_world::ObjectStore>,
 }
 
 impl World {
     async fn new() -> World {
+        World::on(Kind::Dir).await
+    }
+
+    async fn on(kind: Kind) -> World {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = World { dir, ca: Ca::new("test CA").unwrap(), server: None };
+        let mut w = World { dir, ca: Ca::new("test CA").unwrap(), server: None, objects: None };
         let issued = w.ca.issue(&LeafSpec::for_role(Role::Imageserver)).unwrap();
         let tls = w.write_identity("server", &issued);
-        let config = imageserver::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-            data_dir: w.dir.path().join("data"),
-            tls,
-            replicate_from: None,
+        let store = match kind {
+            Kind::Dir => imageserver::Store::Dir(w.dir.path().join("data")),
+            Kind::S3 => {
+                let objects = local_world::ObjectStore::start().unwrap();
+                objects.bucket(BUCKET).await.unwrap();
+                let at = format!("s3://{BUCKET}/{PREFIX}").parse().unwrap();
+                let store = imageserver::Store::S3 { at, aws: Some(objects.sdk_config()) };
+                w.objects = Some(objects);
+                store
+            }
         };
+        let mut config = imageserver::Config::new("127.0.0.1:0".parse().unwrap(), store, tls);
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         w.server = Some(imageserver::start(config).await.unwrap());
         w
+    }
+
+    /// The stored bytes of an object of the store (`chunks/ab/abcd…`,
+    /// `images/STREAM/_leaves/LEAF`), read behind the server's back.
+    async fn object(&self, key: &str) -> Vec<u8> {
+        match &self.objects {
+            None => read(&self.dir.path().join("data").join(key)),
+            Some(o) => o
+                .client()
+                .get_object()
+                .bucket(BUCKET)
+                .key(format!("{PREFIX}/{key}"))
+                .send()
+                .await
+                .unwrap()
+                .body
+                .collect()
+                .await
+                .unwrap()
+                .to_vec(),
+        }
+    }
+
+    /// Write an object of the store behind the server's back (damage).
+    async fn put_object(&self, key: &str, bytes: &[u8]) {
+        match &self.objects {
+            None => {
+                let p = self.dir.path().join("data").join(key);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, bytes).unwrap();
+            }
+            Some(o) => {
+                o.client()
+                    .put_object()
+                    .bucket(BUCKET)
+                    .key(format!("{PREFIX}/{key}"))
+                    .body(bytes.to_vec().into())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
     }
 
     fn addr(&self) -> String {
@@ -94,9 +160,8 @@ fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
-#[tokio::test]
-async fn round_trip_is_bit_for_bit_with_zero_regions_and_a_short_tail() {
-    let w = World::new().await;
+async fn round_trip_is_bit_for_bit_with_zero_regions_and_a_short_tail(store: Kind) {
+    let w = World::on(store).await;
     let mut builder = w.client(Role::ImageBuilder).await;
     let data = disk(1);
     let src = w.file("disk.raw", &data);
@@ -122,9 +187,8 @@ async fn round_trip_is_bit_for_bit_with_zero_regions_and_a_short_tail() {
     assert_eq!(streams, vec!["base/debian-12".to_owned()]);
 }
 
-#[tokio::test]
-async fn re_adding_a_changed_leaf_sends_only_changed_chunks() {
-    let w = World::new().await;
+async fn re_adding_a_changed_leaf_sends_only_changed_chunks(store: Kind) {
+    let w = World::on(store).await;
     let mut c = w.client(Role::ImageBuilder).await;
     let v1 = disk(2);
     let mut v2 = v1.clone();
@@ -222,9 +286,8 @@ fn time_days(d: i64) -> time::Duration {
     time::Duration::days(d)
 }
 
-#[tokio::test]
-async fn a_corrupted_chunk_upload_is_refused_and_not_stored() {
-    let w = World::new().await;
+async fn a_corrupted_chunk_upload_is_refused_and_not_stored(store: Kind) {
+    let w = World::on(store).await;
     let mut c = w.client(Role::ImageBuilder).await;
     let real = noise(CHUNK as usize, 7);
     let claimed = Digest::of(&real);
@@ -275,9 +338,8 @@ async fn bad_names_and_manifests_are_refused() {
     assert_eq!(err.code(), Code::NotFound);
 }
 
-#[tokio::test]
-async fn a_replica_catches_up_and_follows_the_master() {
-    let master = World::new().await;
+async fn a_replica_catches_up_and_follows_the_master(store: Kind) {
+    let master = World::on(store).await;
     let mut writer = master.client(Role::ImageBuilder).await;
     let v1 = disk(3);
     let n1 = ImageName::parse("base/os/1").unwrap();
@@ -290,7 +352,9 @@ async fn a_replica_catches_up_and_follows_the_master() {
     let replica = imageserver::start(imageserver::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
-        data_dir: rdir.path().join("data"),
+        store: imageserver::Store::Dir(rdir.path().join("data")),
+        cache: None,
+        poll: imageserver::DEFAULT_POLL,
         tls: TlsFiles::from_ssl_dir(&rdir.path().join("pki")),
         replicate_from: Some(master.addr()),
     })
@@ -345,9 +409,8 @@ async fn wait_for_image(c: &mut Client, name: &ImageName) -> String {
     }
 }
 
-#[tokio::test]
-async fn metrics_and_status_are_served_over_plain_http() {
-    let w = World::new().await;
+async fn metrics_and_status_are_served_over_plain_http(store: Kind) {
+    let w = World::on(store).await;
     let mut c = w.client(Role::ImageBuilder).await;
     let name = ImageName::parse("m/1").unwrap();
     imagetool::add(&mut c, &name, &w.file("d.raw", &disk(4)), CHUNK, Progress::Hidden).await.unwrap();
@@ -367,9 +430,8 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
-#[tokio::test]
-async fn watchers_hear_of_new_commits_in_their_stream() {
-    let w = World::new().await;
+async fn watchers_hear_of_new_commits_in_their_stream(store: Kind) {
+    let w = World::on(store).await;
     let mut reader = w.client(Role::ImageUnpacker).await;
     let mut events = reader
         .watch_images(fleet_proto::imageserver::WatchImagesRequest { stream: "watched".into() })
@@ -413,9 +475,8 @@ async fn qcow2_input_is_converted_and_gives_the_same_image_as_raw() {
     assert_eq!(read(&out), data);
 }
 
-#[tokio::test]
-async fn deleted_images_vanish_and_gc_frees_their_chunks() {
-    let w = World::new().await;
+async fn deleted_images_vanish_and_gc_frees_their_chunks(store: Kind) {
+    let w = World::on(store).await;
     let mut c = w.client(Role::ImageBuilder).await;
     let name = ImageName::parse("tmp/1").unwrap();
     imagetool::add(&mut c, &name, &w.file("d.raw", &disk(8)), CHUNK, Progress::Hidden).await.unwrap();
@@ -430,19 +491,23 @@ async fn deleted_images_vanish_and_gc_frees_their_chunks() {
     assert_eq!(r.chunks_kept, 0);
 }
 
-/// Where the server keeps the record of STREAM/LEAF (single-component
-/// streams only).
-fn record_path(w: &World, stream: &str, leaf: &str) -> PathBuf {
-    w.dir.path().join("data/images").join(stream).join("_leaves").join(leaf)
+/// The key of the record of STREAM/LEAF in the store.
+fn record_key(stream: &str, leaf: &str) -> String {
+    format!("images/{stream}/_leaves/{leaf}")
+}
+
+/// The key of a chunk in the store.
+fn chunk_key(d: &Digest) -> String {
+    let hex = d.to_hex();
+    format!("chunks/{}/{hex}", &hex[..2])
 }
 
 fn name(s: &str) -> ImageName {
     ImageName::parse(s).unwrap()
 }
 
-#[tokio::test]
-async fn a_damaged_record_is_refused_on_every_read_and_hides_no_other_leaf() {
-    let w = World::new().await;
+async fn a_damaged_record_is_refused_on_every_read_and_hides_no_other_leaf(store: Kind) {
+    let w = World::on(store).await;
     let mut c = w.client(Role::ImageBuilder).await;
     let f = w.file("d.raw", &disk(9));
     imagetool::add(&mut c, &name("s/1"), &f, CHUNK, Progress::Hidden).await.unwrap();
@@ -450,10 +515,10 @@ async fn a_damaged_record_is_refused_on_every_read_and_hides_no_other_leaf() {
     // One bit of the newest leaf's size field: magic, time and name length
     // (18 bytes), the name "s/2", the image id, then the manifest whose
     // size field starts at byte 14.
-    let p = record_path(&w, "s", "2");
-    let mut bytes = read(&p);
+    let key = record_key("s", "2");
+    let mut bytes = w.object(&key).await;
     bytes[18 + 3 + 32 + 14] ^= 1;
-    std::fs::write(&p, &bytes).unwrap();
+    w.put_object(&key, &bytes).await;
 
     let err = c.get_manifest(GetManifestRequest { stream: "s".into(), leaf: "2".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
@@ -502,9 +567,8 @@ async fn upload(c: &mut Client, plain: &[u8]) -> Digest {
     d
 }
 
-#[tokio::test]
-async fn a_commit_whose_chunks_are_not_the_lengths_its_manifest_implies_is_refused() {
-    let w = World::new().await;
+async fn a_commit_whose_chunks_are_not_the_lengths_its_manifest_implies_is_refused(store: Kind) {
+    let w = World::on(store).await;
     let mut c = w.client(Role::ImageBuilder).await;
     let long = upload(&mut c, &noise(2 * CHUNK as usize, 1)).await;
     let short = upload(&mut c, &noise(CHUNK as usize / 2, 2)).await;
@@ -532,12 +596,11 @@ async fn a_commit_whose_chunks_are_not_the_lengths_its_manifest_implies_is_refus
         .unwrap();
 }
 
-#[tokio::test]
-async fn readers_refuse_a_chunk_whose_length_is_not_the_manifests() {
+async fn readers_refuse_a_chunk_whose_length_is_not_the_manifests(store: Kind) {
     // A leaf committed before lengths were checked (or a store altered on
     // disk): its manifest gives its chunk one length, the stored chunk has
     // another. The record itself is intact.
-    let w = World::new().await;
+    let w = World::on(store).await;
     let mut c = w.client(Role::ImageBuilder).await;
     let long = upload(&mut c, &noise(2 * CHUNK as usize, 3)).await;
     let short = upload(&mut c, &noise(CHUNK as usize / 2, 4)).await;
@@ -550,9 +613,7 @@ async fn readers_refuse_a_chunk_whose_length_is_not_the_manifests() {
         ),
     ];
     for (leaf, m, got) in cases {
-        let p = record_path(&w, "s", leaf);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, chunk_store::record::encode(&name(&format!("s/{leaf}")), 1, &m)).unwrap();
+        w.put_object(&record_key("s", leaf), &chunk_store::record::encode(&name(&format!("s/{leaf}")), 1, &m)).await;
         let n = name(&format!("s/{leaf}"));
         let out = w.dir.path().join("out.raw");
         let err = imagetool::get(&mut c, &n, &out, Progress::Hidden).await.unwrap_err();
@@ -564,17 +625,14 @@ async fn readers_refuse_a_chunk_whose_length_is_not_the_manifests() {
     }
 }
 
-#[tokio::test]
-async fn a_chunk_damaged_at_rest_is_data_loss_for_readers() {
-    let w = World::new().await;
+async fn a_chunk_damaged_at_rest_is_data_loss_for_readers(store: Kind) {
+    let w = World::on(store).await;
     let mut c = w.client(Role::ImageBuilder).await;
     let plain = noise(CHUNK as usize, 5);
     let d = upload(&mut c, &plain).await;
-    let hex = d.to_hex();
-    let path = w.dir.path().join("data/chunks").join(&hex[..2]).join(&hex);
     let mut other = plain.clone();
     other[0] ^= 1;
-    std::fs::write(&path, chunk_store::compress(&other)).unwrap();
+    w.put_object(&chunk_key(&d), &chunk_store::compress(&other)).await;
     let mut s = c
         .fetch_chunks(fleet_proto::imageserver::FetchChunksRequest { digests: vec![d.0.to_vec().into()] })
         .await
@@ -655,3 +713,35 @@ async fn a_refused_client_certificate_is_named_in_the_error() {
         assert!(msg.contains(want), "{who}: {msg}");
     }
 }
+
+/// Each test of the store's rules, once per store.
+macro_rules! on_both_stores {
+    ($($test:ident),* $(,)?) => {
+        mod dir {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Kind::Dir).await
+            })*
+        }
+        mod s3 {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Kind::S3).await
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    round_trip_is_bit_for_bit_with_zero_regions_and_a_short_tail,
+    re_adding_a_changed_leaf_sends_only_changed_chunks,
+    a_corrupted_chunk_upload_is_refused_and_not_stored,
+    a_replica_catches_up_and_follows_the_master,
+    metrics_and_status_are_served_over_plain_http,
+    watchers_hear_of_new_commits_in_their_stream,
+    deleted_images_vanish_and_gc_frees_their_chunks,
+    a_damaged_record_is_refused_on_every_read_and_hides_no_other_leaf,
+    a_commit_whose_chunks_are_not_the_lengths_its_manifest_implies_is_refused,
+    readers_refuse_a_chunk_whose_length_is_not_the_manifests,
+    a_chunk_damaged_at_rest_is_data_loss_for_readers,
+);

@@ -327,18 +327,32 @@ async fn command(cli: Cli, name: Option<ImageName>, tls: &TlsFiles) -> anyhow::R
                 .map_err(rpc("collect garbage"))?
                 .into_inner();
             if cli.json {
-                print_json(
-                    &serde_json::json!({"chunks_removed": r.chunks_removed, "bytes_removed": r.bytes_removed, "chunks_kept": r.chunks_kept, "stale_temp_files": r.stale_temp_files, "dry_run": dry_run}),
-                )?;
+                print_json(&serde_json::json!({
+                    "chunks_removed": r.chunks_removed,
+                    "bytes_removed": r.bytes_removed,
+                    "chunks_kept": r.chunks_kept,
+                    "kept_referenced": r.kept_referenced,
+                    "kept_recent": r.kept_recent,
+                    "kept_leased": r.kept_leased,
+                    "stale_temp_files": r.stale_temp_files,
+                    "stopped_early": r.stopped_early,
+                    "dry_run": dry_run,
+                }))?;
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
                 println!(
-                    "{verb} {} chunks ({}) and {} stale temporary files; kept {}",
+                    "{verb} {} chunks ({}) and {} leftovers of interrupted writes or expired leases",
                     r.chunks_removed,
                     mib(r.bytes_removed),
                     r.stale_temp_files,
-                    r.chunks_kept
                 );
+                println!(
+                    "kept {} chunks: {} named by committed images, {} written within the grace period, {} confirmed to uploads in flight",
+                    r.chunks_kept, r.kept_referenced, r.kept_recent, r.kept_leased
+                );
+                if r.stopped_early {
+                    println!("stopped at its time limit: run it again for the rest");
+                }
             }
         }
     }

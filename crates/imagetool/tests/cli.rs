@@ -36,7 +36,9 @@ async fn a_pipeline_adds_lists_shows_gets_verifies_and_deletes() {
     let server = imageserver::start(imageserver::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
-        data_dir: dir.path().join("data"),
+        store: imageserver::Store::Dir(dir.path().join("data")),
+        cache: None,
+        poll: imageserver::DEFAULT_POLL,
         tls: TlsFiles::from_ssl_dir(&server_ssl),
         replicate_from: None,
     })

@@ -34,10 +34,16 @@ mod moto;
 mod organization;
 mod plan;
 mod profiles;
+mod s3;
 
 pub use moto::{MOTO_VERSION, WORLD_VARIABLES, ensure_moto};
 pub use organization::{CLOSED_ACCOUNT_ID, DEPARTED_ACCOUNT_ID, NESTED_ACCOUNT_ID, Organization};
 pub use plan::Plan;
+pub use s3::ObjectStore;
+
+/// The bucket of the world's imageserver when its images are in S3
+/// ([`Plan::images_in_s3`]).
+pub const IMAGES_BUCKET: &str = "fleet-images";
 pub use profiles::{WORLD_SESSION, sdk_config};
 
 use std::{
@@ -169,7 +175,15 @@ impl World {
         let (base, octet_lock) = claim_octet()?;
         let (config_file, credentials_file) = profiles::write_profiles(dir.path(), &moto.endpoint)?;
         let pki = Pki::new(&dir.path().join("pki"))?;
-        let imageserver = test_support::imageserver(&pki, &dir.path().join("images")).await?;
+        let store = if plan.images_in_s3 {
+            let sdk = s3::sdk_config_for(&moto.endpoint);
+            s3::create_bucket(&sdk, IMAGES_BUCKET).await?;
+            let at = format!("s3://{IMAGES_BUCKET}/images").parse().map_err(anyhow::Error::msg)?;
+            imageserver::Store::S3 { at, aws: Some(sdk) }
+        } else {
+            imageserver::Store::Dir(dir.path().join("images"))
+        };
+        let imageserver = test_support::imageserver_on(&pki, store).await?;
         let mut world = World {
             pki,
             imageserver,

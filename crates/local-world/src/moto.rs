@@ -67,7 +67,7 @@ impl Drop for Moto {
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
 const WORLD_MODEL: &str = include_str!("world_model.py");
 /// The launcher's modules, one per EC2 behaviour moto lacks (`world/`).
-const WORLD_MODULES: [(&str, &str); 12] = [
+const WORLD_MODULES: [(&str, &str); 13] = [
     ("allowed_images.py", include_str!("world/allowed_images.py")),
     ("failed_states.py", include_str!("world/failed_states.py")),
     ("iam_policy.py", include_str!("world/iam_policy.py")),
@@ -75,6 +75,7 @@ const WORLD_MODULES: [(&str, &str); 12] = [
     ("image_lifecycle.py", include_str!("world/image_lifecycle.py")),
     ("kms_keys.py", include_str!("world/kms_keys.py")),
     ("organization.py", include_str!("world/organization.py")),
+    ("s3_conditional.py", include_str!("world/s3_conditional.py")),
     ("shared_images.py", include_str!("world/shared_images.py")),
     ("snapshot_limits.py", include_str!("world/snapshot_limits.py")),
     ("ssm_images.py", include_str!("world/ssm_images.py")),

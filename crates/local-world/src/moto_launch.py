@@ -227,6 +227,12 @@ from world import image_lifecycle
 
 image_lifecycle.install()
 
+# 18. S3's conditional writes are atomic, as on S3 (world/s3_conditional.py):
+#     imageservers sharing a bucket commit a leaf once.
+from world import s3_conditional
+
+s3_conditional.install()
+
 
 def _refuse_taken_name(backend, name):
     for ami in backend.amis.values():

@@ -14,6 +14,9 @@ pub struct Plan {
     pub variables: Vec<(String, String)>,
     /// Whether the world has an AWS Organization (see [`crate::Organization`]).
     pub organization: bool,
+    /// Whether the world's imageserver keeps its images in a bucket of the
+    /// world's S3 (else in a directory).
+    pub images_in_s3: bool,
 }
 
 impl Plan {
@@ -24,6 +27,7 @@ impl Plan {
             regions: regions.iter().map(|s| (*s).to_owned()).collect(),
             variables: Vec::new(),
             organization: false,
+            images_in_s3: false,
         }
     }
 
@@ -45,6 +49,14 @@ impl Plan {
     #[must_use]
     pub fn with_organization(mut self) -> Plan {
         self.organization = true;
+        self
+    }
+
+    /// This plan with the imageserver's images in the world's S3
+    /// (bucket [`crate::IMAGES_BUCKET`]).
+    #[must_use]
+    pub fn images_in_s3(mut self, yes: bool) -> Plan {
+        self.images_in_s3 = yes;
         self
     }
 

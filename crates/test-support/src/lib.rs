@@ -78,13 +78,13 @@ fn time_days(d: i64) -> fleet_pki::Duration {
 
 /// Start an imageserver on `127.0.0.1:0` with its data under `data_dir`.
 pub async fn imageserver(pki: &Pki, data_dir: &Path) -> anyhow::Result<imageserver::Running> {
-    let config = imageserver::Config {
-        listen: "127.0.0.1:0".parse()?,
-        metrics_listen: Some("127.0.0.1:0".parse()?),
-        data_dir: data_dir.to_owned(),
-        tls: pki.role(Role::Imageserver)?,
-        replicate_from: None,
-    };
+    imageserver_on(pki, imageserver::Store::Dir(data_dir.to_owned())).await
+}
+
+/// Start an imageserver on `127.0.0.1:0` over `store`.
+pub async fn imageserver_on(pki: &Pki, store: imageserver::Store) -> anyhow::Result<imageserver::Running> {
+    let mut config = imageserver::Config::new("127.0.0.1:0".parse()?, store, pki.role(Role::Imageserver)?);
+    config.metrics_listen = Some("127.0.0.1:0".parse()?);
     imageserver::start(config).await
 }
 

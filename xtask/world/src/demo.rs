@@ -29,7 +29,12 @@ const CHANGE: f64 = 0.03;
 const REGIONS: [&str; 3] = ["us-east-1", "eu-west-1", "ap-southeast-2"];
 const STREAM: &str = "demo/debian-12";
 
-pub(crate) fn run() -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let in_s3 = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [] | ["--store", "dir"] => false,
+        ["--store", "s3"] => true,
+        other => bail!("demo takes `--store dir` (the default) or `--store s3`, not {other:?}"),
+    };
     let t0 = Instant::now();
     let work = util::root().join("target/demo");
     if work.exists() {
@@ -55,7 +60,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
     rt.block_on(async {
         println!("== starting the local world (moto EC2/STS emulator, 2 accounts x {} regions)", REGIONS.len());
         let t = Instant::now();
-        let world = World::start(&Plan::new(&REGIONS)).await?;
+        let world = World::start(&Plan::new(&REGIONS).images_in_s3(in_s3)).await?;
+        if in_s3 {
+            println!("   the imageserver keeps its images in s3://{}/images (moto's S3)", local_world::IMAGES_BUCKET);
+        }
         println!("   up in {:.1}s; AWS profiles in {}", t.elapsed().as_secs_f64(), world.config_file.display());
         println!("   {:<8} {:<13} {:<15} {:<22} PRIVATE IP", "PROFILE", "ACCOUNT ID", "REGION", "UNPACKER INSTANCE");
         for t in &world.targets {
