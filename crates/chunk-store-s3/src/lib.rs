@@ -136,8 +136,13 @@ pub async fn sdk_config_from_env() -> aws_config::SdkConfig {
             aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
         ))
         .build_https();
-    let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
-    aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).region(region).load().await
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).load().await;
+    // No region configured anywhere: S3 answers for any bucket from
+    // us-east-1 (and MinIO or moto do not care).
+    if sdk.region().is_none() {
+        return sdk.into_builder().region(aws_config::Region::new("us-east-1")).build();
+    }
+    sdk
 }
 
 /// A store's objects in a bucket. Its methods block on the runtime it was

@@ -13,6 +13,7 @@ pub mod unpacker {
     tonic::include_proto!("fleet.unpacker.v1");
 }
 
+pub mod probes;
 pub mod unpacker_view;
 
 /// The encoded descriptors of both protocols (with their comments), which

@@ -60,18 +60,8 @@ impl Config {
     }
 }
 
-type Health = tonic_health::server::HealthReporter;
-
-/// Set the health of every service served (the server's own, and the
-/// whole server: the empty service name).
-pub(crate) async fn set_health(health: &Health, serving: bool) {
-    use tonic_health::ServingStatus;
-    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-    health.set_service_status(SERVICE_NAME, status).await;
-    health.set_service_status("", status).await;
-}
-
-const SERVICE_NAME: &str = "fleet.imageserver.v1.ImageServer";
+/// The full name of the service, as health and reflection know it.
+const SERVICE_NAME: &str = <ImageServerServer<ImageService> as tonic::server::NamedService>::NAME;
 
 /// A server running in the background.
 pub struct Running {
@@ -82,7 +72,7 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// Whether the server is ready (what /readyz and gRPC health say).
     pub readiness: Arc<Readiness>,
-    health: Health,
+    probes: fleet_proto::probes::Probes,
     watch: tokio::task::JoinHandle<()>,
     serving: fleet_daemon::Serving,
 }
@@ -94,7 +84,7 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.watch.abort();
         self.readiness.set(Err("draining: the server is stopping".into()));
-        set_health(&self.health, false).await;
+        self.probes.set(false).await;
         fleet_daemon::Daemon::stop(self.serving).await
     }
 
@@ -122,13 +112,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let service = ImageService::new(store.clone(), metrics.clone(), config.replicate_from.clone());
     let readiness = Arc::new(Readiness::default());
     readiness.set(Ok(()));
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, true).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(fleet_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    let (probes, health_service, reflection) =
+        fleet_proto::probes::probes(SERVICE_NAME).await.context("building the reflection service")?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let metrics_addr = match config.metrics_listen {
@@ -149,7 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let watch = tokio::spawn(store::watch(
         service.clone(),
         readiness.clone(),
-        health.clone(),
+        probes.clone(),
         config.store.shared(),
         config.poll,
     ));
@@ -174,7 +159,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("gRPC server failed")
     });
     tracing::info!(%addr, ?metrics_addr, store = %config.store, replica_of = ?config.replicate_from, "imageserver listening");
-    Ok(Running { addr, metrics_addr, metrics, readiness, health, watch, serving })
+    Ok(Running { addr, metrics_addr, metrics, readiness, probes, watch, serving })
 }
 
 /// Run the daemon until SIGINT or SIGTERM.

@@ -134,7 +134,7 @@ impl Readiness {
 pub(crate) async fn watch(
     service: ImageService,
     readiness: Arc<Readiness>,
-    health: tonic_health::server::HealthReporter,
+    probes: fleet_proto::probes::Probes,
     shared: bool,
     every: Duration,
 ) {
@@ -177,7 +177,7 @@ pub(crate) async fn watch(
                 Err(why) => tracing::error!(%why, "not serving"),
             }
         }
-        crate::set_health(&health, result.is_ok()).await;
+        probes.set(result.is_ok()).await;
         tokio::time::sleep(every).await;
     }
 }
