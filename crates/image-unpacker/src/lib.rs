@@ -61,12 +61,15 @@ pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub unpacker: Unpacker,
+    probes: fleet_proto::probes::Probes,
     serving: fleet_daemon::Serving,
 }
 
 impl Running {
-    /// Stop serving and wait for the server to finish.
+    /// Stop serving and wait for the server to finish; gRPC health says
+    /// NOT_SERVING first (a drain).
     pub async fn stop(self) -> anyhow::Result<()> {
+        self.probes.set(false).await;
         fleet_daemon::Daemon::stop(self.serving).await
     }
 
@@ -101,6 +104,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let grpc = ImageUnpackerServer::new(unpacker.clone())
         .max_decoding_message_size(fleet_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(fleet_proto::MAX_MESSAGE_BYTES);
+    let name = <ImageUnpackerServer<Unpacker> as tonic::server::NamedService>::NAME;
+    let (probes, health, reflection) =
+        fleet_proto::probes::probes(name).await.context("building the reflection service")?;
     let serving = fleet_daemon::Serving::spawn(|stop| async move {
         Server::builder()
             .tls_config(tls)?
@@ -108,13 +114,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             // Every call passes the rights table first: see `service::RIGHTS`.
             .layer(rights)
             .add_service(grpc)
+            .add_service(health)
+            .add_service(reflection)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
             .await
             .context("gRPC server failed")
     });
     tracing::info!(%addr, ?metrics_addr, state_dir = %config.state_dir.display(),
         device_dir = %config.device_dir.display(), image_server = %config.image_server, "image-unpacker listening");
-    Ok(Running { addr, metrics_addr, unpacker, serving })
+    Ok(Running { addr, metrics_addr, unpacker, probes, serving })
 }
 
 /// Run the daemon until SIGINT or SIGTERM (or until its server fails).

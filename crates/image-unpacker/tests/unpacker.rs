@@ -789,3 +789,55 @@ async fn one_caller_at_a_time_sets_up_a_new_streams_volume() {
     let e = c.lease_stream_setup(ask("", 60)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn health_and_reflection_answer_any_certified_client_and_drain_on_stop() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut rig = Rig::new().await;
+    // The imageserver's certificate grants no right on an unpacker: the
+    // probes answer it, the service does not.
+    let tls = rig.pki.role(Role::Imageserver).unwrap();
+    let ch = fleet_tls::dial::connect_channel(&rig.unpacker_addr(), &tls, fleet_tls::UNPACKER_TLS_NAME).await.unwrap();
+    let mut health = HealthClient::new(ch.clone());
+    for service in ["", "fleet.unpacker.v1.ImageUnpacker"] {
+        let s = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+        assert_eq!(s, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let err = fleet_proto::unpacker::image_unpacker_client::ImageUnpackerClient::new(ch.clone())
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(ch)
+        .server_reflection_info(futures::stream::iter([ask]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names.contains(&"fleet.unpacker.v1.ImageUnpacker") && names.contains(&"grpc.health.v1.Health"),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"fleet.imageserver.v1.ImageServer"), "{names:?}");
+
+    // Stopping: a watcher of its health hears NOT_SERVING before the end.
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    let stop = tokio::spawn(async move { rig.stop_unpacker().await });
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap();
+    assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32);
+    drop(watch);
+    stop.await.unwrap();
+}
