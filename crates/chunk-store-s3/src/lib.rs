@@ -49,6 +49,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use image_format::{Digest, ImageName};
 use tokio::runtime::Handle;
 
+pub use aws_config::SdkConfig;
+
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Requests in flight at once for one batch (presence checks, lease reads).

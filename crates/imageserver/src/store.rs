@@ -28,7 +28,7 @@ pub enum Store {
     /// An S3 bucket, which any number of imageservers can share. `aws` is
     /// the SDK configuration to reach it; `None` loads the standard one
     /// (environment, profiles, roles, `AWS_ENDPOINT_URL`).
-    S3 { at: S3Location, aws: Option<aws_config::SdkConfig> },
+    S3 { at: S3Location, aws: Option<Box<chunk_store_s3::SdkConfig>> },
 }
 
 impl Store {
@@ -79,7 +79,7 @@ pub(crate) async fn open(store: &Store, cache: Option<&Cache>) -> anyhow::Result
         }
         Store::S3 { at, aws } => {
             let sdk = match aws {
-                Some(c) => c.clone(),
+                Some(c) => (**c).clone(),
                 None => chunk_store_s3::sdk_config_from_env().await,
             };
             let client = chunk_store_s3::client(&sdk);

@@ -59,7 +59,7 @@ impl World {
                 let objects = local_world::ObjectStore::start().unwrap();
                 objects.bucket(BUCKET).await.unwrap();
                 let at = format!("s3://{BUCKET}/{PREFIX}").parse().unwrap();
-                let store = imageserver::Store::S3 { at, aws: Some(objects.sdk_config()) };
+                let store = imageserver::Store::S3 { at, aws: Some(Box::new(objects.sdk_config())) };
                 w.objects = Some(objects);
                 store
             }

@@ -59,7 +59,7 @@ impl Shared {
 
     fn store(&self, endpoint: &str) -> imageserver::Store {
         let aws = self.objects.sdk_config().into_builder().endpoint_url(endpoint).build();
-        imageserver::Store::S3 { at: format!("s3://{BUCKET}/{PREFIX}").parse().unwrap(), aws: Some(aws) }
+        imageserver::Store::S3 { at: format!("s3://{BUCKET}/{PREFIX}").parse().unwrap(), aws: Some(Box::new(aws)) }
     }
 
     /// Another imageserver on the bucket (through `endpoint`, moto's

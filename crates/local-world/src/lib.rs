@@ -179,7 +179,7 @@ impl World {
             let sdk = s3::sdk_config_for(&moto.endpoint);
             s3::create_bucket(&sdk, IMAGES_BUCKET).await?;
             let at = format!("s3://{IMAGES_BUCKET}/images").parse().map_err(anyhow::Error::msg)?;
-            imageserver::Store::S3 { at, aws: Some(sdk) }
+            imageserver::Store::S3 { at, aws: Some(Box::new(sdk)) }
         } else {
             imageserver::Store::Dir(dir.path().join("images"))
         };
