@@ -515,3 +515,69 @@ async fn probes_answer_any_certified_client_and_reflection_names_the_services() 
     server.stop().await.unwrap();
     assert!(readiness.get().unwrap_err().contains("draining"));
 }
+
+/// Fetch chunks by digest; their zstd frames, or the first error.
+async fn fetch(c: &mut Client, digests: &[Digest]) -> Result<Vec<Vec<u8>>, tonic::Status> {
+    let req =
+        fleet_proto::imageserver::FetchChunksRequest { digests: digests.iter().map(|d| d.0.to_vec().into()).collect() };
+    let mut s = c.fetch_chunks(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await? {
+        out.push(chunk.zstd_data.to_vec());
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn a_server_far_from_its_bucket_reads_chunks_from_a_bounded_cache() {
+    let mut w = Shared::new().await;
+    let a = w.server().await;
+    let mut on_a = w.client(a, Role::ImageBuilder).await;
+    let plains: Vec<Vec<u8>> = (0..8).map(|i| noise(CHUNK as usize, 60 + i)).collect();
+    let mut digests = Vec::new();
+    for p in &plains {
+        digests.push(upload(&mut on_a, p).await);
+    }
+    // A regional server through a cable, with a cache of about 5 chunks.
+    let moto: SocketAddr = w.objects.endpoint().trim_start_matches("http://").parse().unwrap();
+    let cable = Cable::to(moto).await;
+    let cache_dir = w.dir.path().join("cache");
+    let tls = w.identity("server", &LeafSpec::for_role(Role::Imageserver));
+    let frame = chunk_store::compress(&plains[0]).len() as u64;
+    let mut config =
+        imageserver::Config::new("127.0.0.1:0".parse().unwrap(), w.store(&format!("http://{}", cable.addr)), tls);
+    config.cache = Some(imageserver::Cache { dir: cache_dir.clone(), max_bytes: 5 * frame + frame / 2 });
+    w.servers.push(imageserver::start(config).await.unwrap());
+    let mut far = w.client(w.servers.len() - 1, Role::ImageUnpacker).await;
+    let cached = || std::fs::read_dir(&cache_dir).unwrap().count();
+
+    // All 8 read through it, one by one: the cache keeps the last 5 read.
+    for d in &digests {
+        assert_eq!(fetch(&mut far, std::slice::from_ref(d)).await.unwrap().len(), 1);
+    }
+    assert_eq!(cached(), 5);
+    // The bucket away: the cached ones are still served, checked; the
+    // others fail with the store named.
+    cable.set_down(true);
+    let got = fetch(&mut far, &digests[3..]).await.unwrap();
+    for (z, p) in got.iter().zip(&plains[3..]) {
+        assert!(&zstd::bulk::decompress(z, 1 << 20).unwrap() == p);
+    }
+    let err = fetch(&mut far, &digests[..1]).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // A damaged copy in the cache is never served: it is dropped and read
+    // again from the bucket (once the bucket is back).
+    cable.set_down(false);
+    let copy = cache_dir.join(digests[7].to_hex());
+    std::fs::write(&copy, chunk_store::compress(&noise(CHUNK as usize, 99))).unwrap();
+    let got = fetch(&mut far, &digests[7..]).await.unwrap();
+    assert!(zstd::bulk::decompress(&got[0], 1 << 20).unwrap() == plains[7]);
+    assert!(std::fs::read(&copy).unwrap() == got[0], "the copy was replaced by the bucket's");
+    // Whether a chunk is stored is never answered from the cache: a chunk
+    // removed from the bucket is missing for writers though still cached.
+    let key = format!("{PREFIX}/chunks/{}/{}", &digests[7].to_hex()[..2], digests[7].to_hex());
+    w.objects.client().delete_object().bucket(BUCKET).key(key).send().await.unwrap();
+    let mut writer = w.client(w.servers.len() - 1, Role::ImageBuilder).await;
+    let req = FindMissingChunksRequest { digests: vec![digests[7].0.to_vec().into()] };
+    assert_eq!(writer.find_missing_chunks(req).await.unwrap().into_inner().missing.len(), 1);
+}
