@@ -191,11 +191,14 @@ impl S3 {
         Ok(s3)
     }
 
-    /// Whether the bucket answers (HeadBucket): for readiness probes.
+    /// Whether the bucket answers: one listing of at most one key under
+    /// the prefix (the right the store needs anyway; HeadBucket would need
+    /// ListBucket on the whole bucket). For readiness probes.
     pub async fn reachable(&self) -> Result<()> {
-        self.client.head_bucket().bucket(&self.at.bucket).send().await.map(|_| ()).map_err(|e| {
+        let r = self.client.list_objects_v2().bucket(&self.at.bucket).prefix(self.key("")).max_keys(1).send().await;
+        r.map(|_| ()).map_err(|e| {
             let what = "reaching the bucket".to_owned();
-            if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) {
+            if e.as_service_error().is_some_and(|e| e.is_no_such_bucket()) {
                 StoreError::Backend { location: self.location(), what, why: "the bucket does not exist".into() }
             } else {
                 self.failed(what, e)

@@ -581,3 +581,15 @@ async fn a_server_far_from_its_bucket_reads_chunks_from_a_bounded_cache() {
     let req = FindMissingChunksRequest { digests: vec![digests[7].0.to_vec().into()] };
     assert_eq!(writer.find_missing_chunks(req).await.unwrap().into_inner().missing.len(), 1);
 }
+
+#[tokio::test]
+async fn a_bucket_that_does_not_exist_is_named_before_anything_is_served() {
+    let w = Shared::new().await;
+    let tls = w.identity("server", &LeafSpec::for_role(Role::Imageserver));
+    let aws = w.objects.sdk_config();
+    let store = imageserver::Store::S3 { at: "s3://no-such-bucket/x".parse().unwrap(), aws: Some(Box::new(aws)) };
+    let err =
+        imageserver::start(imageserver::Config::new("127.0.0.1:0".parse().unwrap(), store, tls)).await.err().unwrap();
+    let text = format!("{err:#}");
+    assert!(text.contains("s3://no-such-bucket/x") && text.contains("the bucket does not exist"), "{text}");
+}
