@@ -37,6 +37,8 @@ Commands:
                   figures to docs/benchmarks.md; --quick: smaller sizes;
                   --only publisher: just the publisher's 1 vs 24 targets;
                   --only imageserver-memory: peak RSS with 4, 16, 64 readers;
+                  --only datapath: CPU seconds per GiB of unpack, get and
+                  dd on pinned cores, the S3 store against the directory;
                   --only decode-fuzz: 100,000 cases per property test;
                   --only soak: just the soak below
   soak            20 publishes of one stream to 6 targets under every fault

@@ -262,7 +262,7 @@ impl S3 {
                     what: format!("reading {key}"),
                     why: e.to_string(),
                 })?;
-                Ok(Some((body.to_vec(), etag)))
+                Ok(Some((Vec::from(body.into_bytes()), etag)))
             }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => Ok(None),
             Err(e) => Err(self.failed(format!("reading {key}"), e)),

@@ -20,6 +20,13 @@ use crate::{TlsError, TlsFiles, read_pem};
 /// HTTP/2 windows: large enough that one stream fills a fast link.
 pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest HTTP/2 frame each side accepts (the protocol's default is
+/// 16 KiB). A chunk (512 KiB by default) then crosses as one DATA frame:
+/// the sender hands TLS one buffer per chunk, which it seals and writes
+/// with a few vectored writes instead of one write per 16 KiB frame, and
+/// the receiver's connection task wakes the reading call once per chunk
+/// instead of 32 times. See docs/benchmarks.md, "data path".
+pub const MAX_FRAME: u32 = 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`refusal`] waits for each step of its own connection.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -100,8 +107,9 @@ pub async fn connect_channel(addr: &str, tls: &TlsFiles, server_name: &str) -> R
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    endpoint.connect().await.map_err(|e| {
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
+    endpoint.connect_with_connector(crate::buffered::Dialer).await.map_err(|e| {
         let mut detail = e.source().map(error_chain).unwrap_or_else(|| e.to_string());
         if let Some(hint) = tls_alert_hint(&detail) {
             detail = format!("{detail} ({hint})");

@@ -8,9 +8,11 @@
 
 #![forbid(unsafe_code)]
 
+mod buffered;
 pub mod dial;
 mod rights;
 
+pub use buffered::{Buffered, READ_BUFFER, incoming};
 pub use rights::{PROBES, Rights, RightsLayer, RightsService, peer_of_extensions};
 
 use std::{

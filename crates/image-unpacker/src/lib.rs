@@ -38,7 +38,6 @@ use anyhow::Context as _;
 use fleet_proto::unpacker::image_unpacker_server::ImageUnpackerServer;
 use fleet_tls::TlsFiles;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 pub use crate::core::{ServiceConfig, Unpacker};
@@ -116,7 +115,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .add_service(grpc)
             .add_service(health)
             .add_service(reflection)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+            .serve_with_incoming_shutdown(fleet_tls::incoming(listener), stop)
             .await
             .context("gRPC server failed")
     });

@@ -28,7 +28,6 @@ use anyhow::Context as _;
 use fleet_proto::imageserver::image_server_server::ImageServerServer;
 use fleet_tls::TlsFiles;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 pub use metrics::Metrics;
@@ -148,13 +147,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .tls_config(tls)?
             .initial_stream_window_size(fleet_tls::dial::STREAM_WINDOW)
             .initial_connection_window_size(fleet_tls::dial::CONNECTION_WINDOW)
+            .max_frame_size(fleet_tls::dial::MAX_FRAME)
             .tcp_nodelay(true)
             // Every call passes the rights table first: see `service::RIGHTS`.
             .layer(rights)
             .add_service(grpc)
             .add_service(health_service)
             .add_service(reflection)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+            .serve_with_incoming_shutdown(fleet_tls::incoming(listener), stop)
             .await
             .context("gRPC server failed")
     });

@@ -181,6 +181,12 @@ async fn round_trip_is_bit_for_bit_with_zero_regions_and_a_short_tail(store: Kin
     assert_eq!(got.chunks_fetched, 24);
     let (info, checked) = imagetool::verify(&mut reader, &name, Progress::Hidden).await.unwrap();
     assert_eq!(checked, 24);
+    // To /dev/null: every chunk fetched and checked, nothing kept, and
+    // /dev/null is still the device (not replaced by a file).
+    let to_null = imagetool::get(&mut reader, &name, Path::new("/dev/null"), Progress::Hidden).await.unwrap();
+    assert_eq!((to_null.chunks_fetched, to_null.image_id.as_str()), (24, added.image_id.as_str()));
+    let null = std::fs::metadata("/dev/null").unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&null.file_type()), "/dev/null was replaced");
     assert_eq!(info.size_bytes, data.len() as u64);
 
     let streams = reader.list_streams(ListStreamsRequest {}).await.unwrap().into_inner().streams;

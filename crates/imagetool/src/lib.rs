@@ -333,6 +333,13 @@ pub async fn add(
 /// at `out` only when complete (written beside it, fsynced, renamed).
 pub async fn get(client: &mut Client, name: &ImageName, out: &Path, progress: Progress) -> anyhow::Result<GetReport> {
     let (info, manifest) = image_client::get_manifest(client, name).await?;
+    // A character device (/dev/null: a fetch measured or checked, nothing
+    // kept) is written in place; zero chunks are not written to it.
+    if std::fs::metadata(out).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())) {
+        let dev = File::options().write(true).open(out).with_context(|| format!("cannot open '{}'", out.display()))?;
+        let report = fetch_into(client, &manifest, dev, progress).await?;
+        return Ok(GetReport { image: name.to_string(), image_id: info.image_id, ..report });
+    }
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp =
         fleet_fs::AtomicFile::new(out).with_context(|| format!("cannot create a file in '{}'", dir.display()))?;

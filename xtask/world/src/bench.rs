@@ -62,6 +62,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let bins = util::build_release(&["imageserver", "imagetool", "image-unpacker", "unpacker-tool"])?;
     let pki = work.join("pki");
     fleet_pki::write_pki(&pki)?;
+    if args.windows(2).any(|w| w[0] == "--only" && w[1] == "datapath") {
+        let rows = crate::bench_datapath::run(&bins, &pki, &work, quick)?;
+        let mut body = String::new();
+        table(&mut body, crate::bench_datapath::TITLE, &rows);
+        return put_section(&doc, crate::bench_datapath::TITLE, &body);
+    }
     let ssl = work.join("ssl");
     util::ssl_dir(&pki, "image-builder", &ssl)?;
     let (server, addr) = util::start_imageserver(&bins, &pki, &work.join("data"), &work.join("imageserver.log"))?;
@@ -186,6 +192,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let _ = writeln!(md, "Run: {}{}\n", humantime_now(), if quick { " (--quick: smaller sizes)" } else { "" });
     table(&mut md, "imageserver and imagetool", &rows);
     table(&mut md, "image-unpacker", &unpacker_rows);
+    let datapath_rows = crate::bench_datapath::run(&bins, &pki, &work, quick)?;
+    table(&mut md, crate::bench_datapath::TITLE, &datapath_rows);
     let publisher_rows = crate::bench_publisher::run(&work, 8)?;
     publisher_table(&mut md, &publisher_rows);
     let soak_rows = crate::soak::rows(&work, 20)?;

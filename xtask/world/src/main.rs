@@ -8,6 +8,7 @@
 //! would run them; nothing here reaches into their internals.
 
 mod bench;
+mod bench_datapath;
 mod bench_publisher;
 mod bench_unpacker;
 mod demo;
