@@ -849,6 +849,11 @@ def _server_error(key, what):
     return _ec2_error(503, "Unavailable", "The server is overloaded and can't handle the request.")
 
 
+def _can_drop():
+    """Whether the caller's connection can be closed unanswered."""
+    return _flask_request.environ.get("werkzeug.socket") is not None
+
+
 def _drop_connection():
     """Close the caller's connection without an answer, as a network
     failure would."""
@@ -935,9 +940,12 @@ def call_action(self):
         # Withheld before EC2 acted: nothing is done, no answer comes.
         _log(service, action, app, "hang")
         return _withhold(key)
-    if mutating and MODEL.chance("lost", key) and MODEL.draw("lost-kind", key) < 1 / 3 and _drop_connection():
-        # Lost before EC2 acted: the connection fails, nothing is done.
+    if mutating and MODEL.chance("lost", key) and MODEL.draw("lost-kind", key) < 1 / 3 and _can_drop():
+        # Lost before EC2 acted: the connection fails, nothing is done. The
+        # line is logged before the connection goes, so a caller that hears
+        # of the failure finds it in the log.
         _log(service, action, app, "lost")
+        _drop_connection()
         return _ec2_error(500, "InternalError", "An internal error has occurred.")
     token = params.get("ClientToken") if action in world_model.CLIENT_TOKEN_ACTIONS else None
     token = token[0] if isinstance(token, list) else token

@@ -66,6 +66,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         let rows = crate::bench_datapath::run(&bins, &pki, &work, quick)?;
         let mut body = String::new();
         table(&mut body, crate::bench_datapath::TITLE, &rows);
+        body.push_str(crate::bench_datapath::NOTE);
         return put_section(&doc, crate::bench_datapath::TITLE, &body);
     }
     let ssl = work.join("ssl");
@@ -194,6 +195,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     table(&mut md, "image-unpacker", &unpacker_rows);
     let datapath_rows = crate::bench_datapath::run(&bins, &pki, &work, quick)?;
     table(&mut md, crate::bench_datapath::TITLE, &datapath_rows);
+    md.push_str(crate::bench_datapath::NOTE);
     let publisher_rows = crate::bench_publisher::run(&work, 8)?;
     publisher_table(&mut md, &publisher_rows);
     let soak_rows = crate::soak::rows(&work, 20)?;
