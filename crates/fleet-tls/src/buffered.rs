@@ -3,7 +3,8 @@
 //!
 //! rustls reads the socket one TLS record (at most 16 KiB) at a time, so a
 //! 512 KiB chunk cost the reader 32 `recvfrom` calls. [`Buffered`] reads
-//! up to [`READ_BUFFER`] at once beneath TLS and hands rustls its records
+//! up to [`READ_BUFFER`] (a client) or [`SERVER_READ_BUFFER`] (a daemon's
+//! accepted connection) at once beneath TLS and hands rustls its records
 //! from memory: one system call where there were up to sixteen, for one
 //! extra copy in user space. Writes pass straight through (rustls already
 //! writes its records with vectored writes).
@@ -20,19 +21,24 @@ use tokio::{
 };
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// Bytes read from the socket at most at once.
+/// Bytes a client reads from the socket at most at once (a client has a
+/// few connections, each bringing chunks).
 pub const READ_BUFFER: usize = 256 * 1024;
+/// The same for each connection a daemon accepts: smaller, as a server
+/// holds one per client (hundreds of unpackers) and most bring small
+/// requests; uploads still read four records per call.
+pub const SERVER_READ_BUFFER: usize = 64 * 1024;
 
 /// A TCP connection whose reads are buffered (see the module's text).
 #[derive(Debug)]
 pub struct Buffered(BufReader<TcpStream>);
 
 impl Buffered {
-    /// Wrap a connected socket, with `TCP_NODELAY` set (the HTTP/2 layer
-    /// writes whole frames).
-    pub fn new(stream: TcpStream) -> io::Result<Buffered> {
+    /// Wrap a connected socket with a read buffer of `capacity` bytes,
+    /// with `TCP_NODELAY` set (the HTTP/2 layer writes whole frames).
+    pub fn new(stream: TcpStream, capacity: usize) -> io::Result<Buffered> {
         stream.set_nodelay(true)?;
-        Ok(Buffered(BufReader::with_capacity(READ_BUFFER, stream)))
+        Ok(Buffered(BufReader::with_capacity(capacity, stream)))
     }
 }
 
@@ -80,7 +86,8 @@ impl Connected for Buffered {
 /// accept is passed on for the server to log and go on.
 pub fn incoming(listener: tokio::net::TcpListener) -> impl tokio_stream::Stream<Item = io::Result<Buffered>> + Send {
     use tokio_stream::StreamExt as _;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| accepted.and_then(Buffered::new))
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+        .map(|accepted| accepted.and_then(|s| Buffered::new(s, SERVER_READ_BUFFER)))
 }
 
 /// Dials plain TCP for tonic's channel, buffered; tonic puts TLS on top.
@@ -106,7 +113,7 @@ impl tower_service::Service<http::Uri> for Dialer {
                 None => format!("{}:443", authority.as_str()),
             };
             let stream = TcpStream::connect(target).await?;
-            Ok(hyper_util::rt::TokioIo::new(Buffered::new(stream)?))
+            Ok(hyper_util::rt::TokioIo::new(Buffered::new(stream, READ_BUFFER)?))
         })
     }
 }

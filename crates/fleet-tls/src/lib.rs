@@ -12,7 +12,7 @@ mod buffered;
 pub mod dial;
 mod rights;
 
-pub use buffered::{Buffered, READ_BUFFER, incoming};
+pub use buffered::{Buffered, READ_BUFFER, SERVER_READ_BUFFER, incoming};
 pub use rights::{PROBES, Rights, RightsLayer, RightsService, peer_of_extensions};
 
 use std::{
