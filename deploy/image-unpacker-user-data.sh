@@ -6,24 +6,28 @@
 #       --user-data deploy/image-unpacker-user-data.sh \
 #       --iam-instance-profile ImageUnpacker --security-group-search-tags Name=image-unpacker
 #
-# Edit the four settings below first. The instance needs:
+# Edit the settings below first. The instance needs:
 #   - the fleet's CA, the unpackers' certificate and key (from `cargo xtask
 #     pki` or your own CA) in SSM Parameter Store under SSM_PREFIX (ca.pem,
 #     cert.pem as String, key.pem as SecureString), and an instance profile
 #     allowed to read them (deploy/image-unpacker-instance-policy.json);
 #     leave SSM_PREFIX empty when the base image already carries them;
-#   - the image-unpacker binary: either already in the base image at
-#     /usr/local/bin/image-unpacker, or at UNPACKER_URL (https) with its
-#     SHA-256 in UNPACKER_SHA256 (an unverified binary is never installed);
+#   - the image-unpacker package (`cargo xtask package`), taken in this
+#     order: already installed in the base image (nothing is downloaded);
+#     from PACKAGE_URL (https; the .deb on Debian and Ubuntu, the .rpm on
+#     Amazon Linux and RHEL) with its SHA-256 in PACKAGE_SHA256 (an
+#     unverified package is never installed); else from a repository the
+#     base image's apt or dnf already knows;
 #   - the AWS CLI when SSM_PREFIX is set; curl and sha256sum.
-# It writes the systemd unit (identical to deploy/image-unpacker.service) and
-# /etc/default/image-unpacker, then starts the daemon. Safe to run again.
-# Progress and errors go to /var/log/cloud-init-output.log.
+# It installs the package (which brings the systemd unit, enabled but not
+# started), writes the daemon's flags and certificates, then starts it.
+# Safe to run again. Progress and errors go to
+# /var/log/cloud-init-output.log.
 
 IMAGE_SERVER="imageserver.internal.example:6971"
 SSM_PREFIX="/ami-fleet/image-unpacker"
-UNPACKER_URL=""
-UNPACKER_SHA256=""
+PACKAGE_URL=""
+PACKAGE_SHA256=""
 
 set -eu
 umask 022
@@ -45,19 +49,47 @@ put() {
     fail "could not write $1"
 }
 
-bin=/usr/local/bin/image-unpacker
-if [ ! -x "$bin" ]; then
-    [ -n "$UNPACKER_URL" ] || fail "$bin is not in the base image and UNPACKER_URL is empty"
-    [ -n "$UNPACKER_SHA256" ] || fail "UNPACKER_SHA256 is empty: refusing to install an unverified binary"
-    log "downloading $UNPACKER_URL"
-    tmp=$(mktemp "$bin.XXXXXX")
-    curl --fail --silent --show-error --location --proto '=https' --retry 5 -o "$tmp" "$UNPACKER_URL" ||
-        { rm -f "$tmp"; fail "download of $UNPACKER_URL failed"; }
-    echo "$UNPACKER_SHA256  $tmp" | sha256sum -c --status ||
-        { rm -f "$tmp"; fail "$UNPACKER_URL does not have SHA-256 $UNPACKER_SHA256"; }
-    chmod 0755 "$tmp"
-    mv -f "$tmp" "$bin"
+# The package family: apt with .deb files, or dnf (or yum) with .rpm files.
+if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    family=deb
+    installed() { dpkg-query -W -f '${Status}' image-unpacker 2>/dev/null | grep -q 'install ok installed'; }
+    flags=/etc/default/image-unpacker
+elif command -v rpm >/dev/null 2>&1; then
+    family=rpm
+    installed() { rpm -q image-unpacker >/dev/null 2>&1; }
+    flags=/etc/sysconfig/image-unpacker
+    dnf=$(command -v dnf || command -v yum) || fail "neither dnf nor yum is here"
+else
+    fail "neither apt nor rpm is here: install the image-unpacker package into the base image instead"
 fi
+
+if installed; then
+    log "the image-unpacker package is already installed"
+elif [ -n "$PACKAGE_URL" ]; then
+    [ -n "$PACKAGE_SHA256" ] || fail "PACKAGE_SHA256 is empty: refusing to install an unverified package"
+    pkg="$(mktemp -d)/image-unpacker.$family"
+    log "downloading $PACKAGE_URL"
+    curl --fail --silent --show-error --location --proto '=https' --retry 5 -o "$pkg" "$PACKAGE_URL" ||
+        fail "download of $PACKAGE_URL failed"
+    echo "$PACKAGE_SHA256  $pkg" | sha256sum -c --status ||
+        fail "$PACKAGE_URL does not have SHA-256 $PACKAGE_SHA256"
+    if [ "$family" = deb ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg" || fail "apt-get could not install $pkg"
+    else
+        "$dnf" install -y -q "$pkg" || fail "$dnf could not install $pkg"
+    fi
+    rm -f "$pkg"
+else
+    log "installing image-unpacker from the configured repositories"
+    if [ "$family" = deb ]; then
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q image-unpacker; } ||
+            fail "apt-get could not install image-unpacker (set PACKAGE_URL, or add the repository to the base image)"
+    else
+        "$dnf" install -y -q image-unpacker ||
+            fail "$dnf could not install image-unpacker (set PACKAGE_URL, or add the repository to the base image)"
+    fi
+fi
+installed || fail "the image-unpacker package is not installed"
 
 if [ -n "$SSM_PREFIX" ]; then
     # IMDSv2 (launch-instances requires tokens) for the region.
@@ -82,62 +114,11 @@ for f in /etc/ssl/CA.pem /etc/ssl/image-unpacker/cert.pem /etc/ssl/image-unpacke
     [ -s "$f" ] || fail "$f is missing or empty"
 done
 
-put /etc/default/image-unpacker 0644 <<EOF
+put "$flags" 0644 <<EOF
 # Written by the image-unpacker user data.
 UNPACKER_ARGS="--image-server $IMAGE_SERVER --device-dir /dev/disk/by-id"
 RUST_LOG=info
 EOF
-
-put /etc/systemd/system/image-unpacker.service 0644 <<'UNIT'
-# image-unpacker: the agent on each unpacker instance (one per account and
-# region). It writes raw EBS volumes, so it runs as root, but with only the
-# capabilities and device classes that needs.
-[Unit]
-Description=image-unpacker: brings attached EBS volumes to image leaves
-Documentation=https://github.com/ami-fleet/ami-fleet/blob/main/docs/operations.md
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=exec
-EnvironmentFile=-/etc/default/image-unpacker
-ExecStart=/usr/local/bin/image-unpacker --state-dir /var/lib/image-unpacker $UNPACKER_ARGS
-Restart=on-failure
-RestartSec=2s
-StateDirectory=image-unpacker
-StateDirectoryMode=0700
-# Devices: only disk-like block devices (NVMe namespaces are "blkext", Xen
-# volumes "xvd"), read and write.
-DevicePolicy=closed
-DeviceAllow=block-blkext rw
-DeviceAllow=block-xvd rw
-DeviceAllow=block-sd rw
-DeviceAllow=block-loop rw
-CapabilityBoundingSet=CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-# An unpack holds little memory whatever the image size (see docs/benchmarks.md).
-MemoryMax=512M
-LimitNOFILE=65536
-
-[Install]
-WantedBy=multi-user.target
-UNIT
 
 systemctl daemon-reload
 systemctl enable image-unpacker.service

@@ -1,8 +1,8 @@
 //! `cargo xtask`: project automation (see `cargo xtask help`).
 //!
 //! This binary is light on purpose: `pki` and `mutants` build without the
-//! AWS SDK. The commands that stand up the local world or need
-//! ami-publisher's CLI definition (demo, world, bench, soak, dist) are handed to
+//! AWS SDK. The commands that stand up the local world or need the tools'
+//! CLI definitions (demo, world, bench, soak, dist, package) are handed to
 //! `xtask-world` (xtask/world), which this process becomes (exec), so that
 //! Ctrl-C and exit codes reach the user unchanged.
 
@@ -31,8 +31,12 @@ Commands:
                   target) kept up until Ctrl-C, with export lines for trying
                   ami-publisher by hand (docs/world.md); --regions R,R...
   dist [--out DIR] shell completions (bash, zsh, fish) and man pages for
-                  ami-publisher, generated from its CLI definition
-                  (default DIR: target/dist)
+                  ami-publisher, imagetool and unpacker-tool, generated
+                  from their CLI definitions (default DIR: target/dist)
+  package         one release build, then .deb and .rpm packages
+                  (image-unpacker, imageserver, ami-fleet-tools), a .tar.zst
+                  archive each and SHA256SUMS in target/packages; needs
+                  cargo-deb and cargo-generate-rpm; --help for more
   bench           build release binaries, run the benchmarks and write the
                   figures to docs/benchmarks.md; --quick: smaller sizes;
                   --only publisher: just the publisher's 1 vs 24 targets;
@@ -55,7 +59,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("pki") => pki(&args[1..]),
-        Some("demo" | "bench" | "soak" | "dist" | "world") => Err(world_tasks(&args)),
+        Some("demo" | "bench" | "soak" | "dist" | "package" | "world") => Err(world_tasks(&args)),
         Some("mutants") if args.iter().take_while(|a| *a != "--").any(|a| a == "--help" || a == "-h") => {
             println!("{}", mutants::USAGE);
             return ExitCode::SUCCESS;

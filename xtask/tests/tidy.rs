@@ -253,9 +253,10 @@ fn deploy_units_verify() {
     let _ = fs::remove_dir_all(&tmp);
 }
 
-/// The unpacker user data is valid sh, installs exactly the unit in
-/// deploy/, passes only flags the daemon has, and reads its certificates
-/// from where the instance policy lets it.
+/// The unpacker user data is valid sh, installs the image-unpacker package
+/// (which brings the unit) rather than a unit of its own, writes the flags
+/// where the unit reads them, passes only flags the daemon has, and reads
+/// its certificates from where the instance policy lets it.
 #[test]
 fn unpacker_user_data_matches_the_unit_and_the_instance_policy() {
     let deploy = root().join("deploy");
@@ -265,9 +266,17 @@ fn unpacker_user_data_matches_the_unit_and_the_instance_policy() {
     let out = Command::new("sh").arg("-n").arg(&script_path).output().unwrap();
     assert!(out.status.success(), "sh -n: {}", String::from_utf8_lossy(&out.stderr));
 
+    assert!(!script.contains("[Service]"), "the package installs the unit; the user data writes none");
     let unit = fs::read_to_string(deploy.join("image-unpacker.service")).unwrap();
-    let embedded = script.split("<<'UNIT'\n").nth(1).and_then(|s| s.split("\nUNIT\n").next()).expect("a UNIT here-doc");
-    assert_eq!(format!("{embedded}\n"), unit, "the unit in the user data differs from deploy/image-unpacker.service");
+    for family in ["flags=/etc/default/image-unpacker", "flags=/etc/sysconfig/image-unpacker"] {
+        let path = family.trim_start_matches("flags=");
+        assert!(script.contains(family), "the user data does not write {path}");
+        assert!(unit.contains(&format!("EnvironmentFile=-{path}\n")), "the unit does not read {path}");
+    }
+    for install in ["apt-get install -y -q \"$pkg\"", "install -y -q \"$pkg\"", "apt-get install -y -q image-unpacker"] {
+        assert!(script.contains(install), "the user data does not run {install}");
+    }
+    assert!(script.contains("sha256sum -c"), "a downloaded package is checked before it is installed");
 
     let src = fs::read_to_string(root().join("crates/image-unpacker/src/main.rs")).unwrap();
     let args = script.lines().find(|l| l.starts_with("UNPACKER_ARGS=")).expect("an UNPACKER_ARGS line");
@@ -442,4 +451,16 @@ fn dist_writes_completions_and_man_pages() {
     }
     assert!(out.path().join("completions/_ami-publisher").exists());
     assert!(out.path().join("completions/ami-publisher.fish").exists());
+    for (tool, sub) in [("imagetool", "add"), ("unpacker-tool", "unpack-image")] {
+        let bash = fs::read_to_string(out.path().join(format!("completions/{tool}.bash"))).unwrap();
+        assert!(bash.contains(sub), "{tool}'s bash completion lacks {sub}");
+        assert!(out.path().join(format!("man/{tool}-{sub}.1")).is_file(), "no man page of {tool} {sub}");
+    }
+    // clap's `help` subcommand only repeats --help: no pages of its own.
+    let help_pages: Vec<_> = fs::read_dir(out.path().join("man"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("-help"))
+        .collect();
+    assert!(help_pages.is_empty(), "{help_pages:?}");
 }

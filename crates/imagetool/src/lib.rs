@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
+
 pub use image_client as client;
 
 use std::{

@@ -1,6 +1,6 @@
 //! `xtask-world`: the commands of `cargo xtask` that stand up the local
 //! world (crates/local-world) as the stand-in for AWS, or need
-//! ami-publisher's CLI definition: demo, world, bench, soak, dist. `cargo xtask`
+//! the tools' CLI definitions: demo, world, bench, soak, dist, package. `cargo xtask`
 //! hands these to this binary, so that its light commands (pki, mutants)
 //! build without the AWS SDK.
 //!
@@ -13,6 +13,7 @@ mod bench_publisher;
 mod bench_unpacker;
 mod demo;
 mod dist;
+mod package;
 mod soak;
 mod util;
 mod world;
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
+        Some("package") => package::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("world") => world::run(&args[1..]),
         other => {
