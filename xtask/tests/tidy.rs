@@ -273,7 +273,8 @@ fn unpacker_user_data_matches_the_unit_and_the_instance_policy() {
         assert!(script.contains(family), "the user data does not write {path}");
         assert!(unit.contains(&format!("EnvironmentFile=-{path}\n")), "the unit does not read {path}");
     }
-    for install in ["apt-get install -y -q \"$pkg\"", "install -y -q \"$pkg\"", "apt-get install -y -q image-unpacker"] {
+    for install in ["apt-get install -y -q \"$pkg\"", "install -y -q \"$pkg\"", "apt-get install -y -q image-unpacker"]
+    {
         assert!(script.contains(install), "the user data does not run {install}");
     }
     assert!(script.contains("sha256sum -c"), "a downloaded package is checked before it is installed");

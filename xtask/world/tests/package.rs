@@ -166,6 +166,13 @@ fn packages_hold_what_the_units_and_docs_expect() {
         assert!(postinst.contains("enabled, but not started"), "{postinst}");
         assert!(!postinst.contains("deb-systemd-invoke start"), "the service is not started on install: {postinst}");
         assert!(postinst.contains(&format!("deb-systemd-invoke try-restart {daemon}.service")), "{postinst}");
+        // cargo-deb's steps stand once each, where the marker line was, and
+        // nothing of the marker is left.
+        for (script, step) in [("postinst", "deb-systemd-helper unmask"), ("postrm", "deb-systemd-helper purge")] {
+            let text = fs::read_to_string(info.path().join(script)).unwrap();
+            assert_eq!(text.matches(step).count(), 1, "{daemon} {script}: {text}");
+            assert!(!text.contains("DEBHELPER"), "{daemon} {script}: {text}");
+        }
         let postrm = fs::read_to_string(info.path().join("postrm")).unwrap();
         assert!(postrm.contains("\"$1\" = purge") && postrm.contains(&format!("/var/lib/{daemon}")), "{postrm}");
         for script in ["postinst", "postrm", "prerm"] {
@@ -221,6 +228,19 @@ fn packages_hold_what_the_units_and_docs_expect() {
             let out = Command::new("sh").args(["-n", "-c", &body]).output().unwrap();
             assert!(out.status.success(), "{daemon}.rpm {name} is not valid sh: {body}");
         }
+    }
+
+    // Built on this machine, the binaries install on Amazon Linux 2023 and
+    // RHEL 9 (glibc 2.34) and anything newer.
+    for rpm in made.iter().filter(|f| f.ends_with(".rpm")) {
+        let requires = rpm_query(&out.join(rpm), &["--requires"]);
+        let newest = requires
+            .lines()
+            .filter_map(|l| l.split("(GLIBC_").nth(1)?.split(')').next())
+            .map(|v| v.split('.').map(|n| n.parse::<u32>().unwrap()).collect::<Vec<_>>())
+            .max()
+            .unwrap_or_else(|| panic!("{rpm} names no glibc requirement: {requires}"));
+        assert!(newest <= vec![2, 34], "{rpm} needs glibc {newest:?}, newer than Amazon Linux 2023's 2.34");
     }
 
     // The tools: binaries, a man page per command, completions, the policy.
@@ -317,6 +337,8 @@ fn unpacker_deb_installs_serves_an_unpack_upgrades_and_purges() {
     run(Command::new("dpkg").arg("--install").arg(deb(&v1, "ami-fleet-tools", 1)));
     let installed = run(Command::new("dpkg").arg("--install").arg(deb(&v1, "image-unpacker", 1)));
     let said = String::from_utf8_lossy(&installed.stdout);
+    let complained = String::from_utf8_lossy(&installed.stderr);
+    assert!(!complained.contains("not found") && !complained.contains("error"), "{complained}");
     assert!(said.contains("image-unpacker is installed and enabled, but not started"), "{said}");
     assert_eq!(fs::metadata("/var/lib/image-unpacker").unwrap().permissions().mode() & 0o777, 0o700);
     let wants = Path::new("/etc/systemd/system/multi-user.target.wants/image-unpacker.service");
@@ -385,6 +407,8 @@ fn unpacker_deb_installs_serves_an_unpack_upgrades_and_purges() {
     // package's try-restart does under systemd.
     let upgraded = run(Command::new("dpkg").arg("--install").arg(deb(&v2, "image-unpacker", 2)));
     let said = String::from_utf8_lossy(&upgraded.stdout);
+    let complained = String::from_utf8_lossy(&upgraded.stderr);
+    assert!(!complained.contains("not found") && !complained.contains("error"), "{complained}");
     assert!(!said.contains("not started"), "the first-install note is not repeated on upgrade: {said}");
     let status = stdout(Command::new("dpkg-query").args(["-W", "-f", "${Version}", "image-unpacker"]));
     assert_eq!(status, format!("{version}-2"));
