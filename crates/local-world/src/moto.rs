@@ -67,8 +67,9 @@ impl Drop for Moto {
 const MOTO_LAUNCH: &str = include_str!("moto_launch.py");
 const WORLD_MODEL: &str = include_str!("world_model.py");
 /// The launcher's modules, one per EC2 behaviour moto lacks (`world/`).
-const WORLD_MODULES: [(&str, &str); 13] = [
+const WORLD_MODULES: [(&str, &str); 14] = [
     ("allowed_images.py", include_str!("world/allowed_images.py")),
+    ("ebs_direct.py", include_str!("world/ebs_direct.py")),
     ("failed_states.py", include_str!("world/failed_states.py")),
     ("iam_policy.py", include_str!("world/iam_policy.py")),
     ("image_attributes.py", include_str!("world/image_attributes.py")),

@@ -128,6 +128,7 @@ if "MOTO_AMIS_PATH" not in os.environ:
 import copy
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -232,6 +233,35 @@ image_lifecycle.install()
 from world import s3_conditional
 
 s3_conditional.install()
+
+# 19. The EBS direct APIs with EBS's 512 KiB blocks, parent snapshots,
+#     checksums, client tokens, timeouts and quotas, their snapshots EC2
+#     snapshots whose bytes the world keeps (world/ebs_direct.py).
+from world import ebs_direct
+
+
+def _ebs_pending(snapshot):
+    snapshot.started = time.monotonic()
+    snapshot.ready_at = FOREVER
+
+
+def _ebs_complete(snapshot, written_bytes):
+    snapshot.started = time.monotonic()
+    snapshot.ready_at = snapshot.started + MODEL.snapshot_seconds(written_bytes) if CONFIG.paced else None
+
+
+def _ebs_fail(snapshot):
+    snapshot.ready_at = None
+    snapshot.status = "error"
+
+
+ebs_direct.install(
+    _WORLD or tempfile.mkdtemp(prefix="local-world-ebs-"),
+    lambda: CONFIG.scale,
+    _ebs_pending,
+    _ebs_complete,
+    _ebs_fail,
+)
 
 
 def _refuse_taken_name(backend, name):
@@ -909,8 +939,11 @@ def call_action(self):
         app = "local-world"
     if app == "local-world" or service not in ("ec2", "sts"):
         with LOCK:
-            _log(service, action, app, "ok")
-            return _call_action(self)
+            answer = _call_action(self)
+            # EBS's REST-JSON errors name their type in a header.
+            failed = answer[0] >= 400 and isinstance(answer[1], dict) and answer[1].get("x-amzn-ErrorType")
+            _log(service, action, app, failed or "ok")
+            return answer
     account, region = self.current_account, self.region
     key = MODEL.next_call(account, region, action)
     time.sleep(MODEL.latency(action, key))

@@ -359,3 +359,164 @@ async fn organization_and_ou_launch_permissions_reach_their_accounts() {
     let own = consumer.describe_images().owners("self").send().await.unwrap();
     assert!(own.images().is_empty(), "{own:?}");
 }
+
+/// The EBS direct APIs answer as EBS does (world/ebs_direct.py), to the
+/// real SDK: 512 KiB blocks checked against their SHA-256 before anything
+/// is written; the snapshot an EC2 snapshot, pending until completed, with
+/// the account's default key; client tokens; never-written blocks of an
+/// encrypted snapshot without a parent reading as noise; a child reading
+/// as its parent plus its own blocks; changed blocks along a lineage; a
+/// wrong block count ending the snapshot `error`; StartSnapshot's quota.
+#[tokio::test(flavor = "multi_thread")]
+async fn ebs_direct_apis_answer_as_ebs_does() {
+    use aws_sdk_ebs::{
+        error::ProvideErrorMetadata as _,
+        primitives::ByteStream,
+        types::{ChecksumAggregationMethod, ChecksumAlgorithm, Status},
+    };
+    use sha2::Digest as _;
+    const BLOCK: usize = 524_288;
+    const LEN: i32 = 524_288;
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    // As a tool calls (the quotas apply); EC2 is asked as the world.
+    let config = world.sdk_config_as("ebs-test", "first", "us-east-1").await.unwrap();
+    let ebs = aws_sdk_ebs::Client::new(&config);
+    let ec2 = world.ec2("first", "us-east-1").await;
+    let b64 = |d: &[u8]| aws_smithy_types::base64::encode(d);
+    let sha = |d: &[u8]| sha2::Sha256::digest(d).to_vec();
+    let put = |snapshot: String, index: i32, data: Vec<u8>, checksum: String, length: i32| {
+        let ebs = ebs.clone();
+        async move {
+            ebs.put_snapshot_block()
+                .snapshot_id(snapshot)
+                .block_index(index)
+                .data_length(length)
+                .checksum(checksum)
+                .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+                .block_data(ByteStream::from(data))
+                .send()
+                .await
+        }
+    };
+    let state = |snapshot: String| {
+        let ec2 = ec2.clone();
+        async move {
+            let d = ec2.describe_snapshots().snapshot_ids(snapshot).send().await.unwrap();
+            d.snapshots()[0].clone()
+        }
+    };
+    let completed = |snapshot: String| {
+        let state = &state;
+        async move {
+            for _ in 0..600 {
+                let s = state(snapshot.clone()).await;
+                if s.state() != Some(&aws_sdk_ec2::types::SnapshotState::Pending) {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{snapshot} still pending after 60 s");
+        }
+    };
+    let tag = aws_sdk_ebs::types::Tag::builder().key("ManagedBy").value("ami-fleet").build();
+
+    // Encrypted, without a parent; the same token answers the same snapshot.
+    let start = || ebs.start_snapshot().volume_size(1).encrypted(true).client_token("first-leaf").tags(tag.clone());
+    let started = start().send().await.unwrap();
+    assert_eq!((started.block_size(), started.status()), (Some(524_288), Some(&Status::Pending)));
+    let snap = started.snapshot_id().unwrap().to_owned();
+    assert_eq!(start().send().await.unwrap().snapshot_id(), Some(snap.as_str()), "the same token, the same snapshot");
+    let conflict = ebs.start_snapshot().volume_size(2).client_token("first-leaf").send().await.unwrap_err();
+    assert_eq!(conflict.code(), Some("ConflictException"), "{conflict:?}");
+    let shown = state(snap.clone()).await;
+    assert_eq!(shown.state(), Some(&aws_sdk_ec2::types::SnapshotState::Pending));
+    assert_eq!(shown.volume_id(), Some("vol-ffffffff"));
+    assert!(shown.encrypted().unwrap_or(false) && shown.kms_key_id().is_some_and(|k| k.starts_with("arn:aws:kms:")));
+    assert!(shown.tags().iter().any(|t| t.key() == Some("ManagedBy")), "{shown:?}");
+
+    // Blocks are checked before anything is written.
+    let data = test_support::noise(BLOCK, 7);
+    let wrong = put(snap.clone(), 1, data.clone(), b64(&sha(&[0u8; 8])), LEN).await.unwrap_err();
+    assert_eq!(wrong.code(), Some("ValidationException"), "a wrong checksum: {wrong:?}");
+    let short = put(snap.clone(), 1, data[..4096].to_vec(), b64(&sha(&data[..4096])), 4096).await.unwrap_err();
+    assert_eq!(short.code(), Some("ValidationException"), "a block of 4096 bytes: {short:?}");
+    put(snap.clone(), 0, data.clone(), b64(&sha(&data)), LEN).await.unwrap();
+    let zeros = vec![0u8; BLOCK];
+    put(snap.clone(), 2, zeros.clone(), b64(&sha(&zeros)), LEN).await.unwrap();
+    let aggregate = b64(&sha(&[sha(&data), sha(&zeros)].concat()));
+    let done = ebs
+        .complete_snapshot()
+        .snapshot_id(&snap)
+        .changed_blocks_count(2)
+        .checksum(aggregate)
+        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+        .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), Some(&Status::Pending));
+    assert_eq!(completed(snap.clone()).await.state(), Some(&aws_sdk_ec2::types::SnapshotState::Completed));
+    let late = put(snap.clone(), 3, data.clone(), b64(&sha(&data)), LEN).await.unwrap_err();
+    assert_eq!(late.code(), Some("ValidationException"), "a write after completion: {late:?}");
+
+    // What it holds: the blocks written, noise where none was.
+    let bytes = std::fs::read(world.snapshot_bytes(&snap, Duration::from_secs(5)).await.unwrap()).unwrap();
+    assert_eq!(bytes.len(), 1 << 30);
+    assert_eq!(&bytes[..BLOCK], &data[..]);
+    assert!(bytes[BLOCK..2 * BLOCK].iter().any(|b| *b != 0), "a never-written block of an encrypted snapshot is noise");
+    assert!(bytes[2 * BLOCK..3 * BLOCK].iter().all(|b| *b == 0));
+    let listed = ebs.list_snapshot_blocks().snapshot_id(&snap).send().await.unwrap();
+    let indexes: Vec<i32> = listed.blocks().iter().filter_map(|b| b.block_index()).collect();
+    assert_eq!((indexes, listed.block_size()), (vec![0, 2], Some(524_288)));
+    let got = ebs
+        .get_snapshot_block()
+        .snapshot_id(&snap)
+        .block_index(0)
+        .block_token(listed.blocks()[0].block_token().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.checksum(), Some(b64(&sha(&data)).as_str()));
+    assert_eq!(got.block_data.collect().await.unwrap().into_bytes().as_ref(), &data[..]);
+
+    // A child: its parent's bytes and key, plus its own blocks.
+    let refused = ebs.start_snapshot().volume_size(1).parent_snapshot_id(&snap).encrypted(true).send().await;
+    assert_eq!(refused.unwrap_err().code(), Some("ValidationException"), "Encrypted with a parent");
+    let child = ebs.start_snapshot().volume_size(1).parent_snapshot_id(&snap).send().await.unwrap();
+    let child = child.snapshot_id().unwrap().to_owned();
+    let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+    put(child.clone(), 2, other.clone(), b64(&sha(&other)), LEN).await.unwrap();
+    ebs.complete_snapshot().snapshot_id(&child).changed_blocks_count(1).send().await.unwrap();
+    let shown = completed(child.clone()).await;
+    assert_eq!(shown.kms_key_id(), state(snap.clone()).await.kms_key_id(), "a child is under its parent's key");
+    let child_bytes = std::fs::read(world.snapshot_bytes(&child, Duration::from_secs(5)).await.unwrap()).unwrap();
+    assert_eq!(&child_bytes[..2 * BLOCK], &bytes[..2 * BLOCK]);
+    assert_eq!(&child_bytes[2 * BLOCK..3 * BLOCK], &other[..]);
+    let changed = ebs.list_changed_blocks().first_snapshot_id(&snap).second_snapshot_id(&child).send().await.unwrap();
+    let changed: Vec<(Option<i32>, bool)> =
+        changed.changed_blocks().iter().map(|c| (c.block_index(), c.first_block_token().is_some())).collect();
+    assert_eq!(changed, [(Some(2), true)]);
+    let listed = ebs.list_snapshot_blocks().snapshot_id(&child).send().await.unwrap();
+    assert_eq!(listed.blocks().iter().filter_map(|b| b.block_index()).collect::<Vec<_>>(), [0, 2]);
+
+    // A wrong block count: the snapshot ends `error`.
+    let bad = ebs.start_snapshot().volume_size(1).send().await.unwrap().snapshot_id().unwrap().to_owned();
+    put(bad.clone(), 0, data.clone(), b64(&sha(&data)), LEN).await.unwrap();
+    ebs.complete_snapshot().snapshot_id(&bad).changed_blocks_count(3).send().await.unwrap();
+    assert_eq!(completed(bad).await.state(), Some(&aws_sdk_ec2::types::SnapshotState::Error));
+
+    // StartSnapshot: 10 per second per account and region.
+    let eager = aws_sdk_ebs::Client::from_conf(
+        aws_sdk_ebs::config::Builder::from(&config)
+            .retry_config(aws_sdk_ebs::config::retry::RetryConfig::disabled())
+            .build(),
+    );
+    let starts = (0..30).map(|_| {
+        let eager = eager.clone();
+        async move { eager.start_snapshot().volume_size(1).send().await }
+    });
+    let answers = futures::future::join_all(starts).await;
+    let throttled =
+        answers.iter().filter(|a| a.as_ref().err().and_then(|e| e.code()) == Some("RequestThrottledException")).count();
+    assert!(throttled >= 10, "{throttled} of 30 StartSnapshot at once throttled");
+}
