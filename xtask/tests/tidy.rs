@@ -336,6 +336,15 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
         "put_parameter",
         "unlabel_parameter_version",
     ];
+    // The EBS direct operations (publish --via ebs-direct).
+    const EBS_ACTIONS: [&str; 6] = [
+        "complete_snapshot",
+        "get_snapshot_block",
+        "list_changed_blocks",
+        "list_snapshot_blocks",
+        "put_snapshot_block",
+        "start_snapshot",
+    ];
     // Getters that look like operations.
     const NOT_ACTIONS: [&str; 3] = ["start_time", "delete_on_termination", "create_volume_permissions"];
     let mut files = Vec::new();
@@ -361,6 +370,8 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
                 out.insert(format!("kms:{}", pascal(&ident)));
             } else if SSM_ACTIONS.contains(&ident.as_str()) {
                 out.insert(format!("ssm:{}", pascal(&ident)));
+            } else if EBS_ACTIONS.contains(&ident.as_str()) {
+                out.insert(format!("ebs:{}", pascal(&ident)));
             } else if VERBS.iter().any(|v| ident.starts_with(&format!("{v}_"))) {
                 out.insert(format!("ec2:{}", pascal(&ident)));
             }
@@ -369,7 +380,7 @@ fn ec2_actions_in_code() -> std::collections::BTreeSet<String> {
     out
 }
 
-/// deploy/ami-publisher-iam-policy.json lists exactly the EC2, KMS and SSM
+/// deploy/ami-publisher-iam-policy.json lists exactly the EC2, KMS, SSM and EBS
 /// actions the publisher calls: least privilege, kept in step with the code.
 #[test]
 fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
@@ -381,7 +392,7 @@ fn iam_policy_lists_exactly_the_ec2_actions_the_publisher_calls() {
     for st in policy["Statement"].as_array().unwrap() {
         for a in st["Action"].as_array().unwrap() {
             let a = a.as_str().unwrap();
-            if a.starts_with("ec2:") || a.starts_with("kms:") || a.starts_with("ssm:") {
+            if ["ec2:", "kms:", "ssm:", "ebs:"].iter().any(|p| a.starts_with(p)) {
                 listed.insert(a.to_owned());
             }
         }

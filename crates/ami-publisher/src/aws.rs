@@ -272,6 +272,13 @@ impl Aws {
         aws_sdk_kms::Client::from_conf(conf)
     }
 
+    /// An EBS client for a target (`publish --via ebs-direct`).
+    pub async fn ebs(&self, target: &Target) -> aws_sdk_ebs::Client {
+        let c = self.config(&target.account).await;
+        let conf = aws_sdk_ebs::config::Builder::from(&c).region(Region::new(target.region.clone())).build();
+        aws_sdk_ebs::Client::from_conf(conf)
+    }
+
     /// An SSM client for a target (the fleet's pointer).
     pub async fn ssm(&self, target: &Target) -> aws_sdk_ssm::Client {
         let c = self.config(&target.account).await;

@@ -22,8 +22,16 @@ use serde_json::{Value, json};
 use crate::tags::{MANAGED_BY, MANAGED_BY_VALUE};
 
 /// The creates the publisher makes, each with its tags in the call.
-const CREATES: [&str; 7] =
-    ["CopyImage", "CopySnapshot", "CreateSnapshot", "CreateVolume", "ImportKeyPair", "RegisterImage", "RunInstances"];
+const CREATES: [&str; 8] = [
+    "CopyImage",
+    "CopySnapshot",
+    "CreateSnapshot",
+    "CreateVolume",
+    "ImportKeyPair",
+    "RegisterImage",
+    "RunInstances",
+    "StartSnapshot",
+];
 
 fn ec2(actions: &[&str]) -> Vec<String> {
     actions.iter().map(|a| format!("ec2:{a}")).collect()
@@ -145,6 +153,23 @@ pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
             created("CreateTaggedImages", &["CopyImage", "RegisterImage"], image),
             created("LaunchTaggedInstances", &["RunInstances"], instance),
             created("ImportTaggedKeyPairs", &["ImportKeyPair"], key_pair),
+            {
+                // publish --via ebs-direct: a snapshot started with the tag
+                // in the call, then written and completed only while it
+                // carries it.
+                "Sid": "StartTaggedSnapshotsDirectly",
+                "Effect": "Allow",
+                "Action": ["ebs:StartSnapshot"],
+                "Resource": snapshot,
+                "Condition": { "StringEquals": { format!("aws:RequestTag/{MANAGED_BY}"): MANAGED_BY_VALUE } }
+            },
+            {
+                "Sid": "WriteOnlySnapshotsItMade",
+                "Effect": "Allow",
+                "Action": ["ebs:CompleteSnapshot", "ebs:PutSnapshotBlock"],
+                "Resource": snapshot,
+                "Condition": ours
+            },
             {
                 "Sid": "TagOnlyWhileCreating",
                 "Effect": "Allow",

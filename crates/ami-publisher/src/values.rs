@@ -79,6 +79,19 @@ impl Tpm {
     }
 }
 
+/// How `publish` makes a leaf's snapshot in a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Via {
+    /// The target's image-unpacker brings the stream's volume to the leaf
+    /// (writing only what changed), and the volume is snapshotted.
+    Unpacker,
+    /// The EBS direct APIs: a snapshot started from the newest snapshot of
+    /// an earlier leaf of the stream there, given only the blocks that
+    /// differ. No instance or volume is needed (the image's chunks must be
+    /// 512 KiB, EBS's block size).
+    EbsDirect,
+}
+
 /// EBS types a stream's volume and an AMI's root volume can have: the boot
 /// volume types that need no provisioned IOPS (io1 and io2 do, and the
 /// publisher sets none; st1 and sc1 cannot boot).

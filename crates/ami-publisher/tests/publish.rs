@@ -701,3 +701,120 @@ async fn a_stream_volume_under_another_key_is_replaced() {
     let gone = ec2.describe_volumes().volume_ids(&old).send().await;
     assert!(gone.is_err() || gone.unwrap().volumes().iter().all(|v| v.state().map(|s| s.as_str()) == Some("deleting")));
 }
+
+/// `publish --via ebs-direct` (issue 24): no unpacker, no volume. The first
+/// leaf writes every block of the image into a new encrypted snapshot per
+/// target; the next leaf starts from that snapshot and writes exactly the
+/// chunks that changed (one of them now zeros), counted by the world; the
+/// bytes behind every AMI are the leaf's; EBS's own ListChangedBlocks
+/// between the two snapshots names the changed blocks; a re-run writes
+/// nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
+    const BLOCK: usize = 524_288;
+    let world = World::start(&Plan::new(&["us-east-1", "eu-west-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "apps/direct";
+    let leaf1 = disk(20 * MIB, 31);
+    add_image(&world, stream, "1", &leaf1).await;
+    let via = ["--via", "ebs-direct"];
+    let puts = || world.api_outcomes("ami-publisher", "ok").get("PutSnapshotBlock").copied().unwrap_or(0);
+    let holds = |snapshot: String, image: Vec<u8>| {
+        let world = &world;
+        async move {
+            let path = world.snapshot_bytes(&snapshot, Duration::from_secs(30)).await.unwrap();
+            let bytes = std::fs::read(path).unwrap();
+            assert!(bytes[..image.len()] == image[..], "{snapshot} does not hold the image");
+        }
+    };
+
+    // A leaf cut in other than EBS's block size is refused before anything
+    // is made; so is a plan of this way, which does not exist yet.
+    let odd = world.path("odd.raw");
+    std::fs::write(&odd, &leaf1).unwrap();
+    let builder = world.pki.role(fleet_pki::Role::ImageBuilder).unwrap();
+    let mut c = imagetool::client::connect(&world.imageserver_addr(), &builder).await.unwrap();
+    let name = image_format::ImageName::new(stream, "odd").unwrap();
+    imagetool::add(&mut c, &name, &odd, 1 << 20, imagetool::Progress::Hidden).await.unwrap();
+    for (leaf, extra, says) in [("odd", None, "524288-byte chunks"), ("1", Some("--dry-run"), "no plan yet")] {
+        let mut args = vec!["publish", stream, leaf];
+        args.extend(with_targets(&targets, &via));
+        args.extend(extra);
+        let out = p.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+    assert!(!world.api_calls("ami-publisher").contains_key("StartSnapshot"), "nothing was started");
+
+    let (code, r1) = p.publish(stream, "1", &with_targets(&targets, &via));
+    assert_eq!(code, 0, "{r1:#?}");
+    let blocks = (leaf1.len() / BLOCK) as u64;
+    assert_eq!(puts(), blocks * targets.len() as u64, "every block, zeros too, once per target");
+    for t in &r1.targets {
+        assert!(t.ok() && !t.reused && t.volume_id.is_none(), "{t:#?}");
+        let ami = t.ami_id.as_deref().unwrap();
+        assert_eq!(Some(root_snapshot_of(&world, &t.account, &t.region, ami).await), t.snapshot_id);
+        assert_eq!(t.bytes_written, Some(blocks * BLOCK as u64), "{t:#?}");
+        holds(t.snapshot_id.clone().unwrap(), leaf1.clone()).await;
+        let ec2 = world.ec2(&t.account, &t.region).await;
+        let s = ec2.describe_snapshots().snapshot_ids(t.snapshot_id.as_deref().unwrap()).send().await.unwrap();
+        assert_eq!(s.snapshots()[0].encrypted(), Some(true), "{t:#?}");
+    }
+    let unpacker_calls: Vec<String> = world
+        .api_calls("ami-publisher")
+        .into_keys()
+        .filter(|a| ["CreateVolume", "AttachVolume", "CreateSnapshot", "StartInstances"].contains(&a.as_str()))
+        .collect();
+    assert!(unpacker_calls.is_empty(), "no volume or instance is used: {unpacker_calls:?}");
+
+    // Leaf 2: three chunks change, one of them to zeros.
+    let mut leaf2 = leaf1.clone();
+    let changed = [2usize, 20, 30];
+    for (n, i) in changed.iter().enumerate() {
+        let at = i * BLOCK;
+        if n == 1 {
+            leaf2[at..at + BLOCK].fill(0);
+        } else {
+            leaf2[at..at + BLOCK].copy_from_slice(&test_support::noise(BLOCK, 500 + n as u64));
+        }
+    }
+    add_image(&world, stream, "2", &leaf2).await;
+    let before = puts();
+    let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &via));
+    assert_eq!(code, 0, "{r2:#?}");
+    assert_eq!(puts() - before, changed.len() as u64 * targets.len() as u64, "only the changed blocks");
+    for (a, b) in r1.targets.iter().zip(&r2.targets) {
+        assert!(b.ok() && !b.reused, "{b:#?}");
+        assert_eq!(b.bytes_written, Some((changed.len() * BLOCK) as u64), "{b:#?}");
+        holds(b.snapshot_id.clone().unwrap(), leaf2.clone()).await;
+        // EBS itself: the second snapshot is the first plus the changed blocks.
+        let config = world.sdk_config(&b.account, &b.region).await;
+        let ebs = aws_sdk_ebs::Client::new(&config);
+        let listed = ebs
+            .list_changed_blocks()
+            .first_snapshot_id(a.snapshot_id.as_deref().unwrap())
+            .second_snapshot_id(b.snapshot_id.as_deref().unwrap())
+            .send()
+            .await
+            .unwrap();
+        let indexes: Vec<usize> = listed
+            .changed_blocks()
+            .iter()
+            .filter_map(|c| c.block_index())
+            .map(|i| usize::try_from(i).unwrap())
+            .collect();
+        assert_eq!(indexes, changed, "{}", b.region);
+    }
+
+    // Again: the AMIs are there; nothing is started or written.
+    let before = world.api_calls("ami-publisher");
+    let (code, r3) = p.publish(stream, "2", &with_targets(&targets, &via));
+    assert_eq!(code, 0, "{r3:#?}");
+    assert!(r3.targets.iter().all(|t| t.reused), "{r3:#?}");
+    let after = world.api_calls("ami-publisher");
+    for action in ["StartSnapshot", "PutSnapshotBlock", "CompleteSnapshot", "RegisterImage"] {
+        assert_eq!(after.get(action), before.get(action), "a re-run called {action}");
+    }
+}

@@ -230,7 +230,10 @@ pub enum Command {
     /// Per target: an AMI of this leaf that is already there is reported, not
     /// remade (--force remakes it); otherwise the unpacker brings the
     /// stream's volume to the leaf (writing only changed chunks), reads it
-    /// back, and the volume is snapshotted and registered. A run that was
+    /// back, and the volume is snapshotted and registered. With --via
+    /// ebs-direct there is no unpacker: the snapshot is made with the EBS
+    /// direct APIs from the newest snapshot of an earlier leaf in the
+    /// target, writing only the blocks that differ. A run that was
     /// interrupted is finished by running it again.
     Publish {
         /// Image stream, e.g. base/debian-12.
@@ -240,6 +243,13 @@ pub enum Command {
         /// Make a new AMI even if one of this leaf exists (dated name).
         #[arg(long)]
         force: bool,
+        /// How each target's snapshot is made.
+        #[arg(long, value_enum, default_value = "unpacker")]
+        via: crate::values::Via,
+        /// --via ebs-direct: PutSnapshotBlock calls in flight per target
+        /// (EBS takes 1,000 per second per snapshot).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1000), value_name = "N")]
+        blocks_in_flight: u16,
     },
     /// Give every target that lacks an AMI of STREAM a copy of the nearest
     /// one (same account first, then the same area): CopyImage encrypted

@@ -41,8 +41,9 @@ fn bail_refused<T>(why: &str) -> anyhow::Result<T> {
 /// Run a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     use crate::ops;
-    if let Command::Publish { stream, leaf, force } = &cli.command {
-        return run_publish(&cli, stream, leaf, *force).await;
+    if let Command::Publish { stream, leaf, force, via, blocks_in_flight } = &cli.command {
+        let direct = (*via == crate::values::Via::EbsDirect).then_some(usize::from(*blocks_in_flight));
+        return run_publish(&cli, stream, leaf, *force, direct).await;
     }
     if let Command::IamPolicy = &cli.command {
         let keys = settings(&cli).keys;
@@ -436,9 +437,22 @@ fn check_writable(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> anyhow::Result<Outcome> {
+/// `publish`; `direct` is `--via ebs-direct`'s blocks in flight per target.
+async fn run_publish(
+    cli: &Cli,
+    stream: &str,
+    leaf: &str,
+    force: bool,
+    direct: Option<usize>,
+) -> anyhow::Result<Outcome> {
+    if cli.dry_run && direct.is_some() {
+        return bail_refused(
+            "--dry-run plans the unpacker's way only; --via ebs-direct has no plan yet (nothing was done)",
+        );
+    }
     // Everything that can be refused is refused before any AWS resource is made.
-    let Prepared { opts, targets, aws, manifest, images } = refuse(prepare_publish(cli, stream, leaf, force).await)?;
+    let Prepared { opts, targets, aws, manifest, images } =
+        refuse(prepare_publish(cli, stream, leaf, force, direct).await)?;
     let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
     let board = Board::new(!cli.json, &names);
     if cli.dry_run {
@@ -478,7 +492,13 @@ struct Prepared {
     images: image_client::Client,
 }
 
-async fn prepare_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> anyhow::Result<Prepared> {
+async fn prepare_publish(
+    cli: &Cli,
+    stream: &str,
+    leaf: &str,
+    force: bool,
+    direct: Option<usize>,
+) -> anyhow::Result<Prepared> {
     let name = image_format::ImageName::new(stream, leaf).context("bad image name")?;
     let boot = boot_options(cli)?;
     refuse_public(cli)?;
@@ -509,6 +529,14 @@ async fn prepare_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> an
             });
         }
     };
+    if direct.is_some() && manifest.chunk_size() != publish::BLOCK {
+        bail!(
+            "--via ebs-direct needs {name} cut in {}-byte chunks (EBS's block size), not {}: add it with --chunk-size {}",
+            publish::BLOCK,
+            manifest.chunk_size(),
+            publish::BLOCK
+        );
+    }
     let image_id = manifest.image_id().to_hex();
     let ami_name = render_name(&cli.ami_name, stream, leaf, &image_id)?;
     let description = render_description(&cli.description, stream, leaf, &image_id)?;
@@ -551,6 +579,11 @@ async fn prepare_publish(cli: &Cli, stream: &str, leaf: &str, force: bool) -> an
         keys: keys.into_iter().map(|(t, c)| (t, c.map(|c| c.arn))).collect(),
         allowed: allowed.into_iter().map(|(t, f)| (t, f.into_iter().map(|f| f.line).collect())).collect(),
         ssm_parameter: cli.ssm_parameter.clone(),
+        direct: direct.map(|blocks_in_flight| publish::Direct {
+            manifest: std::sync::Arc::new(manifest.clone()),
+            images: images.clone(),
+            blocks_in_flight,
+        }),
     };
     Ok(Prepared { opts, targets, aws, manifest, images })
 }

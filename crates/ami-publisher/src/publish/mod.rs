@@ -35,10 +35,12 @@ use crate::{
 };
 
 mod capture;
+mod direct;
 mod existing;
 mod plan;
 mod register;
 
+pub use self::direct::{BLOCK, Direct, blocks_to_put};
 pub use self::plan::{TargetPlan, bytes_to_write, plan};
 pub use self::register::dated_name;
 
@@ -94,6 +96,9 @@ pub struct Options {
     pub allowed: std::collections::HashMap<Target, Vec<String>>,
     /// The fleet's pointer to set in each target (`--ssm-parameter`).
     pub ssm_parameter: Option<crate::pointer::Template>,
+    /// `--via ebs-direct`: snapshots made with the EBS direct APIs, no
+    /// unpacker.
+    pub direct: Option<Direct>,
 }
 
 impl Options {
@@ -151,7 +156,11 @@ pub async fn publish(
         let ec2 = aws.ec2(&t).await;
         let kms = aws.kms(&t).await;
         let ssm = aws.ssm(&t).await;
-        let mut r = publish_one(&ec2, &kms, &ssm, &t, opts, &line).await;
+        let ebs = match &opts.direct {
+            Some(_) => Some(aws.ebs(&t).await),
+            None => None,
+        };
+        let mut r = publish_one(&ec2, ebs.as_ref(), &kms, &ssm, &t, opts, &line).await;
         if let Some(e) = &mut r.error
             && let Some(cause) = crate::errors::unauthorized_cause(&ec2, e).await
         {
@@ -186,6 +195,7 @@ pub async fn publish(
 /// One target; never fails, the error goes into the result.
 pub async fn publish_one(
     ec2: &Client,
+    ebs: Option<&aws_sdk_ebs::Client>,
     kms: &aws_sdk_kms::Client,
     ssm: &aws_sdk_ssm::Client,
     t: &Target,
@@ -203,7 +213,7 @@ pub async fn publish_one(
     };
     let mut done = match o.keys.get(t) {
         Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
-        _ => run(ec2, t, o, line, &mut r).await,
+        _ => run(ec2, ebs, t, o, line, &mut r).await,
     };
     if done.is_ok() && !o.shares.is_empty() {
         done = share(ec2, kms, o, line, &mut r).await;
@@ -326,7 +336,14 @@ async fn share(
     Ok(())
 }
 
-async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetResult) -> anyhow::Result<()> {
+async fn run(
+    ec2: &Client,
+    ebs: Option<&aws_sdk_ebs::Client>,
+    t: &Target,
+    o: &Options,
+    line: &Line,
+    r: &mut TargetResult,
+) -> anyhow::Result<()> {
     let tagged = if o.force {
         Tagged::default()
     } else {
@@ -343,7 +360,7 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
                 Err(e) if is_failed_end(&e) => {
                     tracing::warn!("{e:#}");
                     deregister_failed(ec2, &id).await?;
-                    return made(ec2, t, o, line, r, &tagged).await;
+                    return made(ec2, ebs, t, o, line, r, &tagged).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -360,13 +377,14 @@ async fn run(ec2: &Client, t: &Target, o: &Options, line: &Line, r: &mut TargetR
         tracing::info!(ami = ?r.ami_id, "an AMI of this leaf is already there");
         return Ok(());
     }
-    made(ec2, t, o, line, r, &tagged).await
+    made(ec2, ebs, t, o, line, r, &tagged).await
 }
 
 /// The leaf's AMI made: from a snapshot an earlier run left, or from a new
 /// one.
 async fn made(
     ec2: &Client,
+    ebs: Option<&aws_sdk_ebs::Client>,
     t: &Target,
     o: &Options,
     line: &Line,
@@ -385,7 +403,11 @@ async fn made(
                 (snap, gib, Some(tagged.learned))
             }
             None => {
-                let Some((snap, gib)) = unpack_and_snapshot(ec2, t, o, line, r).await? else {
+                let made_here = match (&o.direct, ebs) {
+                    (Some(d), Some(ebs)) => Some(direct::snapshot(ebs, ec2, d, t, o, line, r, failed).await?),
+                    _ => unpack_and_snapshot(ec2, t, o, line, r).await?,
+                };
+                let Some((snap, gib)) = made_here else {
                     return Ok(());
                 };
                 (snap, gib, Some(Instant::now()))
