@@ -272,10 +272,19 @@ impl Aws {
         aws_sdk_kms::Client::from_conf(conf)
     }
 
-    /// An EBS client for a target (`publish --via ebs-direct`).
+    /// An EBS client for a target (`publish --via ebs-direct`), with a
+    /// retry quota of its own (EBS throttles per snapshot and account, not
+    /// as EC2 does), so that one target's throttled puts cannot spend
+    /// every other target's retries.
     pub async fn ebs(&self, target: &Target) -> aws_sdk_ebs::Client {
         let c = self.config(&target.account).await;
-        let conf = aws_sdk_ebs::config::Builder::from(&c).region(Region::new(target.region.clone())).build();
+        let partition = RetryPartition::custom(format!("ebs-{}-{}", target.account, target.region))
+            .token_bucket(TokenBucket::builder().capacity(RETRY_QUOTA_PER_TARGET).build())
+            .build();
+        let conf = aws_sdk_ebs::config::Builder::from(&c)
+            .region(Region::new(target.region.clone()))
+            .retry_partition(partition)
+            .build();
         aws_sdk_ebs::Client::from_conf(conf)
     }
 

@@ -24,7 +24,7 @@ use anyhow::{Context as _, bail};
 use aws_sdk_ebs::{
     error::ProvideErrorMetadata as _,
     primitives::ByteStream,
-    types::{ChecksumAggregationMethod, ChecksumAlgorithm, Status},
+    types::{ChecksumAggregationMethod, ChecksumAlgorithm},
 };
 use aws_sdk_ec2::Client;
 use futures::StreamExt as _;
@@ -45,6 +45,13 @@ const TIMEOUT_MINUTES: i32 = 60;
 const NOT_YET_FOR: Duration = Duration::from_secs(120);
 /// Earlier snapshots of the stream looked at for a parent.
 const PARENTS_TRIED: usize = 8;
+/// How long the imageserver may take to answer a manifest, or to send the
+/// next chunk, before the target fails.
+const IMAGESERVER_STALL: Duration = Duration::from_secs(120);
+/// A StartSnapshot answer this much older than the call is the answer to
+/// an earlier call with the same token, replayed: EBS then answers what it
+/// answered then, not how the snapshot is now.
+const REPLAYED: Duration = Duration::from_secs(60);
 
 /// What the EBS direct path needs beyond [`Options`]: the leaf's manifest,
 /// the imageserver, and how many blocks each target has in flight.
@@ -66,7 +73,11 @@ pub fn blocks_to_put(to: &Manifest, parent: Option<&Manifest>) -> Vec<(u64, Opti
     };
     let mut blocks: Vec<(u64, Option<Digest>)> = Vec::new();
     for (i, c) in to.chunks().iter().enumerate() {
-        let same = parent.and_then(|p| p.chunks().get(i)).is_some_and(|old| old == c);
+        // The same chunk at the same length: a parent whose image ended in
+        // a short chunk holds older bytes past that end, in the same block.
+        let same = parent
+            .and_then(|p| p.chunks().get(i))
+            .is_some_and(|old| old == c && p_len(parent, i) == Some(to.chunk_len(i as u64)));
         if !same {
             blocks.push((i as u64, as_block(c)));
         }
@@ -79,6 +90,10 @@ pub fn blocks_to_put(to: &Manifest, parent: Option<&Manifest>) -> Vec<(u64, Opti
         }
     }
     blocks
+}
+
+fn p_len(parent: Option<&Manifest>, i: usize) -> Option<usize> {
+    parent.filter(|p| i < p.chunks().len()).map(|p| p.chunk_len(i as u64))
 }
 
 /// SHA-256 over the blocks' SHA-256 digests in block order: CompleteSnapshot's
@@ -116,7 +131,7 @@ async fn find_parent(ec2: &Client, d: &Direct, o: &Options, key: Option<&str>) -
     let mut found: Vec<_> = found
         .into_iter()
         .filter(|s| tags::value(s.tags(), tags::DIGEST).is_some_and(|digest| digest != o.image_id))
-        .filter(|s| key.is_none() || s.kms_key_id() == key)
+        .filter(|s| s.encrypted() == Some(true) && (key.is_none() || s.kms_key_id() == key))
         .collect();
     found.sort_by_key(|s| std::cmp::Reverse(s.start_time().map(|t| (t.secs(), t.subsec_nanos()))));
     let mut images = d.images.clone();
@@ -127,7 +142,10 @@ async fn find_parent(ec2: &Client, d: &Direct, o: &Options, key: Option<&str>) -
             continue;
         };
         let Ok(name) = ImageName::new(&o.stream, leaf) else { continue };
-        let manifest = match image_client::get_manifest(&mut images, &name).await {
+        let asked = tokio::time::timeout(IMAGESERVER_STALL, image_client::get_manifest(&mut images, &name)).await;
+        let asked = asked
+            .map_err(|_| anyhow::anyhow!("the imageserver did not answer for {name} within {IMAGESERVER_STALL:?}"))?;
+        let manifest = match asked {
             Ok((_, m)) => m,
             Err(image_client::ClientError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
                 tracing::debug!(snapshot = id, %name, "not a parent: its leaf is gone from the imageserver");
@@ -160,7 +178,8 @@ fn client_token(t: &Target, o: &Options, parent: Option<&str>, attempt: u32) -> 
 
 /// Make the leaf's snapshot in target `t`; returns its id and size in GiB
 /// once CompleteSnapshot has accepted it (the caller waits for it).
-/// `attempt` counts snapshots of this run that ended `error` before.
+/// `attempt` names the client token; it moves on past a snapshot that is
+/// gone or ended `error`.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn snapshot(
     ebs: &aws_sdk_ebs::Client,
@@ -170,7 +189,7 @@ pub(super) async fn snapshot(
     o: &Options,
     line: &Line,
     r: &mut TargetResult,
-    attempt: u32,
+    attempt: &mut u32,
 ) -> anyhow::Result<(String, i32)> {
     let m = &d.manifest;
     if m.chunk_size() != BLOCK {
@@ -197,11 +216,13 @@ pub(super) async fn snapshot(
     let ebs_tags: Vec<aws_sdk_ebs::types::Tag> =
         snap_tags.iter().map(|(k, v)| aws_sdk_ebs::types::Tag::builder().key(k).value(v).build()).collect();
 
-    // An earlier attempt's snapshot that timed out comes back `error` for
-    // its token: the next token starts afresh.
-    let mut attempt = attempt;
-    let started = loop {
-        let token = client_token(t, o, parent_id.as_deref(), attempt);
+    // The same token answers the same snapshot, as it was when first
+    // started (EBS replays its first answer): a replayed answer is checked
+    // against EC2, and a snapshot since completed is used, one still
+    // pending is written again and completed, and one gone or `error`
+    // moves on to the next token.
+    let (started, snap, resumed) = loop {
+        let token = client_token(t, o, parent_id.as_deref(), *attempt);
         let mut req = ebs
             .start_snapshot()
             .volume_size(gib)
@@ -217,25 +238,43 @@ pub(super) async fn snapshot(
             Some(p) => format!("starting a snapshot from {p}"),
             None => "starting a snapshot (no parent)".to_owned(),
         });
-        match req.send().await {
-            // Timed out since an earlier run started it: start afresh.
-            Ok(out) if out.status() == Some(&Status::Error) && attempt < 8 => attempt += 1,
-            Ok(out) => break out,
+        let asked = std::time::SystemTime::now();
+        let out = match req.send().await {
+            Ok(out) => out,
             // An earlier run asked with other tags (--tags changed): its
             // snapshot is left to time out, and this run starts its own.
-            Err(e) if e.code() == Some("ConflictException") && attempt < 8 => attempt += 1,
+            Err(e) if e.code() == Some("ConflictException") && *attempt < 8 => {
+                *attempt += 1;
+                continue;
+            }
             Err(e) => bail!("StartSnapshot: {}", describe(&e)),
+        };
+        let snap = out.snapshot_id().context("StartSnapshot answered no snapshot id")?.to_owned();
+        let replayed = out
+            .start_time()
+            .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+            .is_some_and(|t| t + REPLAYED < asked);
+        if !replayed {
+            break (out, snap, false);
+        }
+        match now_state(ec2, &snap).await? {
+            Some(aws_sdk_ec2::types::SnapshotState::Completed) => {
+                r.snapshot_id = Some(snap.clone());
+                let size = i32::try_from(out.volume_size().unwrap_or(gib)).unwrap_or(i32::MAX);
+                return Ok((snap, size));
+            }
+            Some(aws_sdk_ec2::types::SnapshotState::Pending) => break (out, snap, true),
+            _ if *attempt < 8 => *attempt += 1,
+            other => bail!("{snap}, started by an earlier run, is {other:?}; eight tokens are spent"),
         }
     };
-    let snap = started.snapshot_id().context("StartSnapshot answered no snapshot id")?.to_owned();
     if started.block_size() != Some(BLOCK as i32) {
         bail!("StartSnapshot of {snap} answered a block size of {:?}, not {BLOCK}", started.block_size());
     }
     r.snapshot_id = Some(snap.clone());
     let size = i32::try_from(started.volume_size().unwrap_or(gib)).unwrap_or(i32::MAX);
-    if started.status() == Some(&Status::Completed) {
-        // An earlier run of this very snapshot completed it.
-        return Ok((snap, size));
+    if resumed {
+        tracing::info!(snapshot = %snap, "writing again a snapshot an earlier run left unfinished");
     }
     tracing::info!(snapshot = %snap, parent = ?parent_id, blocks = blocks.len(), "snapshot started");
     // Until an AMI uses it, the snapshot expires: a run that is never
@@ -263,15 +302,16 @@ pub(super) async fn snapshot(
             let (index, digest) = todo.next()?;
             let item = match digest {
                 None => Ok((index, zero, zero_digest)),
-                Some(_) => match fetched.next().await {
-                    Some(Ok(chunk)) => {
+                Some(_) => match tokio::time::timeout(IMAGESERVER_STALL, fetched.next()).await {
+                    Err(_) => Err(anyhow::anyhow!("no chunk came from the imageserver within {IMAGESERVER_STALL:?}")),
+                    Ok(Some(Ok(chunk))) => {
                         let mut plain = chunk.into_parts().1;
                         plain.resize(BLOCK as usize, 0);
                         let sha: [u8; 32] = sha2::Sha256::digest(&plain).into();
                         Ok((index, bytes::Bytes::from(plain), sha))
                     }
-                    Some(Err(e)) => Err(anyhow::Error::new(e).context("reading the image's chunks")),
-                    None => Err(anyhow::anyhow!("the imageserver's chunk stream ended early")),
+                    Ok(Some(Err(e))) => Err(anyhow::Error::new(e).context("reading the image's chunks")),
+                    Ok(None) => Err(anyhow::anyhow!("the imageserver's chunk stream ended early")),
                 },
             };
             Some((item, (todo, fetched)))
@@ -349,6 +389,27 @@ async fn put_block(
     }
 }
 
+/// A snapshot's state as EC2 describes it now; None when it is gone.
+async fn now_state(ec2: &Client, snap: &str) -> anyhow::Result<Option<aws_sdk_ec2::types::SnapshotState>> {
+    let out = ec2.describe_snapshots().owner_ids("self").filters(tags::filter("snapshot-id", snap)).send().await;
+    let out = out.map_err(|e| {
+        anyhow::anyhow!("DescribeSnapshots {snap}: {}", aws_smithy_types::error::display::DisplayErrorContext(&e))
+    })?;
+    Ok(out.snapshots().first().and_then(|s| s.state().cloned()))
+}
+
+/// Whether `snap` is a snapshot the EBS direct APIs were writing when an
+/// earlier run stopped: pending, with the volume id EC2 shows for them.
+pub(super) async fn unfinished(ec2: &Client, snap: &str) -> anyhow::Result<bool> {
+    let out = ec2.describe_snapshots().owner_ids("self").filters(tags::filter("snapshot-id", snap)).send().await;
+    let out = out.map_err(|e| {
+        anyhow::anyhow!("DescribeSnapshots {snap}: {}", aws_smithy_types::error::display::DisplayErrorContext(&e))
+    })?;
+    Ok(out.snapshots().first().is_some_and(|s| {
+        s.state() == Some(&aws_sdk_ec2::types::SnapshotState::Pending) && s.volume_id() == Some("vol-ffffffff")
+    }))
+}
+
 /// An EBS error as "Code: message".
 fn describe<E: std::error::Error + aws_sdk_ebs::error::ProvideErrorMetadata>(e: &E) -> String {
     match (e.code(), e.message()) {
@@ -386,6 +447,15 @@ mod tests {
         let grown = m(vec![d(1), d(5), d(2), ChunkRef::Zero, d(7), d(8), ChunkRef::Zero, d(9)]);
         assert_eq!(blocks_to_put(&grown, Some(&parent)), [(6, None), (7, Some(Digest([9; 32])))]);
         assert!(blocks_to_put(&parent, Some(&parent)).is_empty());
+    }
+
+    #[test]
+    fn a_parents_short_last_chunk_is_written_again_at_full_length() {
+        // The parent's image ended 100 bytes into a zero chunk: the rest
+        // of that block holds whatever an older leaf left there.
+        let parent = Manifest::new(BLOCK, u64::from(BLOCK) + 100, vec![d(1), ChunkRef::Zero]).unwrap();
+        let to = m(vec![d(1), ChunkRef::Zero]);
+        assert_eq!(blocks_to_put(&to, Some(&parent)), [(1, None)]);
     }
 
     #[test]

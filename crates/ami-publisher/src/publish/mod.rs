@@ -392,9 +392,22 @@ async fn made(
     tagged: &Tagged,
 ) -> anyhow::Result<()> {
     let mut left_over = find_snapshot(ec2, o, tagged).await?;
+    // An earlier run's snapshot that the EBS direct APIs were still writing
+    // is not waited for (nobody would complete it): the direct way starts
+    // it again by its client token and finishes it.
+    if o.direct.is_some()
+        && let Some((snap, _)) = &left_over
+        && direct::unfinished(ec2, snap).await?
+    {
+        tracing::info!(snapshot = %snap, "resuming a snapshot an earlier run left unfinished");
+        left_over = None;
+    }
     // A snapshot that ends in `error` is deleted and taken again (the
     // volume still holds the leaf), at most FAILED_ENDS times.
     let mut failed = 0;
+    // The direct way's attempt, which names its client token: a new one
+    // for each snapshot given up.
+    let mut direct_attempt = 0;
     let (snapshot, volume_gib, snap_made) = loop {
         // When this run made the snapshot: EC2 may not know its id everywhere yet.
         let (snap, gib, made) = match left_over.take() {
@@ -404,7 +417,9 @@ async fn made(
             }
             None => {
                 let made_here = match (&o.direct, ebs) {
-                    (Some(d), Some(ebs)) => Some(direct::snapshot(ebs, ec2, d, t, o, line, r, failed).await?),
+                    (Some(d), Some(ebs)) => {
+                        Some(direct::snapshot(ebs, ec2, d, t, o, line, r, &mut direct_attempt).await?)
+                    }
                     _ => unpack_and_snapshot(ec2, t, o, line, r).await?,
                 };
                 let Some((snap, gib)) = made_here else {
@@ -418,6 +433,7 @@ async fn made(
             Ok(()) => break (snap, gib, made),
             Err(e) if is_failed_end(&e) && failed < FAILED_ENDS => {
                 failed += 1;
+                direct_attempt += 1;
                 tracing::warn!(snapshot = %snap, "{e:#}; deleting it and taking another");
                 discard_snapshot(ec2, &snap).await;
             }

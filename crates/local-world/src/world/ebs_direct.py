@@ -25,7 +25,9 @@
 #   block order, as coldsnap computes it) differs. Writes after completion
 #   are refused.
 # - ClientToken: StartSnapshot again with the same token and parameters
-#   answers the same snapshot; with other parameters, ConflictException.
+#   answers what it answered the first time (the snapshot as it was then:
+#   `pending`, with its start time), whatever became of the snapshot since;
+#   with other parameters, ConflictException.
 # - Timeout (minutes, 10 to 4320, default 60, scaled by the world's time
 #   scale): a pending snapshot nobody writes or completes for that long
 #   ends `error`, and refuses writes.
@@ -114,6 +116,7 @@ class _Direct:
         self.timeout_s = timeout_s
         self.written = {}  # block index -> raw SHA-256 of its data
         self.status = "pending"
+        self.started_at = time.time()
         self.touched = time.monotonic()
         self.puts = 0
 
@@ -236,7 +239,9 @@ def _start(self):
                     "ConflictException",
                     "The request uses the same client token as a previous, but non-identical request.",
                 )
-            return 201, {"status": 201}, json.dumps(_describe(_DIRECT[known[1]]))
+            # EBS answers what it answered the first time, not how the
+            # snapshot is now (it may have completed, failed or gone since).
+            return 201, {"status": 201}, known[2]
     parent = params.get("ParentSnapshotId")
     encrypted = bool(params.get("Encrypted"))
     key = params.get("KmsKeyArn")
@@ -290,9 +295,10 @@ def _start(self):
     direct.tags = params.get("Tags") or []
     _DIRECT[snapshot_id] = direct
     _HOOKS["pending"](snapshot)
+    answer = json.dumps(_describe(direct))
     if token:
-        _TOKENS[(account, region, token)] = (compared, snapshot_id)
-    return 201, {"status": 201}, json.dumps(_describe(direct))
+        _TOKENS[(account, region, token)] = (compared, snapshot_id, answer)
+    return 201, {"status": 201}, answer
 
 
 class _Volume:
@@ -311,7 +317,7 @@ def _describe(direct):
         "SnapshotId": s.id,
         "OwnerId": direct.account,
         "Status": direct.status,
-        "StartTime": time.time(),
+        "StartTime": direct.started_at,
         "VolumeSize": direct.size_gib,
         "BlockSize": BLOCK,
         "Tags": direct.tags,
