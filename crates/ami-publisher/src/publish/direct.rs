@@ -32,7 +32,13 @@ use image_format::{ChunkRef, Digest, ImageName, Manifest};
 use sha2::Digest as _;
 
 use super::Options;
-use crate::{progress::Line, results::TargetResult, tags, targets::Target};
+use crate::{
+    errors::{SdkResultExt as _, sdk_error},
+    progress::Line,
+    results::TargetResult,
+    tags,
+    targets::Target,
+};
 
 /// The EBS snapshot block size, and the only chunk size this path takes.
 pub const BLOCK: u32 = 524_288;
@@ -247,7 +253,7 @@ pub(super) async fn snapshot(
                 *attempt += 1;
                 continue;
             }
-            Err(e) => bail!("StartSnapshot: {}", describe(&e)),
+            Err(e) => return Err(sdk_error("StartSnapshot", e)),
         };
         let snap = out.snapshot_id().context("StartSnapshot answered no snapshot id")?.to_owned();
         let replayed = out
@@ -348,7 +354,7 @@ pub(super) async fn snapshot(
         .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("CompleteSnapshot of {snap}: {}", describe(&e)))?;
+        .sdk(format!("CompleteSnapshot of {snap}"))?;
     tracing::info!(snapshot = %snap, blocks = count, status = ?done.status(), "snapshot completed");
     Ok((snap.clone(), size))
 }
@@ -384,39 +390,34 @@ async fn put_block(
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(10));
             }
-            Err(e) => return Err(anyhow::anyhow!("PutSnapshotBlock {block} of {snap}: {}", describe(&e))),
+            Err(e) => return Err(sdk_error(&format!("PutSnapshotBlock {block} of {snap}"), e)),
         }
     }
 }
 
+/// A snapshot as EC2 describes it now; None when it is gone.
+async fn described(ec2: &Client, snap: &str) -> anyhow::Result<Option<aws_sdk_ec2::types::Snapshot>> {
+    let out = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(tags::filter("snapshot-id", snap))
+        .send()
+        .await
+        .sdk(format!("DescribeSnapshots {snap}"))?;
+    Ok(out.snapshots().first().cloned())
+}
+
 /// A snapshot's state as EC2 describes it now; None when it is gone.
 async fn now_state(ec2: &Client, snap: &str) -> anyhow::Result<Option<aws_sdk_ec2::types::SnapshotState>> {
-    let out = ec2.describe_snapshots().owner_ids("self").filters(tags::filter("snapshot-id", snap)).send().await;
-    let out = out.map_err(|e| {
-        anyhow::anyhow!("DescribeSnapshots {snap}: {}", aws_smithy_types::error::display::DisplayErrorContext(&e))
-    })?;
-    Ok(out.snapshots().first().and_then(|s| s.state().cloned()))
+    Ok(described(ec2, snap).await?.and_then(|s| s.state().cloned()))
 }
 
 /// Whether `snap` is a snapshot the EBS direct APIs were writing when an
 /// earlier run stopped: pending, with the volume id EC2 shows for them.
 pub(super) async fn unfinished(ec2: &Client, snap: &str) -> anyhow::Result<bool> {
-    let out = ec2.describe_snapshots().owner_ids("self").filters(tags::filter("snapshot-id", snap)).send().await;
-    let out = out.map_err(|e| {
-        anyhow::anyhow!("DescribeSnapshots {snap}: {}", aws_smithy_types::error::display::DisplayErrorContext(&e))
-    })?;
-    Ok(out.snapshots().first().is_some_and(|s| {
+    Ok(described(ec2, snap).await?.is_some_and(|s| {
         s.state() == Some(&aws_sdk_ec2::types::SnapshotState::Pending) && s.volume_id() == Some("vol-ffffffff")
     }))
-}
-
-/// An EBS error as "Code: message".
-fn describe<E: std::error::Error + aws_sdk_ebs::error::ProvideErrorMetadata>(e: &E) -> String {
-    match (e.code(), e.message()) {
-        (Some(c), Some(m)) => format!("{c}: {m}"),
-        (Some(c), None) => c.to_owned(),
-        _ => aws_smithy_types::error::display::DisplayErrorContext(e).to_string(),
-    }
 }
 
 #[cfg(test)]
