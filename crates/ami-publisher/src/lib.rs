@@ -16,6 +16,7 @@
 //! - [`volumes`]: the stream's volume on an unpacker;
 //! - [`publish`]: the publish of one leaf to one target, and to all;
 //! - [`results`]: results files;
+//! - [`verify`]: the bytes behind an AMI against its image (EBS direct reads);
 //! - [`sharing`]: who may launch and copy an AMI (accounts, organizations, OUs);
 //! - [`pointer`]: the fleet's pointer, an SSM parameter per target (SSM calls);
 //! - [`ops`]: the lifecycle and operations subcommands (expire, lists, tags, ...);
@@ -43,6 +44,7 @@ pub mod tags;
 pub mod targets;
 pub mod unpacker;
 pub mod values;
+pub mod verify;
 pub mod volumes;
 
 use futures::StreamExt as _;

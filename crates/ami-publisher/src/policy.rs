@@ -171,6 +171,15 @@ pub fn publisher_policy(to: &PolicyFor<'_>) -> Value {
                 "Condition": ours
             },
             {
+                // `verify` and `publish --verify`: the blocks of snapshots
+                // it made, read back.
+                "Sid": "ReadOnlySnapshotsItMade",
+                "Effect": "Allow",
+                "Action": ["ebs:GetSnapshotBlock", "ebs:ListChangedBlocks", "ebs:ListSnapshotBlocks"],
+                "Resource": snapshot,
+                "Condition": ours
+            },
+            {
                 "Sid": "TagOnlyWhileCreating",
                 "Effect": "Allow",
                 "Action": ec2(&["CreateTags"]),

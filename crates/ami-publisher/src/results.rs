@@ -62,6 +62,10 @@ pub struct TargetResult {
     /// Bytes the unpacker wrote (changed and newly zero chunks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_written: Option<u64>,
+    /// `publish --verify`: chunks of the image read back from the
+    /// snapshot and found to be the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_chunks: Option<u64>,
     pub seconds: f64,
     /// Why this target failed; absent on success.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -124,6 +124,28 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
         assert_snapshot_holds(&world, b.snapshot_id.as_deref().unwrap(), &file2).await;
     }
 
+    // The bytes behind the unpacker's AMIs are the images', read back with
+    // the EBS direct APIs.
+    let files: Vec<String> = [&r, &r2]
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let f = world.path(&format!("unpacked-{i}.json"));
+            std::fs::write(&f, serde_json::to_vec(r).unwrap()).unwrap();
+            f.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let verified = json_of(&p.run(&["verify", "--json", &files[0], &files[1]]));
+    for report in verified.as_array().unwrap() {
+        let rows = report["records"].as_array().unwrap().clone();
+        let bytes: Vec<_> = rows.iter().filter(|row| !row["bytes"].is_null()).collect();
+        assert_eq!(bytes.len(), 2, "{report:#}");
+        for row in bytes {
+            assert_eq!(row["ok"], true, "{row:#}");
+            assert_eq!(row["bytes"]["chunks_checked"], row["bytes"]["chunks"], "{row:#}");
+        }
+    }
+
     // Again: every target reports the AMI it has; nothing new is made, and
     // the re-run only reads (no EC2 call that changes anything).
     let before = own_images(&world, "first", "us-east-1").await;
@@ -782,11 +804,13 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
     }
     add_image(&world, stream, "2", &leaf2).await;
     let before = puts();
-    let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &via));
+    // --verify reads every target's new snapshot back.
+    let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &["--via", "ebs-direct", "--verify"]));
     assert_eq!(code, 0, "{r2:#?}");
     assert_eq!(puts() - before, changed.len() as u64 * targets.len() as u64, "only the changed blocks");
     for (a, b) in r1.targets.iter().zip(&r2.targets) {
         assert!(b.ok() && !b.reused, "{b:#?}");
+        assert_eq!(b.verified_chunks, Some(blocks), "{b:#?}");
         assert_eq!(b.bytes_written, Some((changed.len() * BLOCK) as u64), "{b:#?}");
         holds(b.snapshot_id.clone().unwrap(), leaf2.clone()).await;
         // EBS itself: the second snapshot is the first plus the changed blocks.
@@ -816,5 +840,80 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
     let after = world.api_calls("ami-publisher");
     for action in ["StartSnapshot", "PutSnapshotBlock", "CompleteSnapshot", "RegisterImage"] {
         assert_eq!(after.get(action), before.get(action), "a re-run called {action}");
+    }
+
+    // `verify` of both results files: every chunk of every AMI is its
+    // image's, and EBS lists exactly the changed blocks between the leaves.
+    let files: Vec<String> = [&r1, &r2]
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let f = world.path(&format!("verify-{i}.json"));
+            std::fs::write(&f, serde_json::to_vec(r).unwrap()).unwrap();
+            f.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let rows_of = |r: &serde_json::Value| r["records"].as_array().unwrap().clone();
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", "--json"];
+        args.extend(extra);
+        p.run(&args)
+    };
+    let out = verify(&[&files[0], &files[1]]);
+    let reports = json_of(&out);
+    let report_of = |reports: &serde_json::Value, t: &ami_publisher::results::TargetResult| {
+        let found = reports.as_array().unwrap().iter().find(|r| r["account"] == t.account && r["region"] == t.region);
+        found.unwrap_or_else(|| panic!("no report of {},{}", t.account, t.region)).clone()
+    };
+    assert_eq!(reports.as_array().unwrap().len(), r2.targets.len());
+    for t in &r2.targets {
+        let r = report_of(&reports, t);
+        let rows = rows_of(&r);
+        assert_eq!(rows.len(), 3, "two AMIs and the change between them: {r:#}");
+        for (row, leaf) in rows[..2].iter().zip(["1", "2"]) {
+            assert_eq!((row["leaf"].as_str(), row["ok"].as_bool()), (Some(leaf), Some(true)), "{row:#}");
+            assert_eq!(row["bytes"]["chunks_checked"], blocks, "{row:#}");
+            assert!(row["bytes"]["difference"].is_null(), "{row:#}");
+        }
+        assert_eq!(rows[1]["ami"].as_str(), t.ami_id.as_deref());
+        let compared = &rows[2]["changes"]["Compared"];
+        assert_eq!((compared["listed"].as_u64(), compared["differ"].as_u64()), (Some(3), Some(3)), "{r:#}");
+        assert!(compared["missing"].is_null(), "{r:#}");
+    }
+    // A spot check reads about its share of the blocks, chosen at random.
+    let leaf2_of = format!("{stream}/2");
+    let out = verify(&[&with_targets(&targets, &["--leaf", &leaf2_of, "--sample", "25"])[..]].concat());
+    for r in json_of(&out).as_array().unwrap() {
+        let checked = rows_of(r)[0]["bytes"]["chunks_checked"].as_u64().unwrap();
+        assert_eq!(rows_of(r)[0]["ok"], true, "{r:#}");
+        assert!((1..blocks).contains(&checked), "{checked} of {blocks}: {r:#}");
+    }
+    // A block changed behind the publisher's back is named: one byte of
+    // block 7 of the first target's snapshot, and data in block 20, which
+    // leaf 2 made zeros, of the second's.
+    let bad = &r2.targets[..2];
+    for (t, (block, byte)) in bad.iter().zip([(7usize, 1000usize), (20, 0)]) {
+        let path = world.snapshot_bytes(t.snapshot_id.as_deref().unwrap(), Duration::from_secs(5)).await.unwrap();
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        use std::io::{Read as _, Seek as _, Write as _};
+        let at = (block * BLOCK + byte) as u64;
+        let mut b = [0u8];
+        f.seek(std::io::SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        f.seek(std::io::SeekFrom::Start(at)).unwrap();
+        f.write_all(&[b[0] ^ 0x5a]).unwrap();
+    }
+    let out = verify(&[&files[1]]);
+    assert_eq!(out.status.code(), Some(1), "a changed block fails verify");
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (t, says) in bad.iter().zip(["block 7 (chunk 7) differ", "block 20 (chunk 20) differ: the image has zeros"]) {
+        let r = report_of(&reports, t);
+        let error = r["error"].as_str().unwrap_or_default();
+        assert!(error.contains(t.ami_id.as_deref().unwrap()) && error.contains(says), "{r:#}");
+        assert_eq!(rows_of(&r)[0]["ok"], false, "{r:#}");
+    }
+    for t in &r2.targets[2..] {
+        let r = report_of(&reports, t);
+        assert!(r["error"].is_null() && rows_of(&r)[0]["ok"] == true, "the others are intact: {r:#}");
     }
 }

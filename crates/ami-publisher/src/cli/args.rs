@@ -250,6 +250,11 @@ pub enum Command {
         /// (EBS takes 1,000 per second per snapshot).
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1000), value_name = "N")]
         blocks_in_flight: u16,
+        /// Then read every target's new snapshot back with the EBS direct
+        /// APIs and compare it with the image (as `verify` does); a target
+        /// whose bytes differ fails.
+        #[arg(long)]
+        verify: bool,
     },
     /// Give every target that lacks an AMI of STREAM a copy of the nearest
     /// one (same account first, then the same area): CopyImage encrypted
@@ -317,6 +322,20 @@ pub enum Command {
         /// An AMI launched within this long counts as in use.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, value_name = "DURATION")]
         min_unused_age: Duration,
+    },
+    /// Prove the bytes behind AMIs (of results files, or --leaf) are their
+    /// image's: the blocks of each AMI's root snapshot, read with the EBS
+    /// direct APIs, against the chunk digests of the leaf its tags name on
+    /// the imageserver; and, for two leaves of one stream in a target, the
+    /// blocks EBS lists as changed between their snapshots against the
+    /// leaves' difference. Exit 1 names the first block that differs.
+    Verify {
+        #[command(flatten)]
+        amis: AmiArgs,
+        /// Read about PERCENT of each image's blocks, chosen at random on
+        /// each run (a spot check); 100 reads every one.
+        #[arg(long, default_value = "100", value_parser = parse_sample, value_name = "PERCENT")]
+        sample: crate::verify::Sample,
     },
     /// Deprecate AMIs (of results files, or --leaf) at now + --deprecate-in.
     Deprecate {
@@ -496,6 +515,12 @@ pub struct AmiArgs {
     /// The AMIs of STREAM/LEAF in every target (repeatable).
     #[arg(long = "leaf", value_name = "STREAM/LEAF", value_parser = parse_leaf)]
     pub leaves: Vec<(String, String)>,
+}
+
+/// A percentage above 0 and at most 100.
+fn parse_sample(s: &str) -> Result<crate::verify::Sample, String> {
+    let p: f64 = s.trim_end_matches('%').parse().map_err(|_| format!("'{s}' is not a percentage"))?;
+    crate::verify::Sample::percent(p)
 }
 
 /// STREAM/LEAF: the stream is everything before the last `/`.

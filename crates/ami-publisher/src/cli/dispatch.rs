@@ -41,9 +41,9 @@ fn bail_refused<T>(why: &str) -> anyhow::Result<T> {
 /// Run a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     use crate::ops;
-    if let Command::Publish { stream, leaf, force, via, blocks_in_flight } = &cli.command {
+    if let Command::Publish { stream, leaf, force, via, blocks_in_flight, verify } = &cli.command {
         let direct = (*via == crate::values::Via::EbsDirect).then_some(usize::from(*blocks_in_flight));
-        return run_publish(&cli, stream, leaf, *force, direct).await;
+        return run_publish(&cli, stream, leaf, *force, direct, *verify).await;
     }
     if let Command::IamPolicy = &cli.command {
         let keys = settings(&cli).keys;
@@ -63,6 +63,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     // Commands on results files take their targets from the files.
     let from_results = match &cli.command {
         Command::Deprecate { amis }
+        | Command::Verify { amis, .. }
         | Command::Undeprecate { amis }
         | Command::Protect { amis }
         | Command::Unprotect { amis }
@@ -187,6 +188,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             show(ops::set_exclusive_tags(&ctx, tag_key, tag_value, &amis).await, json, q)
         }
         Command::Share { .. } => show(ops::share(&ctx, &cli.grantees(), &amis).await, json, q),
+        Command::Verify { amis: a, sample } => {
+            let images = refuse(connect_images(&cli).await)?;
+            show(ops::verify(&ctx, &images, &amis, &a.leaves, *sample).await, json, q)
+        }
         Command::Deprecate { amis: a } => {
             let at = SystemTime::now() + cli.deprecate_in.expect("checked in read_inputs");
             show(ops::lifecycle::change(&ctx, ops::Change::Deprecate(at), &amis, &a.leaves).await, json, q)
@@ -444,6 +449,7 @@ async fn run_publish(
     leaf: &str,
     force: bool,
     direct: Option<usize>,
+    verify: bool,
 ) -> anyhow::Result<Outcome> {
     if cli.dry_run && direct.is_some() {
         return bail_refused(
@@ -452,7 +458,7 @@ async fn run_publish(
     }
     // Everything that can be refused is refused before any AWS resource is made.
     let Prepared { opts, targets, aws, manifest, images } =
-        refuse(prepare_publish(cli, stream, leaf, force, direct).await)?;
+        refuse(prepare_publish(cli, stream, leaf, force, direct, verify).await)?;
     let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
     let board = Board::new(!cli.json, &names);
     if cli.dry_run {
@@ -482,6 +488,11 @@ async fn run_publish(
     Ok(if results.targets.iter().all(|t| t.ok()) { Outcome::AllSucceeded } else { Outcome::SomeFailed })
 }
 
+/// The imageserver of --image-server.
+async fn connect_images(cli: &Cli) -> anyhow::Result<image_client::Client> {
+    image_client::connect(&cli.image_server, &cli.tls.files()).await.context("connecting to the imageserver")
+}
+
 /// A publish ready to run: everything checked that can be before it acts.
 struct Prepared {
     opts: Options,
@@ -498,6 +509,7 @@ async fn prepare_publish(
     leaf: &str,
     force: bool,
     direct: Option<usize>,
+    verify: bool,
 ) -> anyhow::Result<Prepared> {
     let name = image_format::ImageName::new(stream, leaf).context("bad image name")?;
     let boot = boot_options(cli)?;
@@ -511,7 +523,7 @@ async fn prepare_publish(
         check_writable(p)?;
     }
     let tls = cli.tls.files();
-    let mut images = image_client::connect(&cli.image_server, &tls).await.context("connecting to the imageserver")?;
+    let mut images = connect_images(cli).await?;
     let (info, manifest) = match image_client::get_manifest(&mut images, &name).await {
         Ok(got) => got,
         Err(image_client::ClientError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
@@ -584,6 +596,7 @@ async fn prepare_publish(
             images: images.clone(),
             blocks_in_flight,
         }),
+        verify: verify.then(|| std::sync::Arc::new(manifest.clone())),
     };
     Ok(Prepared { opts, targets, aws, manifest, images })
 }

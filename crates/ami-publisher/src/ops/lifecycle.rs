@@ -23,33 +23,41 @@ pub enum Change {
     Enable,
 }
 
+/// The AMIs of target `t` in `amis` (results files), then this account's
+/// AMIs of each of `leaves` there (by their tags; a leaf with none fails
+/// the target).
+pub(super) async fn ami_ids(
+    ec2: &Client,
+    amis: &AmiMap,
+    t: &crate::targets::Target,
+    leaves: &[(String, String)],
+) -> anyhow::Result<Vec<String>> {
+    let mut ids: Vec<String> =
+        amis.get(t).map(Vec::as_slice).unwrap_or_default().iter().map(|ListedAmi { ami, .. }| ami.clone()).collect();
+    for (stream, leaf) in leaves {
+        let found = crate::retry::call("DescribeImages", None, || {
+            ec2.describe_images()
+                .owners("self")
+                .filters(crate::tags::tag_filter(crate::tags::STREAM, stream))
+                .filters(crate::tags::tag_filter(crate::tags::LEAF, leaf))
+                .include_disabled(true)
+                .send()
+        })
+        .await?;
+        let before = ids.len();
+        ids.extend(found.images().iter().filter_map(|i| i.image_id()).map(str::to_owned));
+        anyhow::ensure!(ids.len() > before, "no AMI of {stream}/{leaf} here");
+    }
+    Ok(ids)
+}
+
 /// Apply `change` to every AMI of `amis` and of `leaves` (STREAM, LEAF:
 /// this account's AMIs of the leaf in each target), skipping those
 /// already so.
 pub async fn change(ctx: &Ctx<'_>, change: Change, amis: &AmiMap, leaves: &[(String, String)]) -> Vec<Report<Acted>> {
     ctx.each(|ec2, t| async move {
         let ec2 = &ec2;
-        let mut ids: Vec<String> = amis
-            .get(&t)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .map(|ListedAmi { ami, .. }| ami.clone())
-            .collect();
-        for (stream, leaf) in leaves {
-            let found = crate::retry::call("DescribeImages", None, || {
-                ec2.describe_images()
-                    .owners("self")
-                    .filters(crate::tags::tag_filter(crate::tags::STREAM, stream))
-                    .filters(crate::tags::tag_filter(crate::tags::LEAF, leaf))
-                    .include_disabled(true)
-                    .send()
-            })
-            .await?;
-            let before = ids.len();
-            ids.extend(found.images().iter().filter_map(|i| i.image_id()).map(str::to_owned));
-            anyhow::ensure!(ids.len() > before, "no AMI of {stream}/{leaf} here");
-        }
+        let ids = ami_ids(ec2, amis, &t, leaves).await?;
         let found = lifecycle::images(ec2, &ids).await?;
         let mut out = Vec::new();
         for id in &ids {

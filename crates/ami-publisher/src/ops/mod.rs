@@ -13,6 +13,7 @@
 //! - [`share`]: sharing AMIs of results files, and taking it back;
 //! - [`pointers`]: the fleet's pointer: promote, rollback, list;
 //! - [`unpackers`]: unpacker instances, their streams and volumes;
+//! - [`verify`]: the bytes behind AMIs against their images;
 //! - [`output`]: rows, tables, JSON and CSV.
 //!
 //! Must not: talk to an unpacker except through [`crate::unpacker`], or
@@ -27,6 +28,7 @@ pub mod output;
 pub mod pointers;
 pub mod share;
 pub mod unpackers;
+pub mod verify;
 
 use std::{future::Future, time::Duration};
 
@@ -51,6 +53,7 @@ pub use self::{
         add_volumes, list_streams, list_unpackers, prepare_unpackers, remove_unused_volumes, start_instances,
         stop_idle_unpackers, tag_unpackers, terminate_instances,
     },
+    verify::verify,
 };
 use crate::{aws::Aws, progress::Board, settings::Settings, targets::Target, unpacker::UnpackerInstance};
 

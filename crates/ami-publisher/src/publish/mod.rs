@@ -42,7 +42,7 @@ mod register;
 
 pub use self::direct::{BLOCK, Direct, blocks_to_put};
 pub use self::plan::{TargetPlan, bytes_to_write, plan};
-pub use self::register::dated_name;
+pub use self::register::{dated_name, root_snapshot};
 
 use self::{
     capture::unpack_and_snapshot,
@@ -99,6 +99,9 @@ pub struct Options {
     /// `--via ebs-direct`: snapshots made with the EBS direct APIs, no
     /// unpacker.
     pub direct: Option<Direct>,
+    /// `--verify`: the leaf's manifest, to read each target's snapshot
+    /// back against.
+    pub verify: Option<std::sync::Arc<image_format::Manifest>>,
 }
 
 impl Options {
@@ -156,9 +159,9 @@ pub async fn publish(
         let ec2 = aws.ec2(&t).await;
         let kms = aws.kms(&t).await;
         let ssm = aws.ssm(&t).await;
-        let ebs = match &opts.direct {
-            Some(_) => Some(aws.ebs(&t).await),
-            None => None,
+        let ebs = match opts.direct.is_some() || opts.verify.is_some() {
+            true => Some(aws.ebs(&t).await),
+            false => None,
         };
         let mut r = publish_one(&ec2, ebs.as_ref(), &kms, &ssm, &t, opts, &line).await;
         if let Some(e) = &mut r.error
@@ -230,11 +233,46 @@ pub async fn publish_one(
     {
         done = point(ec2, ssm, &ami, t, o, line, &mut r).await;
     }
+    if done.is_ok()
+        && let (Some(m), Some(ebs), Some(ami), Some(snapshot)) =
+            (&o.verify, ebs, r.ami_id.clone(), r.snapshot_id.clone())
+    {
+        done = verify(ebs, m, ami, snapshot, o, line, &mut r).await;
+    }
     if let Err(e) = done {
         r.error = Some(format!("{e:#}"));
     }
     r.seconds = start.elapsed().as_secs_f64();
     r
+}
+
+/// `--verify`: the target's snapshot read back and compared with the image.
+async fn verify(
+    ebs: &aws_sdk_ebs::Client,
+    m: &image_format::Manifest,
+    ami: String,
+    snapshot: String,
+    o: &Options,
+    line: &Line,
+    r: &mut TargetResult,
+) -> anyhow::Result<()> {
+    line.step("verifying the snapshot's bytes");
+    // What this run knows of the AMI, not its tags (which EC2 may not show yet).
+    let s = crate::verify::Subject {
+        ami,
+        snapshot,
+        stream: o.stream.clone(),
+        leaf: o.leaf.clone(),
+        image_id: o.image_id.clone(),
+        created: None,
+    };
+    let c = crate::verify::bytes(ebs, &s, m, crate::verify::Sample::ALL).await?;
+    if let Some(d) = c.difference {
+        anyhow::bail!("--verify: {} of {}: {d}", s.snapshot, s.ami);
+    }
+    r.verified_chunks = Some(c.chunks_checked);
+    tracing::info!(snapshot = %s.snapshot, chunks = c.chunks_checked, blocks = c.blocks_read, "verified");
+    Ok(())
 }
 
 /// Give the target's AMI its deprecation time and protection. A reused AMI

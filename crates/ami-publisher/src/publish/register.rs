@@ -234,7 +234,7 @@ pub(super) async fn register(
 }
 
 /// The snapshot an AMI boots from, as EC2 describes the AMI.
-pub(super) fn root_snapshot(img: &Image) -> Option<&str> {
+pub fn root_snapshot(img: &Image) -> Option<&str> {
     let root = img.root_device_name()?;
     img.block_device_mappings().iter().find(|m| m.device_name() == Some(root))?.ebs()?.snapshot_id()
 }
