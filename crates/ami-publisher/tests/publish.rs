@@ -770,8 +770,23 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
     }
     assert!(!world.api_calls("ami-publisher").contains_key("StartSnapshot"), "nothing was started");
 
+    // The bytes the imageserver sends for each distinct data chunk of an
+    // image, read once for all targets.
+    let once = |image: &[u8], only: &[usize]| -> u64 {
+        let mut seen = std::collections::HashSet::new();
+        image
+            .chunks(BLOCK)
+            .enumerate()
+            .filter(|(i, c)| {
+                (only.is_empty() || only.contains(i)) && !image_format::is_zero(c) && seen.insert(c.to_vec())
+            })
+            .map(|(_, c)| image_format::codec::compress(c).len() as u64)
+            .sum()
+    };
+    let fetched = |r: &PublishResults| r.targets.iter().map(|t| t.bytes_fetched.unwrap_or(0)).sum::<u64>();
     let (code, r1) = p.publish(stream, "1", &with_targets(&targets, &via));
     assert_eq!(code, 0, "{r1:#?}");
+    assert_eq!(fetched(&r1), once(&leaf1, &[]), "each chunk is read once for all four targets");
     let blocks = (leaf1.len() / BLOCK) as u64;
     assert_eq!(puts(), blocks * targets.len() as u64, "every block, zeros too, once per target");
     for t in &r1.targets {
@@ -808,6 +823,7 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
     let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &["--via", "ebs-direct", "--verify"]));
     assert_eq!(code, 0, "{r2:#?}");
     assert_eq!(puts() - before, changed.len() as u64 * targets.len() as u64, "only the changed blocks");
+    assert_eq!(fetched(&r2), once(&leaf2, &changed), "each changed chunk is read once for all four targets");
     for (a, b) in r1.targets.iter().zip(&r2.targets) {
         assert!(b.ok() && !b.reused, "{b:#?}");
         assert_eq!(b.verified_chunks, Some(blocks), "{b:#?}");

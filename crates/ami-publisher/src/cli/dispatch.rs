@@ -595,6 +595,7 @@ async fn prepare_publish(
             manifest: std::sync::Arc::new(manifest.clone()),
             images: images.clone(),
             blocks_in_flight,
+            chunks: publish::SharedChunks::new(images.clone(), publish::KEPT_BYTES),
         }),
         verify: verify.then(|| std::sync::Arc::new(manifest.clone())),
     };

@@ -53,19 +53,22 @@ const NOT_YET_FOR: Duration = Duration::from_secs(120);
 const PARENTS_TRIED: usize = 8;
 /// How long the imageserver may take to answer a manifest, or to send the
 /// next chunk, before the target fails.
-const IMAGESERVER_STALL: Duration = Duration::from_secs(120);
+pub(super) const IMAGESERVER_STALL: Duration = Duration::from_secs(120);
 /// A StartSnapshot answer this much older than the call is the answer to
 /// an earlier call with the same token, replayed: EBS then answers what it
 /// answered then, not how the snapshot is now.
 const REPLAYED: Duration = Duration::from_secs(60);
 
 /// What the EBS direct path needs beyond [`Options`]: the leaf's manifest,
-/// the imageserver, and how many blocks each target has in flight.
+/// the imageserver, how many blocks each target has in flight, and the
+/// chunks the targets share.
 #[derive(Debug, Clone)]
 pub struct Direct {
     pub manifest: std::sync::Arc<Manifest>,
     pub images: image_client::Client,
     pub blocks_in_flight: usize,
+    /// The leaf's chunks, shared by every target.
+    pub chunks: std::sync::Arc<super::shared::SharedChunks>,
 }
 
 /// The blocks that make a snapshot of `parent`'s leaf into one of `to`'s:
@@ -111,6 +114,10 @@ pub(super) fn linear_checksum(digests: &std::collections::BTreeMap<u64, [u8; 32]
     }
     aws_smithy_types::base64::encode(h.finalize())
 }
+
+/// A block to put: its index, and the chunk (digest, length) it takes,
+/// or None for zeros.
+type Wanted = (u64, Option<(Digest, usize)>);
 
 /// An earlier leaf's snapshot to start from.
 struct Parent {
@@ -293,40 +300,49 @@ pub(super) async fn snapshot(
 
     let total = blocks.len() as u64 * u64::from(BLOCK);
     let learned = Instant::now();
-    let zero = bytes::Bytes::from(vec![0u8; BLOCK as usize]);
-    let zero_digest: [u8; 32] = sha2::Sha256::digest(&zero).into();
-    // Data chunks in block order, each fetched (and verified) once per
-    // block; zero blocks need no fetch. Reading ahead and the puts in
-    // flight run together; memory holds at most the blocks in flight and
-    // the fetch's read-ahead.
-    let wanted: Vec<(Digest, usize)> =
-        blocks.iter().filter_map(|(i, digest)| digest.map(|digest| (digest, m.chunk_len(*i)))).collect();
-    let fetched = image_client::fetch_chunks(d.images.clone(), wanted);
-    let source = futures::stream::unfold((blocks.into_iter(), fetched), move |(mut todo, mut fetched)| {
-        let zero = zero.clone();
-        async move {
-            let (index, digest) = todo.next()?;
-            let item = match digest {
-                None => Ok((index, zero, zero_digest)),
-                Some(_) => match tokio::time::timeout(IMAGESERVER_STALL, fetched.next()).await {
-                    Err(_) => Err(anyhow::anyhow!("no chunk came from the imageserver within {IMAGESERVER_STALL:?}")),
-                    Ok(Some(Ok(chunk))) => {
-                        let mut plain = chunk.into_parts().1;
-                        plain.resize(BLOCK as usize, 0);
-                        let sha: [u8; 32] = sha2::Sha256::digest(&plain).into();
-                        Ok((index, bytes::Bytes::from(plain), sha))
-                    }
-                    Ok(Some(Err(e))) => Err(anyhow::Error::new(e).context("reading the image's chunks")),
-                    Ok(None) => Err(anyhow::anyhow!("the imageserver's chunk stream ended early")),
-                },
-            };
-            Some((item, (todo, fetched)))
-        }
-    });
+    // Data chunks in block order, a window at a time from the chunks all
+    // targets share (each read from the imageserver once, when targets
+    // run together), the next window read while this one is put; zero
+    // blocks need no read. Memory holds the windows and the puts in
+    // flight, and the shared chunks kept.
+    let zero = super::shared::block_of(Vec::new());
+    let window = d.blocks_in_flight.clamp(1, 32);
+    let todo: Vec<Vec<Wanted>> = blocks
+        .iter()
+        .map(|(i, digest)| (*i, digest.map(|digest| (digest, m.chunk_len(*i)))))
+        .collect::<Vec<_>>()
+        .chunks(window)
+        .map(<[_]>::to_vec)
+        .collect();
+    let fetched_bytes = std::sync::atomic::AtomicU64::new(0);
+    let fetched_bytes = &fetched_bytes;
+    let source = futures::stream::iter(todo)
+        .map(|w| {
+            let zero = zero.clone();
+            async move {
+                let data: Vec<(Digest, usize)> = w.iter().filter_map(|(_, x)| *x).collect();
+                let (got, n) = d.chunks.window(&data).await?;
+                fetched_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                let mut got = got.into_iter();
+                let items: Vec<anyhow::Result<(u64, super::shared::Block)>> = w
+                    .into_iter()
+                    .map(|(i, x)| match x {
+                        None => Ok((i, zero.clone())),
+                        Some(_) => got.next().map(|b| (i, b)).context("a window came back short"),
+                    })
+                    .collect();
+                anyhow::Ok(items)
+            }
+        })
+        .buffered(2)
+        .flat_map(|w| match w {
+            Ok(items) => futures::stream::iter(items).left_stream(),
+            Err(e) => futures::stream::iter(vec![Err(e)]).right_stream(),
+        });
     let puts = source
         .map(|item| async {
-            let (index, data, sha) = item?;
-            put_block(ebs, &snap, index, data, sha, learned).await.map(|n| (index, sha, n))
+            let (index, block) = item?;
+            put_block(ebs, &snap, index, block.data, block.sha, learned).await.map(|n| (index, block.sha, n))
         })
         .buffer_unordered(d.blocks_in_flight.max(1));
     let mut puts = std::pin::pin!(puts);
@@ -343,6 +359,7 @@ pub(super) async fn snapshot(
         ));
     }
     r.bytes_written = Some(put_bytes);
+    r.bytes_fetched = Some(fetched_bytes.load(std::sync::atomic::Ordering::Relaxed));
     line.step("completing the snapshot");
     let count = i32::try_from(digests.len()).context("too many blocks for one snapshot")?;
     let done = ebs
