@@ -236,7 +236,9 @@ s3_conditional.install()
 
 # 19. The EBS direct APIs with EBS's 512 KiB blocks, parent snapshots,
 #     checksums, client tokens, timeouts and quotas, their snapshots EC2
-#     snapshots whose bytes the world keeps (world/ebs_direct.py).
+#     snapshots whose bytes the world keeps; a tool's EBS calls at the
+#     world's pace and under its faults, and a new snapshot unknown to
+#     writes for a while (world/ebs_direct.py).
 from world import ebs_direct
 
 
@@ -937,6 +939,24 @@ def call_action(self):
         # The world's own AssumeRole (lib.rs names its session so: the SDK's
         # credential provider does not send the app name).
         app = "local-world"
+    if service == "ebs" and app != "local-world":
+        # 19 (continued): EBS's pace and faults (world/ebs_direct.py).
+
+        def serve():
+            with LOCK:
+                return _call_action(self)
+
+        return ebs_direct.call(
+            self,
+            action,
+            app,
+            MODEL,
+            serve,
+            lambda outcome: _log(service, action, app, outcome),
+            _withhold,
+            _can_drop,
+            _drop_connection,
+        )
     if app == "local-world" or service not in ("ec2", "sts"):
         with LOCK:
             answer = _call_action(self)

@@ -768,3 +768,75 @@ async fn a_deleted_resources_tags_go_with_it_seen_late_like_any_tag_change() {
     let gone = started.elapsed();
     assert!(gone > Duration::from_secs(7) && gone < Duration::from_secs(10), "{gone:?}");
 }
+
+/// An EBS client of the world's only target that calls as [`APP`] and
+/// never retries.
+async fn bare_ebs(world: &World) -> aws_sdk_ebs::Client {
+    let t = &world.targets[0];
+    let config = world.sdk_config_as(APP, &t.account, &t.region).await.unwrap();
+    aws_sdk_ebs::Client::from_conf(
+        aws_sdk_ebs::config::Builder::from(&config).retry_config(RetryConfig::disabled()).build(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ebs_calls_meet_the_pace_and_faults_and_a_new_snapshot_is_not_known_at_once() {
+    use aws_sdk_ebs::{primitives::ByteStream, types::ChecksumAlgorithm};
+    use sha2::Digest as _;
+    // At half EC2's pace: a write takes 40 to 100 ms.
+    let plan = one_target().pace("aws").time_scale(0.5).faults("throttle=0.2,error=0.1,lost=0.2,lag=3s").seed(24);
+    let world = World::start(&plan).await.unwrap();
+    let ebs = bare_ebs(&world).await;
+    // StartSnapshot, with its token, until one is answered.
+    let started = Instant::now();
+    let snapshot = loop {
+        match ebs.start_snapshot().volume_size(1).encrypted(true).client_token("model-1").send().await {
+            Ok(out) => break out.snapshot_id().unwrap().to_owned(),
+            Err(e) => eprintln!("StartSnapshot: {:?}", e.code()),
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no StartSnapshot answered");
+    };
+    let known = Instant::now();
+    let data = vec![7u8; 524_288];
+    let checksum = aws_smithy_types::base64::encode(sha2::Sha256::digest(&data));
+    let put = |index: i32| {
+        ebs.put_snapshot_block()
+            .snapshot_id(&snapshot)
+            .block_index(index)
+            .data_length(524_288)
+            .checksum(&checksum)
+            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .block_data(ByteStream::from(data.clone()))
+            .send()
+    };
+    // Not known to writes at first; known within the lag.
+    let mut codes = Vec::new();
+    loop {
+        let t = Instant::now();
+        let answer = put(0).await;
+        let took = t.elapsed();
+        match answer {
+            Ok(_) => break,
+            Err(e) => codes.push(e.code().map(str::to_owned)),
+        }
+        assert!(took >= Duration::from_millis(40), "a write took {took:?}: no latency ({codes:?})");
+        assert!(known.elapsed() < Duration::from_secs(10), "still unknown after {:?}: {codes:?}", known.elapsed());
+    }
+    assert_eq!(codes.first(), Some(&Some("ResourceNotFoundException".to_owned())), "{codes:?}");
+    // Writes meet throttling, server errors and lost answers, each in
+    // EBS's shape; every fault is in the log.
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for i in 1..60 {
+        if let Err(e) = put(i).await {
+            *seen.entry(e.code().unwrap_or("no answer").to_owned()).or_default() += 1;
+        }
+    }
+    eprintln!("{seen:?}");
+    for code in ["RequestThrottledException", "InternalServerException"] {
+        assert!(seen.get(code).is_some_and(|n| *n > 0), "no {code}: {seen:?}");
+    }
+    let log = |outcome| world.api_outcomes(APP, outcome).get("PutSnapshotBlock").copied().unwrap_or(0);
+    assert!(log("throttle") > 0 && log("error") > 0 && log("lost") > 0, "{seen:?}");
+    let not_found = codes.iter().filter(|c| c.as_deref() == Some("ResourceNotFoundException")).count();
+    assert_eq!(log("ResourceNotFoundException"), not_found as u64, "{codes:?}");
+}

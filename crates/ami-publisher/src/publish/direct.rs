@@ -362,16 +362,28 @@ pub(super) async fn snapshot(
     r.bytes_fetched = Some(fetched_bytes.load(std::sync::atomic::Ordering::Relaxed));
     line.step("completing the snapshot");
     let count = i32::try_from(digests.len()).context("too many blocks for one snapshot")?;
-    let done = ebs
-        .complete_snapshot()
-        .snapshot_id(&snap)
-        .changed_blocks_count(count)
-        .checksum(linear_checksum(&digests))
-        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-        .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
-        .send()
-        .await
-        .sdk(format!("CompleteSnapshot of {snap}"))?;
+    let checksum = linear_checksum(&digests);
+    let mut pause = Duration::from_millis(500);
+    let done = loop {
+        let sent = ebs
+            .complete_snapshot()
+            .snapshot_id(&snap)
+            .changed_blocks_count(count)
+            .checksum(&checksum)
+            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
+            .send()
+            .await;
+        match sent {
+            Ok(done) => break done,
+            // With no block to put, the snapshot may still be new to EBS.
+            Err(e) if e.code() == Some("ResourceNotFoundException") && learned.elapsed() < NOT_YET_FOR => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(sdk_error(&format!("CompleteSnapshot of {snap}"), e)),
+        }
+    };
     tracing::info!(snapshot = %snap, blocks = count, status = ?done.status(), "snapshot completed");
     Ok((snap.clone(), size))
 }

@@ -44,6 +44,16 @@
 # - Errors are JSON with their type in x-amzn-ErrorType, as the service's
 #   REST-JSON protocol answers them.
 #
+# - Pace and faults (moto_launch.py's call_action, through call() here): a
+#   tool's EBS call takes the pace's latency, and the fault model's
+#   throttling (RequestThrottledException), server errors
+#   (InternalServerException, 500), answers withheld, and, for StartSnapshot,
+#   PutSnapshotBlock and CompleteSnapshot, answers lost before or after EBS
+#   acted. A snapshot StartSnapshot made is unknown to PutSnapshotBlock and
+#   CompleteSnapshot (ResourceNotFoundException) for the `lag=` time drawn
+#   for the call, as EBS answers for a while after a start (the EBS direct
+#   APIs' error reference: "the snapshot ... does not exist").
+#
 # The world's own calls (User-Agent app/local-world) are not throttled.
 # Every PutSnapshotBlock is counted per snapshot (puts(), for tests).
 
@@ -119,6 +129,8 @@ class _Direct:
         self.started_at = time.time()
         self.touched = time.monotonic()
         self.puts = 0
+        # Until then PutSnapshotBlock and CompleteSnapshot do not know it.
+        self.known_at = 0.0
 
     def blocks(self):
         return _blocks(self.parent) | set(self.written) if self.parent else set(self.written)
@@ -190,6 +202,8 @@ def _expire(direct):
 def _owned(response, snapshot_id):
     direct = _DIRECT.get(snapshot_id)
     if direct is None or (direct.account, direct.region) != (response.current_account, response.region):
+        raise _not_found(snapshot_id)
+    if _modelled(response) and time.monotonic() < direct.known_at:
         raise _not_found(snapshot_id)
     _expire(direct)
     return direct
@@ -515,6 +529,60 @@ _ACTIONS = {
     "ListChangedBlocks": _changed,
     "GetSnapshotBlock": _get,
 }
+
+
+def throttled(action):
+    return EbsError(400, "RequestThrottledException", f"{action}: rate exceeded", "ACCOUNT_THROTTLED").answer()
+
+
+def internal_error():
+    return EbsError(500, "InternalServerException", "An internal error has occurred.").answer()
+
+
+MUTATING = ("StartSnapshot", "PutSnapshotBlock", "CompleteSnapshot")
+
+
+def call(response, action, app, model, serve, log, withhold, can_drop, drop):
+    """A tool's EBS call under the world's pace and faults. `serve()`
+    answers it as EBS would; the rest are moto_launch.py's (the fault
+    model, the log, withholding and dropping an answer)."""
+    key = model.next_call(response.current_account, response.region, action)
+    time.sleep(model.latency(action, key))
+    if model.chance("throttle", key):
+        log("throttle")
+        return throttled(action)
+    if model.chance("error", key):
+        log("error")
+        return internal_error()
+    mutating = action in MUTATING
+    withheld = model.chance("hang", key)
+    if withheld and model.draw("hang-kind", key) < 0.5:
+        log("hang")
+        return withhold(key, internal_error())
+    if mutating and model.chance("lost", key) and model.draw("lost-kind", key) < 1 / 3 and can_drop():
+        log("lost")
+        drop()
+        return internal_error()
+    answer = serve()
+    if action == "StartSnapshot" and answer[0] == 201:
+        lag = model.lag(key)
+        if lag > 0:
+            with _LOCK:
+                direct = _DIRECT.get(json.loads(answer[2]).get("SnapshotId"))
+                # A replayed answer names a snapshot long known.
+                if direct is not None and direct.puts == 0 and not direct.known_at:
+                    direct.known_at = time.monotonic() + lag
+    if withheld:
+        log("hang")
+        return withhold(key, answer)
+    if mutating and answer[0] < 300 and model.chance("lost", key):
+        log("lost")
+        if model.draw("lost-kind", key) < 2 / 3 and drop():
+            return answer
+        return internal_error()
+    failed = answer[0] >= 400 and isinstance(answer[1], dict) and answer[1].get("x-amzn-ErrorType")
+    log(failed or "ok")
+    return answer
 
 
 def puts(snapshot_id):
