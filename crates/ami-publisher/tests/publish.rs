@@ -933,3 +933,78 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
         assert!(r["error"].is_null() && rows_of(&r)[0]["ok"] == true, "the others are intact: {r:#}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ebs_direct_publish_killed_mid_upload_is_finished_by_a_rerun_with_one_snapshot_per_target() {
+    const BLOCK: usize = 524_288;
+    // At a fifth of EC2's pace, one block in flight: a write takes 16 to 40 ms.
+    let world = World::start(&Plan::new(&["us-east-1"]).time_scale(0.2)).await.unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "apps/killed";
+    let image = disk(64 * MIB, 41);
+    add_image(&world, stream, "1", &image).await;
+    let puts = || world.api_outcomes("ami-publisher", "ok").get("PutSnapshotBlock").copied().unwrap_or(0);
+    let mut args = vec!["publish", stream, "1"];
+    args.extend(with_targets(&targets, &["--via", "ebs-direct", "--blocks-in-flight", "1"]));
+    let (mut child, _log) = p.spawn(&args);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while puts() < 16 {
+        assert!(child.try_wait().unwrap().is_none(), "the publish ended before it was killed");
+        assert!(std::time::Instant::now() < deadline, "no block was written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let written = puts();
+    let blocks = (image.len() / BLOCK) as u64;
+    assert!(written < blocks * targets.len() as u64, "killed after {written} writes: nothing left to resume");
+
+    // What the killed run left: unfinished snapshots, EBS's kind.
+    let digest_filter = |digest: &str| Filter::builder().name("tag:ImageDigest").values(digest).build();
+    let image_id = {
+        let builder = world.pki.role(fleet_pki::Role::ImageBuilder).unwrap();
+        let mut c = imagetool::client::connect(&world.imageserver_addr(), &builder).await.unwrap();
+        let name = image_format::ImageName::new(stream, "1").unwrap();
+        image_client::get_manifest(&mut c, &name).await.unwrap().1.image_id().to_hex()
+    };
+    let mut left = std::collections::HashMap::new();
+    for t in &world.targets {
+        let ec2 = world.ec2(&t.account, &t.region).await;
+        let found = ec2.describe_snapshots().owner_ids("self").filters(digest_filter(&image_id)).send().await.unwrap();
+        for s in found.snapshots() {
+            assert_eq!(s.state().map(|s| s.as_str()), Some("pending"), "{s:?}");
+            assert_eq!(s.volume_id(), Some("vol-ffffffff"), "{s:?}");
+        }
+        assert!(found.snapshots().len() <= 1, "{:?}", found.snapshots());
+        if let Some(s) = found.snapshots().first() {
+            left.insert((t.account.clone(), t.region.clone()), s.snapshot_id().unwrap().to_owned());
+        }
+    }
+    assert!(!left.is_empty(), "the killed run started no snapshot");
+
+    // The re-run finishes each target's snapshot (the same one, by its
+    // client token), and leaves no other.
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &["--via", "ebs-direct", "--verify"]));
+    assert_eq!(code, 0, "{r:#?}");
+    for t in &r.targets {
+        assert!(t.ok() && !t.reused, "{t:#?}");
+        assert_eq!(t.verified_chunks, Some(blocks), "the bytes are the image's: {t:#?}");
+        if let Some(was) = left.get(&(t.account.clone(), t.region.clone())) {
+            assert_eq!(t.snapshot_id.as_ref(), Some(was), "the killed run's snapshot is finished, not another");
+        }
+        let ec2 = world.ec2(&t.account, &t.region).await;
+        let found = ec2.describe_snapshots().owner_ids("self").filters(digest_filter(&image_id)).send().await.unwrap();
+        let ids: Vec<_> = found.snapshots().iter().filter_map(|s| s.snapshot_id()).collect();
+        assert_eq!(ids, [t.snapshot_id.as_deref().unwrap()], "one snapshot in {},{}", t.account, t.region);
+        assert_eq!(
+            Some(root_snapshot_of(&world, &t.account, &t.region, t.ami_id.as_deref().unwrap()).await),
+            t.snapshot_id
+        );
+    }
+    let starts = world.api_outcomes("ami-publisher", "ok").get("StartSnapshot").copied().unwrap_or(0) as usize;
+    assert!(
+        starts <= targets.len() + left.len(),
+        "{starts} starts: one per target, and one again per snapshot resumed"
+    );
+}
