@@ -44,6 +44,9 @@ Commands:
                   --only datapath: CPU seconds per GiB of unpack, get and
                   dd on pinned cores, the S3 store against the directory;
                   --only decode-fuzz: 100,000 cases per property test;
+                  --only ebs-direct: bytes put by --via ebs-direct for a
+                  2%-changed leaf of 1 GiB against a whole upload, and its
+                  time against the unpacker's way;
                   --only soak: just the soak below
   soak            20 publishes of one stream to 6 targets under every fault
                   the world models (leaves that grow and shrink, one leaf

@@ -17,6 +17,7 @@
 //! - [`publish`]: the publish of one leaf to one target, and to all;
 //! - [`results`]: results files;
 //! - [`verify`]: the bytes behind an AMI against its image (EBS direct reads);
+//! - [`export`]: a snapshot's bytes into a raw file, for `imagetool add`;
 //! - [`sharing`]: who may launch and copy an AMI (accounts, organizations, OUs);
 //! - [`pointer`]: the fleet's pointer, an SSM parameter per target (SSM calls);
 //! - [`ops`]: the lifecycle and operations subcommands (expire, lists, tags, ...);
@@ -27,6 +28,7 @@ pub mod allowed;
 pub mod aws;
 pub mod cli;
 pub mod errors;
+pub mod export;
 pub mod keys;
 pub mod lifecycle;
 pub mod ops;

@@ -182,7 +182,7 @@ pub struct Checked {
 /// Read the blocks behind `s` (a sample of them) and compare them with the
 /// chunks of `m`; stops at the first difference.
 pub async fn bytes(ebs: &aws_sdk_ebs::Client, s: &Subject, m: &Manifest, sample: Sample) -> anyhow::Result<Checked> {
-    let listed = list_blocks(ebs, &s.snapshot).await?;
+    let (listed, _) = list_blocks(ebs, &s.snapshot).await?;
     // A unit is read at once: a chunk (and its blocks), or a block (and
     // the chunks in it); chunk sizes are powers of two, so units align.
     let unit = u64::from(m.chunk_size()).max(BLOCK);
@@ -264,9 +264,13 @@ fn check_unit(m: &Manifest, start: u64, data: &[u8]) -> anyhow::Result<(u64, Opt
     Ok((checked, None))
 }
 
-/// A snapshot's listed blocks and their tokens.
-async fn list_blocks(ebs: &aws_sdk_ebs::Client, snapshot: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+/// A snapshot's listed blocks and their tokens, and its volume's size in GiB.
+pub(crate) async fn list_blocks(
+    ebs: &aws_sdk_ebs::Client,
+    snapshot: &str,
+) -> anyhow::Result<(BTreeMap<u64, String>, Option<u64>)> {
     let mut out = BTreeMap::new();
+    let mut gib = None;
     let mut next: Option<String> = None;
     loop {
         let page = ebs
@@ -280,6 +284,7 @@ async fn list_blocks(ebs: &aws_sdk_ebs::Client, snapshot: &str) -> anyhow::Resul
         if page.block_size().is_some_and(|b| i64::from(b) != BLOCK as i64) {
             bail!("{snapshot} has {:?}-byte blocks, not {BLOCK}", page.block_size());
         }
+        gib = page.volume_size().and_then(|g| u64::try_from(g).ok()).or(gib);
         for b in page.blocks() {
             if let (Some(i), Some(token)) = (b.block_index(), b.block_token()) {
                 out.insert(u64::try_from(i).context("a negative block index")?, token.to_owned());
@@ -287,13 +292,18 @@ async fn list_blocks(ebs: &aws_sdk_ebs::Client, snapshot: &str) -> anyhow::Resul
         }
         match page.next_token() {
             Some(t) if !t.is_empty() => next = Some(t.to_owned()),
-            _ => return Ok(out),
+            _ => return Ok((out, gib)),
         }
     }
 }
 
 /// One block's bytes, checked against the SHA-256 EBS sends with them.
-async fn get_block(ebs: &aws_sdk_ebs::Client, snapshot: &str, index: u64, token: &str) -> anyhow::Result<Vec<u8>> {
+pub(crate) async fn get_block(
+    ebs: &aws_sdk_ebs::Client,
+    snapshot: &str,
+    index: u64,
+    token: &str,
+) -> anyhow::Result<Vec<u8>> {
     let what = format!("GetSnapshotBlock {index} of {snapshot}");
     let out = ebs
         .get_snapshot_block()

@@ -759,14 +759,22 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
     let mut c = imagetool::client::connect(&world.imageserver_addr(), &builder).await.unwrap();
     let name = image_format::ImageName::new(stream, "odd").unwrap();
     imagetool::add(&mut c, &name, &odd, 1 << 20, imagetool::Progress::Hidden).await.unwrap();
-    for (leaf, extra, says) in [("odd", None, "524288-byte chunks"), ("1", Some("--dry-run"), "no plan yet")] {
-        let mut args = vec!["publish", stream, leaf];
+    let mut args = vec!["publish", stream, "odd"];
+    args.extend(with_targets(&targets, &via));
+    let out = p.run(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("524288-byte chunks"), "{err}");
+    // The plan: no parent yet, every block to write.
+    let plan = |leaf: &str| {
+        let mut args = vec!["publish", stream, leaf, "--dry-run", "--json"];
         args.extend(with_targets(&targets, &via));
-        args.extend(extra);
-        let out = p.run(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
-        assert!(err.contains(says), "{err}");
+        json_of(&p.run(&args)).as_array().unwrap().clone()
+    };
+    for t in plan("1") {
+        assert_eq!(t["ami"], "make", "{t:#}");
+        assert!(t["parent"].as_str().unwrap().starts_with("none"), "{t:#}");
+        assert_eq!(t["bytes_to_write"].as_u64(), Some(leaf1.len() as u64), "{t:#}");
     }
     assert!(!world.api_calls("ami-publisher").contains_key("StartSnapshot"), "nothing was started");
 
@@ -818,6 +826,16 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
         }
     }
     add_image(&world, stream, "2", &leaf2).await;
+    // The plan names each target's leaf-1 snapshot as the parent, and the
+    // three changed blocks; it starts nothing.
+    let starts = || world.api_calls("ami-publisher").get("StartSnapshot").copied();
+    let started = starts();
+    for (t, was) in plan("2").iter().zip(&r1.targets) {
+        let parent = t["parent"].as_str().unwrap();
+        assert!(parent.starts_with(was.snapshot_id.as_deref().unwrap()) && parent.contains("(leaf 1)"), "{t:#}");
+        assert_eq!(t["bytes_to_write"].as_u64(), Some((changed.len() * BLOCK) as u64), "{t:#}");
+    }
+    assert_eq!(starts(), started, "a plan starts nothing");
     let before = puts();
     // --verify reads every target's new snapshot back.
     let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &["--via", "ebs-direct", "--verify"]));
@@ -932,6 +950,28 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
         let r = report_of(&reports, t);
         assert!(r["error"].is_null() && rows_of(&r)[0]["ok"] == true, "the others are intact: {r:#}");
     }
+
+    // `export-snapshot` of an AMI: its bytes, as a raw file imagetool adds
+    // as a leaf of another stream, every chunk the imageserver has already.
+    let t = &r2.targets[2];
+    let file = world.path("exported.raw");
+    let source = format!("{},{},{}", t.account, t.region, t.ami_id.as_deref().unwrap());
+    let out = json_of(&p.run(&["export-snapshot", &source, file.to_str().unwrap(), "--json"]));
+    assert_eq!(out["snapshot"].as_str(), t.snapshot_id.as_deref(), "{out:#}");
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(bytes.len() as u64, out["size_bytes"].as_u64().unwrap(), "the volume's size");
+    assert!(bytes[..leaf2.len()] == leaf2[..], "the exported file holds the image");
+    assert!(image_format::is_zero(&bytes[leaf2.len()..]), "and zeros past it");
+    assert!(!world.path(".exported.raw.part").exists(), "no partial file is left");
+    let builder = world.pki.role(fleet_pki::Role::ImageBuilder).unwrap();
+    let mut c = imagetool::client::connect(&world.imageserver_addr(), &builder).await.unwrap();
+    let name = image_format::ImageName::new("apps/imported", "1").unwrap();
+    let added = imagetool::add(&mut c, &name, &file, 524_288, imagetool::Progress::Hidden).await.unwrap();
+    assert_eq!(added.bytes_sent, 0, "every chunk was there: {added:?}");
+    // A snapshot that is not there is named.
+    let out = p.run(&["export-snapshot", &format!("{},{},snap-0000000000000000a", t.account, t.region), "/tmp/x.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("snap-0000000000000000a"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1002,9 +1042,9 @@ async fn an_ebs_direct_publish_killed_mid_upload_is_finished_by_a_rerun_with_one
             t.snapshot_id
         );
     }
-    let starts = world.api_outcomes("ami-publisher", "ok").get("StartSnapshot").copied().unwrap_or(0) as usize;
+    let starts = world.api_outcomes("ami-publisher", "ok").get("StartSnapshot").copied().unwrap_or(0);
     assert!(
-        starts <= targets.len() + left.len(),
+        starts <= (targets.len() + left.len()) as u64,
         "{starts} starts: one per target, and one again per snapshot resumed"
     );
 }

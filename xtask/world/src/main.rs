@@ -9,6 +9,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_direct;
 mod bench_publisher;
 mod bench_unpacker;
 mod demo;

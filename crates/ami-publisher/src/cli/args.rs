@@ -337,6 +337,23 @@ pub enum Command {
         #[arg(long, default_value = "100", value_parser = parse_sample, value_name = "PERCENT")]
         sample: crate::verify::Sample,
     },
+    /// Write the bytes behind a snapshot, or behind an AMI's root
+    /// snapshot, to a sparse raw FILE, read with the EBS direct APIs (only
+    /// the blocks EBS lists; each checked against its SHA-256). Then
+    /// `imagetool add STREAM/LEAF FILE` makes it a leaf (sending only the
+    /// chunks the imageserver lacks), and `publish` puts it everywhere: an
+    /// AMI built by other means (Packer, CreateImage) enters a stream. The
+    /// role needs ebs:ListSnapshotBlocks and ebs:GetSnapshotBlock on the
+    /// snapshot (the shipped policy allows them on this tool's snapshots
+    /// only).
+    ExportSnapshot {
+        /// ACCOUNT,REGION,ID: a profile, a region, and a snapshot or AMI id.
+        #[arg(value_parser = crate::export::parse_source, value_name = "ACCOUNT,REGION,ID")]
+        source: (crate::targets::Target, String),
+        /// The raw image file to write (replaced whole when complete).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Deprecate AMIs (of results files, or --leaf) at now + --deprecate-in.
     Deprecate {
         #[command(flatten)]

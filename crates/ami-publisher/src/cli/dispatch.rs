@@ -45,6 +45,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         let direct = (*via == crate::values::Via::EbsDirect).then_some(usize::from(*blocks_in_flight));
         return run_publish(&cli, stream, leaf, *force, direct, *verify).await;
     }
+    if let Command::ExportSnapshot { source: (t, id), file } = &cli.command {
+        refuse(check_writable(file))?;
+        let aws = refuse(Aws::new(cli.retry()).await)?;
+        let board = Board::new(!cli.json, &[t.to_string()]);
+        let line = board.line(&t.to_string());
+        let (ec2, ebs) = (aws.ec2(t).await, aws.ebs(t).await);
+        let exported = crate::export::export(&ec2, &ebs, t, id, file, &line).await;
+        line.finish(match &exported {
+            Ok(_) => format!("{} written", file.display()),
+            Err(e) => format!("FAILED: {e:#}"),
+        });
+        let exported = exported?;
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&exported)?);
+        } else {
+            println!(
+                "{}: {} ({} of {} written from {} blocks)",
+                exported.snapshot,
+                file.display(),
+                human_bytes(exported.bytes_written),
+                human_bytes(exported.size_bytes),
+                exported.blocks_read
+            );
+        }
+        return Ok(Outcome::AllSucceeded);
+    }
     if let Command::IamPolicy = &cli.command {
         let keys = settings(&cli).keys;
         let policy = crate::policy::publisher_policy(&crate::policy::PolicyFor {
@@ -103,7 +129,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let amis: std::collections::HashMap<_, _> = from_results.unwrap_or_default().into_iter().collect();
     let (json, q) = (cli.json, false);
     let outcome = match &cli.command {
-        Command::Publish { .. } | Command::IamPolicy => unreachable!("handled above"),
+        Command::Publish { .. } | Command::IamPolicy | Command::ExportSnapshot { .. } => {
+            unreachable!("handled above")
+        }
         Command::AddVolumes { size_gib } => {
             show(ops::add_volumes(&ctx, *size_gib, cli.volume_type.sdk()).await, json, q)
         }
@@ -451,11 +479,6 @@ async fn run_publish(
     direct: Option<usize>,
     verify: bool,
 ) -> anyhow::Result<Outcome> {
-    if cli.dry_run && direct.is_some() {
-        return bail_refused(
-            "--dry-run plans the unpacker's way only; --via ebs-direct has no plan yet (nothing was done)",
-        );
-    }
     // Everything that can be refused is refused before any AWS resource is made.
     let Prepared { opts, targets, aws, manifest, images } =
         refuse(prepare_publish(cli, stream, leaf, force, direct, verify).await)?;
@@ -621,6 +644,9 @@ fn plan_table(o: &Options, plans: &[publish::TargetPlan]) -> String {
         }
         if let Some(u) = &p.unpacker {
             item("unpacker", u);
+        }
+        if let Some(pa) = &p.parent {
+            item("parent snapshot", pa);
         }
         if let Some(v) = &p.volume {
             item("volume", v);

@@ -120,16 +120,22 @@ pub(super) fn linear_checksum(digests: &std::collections::BTreeMap<u64, [u8; 32]
 type Wanted = (u64, Option<(Digest, usize)>);
 
 /// An earlier leaf's snapshot to start from.
-struct Parent {
-    snapshot: String,
-    manifest: Manifest,
+pub(super) struct Parent {
+    pub(super) snapshot: String,
+    pub(super) leaf: String,
+    pub(super) manifest: Manifest,
     gib: i64,
 }
 
 /// The newest completed snapshot in the target of another leaf of the
 /// stream, under the target's key, whose leaf the imageserver still has
 /// with the digest the snapshot's tag names, cut in 512 KiB chunks.
-async fn find_parent(ec2: &Client, d: &Direct, o: &Options, key: Option<&str>) -> anyhow::Result<Option<Parent>> {
+pub(super) async fn find_parent(
+    ec2: &Client,
+    d: &Direct,
+    o: &Options,
+    key: Option<&str>,
+) -> anyhow::Result<Option<Parent>> {
     let found: Vec<aws_sdk_ec2::types::Snapshot> = ec2
         .describe_snapshots()
         .owner_ids("self")
@@ -170,7 +176,12 @@ async fn find_parent(ec2: &Client, d: &Direct, o: &Options, key: Option<&str>) -
             tracing::debug!(snapshot = id, %name, "not a parent: its leaf's image differs from its tag, or its chunks");
             continue;
         }
-        return Ok(Some(Parent { snapshot: id.to_owned(), manifest, gib: i64::from(s.volume_size().unwrap_or(0)) }));
+        return Ok(Some(Parent {
+            snapshot: id.to_owned(),
+            leaf: leaf.to_owned(),
+            manifest,
+            gib: i64::from(s.volume_size().unwrap_or(0)),
+        }));
     }
     Ok(None)
 }
@@ -352,11 +363,7 @@ pub(super) async fn snapshot(
         let (index, sha, n) = done?;
         digests.insert(index, sha);
         put_bytes += n;
-        line.step(format!(
-            "writing blocks: {} of {}",
-            indicatif::BinaryBytes(put_bytes),
-            indicatif::BinaryBytes(total)
-        ));
+        line.bytes("writing blocks", put_bytes, total);
     }
     r.bytes_written = Some(put_bytes);
     r.bytes_fetched = Some(fetched_bytes.load(std::sync::atomic::Ordering::Relaxed));

@@ -40,12 +40,16 @@ pub struct TargetPlan {
     /// The unpacker instance and what it would need: `running`, `start`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unpacker: Option<String>,
+    /// `--via ebs-direct`: the snapshot the new one would start from (or
+    /// none), or the unfinished one it would resume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     /// `reuse VOL`, `grow VOL to N GiB`, `use free VOL`, `make N GiB`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
-    /// Bytes the unpacker would write (changed chunks and chunks that
-    /// become zero); None when the volume's content is not known (it is
-    /// scanned first).
+    /// Bytes the unpacker (or, with --via ebs-direct, PutSnapshotBlock)
+    /// would write (changed chunks and chunks that become zero); None when
+    /// the volume's content is not known (it is scanned first).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_to_write: Option<u64>,
     /// The name the AMI would get.
@@ -201,12 +205,31 @@ async fn plan_one(
         return plan_shares(ec2, o, &ami, snap, p).await;
     }
     p.ami_name = Some(if o.force { super::register::dated_name(&o.ami_name) } else { o.ami_name.clone() });
-    if let Some((snap, gib)) = find_snapshot(ec2, o, &tagged).await? {
+    let left_over = find_snapshot(ec2, o, &tagged).await?;
+    if let (Some(d), Some((snap, _))) = (&o.direct, &left_over)
+        && super::direct::unfinished(ec2, snap).await?
+    {
+        // The real run resumes it by its client token and writes every
+        // block it needs again.
+        p.ami = "make".into();
+        p.existing = Some(snap.clone());
+        plan_direct(ec2, t, o, d, p).await?;
+        p.parent =
+            Some(format!("resume {snap}, left unfinished by an earlier run ({})", p.parent.take().unwrap_or_default()));
+        return plan_shares_new(o, p);
+    }
+    if let Some((snap, gib)) = left_over {
         p.ami = "register".into();
         let name = p.ami_name.clone().unwrap_or_default();
         let r = super::register::request(ec2, o, &name, &snap, gib).dry_run(true).send().await;
         p.permissions.push(dry_run_answer("RegisterImage", r));
         p.existing = Some(snap);
+        return plan_shares_new(o, p);
+    }
+    if let Some(d) = &o.direct {
+        p.ami = "make".into();
+        line.step("looking for a parent snapshot");
+        plan_direct(ec2, t, o, d, p).await?;
         return plan_shares_new(o, p);
     }
     line.step("finding the unpacker");
@@ -309,6 +332,27 @@ async fn plan_one(
         p.permissions.push(dry_run_answer("CreateSnapshot", r));
     }
     plan_shares_new(o, p)
+}
+
+/// `--via ebs-direct`: the snapshot the new one would start from, and the
+/// bytes it would put. EBS's direct APIs have no DryRun: whether IAM allows
+/// them is not asked.
+async fn plan_direct(
+    ec2: &Client,
+    t: &Target,
+    o: &Options,
+    d: &super::Direct,
+    p: &mut TargetPlan,
+) -> anyhow::Result<()> {
+    let key = o.key_arn(t);
+    let parent = super::direct::find_parent(ec2, d, o, key.as_deref()).await?;
+    let blocks = super::direct::blocks_to_put(&d.manifest, parent.as_ref().map(|pa| &pa.manifest));
+    p.bytes_to_write = Some(blocks.len() as u64 * u64::from(super::direct::BLOCK));
+    p.parent = Some(match &parent {
+        Some(pa) => format!("{} (leaf {}): only the blocks that differ", pa.snapshot, pa.leaf),
+        None => "none: a new snapshot under the target's key, every block written".to_owned(),
+    });
+    Ok(())
 }
 
 /// Bytes an unpack writes to turn a device holding `from` (None: zeros)
