@@ -956,6 +956,7 @@ def call_action(self):
             _withhold,
             _can_drop,
             _drop_connection,
+            lambda: _ebs_refusal(self, action, app),
         )
     if app == "local-world" or service not in ("ec2", "sts"):
         with LOCK:
@@ -1085,6 +1086,30 @@ def _unauthorized(response, service, action, app, params, account, region):
 
     user = f"arn:aws:iam::{account}:user/{IAM_APP}"
     return iam_policy.refusal(IAM_POLICY, action, params, account, region, resource_tags, attached_instance, user)
+
+
+def _ebs_refusal(response, action, app):
+    """IAM's refusal of an EBS direct call (see world/ebs_direct.py), else None."""
+    if IAM_POLICY is None or app != IAM_APP:
+        return None
+    account, region = response.current_account, response.region
+    backend = ec2_backends[account][region]
+    snapshots, request_tags = ebs_direct.named(response, action)
+    for snapshot_id in snapshots:
+        if snapshot_id == "*":
+            context = iam_policy.request_tag_context(request_tags or {})
+        else:
+            tags = dict(backend.tags.get(snapshot_id, {}))
+            context = {f"aws:resourcetag/{k}".lower(): v for k, v in tags.items()}
+        resource = iam_policy.arn("snapshot", snapshot_id, account, region)
+        name = f"ebs:{action}"
+        if iam_policy.decide(IAM_POLICY, name, resource, context) != "allow":
+            user = f"arn:aws:iam::{account}:user/{IAM_APP}"
+            return (
+                f"User: {user} is not authorized to perform: {name} on resource: {resource} "
+                f"because no identity-based policy allows the {name} action"
+            )
+    return None
 
 
 def _error_code(body):

@@ -157,6 +157,30 @@ async fn the_world_enforces_the_publishers_iam_policy() {
             }
         }
     }
+    // The EBS direct APIs too: reading a snapshot it did not make, or
+    // starting one without the tag, is refused (AccessDeniedException,
+    // naming the action and the snapshot); started with the tag, it may
+    // write to it.
+    use aws_sdk_ebs::error::ProvideErrorMetadata as _;
+    let ebs = aws_sdk_ebs::Client::new(&config);
+    let err = ebs.list_snapshot_blocks().snapshot_id(foreign).send().await.unwrap_err();
+    assert_eq!(err.code(), Some("AccessDeniedException"), "{err:?}");
+    assert!(err.message().unwrap_or_default().contains("ebs:ListSnapshotBlocks"), "{err:?}");
+    let err = ebs.start_snapshot().volume_size(1).encrypted(true).send().await.unwrap_err();
+    assert_eq!(err.code(), Some("AccessDeniedException"), "{err:?}");
+    let ours = ebs
+        .start_snapshot()
+        .volume_size(1)
+        .encrypted(true)
+        .tags(aws_sdk_ebs::types::Tag::builder().key("ManagedBy").value("ami-fleet").build())
+        .send()
+        .await
+        .unwrap();
+    let ours = ours.snapshot_id().unwrap();
+    let done = ebs.complete_snapshot().snapshot_id(ours).changed_blocks_count(0).send().await;
+    assert!(done.is_ok(), "{done:?}");
+    assert_eq!(world.api_outcomes("ami-publisher", "AccessDeniedException").values().sum::<u64>(), 2);
+
     // The same world with enforcement off lets anything through.
     let open = World::start(&Plan::of(&["first"], &["us-east-1"]).iam("off")).await.unwrap();
     let config = open.sdk_config_as("ami-publisher", &t.account, &t.region).await.unwrap();

@@ -53,6 +53,12 @@
 #   CompleteSnapshot (ResourceNotFoundException) for the `lag=` time drawn
 #   for the call, as EBS answers for a while after a start (the EBS direct
 #   APIs' error reference: "the snapshot ... does not exist").
+# - IAM (with the world's policy enforced, moto_launch.py section 10): each
+#   call is authorized as ebs:ACTION on the snapshots it names, by their
+#   ARN (arn:aws:ec2:REGION::snapshot/ID, the Service Authorization
+#   Reference's resource for the EBS direct APIs), with their tags as
+#   aws:ResourceTag/K; StartSnapshot on snapshot/* with the request's tags
+#   as aws:RequestTag/K. A refusal is AccessDeniedException (403).
 #
 # The world's own calls (User-Agent app/local-world) are not throttled.
 # Every PutSnapshotBlock is counted per snapshot (puts(), for tests).
@@ -542,10 +548,31 @@ def internal_error():
 MUTATING = ("StartSnapshot", "PutSnapshotBlock", "CompleteSnapshot")
 
 
-def call(response, action, app, model, serve, log, withhold, can_drop, drop):
-    """A tool's EBS call under the world's pace and faults. `serve()`
-    answers it as EBS would; the rest are moto_launch.py's (the fault
-    model, the log, withholding and dropping an answer)."""
+def named(response, action):
+    """The snapshots an EBS call acts on, and the tags its request gives
+    (StartSnapshot's new snapshot is "*", with the request's tags)."""
+    path = _path(response)
+    if action == "StartSnapshot":
+        params = json.loads(response.body or b"{}")
+        return ["*"], {t.get("Key"): t.get("Value", "") for t in params.get("Tags") or []}
+    if action in ("PutSnapshotBlock", "GetSnapshotBlock"):
+        return [path[-3]], None
+    if action == "CompleteSnapshot":
+        return [path[-1]], None
+    snapshots = [path[-2]]
+    first = response._get_params().get("firstSnapshotId") if action == "ListChangedBlocks" else None
+    return snapshots + ([first] if first else []), None
+
+
+def access_denied(message):
+    return EbsError(403, "AccessDeniedException", message, "UNAUTHORIZED_ACCOUNT").answer()
+
+
+def call(response, action, app, model, serve, log, withhold, can_drop, drop, refusal=lambda: None):
+    """A tool's EBS call under the world's pace, faults and IAM. `serve()`
+    answers it as EBS would; `refusal()` is IAM's word on it (None: allowed);
+    the rest are moto_launch.py's (the fault model, the log, withholding and
+    dropping an answer)."""
     key = model.next_call(response.current_account, response.region, action)
     time.sleep(model.latency(action, key))
     if model.chance("throttle", key):
@@ -563,6 +590,10 @@ def call(response, action, app, model, serve, log, withhold, can_drop, drop):
         log("lost")
         drop()
         return internal_error()
+    refused = refusal()
+    if refused is not None:
+        log("AccessDeniedException")
+        return access_denied(refused)
     answer = serve()
     if action == "StartSnapshot" and answer[0] == 201:
         lag = model.lag(key)

@@ -281,18 +281,18 @@ class Request:
 
     def new(self, kind, tags, extra=None):
         context = dict(self.context)
-        context.update(_request_tag_context(tags))
+        context.update(request_tag_context(tags))
         context.update(extra or {})
         self.checks.append((None, arn(kind, "*", self.account, self.region), context, f"a new {kind}"))
 
     def tagging_on_create(self, action, kind, tags):
         if tags:
-            context = _request_tag_context(tags)
+            context = request_tag_context(tags)
             context["ec2:createaction"] = action
             self.checks.append(("CreateTags", arn(kind, "*", self.account, self.region), context, f"a new {kind}"))
 
 
-def _request_tag_context(tags):
+def request_tag_context(tags):
     context = {f"aws:requesttag/{k}".lower(): v for k, v in tags.items()}
     if tags:
         context["aws:tagkeys"] = list(tags)
@@ -313,7 +313,7 @@ def request(action, params, account, region, resource_tags, attached_instance=la
     if action in created:
         kind, sources = created[action]
         tags = _specified_tags(params, kind)
-        r.context = _request_tag_context(tags)
+        r.context = request_tag_context(tags)
         r.new(kind, tags)
         r.tagging_on_create(action, kind, tags)
         for name in sources:
@@ -328,7 +328,7 @@ def request(action, params, account, region, resource_tags, attached_instance=la
             r.tagging_on_create(action, "snapshot", _specified_tags(params, "snapshot"))
     elif action == "RunInstances":
         tags = _specified_tags(params, "instance")
-        r.context = _request_tag_context(tags)
+        r.context = request_tag_context(tags)
         r.new("instance", tags)
         r.tagging_on_create(action, "instance", tags)
         volume_tags = _specified_tags(params, "volume")
@@ -345,7 +345,7 @@ def request(action, params, account, region, resource_tags, attached_instance=la
             r.existing(v, kind="key-pair")
     elif action in ("CreateTags", "DeleteTags"):
         tags = _tags_in(params, "Tag")
-        extra = _request_tag_context(tags) if action == "CreateTags" else {"aws:tagkeys": list(tags)}
+        extra = request_tag_context(tags) if action == "CreateTags" else {"aws:tagkeys": list(tags)}
         for v in _values(params, "ResourceId"):
             r.existing(v, extra=extra)
     elif action in ("AttachVolume", "DetachVolume"):
