@@ -49,13 +49,20 @@ fn created(sid: &str, actions: &[&str], resource: &str) -> Value {
 }
 
 /// What a customer managed KMS key (`--kms-key-id`) needs the caller to be
-/// allowed, only through EC2 (`kms:ViaService`): EBS asks KMS on the
-/// caller's behalf for a data key and a grant for each encrypted volume,
-/// snapshot copy and AMI copy ("Amazon EBS encryption", permissions for
-/// IAM users). An alias is matched by `kms:ResourceAliases`; the default
+/// allowed, only through EC2 and EBS (`kms:ViaService`): EBS asks KMS on
+/// the caller's behalf for a data key and a grant for each encrypted
+/// volume, snapshot copy and AMI copy ("Amazon EBS encryption", permissions
+/// for IAM users), and, for `--via ebs-direct`, to encrypt the blocks of a
+/// snapshot started under the key or from a parent under it (the EBS user
+/// guide's "Control access to EBS direct APIs using IAM" lists Encrypt,
+/// Decrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext, ReEncrypt*,
+/// CreateGrant and DescribeKey, with no condition). EBS documents no
+/// `kms:ViaService` value for its direct APIs; this policy assumes their
+/// regional endpoint's name, `ebs.REGION.amazonaws.com` (not checked
+/// against AWS). An alias is matched by `kms:ResourceAliases`; the default
 /// key aws/ebs needs nothing here (its key policy allows EBS's callers).
 fn key_statement(key: &str) -> Value {
-    let via_ec2 = json!({ "StringLike": { "kms:ViaService": "ec2.*.amazonaws.com" } });
+    let via_ec2 = json!({ "StringLike": { "kms:ViaService": ["ec2.*.amazonaws.com", "ebs.*.amazonaws.com"] } });
     let (resource, condition) = if key.starts_with("arn:aws:kms:") && key.contains(":alias/") {
         let alias = &key[key.find("alias/").unwrap_or(0)..];
         ("arn:aws:kms:*:*:key/*".to_owned(), Some(alias.to_owned()))
@@ -74,8 +81,8 @@ fn key_statement(key: &str) -> Value {
         "Sid": "EncryptWithTheConfiguredKey",
         "Effect": "Allow",
         "Action": [
-            "kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
-            "kms:ReEncryptFrom", "kms:ReEncryptTo"
+            "kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:Encrypt", "kms:GenerateDataKey",
+            "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom", "kms:ReEncryptTo"
         ],
         "Resource": resource,
         "Condition": condition_block
@@ -302,7 +309,10 @@ mod tests {
         let arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
         let s = statement(arn);
         assert_eq!(s["Resource"], arn);
-        assert_eq!(s["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com");
+        assert_eq!(
+            s["Condition"]["StringLike"]["kms:ViaService"],
+            json!(["ec2.*.amazonaws.com", "ebs.*.amazonaws.com"])
+        );
         assert!(s["Condition"].get("ForAnyValue:StringEquals").is_none());
         let s = statement("alias/images");
         assert_eq!(s["Resource"], "arn:aws:kms:*:*:key/*");

@@ -560,6 +560,51 @@ async fn expire_leaves_what_the_tool_did_not_make_even_where_iam_would_allow_it(
     assert_eq!(ec2.describe_images().image_ids(&ami).send().await.unwrap().images().len(), 1);
     assert_eq!(ec2.describe_volumes().volume_ids(&vol).send().await.unwrap().volumes().len(), 1);
 }
+/// A snapshot of this tool's that ended in `error` backs nothing: `expire`
+/// deletes it (after a dry run that only says so); one that is not the
+/// tool's is left alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn expire_deletes_the_tools_snapshots_that_ended_in_error() {
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let t = &world.targets[0];
+    // Started and completed wrongly (a block count it did not write), as
+    // the tool (its tag) and as someone else.
+    let failed = |config: aws_config::SdkConfig, tagged: bool| async move {
+        let ebs = aws_sdk_ebs::Client::new(&config);
+        let mut start = ebs.start_snapshot().volume_size(1).encrypted(true);
+        if tagged {
+            start = start.tags(aws_sdk_ebs::types::Tag::builder().key("ManagedBy").value("ami-fleet").build());
+        }
+        let id = start.send().await.unwrap().snapshot_id().unwrap().to_owned();
+        ebs.complete_snapshot().snapshot_id(&id).changed_blocks_count(3).send().await.unwrap();
+        id
+    };
+    let ours = failed(world.sdk_config_as("ami-publisher", &t.account, &t.region).await.unwrap(), true).await;
+    let theirs = failed(world.sdk_config(&t.account, &t.region).await, false).await;
+    let ec2 = world.ec2(&t.account, &t.region).await;
+    let state = |id: String| {
+        let ec2 = ec2.clone();
+        async move {
+            let found = ec2.describe_snapshots().snapshot_ids(&id).send().await;
+            found.ok().and_then(|f| f.snapshots().first().and_then(|s| s.state().map(|s| s.as_str().to_owned())))
+        }
+    };
+    assert_eq!(state(ours.clone()).await.as_deref(), Some("error"));
+
+    let planned = records(&json_of(&p.run(&["--targets", "first,us-east-1", "--json", "--dry-run", "expire"])));
+    let row = planned.iter().find(|r| r["resource"] == ours.as_str()).unwrap_or_else(|| panic!("{planned:?}"));
+    assert_eq!(row["action"], "would delete", "{row}");
+    assert!(row["detail"].as_str().unwrap().contains("ended in error"), "{row}");
+    assert_eq!(state(ours.clone()).await.as_deref(), Some("error"), "a dry run deletes nothing");
+
+    let done = records(&json_of(&p.run(&["--targets", "first,us-east-1", "--json", "expire"])));
+    assert!(done.iter().any(|r| r["resource"] == ours.as_str() && r["action"] == "delete"), "{done:?}");
+    assert!(!done.iter().any(|r| r["resource"] == theirs.as_str()), "{done:?}");
+    assert_eq!(state(ours).await, None, "deleted");
+    assert_eq!(state(theirs).await.as_deref(), Some("error"), "not the tool's: left alone");
+}
+
 /// `ami-publisher iam-policy` prints the policy deploy/ ships (with the
 /// default options), as JSON, without any AWS call or configuration.
 #[test]

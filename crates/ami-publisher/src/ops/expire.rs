@@ -1,5 +1,7 @@
 //! `expire`: everything this tool made (`ManagedBy=ami-fleet`) whose
-//! `ExpiresAt` tag has passed.
+//! `ExpiresAt` tag has passed, and its snapshots that can back nothing:
+//! ended in `error`, or started with the EBS direct APIs and still pending
+//! long after EBS's timeout (a publish killed before it tagged them).
 
 use std::time::SystemTime;
 
@@ -38,6 +40,32 @@ fn due(tags: &[Tag], now: SystemTime, id: &str, out: &mut Vec<Acted>) -> bool {
         return false;
     }
     true
+}
+
+/// How long after its start a snapshot the EBS direct APIs were writing is
+/// surely dead: EBS cancels one nobody writes to for its timeout (this
+/// tool asks for 60 minutes; EBS allows at most 4320, three days).
+const DIRECT_SNAPSHOT_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(4 * 24 * 3600);
+
+/// Why one of this tool's snapshots can back nothing and goes, if it
+/// cannot: it ended in `error`, or it is a snapshot of the EBS direct APIs
+/// (volume `vol-ffffffff`) still pending past any EBS timeout.
+fn dead(
+    state: Option<&aws_sdk_ec2::types::SnapshotState>,
+    volume: Option<&str>,
+    started: Option<SystemTime>,
+    now: SystemTime,
+) -> Option<&'static str> {
+    use aws_sdk_ec2::types::SnapshotState;
+    match state? {
+        SnapshotState::Error => Some("snapshot that ended in error"),
+        SnapshotState::Pending
+            if volume == Some("vol-ffffffff") && started.is_some_and(|t| t + DIRECT_SNAPSHOT_DEAD_AFTER <= now) =>
+        {
+            Some("snapshot left unfinished (EBS direct APIs) past EBS's longest timeout")
+        }
+        _ => None,
+    }
 }
 
 /// `expire`: delete every AMI, snapshot, volume and instance whose ExpiresAt
@@ -106,6 +134,32 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
                 Err(e) => return Err(crate::errors::sdk_error(&format!("DeleteSnapshot {id}"), e)),
             }
         }
+        let ours = ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(tags::filter(&format!("tag:{}", tags::MANAGED_BY), tags::MANAGED_BY_VALUE))
+            .filters(Filter::builder().name("status").values("error").values("pending").build())
+            .send()
+            .await
+            .sdk("DescribeSnapshots")?;
+        for s in ours.snapshots() {
+            let Some(id) = s.snapshot_id() else { continue };
+            let started = s.start_time().and_then(|t| SystemTime::try_from(*t).ok());
+            let Some(why) = dead(s.state(), s.volume_id(), started, now) else { continue };
+            if gone_snapshots.iter().any(|g| g == id) {
+                continue;
+            }
+            if let Some(row) = ctx.would("delete", id, why) {
+                out.push(row);
+                continue;
+            }
+            ec2.delete_snapshot()
+                .snapshot_id(id)
+                .send()
+                .await
+                .or_code(&["InvalidSnapshot.NotFound"], format!("DeleteSnapshot {id}"))?;
+            out.push(ctx.described("delete", id, why));
+        }
         let vols = ec2.describe_volumes().filters(has_expiry()).send().await.sdk("DescribeVolumes")?;
         for v in vols.volumes() {
             let Some(id) = v.volume_id() else { continue };
@@ -147,4 +201,27 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
         Ok(out)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use aws_sdk_ec2::types::SnapshotState;
+
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_dead_when_it_failed_or_an_unfinished_direct_one_outlived_any_timeout() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10 * 24 * 3600);
+        let day = Duration::from_secs(24 * 3600);
+        let direct = Some("vol-ffffffff");
+        assert!(dead(Some(&SnapshotState::Error), Some("vol-1"), Some(now), now).is_some());
+        assert!(dead(Some(&SnapshotState::Pending), direct, Some(now - 5 * day), now).is_some());
+        // Young, from a volume, or completed: kept.
+        assert!(dead(Some(&SnapshotState::Pending), direct, Some(now - day), now).is_none());
+        assert!(dead(Some(&SnapshotState::Pending), Some("vol-1"), Some(now - 5 * day), now).is_none());
+        assert!(dead(Some(&SnapshotState::Pending), direct, None, now).is_none());
+        assert!(dead(Some(&SnapshotState::Completed), direct, Some(now - 5 * day), now).is_none());
+    }
 }
