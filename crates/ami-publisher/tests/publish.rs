@@ -876,6 +876,24 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
         assert_eq!(after.get(action), before.get(action), "a re-run called {action}");
     }
 
+    // Leaf 3 is shorter and ends inside a block: that block is written
+    // whole (the image's 100 bytes, then zeros), the parent's data past the
+    // new end becomes zeros, and nothing else is written.
+    let leaf3 = leaf2[..15 * MIB + 100].to_vec();
+    add_image(&world, stream, "3", &leaf3).await;
+    let tail_data = leaf2[31 * BLOCK..].chunks(BLOCK).filter(|c| !image_format::is_zero(c)).count() as u64;
+    let before = puts();
+    let (code, r3) = p.publish(stream, "3", &with_targets(&targets, &["--via", "ebs-direct", "--verify"]));
+    assert_eq!(code, 0, "{r3:#?}");
+    assert_eq!(puts() - before, (1 + tail_data) * targets.len() as u64, "the last block and the old tail's data");
+    for t in &r3.targets {
+        assert_eq!(t.verified_chunks, Some(31), "{t:#?}");
+        let path = world.snapshot_bytes(t.snapshot_id.as_deref().unwrap(), Duration::from_secs(30)).await.unwrap();
+        let bytes = std::fs::read(path).unwrap();
+        assert!(bytes[..leaf3.len()] == leaf3[..], "{t:#?}");
+        assert!(image_format::is_zero(&bytes[leaf3.len()..leaf2.len()]), "no byte of leaf 2 past leaf 3's end");
+    }
+
     // `verify` of both results files: every chunk of every AMI is its
     // image's, and EBS lists exactly the changed blocks between the leaves.
     let files: Vec<String> = [&r1, &r2]

@@ -288,7 +288,10 @@ impl Manifest {
             let i = index as u64;
             let old = match (from, comparable) {
                 (None, _) => Some(ChunkRef::Zero),
-                (Some(_), Some(f)) => f.chunks.get(index).copied(),
+                // A chunk of another length (the old image ended inside
+                // it) says nothing of the bytes past the old end: they hold
+                // whatever an older, longer image left there.
+                (Some(_), Some(f)) => f.chunks.get(index).copied().filter(|_| f.chunk_len(i) == self.chunk_len(i)),
                 (Some(_), None) => None,
             };
             match (c, old) {
@@ -562,11 +565,25 @@ mod tests {
         let diff = b.diff_from(Some(&other));
         assert_eq!(diff.fetch, vec![(0, Digest([1; 32])), (2, Digest([2; 32]))]);
         assert_eq!(diff.zero, vec![1]);
-        // A shorter image: chunks past its end are written.
+        // A shorter image: chunks past its end are written, and so is the
+        // chunk it ended in (its last 100 bytes were not its).
         let short = m(vec![d(1)]);
         let diff = b.diff_from(Some(&short));
-        assert_eq!(diff.fetch, vec![(2, Digest([2; 32]))]);
+        assert_eq!(diff.fetch, vec![(0, Digest([1; 32])), (2, Digest([2; 32]))]);
         assert_eq!(diff.zero, vec![1]);
+    }
+
+    #[test]
+    fn a_zero_chunk_the_old_image_ended_in_is_zeroed_whole() {
+        // The old image ended 100 bytes into a zero chunk: the rest of it
+        // on the device holds an older image's bytes.
+        let old = Manifest::new(4096, 4096 + 100, vec![d(1), ChunkRef::Zero]).unwrap();
+        let new = Manifest::new(4096, 3 * 4096, vec![d(1), ChunkRef::Zero, ChunkRef::Zero]).unwrap();
+        let diff = new.diff_from(Some(&old));
+        assert!(diff.fetch.is_empty());
+        assert_eq!(diff.zero, vec![1, 2]);
+        // The same length: nothing to do.
+        assert!(old.diff_from(Some(&old)).zero.is_empty());
     }
 
     #[test]
