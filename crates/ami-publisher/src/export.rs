@@ -82,7 +82,6 @@ pub async fn export(
     let part =
         out.with_file_name(format!(".{}.part", out.file_name().context("the output names no file")?.to_string_lossy()));
     let file = std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
-    file.set_len(size)?;
     let total = listed.len() as u64 * verify::BLOCK;
     let snapshot_id = snapshot.as_str();
     let reads = futures::stream::iter(listed.iter())
@@ -93,6 +92,7 @@ pub async fn export(
     let mut reads = std::pin::pin!(reads);
     let (mut read, mut written) = (0u64, 0u64);
     let done = async {
+        file.set_len(size).with_context(|| format!("sizing {} to {size} bytes", part.display()))?;
         while let Some(got) = reads.next().await {
             let (index, bytes) = got?;
             read += 1;

@@ -12,6 +12,10 @@ pub const STREAM: &str = "ImageStream";
 pub const LEAF: &str = "ImageLeaf";
 /// The image id: hex BLAKE3 digest of the image's manifest.
 pub const DIGEST: &str = "ImageDigest";
+/// On a snapshot made with the EBS direct APIs: the snapshot it started
+/// from, or `none` (then every block of the image was written, and one
+/// that was not reads as noise).
+pub const PARENT_SNAPSHOT: &str = "ImageParentSnapshot";
 /// RFC 3339 UTC time after which `expire` deletes the resource.
 pub const EXPIRES_AT: &str = "ExpiresAt";
 /// On snapshots the publisher makes (CreateSnapshot, CopySnapshot): the

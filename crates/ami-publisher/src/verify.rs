@@ -48,6 +48,24 @@ pub struct Subject {
     pub image_id: String,
     /// The AMI's creation date, as EC2 gives it (orders two leaves).
     pub created: Option<String>,
+    /// Every block of the image was written (an encrypted snapshot of the
+    /// EBS direct APIs without a parent): a block EBS does not list reads
+    /// as noise there, not zeros, and is a difference.
+    pub written_whole: bool,
+}
+
+/// Whether `snapshot` was written whole by `publish --via ebs-direct`
+/// (tagged `ImageParentSnapshot=none`).
+pub async fn written_whole(ec2: &Client, snapshot: &str) -> anyhow::Result<bool> {
+    let found = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(tags::filter("snapshot-id", snapshot))
+        .send()
+        .await
+        .sdk(format!("DescribeSnapshots {snapshot}"))?;
+    let tags = found.snapshots().first().map(|s| s.tags()).unwrap_or_default();
+    Ok(tags::value(tags, tags::PARENT_SNAPSHOT) == Some("none"))
 }
 
 /// What the AMI `ami` boots from and which leaf it says it holds.
@@ -69,6 +87,7 @@ pub async fn subject(ec2: &Client, ami: &str) -> anyhow::Result<Subject> {
     };
     Ok(Subject {
         ami: ami.to_owned(),
+        written_whole: written_whole(ec2, snapshot).await?,
         snapshot: snapshot.to_owned(),
         stream,
         leaf,
@@ -190,6 +209,24 @@ pub async fn bytes(ebs: &aws_sdk_ebs::Client, s: &Subject, m: &Manifest, sample:
     let chosen = sample.choose(units);
     let image_end = m.size();
     let per_unit = usize::try_from(unit / BLOCK)?;
+    let mut out = Checked { chunks_checked: 0, chunks: m.chunks().len() as u64, blocks_read: 0, difference: None };
+    if s.written_whole {
+        // Every block of the image was written: one EBS does not list was
+        // not, and reads as noise on a volume.
+        for &u in &chosen {
+            let (first, last) = (u * unit / BLOCK, ((u * unit + unit).min(image_end) - 1) / BLOCK);
+            if let Some(b) = (first..=last).find(|b| !listed.contains_key(b)) {
+                out.difference = Some(Difference {
+                    block: b,
+                    last_block: b,
+                    chunk: b * BLOCK / u64::from(m.chunk_size()),
+                    expected: "a written block".to_owned(),
+                    found: "none (never written: it reads as noise, the snapshot having no parent)".to_owned(),
+                });
+                return Ok(out);
+            }
+        }
+    }
     let reads = futures::stream::iter(chosen)
         .map(|u| {
             let listed = &listed;
@@ -221,7 +258,6 @@ pub async fn bytes(ebs: &aws_sdk_ebs::Client, s: &Subject, m: &Manifest, sample:
         })
         .buffered((BLOCKS_IN_FLIGHT / per_unit).max(1));
     let mut reads = std::pin::pin!(reads);
-    let mut out = Checked { chunks_checked: 0, chunks: m.chunks().len() as u64, blocks_read: 0, difference: None };
     while let Some(read) = reads.next().await {
         let (u, data, n) = read?;
         out.blocks_read += n;

@@ -969,6 +969,19 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
         assert!(r["error"].is_null() && rows_of(&r)[0]["ok"] == true, "the others are intact: {r:#}");
     }
 
+    // `publish --verify` of the leaf again: the AMIs are there, but two
+    // are not the image any more; they fail, naming the block, before
+    // anything is shared or pointed at them.
+    let (code, r4) = p.publish(stream, "2", &with_targets(&targets, &["--via", "ebs-direct", "--verify"]));
+    assert_eq!(code, 1, "{r4:#?}");
+    for (t, block) in r4.targets[..2].iter().zip(["block 7 (chunk 7)", "block 20 (chunk 20)"]) {
+        let e = t.error.as_deref().unwrap_or_default();
+        assert!(e.contains("--verify") && e.contains(block), "{t:#?}");
+    }
+    for t in &r4.targets[2..] {
+        assert!(t.ok() && t.reused && t.verified_chunks == Some(blocks), "{t:#?}");
+    }
+
     // `export-snapshot` of an AMI: its bytes, as a raw file imagetool adds
     // as a leaf of another stream, every chunk the imageserver has already.
     let t = &r2.targets[2];
@@ -1064,5 +1077,97 @@ async fn an_ebs_direct_publish_killed_mid_upload_is_finished_by_a_rerun_with_one
     assert!(
         starts <= (targets.len() + left.len()) as u64,
         "{starts} starts: one per target, and one again per snapshot resumed"
+    );
+}
+
+/// A snapshot the EBS direct APIs wrote without a parent must hold every
+/// block of the image: one never written reads as noise on a volume,
+/// though EBS lists nothing there. `verify` names it even where the image
+/// has zeros (which an unlisted block would otherwise pass for).
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_names_a_block_never_written_in_a_snapshot_without_a_parent() {
+    use aws_sdk_ebs::{primitives::ByteStream, types::ChecksumAlgorithm};
+    use sha2::Digest as _;
+    const BLOCK: usize = 524_288;
+    let world = World::start(&Plan::of(&["first"], &["us-east-1"])).await.unwrap();
+    let p = Publisher::new(&world);
+    let targets = targets_of(&world);
+    let stream = "apps/holes";
+    let image = disk(8 * MIB, 51);
+    add_image(&world, stream, "1", &image).await;
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &["--via", "ebs-direct", "--verify"]));
+    assert_eq!(code, 0, "{r:#?}");
+    let t = &r.targets[0];
+    let ec2 = world.ec2(&t.account, &t.region).await;
+    let snap = ec2.describe_snapshots().snapshot_ids(t.snapshot_id.as_deref().unwrap()).send().await.unwrap();
+    let parent = ami_publisher::tags::value(snap.snapshots()[0].tags(), "ImageParentSnapshot");
+    assert_eq!(parent, Some("none"), "the snapshot says it has no parent");
+
+    // The same leaf written by hand as the tool, but for zero block 5.
+    let skipped = 5;
+    assert!(image_format::is_zero(&image[skipped * BLOCK..(skipped + 1) * BLOCK]));
+    let config = world.sdk_config_as("ami-publisher", &t.account, &t.region).await.unwrap();
+    let ebs = aws_sdk_ebs::Client::new(&config);
+    let tag = |k: &str, v: &str| aws_sdk_ebs::types::Tag::builder().key(k).value(v).build();
+    let started = ebs
+        .start_snapshot()
+        .volume_size(1)
+        .encrypted(true)
+        .tags(tag("ManagedBy", "ami-fleet"))
+        .tags(tag("ImageParentSnapshot", "none"))
+        .send()
+        .await
+        .unwrap();
+    let holed = started.snapshot_id().unwrap().to_owned();
+    let mut digests = Vec::new();
+    for (i, block) in image.chunks(BLOCK).enumerate().filter(|(i, _)| *i != skipped) {
+        let sha = sha2::Sha256::digest(block);
+        digests.extend_from_slice(&sha);
+        ebs.put_snapshot_block()
+            .snapshot_id(&holed)
+            .block_index(i32::try_from(i).unwrap())
+            .data_length(524_288)
+            .checksum(aws_smithy_types::base64::encode(sha))
+            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .block_data(ByteStream::from(block.to_vec()))
+            .send()
+            .await
+            .unwrap();
+    }
+    ebs.complete_snapshot()
+        .snapshot_id(&holed)
+        .changed_blocks_count(i32::try_from(image.len() / BLOCK - 1).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let own = world.ec2(&t.account, &t.region).await;
+    {
+        use aws_sdk_ec2::client::Waiters as _;
+        own.wait_until_snapshot_completed().snapshot_ids(&holed).wait(Duration::from_secs(60)).await.unwrap();
+    }
+    let mut spec =
+        aws_sdk_ec2::types::TagSpecification::builder().resource_type(aws_sdk_ec2::types::ResourceType::Image);
+    for (k, v) in [("ImageStream", stream), ("ImageLeaf", "1"), ("ImageDigest", &r.image_id)] {
+        spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(k).value(v).build());
+    }
+    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&holed).build())
+        .build();
+    own.register_image()
+        .name("holed")
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(root)
+        .tag_specifications(spec.build())
+        .send()
+        .await
+        .unwrap();
+    let out = p.run(&with_targets(&targets, &["verify", "--json", "--leaf", "apps/holes/1"]));
+    assert_eq!(out.status.code(), Some(1), "a never-written block fails verify");
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let error = reports[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("block {skipped} (chunk {skipped})")) && error.contains("never written"),
+        "{reports:#}"
     );
 }

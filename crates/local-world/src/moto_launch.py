@@ -1099,7 +1099,8 @@ def _ebs_refusal(response, action, app):
         if snapshot_id == "*":
             context = iam_policy.request_tag_context(request_tags or {})
         else:
-            tags = dict(backend.tags.get(snapshot_id, {}))
+            with LOCK:
+                tags = dict(backend.tags.get(snapshot_id, {}))
             context = {f"aws:resourcetag/{k}".lower(): v for k, v in tags.items()}
         resource = iam_policy.arn("snapshot", snapshot_id, account, region)
         name = f"ebs:{action}"

@@ -134,15 +134,18 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
                 Err(e) => return Err(crate::errors::sdk_error(&format!("DeleteSnapshot {id}"), e)),
             }
         }
-        let ours = ec2
+        let ours: Vec<aws_sdk_ec2::types::Snapshot> = ec2
             .describe_snapshots()
             .owner_ids("self")
             .filters(tags::filter(&format!("tag:{}", tags::MANAGED_BY), tags::MANAGED_BY_VALUE))
             .filters(Filter::builder().name("status").values("error").values("pending").build())
+            .into_paginator()
+            .items()
             .send()
+            .collect::<Result<Vec<_>, _>>()
             .await
             .sdk("DescribeSnapshots")?;
-        for s in ours.snapshots() {
+        for s in &ours {
             let Some(id) = s.snapshot_id() else { continue };
             let started = s.start_time().and_then(|t| SystemTime::try_from(*t).ok());
             let Some(why) = dead(s.state(), s.volume_id(), started, now) else { continue };
@@ -153,12 +156,17 @@ pub async fn expire(ctx: &Ctx<'_>, now: SystemTime) -> Vec<Report<Acted>> {
                 out.push(row);
                 continue;
             }
-            ec2.delete_snapshot()
-                .snapshot_id(id)
-                .send()
-                .await
-                .or_code(&["InvalidSnapshot.NotFound"], format!("DeleteSnapshot {id}"))?;
-            out.push(ctx.described("delete", id, why));
+            match ec2.delete_snapshot().snapshot_id(id).send().await {
+                // Or deleted by an attempt whose answer was lost.
+                Ok(_) => out.push(ctx.described("delete", id, why)),
+                Err(e) if crate::errors::code(&e) == Some("InvalidSnapshot.NotFound") => {
+                    out.push(ctx.described("delete", id, why));
+                }
+                Err(e) if crate::errors::code(&e) == Some("InvalidSnapshot.InUse") => {
+                    out.push(Acted::kept(id, "in use by an AMI"));
+                }
+                Err(e) => return Err(crate::errors::sdk_error(&format!("DeleteSnapshot {id}"), e)),
+            }
         }
         let vols = ec2.describe_volumes().filters(has_expiry()).send().await.sdk("DescribeVolumes")?;
         for v in vols.volumes() {

@@ -237,6 +237,7 @@ pub(super) async fn snapshot(
     snap_tags.extend(o.identity_tags());
     snap_tags.retain(|(k, _)| k != tags::MANAGED_BY);
     snap_tags.push((tags::MANAGED_BY.to_owned(), tags::MANAGED_BY_VALUE.to_owned()));
+    snap_tags.push((tags::PARENT_SNAPSHOT.to_owned(), parent_id.clone().unwrap_or_else(|| "none".to_owned())));
     let ebs_tags: Vec<aws_sdk_ebs::types::Tag> =
         snap_tags.iter().map(|(k, v)| aws_sdk_ebs::types::Tag::builder().key(k).value(v).build()).collect();
 

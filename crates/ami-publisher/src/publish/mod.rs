@@ -235,12 +235,6 @@ pub async fn publish_one(
     {
         done = point(ec2, ssm, &ami, t, o, line, &mut r).await;
     }
-    if done.is_ok()
-        && let (Some(m), Some(ebs), Some(ami), Some(snapshot)) =
-            (&o.verify, ebs, r.ami_id.clone(), r.snapshot_id.clone())
-    {
-        done = verify(ebs, m, ami, snapshot, o, line, &mut r).await;
-    }
     if let Err(e) = done {
         r.error = Some(format!("{e:#}"));
     }
@@ -248,32 +242,36 @@ pub async fn publish_one(
     r
 }
 
-/// `--verify`: the target's snapshot read back and compared with the image.
+/// `--verify`: the target's snapshot read back and compared with the
+/// image, before an AMI of it is registered (or, for an AMI that was there,
+/// before it is shared, given or pointed at).
 async fn verify(
-    ebs: &aws_sdk_ebs::Client,
-    m: &image_format::Manifest,
-    ami: String,
-    snapshot: String,
+    ec2: &Client,
+    ebs: Option<&aws_sdk_ebs::Client>,
+    snapshot: &str,
     o: &Options,
     line: &Line,
     r: &mut TargetResult,
 ) -> anyhow::Result<()> {
-    line.step("verifying the snapshot's bytes");
-    // What this run knows of the AMI, not its tags (which EC2 may not show yet).
+    let (Some(m), Some(ebs)) = (&o.verify, ebs) else { return Ok(()) };
+    line.step(format!("verifying the bytes of {snapshot}"));
+    // What this run knows of the leaf, not the AMI's tags (there may be no
+    // AMI yet, and EC2 may not show new tags yet).
     let s = crate::verify::Subject {
-        ami,
-        snapshot,
+        ami: r.ami_id.clone().unwrap_or_default(),
+        snapshot: snapshot.to_owned(),
         stream: o.stream.clone(),
         leaf: o.leaf.clone(),
         image_id: o.image_id.clone(),
         created: None,
+        written_whole: crate::verify::written_whole(ec2, snapshot).await?,
     };
     let c = crate::verify::bytes(ebs, &s, m, crate::verify::Sample::ALL).await?;
     if let Some(d) = c.difference {
-        anyhow::bail!("--verify: {} of {}: {d}", s.snapshot, s.ami);
+        anyhow::bail!("--verify: {snapshot} is not the image: {d}");
     }
     r.verified_chunks = Some(c.chunks_checked);
-    tracing::info!(snapshot = %s.snapshot, chunks = c.chunks_checked, blocks = c.blocks_read, "verified");
+    tracing::info!(%snapshot, chunks = c.chunks_checked, blocks = c.blocks_read, "verified");
     Ok(())
 }
 
@@ -415,6 +413,9 @@ async fn run(
             None => find_snapshot(ec2, o, &tagged).await?.map(|(s, _)| s),
         };
         tracing::info!(ami = ?r.ami_id, "an AMI of this leaf is already there");
+        if let Some(snap) = r.snapshot_id.clone() {
+            verify(ec2, ebs, &snap, o, line, r).await?;
+        }
         return Ok(());
     }
     made(ec2, ebs, t, o, line, r, &tagged).await
@@ -480,6 +481,11 @@ async fn made(
             Err(e) => return Err(e),
         }
     };
+    // The snapshot's bytes proved first (--verify): one that is not the
+    // image is never registered; it expires by its tag.
+    verify(ec2, ebs, &snapshot, o, line, r)
+        .await
+        .map_err(|e| e.context(format!("{snapshot} is left unregistered (it expires by its ExpiresAt tag)")))?;
     // An AMI that ends `failed` is deregistered and registered again under
     // a dated name (the failed one may keep its name for a while), at most
     // FAILED_ENDS times; one never adopts it.

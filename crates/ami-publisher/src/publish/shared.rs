@@ -113,7 +113,11 @@ impl SharedChunks {
             // these chunks whatever this one does next.
             let me = Arc::clone(self);
             let task = tokio::spawn(async move { me.read(mine).await });
-            read = task.await.unwrap_or(0);
+            read = task.await.unwrap_or_else(|e| {
+                // Its senders are gone: the waiters read for themselves.
+                tracing::warn!("a chunk reader ended abnormally: {e}");
+                0
+            });
         }
         let mut out = Vec::with_capacity(window.len());
         for (source, &(d, len)) in sources.into_iter().zip(window) {

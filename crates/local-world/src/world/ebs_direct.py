@@ -94,6 +94,8 @@ PER_SNAPSHOT = ("PutSnapshotBlock", "GetSnapshotBlock")
 _LOCK = threading.RLock()
 # Snapshot id -> _Direct, for snapshots made here.
 _DIRECT = {}
+# Snapshots StartSnapshot has just made for a tool (not replayed answers).
+_JUST_STARTED = {}
 # (account, region, client token) -> (parameters, snapshot id).
 _TOKENS = {}
 # Bucket key -> [tokens, last refill (monotonic)].
@@ -323,6 +325,8 @@ def _start(self):
     direct = _Direct(account, region, snapshot, parent, size, timeout * 60 * _HOOKS["scale"]())
     direct.tags = params.get("Tags") or []
     _DIRECT[snapshot_id] = direct
+    if _modelled(self):
+        _JUST_STARTED[snapshot_id] = True
     _HOOKS["pending"](snapshot)
     answer = json.dumps(_describe(direct))
     if token:
@@ -597,12 +601,13 @@ def call(response, action, app, model, serve, log, withhold, can_drop, drop, ref
     answer = serve()
     if action == "StartSnapshot" and answer[0] == 201:
         lag = model.lag(key)
-        if lag > 0:
-            with _LOCK:
-                direct = _DIRECT.get(json.loads(answer[2]).get("SnapshotId"))
-                # A replayed answer names a snapshot long known.
-                if direct is not None and direct.puts == 0 and not direct.known_at:
-                    direct.known_at = time.monotonic() + lag
+        with _LOCK:
+            snapshot_id = json.loads(answer[2]).get("SnapshotId")
+            # Only a snapshot this call made: a replayed answer names one
+            # known already.
+            direct = _DIRECT.get(snapshot_id) if _JUST_STARTED.pop(snapshot_id, False) else None
+            if direct is not None and lag > 0:
+                direct.known_at = time.monotonic() + lag
     if withheld:
         log("hang")
         return withhold(key, answer)
