@@ -520,7 +520,7 @@ fn damage_every_stored_chunk(world: &World) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_damaged_image_fails_every_target_by_name_and_makes_nothing() {
+async fn a_damaged_image_fails_every_target_by_name_and_leaves_nothing_that_stays() {
     let world = World::start(&Plan::new(&["us-east-1"])).await.unwrap();
     let p = Publisher::new(&world);
     let targets = targets_of(&world);
@@ -540,6 +540,26 @@ async fn a_damaged_image_fails_every_target_by_name_and_makes_nothing() {
         let f = Filter::builder().name("tag:ImageStream").values(stream).build();
         let snaps = ec2.describe_snapshots().owner_ids("self").filters(f).send().await.unwrap();
         assert!(snaps.snapshots().is_empty(), "{snaps:#?}");
+    }
+
+    // Via ebs-direct: the targets share the failed reads (each tries
+    // again alone, none waits for ever), each fails naming the image, and
+    // what was started is left to expire.
+    let started = std::time::Instant::now();
+    let (code, r) = p.publish(stream, "1", &with_targets(&targets, &["--via", "ebs-direct"]));
+    assert_ne!(code, 0, "{r:#?}");
+    assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+    for t in &r.targets {
+        let e = t.error.as_deref().unwrap_or_default();
+        assert!(e.contains("corrupt"), "{t:#?}");
+        assert!(t.ami_id.is_none(), "{t:#?}");
+        let ec2 = world.ec2(&t.account, &t.region).await;
+        let f = Filter::builder().name("tag:ImageStream").values(stream).build();
+        let snaps = ec2.describe_snapshots().owner_ids("self").filters(f).send().await.unwrap();
+        for s in snaps.snapshots() {
+            let expires = ami_publisher::tags::value(s.tags(), "ExpiresAt");
+            assert!(expires.is_some(), "left without ExpiresAt: {s:#?}");
+        }
     }
 }
 

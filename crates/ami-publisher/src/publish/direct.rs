@@ -333,7 +333,7 @@ pub(super) async fn snapshot(
             let zero = zero.clone();
             async move {
                 let data: Vec<(Digest, usize)> = w.iter().filter_map(|(_, x)| *x).collect();
-                let (got, n) = d.chunks.window(&data).await?;
+                let (got, n) = d.chunks.window(&data).await.map_err(|e| read_failed(e, o))?;
                 fetched_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 let mut got = got.into_iter();
                 let items: Vec<anyhow::Result<(u64, super::shared::Block)>> = w
@@ -394,6 +394,21 @@ pub(super) async fn snapshot(
     };
     tracing::info!(snapshot = %snap, blocks = count, status = ?done.status(), "snapshot completed");
     Ok((snap.clone(), size))
+}
+
+/// A failed read of the image's chunks, naming the image; a chunk that
+/// failed its digest (DATA_LOSS) is permanent, as on the unpacker's way.
+fn read_failed(e: anyhow::Error, o: &Options) -> anyhow::Error {
+    let lost = e.chain().any(|c| c.downcast_ref::<image_client::ClientError>().is_some_and(|c| c.is_data_loss()));
+    let what = if lost {
+        format!(
+            "image {}/{} (image id {}) is corrupt on the imageserver, not retried; its store needs repair (imagetool verify names the damage)",
+            o.stream, o.leaf, o.image_id
+        )
+    } else {
+        format!("reading the chunks of image {}/{} from the imageserver", o.stream, o.leaf)
+    };
+    e.context(what)
 }
 
 /// One PutSnapshotBlock; the SDK retries throttling and errors, this
