@@ -224,3 +224,50 @@ pub(super) fn block_of(mut plain: Vec<u8>) -> Block {
     let sha: [u8; 32] = sha2::Sha256::digest(&plain).into();
     Block { data: Bytes::from(plain), sha }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunks shared through an imageserver nobody listens at: every
+    /// read fails at once.
+    fn unreachable(kept_limit: usize) -> Arc<SharedChunks> {
+        let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        SharedChunks::new(image_client::Client::new(channel), kept_limit)
+    }
+
+    fn digest(n: u8) -> Digest {
+        Digest([n; 32])
+    }
+
+    #[tokio::test]
+    async fn kept_chunks_are_served_without_a_read_and_the_oldest_go_first() {
+        let shared = unreachable(2 * BLOCK as usize);
+        for n in 1..=3 {
+            shared.keep(digest(n), block_of(vec![n; 10]));
+        }
+        // The two newest are kept; the first went.
+        let (got, read) = shared.window(&[(digest(3), 10), (digest(2), 10), (digest(3), 10)]).await.unwrap();
+        assert_eq!(read, 0);
+        assert_eq!(got.iter().map(|b| b.data[0]).collect::<Vec<_>>(), [3, 2, 3]);
+        assert_eq!(got[0].data.len(), BLOCK as usize, "a whole block, zeros past the chunk");
+        assert!(shared.window(&[(digest(1), 10)]).await.is_err(), "dropped, read again, and the read fails");
+        assert_eq!(shared.state.lock().unwrap().kept_bytes, 2 * BLOCK as usize);
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_fails_every_target_waiting_for_it_and_leaves_nothing_reading() {
+        let shared = unreachable(KEPT_BYTES);
+        let want = [(digest(7), 100), (digest(8), 100)];
+        let (a, b) = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            futures::future::join(shared.window(&want), shared.window(&want)),
+        )
+        .await
+        .expect("no target waits for ever");
+        assert!(a.is_err() && b.is_err());
+        let s = shared.state.lock().unwrap();
+        assert!(s.reading.is_empty() && s.kept.is_empty());
+        assert_eq!(shared.read_bytes(), 0);
+    }
+}
