@@ -1074,6 +1074,24 @@ async fn an_ebs_direct_publish_killed_mid_upload_is_finished_by_a_rerun_with_one
     }
     assert!(!left.is_empty(), "the killed run started no snapshot");
 
+    // Meanwhile another leaf of the stream is published: a newer parent,
+    // which must not keep the killed run's snapshot from being resumed.
+    let mut image2 = image.clone();
+    image2[..BLOCK].copy_from_slice(&test_support::noise(BLOCK, 42));
+    add_image(&world, stream, "2", &image2).await;
+    let (code, r2) = p.publish(stream, "2", &with_targets(&targets, &["--via", "ebs-direct"]));
+    assert_eq!(code, 0, "{r2:#?}");
+    let mut plan_args = vec!["publish", stream, "1", "--dry-run", "--json"];
+    plan_args.extend(with_targets(&targets, &["--via", "ebs-direct"]));
+    for t in json_of(&p.run(&plan_args)).as_array().unwrap() {
+        if let Some(was) =
+            left.get(&(t["account"].as_str().unwrap().to_owned(), t["region"].as_str().unwrap().to_owned()))
+        {
+            let parent = t["parent"].as_str().unwrap();
+            assert!(parent.starts_with(&format!("resume {was}")) && parent.contains("(none"), "{t:#}");
+        }
+    }
+
     // The re-run finishes each target's snapshot (the same one, by its
     // client token), and leaves no other.
     let (code, r) = p.publish(stream, "1", &with_targets(&targets, &["--via", "ebs-direct", "--verify"]));
@@ -1095,8 +1113,8 @@ async fn an_ebs_direct_publish_killed_mid_upload_is_finished_by_a_rerun_with_one
     }
     let starts = world.api_outcomes("ami-publisher", "ok").get("StartSnapshot").copied().unwrap_or(0);
     assert!(
-        starts <= (targets.len() + left.len()) as u64,
-        "{starts} starts: one per target, and one again per snapshot resumed"
+        starts <= (2 * targets.len() + left.len()) as u64,
+        "{starts} starts: one per target and leaf, and one again per snapshot resumed"
     );
 }
 

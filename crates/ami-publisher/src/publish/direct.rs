@@ -153,37 +153,69 @@ pub(super) async fn find_parent(
         .filter(|s| s.encrypted() == Some(true) && (key.is_none() || s.kms_key_id() == key))
         .collect();
     found.sort_by_key(|s| std::cmp::Reverse(s.start_time().map(|t| (t.secs(), t.subsec_nanos()))));
-    let mut images = d.images.clone();
-    for s in found.into_iter().take(PARENTS_TRIED) {
-        let (Some(id), Some(leaf), Some(digest)) =
-            (s.snapshot_id(), tags::value(s.tags(), tags::LEAF), tags::value(s.tags(), tags::DIGEST))
-        else {
-            continue;
-        };
-        let Ok(name) = ImageName::new(&o.stream, leaf) else { continue };
-        let asked = tokio::time::timeout(IMAGESERVER_STALL, image_client::get_manifest(&mut images, &name)).await;
-        let asked = asked
-            .map_err(|_| anyhow::anyhow!("the imageserver did not answer for {name} within {IMAGESERVER_STALL:?}"))?;
-        let manifest = match asked {
-            Ok((_, m)) => m,
-            Err(image_client::ClientError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
-                tracing::debug!(snapshot = id, %name, "not a parent: its leaf is gone from the imageserver");
-                continue;
-            }
-            Err(e) => return Err(e).context(format!("reading the manifest of {name}")),
-        };
-        if manifest.image_id().to_hex() != digest || manifest.chunk_size() != BLOCK {
-            tracing::debug!(snapshot = id, %name, "not a parent: its leaf's image differs from its tag, or its chunks");
-            continue;
+    for s in found.iter().take(PARENTS_TRIED) {
+        if let Some(p) = usable(d, o, s).await? {
+            return Ok(Some(p));
         }
-        return Ok(Some(Parent {
-            snapshot: id.to_owned(),
-            leaf: leaf.to_owned(),
-            manifest,
-            gib: i64::from(s.volume_size().unwrap_or(0)),
-        }));
     }
     Ok(None)
+}
+
+/// `s` as a parent: its leaf, as its tags name it, still on the imageserver
+/// with the digest the tag gives, cut in 512 KiB chunks.
+async fn usable(d: &Direct, o: &Options, s: &aws_sdk_ec2::types::Snapshot) -> anyhow::Result<Option<Parent>> {
+    let (Some(id), Some(leaf), Some(digest)) =
+        (s.snapshot_id(), tags::value(s.tags(), tags::LEAF), tags::value(s.tags(), tags::DIGEST))
+    else {
+        return Ok(None);
+    };
+    let Ok(name) = ImageName::new(&o.stream, leaf) else { return Ok(None) };
+    let mut images = d.images.clone();
+    let asked = tokio::time::timeout(IMAGESERVER_STALL, image_client::get_manifest(&mut images, &name)).await;
+    let asked =
+        asked.map_err(|_| anyhow::anyhow!("the imageserver did not answer for {name} within {IMAGESERVER_STALL:?}"))?;
+    let manifest = match asked {
+        Ok((_, m)) => m,
+        Err(image_client::ClientError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
+            tracing::debug!(snapshot = id, %name, "not a parent: its leaf is gone from the imageserver");
+            return Ok(None);
+        }
+        Err(e) => return Err(e).context(format!("reading the manifest of {name}")),
+    };
+    if manifest.image_id().to_hex() != digest || manifest.chunk_size() != BLOCK {
+        tracing::debug!(snapshot = id, %name, "not a parent: its leaf's image differs from its tag, or its chunks");
+        return Ok(None);
+    }
+    Ok(Some(Parent {
+        snapshot: id.to_owned(),
+        leaf: leaf.to_owned(),
+        manifest,
+        gib: i64::from(s.volume_size().unwrap_or(0)),
+    }))
+}
+
+/// The parent an unfinished snapshot of an earlier run was started from,
+/// by its `ImageParentSnapshot` tag: `Some(None)` for none, `Some(parent)`
+/// when that parent is still completed and usable; None when that cannot
+/// be told (the run then looks for the newest parent, and a new snapshot
+/// is started if it differs).
+pub(super) async fn tagged_parent(
+    ec2: &Client,
+    d: &Direct,
+    o: &Options,
+    unfinished: &str,
+) -> anyhow::Result<Option<Option<Parent>>> {
+    let Some(u) = described(ec2, unfinished).await? else { return Ok(None) };
+    match tags::value(u.tags(), tags::PARENT_SNAPSHOT) {
+        None => Ok(None),
+        Some("none") => Ok(Some(None)),
+        Some(id) => match described(ec2, id).await? {
+            Some(p) if p.state() == Some(&aws_sdk_ec2::types::SnapshotState::Completed) => {
+                Ok(usable(d, o, &p).await?.map(Some))
+            }
+            _ => Ok(None),
+        },
+    }
 }
 
 /// StartSnapshot's client token: the same for the same target, leaf,
@@ -203,7 +235,8 @@ fn client_token(t: &Target, o: &Options, parent: Option<&str>, attempt: u32) -> 
 /// Make the leaf's snapshot in target `t`; returns its id and size in GiB
 /// once CompleteSnapshot has accepted it (the caller waits for it).
 /// `attempt` names the client token; it moves on past a snapshot that is
-/// gone or ended `error`.
+/// gone or ended `error`. `resume`: an unfinished snapshot an earlier run
+/// left, whose parent is used again.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn snapshot(
     ebs: &aws_sdk_ebs::Client,
@@ -214,6 +247,7 @@ pub(super) async fn snapshot(
     line: &Line,
     r: &mut TargetResult,
     attempt: &mut u32,
+    resume: Option<&str>,
 ) -> anyhow::Result<(String, i32)> {
     let m = &d.manifest;
     if m.chunk_size() != BLOCK {
@@ -226,7 +260,17 @@ pub(super) async fn snapshot(
     }
     let key = o.key_arn(t);
     line.step("looking for a parent snapshot");
-    let parent = find_parent(ec2, d, o, key.as_deref()).await?;
+    // An earlier run's unfinished snapshot is resumed from the parent it
+    // was started from (the same client token), though a newer one may
+    // have appeared since.
+    let tagged = match resume {
+        Some(u) => tagged_parent(ec2, d, o, u).await?,
+        None => None,
+    };
+    let parent = match tagged {
+        Some(p) => p,
+        None => find_parent(ec2, d, o, key.as_deref()).await?,
+    };
     let need = o.image_size.saturating_add(o.min_free_bytes).div_ceil(GIB).max(1);
     let gib = i64::try_from(need).unwrap_or(i64::MAX).max(parent.as_ref().map_or(0, |p| p.gib));
     let blocks = blocks_to_put(m, parent.as_ref().map(|p| &p.manifest));

@@ -436,12 +436,13 @@ async fn made(
     // An earlier run's snapshot that the EBS direct APIs were still writing
     // is not waited for (nobody would complete it): the direct way starts
     // it again by its client token and finishes it.
+    let mut resume = None;
     if o.direct.is_some()
         && let Some((snap, _)) = &left_over
         && direct::unfinished(ec2, snap).await?
     {
         tracing::info!(snapshot = %snap, "resuming a snapshot an earlier run left unfinished");
-        left_over = None;
+        resume = left_over.take().map(|(snap, _)| snap);
     }
     // A snapshot that ends in `error` is deleted and taken again (the
     // volume still holds the leaf), at most FAILED_ENDS times.
@@ -459,7 +460,11 @@ async fn made(
             None => {
                 let made_here = match (&o.direct, ebs) {
                     (Some(d), Some(ebs)) => {
-                        Some(direct::snapshot(ebs, ec2, d, t, o, line, r, &mut direct_attempt).await?)
+                        let resuming = resume.take();
+                        Some(
+                            direct::snapshot(ebs, ec2, d, t, o, line, r, &mut direct_attempt, resuming.as_deref())
+                                .await?,
+                        )
                     }
                     _ => unpack_and_snapshot(ec2, t, o, line, r).await?,
                 };

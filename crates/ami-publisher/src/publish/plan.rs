@@ -213,7 +213,7 @@ async fn plan_one(
         // block it needs again.
         p.ami = "make".into();
         p.existing = Some(snap.clone());
-        plan_direct(ec2, t, o, d, p).await?;
+        plan_direct(ec2, t, o, d, Some(snap), p).await?;
         p.parent =
             Some(format!("resume {snap}, left unfinished by an earlier run ({})", p.parent.take().unwrap_or_default()));
         return plan_shares_new(o, p);
@@ -229,7 +229,7 @@ async fn plan_one(
     if let Some(d) = &o.direct {
         p.ami = "make".into();
         line.step("looking for a parent snapshot");
-        plan_direct(ec2, t, o, d, p).await?;
+        plan_direct(ec2, t, o, d, None, p).await?;
         return plan_shares_new(o, p);
     }
     line.step("finding the unpacker");
@@ -342,10 +342,18 @@ async fn plan_direct(
     t: &Target,
     o: &Options,
     d: &super::Direct,
+    resume: Option<&str>,
     p: &mut TargetPlan,
 ) -> anyhow::Result<()> {
     let key = o.key_arn(t);
-    let parent = super::direct::find_parent(ec2, d, o, key.as_deref()).await?;
+    let tagged = match resume {
+        Some(u) => super::direct::tagged_parent(ec2, d, o, u).await?,
+        None => None,
+    };
+    let parent = match tagged {
+        Some(parent) => parent,
+        None => super::direct::find_parent(ec2, d, o, key.as_deref()).await?,
+    };
     let blocks = super::direct::blocks_to_put(&d.manifest, parent.as_ref().map(|pa| &pa.manifest));
     p.bytes_to_write = Some(blocks.len() as u64 * u64::from(super::direct::BLOCK));
     p.parent = Some(match &parent {
