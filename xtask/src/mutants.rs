@@ -135,6 +135,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         if list {
             cmd.arg("--list");
         } else {
+            // cargo-mutants makes the output directory, not its parents.
+            std::fs::create_dir_all(out.join(m.name))
+                .with_context(|| format!("creating {}", out.join(m.name).display()))?;
             cmd.arg("--output").arg(out.join(m.name));
         }
         cmd.args(passed);
