@@ -57,15 +57,8 @@ pub struct Subject {
 /// Whether `snapshot` was written whole by `publish --via ebs-direct`
 /// (tagged `ImageParentSnapshot=none`).
 pub async fn written_whole(ec2: &Client, snapshot: &str) -> anyhow::Result<bool> {
-    let found = ec2
-        .describe_snapshots()
-        .owner_ids("self")
-        .filters(tags::filter("snapshot-id", snapshot))
-        .send()
-        .await
-        .sdk(format!("DescribeSnapshots {snapshot}"))?;
-    let tags = found.snapshots().first().map(|s| s.tags()).unwrap_or_default();
-    Ok(tags::value(tags, tags::PARENT_SNAPSHOT) == Some("none"))
+    let found = crate::publish::described_snapshot(ec2, snapshot).await?;
+    Ok(found.is_some_and(|s| tags::value(s.tags(), tags::PARENT_SNAPSHOT) == Some("none")))
 }
 
 /// What the AMI `ami` boots from and which leaf it says it holds.

@@ -570,18 +570,17 @@ async fn expire_deletes_the_tools_snapshots_that_ended_in_error() {
     let t = &world.targets[0];
     // Started and completed wrongly (a block count it did not write), as
     // the tool (its tag) and as someone else.
-    let failed = |config: aws_config::SdkConfig, tagged: bool| async move {
-        let ebs = aws_sdk_ebs::Client::new(&config);
-        let mut start = ebs.start_snapshot().volume_size(1).encrypted(true);
+    let failed = |ebs: aws_sdk_ebs::Client, tagged: bool| async move {
+        let mut start = ebs.start_snapshot().volume_size(1).encrypted(true).client_token(format!("failed-{tagged}"));
         if tagged {
             start = start.tags(aws_sdk_ebs::types::Tag::builder().key("ManagedBy").value("ami-fleet").build());
         }
         let id = start.send().await.unwrap().snapshot_id().unwrap().to_owned();
-        ebs.complete_snapshot().snapshot_id(&id).changed_blocks_count(3).send().await.unwrap();
+        once_known(|| ebs.complete_snapshot().snapshot_id(&id).changed_blocks_count(3).send()).await;
         id
     };
-    let ours = failed(world.sdk_config_as("ami-publisher", &t.account, &t.region).await.unwrap(), true).await;
-    let theirs = failed(world.sdk_config(&t.account, &t.region).await, false).await;
+    let ours = failed(tool_ebs(&world, &t.account, &t.region).await, true).await;
+    let theirs = failed(aws_sdk_ebs::Client::new(&world.sdk_config(&t.account, &t.region).await), false).await;
     let ec2 = world.ec2(&t.account, &t.region).await;
     let state = |id: String| {
         let ec2 = ec2.clone();

@@ -126,15 +126,7 @@ async fn publishes_everywhere_then_moves_only_changes_and_reruns_idempotently() 
 
     // The bytes behind the unpacker's AMIs are the images', read back with
     // the EBS direct APIs.
-    let files: Vec<String> = [&r, &r2]
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let f = world.path(&format!("unpacked-{i}.json"));
-            std::fs::write(&f, serde_json::to_vec(r).unwrap()).unwrap();
-            f.to_str().unwrap().to_owned()
-        })
-        .collect();
+    let files = results_files(&world, "unpacked", &[&r, &r2]);
     let verified = json_of(&p.run(&["verify", "--json", &files[0], &files[1]]));
     for report in verified.as_array().unwrap() {
         let rows = report["records"].as_array().unwrap().clone();
@@ -916,15 +908,7 @@ async fn publishes_via_ebs_direct_writing_only_the_changed_blocks() {
 
     // `verify` of both results files: every chunk of every AMI is its
     // image's, and EBS lists exactly the changed blocks between the leaves.
-    let files: Vec<String> = [&r1, &r2]
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let f = world.path(&format!("verify-{i}.json"));
-            std::fs::write(&f, serde_json::to_vec(r).unwrap()).unwrap();
-            f.to_str().unwrap().to_owned()
-        })
-        .collect();
+    let files = results_files(&world, "verify", &[&r1, &r2]);
     let rows_of = |r: &serde_json::Value| r["records"].as_array().unwrap().clone();
     let verify = |extra: &[&str]| {
         let mut args = vec!["verify", "--json"];
@@ -1144,33 +1128,32 @@ async fn verify_names_a_block_never_written_in_a_snapshot_without_a_parent() {
     // The same leaf written by hand as the tool, but for zero block 5.
     let skipped = 5;
     assert!(image_format::is_zero(&image[skipped * BLOCK..(skipped + 1) * BLOCK]));
-    let config = world.sdk_config_as("ami-publisher", &t.account, &t.region).await.unwrap();
-    let ebs = aws_sdk_ebs::Client::new(&config);
+    let ebs = tool_ebs(&world, &t.account, &t.region).await;
     let tag = |k: &str, v: &str| aws_sdk_ebs::types::Tag::builder().key(k).value(v).build();
     let started = ebs
         .start_snapshot()
         .volume_size(1)
         .encrypted(true)
+        .client_token("holed")
         .tags(tag("ManagedBy", "ami-fleet"))
         .tags(tag("ImageParentSnapshot", "none"))
         .send()
         .await
         .unwrap();
     let holed = started.snapshot_id().unwrap().to_owned();
-    let mut digests = Vec::new();
     for (i, block) in image.chunks(BLOCK).enumerate().filter(|(i, _)| *i != skipped) {
         let sha = sha2::Sha256::digest(block);
-        digests.extend_from_slice(&sha);
-        ebs.put_snapshot_block()
-            .snapshot_id(&holed)
-            .block_index(i32::try_from(i).unwrap())
-            .data_length(524_288)
-            .checksum(aws_smithy_types::base64::encode(sha))
-            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-            .block_data(ByteStream::from(block.to_vec()))
-            .send()
-            .await
-            .unwrap();
+        once_known(|| {
+            ebs.put_snapshot_block()
+                .snapshot_id(&holed)
+                .block_index(i32::try_from(i).unwrap())
+                .data_length(524_288)
+                .checksum(aws_smithy_types::base64::encode(sha))
+                .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+                .block_data(ByteStream::from(block.to_vec()))
+                .send()
+        })
+        .await;
     }
     ebs.complete_snapshot()
         .snapshot_id(&holed)
@@ -1183,23 +1166,13 @@ async fn verify_names_a_block_never_written_in_a_snapshot_without_a_parent() {
         use aws_sdk_ec2::client::Waiters as _;
         own.wait_until_snapshot_completed().snapshot_ids(&holed).wait(Duration::from_secs(60)).await.unwrap();
     }
-    let mut spec =
-        aws_sdk_ec2::types::TagSpecification::builder().resource_type(aws_sdk_ec2::types::ResourceType::Image);
-    for (k, v) in [("ImageStream", stream), ("ImageLeaf", "1"), ("ImageDigest", &r.image_id)] {
-        spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(k).value(v).build());
-    }
-    let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
-        .device_name("/dev/xvda")
-        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&holed).build())
-        .build();
-    own.register_image()
-        .name("holed")
-        .root_device_name("/dev/xvda")
-        .block_device_mappings(root)
-        .tag_specifications(spec.build())
-        .send()
-        .await
-        .unwrap();
+    register_snapshot(
+        &own,
+        &holed,
+        "holed",
+        &[("ImageStream", stream), ("ImageLeaf", "1"), ("ImageDigest", &r.image_id)],
+    )
+    .await;
     let out = p.run(&with_targets(&targets, &["verify", "--json", "--leaf", "apps/holes/1"]));
     assert_eq!(out.status.code(), Some(1), "a never-written block fails verify");
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

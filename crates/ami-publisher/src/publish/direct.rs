@@ -492,7 +492,7 @@ async fn put_block(
 }
 
 /// A snapshot as EC2 describes it now; None when it is gone.
-async fn described(ec2: &Client, snap: &str) -> anyhow::Result<Option<aws_sdk_ec2::types::Snapshot>> {
+pub async fn described(ec2: &Client, snap: &str) -> anyhow::Result<Option<aws_sdk_ec2::types::Snapshot>> {
     let out = ec2
         .describe_snapshots()
         .owner_ids("self")

@@ -41,7 +41,7 @@ mod plan;
 mod register;
 mod shared;
 
-pub use self::direct::{BLOCK, Direct, blocks_to_put};
+pub use self::direct::{BLOCK, Direct, blocks_to_put, described as described_snapshot};
 pub use self::plan::{TargetPlan, bytes_to_write, plan};
 pub use self::register::{dated_name, root_snapshot};
 pub use self::shared::{KEPT_BYTES, SharedChunks};

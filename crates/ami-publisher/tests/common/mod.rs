@@ -187,9 +187,15 @@ pub async fn register_by_hand(ec2: &aws_sdk_ec2::Client, zone: &str, name: &str,
             Err(e) => panic!("{e:?}"),
         }
     };
+    register_snapshot(ec2, &snap, name, tags).await
+}
+
+/// An AMI of snapshot `snap` (its root device /dev/xvda), named `name`
+/// and tagged `tags`, registered by hand.
+pub async fn register_snapshot(ec2: &aws_sdk_ec2::Client, snap: &str, name: &str, tags: &[(&str, &str)]) -> String {
     let root = aws_sdk_ec2::types::BlockDeviceMapping::builder()
         .device_name("/dev/xvda")
-        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(&snap).build())
+        .ebs(aws_sdk_ec2::types::EbsBlockDevice::builder().snapshot_id(snap).build())
         .build();
     let mut spec =
         aws_sdk_ec2::types::TagSpecification::builder().resource_type(aws_sdk_ec2::types::ResourceType::Image);
@@ -206,6 +212,20 @@ pub async fn register_by_hand(ec2: &aws_sdk_ec2::Client, zone: &str, name: &str,
         .await
         .unwrap();
     ami.image_id().unwrap().to_owned()
+}
+
+/// Each of `results` written to a file `NAME-I.json` in the world's
+/// directory; their paths.
+pub fn results_files(world: &World, name: &str, results: &[&PublishResults]) -> Vec<String> {
+    results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let f = world.path(&format!("{name}-{i}.json"));
+            std::fs::write(&f, serde_json::to_vec(r).unwrap()).unwrap();
+            f.to_str().unwrap().to_owned()
+        })
+        .collect()
 }
 
 /// A customer managed KMS key in `account`/`region` with alias `alias`,
@@ -262,4 +282,37 @@ pub fn writes_since(world: &World, before: &Mark) -> Vec<String> {
         .filter(|a| !a.starts_with("Describe") && !a.starts_with("Get") && !a.starts_with("List"))
         .cloned()
         .collect()
+}
+
+/// An EBS client that calls as the tool (`app/ami-publisher`, so the world
+/// gives it its pace, faults and IAM) and retries as patiently as the
+/// tool does.
+pub async fn tool_ebs(world: &World, account: &str, region: &str) -> aws_sdk_ebs::Client {
+    let config = world.sdk_config_as("ami-publisher", account, region).await.unwrap();
+    aws_sdk_ebs::Client::from_conf(
+        aws_sdk_ebs::config::Builder::from(&config)
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(10))
+            .build(),
+    )
+}
+
+/// `call` again while EBS does not know a snapshot just started (it
+/// answers ResourceNotFoundException for a while; the world's `lag=`), for
+/// up to a minute.
+pub async fn once_known<T, E, F, Fut>(mut call: F) -> T
+where
+    E: aws_sdk_ebs::error::ProvideErrorMetadata + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if e.code() == Some("ResourceNotFoundException") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
 }
