@@ -43,7 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     use crate::ops;
     if let Command::Publish { stream, leaf, force, via, blocks_in_flight, verify } = &cli.command {
         let direct = (*via == crate::values::Via::EbsDirect).then_some(usize::from(*blocks_in_flight));
-        return run_publish(&cli, stream, leaf, *force, direct, *verify).await;
+        return run_publish(&cli, Asked { stream, leaf, force: *force, direct, verify: *verify }).await;
     }
     if let Command::ExportSnapshot { source: (t, id), file } = &cli.command {
         refuse(check_writable(file))?;
@@ -470,18 +470,22 @@ fn check_writable(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `publish`; `direct` is `--via ebs-direct`'s blocks in flight per target.
-async fn run_publish(
-    cli: &Cli,
-    stream: &str,
-    leaf: &str,
+/// What `publish` was asked, beyond the global flags.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    stream: &'a str,
+    leaf: &'a str,
     force: bool,
+    /// `--via ebs-direct`'s blocks in flight per target.
     direct: Option<usize>,
     verify: bool,
-) -> anyhow::Result<Outcome> {
+}
+
+/// `publish`.
+async fn run_publish(cli: &Cli, asked: Asked<'_>) -> anyhow::Result<Outcome> {
+    let Asked { stream, leaf, .. } = asked;
     // Everything that can be refused is refused before any AWS resource is made.
-    let Prepared { opts, targets, aws, manifest, images } =
-        refuse(prepare_publish(cli, stream, leaf, force, direct, verify).await)?;
+    let Prepared { opts, targets, aws, manifest, images } = refuse(prepare_publish(cli, asked).await)?;
     let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
     let board = Board::new(!cli.json, &names);
     if cli.dry_run {
@@ -526,14 +530,8 @@ struct Prepared {
     images: image_client::Client,
 }
 
-async fn prepare_publish(
-    cli: &Cli,
-    stream: &str,
-    leaf: &str,
-    force: bool,
-    direct: Option<usize>,
-    verify: bool,
-) -> anyhow::Result<Prepared> {
+async fn prepare_publish(cli: &Cli, asked: Asked<'_>) -> anyhow::Result<Prepared> {
+    let Asked { stream, leaf, force, direct, verify } = asked;
     let name = image_format::ImageName::new(stream, leaf).context("bad image name")?;
     let boot = boot_options(cli)?;
     refuse_public(cli)?;

@@ -161,10 +161,7 @@ pub async fn publish(
         let ec2 = aws.ec2(&t).await;
         let kms = aws.kms(&t).await;
         let ssm = aws.ssm(&t).await;
-        let ebs = match opts.direct.is_some() || opts.verify.is_some() {
-            true => Some(aws.ebs(&t).await),
-            false => None,
-        };
+        let ebs = if opts.direct.is_some() || opts.verify.is_some() { Some(aws.ebs(&t).await) } else { None };
         let mut r = publish_one(&ec2, ebs.as_ref(), &kms, &ssm, &t, opts, &line).await;
         if let Some(e) = &mut r.error
             && let Some(cause) = crate::errors::unauthorized_cause(&ec2, e).await
